@@ -1,0 +1,155 @@
+// Package schemas holds the contracts every meterd component shares: the usage
+// event and batch, their validation rules and wire encodings, the NATS names,
+// the enforcement decision and the problem+json error body (DESIGN §3).
+package schemas
+
+import (
+	"strconv"
+	"time"
+	"unicode/utf8"
+)
+
+// Limits of the usage event (DESIGN §3.1).
+const (
+	MaxIDLen             = 128
+	MaxTenantLen         = 128
+	MaxMeterLen          = 64
+	MaxDimensions        = 16
+	MaxDimensionKeyLen   = 64
+	MaxDimensionValueLen = 256
+	// MaxFuture is how far in the future an event time may lie.
+	MaxFuture = 5 * time.Minute
+	// DefaultMaxAge is the default late-event bound.
+	DefaultMaxAge = 35 * 24 * time.Hour
+)
+
+// Event is one usage event: value units of meter used by tenant at time.
+// The pair (Tenant, ID) is the idempotency key: it counts once, however often
+// it is sent.
+type Event struct {
+	ID         string            `json:"id"`
+	Tenant     string            `json:"tenant"`
+	Meter      string            `json:"meter"`
+	Value      int64             `json:"value"`
+	Time       time.Time         `json:"time"`
+	Dimensions map[string]string `json:"dimensions,omitempty"`
+}
+
+// FieldError says what is wrong with one field of one event of a request.
+type FieldError struct {
+	Index   int    `json:"index"`
+	Field   string `json:"field"`
+	Message string `json:"message"`
+}
+
+// Error implements error.
+func (e FieldError) Error() string {
+	return "event " + strconv.Itoa(e.Index) + ": " + e.Field + ": " + e.Message
+}
+
+// Window bounds the accepted event times around the receive time Now. The
+// zero Window checks no bounds (used for batches, bounded at ingest).
+type Window struct {
+	Now    time.Time
+	MaxAge time.Duration // 0 => DefaultMaxAge
+}
+
+// Validate appends to errs every rule of DESIGN §3.1 that e breaks, tagged
+// with index, and returns the extended slice. An event with an empty Tenant
+// fails: the caller fills the tenant from the API key before validating.
+// A zero Time is not checked here: the collector stamps the receive time.
+func (e *Event) Validate(index int, w Window, errs []FieldError) []FieldError {
+	bad := func(field, msg string) {
+		errs = append(errs, FieldError{Index: index, Field: field, Message: msg})
+	}
+	if n := utf8.RuneCountInString(e.ID); n == 0 {
+		bad("id", "is required")
+	} else if n > MaxIDLen {
+		bad("id", "must be at most 128 characters")
+	}
+	if e.Tenant == "" {
+		bad("tenant", "is required")
+	} else if !ValidTenant(e.Tenant) {
+		bad("tenant", "must match [A-Za-z0-9._-]{1,128}")
+	}
+	if e.Meter == "" {
+		bad("meter", "is required")
+	} else if !ValidMeter(e.Meter) {
+		bad("meter", "must match [a-z][a-z0-9_]{0,63}")
+	}
+	if e.Value < 0 {
+		bad("value", "must be a non-negative integer")
+	}
+	if !e.Time.IsZero() && !w.Now.IsZero() {
+		maxAge := w.MaxAge
+		if maxAge <= 0 {
+			maxAge = DefaultMaxAge
+		}
+		if e.Time.After(w.Now.Add(MaxFuture)) {
+			bad("time", "is more than 5m in the future")
+		} else if e.Time.Before(w.Now.Add(-maxAge)) {
+			bad("time", "is older than the late-event bound of "+maxAge.String())
+		}
+	}
+	if len(e.Dimensions) > MaxDimensions {
+		bad("dimensions", "must have at most 16 keys")
+	}
+	for k, v := range e.Dimensions {
+		if !ValidDimensionKey(k) {
+			bad("dimensions."+k, "key must match [A-Za-z_][A-Za-z0-9_.-]{0,63}")
+		} else if utf8.RuneCountInString(v) > MaxDimensionValueLen {
+			bad("dimensions."+k, "value must be at most 256 characters")
+		}
+	}
+	return errs
+}
+
+// ValidTenant reports whether s is a tenant name: [A-Za-z0-9._-]{1,128}, safe
+// as a NATS subject token character set and a KV key.
+func ValidTenant(s string) bool {
+	if len(s) == 0 || len(s) > MaxTenantLen {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !(isAlnum(c) || c == '.' || c == '_' || c == '-') {
+			return false
+		}
+	}
+	return true
+}
+
+// ValidMeter reports whether s is a meter name: [a-z][a-z0-9_]{0,63}.
+func ValidMeter(s string) bool {
+	if len(s) == 0 || len(s) > MaxMeterLen || s[0] < 'a' || s[0] > 'z' {
+		return false
+	}
+	for i := 1; i < len(s); i++ {
+		c := s[i]
+		if !((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_') {
+			return false
+		}
+	}
+	return true
+}
+
+// ValidDimensionKey reports whether s is a dimension name:
+// [A-Za-z_][A-Za-z0-9_.-]{0,63}. Reports use it as a column name.
+func ValidDimensionKey(s string) bool {
+	if len(s) == 0 || len(s) > MaxDimensionKeyLen {
+		return false
+	}
+	if c := s[0]; !(isAlpha(c) || c == '_') {
+		return false
+	}
+	for i := 1; i < len(s); i++ {
+		c := s[i]
+		if !(isAlnum(c) || c == '_' || c == '.' || c == '-') {
+			return false
+		}
+	}
+	return true
+}
+
+func isAlpha(c byte) bool { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') }
+func isAlnum(c byte) bool { return isAlpha(c) || (c >= '0' && c <= '9') }

@@ -1,0 +1,61 @@
+package schemas
+
+import "strconv"
+
+// NATS names shared by every component (DESIGN §3.2).
+const (
+	// UsageStream is the JetStream stream that holds sealed batches.
+	UsageStream = "METERD_USAGE"
+	// UsageSubjects is the subject filter of UsageStream.
+	UsageSubjects = "meterd.usage.>"
+	// UsageSubjectPrefix prefixes the partition number of a batch subject.
+	UsageSubjectPrefix = "meterd.usage."
+
+	// DLQStream holds messages that can never be processed.
+	DLQStream = "METERD_DLQ"
+	// DLQSubjects is the subject filter of DLQStream.
+	DLQSubjects = "meterd.dlq.>"
+	// DLQSubjectPrefix prefixes the origin of a dead-lettered message.
+	DLQSubjectPrefix = "meterd.dlq."
+	// HeaderDLQReason carries why a message was dead-lettered.
+	HeaderDLQReason = "Meterd-Dlq-Reason"
+
+	// CommittedSubjectPrefix prefixes the partition of committed increments.
+	CommittedSubjectPrefix = "meterd.committed."
+	// BlocklistBucket is the KV bucket of decisions: key = tenant.
+	BlocklistBucket = "meterd-blocklist"
+	// NotifySubjectPrefix prefixes the tenant of a threshold notification.
+	NotifySubjectPrefix = "meterd.notify."
+
+	// DefaultPartitions is the default number of usage partitions.
+	DefaultPartitions = 16
+)
+
+// Partition maps a tenant to its usage partition in [0, partitions).
+// The hash is FNV-1a 32 so every component and language can compute it.
+func Partition(tenant string, partitions int) int {
+	if partitions <= 1 {
+		return 0
+	}
+	h := uint32(2166136261)
+	for i := 0; i < len(tenant); i++ {
+		h ^= uint32(tenant[i])
+		h *= 16777619
+	}
+	return int(h % uint32(partitions))
+}
+
+// UsageSubject is the subject a batch of partition p is published on.
+func UsageSubject(p int) string {
+	return UsageSubjectPrefix + strconv.Itoa(p)
+}
+
+// CommittedSubject is the subject committed increments of partition p go to.
+func CommittedSubject(p int) string {
+	return CommittedSubjectPrefix + strconv.Itoa(p)
+}
+
+// NotifySubject is the subject threshold notifications for tenant go to.
+func NotifySubject(tenant string) string {
+	return NotifySubjectPrefix + tenant
+}

@@ -1,0 +1,56 @@
+package schemas
+
+import (
+	"encoding/json"
+	"net/http"
+	"time"
+)
+
+// MediaProblem is the media type of every meterd HTTP error (RFC 9457).
+const MediaProblem = "application/problem+json"
+
+// ProblemBase prefixes every problem type URI.
+const ProblemBase = "https://meterd.dev/problems/"
+
+// Problem is an RFC 9457 problem details body. Errors lists per-event field
+// errors (422); Block carries the 402 members of DESIGN §3.4.
+type Problem struct {
+	Type     string       `json:"type"`
+	Title    string       `json:"title"`
+	Status   int          `json:"status"`
+	Detail   string       `json:"detail,omitempty"`
+	Instance string       `json:"instance,omitempty"`
+	Errors   []FieldError `json:"errors,omitempty"`
+	*Block
+}
+
+// Block is the machine-readable part of a 402 answer.
+type Block struct {
+	Reason     Reason     `json:"reason"`
+	Tenant     string     `json:"tenant"`
+	Meter      string     `json:"meter,omitempty"`
+	Limit      *int64     `json:"limit,omitempty"`
+	Used       *int64     `json:"used,omitempty"`
+	PeriodEnd  *time.Time `json:"period_end,omitempty"`
+	BillingURL string     `json:"billing_url,omitempty"`
+}
+
+// NewProblem returns a problem of type ProblemBase+slug with the status's text
+// as title.
+func NewProblem(status int, slug, detail string) *Problem {
+	return &Problem{Type: ProblemBase + slug, Title: http.StatusText(status), Status: status, Detail: detail}
+}
+
+// Write sends p as the response with Content-Type application/problem+json.
+// Headers the caller set on w (Retry-After, Link, …) are kept.
+func (p *Problem) Write(w http.ResponseWriter) {
+	body, err := json.Marshal(p)
+	if err != nil { // cannot happen for these field types; keep the status anyway
+		body = []byte(`{"title":"` + http.StatusText(p.Status) + `"}`)
+	}
+	h := w.Header()
+	h.Set("Content-Type", MediaProblem)
+	h.Set("X-Content-Type-Options", "nosniff")
+	w.WriteHeader(p.Status)
+	w.Write(body)
+}
