@@ -1,0 +1,256 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/meterd/meterd/collector"
+	"github.com/meterd/meterd/internal/auth"
+	"github.com/meterd/meterd/internal/broker"
+	"github.com/meterd/meterd/internal/config"
+	"github.com/meterd/meterd/internal/serve"
+)
+
+// settings are the flags every subcommand shares; file values are their
+// defaults, METERD_* variables override the file, flags override both.
+type settings struct {
+	file       *config.File
+	configPath string
+	listen     string
+	logFormat  string
+	logLevel   string
+	insecure   bool
+	grace      time.Duration
+}
+
+// newFlags reads the --config file named in args and defines the shared
+// flags on a new FlagSet for cmd.
+func newFlags(cmd string, args []string, stderr io.Writer, listen string) (*flag.FlagSet, *settings, error) {
+	s := &settings{file: &config.File{}, configPath: config.ConfigPath(args)}
+	if s.configPath != "" {
+		f, err := config.Load(s.configPath)
+		if err != nil {
+			return nil, nil, usageError{err}
+		}
+		s.file = f
+	}
+	fs := flag.NewFlagSet("meterd "+cmd, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.StringVar(&s.configPath, "config", s.configPath, "YAML file with plans, tenants, API keys and component settings")
+	fs.StringVar(&s.listen, "listen", listen, "HTTP address to serve on (host:port)")
+	fs.StringVar(&s.logFormat, "log-format", "json", "log format: json or text")
+	fs.StringVar(&s.logLevel, "log-level", "info", "log level: debug, info, warn, error")
+	fs.DurationVar(&s.grace, "shutdown-grace", 30*time.Second, "how long to wait for in-flight requests on shutdown")
+	return fs, s, nil
+}
+
+// parse applies the environment and then the command line to fs.
+func parse(fs *flag.FlagSet, args []string) error {
+	if err := config.ApplyEnv(fs); err != nil {
+		return usageError{err}
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return err
+		}
+		return usageError{err}
+	}
+	if fs.NArg() > 0 {
+		return usageError{fmt.Errorf("unexpected argument %q", fs.Arg(0))}
+	}
+	return nil
+}
+
+func natsFlags(fs *flag.FlagSet, n *config.NATS) {
+	fs.StringVar(&n.URL, "nats-url", or(n.URL, "nats://127.0.0.1:4222"), "NATS server URL(s), comma separated")
+	fs.StringVar(&n.Creds, "nats-creds", n.Creds, "NATS credentials file")
+	fs.StringVar(&n.TLSCA, "nats-tls-ca", n.TLSCA, "CA bundle to verify the NATS server")
+	fs.StringVar(&n.TLSCert, "nats-tls-cert", n.TLSCert, "client certificate for NATS")
+	fs.StringVar(&n.TLSKey, "nats-tls-key", n.TLSKey, "client key for NATS")
+	fs.IntVar(&n.Replicas, "nats-replicas", or(n.Replicas, 3), "replicas of the streams meterd creates")
+	fs.DurationVar(&n.DuplicateWindow, "duplicate-window", or(n.DuplicateWindow, broker.DefaultDuplicateWindow), "how long JetStream remembers a batch_id")
+}
+
+func collectorFlags(fs *flag.FlagSet, c *config.Collector, spoolDir string) {
+	fs.StringVar(&c.Name, "collector-name", c.Name, "name of this collector in batches (default: host name)")
+	fs.StringVar(&c.SpoolDir, "spool-dir", or(c.SpoolDir, spoolDir), "directory of the on-disk spool used while NATS is away")
+	fs.Int64Var(&c.SpoolMaxBytes, "spool-max-bytes", or(c.SpoolMaxBytes, collector.DefaultSpoolMaxBytes), "bound of the spool; past it requests get 429")
+	fs.IntVar(&c.Partitions, "partitions", or(c.Partitions, 16), "usage partitions P of meterd.usage.<partition>")
+	fs.Int64Var(&c.MaxBodyBytes, "max-body-bytes", or(c.MaxBodyBytes, collector.DefaultMaxBodyBytes), "largest accepted request body")
+	fs.IntVar(&c.BatchMaxEvents, "batch-max-events", or(c.BatchMaxEvents, collector.DefaultBatchMaxEvents), "seal a batch at this many events")
+	fs.DurationVar(&c.BatchMaxWait, "batch-max-wait", or(c.BatchMaxWait, collector.DefaultBatchMaxWait), "seal a batch this long after its first event")
+	fs.IntVar(&c.PublishWorkers, "publish-workers", or(c.PublishWorkers, collector.DefaultPublishWorkers), "batches published concurrently")
+	fs.DurationVar(&c.MaxEventAge, "max-event-age", or(c.MaxEventAge, 35*24*time.Hour), "late-event bound: older events are rejected")
+}
+
+func or[T comparable](v, def T) T {
+	var zero T
+	if v == zero {
+		return def
+	}
+	return v
+}
+
+func (s *settings) logger(stderr io.Writer) (*slog.Logger, error) {
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(s.logLevel)); err != nil {
+		return nil, usageError{fmt.Errorf("--log-level: %w", err)}
+	}
+	opts := &slog.HandlerOptions{Level: level}
+	switch s.logFormat {
+	case "json":
+		return slog.New(slog.NewJSONHandler(stderr, opts)), nil
+	case "text":
+		return slog.New(slog.NewTextHandler(stderr, opts)), nil
+	default:
+		return nil, usageError{fmt.Errorf("--log-format must be json or text, not %q", s.logFormat)}
+	}
+}
+
+// keys builds the API keys. Without keys, auth is off only when allowOpen
+// (dev) or --insecure says so.
+func (s *settings) keys(log *slog.Logger, allowOpen bool) (*auth.Keys, error) {
+	k, err := auth.NewKeys(s.file.APIKeys)
+	if err != nil {
+		return nil, usageError{err}
+	}
+	if !k.Empty() {
+		return k, nil
+	}
+	if allowOpen || s.insecure {
+		log.Warn("no API keys configured: authentication is OFF, every request acts as admin")
+		return auth.Open(), nil
+	}
+	return nil, usageError{errors.New("no api_keys in the config file; add keys or pass --insecure to run without authentication")}
+}
+
+// worker is a long-running component.
+type worker interface {
+	Run(ctx context.Context) error
+}
+
+// app composes the components of one process around one HTTP server.
+type app struct {
+	log     *slog.Logger
+	reg     *prometheus.Registry
+	checks  map[string]serve.ReadyFunc
+	routes  []func(*http.ServeMux)
+	workers []worker
+	closers []func() error
+}
+
+func newApp(log *slog.Logger) *app {
+	return &app{log: log, reg: serve.NewRegistry(), checks: map[string]serve.ReadyFunc{}}
+}
+
+// onClose registers fn to run at shutdown; closers run in reverse order.
+func (a *app) onClose(fn func() error) { a.closers = append(a.closers, fn) }
+
+func (a *app) close() {
+	for i := len(a.closers) - 1; i >= 0; i-- {
+		if err := a.closers[i](); err != nil {
+			a.log.Warn("close", "err", err)
+		}
+	}
+	a.closers = nil
+}
+
+// connect dials NATS with the settings of n and closes the connection at
+// shutdown, after the workers stopped.
+func (a *app) connect(n config.NATS, opts ...nats.Option) (*nats.Conn, error) {
+	nc, err := broker.Connect(broker.ConnConfig{
+		URL: n.URL, Creds: n.Creds, TLSCA: n.TLSCA, TLSCert: n.TLSCert, TLSKey: n.TLSKey,
+		Name: "meterd", Logger: a.log, Options: opts,
+	})
+	if err != nil {
+		return nil, err
+	}
+	a.onClose(func() error { return nc.Drain() })
+	a.checks["nats"] = func(context.Context) error {
+		if nc.IsConnected() {
+			return nil
+		}
+		return errors.New("nats: " + strings.ToLower(nc.Status().String()))
+	}
+	return nc, nil
+}
+
+// addCollector builds the collector on nc and adds it to the app.
+func (a *app) addCollector(nc *nats.Conn, c config.Collector, keys *auth.Keys) error {
+	col, err := collector.New(collector.Config{
+		Name: c.Name, NATS: nc, Keys: keys,
+		SpoolDir: c.SpoolDir, SpoolMaxBytes: c.SpoolMaxBytes,
+		Partitions: c.Partitions, MaxBodyBytes: c.MaxBodyBytes,
+		BatchMaxEvents: c.BatchMaxEvents, BatchMaxWait: c.BatchMaxWait,
+		PublishWorkers: c.PublishWorkers, MaxEventAge: c.MaxEventAge,
+		Logger: a.log, Registerer: a.reg,
+	})
+	if err != nil {
+		return err
+	}
+	a.onClose(col.Close)
+	a.checks["collector"] = col.Ready
+	a.routes = append(a.routes, col.Register)
+	a.workers = append(a.workers, col)
+	return nil
+}
+
+// serve runs the workers and the HTTP server on ln until ctx ends; then it
+// stops the server first (no new requests, in-flight ones finish), the
+// workers next (they flush), and closes everything in reverse order.
+func (a *app) serve(ctx context.Context, ln net.Listener, grace time.Duration, ready func(addr string)) error {
+	defer a.close()
+	mux := serve.NewMux(a.reg, a.checks)
+	for _, r := range a.routes {
+		r(mux)
+	}
+	wctx, stopWorkers := context.WithCancel(context.Background())
+	defer stopWorkers()
+	var wg sync.WaitGroup
+	errc := make(chan error, len(a.workers)+1)
+	for _, w := range a.workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := w.Run(wctx); err != nil {
+				errc <- err
+			}
+		}()
+	}
+	sctx, stopServer := context.WithCancel(ctx)
+	defer stopServer()
+	go func() { // a failing worker stops the process
+		select {
+		case err := <-errc:
+			a.log.Error("component failed; shutting down", "err", err)
+			errc <- err
+			stopServer()
+		case <-sctx.Done():
+		}
+	}()
+	if ready != nil {
+		ready(ln.Addr().String())
+	}
+	err := serve.Server(sctx, ln, serve.NotFound(mux), grace, a.log)
+	a.log.Info("shutting down: HTTP stopped, flushing")
+	stopWorkers()
+	wg.Wait()
+	select {
+	case werr := <-errc:
+		err = errors.Join(err, werr)
+	default:
+	}
+	return err
+}

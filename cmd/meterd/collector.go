@@ -1,0 +1,47 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+)
+
+// runCollector runs the collector against an external NATS.
+func runCollector(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs, s, err := newFlags("collector", args, stderr, ":8080")
+	if err != nil {
+		return err
+	}
+	f := s.file
+	natsFlags(fs, &f.NATS)
+	collectorFlags(fs, &f.Collector, "./meterd-spool")
+	fs.BoolVar(&s.insecure, "insecure", false, "run without API keys (every request acts as admin)")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	log, err := s.logger(stderr)
+	if err != nil {
+		return err
+	}
+	keys, err := s.keys(log, false)
+	if err != nil {
+		return err
+	}
+	a := newApp(log)
+	defer a.close()
+	nc, err := a.connect(f.NATS)
+	if err != nil {
+		return err
+	}
+	if err := a.addCollector(nc, f.Collector, keys); err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", s.listen)
+	if err != nil {
+		return fmt.Errorf("listen %s: %w", s.listen, err)
+	}
+	return a.serve(ctx, ln, s.grace, func(addr string) {
+		log.Info("collector listening", "addr", addr, "nats", nc.ConnectedUrlRedacted())
+	})
+}

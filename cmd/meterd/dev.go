@@ -1,0 +1,101 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/meterd/meterd/internal/broker"
+)
+
+// runDev runs every component in one process on an embedded JetStream that
+// fsyncs every write, serving every API on one address.
+func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	start := time.Now()
+	fs, s, err := newFlags("dev", args, stderr, "127.0.0.1:8080")
+	if err != nil {
+		return err
+	}
+	f := s.file
+	var dataDir, natsListen, clickhouseDSN string
+	fs.StringVar(&dataDir, "data-dir", "./meterd-data", "directory for the embedded JetStream store and the spool")
+	fs.StringVar(&natsListen, "nats-listen", "", "also serve the embedded NATS on host:port (default: in-process only)")
+	fs.StringVar(&clickhouseDSN, "clickhouse", "", "ClickHouse DSN for the store (default: the embedded store)")
+	collectorFlags(fs, &f.Collector, "")
+	s.logFormat = "text"
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if clickhouseDSN != "" {
+		return usageError{fmt.Errorf("--clickhouse: the aggregator is not part of this build yet")}
+	}
+	if f.Collector.SpoolDir == "" {
+		f.Collector.SpoolDir = filepath.Join(dataDir, "spool")
+	}
+	log, err := s.logger(stderr)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(dataDir, 0o755); err != nil {
+		return fmt.Errorf("data dir: %w", err)
+	}
+	emb := broker.EmbeddedConfig{Dir: filepath.Join(dataDir, "nats"), Port: -1}
+	if natsListen != "" {
+		host, port, err := net.SplitHostPort(natsListen)
+		if err != nil {
+			return usageError{fmt.Errorf("--nats-listen: %w", err)}
+		}
+		emb.Host = host
+		if _, err := fmt.Sscan(port, &emb.Port); err != nil {
+			return usageError{fmt.Errorf("--nats-listen: bad port %q", port)}
+		}
+	} else {
+		emb.DontListen = true
+	}
+	ns, err := broker.StartEmbedded(emb)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		ns.Shutdown()
+		ns.WaitForShutdown()
+	}()
+	keys, err := s.keys(log, true)
+	if err != nil {
+		return err
+	}
+	a := newApp(log)
+	defer a.close()
+	nc, err := a.connect(f.NATS, nats.InProcessServer(ns))
+	if err != nil {
+		return err
+	}
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return err
+	}
+	sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if err := broker.EnsureStreams(sctx, js, broker.StreamsConfig{Replicas: 1, DuplicateWindow: f.NATS.DuplicateWindow}); err != nil {
+		return err
+	}
+	if err := a.addCollector(nc, f.Collector, keys); err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", s.listen)
+	if err != nil {
+		return fmt.Errorf("listen %s: %w", s.listen, err)
+	}
+	return a.serve(ctx, ln, s.grace, func(addr string) {
+		log.Info("meterd dev ready", "addr", "http://"+addr, "data_dir", dataDir,
+			"nats", or(natsListen, "in-process"), "startup", time.Since(start).Round(time.Millisecond))
+		fmt.Fprintf(stdout, "meterd dev listening on http://%s\n", addr)
+	})
+}

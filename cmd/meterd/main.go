@@ -1,0 +1,70 @@
+// Command meterd is the one binary of meterd: each subcommand runs one
+// component (collector, aggregator, enforcer) or all of them (dev).
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+const usage = `meterd — usage metering with instant 402 enforcement
+
+Usage:
+  meterd dev        [flags]   every component in one process on embedded NATS
+  meterd collector  [flags]   the sidecar gateways report usage to
+  meterd version
+
+Run 'meterd <command> -h' for the flags of a command. Every flag can also be
+set with its METERD_* environment variable or in the --config YAML file.
+`
+
+// version is set at build time with -ldflags "-X main.version=…".
+var version = "dev"
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	os.Exit(run(ctx, os.Args[1:], os.Stdout, os.Stderr))
+}
+
+// run executes the subcommand in args and returns the exit code: 0 on
+// success, 2 for a usage error, 1 for any other failure.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	var err error
+	switch cmd, rest := args[0], args[1:]; cmd {
+	case "dev":
+		err = runDev(ctx, rest, stdout, stderr)
+	case "collector":
+		err = runCollector(ctx, rest, stdout, stderr)
+	case "version", "--version", "-version":
+		fmt.Fprintln(stdout, "meterd", version)
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+	default:
+		fmt.Fprintf(stderr, "meterd: unknown command %q\n\n%s", cmd, usage)
+		return 2
+	}
+	switch {
+	case err == nil, errors.Is(err, flag.ErrHelp):
+		return 0
+	case errors.As(err, new(usageError)):
+		fmt.Fprintln(stderr, "meterd:", err)
+		return 2
+	default:
+		fmt.Fprintln(stderr, "meterd:", err)
+		return 1
+	}
+}
+
+// usageError is a mistake on the command line or in the configuration.
+type usageError struct{ error }

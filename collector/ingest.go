@@ -1,0 +1,220 @@
+package collector
+
+import (
+	"bytes"
+	"compress/gzip"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+
+	"github.com/meterd/meterd/internal/auth"
+	"github.com/meterd/meterd/schemas"
+)
+
+var bodyPool = sync.Pool{New: func() any { return new(bytes.Buffer) }}
+
+// handleEvents is POST /v1/events (DESIGN §3.4).
+func (c *Collector) handleEvents(w http.ResponseWriter, r *http.Request) {
+	principal, err := c.cfg.Keys.Authenticate(r)
+	if err != nil {
+		c.metrics.rejected.WithLabelValues(rejectAuth).Inc()
+		w.Header().Set("WWW-Authenticate", `Bearer realm="meterd"`)
+		auth.Problem(err).Write(w)
+		return
+	}
+	buf := bodyPool.Get().(*bytes.Buffer)
+	defer func() {
+		if buf.Cap() <= 2*int(c.cfg.MaxBodyBytes) {
+			buf.Reset()
+			bodyPool.Put(buf)
+		}
+	}()
+	buf.Reset()
+	if p := c.readBody(w, r, buf); p != nil {
+		p.Write(w)
+		return
+	}
+	decoded, err := schemas.DecodeEvents(r.Header.Get("Content-Type"), buf.Bytes())
+	if err != nil {
+		c.decodeProblem(err).Write(w)
+		return
+	}
+	events, duplicates, p := c.admit(principal, decoded)
+	if p != nil {
+		p.Write(w)
+		return
+	}
+	if err := c.pipe.add(r.Context(), events); err != nil {
+		c.deliveryProblem(w, err)
+		return
+	}
+	c.metrics.accepted.Add(float64(len(events)))
+	c.metrics.duplicates.Add(float64(duplicates))
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(http.StatusAccepted)
+	fmt.Fprintf(w, `{"accepted":%d,"duplicates":%d}`+"\n", len(events), duplicates)
+}
+
+// readBody reads the (possibly gzip-compressed) body into buf, bounded by
+// MaxBodyBytes before and after decompression.
+func (c *Collector) readBody(w http.ResponseWriter, r *http.Request, buf *bytes.Buffer) *schemas.Problem {
+	limit := c.cfg.MaxBodyBytes
+	if r.ContentLength > limit {
+		return c.tooLarge()
+	}
+	var body io.Reader = http.MaxBytesReader(w, r.Body, limit)
+	switch enc := strings.ToLower(r.Header.Get("Content-Encoding")); enc {
+	case "", "identity":
+	case "gzip":
+		zr, err := gzip.NewReader(body)
+		if err != nil {
+			c.metrics.rejected.WithLabelValues(rejectMalformed).Inc()
+			return schemas.NewProblem(http.StatusBadRequest, "malformed-body", "the body is not valid gzip: "+err.Error())
+		}
+		defer zr.Close()
+		// One byte over the limit tells a too-large body from a full one.
+		body = io.LimitReader(zr, limit+1)
+	default:
+		c.metrics.rejected.WithLabelValues(rejectMediaType).Inc()
+		return schemas.NewProblem(http.StatusUnsupportedMediaType, "unsupported-content-encoding",
+			fmt.Sprintf("Content-Encoding %q is not supported; send identity or gzip", enc))
+	}
+	if r.ContentLength > 0 {
+		buf.Grow(int(r.ContentLength))
+	}
+	if _, err := buf.ReadFrom(body); err != nil {
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			return c.tooLarge()
+		}
+		c.metrics.rejected.WithLabelValues(rejectMalformed).Inc()
+		return schemas.NewProblem(http.StatusBadRequest, "malformed-body", "reading the body failed: "+err.Error())
+	}
+	if int64(buf.Len()) > limit {
+		return c.tooLarge()
+	}
+	return nil
+}
+
+func (c *Collector) tooLarge() *schemas.Problem {
+	c.metrics.rejected.WithLabelValues(rejectTooLarge).Inc()
+	return schemas.NewProblem(http.StatusRequestEntityTooLarge, "body-too-large",
+		fmt.Sprintf("the body exceeds %d bytes; split the events over several requests", c.cfg.MaxBodyBytes))
+}
+
+func (c *Collector) decodeProblem(err error) *schemas.Problem {
+	var syn *schemas.SyntaxError
+	switch {
+	case errors.Is(err, schemas.ErrUnsupportedMediaType):
+		c.metrics.rejected.WithLabelValues(rejectMediaType).Inc()
+		return schemas.NewProblem(http.StatusUnsupportedMediaType, "unsupported-media-type",
+			strings.TrimPrefix(err.Error(), "schemas: ")+"; send application/json, application/x-ndjson, "+
+				"application/cloudevents+json or application/cloudevents-batch+json")
+	case errors.As(err, &syn):
+		c.metrics.rejected.WithLabelValues(rejectMalformed).Inc()
+		return schemas.NewProblem(http.StatusBadRequest, "malformed-body", syn.Msg)
+	case errors.Is(err, schemas.ErrNoEvents):
+		c.metrics.rejected.WithLabelValues(rejectMalformed).Inc()
+		return schemas.NewProblem(http.StatusBadRequest, "no-events", "the body holds no events")
+	default:
+		c.metrics.rejected.WithLabelValues(rejectMalformed).Inc()
+		return schemas.NewProblem(http.StatusBadRequest, "malformed-body", err.Error())
+	}
+}
+
+// admit applies the principal's tenant, validates every event, stamps the
+// receive time and drops repeats of (tenant, id) within the request. Any
+// invalid event rejects the whole request.
+func (c *Collector) admit(principal auth.Principal, d schemas.Decoded) ([]schemas.Event, int, *schemas.Problem) {
+	now := c.cfg.Now().UTC()
+	window := schemas.Window{Now: now, MaxAge: c.cfg.MaxEventAge}
+	errs := d.Errors
+	for i := range d.Events {
+		e := &d.Events[i]
+		if !principal.Admin {
+			if e.Tenant == "" {
+				e.Tenant = principal.Tenant
+			} else if e.Tenant != principal.Tenant {
+				c.metrics.rejected.WithLabelValues(rejectForbidden).Add(float64(len(d.Events)))
+				return nil, 0, schemas.NewProblem(http.StatusForbidden, "forbidden-tenant",
+					fmt.Sprintf("event %d is for tenant %q but the API key belongs to tenant %q", i, e.Tenant, principal.Tenant))
+			}
+		}
+		if hasError(d.Errors, i) {
+			continue // a shape error: the fields are not meaningful
+		}
+		errs = e.Validate(i, window, errs)
+		if e.Time.IsZero() {
+			e.Time = now
+		}
+	}
+	if len(errs) > 0 {
+		c.metrics.rejected.WithLabelValues(rejectInvalid).Add(float64(len(d.Events)))
+		slices.SortStableFunc(errs, func(a, b schemas.FieldError) int { return a.Index - b.Index })
+		p := schemas.NewProblem(http.StatusUnprocessableEntity, "invalid-events",
+			strconv.Itoa(countIndexes(errs))+" of "+strconv.Itoa(len(d.Events))+" events are invalid; nothing of this request was accepted")
+		p.Errors = errs
+		return nil, 0, p
+	}
+	events := d.Events
+	if len(events) < 2 {
+		return events, 0, nil
+	}
+	seen := make(map[string]struct{}, len(events))
+	kept := events[:0]
+	for _, e := range events {
+		k := e.Tenant + "\x00" + e.ID
+		if _, dup := seen[k]; dup {
+			continue
+		}
+		seen[k] = struct{}{}
+		kept = append(kept, e)
+	}
+	return kept, len(events) - len(kept), nil
+}
+
+func hasError(errs []schemas.FieldError, i int) bool {
+	for _, e := range errs {
+		if e.Index == i {
+			return true
+		}
+	}
+	return false
+}
+
+func countIndexes(sorted []schemas.FieldError) int {
+	n := 0
+	for i, e := range sorted {
+		if i == 0 || e.Index != sorted[i-1].Index {
+			n++
+		}
+	}
+	return n
+}
+
+// deliveryProblem answers a request whose events could not be made durable.
+// Some of its batches may have been: the client retries the same events, and
+// their ids make the retry count once.
+func (c *Collector) deliveryProblem(w http.ResponseWriter, err error) {
+	switch {
+	case errors.Is(err, ErrSpoolFull):
+		c.metrics.rejected.WithLabelValues(rejectSpoolFull).Inc()
+		w.Header().Set("Retry-After", strconv.Itoa(DefaultSpoolRetryAfterSec))
+		schemas.NewProblem(http.StatusTooManyRequests, "spool-full",
+			"NATS is unreachable and the local spool is full; retry the same events later").Write(w)
+	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
+		// The client is gone; its events are still delivered.
+	default:
+		c.metrics.rejected.WithLabelValues(rejectUnavailable).Inc()
+		c.log.Error("events not made durable", "err", err)
+		w.Header().Set("Retry-After", "1")
+		schemas.NewProblem(http.StatusServiceUnavailable, "unavailable",
+			"the events could not be made durable; retry the same events").Write(w)
+	}
+}

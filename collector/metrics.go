@@ -1,0 +1,78 @@
+package collector
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/meterd/meterd/collector/spool"
+)
+
+type metrics struct {
+	accepted          prometheus.Counter
+	duplicates        prometheus.Counter
+	rejected          *prometheus.CounterVec
+	batches           *prometheus.CounterVec
+	publishDuplicates prometheus.Counter
+	publishSeconds    prometheus.Histogram
+}
+
+// Reasons of meterd_collector_events_rejected_total (bounded label values).
+const (
+	rejectInvalid     = "invalid"
+	rejectMalformed   = "malformed"
+	rejectTooLarge    = "too_large"
+	rejectMediaType   = "unsupported_media_type"
+	rejectAuth        = "unauthorized"
+	rejectForbidden   = "forbidden"
+	rejectSpoolFull   = "spool_full"
+	rejectUnavailable = "unavailable"
+)
+
+func newMetrics(reg prometheus.Registerer, sp *spool.Spool) (*metrics, error) {
+	m := &metrics{
+		accepted: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "meterd_collector_events_accepted_total",
+			Help: "Usage events acknowledged with 202 (durable in JetStream or the spool).",
+		}),
+		duplicates: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "meterd_collector_events_duplicate_total",
+			Help: "Events dropped because the same tenant and id came earlier in the same request.",
+		}),
+		rejected: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "meterd_collector_events_rejected_total",
+			Help: "Requests' events not accepted, by reason (requests that could not be parsed count once).",
+		}, []string{"reason"}),
+		batches: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "meterd_collector_batches_total",
+			Help: "Sealed batches by outcome: published, spooled, replayed (from the spool).",
+		}, []string{"outcome"}),
+		publishDuplicates: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "meterd_collector_publish_duplicates_total",
+			Help: "Publishes JetStream recognised as a retry of a batch it already holds.",
+		}),
+		publishSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "meterd_collector_publish_duration_seconds",
+			Help:    "Time from the first publish attempt of a batch to its JetStream ack.",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14),
+		}),
+	}
+	spoolBatches := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "meterd_collector_spool_batches",
+		Help: "Batches in the on-disk spool waiting for NATS.",
+	}, func() float64 { return float64(sp.Len()) })
+	spoolBytes := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "meterd_collector_spool_bytes",
+		Help: "Bytes in the on-disk spool waiting for NATS.",
+	}, func() float64 { return float64(sp.Bytes()) })
+	for _, c := range []prometheus.Collector{m.accepted, m.duplicates, m.rejected, m.batches, m.publishDuplicates, m.publishSeconds, spoolBatches, spoolBytes} {
+		if err := reg.Register(c); err != nil {
+			return nil, err
+		}
+	}
+	for _, r := range []string{rejectInvalid, rejectMalformed, rejectTooLarge, rejectMediaType, rejectAuth, rejectForbidden, rejectSpoolFull, rejectUnavailable} {
+		m.rejected.WithLabelValues(r)
+	}
+	for _, o := range []string{"published", "spooled", "replayed"} {
+		m.batches.WithLabelValues(o)
+	}
+	return m, nil
+}

@@ -1,0 +1,114 @@
+// Package config reads meterd's configuration: a YAML file (--config) for
+// plans, tenants, API keys and component settings, overridden by METERD_*
+// environment variables, overridden by command-line flags.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"time"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/meterd/meterd/internal/auth"
+)
+
+// File is the YAML configuration file. Unknown keys are errors, so a typo
+// never silently falls back to a default.
+type File struct {
+	APIKeys   []auth.Key `yaml:"api_keys"`
+	NATS      NATS       `yaml:"nats"`
+	Collector Collector  `yaml:"collector"`
+	// Plans and Tenants are read by the enforcer (DESIGN §3.5).
+	Plans   yaml.Node `yaml:"plans"`
+	Tenants yaml.Node `yaml:"tenants"`
+}
+
+// NATS says how components reach JetStream.
+type NATS struct {
+	URL             string        `yaml:"url"`
+	Creds           string        `yaml:"creds"`
+	TLSCA           string        `yaml:"tls_ca"`
+	TLSCert         string        `yaml:"tls_cert"`
+	TLSKey          string        `yaml:"tls_key"`
+	Replicas        int           `yaml:"replicas"`
+	DuplicateWindow time.Duration `yaml:"duplicate_window"`
+}
+
+// Collector holds the collector's settings.
+type Collector struct {
+	Name           string        `yaml:"name"`
+	SpoolDir       string        `yaml:"spool_dir"`
+	SpoolMaxBytes  int64         `yaml:"spool_max_bytes"`
+	Partitions     int           `yaml:"partitions"`
+	MaxBodyBytes   int64         `yaml:"max_body_bytes"`
+	BatchMaxEvents int           `yaml:"batch_max_events"`
+	BatchMaxWait   time.Duration `yaml:"batch_max_wait"`
+	PublishWorkers int           `yaml:"publish_workers"`
+	MaxEventAge    time.Duration `yaml:"max_event_age"`
+}
+
+// Load reads and strictly decodes the YAML file at path.
+func Load(path string) (*File, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	var f File
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(&f); err != nil && !errors.Is(err, io.EOF) { // io.EOF: empty file
+		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	if _, err := auth.NewKeys(f.APIKeys); err != nil {
+		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	return &f, nil
+}
+
+// ConfigPath finds --config FILE (or --config=FILE) in args, else
+// METERD_CONFIG; the file is read before the other flags are defined so its
+// values become their defaults.
+func ConfigPath(args []string) string {
+	for i, a := range args {
+		name, val, hasVal := strings.Cut(strings.TrimLeft(a, "-"), "=")
+		if !strings.HasPrefix(a, "-") || name != "config" {
+			continue
+		}
+		if hasVal {
+			return val
+		}
+		if i+1 < len(args) {
+			return args[i+1]
+		}
+	}
+	return os.Getenv("METERD_CONFIG")
+}
+
+// EnvName is the environment variable of flag name: METERD_ + NAME with
+// dashes as underscores.
+func EnvName(flagName string) string {
+	return "METERD_" + strings.ToUpper(strings.ReplaceAll(flagName, "-", "_"))
+}
+
+// ApplyEnv sets every flag of fs whose METERD_* variable is set, before the
+// command line is parsed (so flags still win), and adds the variable's name
+// to each flag's usage.
+func ApplyEnv(fs *flag.FlagSet) error {
+	var errs []error
+	fs.VisitAll(func(f *flag.Flag) {
+		env := EnvName(f.Name)
+		f.Usage += " (env " + env + ")"
+		if v, ok := os.LookupEnv(env); ok {
+			if err := fs.Set(f.Name, v); err != nil {
+				errs = append(errs, fmt.Errorf("%s=%q: %w", env, v, err))
+			}
+		}
+	})
+	return errors.Join(errs...)
+}
