@@ -146,10 +146,16 @@ func (c *Collector) admit(principal auth.Principal, d schemas.Decoded) ([]schema
 					fmt.Sprintf("event %d is for tenant %q but the API key belongs to tenant %q", i, e.Tenant, principal.Tenant))
 			}
 		}
-		if hasError(d.Errors, i) {
-			continue // a shape error: the fields are not meaningful
+		bad := decodeErrorFields(d.Errors, i)
+		if slices.Contains(bad, "") {
+			continue // not an object: nothing more to say about it
 		}
+		n := len(errs)
 		errs = e.Validate(i, window, errs)
+		// A field that failed to decode is reported once, by the decoder.
+		errs = append(errs[:n], slices.DeleteFunc(errs[n:], func(fe schemas.FieldError) bool {
+			return slices.Contains(bad, fe.Field)
+		})...)
 		if e.Time.IsZero() {
 			e.Time = now
 		}
@@ -179,13 +185,15 @@ func (c *Collector) admit(principal auth.Principal, d schemas.Decoded) ([]schema
 	return kept, len(events) - len(kept), nil
 }
 
-func hasError(errs []schemas.FieldError, i int) bool {
+// decodeErrorFields lists the fields of event i that failed to decode.
+func decodeErrorFields(errs []schemas.FieldError, i int) []string {
+	var fields []string
 	for _, e := range errs {
 		if e.Index == i {
-			return true
+			fields = append(fields, e.Field)
 		}
 	}
-	return false
+	return fields
 }
 
 func countIndexes(sorted []schemas.FieldError) int {

@@ -396,6 +396,7 @@ func TestTornTail(t *testing.T) {
 		{"truncate into header", func(b []byte) []byte { return b[:4*r+10] }, 4},
 		{"truncate into first header", func(b []byte) []byte { return b[:5] }, 0},
 		{"append garbage", func(b []byte) []byte { return append(b, "garbage"...) }, 5},
+		{"repeat last record", func(b []byte) []byte { return append(b, b[4*r:]...) }, 5},
 		{"append zero header", func(b []byte) []byte { return append(b, make([]byte, headerSize)...) }, 5},
 		{"flip payload byte of last record", func(b []byte) []byte { b[len(b)-1] ^= 0x01; return b }, 4},
 		{"flip checksum of last record", func(b []byte) []byte { b[4*r+5] ^= 0x80; return b }, 4},
@@ -779,5 +780,33 @@ func BenchmarkAppend(b *testing.B) {
 				mustAppend(b, s, batch...)
 			}
 		})
+	}
+}
+
+func TestFailedAppendIsNotVisible(t *testing.T) {
+	dir := t.TempDir()
+	s := open(t, Config{Dir: dir})
+	mustAppend(t, s, payload(1, 10), payload(2, 10))
+	// Pull the file out from under the writer: the write fails, and so does
+	// the rollback, which must leave the spool refusing appends.
+	if err := s.active.w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Append(payload(3, 10)); err == nil {
+		t.Fatal("Append to a closed file succeeded")
+	}
+	checkState(t, s, 2, 2*rec(10))
+	if got := seqs(front(t, s, 10)); !slices.Equal(got, []uint64{1, 2}) {
+		t.Fatalf("seqs after failed append = %v", got)
+	}
+	if err := s.Append(payload(3, 10)); err == nil || !strings.Contains(err.Error(), "unusable") {
+		t.Fatalf("Append after failed rollback = %v, want the sticky error", err)
+	}
+
+	_ = s.Close() // reports the handle closed above
+	s = open(t, Config{Dir: dir})
+	mustAppend(t, s, payload(3, 10))
+	if got := seqs(front(t, s, 10)); !slices.Equal(got, []uint64{1, 2, 3}) {
+		t.Fatalf("seqs after restart = %v", got)
 	}
 }
