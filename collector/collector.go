@@ -140,7 +140,10 @@ func New(cfg Config) (*Collector, error) {
 		return nil, err
 	}
 	log := cfg.Logger.With("component", "collector")
-	js, err := jetstream.New(cfg.NATS)
+	// A replay stops waiting for acks after PublishTimeout; without an async
+	// timeout the client keeps those publishes (and their batches) pending
+	// until the connection drops, and at 4000 pending it refuses new ones.
+	js, err := jetstream.New(cfg.NATS, jetstream.WithPublishAsyncTimeout(cfg.PublishTimeout))
 	if err != nil {
 		return nil, fmt.Errorf("collector: jetstream: %w", err)
 	}

@@ -16,17 +16,21 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/meterd/meterd/internal/auth"
+	"github.com/meterd/meterd/internal/billing"
 )
 
 // File is the YAML configuration file. Unknown keys are errors, so a typo
 // never silently falls back to a default.
 type File struct {
-	APIKeys   []auth.Key `yaml:"api_keys"`
-	NATS      NATS       `yaml:"nats"`
-	Collector Collector  `yaml:"collector"`
-	// Plans and Tenants are read by the enforcer (DESIGN §3.5).
-	Plans   yaml.Node `yaml:"plans"`
-	Tenants yaml.Node `yaml:"tenants"`
+	APIKeys    []auth.Key `yaml:"api_keys"`
+	NATS       NATS       `yaml:"nats"`
+	Collector  Collector  `yaml:"collector"`
+	Aggregator Aggregator `yaml:"aggregator"`
+	// Plans and Tenants (DESIGN §3.5) are parsed into Catalog by Load: the
+	// enforcer decides quotas from it, the aggregator reports billing periods.
+	Plans   yaml.Node        `yaml:"plans"`
+	Tenants yaml.Node        `yaml:"tenants"`
+	Catalog *billing.Catalog `yaml:"-"`
 }
 
 // NATS says how components reach JetStream.
@@ -53,6 +57,18 @@ type Collector struct {
 	MaxEventAge    time.Duration `yaml:"max_event_age"`
 }
 
+// Aggregator holds the aggregator's settings. ClickHouse, when set, is the
+// store; otherwise the embedded store at SQLitePath.
+type Aggregator struct {
+	ClickHouse string        `yaml:"clickhouse"`
+	SQLitePath string        `yaml:"sqlite_path"`
+	Durable    string        `yaml:"durable"`
+	FetchBatch int           `yaml:"fetch_batch"`
+	FetchWait  time.Duration `yaml:"fetch_wait"`
+	AckWait    time.Duration `yaml:"ack_wait"`
+	MaxDeliver int           `yaml:"max_deliver"`
+}
+
 // Load reads and strictly decodes the YAML file at path.
 func Load(path string) (*File, error) {
 	data, err := os.ReadFile(path)
@@ -66,6 +82,9 @@ func Load(path string) (*File, error) {
 		return nil, fmt.Errorf("config %s: %w", path, err)
 	}
 	if _, err := auth.NewKeys(f.APIKeys); err != nil {
+		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	if f.Catalog, err = billing.ParseCatalog(&f.Plans, &f.Tenants); err != nil {
 		return nil, fmt.Errorf("config %s: %w", path, err)
 	}
 	return &f, nil

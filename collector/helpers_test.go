@@ -1,0 +1,350 @@
+package collector
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/meterd/meterd/internal/auth"
+	"github.com/meterd/meterd/internal/broker"
+	"github.com/meterd/meterd/schemas"
+)
+
+// testBroker is a real embedded JetStream server on a fixed port and store
+// directory, so a test can stop it and start it again where its clients
+// reconnect, with the data it held. It creates the streams of DESIGN §3.2.
+type testBroker struct {
+	t    testing.TB
+	dir  string
+	port int
+
+	mu  sync.Mutex
+	srv *server.Server
+
+	// nc and js are the test's own connection (the oracle's), never the
+	// collector's.
+	nc *nats.Conn
+	js jetstream.JetStream
+}
+
+// startTestBroker starts a testBroker on a free port and creates the streams
+// (1 replica). The server stops at the end of the test.
+func startTestBroker(t testing.TB) *testBroker {
+	t.Helper()
+	b := &testBroker{t: t, dir: t.TempDir(), port: freePort(t)}
+	b.Start()
+	t.Cleanup(b.Stop)
+	nc := connectTestNATS(t, b.URL(), "oracle")
+	b.nc = nc
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	if err := broker.EnsureStreams(ctx, js, broker.StreamsConfig{Replicas: 1}); err != nil {
+		t.Fatal(err)
+	}
+	b.js = js
+	return b
+}
+
+// Addr is host:port of the server, URL its nats:// URL.
+func (b *testBroker) Addr() string { return net.JoinHostPort("127.0.0.1", strconv.Itoa(b.port)) }
+func (b *testBroker) URL() string  { return "nats://" + b.Addr() }
+
+// Start starts the server on the broker's port and store directory and
+// waits until the test's own connection, if any, is back: it does not
+// buffer requests while reconnecting.
+func (b *testBroker) Start() {
+	b.t.Helper()
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.srv != nil {
+		b.t.Fatal("testBroker: already running")
+	}
+	srv, err := broker.StartEmbedded(broker.EmbeddedConfig{Dir: b.dir, Port: b.port})
+	if err != nil {
+		b.t.Fatal(err)
+	}
+	b.srv = srv
+	for deadline := time.Now().Add(10 * time.Second); b.nc != nil && !b.nc.IsConnected(); {
+		if time.Now().After(deadline) {
+			b.t.Fatal("testBroker: the test's connection did not come back after 10s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// Stop shuts the server down and waits until it is gone. It is a no-op when
+// the server is not running.
+func (b *testBroker) Stop() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.srv == nil {
+		return
+	}
+	b.srv.Shutdown()
+	b.srv.WaitForShutdown()
+	b.srv = nil
+}
+
+// StreamMsgs is the number of messages (batches) in METERD_USAGE.
+func (b *testBroker) StreamMsgs() uint64 {
+	b.t.Helper()
+	ctx, cancel := context.WithTimeout(b.t.Context(), 5*time.Second)
+	defer cancel()
+	s, err := b.js.Stream(ctx, schemas.UsageStream)
+	if err != nil {
+		b.t.Fatalf("stream %s: %v", schemas.UsageStream, err)
+	}
+	info, err := s.Info(ctx)
+	if err != nil {
+		b.t.Fatalf("stream %s info: %v", schemas.UsageStream, err)
+	}
+	return info.State.Msgs
+}
+
+// testLogger logs errors to the test's output. Fault tests provoke the
+// warnings on purpose and assert the metrics instead.
+func testLogger(t testing.TB) *slog.Logger {
+	return slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelError}))
+}
+
+// freePort returns a TCP port of 127.0.0.1 that was free a moment ago.
+func freePort(t testing.TB) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// connectTestNATS dials url with broker.Connect (reconnecting forever) and
+// closes the connection at the end of the test. Register it before the
+// collector using it, so cleanups stop the collector first.
+func connectTestNATS(t testing.TB, url, name string, opts ...nats.Option) *nats.Conn {
+	t.Helper()
+	nc, err := broker.Connect(broker.ConnConfig{URL: url, Name: name, Logger: testLogger(t), Options: opts})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	return nc
+}
+
+// testCollector is a Collector behind a real HTTP server with its Run
+// loop in a goroutine and its own metrics registry.
+type testCollector struct {
+	*Collector
+	reg  *prometheus.Registry
+	srv  *httptest.Server
+	stop context.CancelFunc
+	done chan error
+
+	shutdownOnce sync.Once
+	runErr       error
+}
+
+// startTestCollector builds a collector from cfg (Keys default to
+// auth.Open(), SpoolDir to a temporary directory, Registerer to a new
+// registry), serves it with httptest and runs it until the end of the test.
+func startTestCollector(t testing.TB, cfg Config) *testCollector {
+	t.Helper()
+	reg := prometheus.NewRegistry()
+	if cfg.Keys == nil {
+		cfg.Keys = auth.Open()
+	}
+	if cfg.SpoolDir == "" {
+		cfg.SpoolDir = t.TempDir()
+	}
+	if cfg.Name == "" {
+		cfg.Name = "test"
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = testLogger(t)
+	}
+	cfg.Registerer = reg
+	col, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mux := http.NewServeMux()
+	col.Register(mux)
+	ctx, stop := context.WithCancel(context.Background())
+	tc := &testCollector{Collector: col, reg: reg, srv: httptest.NewServer(mux), stop: stop, done: make(chan error, 1)}
+	go func() { tc.done <- col.Run(ctx) }()
+	t.Cleanup(func() {
+		if err := tc.Shutdown(); err != nil {
+			t.Errorf("collector shutdown: %v", err)
+		}
+		if err := col.Close(); err != nil {
+			t.Errorf("collector close: %v", err)
+		}
+	})
+	return tc
+}
+
+// URL is the collector's POST /v1/events endpoint.
+func (tc *testCollector) URL() string { return tc.srv.URL + "/v1/events" }
+
+// Shutdown stops the collector the way main does: the HTTP server first
+// (in-flight requests finish), then Run, whose error it returns. It does not
+// Close the collector. It is idempotent.
+func (tc *testCollector) Shutdown() error {
+	tc.shutdownOnce.Do(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		err := tc.srv.Config.Shutdown(ctx)
+		tc.srv.Close()
+		tc.stop()
+		select {
+		case rerr := <-tc.done:
+			err = errors.Join(err, rerr)
+		case <-ctx.Done():
+			err = errors.Join(err, errors.New("Run did not return"))
+		}
+		tc.runErr = err
+	})
+	return tc.runErr
+}
+
+// Metric is the value of the collector's metric name with the given label
+// pairs (name, value, …); see metricValue.
+func (tc *testCollector) Metric(t testing.TB, name string, labels ...string) float64 {
+	t.Helper()
+	return metricValue(t, tc.reg, name, labels...)
+}
+
+// WaitSpoolEmpty waits until meterd_collector_spool_batches is 0.
+func (tc *testCollector) WaitSpoolEmpty(t testing.TB, timeout time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for tc.Metric(t, "meterd_collector_spool_batches") > 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("spool still holds %v batches after %v", tc.Metric(t, "meterd_collector_spool_batches"), timeout)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// metricValue gathers g and returns the value of the counter or gauge name
+// whose labels include the given pairs (name, value, …). It fails the test
+// when there is no such series.
+func metricValue(t testing.TB, g prometheus.Gatherer, name string, labels ...string) float64 {
+	t.Helper()
+	families, err := g.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range families {
+		if f.GetName() != name {
+			continue
+		}
+	series:
+		for _, m := range f.GetMetric() {
+			for i := 0; i+1 < len(labels); i += 2 {
+				found := false
+				for _, lp := range m.GetLabel() {
+					if lp.GetName() == labels[i] && lp.GetValue() == labels[i+1] {
+						found = true
+						break
+					}
+				}
+				if !found {
+					continue series
+				}
+			}
+			switch {
+			case m.Counter != nil:
+				return m.Counter.GetValue()
+			case m.Gauge != nil:
+				return m.Gauge.GetValue()
+			}
+		}
+	}
+	t.Fatalf("no metric %s%v", name, labels)
+	return 0
+}
+
+// eventKey is the idempotency key of a usage event.
+type eventKey struct{ tenant, id string }
+
+// readUsageStream reads every batch in METERD_USAGE with an ordered
+// consumer and returns how often each event occurs and how many batches
+// there are. It fails the test on a batch it cannot decode and on a batch_id
+// stored twice (JetStream dedups publishes by Nats-Msg-Id).
+func readUsageStream(t testing.TB, js jetstream.JetStream) (map[eventKey]int, int) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	s, err := js.Stream(ctx, schemas.UsageStream)
+	if err != nil {
+		t.Fatalf("stream %s: %v", schemas.UsageStream, err)
+	}
+	info, err := s.Info(ctx)
+	if err != nil {
+		t.Fatalf("stream %s info: %v", schemas.UsageStream, err)
+	}
+	events := make(map[eventKey]int)
+	want := int(info.State.Msgs)
+	if want == 0 {
+		return events, 0
+	}
+	cons, err := s.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{})
+	if err != nil {
+		t.Fatalf("ordered consumer: %v", err)
+	}
+	batchIDs := make(map[string]uint64, want)
+	read := 0
+	for read < want {
+		msgs, err := cons.Fetch(min(want-read, 500), jetstream.FetchMaxWait(5*time.Second))
+		if err != nil {
+			t.Fatalf("fetch: %v", err)
+		}
+		n := 0
+		for m := range msgs.Messages() {
+			n++
+			meta, err := m.Metadata()
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, err := schemas.DecodeBatch(m.Headers().Get(schemas.HeaderContentType), m.Data())
+			if err != nil {
+				t.Fatalf("stream seq %d: %v", meta.Sequence.Stream, err)
+			}
+			if seq, dup := batchIDs[b.ID]; dup {
+				t.Errorf("batch %s is stored twice: stream seq %d and %d", b.ID, seq, meta.Sequence.Stream)
+			}
+			batchIDs[b.ID] = meta.Sequence.Stream
+			if got := m.Headers().Get(jetstream.MsgIDHeader); got != b.ID {
+				t.Errorf("stream seq %d: Nats-Msg-Id %q, batch_id %q", meta.Sequence.Stream, got, b.ID)
+			}
+			for _, e := range b.Events {
+				events[eventKey{e.Tenant, e.ID}]++
+			}
+		}
+		if err := msgs.Error(); err != nil {
+			t.Fatalf("fetch: %v", err)
+		}
+		if n == 0 {
+			t.Fatalf("read %d of %d batches; the stream gave no more", read, want)
+		}
+		read += n
+	}
+	return events, read
+}
