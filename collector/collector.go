@@ -19,6 +19,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/meterd/meterd/collector/spool"
+	"github.com/meterd/meterd/enforcer/gate"
 	"github.com/meterd/meterd/internal/auth"
 	"github.com/meterd/meterd/schemas"
 )
@@ -27,7 +28,7 @@ import (
 const (
 	DefaultMaxBodyBytes       = 5 << 20
 	DefaultBatchMaxEvents     = 500
-	DefaultBatchMaxWait       = 20 * time.Millisecond
+	DefaultBatchMaxWait       = 50 * time.Millisecond
 	DefaultPublishWorkers     = 8
 	DefaultPublishRetry       = 2 * time.Second
 	DefaultPublishTimeout     = 5 * time.Second
@@ -52,7 +53,7 @@ type Config struct {
 	// MaxBodyBytes bounds a request body (default 5 MiB).
 	MaxBodyBytes int64
 	// BatchMaxEvents and BatchMaxWait seal a batch at N events or T after
-	// its first event, whichever comes first (defaults 500 and 20ms).
+	// its first event, whichever comes first (defaults 500 and 50ms).
 	BatchMaxEvents int
 	BatchMaxWait   time.Duration
 	// PublishWorkers publish sealed batches concurrently (default 8).
@@ -62,6 +63,19 @@ type Config struct {
 	// attempt (default 5s).
 	PublishRetry   time.Duration
 	PublishTimeout time.Duration
+	// Gate answers /v1/check from the blocklist. Without one, /v1/check is
+	// not served.
+	Gate Gate
+	// TenantHeader names the tenant of a checked call when no tenant API key
+	// does (default X-Tenant-ID).
+	TenantHeader string
+	// KnownTenant reports whether a tenant has a plan; /v1/check applies
+	// UnknownTenantPolicy to the others (default: every tenant is known).
+	KnownTenant         func(tenant string) bool
+	UnknownTenantPolicy gate.Policy
+	// DontRecordChecks stops /v1/check from recording allowed calls as
+	// usage events (by default each is one event of X-Meter, X-Meter-Value).
+	DontRecordChecks bool
 	// MaxEventAge is the late-event bound (default 35 days).
 	MaxEventAge time.Duration
 	// Now is the clock (default time.Now).
@@ -104,6 +118,12 @@ func (c *Config) Validate() error {
 	setDefault(&c.MaxEventAge, schemas.DefaultMaxAge)
 	if c.Now == nil {
 		c.Now = time.Now
+	}
+	if c.TenantHeader == "" {
+		c.TenantHeader = DefaultTenantHeader
+	}
+	if c.KnownTenant == nil {
+		c.KnownTenant = func(string) bool { return true }
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
@@ -167,6 +187,10 @@ func New(cfg Config) (*Collector, error) {
 // Register adds the collector's routes to mux.
 func (c *Collector) Register(mux *http.ServeMux) {
 	mux.HandleFunc("POST /v1/events", c.handleEvents)
+	if c.cfg.Gate != nil {
+		mux.HandleFunc("/v1/check", c.handleCheck)
+		mux.HandleFunc("/v1/check/", c.handleCheck)
+	}
 }
 
 // Ready reports whether the collector can accept events: either NATS is

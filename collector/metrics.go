@@ -13,7 +13,20 @@ type metrics struct {
 	batches           *prometheus.CounterVec
 	publishDuplicates prometheus.Counter
 	publishSeconds    prometheus.Histogram
+	checks            *prometheus.CounterVec
+	paymentRequired   *prometheus.CounterVec
 }
+
+// Outcomes of meterd_collector_checks_total.
+const (
+	checkAllowed        = "allowed"
+	checkBlocked        = "blocked"
+	checkStaleAllowed   = "stale_allowed"
+	checkStaleDenied    = "stale_denied"
+	checkUnknownAllowed = "unknown_allowed"
+	checkUnknownDenied  = "unknown_denied"
+	checkRejected       = "rejected"
+)
 
 // Reasons of meterd_collector_events_rejected_total (bounded label values).
 const (
@@ -55,6 +68,14 @@ func newMetrics(reg prometheus.Registerer, sp *spool.Spool) (*metrics, error) {
 			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14),
 		}),
 	}
+	m.checks = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "meterd_collector_checks_total",
+		Help: "Forward-auth checks by outcome (stale_*: the blocklist was stale; unknown_*: tenant without a plan).",
+	}, []string{"outcome"})
+	m.paymentRequired = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "meterd_collector_payment_required_total",
+		Help: "Checks answered 402 (or 503 when stale under the deny policy), by reason.",
+	}, []string{"reason"})
 	spoolBatches := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "meterd_collector_spool_batches",
 		Help: "Batches in the on-disk spool waiting for NATS.",
@@ -63,13 +84,16 @@ func newMetrics(reg prometheus.Registerer, sp *spool.Spool) (*metrics, error) {
 		Name: "meterd_collector_spool_bytes",
 		Help: "Bytes in the on-disk spool waiting for NATS.",
 	}, func() float64 { return float64(sp.Bytes()) })
-	for _, c := range []prometheus.Collector{m.accepted, m.duplicates, m.rejected, m.batches, m.publishDuplicates, m.publishSeconds, spoolBatches, spoolBytes} {
+	for _, c := range []prometheus.Collector{m.accepted, m.duplicates, m.rejected, m.batches, m.publishDuplicates, m.publishSeconds, m.checks, m.paymentRequired, spoolBatches, spoolBytes} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
 	}
 	for _, r := range []string{rejectInvalid, rejectMalformed, rejectTooLarge, rejectMediaType, rejectAuth, rejectForbidden, rejectSpoolFull, rejectUnavailable} {
 		m.rejected.WithLabelValues(r)
+	}
+	for _, o := range []string{checkAllowed, checkBlocked, checkStaleAllowed, checkStaleDenied, checkUnknownAllowed, checkUnknownDenied, checkRejected} {
+		m.checks.WithLabelValues(o)
 	}
 	for _, o := range []string{"published", "spooled", "replayed"} {
 		m.batches.WithLabelValues(o)

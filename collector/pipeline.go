@@ -99,7 +99,6 @@ func (pl *pipeline) add(ctx context.Context, events []schemas.Event) error {
 // the batches to wait for. The caller holds closing for reading.
 func (pl *pipeline) fill(events []schemas.Event) []*sealed {
 	parts := pl.c.cfg.Partitions
-	max := pl.c.cfg.BatchMaxEvents
 	byPart := make([][]schemas.Event, parts)
 	for _, e := range events {
 		p := schemas.Partition(e.Tenant, parts)
@@ -107,30 +106,50 @@ func (pl *pipeline) fill(events []schemas.Event) []*sealed {
 	}
 	var waits []*sealed
 	for p, evs := range byPart {
-		for len(evs) > 0 {
-			ob := &pl.open[p]
-			ob.mu.Lock()
-			if ob.cur == nil {
-				ob.cur = &sealed{id: nuid.Next(), subject: schemas.UsageSubject(p), done: make(chan struct{})}
-				ob.events = make([]schemas.Event, 0, max)
-				cur := ob.cur
-				time.AfterFunc(pl.c.cfg.BatchMaxWait, func() { pl.sealOnTimer(p, cur) })
-			}
-			n := min(max-len(ob.events), len(evs))
-			ob.events = append(ob.events, evs[:n]...)
-			evs = evs[n:]
-			if len(waits) == 0 || waits[len(waits)-1] != ob.cur {
-				waits = append(waits, ob.cur)
-			}
-			var full *sealed
-			var fullEvents []schemas.Event
-			if len(ob.events) >= max {
-				full, fullEvents = ob.detach()
-			}
-			ob.mu.Unlock()
-			if full != nil {
-				pl.seal(full, fullEvents)
-			}
+		waits = pl.fillPartition(p, evs, waits, true)
+	}
+	return waits
+}
+
+// enqueue adds one event without waiting for its batch: the forward-auth
+// check records calls this way so that it never waits on NATS.
+func (pl *pipeline) enqueue(e schemas.Event) error {
+	pl.closing.RLock()
+	defer pl.closing.RUnlock()
+	if pl.closed {
+		return ErrClosed
+	}
+	pl.fillPartition(schemas.Partition(e.Tenant, pl.c.cfg.Partitions), []schemas.Event{e}, nil, false)
+	return nil
+}
+
+// fillPartition appends evs to partition p's open batch, sealing it each
+// time it is full, and appends the batches holding evs to waits when wait.
+func (pl *pipeline) fillPartition(p int, evs []schemas.Event, waits []*sealed, wait bool) []*sealed {
+	max := pl.c.cfg.BatchMaxEvents
+	for len(evs) > 0 {
+		ob := &pl.open[p]
+		ob.mu.Lock()
+		if ob.cur == nil {
+			ob.cur = &sealed{id: nuid.Next(), subject: schemas.UsageSubject(p), done: make(chan struct{})}
+			ob.events = make([]schemas.Event, 0, max)
+			cur := ob.cur
+			time.AfterFunc(pl.c.cfg.BatchMaxWait, func() { pl.sealOnTimer(p, cur) })
+		}
+		n := min(max-len(ob.events), len(evs))
+		ob.events = append(ob.events, evs[:n]...)
+		evs = evs[n:]
+		if wait && (len(waits) == 0 || waits[len(waits)-1] != ob.cur) {
+			waits = append(waits, ob.cur)
+		}
+		var full *sealed
+		var fullEvents []schemas.Event
+		if len(ob.events) >= max {
+			full, fullEvents = ob.detach()
+		}
+		ob.mu.Unlock()
+		if full != nil {
+			pl.seal(full, fullEvents)
 		}
 	}
 	return waits
@@ -316,10 +335,11 @@ func (pl *pipeline) replayLoop(ctx context.Context) {
 	defer tick.Stop()
 	for {
 		var wait <-chan time.Time
+		var wake <-chan struct{} // only an empty spool waits for news; a failing one backs off
 		switch {
 		case pl.c.spool.Len() == 0:
 			pl.degraded.Store(false)
-			wait = tick.C
+			wait, wake = tick.C, pl.wake
 		case !pl.c.cfg.NATS.IsConnected():
 			wait = time.After(250 * time.Millisecond)
 		default:
@@ -337,7 +357,7 @@ func (pl *pipeline) replayLoop(ctx context.Context) {
 		select {
 		case <-ctx.Done():
 			return
-		case <-pl.wake:
+		case <-wake:
 		case <-wait:
 		}
 	}

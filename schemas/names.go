@@ -19,11 +19,18 @@ const (
 	DLQSubjectPrefix = "meterd.dlq."
 	// HeaderDLQReason carries why a message was dead-lettered.
 	HeaderDLQReason = "Meterd-Dlq-Reason"
+	// HeaderDLQStreamSeq carries the sequence of the message in its stream.
+	HeaderDLQStreamSeq = "Meterd-Dlq-Stream-Seq"
 
 	// CommittedSubjectPrefix prefixes the partition of committed increments.
 	CommittedSubjectPrefix = "meterd.committed."
 	// BlocklistBucket is the KV bucket of decisions: key = tenant.
 	BlocklistBucket = "meterd-blocklist"
+	// HeartbeatKey is the key of BlocklistBucket the enforcer rewrites every
+	// few seconds with {"at":"<RFC 3339 time>"}, so a gate can tell a quiet
+	// system (no decision changed) from a dead enforcer. It is not a valid
+	// tenant name, so it never collides with a tenant's decision.
+	HeartbeatKey = "=heartbeat"
 	// NotifySubjectPrefix prefixes the tenant of a threshold notification.
 	NotifySubjectPrefix = "meterd.notify."
 

@@ -1,0 +1,122 @@
+package collector
+
+import (
+	"fmt"
+	"net/http"
+	"strconv"
+
+	"github.com/nats-io/nuid"
+
+	"github.com/meterd/meterd/enforcer/gate"
+	"github.com/meterd/meterd/schemas"
+)
+
+// Defaults of the forward-auth check (DESIGN §3.4).
+const (
+	DefaultTenantHeader = "X-Tenant-ID"
+	DefaultMeterHeader  = "X-Meter"
+	DefaultValueHeader  = "X-Meter-Value"
+	DefaultMeter        = "api_calls"
+)
+
+// Gate is what /v1/check asks: the in-memory blocklist. *gate.Gate is one.
+type Gate interface {
+	Check(tenant string) gate.Verdict
+}
+
+var _ Gate = (*gate.Gate)(nil)
+
+// handleCheck is the forward-auth endpoint of Envoy ext_authz (HTTP),
+// Traefik ForwardAuth, Caddy forward_auth and nginx auth_request: any method,
+// any path under /v1/check. It answers from the gate in memory — never
+// waiting on NATS, the enforcer or the store — 200 when the call may pass
+// (and records it as a usage event), or the block's 402 problem.
+func (c *Collector) handleCheck(w http.ResponseWriter, r *http.Request) {
+	tenant, p := c.checkTenant(r)
+	if p != nil {
+		c.metrics.checks.WithLabelValues(checkRejected).Inc()
+		p.Write(w)
+		return
+	}
+	v := c.cfg.Gate.Check(tenant)
+	if v.Block != nil {
+		outcome := checkBlocked
+		if v.Stale {
+			outcome = checkStaleDenied
+		}
+		c.metrics.checks.WithLabelValues(outcome).Inc()
+		c.metrics.paymentRequired.WithLabelValues(string(v.Block.Decision.Reason)).Inc()
+		v.Block.Write(w, c.cfg.Now())
+		return
+	}
+	outcome := checkAllowed
+	if v.Stale {
+		outcome = checkStaleAllowed
+	}
+	if !c.cfg.KnownTenant(tenant) {
+		if c.cfg.UnknownTenantPolicy == gate.Deny {
+			c.metrics.checks.WithLabelValues(checkUnknownDenied).Inc()
+			schemas.NewProblem(http.StatusForbidden, "unknown-tenant",
+				fmt.Sprintf("tenant %q has no plan; ask the API provider to set one up", tenant)).Write(w)
+			return
+		}
+		outcome = checkUnknownAllowed
+	}
+	if !c.cfg.DontRecordChecks {
+		if p := c.recordCheck(r, tenant); p != nil {
+			c.metrics.checks.WithLabelValues(checkRejected).Inc()
+			p.Write(w)
+			return
+		}
+	}
+	c.metrics.checks.WithLabelValues(outcome).Inc()
+	w.WriteHeader(http.StatusOK)
+}
+
+// checkTenant finds the tenant of a checked call: a tenant API key decides
+// it; otherwise (no key, an admin key, or auth off) the tenant header does.
+func (c *Collector) checkTenant(r *http.Request) (string, *schemas.Problem) {
+	principal, err := c.cfg.Keys.Authenticate(r)
+	if err == nil && principal.Tenant != "" {
+		return principal.Tenant, nil
+	}
+	if err != nil && r.Header.Get(c.cfg.TenantHeader) == "" {
+		return "", schemas.NewProblem(http.StatusUnauthorized, "unauthorized",
+			"send the caller's API key, or the tenant in the "+c.cfg.TenantHeader+" header")
+	}
+	tenant := r.Header.Get(c.cfg.TenantHeader)
+	if !schemas.ValidTenant(tenant) {
+		return "", schemas.NewProblem(http.StatusBadRequest, "bad-tenant",
+			c.cfg.TenantHeader+" must match [A-Za-z0-9._-]{1,128}")
+	}
+	return tenant, nil
+}
+
+// recordCheck queues the allowed call as a usage event without waiting for
+// it to be durable: the check never waits on NATS.
+func (c *Collector) recordCheck(r *http.Request, tenant string) *schemas.Problem {
+	e := schemas.Event{Tenant: tenant, Meter: DefaultMeter, Value: 1, Time: c.cfg.Now().UTC()}
+	if m := r.Header.Get(DefaultMeterHeader); m != "" {
+		if !schemas.ValidMeter(m) {
+			return schemas.NewProblem(http.StatusBadRequest, "bad-meter", DefaultMeterHeader+" must match [a-z][a-z0-9_]{0,63}")
+		}
+		e.Meter = m
+	}
+	if v := r.Header.Get(DefaultValueHeader); v != "" {
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil || n < 0 {
+			return schemas.NewProblem(http.StatusBadRequest, "bad-value", DefaultValueHeader+" must be a non-negative integer")
+		}
+		e.Value = n
+	}
+	if id := r.Header.Get("X-Request-ID"); id != "" && len(id) <= schemas.MaxIDLen {
+		e.ID = id
+	} else {
+		e.ID = nuid.Next()
+	}
+	if err := c.pipe.enqueue(e); err != nil {
+		return schemas.NewProblem(http.StatusServiceUnavailable, "unavailable", "the collector is shutting down")
+	}
+	c.metrics.accepted.Inc()
+	return nil
+}

@@ -1,0 +1,224 @@
+package gate
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/meterd/meterd/schemas"
+)
+
+// ReasonStale is the reason of the block a stale gate answers with under the
+// Deny policy: the gate cannot tell whether the tenant is blocked.
+const ReasonStale schemas.Reason = "stale"
+
+// Verdict is the answer of Check.
+type Verdict struct {
+	// Block is nil when the request may pass. Otherwise it holds the
+	// prerendered answer; it is shared and must not be modified.
+	Block *Block
+	// Stale is true when the gate has received no decision nor heartbeat
+	// for longer than Config.StaleAfter: the verdict comes from old data or,
+	// for tenants the gate holds no decision for, from Config.StalePolicy.
+	Stale bool
+}
+
+// Block is a tenant's block with its HTTP answer rendered once, when the
+// decision arrived, so answering costs no encoding. A Block is immutable
+// and shared by every caller: never modify it or the slices it holds.
+type Block struct {
+	// Decision is the enforcer's decision. For the stale block (reason
+	// ReasonStale) only Reason is set.
+	Decision schemas.Decision
+	// Status is the HTTP status to answer with: 402 for a decision, 503 for
+	// the stale block.
+	Status int
+	// Problem is the application/problem+json body (RFC 9457) of DESIGN
+	// §3.4: type, title, status, detail, reason, tenant, meter, limit, used,
+	// period_end and billing_url (members without a value are left out).
+	Problem []byte
+	// Link is the value of the Link header, `<billing_url>; rel="payment"`,
+	// or "" when the decision has no billing URL.
+	Link string
+}
+
+// RetryAfter returns the seconds until the end of the quota period (rounded
+// up, at least 1) for the Retry-After header. ok is false when retrying
+// later does not help by itself: unpaid and suspended tenants, a quota
+// without a period end, and the stale block.
+func (b *Block) RetryAfter(now time.Time) (seconds int64, ok bool) {
+	d := b.Decision
+	if d.Reason != schemas.ReasonQuotaExceeded || d.PeriodEnd.IsZero() {
+		return 0, false
+	}
+	left := d.PeriodEnd.Sub(now)
+	if left <= 0 {
+		return 1, true
+	}
+	seconds = int64(left / time.Second)
+	if left%time.Second != 0 {
+		seconds++
+	}
+	return seconds, true
+}
+
+// Write sends the block as the response: Content-Type
+// application/problem+json, Retry-After and Link when they apply, Status and
+// Problem. It is the answer of DESIGN §3.4; headers the caller set are kept.
+func (b *Block) Write(w http.ResponseWriter, now time.Time) {
+	h := w.Header()
+	h.Set("Content-Type", schemas.MediaProblem)
+	h.Set("X-Content-Type-Options", "nosniff")
+	if s, ok := b.RetryAfter(now); ok {
+		h.Set("Retry-After", strconv.FormatInt(s, 10))
+	}
+	if b.Link != "" {
+		h.Add("Link", b.Link)
+	}
+	w.WriteHeader(b.Status)
+	w.Write(b.Problem)
+}
+
+// problemSlug is the problem type (after schemas.ProblemBase) of each reason.
+var problemSlug = map[schemas.Reason]string{
+	schemas.ReasonQuotaExceeded:         "quota-exceeded",
+	schemas.ReasonPaymentOverdue:        "payment-overdue",
+	schemas.ReasonPaymentMethodRequired: "payment-method-required",
+	schemas.ReasonSuspended:             "suspended",
+}
+
+// decodeDecision decodes and checks the value of a tenant's key. A value
+// this returns an error for is ignored: rendering it would produce a
+// misleading answer (wrong tenant, unknown reason, a Link header that could
+// be forged).
+func decodeDecision(key string, value []byte) (schemas.Decision, error) {
+	var d schemas.Decision
+	if !schemas.ValidTenant(key) {
+		return d, errors.New("key is not a tenant name")
+	}
+	if err := json.Unmarshal(value, &d); err != nil {
+		return d, fmt.Errorf("decode decision: %w", err)
+	}
+	if d.Tenant != key {
+		return d, fmt.Errorf("decision for tenant %q under key %q", d.Tenant, key)
+	}
+	if _, ok := problemSlug[d.Reason]; !ok {
+		return d, fmt.Errorf("unknown reason %q", d.Reason)
+	}
+	if d.Limit < 0 || d.Used < 0 {
+		return d, errors.New("negative limit or used")
+	}
+	if d.Reason == schemas.ReasonQuotaExceeded && d.Meter == "" {
+		return d, errors.New("quota_exceeded without a meter")
+	}
+	if d.BillingURL != "" {
+		if err := checkBillingURL(d.BillingURL); err != nil {
+			return d, err
+		}
+	}
+	return d, nil
+}
+
+// checkBillingURL accepts absolute http(s) URLs that can stand between the
+// angle brackets of a Link header.
+func checkBillingURL(s string) error {
+	if strings.ContainsFunc(s, func(r rune) bool { return r <= ' ' || r == 0x7f || r == '<' || r == '>' || r == '"' }) {
+		return fmt.Errorf("billing_url %q holds a character not allowed in a Link header", s)
+	}
+	u, err := url.Parse(s)
+	if err != nil {
+		return fmt.Errorf("billing_url: %w", err)
+	}
+	if (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
+		return fmt.Errorf("billing_url %q is not an absolute http(s) URL", s)
+	}
+	return nil
+}
+
+// newBlock renders the answer to a decision decodeDecision accepted. It
+// fails only for times JSON cannot hold (a period end past year 9999 in UTC).
+func newBlock(d schemas.Decision) (*Block, error) {
+	p := schemas.NewProblem(http.StatusPaymentRequired, problemSlug[d.Reason], detail(d))
+	p.Block = &schemas.Block{Reason: d.Reason, Tenant: d.Tenant, Meter: d.Meter, BillingURL: d.BillingURL}
+	if d.Reason == schemas.ReasonQuotaExceeded {
+		p.Block.Limit, p.Block.Used = &d.Limit, &d.Used
+	}
+	if !d.PeriodEnd.IsZero() {
+		end := d.PeriodEnd.UTC()
+		p.Block.PeriodEnd = &end
+	}
+	body, err := encode(p)
+	if err != nil {
+		return nil, err
+	}
+	b := &Block{Decision: d, Status: http.StatusPaymentRequired, Problem: body}
+	if d.BillingURL != "" {
+		b.Link = "<" + d.BillingURL + `>; rel="payment"`
+	}
+	return b, nil
+}
+
+// detail is the sentence a person reads: what happened and what to do.
+func detail(d schemas.Decision) string {
+	at := func(action string) string {
+		if d.BillingURL == "" {
+			return action
+		}
+		return action + " at " + d.BillingURL
+	}
+	switch d.Reason {
+	case schemas.ReasonQuotaExceeded:
+		period := "the current period"
+		if !d.PeriodEnd.IsZero() {
+			period = "the period ending " + d.PeriodEnd.UTC().Format(time.RFC3339)
+		}
+		return fmt.Sprintf("%s used %d of %d %s in %s; upgrade the plan or wait for the next period.",
+			d.Tenant, d.Used, d.Limit, d.Meter, period)
+	case schemas.ReasonPaymentOverdue:
+		return fmt.Sprintf("%s's payment is overdue; %s to restore access.", d.Tenant, at("pay the open invoice"))
+	case schemas.ReasonPaymentMethodRequired:
+		return fmt.Sprintf("%s has no valid payment method; %s to restore access.", d.Tenant, at("add one"))
+	default: // schemas.ReasonSuspended
+		return fmt.Sprintf("%s's account is suspended; %s to restore access.", d.Tenant, at("contact the provider"))
+	}
+}
+
+// newStaleBlock is the block a stale gate under the Deny policy answers for
+// tenants it holds no decision for: 503, because the gate does not know
+// whether the tenant owes anything.
+func newStaleBlock(staleAfter time.Duration) *Block {
+	p := struct {
+		Type   string         `json:"type"`
+		Title  string         `json:"title"`
+		Status int            `json:"status"`
+		Detail string         `json:"detail"`
+		Reason schemas.Reason `json:"reason"`
+	}{
+		Type:   schemas.ProblemBase + "blocklist-stale",
+		Title:  http.StatusText(http.StatusServiceUnavailable),
+		Status: http.StatusServiceUnavailable,
+		Detail: fmt.Sprintf("the blocklist has had no update from the enforcer for more than %s; "+
+			"requests are denied until it is current again.", staleAfter),
+		Reason: ReasonStale,
+	}
+	body, _ := encode(p) // strings and an int always encode
+	return &Block{Decision: schemas.Decision{Reason: ReasonStale}, Status: http.StatusServiceUnavailable, Problem: body}
+}
+
+// encode marshals a problem without HTML escaping, so billing URLs stay
+// readable in the body.
+func encode(v any) ([]byte, error) {
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(v); err != nil {
+		return nil, fmt.Errorf("encode problem: %w", err)
+	}
+	return bytes.TrimSuffix(buf.Bytes(), []byte("\n")), nil
+}

@@ -1,0 +1,270 @@
+package gate
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+
+	"github.com/meterd/meterd/internal/broker"
+	"github.com/meterd/meterd/schemas"
+)
+
+// testNATS is a real embedded JetStream server that a test can stop and
+// start again on the same port and store directory, and the test's own
+// connection to it, which plays the enforcer.
+type testNATS struct {
+	t    testing.TB
+	dir  string
+	port int
+
+	mu  sync.Mutex
+	srv *server.Server
+
+	nc *nats.Conn
+	js jetstream.JetStream
+	kv jetstream.KeyValue // nil until createBucket
+}
+
+// startNATS starts a server on a free port; it stops at the end of the test.
+func startNATS(t testing.TB) *testNATS {
+	t.Helper()
+	n := &testNATS{t: t, dir: t.TempDir(), port: -1}
+	n.start()
+	t.Cleanup(n.stop)
+	n.nc = n.connect("enforcer")
+	js, err := jetstream.New(n.nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.js = js
+	return n
+}
+
+// start starts the server, on the port of the previous start if any.
+func (n *testNATS) start() {
+	n.t.Helper()
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	// The tests are not about durability: skip the fsync per write.
+	srv, err := broker.StartEmbedded(broker.EmbeddedConfig{Dir: n.dir, Port: n.port, NoSync: true})
+	if err != nil {
+		n.t.Fatal(err)
+	}
+	n.srv = srv
+	n.port = srv.Addr().(*net.TCPAddr).Port
+}
+
+// stop shuts the server down and waits until it is gone.
+func (n *testNATS) stop() {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.srv == nil {
+		return
+	}
+	n.srv.Shutdown()
+	n.srv.WaitForShutdown()
+	n.srv = nil
+}
+
+func (n *testNATS) url() string { return fmt.Sprintf("nats://127.0.0.1:%d", n.port) }
+
+// connect opens a connection that reconnects forever, closed at the end of
+// the test.
+func (n *testNATS) connect(name string) *nats.Conn {
+	n.t.Helper()
+	// The connection's handlers may log after the test ended: discard them.
+	nc, err := broker.Connect(broker.ConnConfig{URL: n.url(), Name: name, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		n.t.Fatal(err)
+	}
+	n.t.Cleanup(nc.Close)
+	return nc
+}
+
+// createBucket creates the blocklist bucket the way the enforcer does.
+func (n *testNATS) createBucket() {
+	n.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	kv, err := n.js.CreateKeyValue(ctx, jetstream.KeyValueConfig{
+		Bucket:  schemas.BlocklistBucket,
+		Storage: jetstream.FileStorage,
+	})
+	if err != nil {
+		n.t.Fatal(err)
+	}
+	n.kv = kv
+}
+
+// put writes d under its tenant's key.
+func (n *testNATS) put(d schemas.Decision) {
+	n.t.Helper()
+	v, err := json.Marshal(d)
+	if err != nil {
+		n.t.Fatal(err)
+	}
+	n.putRaw(d.Tenant, v)
+}
+
+// putRaw writes value under key, retrying while NATS is away.
+func (n *testNATS) putRaw(key string, value []byte) {
+	n.t.Helper()
+	n.retry("put "+key, func(ctx context.Context) error {
+		_, err := n.kv.Put(ctx, key, value)
+		return err
+	})
+}
+
+// heartbeat writes the enforcer's heartbeat.
+func (n *testNATS) heartbeat() {
+	n.t.Helper()
+	n.putRaw(schemas.HeartbeatKey, fmt.Appendf(nil, `{"at":%q}`, time.Now().UTC().Format(time.RFC3339Nano)))
+}
+
+// del deletes key (purge: true purges it).
+func (n *testNATS) del(key string, purge bool) {
+	n.t.Helper()
+	n.retry("delete "+key, func(ctx context.Context) error {
+		if purge {
+			return n.kv.Purge(ctx, key)
+		}
+		return n.kv.Delete(ctx, key)
+	})
+}
+
+func (n *testNATS) retry(what string, f func(ctx context.Context) error) {
+	n.t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		err := f(ctx)
+		cancel()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			n.t.Fatalf("%s: %v", what, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// startGate builds a gate on its own connection and runs it until the end
+// of the test, when Run must return nil.
+func startGate(t testing.TB, n *testNATS, cfg Config) *Gate {
+	t.Helper()
+	g, run := newGate(t, n, cfg)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("Run: %v", err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Error("Run did not return 10s after its context ended")
+		}
+	})
+	return g
+}
+
+// newGate builds a gate without running it, on its own connection unless
+// cfg has one.
+func newGate(t testing.TB, n *testNATS, cfg Config) (*Gate, func(context.Context) error) {
+	t.Helper()
+	if cfg.NATS == nil {
+		cfg.NATS = n.connect("gate")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	g, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return g, g.Run
+}
+
+// waitReady waits until the gate loaded the bucket.
+func waitReady(t testing.TB, g *Gate) {
+	t.Helper()
+	waitFor(t, 30*time.Second, "gate ready", func() bool { return g.Ready(context.Background()) == nil })
+}
+
+// waitFor polls cond until it holds and returns how long that took.
+func waitFor(t testing.TB, within time.Duration, what string, cond func() bool) time.Duration {
+	t.Helper()
+	start := time.Now()
+	for !cond() {
+		if time.Since(start) > within {
+			t.Fatalf("%s: not within %s", what, within)
+		}
+		time.Sleep(200 * time.Microsecond)
+	}
+	return time.Since(start)
+}
+
+// value reads a counter or gauge.
+func value(t testing.TB, c prometheus.Metric) float64 {
+	t.Helper()
+	var m dto.Metric
+	if err := c.Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	switch {
+	case m.Counter != nil:
+		return m.Counter.GetValue()
+	case m.Gauge != nil:
+		return m.Gauge.GetValue()
+	}
+	t.Fatalf("metric %v is neither a counter nor a gauge", c.Desc())
+	return 0
+}
+
+// decodeProblem decodes a problem body keeping numbers exact.
+func decodeProblem(t testing.TB, body []byte) map[string]any {
+	t.Helper()
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.UseNumber()
+	var m map[string]any
+	if err := dec.Decode(&m); err != nil {
+		t.Fatalf("decode problem %s: %v", body, err)
+	}
+	return m
+}
+
+var (
+	periodStart = time.Date(2026, 11, 1, 0, 0, 0, 0, time.UTC)
+	periodEnd   = time.Date(2026, 12, 1, 0, 0, 0, 0, time.UTC)
+)
+
+// quota is tenant's quota decision of DESIGN §3.3 at version.
+func quota(tenant string, version uint64) schemas.Decision {
+	return schemas.Decision{
+		Tenant: tenant, Reason: schemas.ReasonQuotaExceeded, Meter: "api_calls", Limit: 1000, Used: 1004,
+		PeriodStart: periodStart, PeriodEnd: periodEnd,
+		BillingURL: "https://billing.example.com/" + tenant, Version: version,
+		DecidedAt: time.Date(2026, 11, 28, 16, 0, 0, 0, time.UTC),
+	}
+}
+
+// unpaid is tenant's decision for an unpaid reason at version.
+func unpaid(tenant string, reason schemas.Reason, url string, version uint64) schemas.Decision {
+	return schemas.Decision{Tenant: tenant, Reason: reason, BillingURL: url, Version: version,
+		DecidedAt: time.Date(2026, 11, 28, 16, 0, 0, 0, time.UTC)}
+}
