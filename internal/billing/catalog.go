@@ -262,6 +262,13 @@ func (c *Catalog) Tenant(name string) (t Tenant, p Plan, ok bool) {
 	return t, p, true
 }
 
+// HasPlan reports whether tenant is listed with a plan, without copying
+// anything (the forward-auth check asks it on every call).
+func (c *Catalog) HasPlan(tenant string) bool {
+	t, ok := c.tenants[tenant]
+	return ok && t.Plan != ""
+}
+
 // Plan returns the plan called name.
 func (c *Catalog) Plan(name string) (Plan, bool) {
 	p, ok := c.plans[name]

@@ -55,6 +55,12 @@ type Collector struct {
 	BatchMaxWait   time.Duration `yaml:"batch_max_wait"`
 	PublishWorkers int           `yaml:"publish_workers"`
 	MaxEventAge    time.Duration `yaml:"max_event_age"`
+	// The forward-auth check (/v1/check).
+	TenantHeader        string        `yaml:"tenant_header"`
+	UnknownTenantPolicy string        `yaml:"unknown_tenant_policy"` // allow | deny
+	StaleAfter          time.Duration `yaml:"stale_after"`
+	StalePolicy         string        `yaml:"stale_policy"` // allow | deny
+	DontRecordChecks    bool          `yaml:"dont_record_checks"`
 }
 
 // Aggregator holds the aggregator's settings. ClickHouse, when set, is the
