@@ -5,10 +5,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 )
 
 // Media types POST /v1/events accepts (DESIGN §3.4).
@@ -20,6 +20,11 @@ const (
 	MediaCloudEventsBatch   = "application/cloudevents-batch+json"
 	cloudEventsSpecVersion  = "1.0"
 	maxCloudEventsDataValue = 256
+	// maxDepth bounds the nesting of values the decoder skips, as encoding/json does.
+	maxDepth = 10000
+	// maxInternLen and maxInterned bound the strings a scanner shares.
+	maxInternLen = 64
+	maxInterned  = 1024
 )
 
 // ErrUnsupportedMediaType is returned by DecodeEvents for a media type it
@@ -45,332 +50,867 @@ type Decoded struct {
 
 // DecodeEvents reads the events of a POST /v1/events body of the given media
 // type (parameters such as charset are ignored). Events without a value get 1.
-// It returns a *SyntaxError for a malformed body, ErrNoEvents for none, and
-// ErrUnsupportedMediaType for a media type it does not read.
+// It returns a *SyntaxError for a malformed body, ErrNoEvents for none (an
+// empty body included), and ErrUnsupportedMediaType for a media type it does
+// not read.
+//
+// Member names are matched exactly, as JSON Schema does (encoding/json would
+// take "ID" for "id"), and null is not a string: event.schema.json and
+// DecodeEvents+Validate accept the same documents.
 func DecodeEvents(mediaType string, body []byte) (Decoded, error) {
 	if i := strings.IndexByte(mediaType, ';'); i >= 0 {
 		mediaType = mediaType[:i]
 	}
 	mediaType = strings.ToLower(strings.TrimSpace(mediaType))
-	var d Decoded
-	var err error
+	var layout func(*scanner, *Decoded, elementDecoder) error
+	var el elementDecoder
 	switch mediaType {
 	case MediaJSON, "":
-		err = decodeJSON(body, &d, decodeEvent)
+		layout, el = decodeJSON, decodeEvent
 	case MediaNDJSON, MediaJSONLines:
-		err = decodeStream(body, &d, decodeEvent)
+		layout, el = decodeStream, decodeEvent
 	case MediaCloudEvent:
-		err = decodeOne(body, &d, decodeCloudEvent)
+		layout, el = decodeOne, decodeCloudEvent
 	case MediaCloudEventsBatch:
-		err = decodeArray(body, &d, decodeCloudEvent)
+		layout, el = decodeArray, decodeCloudEvent
 	default:
-		return d, fmt.Errorf("%w %q", ErrUnsupportedMediaType, mediaType)
+		return Decoded{}, fmt.Errorf("%w %q", ErrUnsupportedMediaType, mediaType)
 	}
+	var d Decoded
+	s := &scanner{data: body}
+	if s.peek() == eof {
+		return d, ErrNoEvents
+	}
+	err := layout(s, &d, el)
 	if err == nil && len(d.Events) == 0 {
 		err = ErrNoEvents
 	}
 	return d, err
 }
 
-// elementDecoder decodes the next JSON value of dec as an event of index i.
-// It returns a field error (nil event) for a well-formed value of the wrong
-// shape, and a *SyntaxError for a malformed one.
-type elementDecoder func(dec *json.Decoder, i int, d *Decoded) error
+// elementDecoder decodes the next JSON value of s as the event of index i and
+// appends it to d.Events. A well-formed value of the wrong shape appends an
+// empty Event and a FieldError; a malformed one returns a *SyntaxError.
+type elementDecoder func(s *scanner, i int, d *Decoded) error
 
 // decodeJSON reads one event object or an array of them.
-func decodeJSON(body []byte, d *Decoded, el elementDecoder) error {
-	switch firstByte(body) {
+func decodeJSON(s *scanner, d *Decoded, el elementDecoder) error {
+	switch s.peek() {
 	case '[':
-		return decodeArray(body, d, el)
+		return decodeArray(s, d, el)
 	case '{':
-		return decodeOne(body, d, el)
-	case 0:
-		return ErrNoEvents
+		return decodeOne(s, d, el)
 	default:
 		return &SyntaxError{Msg: "expected a JSON object or array"}
 	}
 }
 
-func decodeOne(body []byte, d *Decoded, el elementDecoder) error {
-	if firstByte(body) != '{' {
+func decodeOne(s *scanner, d *Decoded, el elementDecoder) error {
+	if s.peek() != '{' {
 		return &SyntaxError{Msg: "expected a JSON object"}
 	}
-	dec := json.NewDecoder(bytes.NewReader(body))
-	if err := el(dec, 0, d); err != nil {
+	if err := el(s, 0, d); err != nil {
 		return err
 	}
-	return expectEOF(dec)
+	return s.expectEnd()
 }
 
-func decodeArray(body []byte, d *Decoded, el elementDecoder) error {
-	if firstByte(body) != '[' {
+func decodeArray(s *scanner, d *Decoded, el elementDecoder) error {
+	if s.peek() != '[' {
 		return &SyntaxError{Msg: "expected a JSON array"}
 	}
-	dec := json.NewDecoder(bytes.NewReader(body))
-	if _, err := dec.Token(); err != nil {
-		return syntaxError(err)
+	s.pos++
+	d.Events = make([]Event, 0, bytes.Count(s.data, []byte(`"id"`)))
+	if s.peek() == ']' {
+		s.pos++
+		return s.expectEnd()
 	}
-	d.Events = make([]Event, 0, bytes.Count(body, []byte(`"id"`)))
-	for i := 0; dec.More(); i++ {
-		if err := el(dec, i, d); err != nil {
-			return err
-		}
-	}
-	if _, err := dec.Token(); err != nil {
-		return syntaxError(err)
-	}
-	return expectEOF(dec)
-}
-
-// decodeStream reads newline-delimited (or any whitespace-separated) objects.
-func decodeStream(body []byte, d *Decoded, el elementDecoder) error {
-	dec := json.NewDecoder(bytes.NewReader(body))
-	d.Events = make([]Event, 0, bytes.Count(body, []byte{'\n'})+1)
 	for i := 0; ; i++ {
-		if err := el(dec, i, d); err != nil {
-			if err == io.EOF {
-				return nil
-			}
+		if err := el(s, i, d); err != nil {
 			return err
+		}
+		switch s.peek() {
+		case ',':
+			s.pos++
+		case ']':
+			s.pos++
+			return s.expectEnd()
+		default:
+			return s.unexpected("after array element")
 		}
 	}
 }
 
-func expectEOF(dec *json.Decoder) error {
-	if _, err := dec.Token(); err != io.EOF {
-		return &SyntaxError{Msg: "unexpected data after the JSON value"}
+// decodeStream reads newline-delimited (or any whitespace-separated) values.
+func decodeStream(s *scanner, d *Decoded, el elementDecoder) error {
+	d.Events = make([]Event, 0, bytes.Count(s.data, []byte{'\n'})+1)
+	for i := 0; s.peek() != eof; i++ {
+		if err := el(s, i, d); err != nil {
+			return err
+		}
 	}
 	return nil
 }
 
-func firstByte(b []byte) byte {
-	for _, c := range b {
-		switch c {
-		case ' ', '\t', '\r', '\n':
-			continue
-		}
-		return c
-	}
-	return 0
-}
-
-// syntaxError turns a json decoding failure into a *SyntaxError (io.EOF is
-// passed through to end a stream).
-func syntaxError(err error) error {
-	if err == io.EOF {
+// notObject skips the well-formed non-object value at s as event i.
+func notObject(s *scanner, i int, d *Decoded) error {
+	if err := s.skipValue(0); err != nil {
 		return err
 	}
-	if errors.Is(err, io.ErrUnexpectedEOF) {
-		return &SyntaxError{Msg: "unexpected end of body"}
-	}
-	var se *json.SyntaxError
-	if errors.As(err, &se) {
-		return &SyntaxError{Msg: fmt.Sprintf("%s at byte %d", se.Error(), se.Offset)}
-	}
-	return &SyntaxError{Msg: err.Error()}
+	d.Errors = append(d.Errors, FieldError{Index: i, Field: "", Message: "must be a JSON object"})
+	d.Events = append(d.Events, Event{})
+	return nil
 }
 
-// fieldError classifies an error of json.Decoder.Decode: shape errors become a
-// FieldError of event i (the decoder stays usable), anything else is returned.
-func fieldError(err error, i int, prefix string) (FieldError, error) {
-	var te *json.UnmarshalTypeError
-	if errors.As(err, &te) {
-		field := te.Field
-		if field == "" {
-			return FieldError{Index: i, Field: prefix, Message: "must be a JSON object"}, nil
-		}
-		return FieldError{Index: i, Field: prefix + field, Message: "must be " + jsonKind(te.Type.Kind().String())}, nil
-	}
-	if msg := err.Error(); strings.HasPrefix(msg, "json: unknown field ") {
-		name, _ := strconv.Unquote(strings.TrimPrefix(msg, "json: unknown field "))
-		return FieldError{Index: i, Field: prefix + name, Message: "is not a known field"}, nil
-	}
-	return FieldError{}, syntaxError(err)
+// shape records the first error that makes an element unusable (a member of
+// the wrong JSON type, an unknown member); the rest of the element is still
+// read for well-formedness, as encoding/json does.
+type shape struct {
+	err FieldError
+	set bool
 }
 
-func jsonKind(goKind string) string {
-	switch goKind {
-	case "string":
-		return "a string"
-	case "map", "struct":
-		return "an object"
-	case "slice":
-		return "a byte string"
-	default:
-		return "a " + goKind
+func (sh *shape) fail(i int, field, msg string) {
+	if !sh.set {
+		sh.err, sh.set = FieldError{Index: i, Field: field, Message: msg}, true
 	}
 }
 
-// wireEvent is the JSON shape of an incoming event. Value stays raw so an
-// absent value (default 1), a fraction and a string are told apart.
-type wireEvent struct {
-	ID         string            `json:"id"`
-	Tenant     string            `json:"tenant"`
-	Meter      string            `json:"meter"`
-	Value      json.RawMessage   `json:"value"`
-	Time       string            `json:"time"`
-	Dimensions map[string]string `json:"dimensions"`
-}
-
-func decodeEvent(dec *json.Decoder, i int, d *Decoded) error {
-	dec.DisallowUnknownFields()
-	var w wireEvent
-	if err := dec.Decode(&w); err != nil {
-		fe, err := fieldError(err, i, "")
+// decodeEvent reads one event object of the native shape (DESIGN §3.1).
+func decodeEvent(s *scanner, i int, d *Decoded) error {
+	if s.peek() != '{' {
+		return notObject(s, i, d)
+	}
+	s.pos++
+	e := Event{Value: 1}
+	var sh shape
+	var value, timeRaw []byte
+	var hasTenant, hasTime bool
+	for first := true; ; first = false {
+		key, more, err := s.nextMember(first)
 		if err != nil {
 			return err
 		}
-		d.Errors = append(d.Errors, fe)
+		if !more {
+			break
+		}
+		var ok bool
+		switch string(key) {
+		case "id":
+			e.ID, ok, err = s.stringValue(false)
+		case "tenant":
+			e.Tenant, ok, err = s.stringValue(true)
+			hasTenant = true
+		case "meter":
+			e.Meter, ok, err = s.stringValue(true)
+		case "time":
+			timeRaw, ok, err = s.stringBytes()
+			hasTime = true
+		case "value":
+			value, err = s.rawValue()
+			ok = true
+		case "dimensions":
+			e.Dimensions, err = s.dimensions(i, &sh)
+			ok = true
+		default:
+			sh.fail(i, string(key), "is not a known field")
+			err, ok = s.skipValue(0), true
+		}
+		if err != nil {
+			return err
+		}
+		if !ok {
+			sh.fail(i, string(key), "must be a string")
+		}
+	}
+	if sh.set {
+		d.Errors = append(d.Errors, sh.err)
 		d.Events = append(d.Events, Event{})
 		return nil
 	}
-	e := Event{ID: w.ID, Tenant: w.Tenant, Meter: w.Meter, Dimensions: w.Dimensions}
-	var ok bool
-	if e.Value, ok = parseValue(w.Value); !ok {
-		d.Errors = append(d.Errors, FieldError{Index: i, Field: "value", Message: "must be a non-negative integer"})
+	if hasTenant && e.Tenant == "" {
+		d.Errors = append(d.Errors, FieldError{Index: i, Field: "tenant", Message: "must not be empty; leave it out to use the API key's tenant"})
 	}
-	if w.Time != "" {
-		t, err := time.Parse(time.RFC3339Nano, w.Time)
-		if err != nil {
+	if value != nil {
+		var ok bool
+		if e.Value, ok = parseValue(value); !ok {
+			d.Errors = append(d.Errors, FieldError{Index: i, Field: "value", Message: "must be a non-negative integer"})
+		}
+	}
+	if hasTime {
+		var ok bool
+		if e.Time, ok = parseTime(timeRaw); !ok {
 			d.Errors = append(d.Errors, FieldError{Index: i, Field: "time", Message: "must be an RFC 3339 timestamp"})
 		}
-		e.Time = t.UTC()
 	}
 	d.Events = append(d.Events, e)
 	return nil
 }
 
-// parseValue reads an event value: absent means 1; otherwise a JSON number
-// ≥ 0 with an integral value that fits int64. As in JSON Schema, 2.0 and 1e3
-// are integers; 1.5, a string and null are not. The arithmetic is exact.
-func parseValue(raw json.RawMessage) (int64, bool) {
-	if len(raw) == 0 {
+// dimensions reads the value of the dimensions member: an object of strings.
+// An empty object gives nil, so an event encodes the same after a round trip.
+func (s *scanner) dimensions(i int, sh *shape) (map[string]string, error) {
+	if s.peek() != '{' {
+		sh.fail(i, "dimensions", "must be an object")
+		return nil, s.skipValue(0)
+	}
+	s.pos++
+	var dims map[string]string
+	for first := true; ; first = false {
+		key, more, err := s.nextMember(first)
+		if err != nil || !more {
+			return dims, err
+		}
+		v, ok, err := s.stringValue(true)
+		if err != nil {
+			return nil, err
+		}
+		if !ok {
+			sh.fail(i, "dimensions."+string(key), "must be a string")
+			continue
+		}
+		if dims == nil {
+			dims = make(map[string]string, 4)
+		}
+		dims[s.intern(key)] = v
+	}
+}
+
+// parseValue reads an event value, the raw JSON of the value member: nil
+// (absent) means 1; otherwise a JSON number ≥ 0 with an integral value that
+// fits int64. As in JSON Schema, 2.0, 1e3 and 0e999 are integers; 1.5, a
+// string and null are not. The arithmetic is exact.
+func parseValue(raw []byte) (int64, bool) {
+	if raw == nil {
 		return 1, true
 	}
-	s := string(raw)
-	neg := strings.HasPrefix(s, "-")
+	s := raw
+	neg := len(s) > 0 && s[0] == '-'
 	if neg {
 		s = s[1:]
 	}
-	mant, exp := s, 0
-	if i := strings.IndexAny(s, "eE"); i >= 0 {
-		e, err := strconv.Atoi(s[i+1:])
-		if err != nil || e > 64 || e < -400 {
+	mant, exp := s, int64(0)
+	if i := bytes.IndexAny(s, "eE"); i >= 0 {
+		var ok bool
+		if exp, ok = parseExponent(s[i+1:]); !ok {
 			return 0, false
 		}
-		mant, exp = s[:i], e
+		mant = s[:i]
 	}
-	intPart, frac := mant, ""
-	if i := strings.IndexByte(mant, '.'); i >= 0 {
+	intPart, frac := mant, []byte(nil)
+	if i := bytes.IndexByte(mant, '.'); i >= 0 {
 		intPart, frac = mant[:i], mant[i+1:]
+		if len(frac) == 0 {
+			return 0, false
+		}
 	}
-	if intPart == "" || !allDigits(intPart) || !allDigits(frac) || (len(intPart) > 1 && intPart[0] == '0') {
+	if len(intPart) == 0 || !allDigits(intPart) || !allDigits(frac) || (len(intPart) > 1 && intPart[0] == '0') {
 		return 0, false
 	}
-	digits := strings.TrimLeft(intPart+frac, "0")
-	exp -= len(frac)
-	for exp < 0 && strings.HasSuffix(digits, "0") {
-		digits, exp = digits[:len(digits)-1], exp+1
+	// The value is the digits of intPart+frac times 10^exp. Trailing zeros
+	// move into exp while it is negative, then leading zeros go.
+	exp -= int64(len(frac))
+	for exp < 0 && len(frac) > 0 && frac[len(frac)-1] == '0' {
+		frac, exp = frac[:len(frac)-1], exp+1
 	}
-	if digits == "" {
-		return 0, true // zero, also written -0 or 0.0e5
+	if len(frac) == 0 {
+		for exp < 0 && len(intPart) > 0 && intPart[len(intPart)-1] == '0' {
+			intPart, exp = intPart[:len(intPart)-1], exp+1
+		}
 	}
-	if neg || exp < 0 || len(digits)+exp > 19 {
+	digits := bytes.TrimLeft(intPart, "0")
+	if len(digits) == 0 {
+		frac = bytes.TrimLeft(frac, "0")
+	}
+	n := int64(len(digits) + len(frac))
+	if n == 0 {
+		return 0, true // zero, also written -0, 0.0 or 0e999
+	}
+	if neg || exp < 0 || n+exp > 19 {
 		return 0, false
 	}
-	v, err := strconv.ParseInt(digits+strings.Repeat("0", exp), 10, 64)
-	return v, err == nil
+	var v uint64 // < 10^19 < 2^64: no overflow
+	for _, c := range digits {
+		v = v*10 + uint64(c-'0')
+	}
+	for _, c := range frac {
+		v = v*10 + uint64(c-'0')
+	}
+	for ; exp > 0; exp-- {
+		v *= 10
+	}
+	if v > 1<<63-1 {
+		return 0, false
+	}
+	return int64(v), true
 }
 
-func allDigits(s string) bool {
-	for i := 0; i < len(s); i++ {
-		if s[i] < '0' || s[i] > '9' {
+// parseExponent reads the exponent of a JSON number, saturated far beyond any
+// exponent of an int64 value so that it cannot overflow.
+func parseExponent(s []byte) (int64, bool) {
+	neg := false
+	if len(s) > 0 && (s[0] == '+' || s[0] == '-') {
+		neg, s = s[0] == '-', s[1:]
+	}
+	if len(s) == 0 || !allDigits(s) {
+		return 0, false
+	}
+	var e int64
+	for _, c := range s {
+		if e < 1<<40 {
+			e = e*10 + int64(c-'0')
+		}
+	}
+	if neg {
+		e = -e
+	}
+	return e, true
+}
+
+func allDigits(s []byte) bool {
+	for _, c := range s {
+		if c < '0' || c > '9' {
 			return false
 		}
 	}
 	return true
 }
 
-// wireCloudEvent is a CloudEvents 1.0 structured-mode event. Extension
-// attributes are ignored.
-type wireCloudEvent struct {
-	SpecVersion     string                     `json:"specversion"`
-	ID              string                     `json:"id"`
-	Source          string                     `json:"source"`
-	Type            string                     `json:"type"`
-	Subject         string                     `json:"subject"`
-	Time            string                     `json:"time"`
-	DataContentType string                     `json:"datacontenttype"`
-	Data            map[string]json.RawMessage `json:"data"`
+// parseTime reads an RFC 3339 date-time (section 5.6): four-digit year, 'T'
+// or 't', two-digit fields, an optional fraction after '.', then 'Z', 'z' or
+// a ±hh:mm offset. time.Parse is laxer (one-digit hours, a comma before the
+// fraction, offsets of 24 hours). A leap second is refused: time.Time cannot
+// hold it. Digits past nanoseconds are dropped, as time.Parse does. The
+// result is in UTC.
+func parseTime[T string | []byte](s T) (time.Time, bool) {
+	num := func(i, n int) int {
+		v := 0
+		for k := i; k < i+n; k++ {
+			if s[k] < '0' || s[k] > '9' {
+				return -1
+			}
+			v = v*10 + int(s[k]-'0')
+		}
+		return v
+	}
+	if len(s) < len("2006-01-02T15:04:05Z") ||
+		s[4] != '-' || s[7] != '-' || (s[10] != 'T' && s[10] != 't') || s[13] != ':' || s[16] != ':' {
+		return time.Time{}, false
+	}
+	year, month, day := num(0, 4), num(5, 2), num(8, 2)
+	hour, minute, sec := num(11, 2), num(14, 2), num(17, 2)
+	if year < 0 || month < 1 || month > 12 || day < 1 || day > daysIn(month, year) ||
+		hour < 0 || hour > 23 || minute < 0 || minute > 59 || sec < 0 || sec > 59 {
+		return time.Time{}, false
+	}
+	i, nsec := 19, 0
+	if s[i] == '.' {
+		i++
+		n := 0
+		for ; i < len(s) && s[i] >= '0' && s[i] <= '9'; i, n = i+1, n+1 {
+			if n < 9 {
+				nsec = nsec*10 + int(s[i]-'0')
+			}
+		}
+		if n == 0 {
+			return time.Time{}, false
+		}
+		for ; n < 9; n++ {
+			nsec *= 10
+		}
+	}
+	offset := 0
+	switch zone := len(s) - i; {
+	case zone == 1 && (s[i] == 'Z' || s[i] == 'z'):
+	case zone == 6 && (s[i] == '+' || s[i] == '-') && s[i+3] == ':':
+		oh, om := num(i+1, 2), num(i+4, 2)
+		if oh < 0 || oh > 23 || om < 0 || om > 59 {
+			return time.Time{}, false
+		}
+		offset = (oh*60 + om) * 60
+		if s[i] == '-' {
+			offset = -offset
+		}
+	default:
+		return time.Time{}, false
+	}
+	t := time.Date(year, time.Month(month), day, hour, minute, sec, nsec, time.UTC)
+	return t.Add(-time.Duration(offset) * time.Second), true
 }
 
-// decodeCloudEvent maps id, subject→tenant, type→meter, time, data.value and
-// the other data keys → dimensions (DESIGN §3.1).
-func decodeCloudEvent(dec *json.Decoder, i int, d *Decoded) error {
-	var w wireCloudEvent
-	if err := dec.Decode(&w); err != nil {
-		fe, err := fieldError(err, i, "")
+func daysIn(month, year int) int {
+	switch month {
+	case 2:
+		if year%4 == 0 && (year%100 != 0 || year%400 == 0) {
+			return 29
+		}
+		return 28
+	case 4, 6, 9, 11:
+		return 30
+	}
+	return 31
+}
+
+// decodeCloudEvent reads a CloudEvents 1.0 structured-mode event and maps id,
+// subject→tenant, type→meter, time, data.value and the other data keys →
+// dimensions (DESIGN §3.1). Extension attributes are ignored; an attribute
+// set to null counts as absent.
+func decodeCloudEvent(s *scanner, i int, d *Decoded) error {
+	if s.peek() != '{' {
+		return notObject(s, i, d)
+	}
+	s.pos++
+	e := Event{Value: 1}
+	var sh shape
+	var specVersion, source, contentType, timeStr string
+	var hasSubject, hasTime bool
+	var data []byte
+	for first := true; ; first = false {
+		key, more, err := s.nextMember(first)
 		if err != nil {
 			return err
 		}
-		d.Errors = append(d.Errors, fe)
+		if !more {
+			break
+		}
+		var dst *string
+		switch string(key) {
+		case "specversion":
+			dst = &specVersion
+		case "id":
+			dst = &e.ID
+		case "source":
+			dst = &source
+		case "type":
+			dst = &e.Meter
+		case "subject":
+			dst, hasSubject = &e.Tenant, true
+		case "time":
+			dst, hasTime = &timeStr, true
+		case "datacontenttype":
+			dst = &contentType
+		case "data":
+			switch s.peek() {
+			case '{':
+				start := s.pos
+				err = s.skipValue(0)
+				data = s.data[start:s.pos]
+			case 'n':
+				data = nil
+				err = s.skipValue(0)
+			default:
+				sh.fail(i, "data", "must be an object")
+				err = s.skipValue(0)
+			}
+		default:
+			err = s.skipValue(0)
+		}
+		if dst != nil {
+			if s.peek() == 'n' { // null: the attribute is absent
+				err = s.skipValue(0)
+				*dst = ""
+				if dst == &e.Tenant {
+					hasSubject = false
+				} else if dst == &timeStr {
+					hasTime = false
+				}
+			} else {
+				var ok bool
+				if *dst, ok, err = s.stringValue(false); !ok && err == nil {
+					sh.fail(i, string(key), "must be a string")
+				}
+			}
+		}
+		if err != nil {
+			return err
+		}
+	}
+	if sh.set {
+		d.Errors = append(d.Errors, sh.err)
 		d.Events = append(d.Events, Event{})
 		return nil
 	}
 	bad := func(field, msg string) {
 		d.Errors = append(d.Errors, FieldError{Index: i, Field: field, Message: msg})
 	}
-	if w.SpecVersion != cloudEventsSpecVersion {
+	if specVersion != cloudEventsSpecVersion {
 		bad("specversion", `must be "1.0"`)
 	}
-	if w.Source == "" {
+	if source == "" {
 		bad("source", "is required")
 	}
-	if ct := w.DataContentType; ct != "" && !strings.HasPrefix(ct, MediaJSON) {
+	if contentType != "" && !strings.HasPrefix(contentType, MediaJSON) {
 		bad("datacontenttype", "must be application/json")
 	}
-	e := Event{ID: w.ID, Tenant: w.Subject, Meter: w.Type, Value: 1}
-	if w.Time != "" {
-		t, err := time.Parse(time.RFC3339Nano, w.Time)
-		if err != nil {
+	if hasSubject && e.Tenant == "" {
+		bad("subject", "must not be empty; leave it out to use the API key's tenant")
+	}
+	if hasTime {
+		var ok bool
+		if e.Time, ok = parseTime(timeStr); !ok {
 			bad("time", "must be an RFC 3339 timestamp")
 		}
-		e.Time = t.UTC()
 	}
-	for k, raw := range w.Data {
-		if k == "value" {
-			var ok bool
-			if e.Value, ok = parseValue(raw); !ok {
-				bad("data.value", "must be a non-negative integer")
+	if data != nil {
+		ds := &scanner{data: data, pos: 1} // data is a well-formed object
+		for first := true; ; first = false {
+			key, more, _ := ds.nextMember(first)
+			if !more {
+				break
 			}
-			continue
+			start := ds.peekPos()
+			ds.skipValue(0)
+			raw := ds.data[start:ds.pos]
+			if string(key) == "value" {
+				var ok bool
+				if e.Value, ok = parseValue(raw); !ok {
+					bad("data.value", "must be a non-negative integer")
+				}
+				continue
+			}
+			v, ok := dimensionValue(raw)
+			if !ok {
+				bad("data."+string(key), "must be a string, number or boolean")
+				continue
+			}
+			if e.Dimensions == nil {
+				e.Dimensions = make(map[string]string, 4)
+			}
+			e.Dimensions[string(key)] = v
 		}
-		v, ok := dimensionValue(raw)
-		if !ok {
-			bad("data."+k, "must be a string, number or boolean")
-			continue
-		}
-		if e.Dimensions == nil {
-			e.Dimensions = make(map[string]string, len(w.Data))
-		}
-		e.Dimensions[k] = v
 	}
 	d.Events = append(d.Events, e)
 	return nil
 }
 
-// dimensionValue renders a CloudEvents data value as a dimension string.
-func dimensionValue(raw json.RawMessage) (string, bool) {
-	switch c := firstByte(raw); {
+// dimensionValue renders a well-formed CloudEvents data value as a dimension
+// string: a string as itself, a number or boolean as its JSON literal.
+func dimensionValue(raw []byte) (string, bool) {
+	switch c := raw[0]; {
 	case c == '"':
-		var s string
-		if err := json.Unmarshal(raw, &s); err != nil {
-			return "", false
-		}
-		return s, true
+		s := scanner{data: raw}
+		v, err := s.str()
+		return v, err == nil
 	case c == 't' || c == 'f' || c == '-' || (c >= '0' && c <= '9'):
-		return string(bytes.TrimSpace(raw)), len(raw) <= maxCloudEventsDataValue
+		return string(raw), len(raw) <= maxCloudEventsDataValue
 	default:
 		return "", false
 	}
+}
+
+// scanner reads JSON from data, checking well-formedness as encoding/json
+// does, without reflection.
+type scanner struct {
+	data []byte
+	pos  int
+	strs map[string]string // see intern
+}
+
+const eof = -1
+
+// peek skips whitespace and returns the next byte, or eof.
+func (s *scanner) peek() int {
+	for ; s.pos < len(s.data); s.pos++ {
+		switch c := s.data[s.pos]; c {
+		case ' ', '\t', '\n', '\r':
+		default:
+			return int(c)
+		}
+	}
+	return eof
+}
+
+// peekPos skips whitespace and returns the position of the next byte.
+func (s *scanner) peekPos() int {
+	s.peek()
+	return s.pos
+}
+
+// unexpected reports the byte at s.pos (or the end of the body) as out of place.
+func (s *scanner) unexpected(context string) error {
+	if s.pos >= len(s.data) {
+		return &SyntaxError{Msg: "unexpected end of body"}
+	}
+	return &SyntaxError{Msg: fmt.Sprintf("invalid character %s %s at byte %d", quoteByte(s.data[s.pos]), context, s.pos)}
+}
+
+func quoteByte(c byte) string {
+	if c < utf8.RuneSelf {
+		return strconv.QuoteRune(rune(c))
+	}
+	return fmt.Sprintf("0x%02x", c)
+}
+
+// expectEnd checks that only whitespace follows the value just read.
+func (s *scanner) expectEnd() error {
+	if s.peek() != eof {
+		return &SyntaxError{Msg: fmt.Sprintf("unexpected data after the JSON value at byte %d", s.pos)}
+	}
+	return nil
+}
+
+// nextMember reads the next member name of an object whose '{' has been
+// consumed, and the ':' after it. It returns more=false after the closing '}'.
+// The name is unescaped; it may alias s.data.
+func (s *scanner) nextMember(first bool) (key []byte, more bool, err error) {
+	c := s.peek()
+	switch {
+	case c == '}':
+		s.pos++
+		return nil, false, nil
+	case !first && c == ',':
+		s.pos++
+		c = s.peek()
+	case !first:
+		return nil, false, s.unexpected("after object key:value pair")
+	}
+	if c != '"' {
+		return nil, false, s.unexpected("looking for beginning of object key string")
+	}
+	key, _, err = s.stringBytes()
+	if err != nil {
+		return nil, false, err
+	}
+	if s.peek() != ':' {
+		return nil, false, s.unexpected("after object key")
+	}
+	s.pos++
+	return key, true, nil
+}
+
+// stringValue reads a member value that must be a string, interned if
+// intern is set. A value of another JSON type, null included, is skipped and
+// reported with ok=false.
+func (s *scanner) stringValue(intern bool) (v string, ok bool, err error) {
+	if s.peek() != '"' {
+		return "", false, s.skipValue(0)
+	}
+	raw, plain, err := s.scanString()
+	switch {
+	case err != nil:
+		return "", false, err
+	case !plain:
+		return unquote(raw), true, nil
+	case intern:
+		return s.intern(raw), true, nil
+	default:
+		return string(raw), true, nil
+	}
+}
+
+// stringBytes is stringValue without the copy: the bytes may alias s.data.
+func (s *scanner) stringBytes() ([]byte, bool, error) {
+	if s.peek() != '"' {
+		return nil, false, s.skipValue(0)
+	}
+	raw, plain, err := s.scanString()
+	if err != nil {
+		return nil, false, err
+	}
+	if !plain {
+		raw = []byte(unquote(raw))
+	}
+	return raw, true, nil
+}
+
+// str reads the string literal at s.pos.
+func (s *scanner) str() (string, error) {
+	raw, plain, err := s.scanString()
+	if err != nil {
+		return "", err
+	}
+	if plain {
+		return string(raw), nil
+	}
+	return unquote(raw), nil
+}
+
+// intern returns b as a string, one copy per distinct short value of the
+// body: tenants, meters and dimensions repeat across events, and sharing them
+// saves an allocation each and the memory of the events held in a batch.
+func (s *scanner) intern(b []byte) string {
+	if len(b) > maxInternLen {
+		return string(b)
+	}
+	if v, ok := s.strs[string(b)]; ok {
+		return v
+	}
+	v := string(b)
+	if len(s.strs) < maxInterned {
+		if s.strs == nil {
+			s.strs = make(map[string]string, 64)
+		}
+		s.strs[v] = v
+	}
+	return v
+}
+
+// rawValue reads any value and returns its bytes.
+func (s *scanner) rawValue() ([]byte, error) {
+	start := s.peekPos()
+	err := s.skipValue(0)
+	return s.data[start:s.pos], err
+}
+
+// scanString reads the string literal at s.pos (a '"') and returns its bytes
+// between the quotes. plain says they need no unescaping: no escape and valid
+// UTF-8 (encoding/json turns invalid UTF-8 into U+FFFD).
+func (s *scanner) scanString() (raw []byte, plain bool, err error) {
+	d := s.data
+	start := s.pos + 1
+	plain = true
+	ascii := true
+	for i := start; i < len(d); i++ {
+		switch c := d[i]; {
+		case c == '"':
+			s.pos = i + 1
+			raw = d[start:i]
+			if plain && !ascii {
+				plain = utf8.Valid(raw)
+			}
+			return raw, plain, nil
+		case c == '\\':
+			plain = false
+			i++
+			if i >= len(d) {
+				break
+			}
+			switch d[i] {
+			case '"', '\\', '/', 'b', 'f', 'n', 'r', 't':
+			case 'u':
+				for k := 0; k < 4; k++ {
+					if i++; i < len(d) && !isHex(d[i]) {
+						s.pos = i
+						return nil, false, s.unexpected("in \\u hexadecimal character escape")
+					}
+				}
+			default:
+				s.pos = i
+				return nil, false, s.unexpected("in string escape code")
+			}
+		case c < 0x20:
+			s.pos = i
+			return nil, false, s.unexpected("in string literal")
+		case c >= utf8.RuneSelf:
+			ascii = false
+		}
+	}
+	s.pos = len(d)
+	return nil, false, s.unexpected("")
+}
+
+func isHex(c byte) bool {
+	return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F')
+}
+
+// unquote decodes the contents of a well-formed string literal with escapes
+// or invalid UTF-8, exactly as encoding/json does.
+func unquote(raw []byte) string {
+	lit := make([]byte, 0, len(raw)+2)
+	lit = append(append(append(lit, '"'), raw...), '"')
+	var v string
+	if err := json.Unmarshal(lit, &v); err != nil {
+		panic("schemas: unquote of a checked string literal: " + err.Error())
+	}
+	return v
+}
+
+// skipValue reads one well-formed value of any type.
+func (s *scanner) skipValue(depth int) error {
+	switch c := s.peek(); c {
+	case '"':
+		_, _, err := s.scanString()
+		return err
+	case '{', '[':
+		if depth >= maxDepth {
+			return &SyntaxError{Msg: fmt.Sprintf("exceeded max depth at byte %d", s.pos)}
+		}
+		s.pos++
+		if c == '{' {
+			for first := true; ; first = false {
+				_, more, err := s.nextMember(first)
+				if err != nil || !more {
+					return err
+				}
+				if err := s.skipValue(depth + 1); err != nil {
+					return err
+				}
+			}
+		}
+		if s.peek() == ']' {
+			s.pos++
+			return nil
+		}
+		for {
+			if err := s.skipValue(depth + 1); err != nil {
+				return err
+			}
+			switch s.peek() {
+			case ',':
+				s.pos++
+			case ']':
+				s.pos++
+				return nil
+			default:
+				return s.unexpected("after array element")
+			}
+		}
+	case 't':
+		return s.literal("true")
+	case 'f':
+		return s.literal("false")
+	case 'n':
+		return s.literal("null")
+	default:
+		if c == '-' || (c >= '0' && c <= '9') {
+			return s.number()
+		}
+		return s.unexpected("looking for beginning of value")
+	}
+}
+
+func (s *scanner) literal(word string) error {
+	for k := 0; k < len(word); k, s.pos = k+1, s.pos+1 {
+		if s.pos >= len(s.data) || s.data[s.pos] != word[k] {
+			return s.unexpected("in literal " + word)
+		}
+	}
+	return nil
+}
+
+// number reads a JSON number: -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?
+func (s *scanner) number() error {
+	d := s.data
+	digits := func() bool {
+		n := s.pos
+		for s.pos < len(d) && d[s.pos] >= '0' && d[s.pos] <= '9' {
+			s.pos++
+		}
+		return s.pos > n
+	}
+	if d[s.pos] == '-' {
+		s.pos++
+	}
+	switch {
+	case s.pos < len(d) && d[s.pos] == '0':
+		s.pos++
+	case !digits():
+		return s.unexpected("in numeric literal")
+	}
+	if s.pos < len(d) && d[s.pos] == '.' {
+		s.pos++
+		if !digits() {
+			return s.unexpected("after decimal point in numeric literal")
+		}
+	}
+	if s.pos < len(d) && (d[s.pos] == 'e' || d[s.pos] == 'E') {
+		s.pos++
+		if s.pos < len(d) && (d[s.pos] == '+' || d[s.pos] == '-') {
+			s.pos++
+		}
+		if !digits() {
+			return s.unexpected("in exponent of numeric literal")
+		}
+	}
+	return nil
 }

@@ -80,7 +80,11 @@ func (e *Event) Validate(index int, w Window, errs []FieldError) []FieldError {
 	if e.Value < 0 {
 		bad("value", "must be a non-negative integer")
 	}
-	if !e.Time.IsZero() && !w.Now.IsZero() {
+	if y := e.Time.Year(); y < 0 || y > 9999 {
+		// An offset can move 0000-01-01 or 9999-12-31 out of the years
+		// RFC 3339 (and so EncodeBatch) can write.
+		bad("time", "must lie in the years 0000 to 9999 in UTC")
+	} else if !e.Time.IsZero() && !w.Now.IsZero() {
 		maxAge := w.MaxAge
 		if maxAge <= 0 {
 			maxAge = DefaultMaxAge

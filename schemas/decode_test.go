@@ -1,0 +1,404 @@
+package schemas
+
+import (
+	"errors"
+	"math"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+	"unsafe"
+)
+
+func utc(s string) time.Time {
+	t, err := time.Parse(time.RFC3339Nano, s)
+	if err != nil {
+		panic(err)
+	}
+	return t.UTC()
+}
+
+// sameEvents compares events field by field, times with Equal and in UTC.
+func sameEvents(t *testing.T, got, want []Event) {
+	t.Helper()
+	if len(got) != len(want) {
+		t.Fatalf("%d events, want %d: %+v", len(got), len(want), got)
+	}
+	for i := range want {
+		g, w := got[i], want[i]
+		if !g.Time.Equal(w.Time) || g.Time.Location() != time.UTC {
+			t.Errorf("event %d: time %v, want %v in UTC", i, g.Time, w.Time)
+		}
+		g.Time, w.Time = time.Time{}, time.Time{}
+		if !reflect.DeepEqual(g, w) {
+			t.Errorf("event %d:\n got %+v\nwant %+v", i, g, w)
+		}
+	}
+}
+
+func TestDecodeEvents(t *testing.T) {
+	const full = `{"id":"e1","tenant":"acme","meter":"api_calls","value":3,"time":"2026-11-20T09:30:00.5+01:00","dimensions":{"route":"/v1/orders","method":"GET"}}`
+	fullEvent := Event{ID: "e1", Tenant: "acme", Meter: "api_calls", Value: 3, Time: utc("2026-11-20T08:30:00.5Z"),
+		Dimensions: map[string]string{"route": "/v1/orders", "method": "GET"}}
+	minimal := func(id string) Event { return Event{ID: id, Meter: "api_calls", Value: 1} }
+	ce := func(members string) string {
+		return `{"specversion":"1.0","id":"ce-1","source":"/gw/eu-1","type":"api_calls","subject":"acme"` + members + `}`
+	}
+	ceEvent := Event{ID: "ce-1", Tenant: "acme", Meter: "api_calls", Value: 1}
+	withValue := func(e Event, v int64) Event { e.Value = v; return e }
+
+	cases := []struct {
+		name      string
+		mediaType string
+		body      string
+		want      []Event
+		errs      []FieldError
+	}{
+		{"object", MediaJSON, full, []Event{fullEvent}, nil},
+		{"object without value gets 1", MediaJSON, `{"id":"a","meter":"api_calls"}`, []Event{minimal("a")}, nil},
+		{"object with surrounding whitespace", MediaJSON, " \r\n\t" + full + "\n\n", []Event{fullEvent}, nil},
+		{"array", MediaJSON, `[` + full + `, {"id":"b","meter":"api_calls","value":0}]`,
+			[]Event{fullEvent, withValue(minimal("b"), 0)}, nil},
+		{"empty dimensions are nil", MediaJSON, `{"id":"a","meter":"api_calls","dimensions":{}}`, []Event{minimal("a")}, nil},
+		{"escapes and unicode", MediaJSON, `{"id":"\u00e9v\u00e8nement \ud83d\ude00 \"q\" \\ \/","meter":"api_calls","dimensions":{"route":"/caf\u00e9","r\u00e9gion":"x"}}`,
+			[]Event{{ID: `évènement 😀 "q" \ /`, Meter: "api_calls", Value: 1, Dimensions: map[string]string{"route": "/café", "région": "x"}}}, nil},
+		{"invalid UTF-8 becomes U+FFFD", MediaJSON, "{\"id\":\"a\xffb\",\"meter\":\"api_calls\"}",
+			[]Event{{ID: "a\uFFFDb", Meter: "api_calls", Value: 1}}, nil},
+		{"duplicate members keep the last", MediaJSON, `{"id":"a","meter":"x","meter":"api_calls","dimensions":{"a":"1"},"dimensions":{"b":"2","b":"3"}}`,
+			[]Event{{ID: "a", Meter: "api_calls", Value: 1, Dimensions: map[string]string{"b": "3"}}}, nil},
+		{"ndjson with blank lines and CRLF", MediaNDJSON, "\r\n{\"id\":\"a\",\"meter\":\"api_calls\"}\r\n\r\n" + full + "\r\n\n{\"id\":\"c\",\"meter\":\"api_calls\",\"value\":7}",
+			[]Event{minimal("a"), fullEvent, withValue(minimal("c"), 7)}, nil},
+		{"ndjson objects without separator", MediaNDJSON, `{"id":"a","meter":"api_calls"}{"id":"b","meter":"api_calls"}`,
+			[]Event{minimal("a"), minimal("b")}, nil},
+		{"jsonl", MediaJSONLines, "{\"id\":\"a\",\"meter\":\"api_calls\"}\n" + full + "\n",
+			[]Event{minimal("a"), fullEvent}, nil},
+		{"media type parameters", "application/json; charset=utf-8", full, []Event{fullEvent}, nil},
+		{"media type case and spaces", " Application/JSON ;charset=UTF-8", full, []Event{fullEvent}, nil},
+		{"ndjson media type parameters", "application/x-ndjson; charset=utf-8", full + "\n" + full, []Event{fullEvent, fullEvent}, nil},
+		{"no media type reads JSON", "", full, []Event{fullEvent}, nil},
+
+		{"cloudevent", MediaCloudEvent,
+			`{"specversion":"1.0","id":"ce-1","source":"/gw/eu-1","type":"tokens","subject":"acme","time":"2026-11-20T09:30:00Z","datacontenttype":"application/json",` +
+				`"data":{"value":1200,"model":"big","status":200,"cached":true,"hit":false,"ratio":0.25,"delta":-3,"big":1e3}}`,
+			[]Event{{ID: "ce-1", Tenant: "acme", Meter: "tokens", Value: 1200, Time: utc("2026-11-20T09:30:00Z"),
+				Dimensions: map[string]string{"model": "big", "status": "200", "cached": "true", "hit": "false", "ratio": "0.25", "delta": "-3", "big": "1e3"}}}, nil},
+		{"cloudevent without data counts 1", MediaCloudEvent, ce(``), []Event{ceEvent}, nil},
+		{"cloudevent data null", MediaCloudEvent, ce(`,"data":null`), []Event{ceEvent}, nil},
+		{"cloudevent data value only", MediaCloudEvent, ce(`,"data":{"value":2.0e1}`), []Event{withValue(ceEvent, 20)}, nil},
+		{"cloudevent extension attributes ignored", MediaCloudEvent, ce(`,"traceparent":"00-4bf9-00f0-01","myext":{"a":[1,{"b":null}]},"dataschema":"https://x"`), []Event{ceEvent}, nil},
+		{"cloudevent null attribute is absent", MediaCloudEvent, `{"specversion":"1.0","id":"ce-1","source":"/gw/eu-1","type":"api_calls","subject":null,"time":null}`,
+			[]Event{{ID: "ce-1", Meter: "api_calls", Value: 1}}, nil},
+		{"cloudevent datacontenttype with parameters", MediaCloudEvent, ce(`,"datacontenttype":"application/json; charset=utf-8"`), []Event{ceEvent}, nil},
+		{"cloudevents batch", MediaCloudEventsBatch, `[` + ce(`,"data":{"value":5,"route":"/a"}`) + `,` +
+			`{"specversion":"1.0","id":"ce-2","source":"/gw","type":"tokens","subject":"globex","time":"2026-11-20T10:00:00-02:00"}]`,
+			[]Event{{ID: "ce-1", Tenant: "acme", Meter: "api_calls", Value: 5, Dimensions: map[string]string{"route": "/a"}},
+				{ID: "ce-2", Tenant: "globex", Meter: "tokens", Value: 1, Time: utc("2026-11-20T12:00:00Z")}}, nil},
+		{"cloudevent checks", MediaCloudEvent,
+			`{"specversion":"0.3","id":"ce-1","type":"api_calls","subject":"","time":"yesterday","datacontenttype":"text/plain","data":{"value":"x","route":null,"tags":["a"],"ok":"y"}}`,
+			[]Event{{ID: "ce-1", Meter: "api_calls", Dimensions: map[string]string{"ok": "y"}}},
+			[]FieldError{
+				{0, "specversion", `must be "1.0"`},
+				{0, "source", "is required"},
+				{0, "datacontenttype", "must be application/json"},
+				{0, "subject", "must not be empty; leave it out to use the API key's tenant"},
+				{0, "time", "must be an RFC 3339 timestamp"},
+				{0, "data.value", "must be a non-negative integer"},
+				{0, "data.route", "must be a string, number or boolean"},
+				{0, "data.tags", "must be a string, number or boolean"},
+			}},
+		{"cloudevent data not an object", MediaCloudEvent, ce(`,"data":"hello"`), []Event{{}},
+			[]FieldError{{0, "data", "must be an object"}}},
+		{"cloudevent attribute not a string", MediaCloudEvent, `{"specversion":"1.0","id":42,"source":"/gw","type":"api_calls"}`, []Event{{}},
+			[]FieldError{{0, "id", "must be a string"}}},
+		{"cloudevent number dimension over 256 bytes", MediaCloudEvent, ce(`,"data":{"n":1` + strings.Repeat("0", 256) + `}`), []Event{ceEvent},
+			[]FieldError{{0, "data.n", "must be a string, number or boolean"}}},
+
+		{"wrong type of id", MediaJSON, `{"id":5,"meter":"api_calls"}`, []Event{{}}, []FieldError{{0, "id", "must be a string"}}},
+		{"null tenant", MediaJSON, `{"id":"a","tenant":null,"meter":"api_calls"}`, []Event{{}}, []FieldError{{0, "tenant", "must be a string"}}},
+		{"wrong type of meter", MediaJSON, `{"id":"a","meter":["api_calls"]}`, []Event{{}}, []FieldError{{0, "meter", "must be a string"}}},
+		{"wrong type of time", MediaJSON, `{"id":"a","meter":"m","time":1732095000}`, []Event{{}}, []FieldError{{0, "time", "must be a string"}}},
+		{"wrong type of dimensions", MediaJSON, `{"id":"a","meter":"m","dimensions":["a"]}`, []Event{{}}, []FieldError{{0, "dimensions", "must be an object"}}},
+		{"wrong type of a dimension", MediaJSON, `{"id":"a","meter":"m","dimensions":{"status":200}}`, []Event{{}}, []FieldError{{0, "dimensions.status", "must be a string"}}},
+		{"unknown field", MediaJSON, `{"id":"a","meter":"m","region":"eu"}`, []Event{{}}, []FieldError{{0, "region", "is not a known field"}}},
+		{"field name in another case", MediaJSON, `{"id":"a","Meter":"m"}`, []Event{{}}, []FieldError{{0, "Meter", "is not a known field"}}},
+		{"first shape error only", MediaJSON, `{"id":1,"extra":2,"meter":3}`, []Event{{}}, []FieldError{{0, "id", "must be a string"}}},
+		{"value string", MediaJSON, `{"id":"a","meter":"api_calls","value":"5"}`, []Event{withValue(minimal("a"), 0)}, []FieldError{{0, "value", "must be a non-negative integer"}}},
+		{"value fraction", MediaJSON, `{"id":"a","meter":"api_calls","value":1.5}`, []Event{withValue(minimal("a"), 0)}, []FieldError{{0, "value", "must be a non-negative integer"}}},
+		{"bad time", MediaJSON, `{"id":"a","meter":"api_calls","time":"2026-11-20T09:30:00"}`, []Event{minimal("a")}, []FieldError{{0, "time", "must be an RFC 3339 timestamp"}}},
+		{"empty tenant", MediaJSON, `{"id":"a","tenant":"","meter":"api_calls"}`, []Event{minimal("a")},
+			[]FieldError{{0, "tenant", "must not be empty; leave it out to use the API key's tenant"}}},
+
+		{"array goes on after a bad element", MediaJSON, `[{"id":"a","meter":"api_calls"},{"id":"b","meter":"api_calls","value":{"n":[1,2]}},{"id":"c","meter":"api_calls","value":2}]`,
+			[]Event{minimal("a"), withValue(minimal("b"), 0), withValue(minimal("c"), 2)},
+			[]FieldError{{1, "value", "must be a non-negative integer"}}},
+		{"array goes on after a shape error", MediaJSON, `[{"id":"a","meter":"api_calls"},{"id":"b","meter":"api_calls","junk":{"x":[1,{"y":2}]},"id":7},{"id":"c","meter":"api_calls"}]`,
+			[]Event{minimal("a"), {}, minimal("c")},
+			[]FieldError{{1, "junk", "is not a known field"}}},
+		{"array element not an object", MediaJSON, `[{"id":"a","meter":"api_calls"},"b",{"id":"c","meter":"api_calls"},[1]]`,
+			[]Event{minimal("a"), {}, minimal("c"), {}},
+			[]FieldError{{1, "", "must be a JSON object"}, {3, "", "must be a JSON object"}}},
+		{"ndjson goes on after a shape error", MediaNDJSON, "{\"id\":\"a\",\"meter\":\"api_calls\"}\n{\"id\":\"b\",\"dimensions\":{\"k\":true}}\n{\"id\":\"c\",\"meter\":\"api_calls\"}\n",
+			[]Event{minimal("a"), {}, minimal("c")},
+			[]FieldError{{1, "dimensions.k", "must be a string"}}},
+		{"ndjson line not an object", MediaNDJSON, "{\"id\":\"a\",\"meter\":\"api_calls\"}\n42\n",
+			[]Event{minimal("a"), {}},
+			[]FieldError{{1, "", "must be a JSON object"}}},
+		{"cloudevents batch goes on after a shape error", MediaCloudEventsBatch, `[` + ce(`,"data":7`) + `,` + ce(``) + `]`,
+			[]Event{{}, ceEvent},
+			[]FieldError{{0, "data", "must be an object"}}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			d, err := DecodeEvents(tc.mediaType, []byte(tc.body))
+			if err != nil {
+				t.Fatalf("error %v", err)
+			}
+			sameEvents(t, d.Events, tc.want)
+			if !reflect.DeepEqual(d.Errors, tc.errs) {
+				t.Errorf("errors\n got %v\nwant %v", d.Errors, tc.errs)
+			}
+		})
+	}
+}
+
+func TestDecodeEventsErrors(t *testing.T) {
+	syntax := errors.New("want a *SyntaxError")
+	cases := []struct {
+		name      string
+		mediaType string
+		body      string
+		want      error // ErrNoEvents, ErrUnsupportedMediaType or syntax
+	}{
+		{"text/plain", "text/plain", `{"id":"a","meter":"m"}`, ErrUnsupportedMediaType},
+		{"xml", "application/xml", `<event/>`, ErrUnsupportedMediaType},
+		{"cloudevents without +json", "application/cloudevents", `{}`, ErrUnsupportedMediaType},
+		{"form", "application/x-www-form-urlencoded", `id=a`, ErrUnsupportedMediaType},
+
+		{"empty body", MediaJSON, ``, ErrNoEvents},
+		{"blank body", MediaJSON, " \r\n\t ", ErrNoEvents},
+		{"empty array", MediaJSON, `[]`, ErrNoEvents},
+		{"empty array with spaces", MediaJSON, " [ \n ] ", ErrNoEvents},
+		{"empty ndjson", MediaNDJSON, "\n\r\n\n", ErrNoEvents},
+		{"empty jsonl", MediaJSONLines, ``, ErrNoEvents},
+		{"empty cloudevent", MediaCloudEvent, ``, ErrNoEvents},
+		{"empty cloudevents batch", MediaCloudEventsBatch, `[]`, ErrNoEvents},
+
+		{"truncated object", MediaJSON, `{"id":"a","meter":`, syntax},
+		{"truncated string", MediaJSON, `{"id":"a`, syntax},
+		{"truncated array", MediaJSON, `[{"id":"a","meter":"m"}`, syntax},
+		{"open bracket only", MediaJSON, `[`, syntax},
+		{"trailing garbage", MediaJSON, `{"id":"a","meter":"m"} x`, syntax},
+		{"two objects", MediaJSON, `{"id":"a","meter":"m"}{"id":"b","meter":"m"}`, syntax},
+		{"data after array", MediaJSON, `[{"id":"a","meter":"m"}] []`, syntax},
+		{"trailing comma in array", MediaJSON, `[{"id":"a","meter":"m"},]`, syntax},
+		{"trailing comma in object", MediaJSON, `{"id":"a","meter":"m",}`, syntax},
+		{"missing comma", MediaJSON, `[{"id":"a"} {"id":"b"}]`, syntax},
+		{"single quotes", MediaJSON, `{'id':'a'}`, syntax},
+		{"bare number", MediaJSON, `5`, syntax},
+		{"bare string", MediaJSON, `"a"`, syntax},
+		{"NUL before the object", MediaJSON, "\x00{}", syntax},
+		{"control character in string", MediaJSON, "{\"id\":\"a\x01\",\"meter\":\"m\"}", syntax},
+		{"bad escape", MediaJSON, `{"id":"\q","meter":"m"}`, syntax},
+		{"short unicode escape", MediaJSON, `{"id":"\u12","meter":"m"}`, syntax},
+		{"leading zero", MediaJSON, `{"id":"a","meter":"m","value":01}`, syntax},
+		{"dot without digits", MediaJSON, `{"id":"a","meter":"m","value":1.}`, syntax},
+		{"lone minus", MediaJSON, `{"id":"a","meter":"m","value":-}`, syntax},
+		{"plus sign", MediaJSON, `{"id":"a","meter":"m","value":+1}`, syntax},
+		{"leading dot", MediaJSON, `{"id":"a","meter":"m","value":.5}`, syntax},
+		{"exponent without digits", MediaJSON, `{"id":"a","meter":"m","value":1e}`, syntax},
+		{"bad literal", MediaJSON, `{"id":"a","meter":"m","value":tru}`, syntax},
+		{"NaN", MediaJSON, `{"id":"a","meter":"m","value":NaN}`, syntax},
+		{"malformed unknown member", MediaJSON, `{"id":"a","meter":"m","x":[1,}`, syntax},
+		{"malformed after a shape error", MediaJSON, `[{"id":5},{"id":]`, syntax},
+		{"nesting too deep", MediaJSON, `{"x":` + strings.Repeat("[", 10001) + strings.Repeat("]", 10001) + `}`, syntax},
+		{"ndjson truncated last line", MediaNDJSON, "{\"id\":\"a\",\"meter\":\"m\"}\n{\"id\":", syntax},
+		{"ndjson garbage line", MediaNDJSON, "{\"id\":\"a\",\"meter\":\"m\"}\nnot json\n", syntax},
+		{"cloudevent given an array", MediaCloudEvent, `[{"specversion":"1.0"}]`, syntax},
+		{"cloudevents batch given an object", MediaCloudEventsBatch, `{"specversion":"1.0"}`, syntax},
+		{"cloudevent malformed data", MediaCloudEvent, `{"specversion":"1.0","data":{"value":}}`, syntax},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := DecodeEvents(tc.mediaType, []byte(tc.body))
+			if tc.want == syntax {
+				var se *SyntaxError
+				if !errors.As(err, &se) || se.Msg == "" {
+					t.Fatalf("error %v (%T), want a *SyntaxError", err, err)
+				}
+				return
+			}
+			if !errors.Is(err, tc.want) {
+				t.Fatalf("error %v, want %v", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestDecodeEventsSyntaxErrorSaysWhere(t *testing.T) {
+	_, err := DecodeEvents(MediaJSON, []byte(`{"id":"a","meter":"m","value":tru}`))
+	var se *SyntaxError
+	if !errors.As(err, &se) || se.Msg != `invalid character '}' in literal true at byte 33` {
+		t.Fatalf("error %v", err)
+	}
+	_, err = DecodeEvents(MediaJSON, []byte(`{"id":"a","meter":`))
+	if !errors.As(err, &se) || se.Msg != "unexpected end of body" {
+		t.Fatalf("error %v", err)
+	}
+}
+
+func TestParseTime(t *testing.T) {
+	cases := []struct {
+		in   string
+		want string // RFC 3339 in UTC; "" = refused
+	}{
+		{"2026-11-20T09:30:00Z", "2026-11-20T09:30:00Z"},
+		{"2026-11-20t09:30:00z", "2026-11-20T09:30:00Z"},
+		{"2026-11-20T09:30:00.5Z", "2026-11-20T09:30:00.5Z"},
+		{"2026-11-20T09:30:00.000000001Z", "2026-11-20T09:30:00.000000001Z"},
+		{"2026-11-20T09:30:00.1234567899Z", "2026-11-20T09:30:00.123456789Z"}, // truncated, as time.Parse does
+		{"2026-11-20T09:30:00+05:30", "2026-11-20T04:00:00Z"},
+		{"2026-11-20T23:30:00-01:00", "2026-11-21T00:30:00Z"},
+		{"2026-11-20T09:30:00-00:00", "2026-11-20T09:30:00Z"},
+		{"2028-02-29T00:00:00Z", "2028-02-29T00:00:00Z"},
+		{"2000-02-29T00:00:00Z", "2000-02-29T00:00:00Z"},
+		{"0000-01-01T00:00:00Z", "0000-01-01T00:00:00Z"},
+		{"9999-12-31T23:59:59Z", "9999-12-31T23:59:59Z"},
+		{"1900-02-29T00:00:00Z", ""},
+		{"2026-04-31T00:00:00Z", ""},
+		{"2026-00-10T00:00:00Z", ""},
+		{"2026-11-00T00:00:00Z", ""},
+		{"2026-11-20T23:60:00Z", ""},
+		{"2026-11-20T23:59:60Z", ""},
+		{"2026-11-20T09:30:00+23:60", ""},
+		{"2026-11-20T09:30:00+1:00", ""},
+		{"2026-11-20T09:30:00+01:00:00", ""},
+		{"2026-11-20T09:30:00ZZ", ""},
+		{"2026-11-20T09:30:00.5", ""},
+		{"2026-11-20T09:30:00.Z", ""},
+		{"2026-11-20T09:30Z", ""},
+		{"+2026-11-20T09:30:00Z", ""},
+		{"2026-11-2OT09:30:00Z", ""},
+		{"2026/11/20T09:30:00Z", ""},
+		{"", ""},
+	}
+	for _, tc := range cases {
+		got, ok := parseTime(tc.in)
+		switch {
+		case tc.want == "" && ok:
+			t.Errorf("parseTime(%q) = %v, want refused", tc.in, got)
+		case tc.want != "" && (!ok || got.Format(time.RFC3339Nano) != tc.want || got.Location() != time.UTC):
+			t.Errorf("parseTime(%q) = %v, %v, want %s", tc.in, got, ok, tc.want)
+		}
+	}
+}
+
+func TestParseValue(t *testing.T) {
+	const refused = -1
+	cases := []struct {
+		raw  string
+		want int64
+	}{
+		{"0", 0},
+		{"1", 1},
+		{"42", 42},
+		{"-0", 0},
+		{"-0.0", 0},
+		{"0.000", 0},
+		{"0e500", 0},
+		{"0.0E-99999999999999999999", 0},
+		{"2.0", 2},
+		{"2.50e1", 25},
+		{"1e3", 1000},
+		{"1E3", 1000},
+		{"1e+3", 1000},
+		{"1e-0", 1},
+		{"10e-1", 1},
+		{"100e-2", 1},
+		{"0.05e2", 5},
+		{"10.0e-1", 1},
+		{"1e18", 1_000_000_000_000_000_000},
+		{"9007199254740993", 9007199254740993}, // 2^53+1: a float64 would give ...992
+		{"9.007199254740993e15", 9007199254740993}, // same, in exponent form
+		{"9007199254740993.000", 9007199254740993},
+		{"90071992547409930e-1", 9007199254740993},
+		{"9223372036854775807", math.MaxInt64},
+		{"9.223372036854775807e18", math.MaxInt64},
+		{"922337203685477580.7e1", math.MaxInt64},
+		{"1234567890123456789000000e-6", 1234567890123456789},
+		{"9223372036854775808", refused},
+		{"9.223372036854775808e18", refused},
+		{"1e19", refused},
+		{"99999999999999999999", refused},
+		{"1e400", refused},
+		{"1e99999999999999999999", refused},
+		{"1e-400", refused},
+		{"1.5", refused},
+		{"0.1", refused},
+		{"1.01e1", refused},
+		{"-1", refused},
+		{"-1e3", refused},
+		{"01", refused},
+		{"1.", refused},
+		{".5", refused},
+		{"1e", refused},
+		{"1e+", refused},
+		{"+1", refused},
+		{"", refused},
+		{`"5"`, refused},
+		{"null", refused},
+		{"true", refused},
+		{"[1]", refused},
+		{`{"v":1}`, refused},
+	}
+	for _, tc := range cases {
+		got, ok := parseValue([]byte(tc.raw))
+		if ok != (tc.want != refused) || (ok && got != tc.want) {
+			t.Errorf("parseValue(%s) = %d, %v, want %d", tc.raw, got, ok, tc.want)
+		}
+	}
+	if v, ok := parseValue(nil); !ok || v != 1 {
+		t.Errorf("absent value = %d, %v, want 1", v, ok)
+	}
+	// The same through the decoder, for both shapes of event.
+	for _, body := range []struct{ mediaType, body string }{
+		{MediaJSON, `{"id":"a","meter":"m","value":9.007199254740993e15}`},
+		{MediaCloudEvent, `{"specversion":"1.0","id":"a","source":"s","type":"m","data":{"value":9007199254740993}}`},
+	} {
+		d, err := DecodeEvents(body.mediaType, []byte(body.body))
+		if err != nil || len(d.Errors) > 0 || d.Events[0].Value != 9007199254740993 {
+			t.Errorf("%s: %+v %v", body.mediaType, d, err)
+		}
+	}
+}
+
+// Short repeated strings are shared within a body, and no string of an event
+// aliases the body: the collector reuses its body buffer for the next request.
+func TestDecodeEventsStrings(t *testing.T) {
+	for _, mt := range []string{MediaJSON, MediaCloudEventsBatch} {
+		body := []byte(`[{"id":"a","tenant":"acme","meter":"api_calls","dimensions":{"route":"/v1"}},{"id":"b","tenant":"acme","meter":"api_calls","dimensions":{"route":"/v1"}}]`)
+		if mt == MediaCloudEventsBatch {
+			body = []byte(`[{"specversion":"1.0","source":"s","id":"a","subject":"acme","type":"api_calls","data":{"route":"/v1"}},{"specversion":"1.0","source":"s","id":"b","subject":"acme","type":"api_calls","data":{"route":"/v1"}}]`)
+		}
+		d, err := DecodeEvents(mt, body)
+		if err != nil || len(d.Errors) > 0 {
+			t.Fatal(err, d.Errors)
+		}
+		if mt == MediaJSON {
+			a, b := d.Events[0], d.Events[1]
+			if unsafe.StringData(a.Tenant) != unsafe.StringData(b.Tenant) || unsafe.StringData(a.Meter) != unsafe.StringData(b.Meter) ||
+				unsafe.StringData(a.Dimensions["route"]) != unsafe.StringData(b.Dimensions["route"]) {
+				t.Errorf("tenant, meter and dimension values are not shared")
+			}
+		}
+		for i := range body {
+			body[i] = 'X'
+		}
+		want := []Event{
+			{ID: "a", Tenant: "acme", Meter: "api_calls", Value: 1, Dimensions: map[string]string{"route": "/v1"}},
+			{ID: "b", Tenant: "acme", Meter: "api_calls", Value: 1, Dimensions: map[string]string{"route": "/v1"}},
+		}
+		if !reflect.DeepEqual(d.Events, want) {
+			t.Errorf("%s: events changed with the body: %+v", mt, d.Events)
+		}
+	}
+}
