@@ -172,10 +172,11 @@ func (c *Collector) admit(principal auth.Principal, d schemas.Decoded) ([]schema
 	if len(events) < 2 {
 		return events, 0, nil
 	}
-	seen := make(map[string]struct{}, len(events))
+	type key struct{ tenant, id string }
+	seen := make(map[key]struct{}, len(events))
 	kept := events[:0]
 	for _, e := range events {
-		k := e.Tenant + "\x00" + e.ID
+		k := key{e.Tenant, e.ID}
 		if _, dup := seen[k]; dup {
 			continue
 		}

@@ -52,7 +52,8 @@ func newIngestEnvSync(t testing.TB, fsync bool, mutate func(*Config)) *ingestEnv
 		t.Fatal(err)
 	}
 	t.Cleanup(ns.Shutdown)
-	nc, err := broker.Connect(broker.ConnConfig{URL: ns.ClientURL(), Name: "ingest-test"})
+	// In-process, as `meterd dev` connects.
+	nc, err := broker.Connect(broker.ConnConfig{URL: ns.ClientURL(), Name: "ingest-test", Options: []nats.Option{nats.InProcessServer(ns)}})
 	if err != nil {
 		t.Fatal(err)
 	}
