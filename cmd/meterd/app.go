@@ -17,7 +17,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/meterd/meterd/collector"
+	"github.com/meterd/meterd/enforcer/gate"
 	"github.com/meterd/meterd/internal/auth"
+	"github.com/meterd/meterd/internal/billing"
 	"github.com/meterd/meterd/internal/broker"
 	"github.com/meterd/meterd/internal/config"
 	"github.com/meterd/meterd/internal/serve"
@@ -38,7 +40,8 @@ type settings struct {
 // newFlags reads the --config file named in args and defines the shared
 // flags on a new FlagSet for cmd.
 func newFlags(cmd string, args []string, stderr io.Writer, listen string) (*flag.FlagSet, *settings, error) {
-	s := &settings{file: &config.File{}, configPath: config.ConfigPath(args)}
+	empty, _ := billing.NewCatalog(nil, nil)
+	s := &settings{file: &config.File{Catalog: empty}, configPath: config.ConfigPath(args)}
 	if s.configPath != "" {
 		f, err := config.Load(s.configPath)
 		if err != nil {
@@ -93,6 +96,22 @@ func collectorFlags(fs *flag.FlagSet, c *config.Collector, spoolDir string) {
 	fs.DurationVar(&c.BatchMaxWait, "batch-max-wait", or(c.BatchMaxWait, collector.DefaultBatchMaxWait), "seal a batch this long after its first event")
 	fs.IntVar(&c.PublishWorkers, "publish-workers", or(c.PublishWorkers, collector.DefaultPublishWorkers), "batches published concurrently")
 	fs.DurationVar(&c.MaxEventAge, "max-event-age", or(c.MaxEventAge, 35*24*time.Hour), "late-event bound: older events are rejected")
+	fs.StringVar(&c.TenantHeader, "tenant-header", or(c.TenantHeader, collector.DefaultTenantHeader), "header naming the tenant of a /v1/check call when no tenant API key does")
+	fs.StringVar(&c.UnknownTenantPolicy, "unknown-tenant-policy", or(c.UnknownTenantPolicy, "allow"), "/v1/check for tenants without a plan: allow or deny")
+	fs.DurationVar(&c.StaleAfter, "stale-after", or(c.StaleAfter, gate.DefaultStaleAfter), "the blocklist is stale after this long without an update or heartbeat")
+	fs.StringVar(&c.StalePolicy, "stale-policy", or(c.StalePolicy, "allow"), "/v1/check for tenants without a decision while the blocklist is stale: allow or deny (503)")
+	fs.BoolVar(&c.DontRecordChecks, "dont-record-checks", c.DontRecordChecks, "do not record allowed /v1/check calls as usage events")
+}
+
+// policy parses an allow|deny flag.
+func policy(name, v string) (gate.Policy, error) {
+	switch v {
+	case "allow":
+		return gate.Allow, nil
+	case "deny":
+		return gate.Deny, nil
+	}
+	return 0, usageError{fmt.Errorf("--%s must be allow or deny, not %q", name, v)}
 }
 
 func or[T comparable](v, def T) T {
@@ -187,10 +206,27 @@ func (a *app) connect(n config.NATS, opts ...nats.Option) (*nats.Conn, error) {
 	return nc, nil
 }
 
-// addCollector builds the collector on nc and adds it to the app.
-func (a *app) addCollector(nc *nats.Conn, c config.Collector, keys *auth.Keys) error {
+// addCollector builds the collector, with the gate its /v1/check answers
+// from, on nc and adds both to the app. Tenants of catalog have a plan.
+func (a *app) addCollector(nc *nats.Conn, c config.Collector, keys *auth.Keys, catalog *billing.Catalog) error {
+	unknown, err := policy("unknown-tenant-policy", c.UnknownTenantPolicy)
+	if err != nil {
+		return err
+	}
+	stale, err := policy("stale-policy", c.StalePolicy)
+	if err != nil {
+		return err
+	}
+	g, err := gate.New(gate.Config{NATS: nc, StaleAfter: c.StaleAfter, StalePolicy: stale, Logger: a.log, Registerer: a.reg})
+	if err != nil {
+		return err
+	}
+	a.checks["gate"] = g.Ready
+	a.workers = append(a.workers, g)
 	col, err := collector.New(collector.Config{
-		Name: c.Name, NATS: nc, Keys: keys,
+		Gate: g, TenantHeader: c.TenantHeader, UnknownTenantPolicy: unknown, DontRecordChecks: c.DontRecordChecks,
+		KnownTenant: catalog.HasPlan,
+		Name:        c.Name, NATS: nc, Keys: keys,
 		SpoolDir: c.SpoolDir, SpoolMaxBytes: c.SpoolMaxBytes,
 		Partitions: c.Partitions, MaxBodyBytes: c.MaxBodyBytes,
 		BatchMaxEvents: c.BatchMaxEvents, BatchMaxWait: c.BatchMaxWait,

@@ -34,7 +34,7 @@ func runCollector(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	if err != nil {
 		return err
 	}
-	if err := a.addCollector(nc, f.Collector, keys); err != nil {
+	if err := a.addCollector(nc, f.Collector, keys, f.Catalog); err != nil {
 		return err
 	}
 	ln, err := net.Listen("tcp", s.listen)

@@ -33,9 +33,6 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	if clickhouseDSN != "" {
-		return usageError{fmt.Errorf("--clickhouse: the aggregator is not part of this build yet")}
-	}
 	if f.Collector.SpoolDir == "" {
 		f.Collector.SpoolDir = filepath.Join(dataDir, "spool")
 	}
@@ -86,7 +83,16 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	if err := broker.EnsureStreams(sctx, js, broker.StreamsConfig{Replicas: 1, DuplicateWindow: f.NATS.DuplicateWindow}); err != nil {
 		return err
 	}
-	if err := a.addCollector(nc, f.Collector, keys); err != nil {
+	if err := a.addCollector(nc, f.Collector, keys, f.Catalog); err != nil {
+		return err
+	}
+	f.Aggregator.ClickHouse = or(clickhouseDSN, f.Aggregator.ClickHouse)
+	f.Aggregator.SQLitePath = or(f.Aggregator.SQLitePath, filepath.Join(dataDir, "meterd.db"))
+	store, err := a.openStore(ctx, f.Aggregator)
+	if err != nil {
+		return err
+	}
+	if err := a.addAggregator(nc, store, f.Aggregator, f.Collector.Partitions); err != nil {
 		return err
 	}
 	ln, err := net.Listen("tcp", s.listen)

@@ -18,6 +18,7 @@ const usage = `meterd — usage metering with instant 402 enforcement
 Usage:
   meterd dev        [flags]   every component in one process on embedded NATS
   meterd collector  [flags]   the sidecar gateways report usage to
+  meterd aggregator [flags]   batches from JetStream into ClickHouse, exactly once
   meterd version
 
 Run 'meterd <command> -h' for the flags of a command. Every flag can also be
@@ -46,6 +47,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		err = runDev(ctx, rest, stdout, stderr)
 	case "collector":
 		err = runCollector(ctx, rest, stdout, stderr)
+	case "aggregator":
+		err = runAggregator(ctx, rest, stdout, stderr)
 	case "version", "--version", "-version":
 		fmt.Fprintln(stdout, "meterd", version)
 	case "help", "-h", "--help":

@@ -1,0 +1,419 @@
+// Package aggregator consumes sealed usage batches from JetStream and writes
+// them to a Store with exactly-once effect: a message is acknowledged only
+// after the store made its events durable, and the store counts each event
+// (tenant, id) once however often its batch is delivered. After each commit
+// the newly counted usage is published on meterd.committed.<partition> for
+// the enforcer.
+package aggregator
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/meterd/meterd/schemas"
+)
+
+// Defaults of Config.
+const (
+	DefaultDurable     = "meterd-aggregator"
+	DefaultFetchBatch  = 100
+	DefaultFetchWait   = 100 * time.Millisecond
+	DefaultAckWait     = 30 * time.Second
+	DefaultMaxDeliver  = 10
+	DefaultStallAfter  = time.Minute
+	DefaultRetryBudget = 3 // failed applies of one message with a healthy store before it is dead-lettered
+)
+
+// Config configures an Aggregator.
+type Config struct {
+	// NATS is the connection to consume from and publish increments on. Required.
+	NATS *nats.Conn
+	// Store receives the batches. Required.
+	Store Store
+	// Durable names the pull consumer on METERD_USAGE (default meterd-aggregator).
+	Durable string
+	// Partitions is P of meterd.committed.<partition> (default 16).
+	Partitions int
+	// FetchBatch messages at most are written per store flush (default 100
+	// batches, 50 000 events at 500 a batch); FetchWait bounds how long a
+	// flush waits to fill up (default 100ms).
+	FetchBatch int
+	FetchWait  time.Duration
+	// AckWait is JetStream's redelivery timer; long store writes are kept
+	// alive with InProgress (default 30s).
+	AckWait time.Duration
+	// MaxDeliver bounds deliveries of one message; one delivered this often
+	// without success is dead-lettered instead (default 10).
+	MaxDeliver int
+	// StallAfter: /readyz fails when messages are pending and nothing was
+	// committed for this long (default 1m).
+	StallAfter time.Duration
+	Logger     *slog.Logger
+	Registerer prometheus.Registerer
+}
+
+// Validate checks c and fills in defaults.
+func (c *Config) Validate() error {
+	if c.NATS == nil {
+		return errors.New("aggregator: NATS connection is required")
+	}
+	if c.Store == nil {
+		return errors.New("aggregator: store is required")
+	}
+	if c.Durable == "" {
+		c.Durable = DefaultDurable
+	}
+	if c.Partitions <= 0 {
+		c.Partitions = schemas.DefaultPartitions
+	}
+	if c.FetchBatch <= 0 {
+		c.FetchBatch = DefaultFetchBatch
+	}
+	if c.FetchWait <= 0 {
+		c.FetchWait = DefaultFetchWait
+	}
+	if c.AckWait <= 0 {
+		c.AckWait = DefaultAckWait
+	}
+	if c.MaxDeliver <= 1 {
+		c.MaxDeliver = DefaultMaxDeliver
+	}
+	if c.StallAfter <= 0 {
+		c.StallAfter = DefaultStallAfter
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	if c.Registerer == nil {
+		c.Registerer = prometheus.NewRegistry()
+	}
+	return nil
+}
+
+// Aggregator moves batches from JetStream into a Store.
+type Aggregator struct {
+	cfg     Config
+	log     *slog.Logger
+	js      jetstream.JetStream
+	metrics *metrics
+
+	consumer   atomic.Pointer[jetstream.Consumer]
+	lastCommit atomic.Int64 // unix nanos of the last commit, or of a fetch that found nothing
+	flushSince atomic.Int64 // unix nanos the running flush started, 0 when none runs
+	pending    atomic.Int64 // messages not yet delivered, as of the last fetch
+}
+
+// New builds an Aggregator; Run creates its consumer.
+func New(cfg Config) (*Aggregator, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	js, err := jetstream.New(cfg.NATS)
+	if err != nil {
+		return nil, fmt.Errorf("aggregator: jetstream: %w", err)
+	}
+	m, err := newMetrics(cfg.Registerer)
+	if err != nil {
+		return nil, err
+	}
+	a := &Aggregator{cfg: cfg, log: cfg.Logger.With("component", "aggregator"), js: js, metrics: m}
+	a.lastCommit.Store(time.Now().UnixNano())
+	return a, nil
+}
+
+// ConsumerConfig is the durable pull consumer the aggregator reads through.
+func (a *Aggregator) ConsumerConfig() jetstream.ConsumerConfig {
+	return jetstream.ConsumerConfig{
+		Durable:       a.cfg.Durable,
+		Description:   "meterd aggregator: usage batches into the store",
+		FilterSubject: schemas.UsageSubjects,
+		AckPolicy:     jetstream.AckExplicitPolicy,
+		DeliverPolicy: jetstream.DeliverAllPolicy,
+		AckWait:       a.cfg.AckWait,
+		// One more than our own bound: the aggregator dead-letters a message
+		// at MaxDeliver itself, so the server never silently drops one.
+		MaxDeliver:    a.cfg.MaxDeliver + 1,
+		MaxAckPending: 4 * a.cfg.FetchBatch,
+	}
+}
+
+// Run consumes until ctx ends. It returns nil on cancellation; the messages
+// of an unfinished flush are redelivered and counted once.
+func (a *Aggregator) Run(ctx context.Context) error {
+	var cons jetstream.Consumer
+	err := backoff.Retry(func() error {
+		c, err := a.js.CreateOrUpdateConsumer(ctx, schemas.UsageStream, a.ConsumerConfig())
+		if err != nil {
+			if ctx.Err() != nil {
+				return backoff.Permanent(ctx.Err())
+			}
+			a.log.Warn("create consumer; retrying", "err", err)
+			return err
+		}
+		cons = c
+		return nil
+	}, backoff.WithContext(backoff.NewExponentialBackOff(backoff.WithMaxElapsedTime(0)), ctx))
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
+		return fmt.Errorf("aggregator: consumer: %w", err)
+	}
+	a.consumer.Store(&cons)
+	for ctx.Err() == nil {
+		msgs, err := a.fetch(ctx, cons)
+		if err != nil {
+			if ctx.Err() != nil {
+				break
+			}
+			a.log.Warn("fetch failed", "err", err)
+			sleep(ctx, 250*time.Millisecond)
+			continue
+		}
+		if len(msgs) == 0 {
+			a.lastCommit.Store(time.Now().UnixNano())
+			continue
+		}
+		if err := a.flush(ctx, msgs); err != nil && ctx.Err() == nil {
+			a.log.Error("flush failed", "err", err)
+		}
+	}
+	return nil
+}
+
+func (a *Aggregator) fetch(ctx context.Context, cons jetstream.Consumer) ([]jetstream.Msg, error) {
+	batch, err := cons.Fetch(a.cfg.FetchBatch, jetstream.FetchMaxWait(a.cfg.FetchWait))
+	if err != nil {
+		return nil, err
+	}
+	var msgs []jetstream.Msg
+	for m := range batch.Messages() {
+		msgs = append(msgs, m)
+	}
+	if err := batch.Error(); err != nil && !errors.Is(err, nats.ErrTimeout) && len(msgs) == 0 {
+		return nil, err
+	}
+	if n := len(msgs); n > 0 {
+		if md, err := msgs[n-1].Metadata(); err == nil {
+			a.pending.Store(int64(md.NumPending))
+			a.metrics.lag.Set(float64(md.NumPending))
+		}
+	} else {
+		a.pending.Store(0)
+		a.metrics.lag.Set(0)
+	}
+	return msgs, ctx.Err()
+}
+
+// flush decodes msgs, dead-letters the undecodable, writes the rest in one
+// Apply, and acknowledges them after it returned. A store failure is
+// retried; a message that keeps failing while the store is healthy is
+// isolated and dead-lettered, so it never holds up the ones behind it.
+func (a *Aggregator) flush(ctx context.Context, msgs []jetstream.Msg) error {
+	start := time.Now()
+	good := make([]jetstream.Msg, 0, len(msgs))
+	batches := make([]*schemas.Batch, 0, len(msgs))
+	for _, m := range msgs {
+		if md, err := m.Metadata(); err == nil && md.NumDelivered > uint64(a.cfg.MaxDeliver) {
+			a.deadLetter(m, "delivered "+strconv.FormatUint(md.NumDelivered, 10)+" times without being committed")
+			continue
+		}
+		b, err := schemas.DecodeBatch(m.Headers().Get(schemas.HeaderContentType), m.Data())
+		if err != nil {
+			a.deadLetter(m, err.Error())
+			continue
+		}
+		good = append(good, m)
+		batches = append(batches, b)
+	}
+	if len(batches) == 0 {
+		return nil
+	}
+	a.flushSince.Store(start.UnixNano())
+	err := a.apply(ctx, good, batches)
+	a.flushSince.Store(0)
+	a.metrics.flushSeconds.Observe(time.Since(start).Seconds())
+	return err
+}
+
+// apply writes batches (of msgs) and acks them, retrying while the store is
+// down. When the store is up but rejects the group, each message is tried on
+// its own and dead-lettered after DefaultRetryBudget failures.
+func (a *Aggregator) apply(ctx context.Context, msgs []jetstream.Msg, batches []*schemas.Batch) error {
+	stopKeepAlive := a.keepAlive(msgs)
+	defer stopKeepAlive()
+	bo := backoff.NewExponentialBackOff(
+		backoff.WithInitialInterval(100*time.Millisecond),
+		backoff.WithMaxInterval(5*time.Second),
+		backoff.WithMaxElapsedTime(0),
+	)
+	healthyFailures := 0
+	for {
+		start := time.Now()
+		incs, err := a.cfg.Store.Apply(ctx, batches)
+		a.metrics.storeSeconds.Observe(time.Since(start).Seconds())
+		if err == nil {
+			a.committed(incs, batches)
+			a.ack(msgs)
+			return nil
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		a.metrics.storeErrors.Inc()
+		if errors.Is(err, ErrInvalidEvent) {
+			healthyFailures = DefaultRetryBudget // it fails the same way every time
+		} else if perr := a.cfg.Store.Ping(ctx); perr != nil {
+			a.log.Warn("store unavailable; retrying the flush", "err", err, "batches", len(batches))
+			healthyFailures = 0
+		} else {
+			healthyFailures++
+		}
+		if healthyFailures >= DefaultRetryBudget {
+			if len(msgs) == 1 {
+				a.deadLetter(msgs[0], "store rejected the batch: "+err.Error())
+				return err
+			}
+			a.log.Warn("store rejects the flush while healthy; isolating its batches", "err", err, "batches", len(batches))
+			for i := range msgs {
+				if err := a.apply(ctx, msgs[i:i+1], batches[i:i+1]); err != nil && ctx.Err() != nil {
+					return err
+				}
+			}
+			return nil
+		}
+		if !sleep(ctx, bo.NextBackOff()) {
+			return ctx.Err()
+		}
+	}
+}
+
+// keepAlive tells JetStream the messages are in progress every AckWait/3
+// until the returned stop is called (idempotent).
+func (a *Aggregator) keepAlive(msgs []jetstream.Msg) (stop func()) {
+	done := make(chan struct{})
+	var once sync.Once
+	go func() {
+		t := time.NewTicker(a.cfg.AckWait / 3)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				for _, m := range msgs {
+					m.InProgress()
+				}
+			}
+		}
+	}()
+	return func() { once.Do(func() { close(done) }) }
+}
+
+func (a *Aggregator) ack(msgs []jetstream.Msg) {
+	for _, m := range msgs {
+		// A lost ack means a redelivery, which the store counts once.
+		if err := m.Ack(); err != nil {
+			a.log.Warn("ack failed; the batch will be redelivered and deduplicated", "err", err)
+		}
+	}
+	a.lastCommit.Store(time.Now().UnixNano())
+}
+
+// Committed is what the aggregator publishes on meterd.committed.<partition>
+// after a durable commit: usage newly counted in one hour.
+type Committed struct {
+	Tenant string    `json:"tenant"`
+	Meter  string    `json:"meter"`
+	Hour   time.Time `json:"hour"`
+	Value  int64     `json:"value"`
+	Events int64     `json:"events"`
+}
+
+func (a *Aggregator) committed(incs []Increment, batches []*schemas.Batch) {
+	var events int64
+	for _, inc := range incs {
+		events += inc.Events
+		data, _ := json.Marshal(Committed{Tenant: inc.Tenant, Meter: inc.Meter, Hour: inc.Hour, Value: inc.Value, Events: inc.Events})
+		subject := schemas.CommittedSubject(schemas.Partition(inc.Tenant, a.cfg.Partitions))
+		// Core NATS, at most once: the enforcer reconciles from the store.
+		if err := a.cfg.NATS.Publish(subject, data); err != nil {
+			a.log.Warn("publish committed increment", "err", err, "tenant", inc.Tenant)
+		}
+	}
+	var received int64
+	for _, b := range batches {
+		received += int64(len(b.Events))
+	}
+	a.metrics.batches.Add(float64(len(batches)))
+	a.metrics.events.Add(float64(events))
+	a.metrics.duplicates.Add(float64(received - events))
+}
+
+// deadLetter copies m to meterd.dlq.<subject> with the reason in a header and
+// terminates it on the usage stream. If the DLQ publish fails, m is left
+// unacknowledged and comes back: nothing is dropped silently.
+func (a *Aggregator) deadLetter(m jetstream.Msg, reason string) {
+	dlq := &nats.Msg{Subject: schemas.DLQSubjectPrefix + m.Subject(), Data: m.Data(), Header: nats.Header{}}
+	for k, v := range m.Headers() {
+		dlq.Header[k] = v
+	}
+	dlq.Header.Set(schemas.HeaderDLQReason, reason)
+	if md, err := m.Metadata(); err == nil {
+		dlq.Header.Set(schemas.HeaderDLQStreamSeq, strconv.FormatUint(md.Sequence.Stream, 10))
+	}
+	dlq.Header.Del(jetstream.MsgIDHeader) // the DLQ keeps every copy
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := a.js.PublishMsg(ctx, dlq, jetstream.WithExpectStream(schemas.DLQStream)); err != nil {
+		a.log.Error("dead-letter publish failed; the message will be redelivered", "err", err, "reason", reason)
+		m.NakWithDelay(time.Second)
+		return
+	}
+	a.metrics.deadLettered.Inc()
+	a.log.Error("message dead-lettered", "subject", m.Subject(), "reason", reason)
+	m.TermWithReason(reason)
+}
+
+// Ready fails when the store is unreachable, or when messages are waiting
+// and nothing was committed for StallAfter (a consumer that stopped making
+// progress must not look healthy).
+func (a *Aggregator) Ready(ctx context.Context) error {
+	if err := a.cfg.Store.Ping(ctx); err != nil {
+		return fmt.Errorf("store: %w", err)
+	}
+	if a.consumer.Load() == nil {
+		return errors.New("consumer not created yet")
+	}
+	if since := a.flushSince.Load(); since != 0 && time.Since(time.Unix(0, since)) > a.cfg.StallAfter {
+		return fmt.Errorf("stalled: one flush has run for %s", time.Since(time.Unix(0, since)).Round(time.Second))
+	}
+	idle := time.Since(time.Unix(0, a.lastCommit.Load()))
+	if a.pending.Load() > 0 && idle > a.cfg.StallAfter {
+		return fmt.Errorf("stalled: %d messages pending, nothing committed for %s", a.pending.Load(), idle.Round(time.Second))
+	}
+	return nil
+}
+
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}

@@ -1,0 +1,58 @@
+package aggregator
+
+import "github.com/prometheus/client_golang/prometheus"
+
+type metrics struct {
+	lag          prometheus.Gauge
+	flushSeconds prometheus.Histogram
+	storeSeconds prometheus.Histogram
+	storeErrors  prometheus.Counter
+	batches      prometheus.Counter
+	events       prometheus.Counter
+	duplicates   prometheus.Counter
+	deadLettered prometheus.Counter
+}
+
+func newMetrics(reg prometheus.Registerer) (*metrics, error) {
+	latency := prometheus.ExponentialBuckets(0.001, 2, 15)
+	m := &metrics{
+		lag: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "meterd_aggregator_consumer_lag_messages",
+			Help: "Batches in METERD_USAGE not yet delivered to the aggregator, as of its last fetch.",
+		}),
+		flushSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "meterd_aggregator_flush_duration_seconds", Buckets: latency,
+			Help: "Time to decode, write and acknowledge one fetched group of batches.",
+		}),
+		storeSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "meterd_aggregator_store_write_duration_seconds", Buckets: latency,
+			Help: "Time of one store Apply (durable write of a group of batches).",
+		}),
+		storeErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "meterd_aggregator_store_write_errors_total",
+			Help: "Store writes that failed and were retried.",
+		}),
+		batches: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "meterd_aggregator_batches_committed_total",
+			Help: "Batches durably written and acknowledged.",
+		}),
+		events: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "meterd_aggregator_events_committed_total",
+			Help: "Events newly counted by the store.",
+		}),
+		duplicates: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "meterd_aggregator_events_duplicate_total",
+			Help: "Events received again (same tenant and id) and counted once.",
+		}),
+		deadLettered: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "meterd_aggregator_dead_lettered_total",
+			Help: "Messages moved to METERD_DLQ because they can never be processed.",
+		}),
+	}
+	for _, c := range []prometheus.Collector{m.lag, m.flushSeconds, m.storeSeconds, m.storeErrors, m.batches, m.events, m.duplicates, m.deadLettered} {
+		if err := reg.Register(c); err != nil {
+			return nil, err
+		}
+	}
+	return m, nil
+}

@@ -1,0 +1,309 @@
+// Package rollup holds what every aggregator.Store computes the same way, so
+// that the stores give the same totals and reports for the same input: which
+// events may be stored, the canonical dimensions key, the second and hour of
+// an event, how a time range splits into whole hours and partial edges, and
+// how events sum into hourly rollup rows and increments.
+package rollup
+
+import (
+	"cmp"
+	"fmt"
+	"slices"
+	"time"
+	"unicode/utf8"
+
+	"github.com/meterd/meterd/aggregator"
+	"github.com/meterd/meterd/schemas"
+)
+
+// HourSeconds is the length of a rollup bucket.
+const HourSeconds = 3600
+
+var (
+	minSecond = aggregator.MinEventTime.Unix()
+	maxSecond = aggregator.MaxEventTime.Unix() // exclusive
+)
+
+// Check returns an error wrapping aggregator.ErrInvalidEvent for the first
+// event of batches that breaks a rule of schemas.Event or lies outside the
+// storable time range, and for a nil batch.
+func Check(batches []*schemas.Batch) error {
+	var errs []schemas.FieldError
+	for bi, b := range batches {
+		if b == nil {
+			return fmt.Errorf("%w: batch %d is nil", aggregator.ErrInvalidEvent, bi)
+		}
+		for i := range b.Events {
+			e := &b.Events[i]
+			if errs = e.Validate(i, schemas.Window{}, errs[:0]); len(errs) > 0 {
+				return fmt.Errorf("%w: batch %s: %v", aggregator.ErrInvalidEvent, b.ID, errs[0])
+			}
+			if s := e.Time.Unix(); s < minSecond || s >= maxSecond {
+				return fmt.Errorf("%w: batch %s: event %d: time %s is outside [%s, %s)", aggregator.ErrInvalidEvent,
+					b.ID, i, e.Time.Format(time.RFC3339), aggregator.MinEventTime.Format(time.RFC3339), aggregator.MaxEventTime.Format(time.RFC3339))
+			}
+		}
+	}
+	return nil
+}
+
+// EventID is the idempotency key of an event.
+type EventID struct{ Tenant, ID string }
+
+// Key identifies a rollup row: Tenant's Meter in the hour starting at Hour
+// (Unix seconds) for events with the dimensions encoded as Dims (DimsKey).
+type Key struct {
+	Tenant, Meter string
+	Hour          int64
+	Dims          string
+}
+
+// Sum is the content of a rollup row.
+type Sum struct{ Value, Events int64 }
+
+// Rows sums usage per rollup row. The zero value is not usable; make one.
+type Rows map[Key]Sum
+
+// Add adds s to the row k.
+func (r Rows) Add(k Key, s Sum) {
+	old := r[k]
+	r[k] = Sum{Value: old.Value + s.Value, Events: old.Events + s.Events}
+}
+
+// AddEvent counts e, whose dimensions key is dims, in its row.
+func (r Rows) AddEvent(e *schemas.Event, dims string) {
+	r.Add(Key{Tenant: e.Tenant, Meter: e.Meter, Hour: Hour(Second(e.Time)), Dims: dims}, Sum{Value: e.Value, Events: 1})
+}
+
+// Merge adds every row of o to r.
+func (r Rows) Merge(o Rows) {
+	for k, s := range o {
+		r.Add(k, s)
+	}
+}
+
+// Increments returns the rows summed over dimensions, one per (tenant, meter,
+// hour) with a non-zero sum, sorted by tenant, meter and hour.
+func (r Rows) Increments() []aggregator.Increment {
+	type hourKey struct {
+		tenant, meter string
+		hour          int64
+	}
+	byHour := make(map[hourKey]Sum, len(r))
+	for k, s := range r {
+		hk := hourKey{k.Tenant, k.Meter, k.Hour}
+		old := byHour[hk]
+		byHour[hk] = Sum{Value: old.Value + s.Value, Events: old.Events + s.Events}
+	}
+	incs := make([]aggregator.Increment, 0, len(byHour))
+	for k, s := range byHour {
+		if s != (Sum{}) {
+			incs = append(incs, aggregator.Increment{Tenant: k.tenant, Meter: k.meter, Hour: Time(k.hour), Value: s.Value, Events: s.Events})
+		}
+	}
+	slices.SortFunc(incs, func(a, b aggregator.Increment) int {
+		return cmp.Or(cmp.Compare(a.Tenant, b.Tenant), cmp.Compare(a.Meter, b.Meter), a.Hour.Compare(b.Hour))
+	})
+	return incs
+}
+
+// Second is the stored time of t: Unix seconds, truncated.
+func Second(t time.Time) int64 { return t.Unix() }
+
+// Hour is the start of the hour holding the stored time sec.
+func Hour(sec int64) int64 { return sec - sec%HourSeconds }
+
+// Time converts Unix seconds to a UTC time.
+func Time(sec int64) time.Time { return time.Unix(sec, 0).UTC() }
+
+// Range is the stored times [From, To), in Unix seconds.
+type Range struct{ From, To int64 }
+
+// Empty reports whether r holds no second.
+func (r Range) Empty() bool { return r.From >= r.To }
+
+// Span is a query range split into the whole hours it covers, read from
+// rollups, and up to two partial edges, read from raw events.
+type Span struct {
+	Hours Range // hour starts: the hours h with Hours.From <= h < Hours.To
+	Edges []Range
+}
+
+// Bound converts a range bound to stored seconds: the first stored second
+// not before t, clamped to the storable range.
+func Bound(t time.Time) int64 {
+	s := t.Unix()
+	if t.Nanosecond() > 0 {
+		s++
+	}
+	return min(max(s, minSecond), maxSecond)
+}
+
+// Split splits [from, to) into whole hours and partial edges.
+func Split(from, to time.Time) Span {
+	f, t := Bound(from), Bound(to)
+	var sp Span
+	if f >= t {
+		return sp
+	}
+	h0, h1 := Hour(f+HourSeconds-1), Hour(t)
+	if h0 >= h1 {
+		sp.Edges = []Range{{f, t}}
+		return sp
+	}
+	sp.Hours = Range{h0, h1}
+	if f < h0 {
+		sp.Edges = append(sp.Edges, Range{f, h0})
+	}
+	if h1 < t {
+		sp.Edges = append(sp.Edges, Range{h1, t})
+	}
+	return sp
+}
+
+// Covering returns the starts of the hours that intersect [from, to), and
+// the stored times of those hours, which are the same range.
+func Covering(from, to time.Time) Range {
+	f, t := Bound(from), Bound(to)
+	if f >= t {
+		return Range{}
+	}
+	return Range{Hour(f), min(Hour(t+HourSeconds-1), maxSecond)}
+}
+
+// DimsKey encodes dimensions canonically: a JSON object with keys in
+// byte order and no insignificant space, as encoding/json writes a map
+// without HTML escaping, or "" for no dimensions. Reports
+// group rollups by dimension by decoding it (in ClickHouse
+// visitParamExtractString(dims_key, 'route') reads one value).
+func DimsKey(dims map[string]string) string {
+	if len(dims) == 0 {
+		return ""
+	}
+	var keysBuf [schemas.MaxDimensions]string
+	keys := keysBuf[:0]
+	for k := range dims {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	return encodeDims(keys, func(i int) string { return dims[keys[i]] })
+}
+
+// Dims are dimensions as stored: DimsKey, and the names in byte order with
+// their values. Dims from a DimsCache share their slices: read only.
+type Dims struct {
+	Key           string
+	Names, Values []string
+}
+
+// DimsCache encodes dimensions, allocating only for a set of dimensions it
+// has not seen: events mostly repeat a few. The zero value is ready; a cache
+// is not safe for concurrent use and grows with every new set it sees.
+type DimsCache struct {
+	buf  []byte
+	seen map[string]Dims
+}
+
+var noDims = Dims{Names: []string{}, Values: []string{}}
+
+// Get returns dims as stored.
+func (c *DimsCache) Get(dims map[string]string) Dims {
+	if len(dims) == 0 {
+		return noDims
+	}
+	var keysBuf [schemas.MaxDimensions]string
+	keys := keysBuf[:0]
+	for k := range dims {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	c.buf = appendDims(c.buf[:0], keys, func(i int) string { return dims[keys[i]] })
+	if d, ok := c.seen[string(c.buf)]; ok {
+		return d
+	}
+	d := Dims{Key: string(c.buf), Names: slices.Clone(keys), Values: make([]string, len(keys))}
+	for i, k := range keys {
+		d.Values[i] = dims[k]
+	}
+	if c.seen == nil {
+		c.seen = map[string]Dims{}
+	}
+	c.seen[d.Key] = d
+	return d
+}
+
+func encodeDims(keys []string, value func(int) string) string {
+	n := 2
+	for i, k := range keys {
+		n += len(k) + len(value(i)) + 6
+	}
+	return string(appendDims(make([]byte, 0, n), keys, value))
+}
+
+func appendDims(buf []byte, keys []string, value func(int) string) []byte {
+	buf = append(buf, '{')
+	for i, k := range keys {
+		if i > 0 {
+			buf = append(buf, ',')
+		}
+		buf = appendJSONString(buf, k)
+		buf = append(buf, ':')
+		buf = appendJSONString(buf, value(i))
+	}
+	return append(buf, '}')
+}
+
+const hexDigits = "0123456789abcdef"
+
+// appendJSONString appends s as a JSON string the way encoding/json does
+// without HTML escaping: invalid UTF-8 becomes U+FFFD, and U+2028 and U+2029
+// are escaped.
+func appendJSONString(buf []byte, s string) []byte {
+	buf = append(buf, '"')
+	start := 0
+	for i := 0; i < len(s); {
+		c := s[i]
+		if c >= 0x20 && c != '"' && c != '\\' && c < utf8.RuneSelf {
+			i++
+			continue
+		}
+		if c < utf8.RuneSelf {
+			buf = append(buf, s[start:i]...)
+			switch c {
+			case '"', '\\':
+				buf = append(buf, '\\', c)
+			case '\n':
+				buf = append(buf, '\\', 'n')
+			case '\r':
+				buf = append(buf, '\\', 'r')
+			case '\t':
+				buf = append(buf, '\\', 't')
+			case '\b':
+				buf = append(buf, '\\', 'b')
+			case '\f':
+				buf = append(buf, '\\', 'f')
+			default:
+				buf = append(buf, '\\', 'u', '0', '0', hexDigits[c>>4], hexDigits[c&0xf])
+			}
+			i++
+			start = i
+			continue
+		}
+		r, size := utf8.DecodeRuneInString(s[i:])
+		if (r == utf8.RuneError && size == 1) || r == '\u2028' || r == '\u2029' {
+			buf = append(buf, s[start:i]...)
+			switch r {
+			case utf8.RuneError:
+				buf = append(buf, `\ufffd`...)
+			default:
+				buf = append(buf, '\\', 'u', '2', '0', '2', hexDigits[r&0xf])
+			}
+			i += size
+			start = i
+			continue
+		}
+		i += size
+	}
+	buf = append(buf, s[start:]...)
+	return append(buf, '"')
+}

@@ -1,0 +1,449 @@
+// Package sqlite is the embedded aggregator.Store, on a pure-Go SQLite
+// (modernc.org/sqlite, no cgo): the default when no ClickHouse is configured.
+//
+// Every Apply is one transaction: it records each batch in a ledger (a batch
+// already there is skipped whole), inserts the events with INSERT OR IGNORE
+// on the primary key (tenant, id), and adds only the rows actually inserted
+// to the hourly rollups. A crash leaves all of a call or none of it, so a
+// redelivered batch counts once whatever failed. The database runs in WAL
+// mode with synchronous=FULL: a committed Apply survives an OS crash.
+//
+// The store is the only writer of its file (Apply and Reconcile are
+// serialised by the store); any number of readers may run beside it.
+package sqlite
+
+import (
+	"cmp"
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	_ "modernc.org/sqlite" // registers the "sqlite" driver
+
+	"github.com/meterd/meterd/aggregator"
+	"github.com/meterd/meterd/aggregator/rollup"
+	"github.com/meterd/meterd/schemas"
+	"github.com/meterd/meterd/schemas/migrations"
+)
+
+var _ aggregator.Store = (*Store)(nil)
+
+// Config configures a Store.
+type Config struct {
+	// Path is the database file, created if missing.
+	Path string
+	// Logger receives the store's few log lines; nil discards them.
+	Logger *slog.Logger
+}
+
+// Validate reports whether c can open a store.
+func (c Config) Validate() error {
+	if c.Path == "" {
+		return errors.New("sqlite: Path is required")
+	}
+	if strings.ContainsAny(c.Path, "?#") {
+		return fmt.Errorf("sqlite: Path %q must not contain '?' or '#'", c.Path)
+	}
+	return nil
+}
+
+// Store is the embedded store. Its methods are safe for concurrent use.
+type Store struct {
+	db  *sql.DB
+	log *slog.Logger
+
+	mu        sync.Mutex // serialises the writers: Apply and Reconcile
+	insBatch  *sql.Stmt
+	insEvents *sql.Stmt // eventsPerInsert rows
+	addRollup *sql.Stmt // rowsPerInsert rows
+	closeOnce sync.Once
+	closeErr  error
+}
+
+const (
+	insertBatch = `INSERT OR IGNORE INTO batches (batch_id, applied_at) VALUES (?, ?)`
+)
+
+// rowsPerInsert is how many rows one INSERT statement carries: at most 8
+// parameters each, far below SQLite's limit of 32766. Fewer, larger
+// statements halve the cost of an Apply.
+const rowsPerInsert = 128
+
+// values returns n rows of cols placeholders for a VALUES clause.
+func values(n, cols int) string {
+	row := "(" + strings.TrimSuffix(strings.Repeat("?, ", cols), ", ") + ")"
+	return strings.TrimSuffix(strings.Repeat(row+", ", n), ", ")
+}
+
+// insertEventsSQL inserts n events, skipping those whose (tenant, id) is
+// held, and returns the keys of the events it inserted.
+func insertEventsSQL(n int) string {
+	return `INSERT OR IGNORE INTO events (tenant, id, meter, value, time, dims_key, batch_id, inserted_at) VALUES ` +
+		values(n, 8) + ` RETURNING tenant, id`
+}
+
+// addRollupsSQL adds n rows to the rollups.
+func addRollupsSQL(n int) string {
+	return `INSERT INTO rollups_hourly (tenant, meter, hour, dims_key, value, events) VALUES ` + values(n, 6) + `
+		ON CONFLICT (tenant, meter, hour, dims_key) DO UPDATE SET value = value + excluded.value, events = events + excluded.events`
+}
+
+// stmtFor returns full, the statement for rowsPerInsert rows, or for fewer
+// rows a statement prepared in tx (closed with tx).
+func stmtFor(tx *sql.Tx, full *sql.Stmt, n int, sqlFor func(int) string) (*sql.Stmt, error) {
+	if n == rowsPerInsert {
+		return full, nil
+	}
+	return tx.Prepare(sqlFor(n))
+}
+
+// New opens (creating if needed) the database at cfg.Path and migrates it.
+func New(cfg Config) (*Store, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	// Every connection gets the pragmas; BEGIN IMMEDIATE takes the write lock
+	// at the start of a transaction instead of failing at its first write.
+	dsn := cfg.Path + "?_pragma=journal_mode(WAL)&_pragma=synchronous(FULL)&_pragma=busy_timeout(10000)&_pragma=cache_size(-262144)&_pragma=mmap_size(1073741824)&_txlock=immediate"
+	db, err := sql.Open("sqlite", dsn)
+	if err != nil {
+		return nil, fmt.Errorf("sqlite: open %s: %w", cfg.Path, err)
+	}
+	db.SetMaxOpenConns(4)
+	db.SetConnMaxIdleTime(0)
+	s := &Store{db: db, log: log.With("component", "store", "store", "sqlite")}
+	if err := s.init(); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("sqlite: %s: %w", cfg.Path, err)
+	}
+	return s, nil
+}
+
+func (s *Store) init() error {
+	ctx := context.Background()
+	if err := s.migrate(ctx); err != nil {
+		return err
+	}
+	for _, p := range []struct {
+		stmt **sql.Stmt
+		sql  string
+	}{{&s.insBatch, insertBatch}, {&s.insEvents, insertEventsSQL(rowsPerInsert)}, {&s.addRollup, addRollupsSQL(rowsPerInsert)}} {
+		stmt, err := s.db.PrepareContext(ctx, p.sql)
+		if err != nil {
+			return fmt.Errorf("prepare: %w", err)
+		}
+		*p.stmt = stmt
+	}
+	return nil
+}
+
+// migrate applies the migrations not yet recorded, each in one transaction.
+func (s *Store) migrate(ctx context.Context) error {
+	ms, err := migrations.Load(migrations.SQLite, "sqlite")
+	if err != nil {
+		return err
+	}
+	if _, err := s.db.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_migrations (
+		version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)`); err != nil {
+		return fmt.Errorf("create schema_migrations: %w", err)
+	}
+	applied := map[int]bool{}
+	rows, err := s.db.QueryContext(ctx, `SELECT version FROM schema_migrations`)
+	if err != nil {
+		return fmt.Errorf("read schema_migrations: %w", err)
+	}
+	for rows.Next() {
+		var v int
+		if err := rows.Scan(&v); err != nil {
+			rows.Close()
+			return err
+		}
+		applied[v] = true
+	}
+	if err := rows.Close(); err != nil {
+		return err
+	}
+	for _, m := range ms {
+		if applied[m.Version] {
+			continue
+		}
+		err := s.inTx(ctx, func(tx *sql.Tx) error {
+			for _, stmt := range m.Statements {
+				if _, err := tx.ExecContext(ctx, stmt); err != nil {
+					return err
+				}
+			}
+			_, err := tx.ExecContext(ctx, `INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)`,
+				m.Version, m.Name, time.Now().Unix())
+			return err
+		})
+		if err != nil {
+			return fmt.Errorf("migration %s: %w", m.Name, err)
+		}
+		s.log.Info("applied migration", "migration", m.Name)
+	}
+	return nil
+}
+
+// inTx runs fn in a write transaction and commits it if fn succeeds.
+func (s *Store) inTx(ctx context.Context, fn func(*sql.Tx) error) error {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	if err := fn(tx); err != nil {
+		tx.Rollback()
+		return err
+	}
+	return tx.Commit()
+}
+
+// Apply implements aggregator.Store in one transaction.
+func (s *Store) Apply(ctx context.Context, batches []*schemas.Batch) ([]aggregator.Increment, error) {
+	if err := rollup.Check(batches); err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	rows := rollup.Rows{}
+	err := s.inTx(ctx, func(tx *sql.Tx) error {
+		insBatch, insEvents := tx.Stmt(s.insBatch), tx.Stmt(s.insEvents)
+		// Statements run without the caller's context: with one, the driver
+		// starts a goroutine per statement to watch it. Cancellation is
+		// checked between statements and ends in a rollback.
+		now := time.Now().Unix()
+		// The events of new batches, first copies only, are inserted in
+		// key order (fewer page misses), in statements of eventsPerInsert
+		// rows, each returning the keys of the rows it did insert.
+		type pending struct {
+			e           *schemas.Event
+			batch, dims string
+		}
+		var events []pending
+		index := map[rollup.EventID]int{}
+		var dims rollup.DimsCache
+		for _, b := range batches {
+			res, err := insBatch.Exec(b.ID, now)
+			if err != nil {
+				return fmt.Errorf("record batch %s: %w", b.ID, err)
+			}
+			if n, _ := res.RowsAffected(); n == 0 {
+				continue // applied before, or earlier in this call
+			}
+			for i := range b.Events {
+				e := &b.Events[i]
+				k := rollup.EventID{Tenant: e.Tenant, ID: e.ID}
+				if _, dup := index[k]; !dup {
+					index[k] = len(events)
+					events = append(events, pending{e: e, batch: b.ID, dims: dims.Get(e.Dimensions).Key})
+				}
+			}
+		}
+		slices.SortFunc(events, func(a, b pending) int {
+			return cmp.Or(strings.Compare(a.e.Tenant, b.e.Tenant), strings.Compare(a.e.ID, b.e.ID))
+		})
+		for i, p := range events {
+			index[rollup.EventID{Tenant: p.e.Tenant, ID: p.e.ID}] = i
+		}
+		args := make([]any, 0, 8*rowsPerInsert)
+		for start := 0; start < len(events); start += rowsPerInsert {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			chunk := events[start:min(start+rowsPerInsert, len(events))]
+			stmt, err := stmtFor(tx, insEvents, len(chunk), insertEventsSQL)
+			if err != nil {
+				return fmt.Errorf("insert events: %w", err)
+			}
+			args = args[:0]
+			for _, p := range chunk {
+				e := p.e
+				args = append(args, e.Tenant, e.ID, e.Meter, e.Value, rollup.Second(e.Time), p.dims, p.batch, now)
+			}
+			inserted, err := stmt.Query(args...)
+			if err != nil {
+				return fmt.Errorf("insert events: %w", err)
+			}
+			for inserted.Next() {
+				var k rollup.EventID
+				if err := inserted.Scan(&k.Tenant, &k.ID); err != nil {
+					inserted.Close()
+					return fmt.Errorf("insert events: %w", err)
+				}
+				p := &events[index[k]]
+				rows.AddEvent(p.e, p.dims)
+			}
+			if err := inserted.Close(); err != nil {
+				return fmt.Errorf("insert events: %w", err)
+			}
+		}
+		return s.addRollups(tx, rows)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("sqlite: apply: %w", err)
+	}
+	return rows.Increments(), nil
+}
+
+// addRollups adds rows to the rollups in key order.
+func (s *Store) addRollups(tx *sql.Tx, rows rollup.Rows) error {
+	keys := slices.SortedFunc(maps.Keys(rows), func(a, b rollup.Key) int {
+		return cmp.Or(strings.Compare(a.Tenant, b.Tenant), strings.Compare(a.Meter, b.Meter),
+			cmp.Compare(a.Hour, b.Hour), strings.Compare(a.Dims, b.Dims))
+	})
+	full := tx.Stmt(s.addRollup)
+	args := make([]any, 0, 6*rowsPerInsert)
+	for start := 0; start < len(keys); start += rowsPerInsert {
+		chunk := keys[start:min(start+rowsPerInsert, len(keys))]
+		stmt, err := stmtFor(tx, full, len(chunk), addRollupsSQL)
+		if err != nil {
+			return fmt.Errorf("update rollups: %w", err)
+		}
+		args = args[:0]
+		for _, k := range chunk {
+			sum := rows[k]
+			args = append(args, k.Tenant, k.Meter, k.Hour, k.Dims, sum.Value, sum.Events)
+		}
+		if _, err := stmt.Exec(args...); err != nil {
+			return fmt.Errorf("update rollups: %w", err)
+		}
+	}
+	return nil
+}
+
+// sumQuery selects tenant, meter, the sum of values and the number of events
+// in a span: rollups for its whole hours (args 1-2), raw events for its edges
+// (args 3-6), with filter (naming tenant and meter) added to both.
+func sumQuery(filter string) string {
+	return `SELECT tenant, meter, SUM(v), SUM(n) FROM (
+		SELECT tenant, meter, value AS v, events AS n FROM rollups_hourly WHERE hour >= ?1 AND hour < ?2` + filter + `
+		UNION ALL
+		SELECT tenant, meter, value, 1 FROM events WHERE (time >= ?3 AND time < ?4 OR time >= ?5 AND time < ?6)` + filter + `
+	) GROUP BY tenant, meter HAVING SUM(v) != 0 OR SUM(n) != 0 ORDER BY tenant, meter`
+}
+
+var (
+	totalQuery  = sumQuery(" AND tenant = ?7 AND meter = ?8")
+	totalsQuery = sumQuery("")
+)
+
+// spanArgs returns the six range arguments of sumQuery.
+func spanArgs(from, to time.Time) []any {
+	sp := rollup.Split(from, to)
+	var e [2]rollup.Range
+	copy(e[:], sp.Edges)
+	return []any{sp.Hours.From, sp.Hours.To, e[0].From, e[0].To, e[1].From, e[1].To}
+}
+
+// Total implements aggregator.Store.
+func (s *Store) Total(ctx context.Context, tenant, meter string, from, to time.Time) (int64, error) {
+	var t, m string
+	var value, events int64
+	err := s.db.QueryRowContext(ctx, totalQuery, append(spanArgs(from, to), tenant, meter)...).Scan(&t, &m, &value, &events)
+	if errors.Is(err, sql.ErrNoRows) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("sqlite: total %s %s: %w", tenant, meter, err)
+	}
+	return value, nil
+}
+
+// Totals implements aggregator.Store.
+func (s *Store) Totals(ctx context.Context, from, to time.Time) ([]aggregator.Increment, error) {
+	rows, err := s.db.QueryContext(ctx, totalsQuery, spanArgs(from, to)...)
+	if err != nil {
+		return nil, fmt.Errorf("sqlite: totals: %w", err)
+	}
+	defer rows.Close()
+	var out []aggregator.Increment
+	for rows.Next() {
+		inc := aggregator.Increment{Hour: from}
+		if err := rows.Scan(&inc.Tenant, &inc.Meter, &inc.Value, &inc.Events); err != nil {
+			return nil, fmt.Errorf("sqlite: totals: %w", err)
+		}
+		out = append(out, inc)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("sqlite: totals: %w", err)
+	}
+	return out, nil
+}
+
+// rollupDiff selects, per rollup row of the hours [?1, ?2), the raw sums less
+// the rollup sums where they differ: the deltas that repair the rollups.
+const rollupDiff = `SELECT tenant, meter, hour, dims_key, SUM(v), SUM(n) FROM (
+		SELECT tenant, meter, time - time % 3600 AS hour, dims_key, value AS v, 1 AS n
+		FROM events WHERE time >= ?1 AND time < ?2
+		UNION ALL
+		SELECT tenant, meter, hour, dims_key, -value, -events
+		FROM rollups_hourly WHERE hour >= ?1 AND hour < ?2
+	) GROUP BY tenant, meter, hour, dims_key HAVING SUM(v) != 0 OR SUM(n) != 0`
+
+// Reconcile implements aggregator.Store in one transaction.
+func (s *Store) Reconcile(ctx context.Context, from, to time.Time) (int, error) {
+	hours := rollup.Covering(from, to)
+	if hours.Empty() {
+		return 0, nil
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var wrong int
+	err := s.inTx(ctx, func(tx *sql.Tx) error {
+		deltas := rollup.Rows{}
+		rows, err := tx.QueryContext(ctx, rollupDiff, hours.From, hours.To)
+		if err != nil {
+			return err
+		}
+		for rows.Next() {
+			var k rollup.Key
+			var d rollup.Sum
+			if err := rows.Scan(&k.Tenant, &k.Meter, &k.Hour, &k.Dims, &d.Value, &d.Events); err != nil {
+				rows.Close()
+				return err
+			}
+			deltas[k] = d
+		}
+		if err := rows.Close(); err != nil {
+			return err
+		}
+		if err := s.addRollups(tx, deltas); err != nil {
+			return err
+		}
+		if _, err := tx.ExecContext(ctx, `DELETE FROM rollups_hourly WHERE hour >= ? AND hour < ? AND value = 0 AND events = 0`,
+			hours.From, hours.To); err != nil {
+			return err
+		}
+		wrong = len(deltas)
+		return nil
+	})
+	if err != nil {
+		return 0, fmt.Errorf("sqlite: reconcile: %w", err)
+	}
+	return wrong, nil
+}
+
+// Ping implements aggregator.Store.
+func (s *Store) Ping(ctx context.Context) error {
+	if err := s.db.PingContext(ctx); err != nil {
+		return fmt.Errorf("sqlite: ping: %w", err)
+	}
+	return nil
+}
+
+// Close closes the database; it is idempotent.
+func (s *Store) Close() error {
+	s.closeOnce.Do(func() { s.closeErr = s.db.Close() })
+	return s.closeErr
+}

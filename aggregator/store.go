@@ -1,0 +1,85 @@
+package aggregator
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/meterd/meterd/schemas"
+)
+
+// Increment is usage newly counted by a commit: the sum of values and number
+// of events of Tenant's Meter in the UTC hour starting at Hour. Totals reuses
+// the type for period sums, with Hour set to the start of the period.
+type Increment struct {
+	Tenant, Meter string
+	Hour          time.Time
+	Value, Events int64
+}
+
+// ErrInvalidEvent is returned by Apply, wrapped with the batch and event, for
+// an event no store can hold: one that breaks the rules of schemas.Event or
+// whose time lies outside [MinEventTime, MaxEventTime). Nothing of that call
+// is written; retrying the same batches fails the same way, so the caller
+// dead-letters the batch instead.
+var ErrInvalidEvent = errors.New("aggregator: event cannot be stored")
+
+// The range [MinEventTime, MaxEventTime) of event times a store holds:
+// ClickHouse's DateTime range, less its last second so that every range of
+// times has an exclusive upper bound the database can represent.
+var (
+	MinEventTime = time.Unix(0, 0).UTC()
+	MaxEventTime = time.Unix(1<<32-1, 0).UTC()
+)
+
+// Store persists batches with exactly-once effect per event (tenant, id).
+//
+// Times are kept to the second: an event's time is truncated to its second
+// when it is stored, and every range [from, to) selects the events whose
+// stored time t satisfies from <= t < to. Usage is kept per event (raw events,
+// the source of truth) and per UTC hour (rollups, derived from the raw events
+// and repairable from them by Reconcile).
+//
+// Apply and Reconcile are serialised by the store; a store assumes it is the
+// only writer of its database (one aggregator consumes the usage stream
+// sequentially). Total, Totals and Ping may run concurrently with them.
+type Store interface {
+	// Apply durably writes the events of batches, skipping every event whose
+	// (tenant, id) the store already holds (from any earlier batch, however
+	// long ago) or that appears earlier in these batches, and returns the
+	// increments of the events it newly counted, one per (tenant, meter, hour)
+	// sorted by tenant, meter and hour. When Apply returns nil the effect is
+	// durable; when it returns an error, some of the events may have been
+	// written: calling Apply again with the same batches still counts each
+	// event exactly once. A store without transactions may report usage that
+	// a failed call wrote in the increments of a later successful call.
+	// Apply fails with ErrInvalidEvent, writing nothing, if an event cannot be
+	// stored.
+	Apply(ctx context.Context, batches []*schemas.Batch) ([]Increment, error)
+
+	// Total returns the sum of values of tenant's meter for events with
+	// from <= time < to. It is exact for any bounds: whole hours are read
+	// from the hourly rollups, the partial hours at either end (if from or to
+	// is not on an hour) from the raw events, so hour-aligned bounds read
+	// rollups only.
+	Total(ctx context.Context, tenant, meter string, from, to time.Time) (int64, error)
+
+	// Totals returns the sums of values and numbers of events per (tenant,
+	// meter) for from <= time < to over all tenants, with Hour = from, sorted
+	// by tenant and meter; pairs without events in the range are left out.
+	// Bounds are read as by Total. The enforcer seeds from it.
+	Totals(ctx context.Context, from, to time.Time) ([]Increment, error)
+
+	// Reconcile verifies the hourly rollups against the raw events for every
+	// hour that intersects [from, to) and repairs every difference. It returns
+	// how many rollup rows (tenant, meter, hour, dimensions) were wrong.
+	// Repairs are not reported as increments: whoever holds running totals
+	// reseeds them with Totals after a non-zero result.
+	Reconcile(ctx context.Context, from, to time.Time) (int, error)
+
+	// Ping reports whether the store's database is reachable.
+	Ping(ctx context.Context) error
+
+	// Close releases the store's resources; the store must not be used after.
+	Close() error
+}

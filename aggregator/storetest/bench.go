@@ -1,0 +1,142 @@
+package storetest
+
+import (
+	"encoding/hex"
+	"fmt"
+	"math/rand/v2"
+	"testing"
+	"time"
+
+	"github.com/meterd/meterd/aggregator"
+	"github.com/meterd/meterd/schemas"
+)
+
+// Shape of BenchmarkApply: calls of ApplyBatches batches of BatchEvents new
+// events each, over BenchTenants tenants and the meters of Meters.
+const (
+	ApplyBatches = 100
+	BatchEvents  = 500
+	BenchTenants = 1000
+)
+
+// Meters are the meters of the benchmark data.
+var Meters = []string{"api_calls", "tokens", "bytes_out"}
+
+// BenchBatches returns ApplyBatches batches of BatchEvents events with
+// random ids (new w.h.p.), random tenants, meters and dimensions, and times
+// within the minute starting at start.
+func BenchBatches(rng *rand.Rand, start time.Time) []*schemas.Batch {
+	routes := []string{"/v1/a", "/v1/b", "/v1/c", "/v2/a", "/v2/b"}
+	methods := []string{"GET", "POST"}
+	var id [16]byte
+	batches := make([]*schemas.Batch, ApplyBatches)
+	for i := range batches {
+		b := &schemas.Batch{Collector: "bench", SealedAt: start, Events: make([]schemas.Event, BatchEvents)}
+		for j := range b.Events {
+			for k := range 2 {
+				v := rng.Uint64()
+				for x := range 8 {
+					id[k*8+x] = byte(v >> (8 * x))
+				}
+			}
+			b.Events[j] = schemas.Event{
+				ID:     hex.EncodeToString(id[:]),
+				Tenant: fmt.Sprintf("tenant-%d", rng.IntN(BenchTenants)),
+				Meter:  Meters[rng.IntN(len(Meters))],
+				Value:  1 + rng.Int64N(100),
+				Time:   start.Add(time.Duration(rng.Int64N(int64(time.Minute)))),
+				Dimensions: map[string]string{
+					"route":  routes[rng.IntN(len(routes))],
+					"method": methods[rng.IntN(len(methods))],
+				},
+			}
+		}
+		b.ID = "batch-" + b.Events[0].ID
+		batches[i] = b
+	}
+	return batches
+}
+
+// BenchmarkApply measures Apply of ApplyBatches×BatchEvents new events per
+// call, each call a minute later than the one before, into a store that
+// grows by that much per iteration; it reports events/s.
+func BenchmarkApply(b *testing.B, s aggregator.Store) {
+	rng := rand.New(rand.NewPCG(1, uint64(time.Now().UnixNano())))
+	start := time.Date(2026, 1, 15, 0, 0, 0, 0, time.UTC)
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := range b.N {
+		b.StopTimer()
+		batches := BenchBatches(rng, start.Add(time.Duration(i)*time.Minute))
+		b.StartTimer()
+		incs, err := s.Apply(b.Context(), batches)
+		if err != nil {
+			b.Fatal(err)
+		}
+		var n int64
+		for _, inc := range incs {
+			n += inc.Events
+		}
+		if n != ApplyBatches*BatchEvents {
+			b.Fatalf("Apply counted %d events, want %d", n, ApplyBatches*BatchEvents)
+		}
+	}
+	b.ReportMetric(float64(b.N*ApplyBatches*BatchEvents)/b.Elapsed().Seconds(), "events/s")
+}
+
+// The monthly-total data set: MonthEvents events of January 2026 summed in
+// MonthRows rollup rows, one per (tenant, meter, hour). Row n (0 <= n <
+// MonthRows) is tenant "tenant-<n%1000>", meter Meters[n/1000%3], hour
+// 2026-01-01T00:00Z + n/3000 hours, 5 events if n < 1072000 else 4, and a
+// value of 3 per event. Each store fills it its own fast way.
+const (
+	MonthRows   = BenchTenants * 3 * 744
+	MonthEvents = 10_000_000
+	MonthStart  = 1767225600 // 2026-01-01T00:00:00Z
+	// MonthFiveEventRows is how many rows, from row 0, hold 5 events.
+	MonthFiveEventRows = MonthEvents - 4*MonthRows
+)
+
+// BenchmarkMonthlyTotal measures Total of one tenant's meter over January
+// from the monthly-total data set, which the caller filled into s.
+func BenchmarkMonthlyTotal(b *testing.B, s aggregator.Store) {
+	tenant, meter := 42, 0
+	var want int64
+	for h := range 744 {
+		n := h*3000 + meter*1000 + tenant
+		events := int64(4)
+		if n < MonthFiveEventRows {
+			events = 5
+		}
+		want += 3 * events
+	}
+	from := time.Unix(MonthStart, 0).UTC()
+	to := from.AddDate(0, 1, 0)
+	name := fmt.Sprintf("tenant-%d", tenant)
+	b.ReportAllocs()
+	for b.Loop() {
+		got, err := s.Total(b.Context(), name, Meters[meter], from, to)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if got != want {
+			b.Fatalf("Total = %d, want %d", got, want)
+		}
+	}
+}
+
+// CheckMonthEvents fails b unless s holds MonthEvents events in January.
+func CheckMonthEvents(b *testing.B, s aggregator.Store) {
+	from := time.Unix(MonthStart, 0).UTC()
+	totals, err := s.Totals(b.Context(), from, from.AddDate(0, 1, 0))
+	if err != nil {
+		b.Fatal(err)
+	}
+	var events int64
+	for _, t := range totals {
+		events += t.Events
+	}
+	if len(totals) != BenchTenants*len(Meters) || events != MonthEvents {
+		b.Fatalf("the data set holds %d events of %d (tenant, meter) pairs, want %d of %d", events, len(totals), MonthEvents, BenchTenants*len(Meters))
+	}
+}

@@ -1,0 +1,122 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/meterd/meterd/aggregator"
+	"github.com/meterd/meterd/aggregator/clickhouse"
+	"github.com/meterd/meterd/aggregator/sqlite"
+	"github.com/meterd/meterd/internal/broker"
+	"github.com/meterd/meterd/internal/config"
+)
+
+// runAggregator runs the aggregator against an external NATS and store.
+func runAggregator(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs, s, err := newFlags("aggregator", args, stderr, ":8081")
+	if err != nil {
+		return err
+	}
+	f := s.file
+	natsFlags(fs, &f.NATS)
+	aggregatorFlags(fs, &f.Aggregator)
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if f.Aggregator.ClickHouse == "" && f.Aggregator.SQLitePath == "" {
+		return usageError{errors.New("set --clickhouse DSN (or --sqlite-path FILE for the embedded store)")}
+	}
+	log, err := s.logger(stderr)
+	if err != nil {
+		return err
+	}
+	a := newApp(log)
+	defer a.close()
+	nc, err := a.connect(f.NATS)
+	if err != nil {
+		return err
+	}
+	if err := ensureStreams(ctx, nc, f.NATS, f.NATS.Replicas); err != nil {
+		return err
+	}
+	store, err := a.openStore(ctx, f.Aggregator)
+	if err != nil {
+		return err
+	}
+	if err := a.addAggregator(nc, store, f.Aggregator, f.Collector.Partitions); err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", s.listen)
+	if err != nil {
+		return fmt.Errorf("listen %s: %w", s.listen, err)
+	}
+	return a.serve(ctx, ln, s.grace, func(addr string) {
+		log.Info("aggregator listening", "addr", addr, "nats", nc.ConnectedUrlRedacted())
+	})
+}
+
+func aggregatorFlags(fs *flag.FlagSet, c *config.Aggregator) {
+	fs.StringVar(&c.ClickHouse, "clickhouse", c.ClickHouse, "ClickHouse DSN of the store, clickhouse://user:pass@host:9000/meterd")
+	fs.StringVar(&c.SQLitePath, "sqlite-path", c.SQLitePath, "file of the embedded store, used when no ClickHouse DSN is set")
+	fs.StringVar(&c.Durable, "durable", or(c.Durable, aggregator.DefaultDurable), "name of the durable JetStream consumer")
+	fs.IntVar(&c.FetchBatch, "fetch-batch", or(c.FetchBatch, aggregator.DefaultFetchBatch), "batches written per store flush")
+	fs.DurationVar(&c.FetchWait, "fetch-wait", or(c.FetchWait, aggregator.DefaultFetchWait), "longest wait to fill a flush")
+	fs.DurationVar(&c.AckWait, "ack-wait", or(c.AckWait, aggregator.DefaultAckWait), "JetStream redelivery timer")
+	fs.IntVar(&c.MaxDeliver, "max-deliver", or(c.MaxDeliver, aggregator.DefaultMaxDeliver), "deliveries of one batch before it is dead-lettered")
+}
+
+// ensureStreams declares METERD_USAGE and METERD_DLQ.
+func ensureStreams(ctx context.Context, nc *nats.Conn, n config.NATS, replicas int) error {
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return err
+	}
+	return broker.EnsureStreams(ctx, js, broker.StreamsConfig{Replicas: replicas, DuplicateWindow: n.DuplicateWindow})
+}
+
+// openStore opens ClickHouse when a DSN is set, else the embedded store.
+func (a *app) openStore(ctx context.Context, c config.Aggregator) (aggregator.Store, error) {
+	var store aggregator.Store
+	if c.ClickHouse != "" {
+		st, err := clickhouse.New(ctx, clickhouse.Config{DSN: c.ClickHouse, Logger: a.log})
+		if err != nil {
+			return nil, err
+		}
+		store = st
+	} else {
+		if err := os.MkdirAll(filepath.Dir(c.SQLitePath), 0o755); err != nil {
+			return nil, fmt.Errorf("store dir: %w", err)
+		}
+		st, err := sqlite.New(sqlite.Config{Path: c.SQLitePath, Logger: a.log})
+		if err != nil {
+			return nil, err
+		}
+		store = st
+	}
+	a.onClose(store.Close)
+	return store, nil
+}
+
+// addAggregator adds the consumer writing into store.
+func (a *app) addAggregator(nc *nats.Conn, store aggregator.Store, c config.Aggregator, partitions int) error {
+	agg, err := aggregator.New(aggregator.Config{
+		NATS: nc, Store: store, Durable: c.Durable, Partitions: partitions,
+		FetchBatch: c.FetchBatch, FetchWait: c.FetchWait, AckWait: c.AckWait, MaxDeliver: c.MaxDeliver,
+		Logger: a.log, Registerer: a.reg,
+	})
+	if err != nil {
+		return err
+	}
+	a.checks["aggregator"] = agg.Ready
+	a.workers = append(a.workers, agg)
+	return nil
+}

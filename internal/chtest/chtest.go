@@ -1,0 +1,322 @@
+// Package chtest gives tests a fresh database on a real ClickHouse server:
+// the server at METERD_TEST_CLICKHOUSE (host:port of the native protocol)
+// when it is set, or else a private clickhouse-server that the test process
+// starts on first use and stops in Main. Each DSN names a new database,
+// dropped when the test ends.
+//
+// A package using DSN runs its tests through Main:
+//
+//	func TestMain(m *testing.M) { chtest.Main(m) }
+package chtest
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/ClickHouse/clickhouse-go/v2"
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+)
+
+// EnvAddr names the environment variable that points the tests at a running
+// server (host:port of its native protocol) instead of a private one.
+const EnvAddr = "METERD_TEST_CLICKHOUSE"
+
+// NotInstalled is the message of a test skipped (or, in CI, failed) because
+// clickhouse-server is not installed.
+const NotInstalled = "clickhouse-server not installed (apt-get install clickhouse-server)"
+
+// ConfigFile is the server configuration a private server starts from; the
+// ports and every path are overridden on the command line.
+const ConfigFile = "/etc/clickhouse-server/config.xml"
+
+const startTimeout = 60 * time.Second
+
+var errNotInstalled = errors.New(NotInstalled)
+
+var (
+	once   sync.Once
+	shared struct {
+		addr  string
+		admin driver.Conn
+		srv   *server
+		err   error
+	}
+)
+
+// DSN returns clickhouse://host:port/db for a new, empty database db that is
+// dropped when t ends. Without clickhouse-server it skips t, unless the
+// environment variable CI is "true": CI must run every test, so there it
+// installs the server with scripts/clickhouse-test-server (apt-get) and
+// fails t if that does not work.
+func DSN(t testing.TB) string {
+	t.Helper()
+	once.Do(setup)
+	if err := shared.err; err != nil {
+		if errors.Is(err, errNotInstalled) && os.Getenv("CI") != "true" {
+			t.Skip(NotInstalled)
+		}
+		t.Fatalf("chtest: %v", err)
+	}
+	name := databaseName(t.Name())
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := shared.admin.Exec(ctx, "CREATE DATABASE "+name); err != nil {
+		t.Fatalf("chtest: create database %s: %v", name, err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+		defer cancel()
+		if err := shared.admin.Exec(ctx, "DROP DATABASE IF EXISTS "+name); err != nil {
+			t.Errorf("chtest: drop database %s: %v", name, err)
+		}
+	})
+	return "clickhouse://" + shared.addr + "/" + name
+}
+
+// Main runs the tests and then stops the private server, if one was started.
+func Main(m *testing.M) {
+	code := m.Run()
+	if shared.admin != nil {
+		shared.admin.Close()
+	}
+	if shared.srv != nil {
+		if err := shared.srv.stop(); err != nil {
+			fmt.Fprintf(os.Stderr, "chtest: stop clickhouse-server: %v\n", err)
+		}
+	}
+	os.Exit(code)
+}
+
+func setup() {
+	shared.addr = os.Getenv(EnvAddr)
+	if shared.addr == "" {
+		shared.srv, shared.err = startServer()
+		if shared.err != nil {
+			return
+		}
+		shared.addr = shared.srv.addr
+	}
+	shared.admin, shared.err = clickhouse.Open(&clickhouse.Options{
+		Addr:        []string{shared.addr},
+		DialTimeout: 5 * time.Second,
+	})
+	if shared.err == nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		shared.err = shared.admin.Ping(ctx)
+	}
+	if shared.err != nil {
+		shared.err = fmt.Errorf("connect to %s: %w", shared.addr, shared.err)
+	}
+}
+
+// databaseName derives a database name from a test name, unique per call.
+func databaseName(test string) string {
+	var b strings.Builder
+	b.WriteString("t_")
+	for _, r := range strings.ToLower(test) {
+		if b.Len() >= 40 {
+			break
+		}
+		if (r >= 'a' && r <= 'z') || (r >= '0' && r <= '9') {
+			b.WriteRune(r)
+		} else {
+			b.WriteByte('_')
+		}
+	}
+	var suffix [4]byte
+	rand.Read(suffix[:])
+	return b.String() + "_" + hex.EncodeToString(suffix[:])
+}
+
+// server is a private clickhouse-server in a temporary directory.
+type server struct {
+	addr   string
+	dir    string
+	cmd    *exec.Cmd
+	exited chan struct{}
+}
+
+// startServer starts clickhouse-server on free ports with all its files in a
+// temporary directory and waits until it answers. Ports are found free and
+// then released, so another process may take one first: start retries.
+func startServer() (*server, error) {
+	bin := findServer()
+	if bin == "" && os.Getenv("CI") == "true" {
+		if err := install(); err != nil {
+			return nil, fmt.Errorf("%w; installing it failed: %v", errNotInstalled, err)
+		}
+		bin = findServer()
+	}
+	if bin == "" {
+		return nil, errNotInstalled
+	}
+	if _, err := os.Stat(ConfigFile); err != nil {
+		return nil, fmt.Errorf("clickhouse-server is installed but its configuration is missing: %w", err)
+	}
+	for attempt := 1; ; attempt++ {
+		s, err := tryStart(bin)
+		if err == nil || attempt == 3 {
+			return s, err
+		}
+	}
+}
+
+// findServer returns the path of clickhouse-server, also where the PATH
+// lacks /usr/sbin, or "".
+func findServer() string {
+	if bin, err := exec.LookPath("clickhouse-server"); err == nil {
+		return bin
+	}
+	for _, bin := range []string{"/usr/sbin/clickhouse-server", "/usr/bin/clickhouse-server"} {
+		if _, err := os.Stat(bin); err == nil {
+			return bin
+		}
+	}
+	return ""
+}
+
+// install runs scripts/clickhouse-test-server of the enclosing repository,
+// under a lock: the test processes of several packages may want it at once.
+func install() error {
+	dir, err := os.Getwd()
+	if err != nil {
+		return err
+	}
+	for {
+		script := filepath.Join(dir, "scripts", "clickhouse-test-server")
+		if _, err := os.Stat(script); err == nil {
+			cmd := exec.Command("flock", filepath.Join(os.TempDir(), "meterd-clickhouse-install.lock"), "bash", script)
+			cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+			return cmd.Run()
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return errors.New("scripts/clickhouse-test-server not found above the working directory")
+		}
+		dir = parent
+	}
+}
+
+func tryStart(bin string) (*server, error) {
+	ports, err := freePorts(3)
+	if err != nil {
+		return nil, err
+	}
+	dir, err := os.MkdirTemp("", "meterd-clickhouse-")
+	if err != nil {
+		return nil, err
+	}
+	out, err := os.Create(filepath.Join(dir, "stdout"))
+	if err != nil {
+		os.RemoveAll(dir)
+		return nil, err
+	}
+	defer out.Close()
+	// Options after "--" override the configuration file. As root, 18.16
+	// runs as is; newer releases refuse only data owned by another user,
+	// and this directory is the process's own.
+	cmd := exec.Command(bin, "--config-file="+ConfigFile, "--",
+		fmt.Sprintf("--tcp_port=%d", ports[0]),
+		fmt.Sprintf("--http_port=%d", ports[1]),
+		fmt.Sprintf("--interserver_http_port=%d", ports[2]),
+		"--listen_try=1", // do not fail on a host without ::1
+		"--path="+dir+"/",
+		"--tmp_path="+dir+"/tmp/",
+		"--user_files_path="+dir+"/user_files/",
+		"--format_schema_path="+dir+"/format_schemas/",
+		"--logger.log="+dir+"/log",
+		"--logger.errorlog="+dir+"/err",
+	)
+	cmd.Dir = dir
+	cmd.Stdout, cmd.Stderr = out, out
+	cmd.SysProcAttr = sysProcAttr()
+	if err := cmd.Start(); err != nil {
+		os.RemoveAll(dir)
+		return nil, fmt.Errorf("start %s: %w", bin, err)
+	}
+	s := &server{addr: fmt.Sprintf("127.0.0.1:%d", ports[0]), dir: dir, cmd: cmd, exited: make(chan struct{})}
+	go func() { cmd.Wait(); close(s.exited) }()
+	if err := s.waitReady(); err != nil {
+		s.stop()
+		return nil, err
+	}
+	return s, nil
+}
+
+// waitReady waits until the server answers a ping.
+func (s *server) waitReady() error {
+	conn, err := clickhouse.Open(&clickhouse.Options{Addr: []string{s.addr}, DialTimeout: time.Second})
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	deadline := time.Now().Add(startTimeout)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		err := conn.Ping(ctx)
+		cancel()
+		if err == nil {
+			return nil
+		}
+		select {
+		case <-s.exited:
+			return fmt.Errorf("clickhouse-server exited at start: %s", s.logTail())
+		case <-time.After(50 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("clickhouse-server did not answer within %s: %v; %s", startTimeout, err, s.logTail())
+		}
+	}
+}
+
+func (s *server) logTail() string {
+	var b strings.Builder
+	for _, f := range []string{"stdout", "err"} {
+		data, _ := os.ReadFile(filepath.Join(s.dir, f))
+		if len(data) > 2000 {
+			data = data[len(data)-2000:]
+		}
+		fmt.Fprintf(&b, "%s: %s\n", f, data)
+	}
+	return b.String()
+}
+
+// stop terminates the server, killing it if it does not exit in time, and
+// removes its directory.
+func (s *server) stop() error {
+	s.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-s.exited:
+	case <-time.After(15 * time.Second):
+		s.cmd.Process.Kill()
+		<-s.exited
+	}
+	return os.RemoveAll(s.dir)
+}
+
+// freePorts returns n TCP ports that were free a moment ago.
+func freePorts(n int) ([]int, error) {
+	ports := make([]int, 0, n)
+	for range n {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, err
+		}
+		defer l.Close()
+		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+	}
+	return ports, nil
+}

@@ -1,0 +1,82 @@
+// Package migrations holds the versioned DDL of the stores, embedded in the
+// binary. A migration is a file NNNN_name.sql: statements separated by
+// semicolons, and comment lines starting with "--" (comments at the end of a
+// line must not contain a semicolon). A store applies the migrations
+// it has not recorded in its schema_migrations table, in version order, and
+// records each after its statements succeeded; a ClickHouse migration can be
+// interrupted between statements, so its statements must be idempotent
+// (IF NOT EXISTS).
+package migrations
+
+import (
+	"embed"
+	"fmt"
+	"io/fs"
+	"path"
+	"slices"
+	"strconv"
+	"strings"
+)
+
+// ClickHouse holds clickhouse/NNNN_name.sql.
+//
+//go:embed clickhouse/*.sql
+var ClickHouse embed.FS
+
+// SQLite holds sqlite/NNNN_name.sql.
+//
+//go:embed sqlite/*.sql
+var SQLite embed.FS
+
+// Migration is one migration file.
+type Migration struct {
+	Version    int
+	Name       string // the file name without the .sql suffix
+	Statements []string
+}
+
+// Load returns the migrations in directory dir of fsys in version order.
+func Load(fsys fs.FS, dir string) ([]Migration, error) {
+	files, err := fs.Glob(fsys, path.Join(dir, "*.sql"))
+	if err != nil {
+		return nil, err
+	}
+	ms := make([]Migration, 0, len(files))
+	for _, f := range files {
+		name := strings.TrimSuffix(path.Base(f), ".sql")
+		num, _, ok := strings.Cut(name, "_")
+		v, err := strconv.Atoi(num)
+		if !ok || err != nil || v <= 0 {
+			return nil, fmt.Errorf("migration %s: name is not NNNN_name.sql", f)
+		}
+		body, err := fs.ReadFile(fsys, f)
+		if err != nil {
+			return nil, err
+		}
+		m := Migration{Version: v, Name: name}
+		for stmt := range strings.SplitSeq(stripCommentLines(string(body)), ";") {
+			if stmt = strings.TrimSpace(stmt); stmt != "" {
+				m.Statements = append(m.Statements, stmt)
+			}
+		}
+		ms = append(ms, m)
+	}
+	slices.SortFunc(ms, func(a, b Migration) int { return a.Version - b.Version })
+	for i := 1; i < len(ms); i++ {
+		if ms[i].Version == ms[i-1].Version {
+			return nil, fmt.Errorf("migrations %s and %s have the same version", ms[i-1].Name, ms[i].Name)
+		}
+	}
+	return ms, nil
+}
+
+// stripCommentLines removes the lines that hold only a comment.
+func stripCommentLines(sql string) string {
+	var b strings.Builder
+	for line := range strings.Lines(sql) {
+		if !strings.HasPrefix(strings.TrimSpace(line), "--") {
+			b.WriteString(line)
+		}
+	}
+	return b.String()
+}
