@@ -30,7 +30,7 @@ const (
 	DefaultDurable     = "meterd-aggregator"
 	DefaultFetchBatch  = 100
 	DefaultFetchWait   = 100 * time.Millisecond
-	DefaultAckWait     = 30 * time.Second
+	DefaultAckWait     = 10 * time.Second
 	DefaultMaxDeliver  = 10
 	DefaultStallAfter  = time.Minute
 	DefaultRetryBudget = 3 // failed applies of one message with a healthy store before it is dead-lettered
@@ -52,7 +52,7 @@ type Config struct {
 	FetchBatch int
 	FetchWait  time.Duration
 	// AckWait is JetStream's redelivery timer; long store writes are kept
-	// alive with InProgress (default 30s).
+	// alive with InProgress (default 10s).
 	AckWait time.Duration
 	// MaxDeliver bounds deliveries of one message; one delivered this often
 	// without success is dead-lettered instead (default 10).

@@ -190,9 +190,16 @@ type killProc struct {
 func startKillCollector(t *testing.T, bin, natsURL, spoolDir string) *killProc {
 	t.Helper()
 	addr := "127.0.0.1:" + strconv.Itoa(killFreePort(t))
-	p := &killProc{addr: addr, done: make(chan struct{}), log: &lockedBuffer{}}
-	p.cmd = exec.Command(bin, "collector", "--insecure", "--nats-url", natsURL,
+	return startKillProc(t, bin, addr, "collector", "--insecure", "--nats-url", natsURL,
 		"--spool-dir", spoolDir, "--listen", addr, "--log-format", "text")
+}
+
+// startKillProc runs the meterd binary with args, serving on addr, and
+// waits until its /healthz answers.
+func startKillProc(t *testing.T, bin, addr string, args ...string) *killProc {
+	t.Helper()
+	p := &killProc{addr: addr, done: make(chan struct{}), log: &lockedBuffer{}}
+	p.cmd = exec.Command(bin, args...)
 	p.cmd.Env = withoutMeterdEnv(os.Environ())
 	p.cmd.Stdout, p.cmd.Stderr = p.log, p.log
 	if err := p.cmd.Start(); err != nil {
@@ -203,7 +210,7 @@ func startKillCollector(t *testing.T, bin, natsURL, spoolDir string) *killProc {
 		p.cmd.Process.Kill()
 		<-p.done
 		if t.Failed() {
-			t.Logf("collector %s log:\n%s", addr, p.log.String())
+			t.Logf("meterd %s (%s) log:\n%s", args[0], addr, p.log.String())
 		}
 	})
 	deadline := time.Now().Add(15 * time.Second)
@@ -217,11 +224,11 @@ func startKillCollector(t *testing.T, bin, natsURL, spoolDir string) *killProc {
 		}
 		select {
 		case <-p.done:
-			t.Fatalf("collector exited at start: %v\n%s", p.err, p.log.String())
+			t.Fatalf("meterd %s exited at start: %v\n%s", args[0], p.err, p.log.String())
 		default:
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("collector not healthy after 15s: %v\n%s", err, p.log.String())
+			t.Fatalf("meterd %s not healthy after 15s: %v\n%s", args[0], err, p.log.String())
 		}
 		time.Sleep(20 * time.Millisecond)
 	}

@@ -219,9 +219,18 @@ func tryStart(bin string) (*server, error) {
 	if err != nil {
 		return nil, err
 	}
-	out, err := os.Create(filepath.Join(dir, "stdout"))
+	s, err := launch(bin, ports, dir)
 	if err != nil {
 		os.RemoveAll(dir)
+	}
+	return s, err
+}
+
+// launch runs clickhouse-server on ports with its files in dir and waits
+// until it answers; on failure the process is gone and dir is left.
+func launch(bin string, ports []int, dir string) (*server, error) {
+	out, err := os.OpenFile(filepath.Join(dir, "stdout"), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+	if err != nil {
 		return nil, err
 	}
 	defer out.Close()
@@ -244,13 +253,12 @@ func tryStart(bin string) (*server, error) {
 	cmd.Stdout, cmd.Stderr = out, out
 	cmd.SysProcAttr = sysProcAttr()
 	if err := cmd.Start(); err != nil {
-		os.RemoveAll(dir)
 		return nil, fmt.Errorf("start %s: %w", bin, err)
 	}
 	s := &server{addr: fmt.Sprintf("127.0.0.1:%d", ports[0]), dir: dir, cmd: cmd, exited: make(chan struct{})}
 	go func() { cmd.Wait(); close(s.exited) }()
 	if err := s.waitReady(); err != nil {
-		s.stop()
+		s.halt()
 		return nil, err
 	}
 	return s, nil
@@ -294,9 +302,15 @@ func (s *server) logTail() string {
 	return b.String()
 }
 
-// stop terminates the server, killing it if it does not exit in time, and
-// removes its directory.
+// stop terminates the server and removes its directory.
 func (s *server) stop() error {
+	s.halt()
+	return os.RemoveAll(s.dir)
+}
+
+// halt terminates the server, killing it if it does not exit in time, and
+// keeps its directory.
+func (s *server) halt() {
 	s.cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case <-s.exited:
@@ -304,7 +318,64 @@ func (s *server) stop() error {
 		s.cmd.Process.Kill()
 		<-s.exited
 	}
-	return os.RemoveAll(s.dir)
+}
+
+// Server is a private clickhouse-server a fault test owns: it can be stopped
+// and started again on the same address with the same data.
+type Server struct {
+	t     testing.TB
+	bin   string
+	ports []int
+	dir   string
+	cur   *server
+}
+
+// NewServer starts a private server for t, stopped and removed when t ends.
+// Like DSN, it skips t without clickhouse-server unless CI is "true".
+func NewServer(t testing.TB) *Server {
+	t.Helper()
+	bin := findServer()
+	if bin == "" {
+		if os.Getenv("CI") != "true" {
+			t.Skip(NotInstalled)
+		}
+		t.Fatal("chtest: " + NotInstalled)
+	}
+	ports, err := freePorts(3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &Server{t: t, bin: bin, ports: ports, dir: t.TempDir()}
+	s.Start()
+	t.Cleanup(s.Stop)
+	return s
+}
+
+// Addr is the server's native-protocol host:port.
+func (s *Server) Addr() string { return fmt.Sprintf("127.0.0.1:%d", s.ports[0]) }
+
+// DSN names database db on the server (created by the store that opens it).
+func (s *Server) DSN(db string) string { return "clickhouse://" + s.Addr() + "/" + db }
+
+// Stop terminates the server, keeping its data; it is a no-op when stopped.
+func (s *Server) Stop() {
+	if s.cur != nil {
+		s.cur.halt()
+		s.cur = nil
+	}
+}
+
+// Start starts the server again on the same ports and data.
+func (s *Server) Start() {
+	s.t.Helper()
+	if s.cur != nil {
+		return
+	}
+	cur, err := launch(s.bin, s.ports, s.dir)
+	if err != nil {
+		s.t.Fatalf("chtest: start clickhouse-server: %v", err)
+	}
+	s.cur = cur
 }
 
 // freePorts returns n TCP ports that were free a moment ago.
