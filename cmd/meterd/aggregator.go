@@ -116,7 +116,11 @@ func (a *app) addAggregator(nc *nats.Conn, store aggregator.Store, c config.Aggr
 	if err != nil {
 		return err
 	}
+	rec, err := aggregator.NewReconciler(aggregator.ReconcilerConfig{Store: store, Logger: a.log, Registerer: a.reg})
+	if err != nil {
+		return err
+	}
 	a.checks["aggregator"] = agg.Ready
-	a.workers = append(a.workers, agg)
+	a.workers = append(a.workers, agg, rec)
 	return nil
 }

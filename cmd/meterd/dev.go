@@ -29,6 +29,7 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	fs.StringVar(&natsListen, "nats-listen", "", "also serve the embedded NATS on host:port (default: in-process only)")
 	fs.StringVar(&clickhouseDSN, "clickhouse", "", "ClickHouse DSN for the store (default: the embedded store)")
 	collectorFlags(fs, &f.Collector, "")
+	enforcerFlags(fs, &f.Enforcer)
 	s.logFormat = "text"
 	if err := parse(fs, args); err != nil {
 		return err
@@ -93,6 +94,10 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		return err
 	}
 	if err := a.addAggregator(nc, store, f.Aggregator, f.Collector.Partitions); err != nil {
+		return err
+	}
+	f.NATS.Replicas = 1
+	if err := a.addEnforcer(nc, store, s, keys); err != nil {
 		return err
 	}
 	ln, err := net.Listen("tcp", s.listen)

@@ -19,6 +19,7 @@ Usage:
   meterd dev        [flags]   every component in one process on embedded NATS
   meterd collector  [flags]   the sidecar gateways report usage to
   meterd aggregator [flags]   batches from JetStream into ClickHouse, exactly once
+  meterd enforcer   [flags]   quotas and billing status pushed to every gateway
   meterd version
 
 Run 'meterd <command> -h' for the flags of a command. Every flag can also be
@@ -49,6 +50,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		err = runCollector(ctx, rest, stdout, stderr)
 	case "aggregator":
 		err = runAggregator(ctx, rest, stdout, stderr)
+	case "enforcer":
+		err = runEnforcer(ctx, rest, stdout, stderr)
 	case "version", "--version", "-version":
 		fmt.Fprintln(stdout, "meterd", version)
 	case "help", "-h", "--help":

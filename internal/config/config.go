@@ -26,6 +26,7 @@ type File struct {
 	NATS       NATS       `yaml:"nats"`
 	Collector  Collector  `yaml:"collector"`
 	Aggregator Aggregator `yaml:"aggregator"`
+	Enforcer   Enforcer   `yaml:"enforcer"`
 	// Plans and Tenants (DESIGN §3.5) are parsed into Catalog by Load: the
 	// enforcer decides quotas from it, the aggregator reports billing periods.
 	Plans   yaml.Node        `yaml:"plans"`
@@ -73,6 +74,17 @@ type Aggregator struct {
 	FetchWait  time.Duration `yaml:"fetch_wait"`
 	AckWait    time.Duration `yaml:"ack_wait"`
 	MaxDeliver int           `yaml:"max_deliver"`
+}
+
+// Enforcer holds the enforcer's settings; its store is the aggregator's.
+type Enforcer struct {
+	WebhookSecret    string        `yaml:"webhook_secret"`
+	WebhookTolerance time.Duration `yaml:"webhook_tolerance"`
+	BlockOn          string        `yaml:"block_on"` // comma-separated billing statuses
+	NotifyURLs       string        `yaml:"notify_urls"`
+	NotifySecret     string        `yaml:"notify_secret"`
+	HeartbeatEvery   time.Duration `yaml:"heartbeat_every"`
+	ReconcileEvery   time.Duration `yaml:"reconcile_every"`
 }
 
 // Load reads and strictly decodes the YAML file at path.

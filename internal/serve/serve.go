@@ -74,8 +74,8 @@ func NewMux(reg *prometheus.Registry, checks map[string]ReadyFunc) *http.ServeMu
 // NotFound answers every unrouted request with a 404 problem.
 func NotFound(next *http.ServeMux) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if h, pattern := next.Handler(r); pattern != "" {
-			h.ServeHTTP(w, r)
+		if _, pattern := next.Handler(r); pattern != "" {
+			next.ServeHTTP(w, r) // the mux sets the path values
 			return
 		}
 		// Let the mux answer 405 with its Allow header, as a problem.

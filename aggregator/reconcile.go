@@ -1,0 +1,110 @@
+package aggregator
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// ReconcilerConfig configures a Reconciler.
+type ReconcilerConfig struct {
+	Store Store
+	// Lookback is how many closed hours are verified at start, where a crash
+	// between a raw write and its rollup write would show (default 6h).
+	Lookback time.Duration
+	// Every is how often newly closed hours are verified (default 10m).
+	Every time.Duration
+	// Settle is how long after an hour closes it is first verified, so that
+	// batches in flight land first (default 5m).
+	Settle     time.Duration
+	Now        func() time.Time
+	Logger     *slog.Logger
+	Registerer prometheus.Registerer
+}
+
+// Reconciler verifies the hourly rollups against the raw events, which are
+// the source of truth, and repairs any difference: every closed hour once
+// after it settled, and the last Lookback hours at start. It never scans all
+// raw events: each hour is read once per process lifetime.
+type Reconciler struct {
+	cfg     ReconcilerConfig
+	log     *slog.Logger
+	repairs prometheus.Counter
+	done    time.Time // hours before this are verified
+}
+
+// NewReconciler builds a Reconciler.
+func NewReconciler(cfg ReconcilerConfig) (*Reconciler, error) {
+	if cfg.Store == nil {
+		return nil, errors.New("aggregator: reconciler needs a store")
+	}
+	if cfg.Lookback <= 0 {
+		cfg.Lookback = 6 * time.Hour
+	}
+	if cfg.Every <= 0 {
+		cfg.Every = 10 * time.Minute
+	}
+	if cfg.Settle <= 0 {
+		cfg.Settle = 5 * time.Minute
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.Registerer == nil {
+		cfg.Registerer = prometheus.NewRegistry()
+	}
+	r := &Reconciler{cfg: cfg, log: cfg.Logger.With("component", "reconciler")}
+	r.repairs = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "meterd_aggregator_rollup_repairs_total",
+		Help: "Hourly rollup rows found different from the raw events and repaired.",
+	})
+	if err := cfg.Registerer.Register(r.repairs); err != nil {
+		return nil, err
+	}
+	return r, nil
+}
+
+// Run verifies hours until ctx ends.
+func (r *Reconciler) Run(ctx context.Context) error {
+	t := time.NewTicker(r.cfg.Every)
+	defer t.Stop()
+	for {
+		if err := r.Once(ctx); err != nil && ctx.Err() == nil {
+			r.log.Warn("reconcile failed; retrying at the next round", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+	}
+}
+
+// Once verifies every settled hour not verified yet (the Lookback window on
+// the first call) and returns after repairing what differed.
+func (r *Reconciler) Once(ctx context.Context) error {
+	upTo := r.cfg.Now().Add(-r.cfg.Settle).UTC().Truncate(time.Hour)
+	from := r.done
+	if from.IsZero() {
+		from = upTo.Add(-r.cfg.Lookback)
+	}
+	if !from.Before(upTo) {
+		return nil
+	}
+	n, err := r.cfg.Store.Reconcile(ctx, from, upTo)
+	if err != nil {
+		return err
+	}
+	if n > 0 {
+		r.repairs.Add(float64(n))
+		r.log.Warn("repaired hourly rollups from raw events", "rows", n, "from", from, "to", upTo)
+	}
+	r.done = upTo
+	return nil
+}

@@ -1,0 +1,127 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/meterd/meterd/aggregator"
+	"github.com/meterd/meterd/enforcer"
+	"github.com/meterd/meterd/internal/auth"
+	"github.com/meterd/meterd/internal/config"
+)
+
+// runEnforcer runs the enforcer against an external NATS and store.
+func runEnforcer(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs, s, err := newFlags("enforcer", args, stderr, ":8082")
+	if err != nil {
+		return err
+	}
+	f := s.file
+	natsFlags(fs, &f.NATS)
+	fs.StringVar(&f.Aggregator.ClickHouse, "clickhouse", f.Aggregator.ClickHouse, "ClickHouse DSN of the store usage is seeded from")
+	fs.StringVar(&f.Aggregator.SQLitePath, "sqlite-path", f.Aggregator.SQLitePath, "file of the embedded store, used when no ClickHouse DSN is set")
+	enforcerFlags(fs, &f.Enforcer)
+	fs.BoolVar(&s.insecure, "insecure", false, "run without API keys (the admin API is open)")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if f.Aggregator.ClickHouse == "" && f.Aggregator.SQLitePath == "" {
+		return usageError{errors.New("set --clickhouse DSN (or --sqlite-path FILE for the embedded store)")}
+	}
+	log, err := s.logger(stderr)
+	if err != nil {
+		return err
+	}
+	keys, err := s.keys(log, false)
+	if err != nil {
+		return err
+	}
+	a := newApp(log)
+	defer a.close()
+	nc, err := a.connect(f.NATS)
+	if err != nil {
+		return err
+	}
+	store, err := a.openStore(ctx, f.Aggregator)
+	if err != nil {
+		return err
+	}
+	if err := a.addEnforcer(nc, store, s, keys); err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", s.listen)
+	if err != nil {
+		return fmt.Errorf("listen %s: %w", s.listen, err)
+	}
+	return a.serve(ctx, ln, s.grace, func(addr string) {
+		log.Info("enforcer listening", "addr", addr, "nats", nc.ConnectedUrlRedacted())
+	})
+}
+
+func enforcerFlags(fs *flag.FlagSet, c *config.Enforcer) {
+	fs.StringVar(&c.WebhookSecret, "webhook-secret", c.WebhookSecret, "Stripe signing secret (whsec_…) of POST /v1/billing/webhook; empty disables it")
+	fs.DurationVar(&c.WebhookTolerance, "webhook-tolerance", or(c.WebhookTolerance, enforcer.DefaultWebhookTolerance), "oldest accepted webhook signature")
+	fs.StringVar(&c.BlockOn, "block-on", or(c.BlockOn, strings.Join(enforcer.DefaultBlockOn, ",")), "billing statuses that block a tenant, comma separated")
+	fs.StringVar(&c.NotifyURLs, "notify-urls", c.NotifyURLs, "URLs that receive signed notifications, comma separated")
+	fs.StringVar(&c.NotifySecret, "notify-secret", c.NotifySecret, "secret signing the notifications (Meterd-Signature)")
+	fs.DurationVar(&c.HeartbeatEvery, "heartbeat-every", c.HeartbeatEvery, "period of the blocklist heartbeat (default 5s)")
+	fs.DurationVar(&c.ReconcileEvery, "reconcile-every", c.ReconcileEvery, "period of recomputing usage from the store (default 1m)")
+}
+
+func splitList(s string) []string {
+	var out []string
+	for _, v := range strings.Split(s, ",") {
+		if v = strings.TrimSpace(v); v != "" {
+			out = append(out, v)
+		}
+	}
+	return out
+}
+
+// addEnforcer adds the enforcer, reloading the catalog from the config file
+// on change and on SIGHUP.
+func (a *app) addEnforcer(nc *nats.Conn, store aggregator.Store, s *settings, keys *auth.Keys) error {
+	e := s.file.Enforcer
+	enf, err := enforcer.New(enforcer.Config{
+		NATS: nc, Store: store, Catalog: s.file.Catalog, CatalogPath: s.configPath, Keys: keys,
+		WebhookSecret: e.WebhookSecret, WebhookTolerance: e.WebhookTolerance, BlockOn: splitList(e.BlockOn),
+		NotifyURLs: splitList(e.NotifyURLs), NotifySecret: e.NotifySecret,
+		HeartbeatEvery: e.HeartbeatEvery, ReconcileEvery: e.ReconcileEvery,
+		Replicas: s.file.NATS.Replicas, Logger: a.log, Registerer: a.reg,
+	})
+	if err != nil {
+		return err
+	}
+	a.onClose(enf.Close)
+	a.checks["enforcer"] = enf.Ready
+	a.routes = append(a.routes, enf.Register)
+	a.workers = append(a.workers, enf, sighupReloader{enf})
+	return nil
+}
+
+// sighupReloader reloads the enforcer's catalog on every SIGHUP.
+type sighupReloader struct{ enf *enforcer.Enforcer }
+
+func (r sighupReloader) Run(ctx context.Context) error {
+	ch := make(chan os.Signal, 1)
+	signal.Notify(ch, syscall.SIGHUP)
+	defer signal.Stop(ch)
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-ch:
+			r.enf.Reload()
+		}
+	}
+}
