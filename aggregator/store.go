@@ -51,10 +51,12 @@ type Store interface {
 	// sorted by tenant, meter and hour. When Apply returns nil the effect is
 	// durable; when it returns an error, some of the events may have been
 	// written: calling Apply again with the same batches still counts each
-	// event exactly once. A store without transactions may report usage that
-	// a failed call wrote in the increments of a later successful call.
-	// Apply fails with ErrInvalidEvent, writing nothing, if an event cannot be
-	// stored.
+	// event exactly once. A store without transactions reports usage that a
+	// failed call wrote but did not finish counting in the increments of a
+	// later successful call, and usage that a failed call counted completely
+	// in no increment: after a failed Apply, whoever sums increments reseeds
+	// from Totals. Apply fails with ErrInvalidEvent, writing nothing, if an
+	// event cannot be stored.
 	Apply(ctx context.Context, batches []*schemas.Batch) ([]Increment, error)
 
 	// Total returns the sum of values of tenant's meter for events with

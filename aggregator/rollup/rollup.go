@@ -161,8 +161,8 @@ func Split(from, to time.Time) Span {
 	return sp
 }
 
-// Covering returns the starts of the hours that intersect [from, to), and
-// the stored times of those hours, which are the same range.
+// Covering returns the hours that intersect [from, to) as a range of hour
+// starts, which is also the range of the stored times in those hours.
 func Covering(from, to time.Time) Range {
 	f, t := Bound(from), Bound(to)
 	if f >= t {
@@ -177,16 +177,8 @@ func Covering(from, to time.Time) Range {
 // group rollups by dimension by decoding it (in ClickHouse
 // visitParamExtractString(dims_key, 'route') reads one value).
 func DimsKey(dims map[string]string) string {
-	if len(dims) == 0 {
-		return ""
-	}
-	var keysBuf [schemas.MaxDimensions]string
-	keys := keysBuf[:0]
-	for k := range dims {
-		keys = append(keys, k)
-	}
-	slices.Sort(keys)
-	return encodeDims(keys, func(i int) string { return dims[keys[i]] })
+	var c DimsCache
+	return c.Get(dims).Key
 }
 
 // Dims are dimensions as stored: DimsKey, and the names in byte order with
@@ -230,14 +222,6 @@ func (c *DimsCache) Get(dims map[string]string) Dims {
 	}
 	c.seen[d.Key] = d
 	return d
-}
-
-func encodeDims(keys []string, value func(int) string) string {
-	n := 2
-	for i, k := range keys {
-		n += len(k) + len(value(i)) + 6
-	}
-	return string(appendDims(make([]byte, 0, n), keys, value))
 }
 
 func appendDims(buf []byte, keys []string, value func(int) string) []byte {

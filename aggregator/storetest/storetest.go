@@ -36,6 +36,7 @@ func Run(t *testing.T, newStore func(t *testing.T) aggregator.Store) {
 		{"RedeliveredBatchCountsOnce", testRedeliveredBatch},
 		{"DuplicatesInOneCallCountOnce", testDuplicatesInCall},
 		{"SameIDUnderTwoTenantsCountsTwice", testSameIDTwoTenants},
+		{"ManyRetriedEventsCountOnce", testManyRetries},
 		{"ApplyReturnsNewlyCountedIncrements", testIncrements},
 		{"EmptyApply", testEmptyApply},
 		{"InvalidEventWritesNothing", testInvalidEvent},
@@ -187,6 +188,26 @@ func testSameIDTwoTenants(t *testing.T, s aggregator.Store) {
 		inc("acme", "api_calls", t0, 2, 1), inc("globex", "api_calls", t0, 3, 1))
 	checkTotal(t, s, "acme", "api_calls", t0, t0.Add(time.Hour), 2)
 	checkTotal(t, s, "globex", "api_calls", t0, t0.Add(time.Hour), 3)
+}
+
+// testManyRetries retries more events than a store may look up one by one
+// (thousands, as a spool replay sends them) in new batches.
+func testManyRetries(t *testing.T, s aggregator.Store) {
+	const n = 6000
+	var first, retry []schemas.Event
+	for i := range n {
+		e := ev(fmt.Sprintf("tenant-%d", i%7), fmt.Sprintf("e%d", i), "api_calls", 2, t0.Add(time.Duration(i)*time.Second))
+		first = append(first, e)
+		e.Time = e.Time.Add(3 * time.Hour) // stamped again at the retry
+		retry = append(retry, e)
+	}
+	apply(t, s, batch("first", first...))
+	checkIncs(t, "retry", apply(t, s, batch("retry-1", retry[:n/2]...), batch("retry-2", append(retry[n/2:],
+		ev("tenant-0", "new", "api_calls", 5, t0.Add(4*time.Hour)),
+		ev("tenant-7", "e0", "api_calls", 1, t0.Add(4*time.Hour)))...)),
+		inc("tenant-0", "api_calls", t0.Add(4*time.Hour), 5, 1),
+		inc("tenant-7", "api_calls", t0.Add(4*time.Hour), 1, 1))
+	checkTotal(t, s, "tenant-3", "api_calls", t0, t0.Add(24*time.Hour), 2*n/7)
 }
 
 func testIncrements(t *testing.T, s aggregator.Store) {

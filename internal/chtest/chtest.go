@@ -153,18 +153,9 @@ type server struct {
 // temporary directory and waits until it answers. Ports are found free and
 // then released, so another process may take one first: start retries.
 func startServer() (*server, error) {
-	bin := findServer()
-	if bin == "" && os.Getenv("CI") == "true" {
-		if err := install(); err != nil {
-			return nil, fmt.Errorf("%w; installing it failed: %v", errNotInstalled, err)
-		}
-		bin = findServer()
-	}
-	if bin == "" {
-		return nil, errNotInstalled
-	}
-	if _, err := os.Stat(ConfigFile); err != nil {
-		return nil, fmt.Errorf("clickhouse-server is installed but its configuration is missing: %w", err)
+	bin, err := serverBinary()
+	if err != nil {
+		return nil, err
 	}
 	for attempt := 1; ; attempt++ {
 		s, err := tryStart(bin)
@@ -172,6 +163,25 @@ func startServer() (*server, error) {
 			return s, err
 		}
 	}
+}
+
+// serverBinary returns the path of clickhouse-server, installing it first
+// in CI, or an error wrapping errNotInstalled.
+func serverBinary() (string, error) {
+	bin := findServer()
+	if bin == "" && os.Getenv("CI") == "true" {
+		if err := install(); err != nil {
+			return "", fmt.Errorf("%w; installing it failed: %v", errNotInstalled, err)
+		}
+		bin = findServer()
+	}
+	if bin == "" {
+		return "", errNotInstalled
+	}
+	if _, err := os.Stat(ConfigFile); err != nil {
+		return "", fmt.Errorf("clickhouse-server is installed but its configuration is missing: %w", err)
+	}
+	return bin, nil
 }
 
 // findServer returns the path of clickhouse-server, also where the PATH
@@ -331,15 +341,15 @@ type Server struct {
 }
 
 // NewServer starts a private server for t, stopped and removed when t ends.
-// Like DSN, it skips t without clickhouse-server unless CI is "true".
+// Like DSN, it skips t without clickhouse-server, and in CI installs it.
 func NewServer(t testing.TB) *Server {
 	t.Helper()
-	bin := findServer()
-	if bin == "" {
-		if os.Getenv("CI") != "true" {
+	bin, err := serverBinary()
+	if err != nil {
+		if errors.Is(err, errNotInstalled) && os.Getenv("CI") != "true" {
 			t.Skip(NotInstalled)
 		}
-		t.Fatal("chtest: " + NotInstalled)
+		t.Fatalf("chtest: %v", err)
 	}
 	ports, err := freePorts(3)
 	if err != nil {
