@@ -2,9 +2,12 @@ package schemas
 
 import (
 	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/bits"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -25,6 +28,8 @@ const (
 	// maxInternLen and maxInterned bound the strings a scanner shares.
 	maxInternLen = 64
 	maxInterned  = 1024
+	// minElementLen is the least size scanner.elements assumes of an element.
+	minElementLen = 64
 )
 
 // ErrUnsupportedMediaType is returned by DecodeEvents for a media type it
@@ -119,22 +124,40 @@ func decodeArray(s *scanner, d *Decoded, el elementDecoder) error {
 	if s.peek() != '[' {
 		return &SyntaxError{Msg: "expected a JSON array"}
 	}
+	if err := s.elements(d, el); err != nil {
+		return err
+	}
+	return s.expectEnd()
+}
+
+// elements reads the array at s (a '['), each element with el. An empty
+// array gives empty, non-nil d.Events, as encoding/json does.
+func (s *scanner) elements(d *Decoded, el elementDecoder) error {
 	s.pos++
-	d.Events = make([]Event, 0, bytes.Count(s.data, []byte(`"id"`)))
+	d.Events = []Event{}
 	if s.peek() == ']' {
 		s.pos++
-		return s.expectEnd()
+		return nil
 	}
 	for i := 0; ; i++ {
+		start := s.pos
 		if err := el(s, i, d); err != nil {
 			return err
+		}
+		if i == 0 {
+			// The elements of a body are much alike: make room for as
+			// many more as fit the rest of the body, and an eighth. The
+			// first counts as at least minElementLen bytes, so that a
+			// small one cannot make the slice much larger than the body.
+			n := (len(s.data) - s.pos) / max(s.pos-start, minElementLen)
+			d.Events = slices.Grow(d.Events, n+n/8)
 		}
 		switch s.peek() {
 		case ',':
 			s.pos++
 		case ']':
 			s.pos++
-			return s.expectEnd()
+			return nil
 		default:
 			return s.unexpected("after array element")
 		}
@@ -181,36 +204,70 @@ func decodeEvent(s *scanner, i int, d *Decoded) error {
 	if s.peek() != '{' {
 		return notObject(s, i, d)
 	}
-	s.pos++
 	e := Event{Value: 1}
+	var m eventMembers
 	var sh shape
-	var value, timeRaw []byte
-	var hasTenant, hasTime bool
+	if err := s.event(i, &e, &m, &sh); err != nil {
+		return err
+	}
+	if sh.set {
+		d.Errors = append(d.Errors, sh.err)
+		d.Events = append(d.Events, Event{})
+		return nil
+	}
+	if m.hasTenant && e.Tenant == "" {
+		d.Errors = append(d.Errors, FieldError{Index: i, Field: "tenant", Message: "must not be empty; leave it out to use the API key's tenant"})
+	}
+	if m.value != nil {
+		var ok bool
+		if e.Value, ok = parseValue(m.value); !ok {
+			d.Errors = append(d.Errors, FieldError{Index: i, Field: "value", Message: "must be a non-negative integer"})
+		}
+	}
+	if m.hasTime {
+		var ok bool
+		if e.Time, ok = parseTime(m.time, &s.lastSecond); !ok {
+			d.Errors = append(d.Errors, FieldError{Index: i, Field: "time", Message: "must be an RFC 3339 timestamp"})
+		}
+	}
+	d.Events = append(d.Events, e)
+	return nil
+}
+
+// eventMembers holds what event reads of an event object but leaves to its
+// caller: the raw value and time, and which members were present.
+type eventMembers struct {
+	value, time        []byte // value: any JSON value; time: an unquoted string
+	hasTenant, hasTime bool
+}
+
+// event reads the members of the native event object at s (a '{') into e
+// and m, as event i. The first member of the wrong JSON type or unknown name
+// is recorded in sh. The raw bytes in m may alias s.data.
+func (s *scanner) event(i int, e *Event, m *eventMembers, sh *shape) error {
+	s.pos++
 	for first := true; ; first = false {
 		key, more, err := s.nextMember(first)
-		if err != nil {
+		if err != nil || !more {
 			return err
-		}
-		if !more {
-			break
 		}
 		var ok bool
 		switch string(key) {
 		case "id":
-			e.ID, ok, err = s.stringValue(false)
+			e.ID, ok, err = s.stringValue(notInterned)
 		case "tenant":
-			e.Tenant, ok, err = s.stringValue(true)
-			hasTenant = true
+			e.Tenant, ok, err = s.stringValue(slotTenant)
+			m.hasTenant = true
 		case "meter":
-			e.Meter, ok, err = s.stringValue(true)
+			e.Meter, ok, err = s.stringValue(slotMeter)
 		case "time":
-			timeRaw, ok, err = s.stringBytes()
-			hasTime = true
+			m.time, ok, err = s.stringBytes()
+			m.hasTime = true
 		case "value":
-			value, err = s.rawValue()
+			m.value, err = s.rawValue()
 			ok = true
 		case "dimensions":
-			e.Dimensions, err = s.dimensions(i, &sh)
+			e.Dimensions, err = s.dimensions(i, sh)
 			ok = true
 		default:
 			sh.fail(i, string(key), "is not a known field")
@@ -223,28 +280,6 @@ func decodeEvent(s *scanner, i int, d *Decoded) error {
 			sh.fail(i, string(key), "must be a string")
 		}
 	}
-	if sh.set {
-		d.Errors = append(d.Errors, sh.err)
-		d.Events = append(d.Events, Event{})
-		return nil
-	}
-	if hasTenant && e.Tenant == "" {
-		d.Errors = append(d.Errors, FieldError{Index: i, Field: "tenant", Message: "must not be empty; leave it out to use the API key's tenant"})
-	}
-	if value != nil {
-		var ok bool
-		if e.Value, ok = parseValue(value); !ok {
-			d.Errors = append(d.Errors, FieldError{Index: i, Field: "value", Message: "must be a non-negative integer"})
-		}
-	}
-	if hasTime {
-		var ok bool
-		if e.Time, ok = parseTime(timeRaw); !ok {
-			d.Errors = append(d.Errors, FieldError{Index: i, Field: "time", Message: "must be an RFC 3339 timestamp"})
-		}
-	}
-	d.Events = append(d.Events, e)
-	return nil
 }
 
 // dimensions reads the value of the dimensions member: an object of strings.
@@ -256,12 +291,13 @@ func (s *scanner) dimensions(i int, sh *shape) (map[string]string, error) {
 	}
 	s.pos++
 	var dims map[string]string
-	for first := true; ; first = false {
-		key, more, err := s.nextMember(first)
+	for j := 0; ; j++ {
+		key, more, err := s.nextMember(j == 0)
 		if err != nil || !more {
 			return dims, err
 		}
-		v, ok, err := s.stringValue(true)
+		slot := slotDimensions + 2*min(j, MaxDimensions)
+		v, ok, err := s.stringValue(slot + 1)
 		if err != nil {
 			return nil, err
 		}
@@ -272,7 +308,7 @@ func (s *scanner) dimensions(i int, sh *shape) (map[string]string, error) {
 		if dims == nil {
 			dims = make(map[string]string, 4)
 		}
-		dims[s.intern(key)] = v
+		dims[s.intern(key, slot)] = v
 	}
 }
 
@@ -381,8 +417,8 @@ func allDigits(s []byte) bool {
 // a ±hh:mm offset. time.Parse is laxer (one-digit hours, a comma before the
 // fraction, offsets of 24 hours). A leap second is refused: time.Time cannot
 // hold it. Digits past nanoseconds are dropped, as time.Parse does. The
-// result is in UTC.
-func parseTime[T string | []byte](s T) (time.Time, bool) {
+// result is in UTC. last, if not nil, remembers the second read.
+func parseTime[T string | []byte](s T, last *lastSecond) (time.Time, bool) {
 	num := func(i, n int) int {
 		v := 0
 		for k := i; k < i+n; k++ {
@@ -393,15 +429,27 @@ func parseTime[T string | []byte](s T) (time.Time, bool) {
 		}
 		return v
 	}
-	if len(s) < len("2006-01-02T15:04:05Z") ||
-		s[4] != '-' || s[7] != '-' || (s[10] != 'T' && s[10] != 't') || s[13] != ':' || s[16] != ':' {
+	if len(s) < len("2006-01-02T15:04:05Z") {
 		return time.Time{}, false
 	}
-	year, month, day := num(0, 4), num(5, 2), num(8, 2)
-	hour, minute, sec := num(11, 2), num(14, 2), num(17, 2)
-	if year < 0 || month < 1 || month > 12 || day < 1 || day > daysIn(month, year) ||
-		hour < 0 || hour > 23 || minute < 0 || minute > 59 || sec < 0 || sec > 59 {
-		return time.Time{}, false
+	var at time.Time // the date and clock, as if in UTC
+	if last != nil && string(s[:len(last.text)]) == string(last.text[:]) && !last.at.IsZero() {
+		at = last.at
+	} else {
+		if s[4] != '-' || s[7] != '-' || (s[10] != 'T' && s[10] != 't') || s[13] != ':' || s[16] != ':' {
+			return time.Time{}, false
+		}
+		year, month, day := num(0, 4), num(5, 2), num(8, 2)
+		hour, minute, sec := num(11, 2), num(14, 2), num(17, 2)
+		if year < 0 || month < 1 || month > 12 || day < 1 || day > daysIn(month, year) ||
+			hour < 0 || hour > 23 || minute < 0 || minute > 59 || sec < 0 || sec > 59 {
+			return time.Time{}, false
+		}
+		at = time.Date(year, time.Month(month), day, hour, minute, sec, 0, time.UTC)
+		if last != nil {
+			copy(last.text[:], s)
+			last.at = at
+		}
 	}
 	i, nsec := 19, 0
 	if s[i] == '.' {
@@ -434,8 +482,14 @@ func parseTime[T string | []byte](s T) (time.Time, bool) {
 	default:
 		return time.Time{}, false
 	}
-	t := time.Date(year, time.Month(month), day, hour, minute, sec, nsec, time.UTC)
-	return t.Add(-time.Duration(offset) * time.Second), true
+	return at.Add(time.Duration(nsec) - time.Duration(offset)*time.Second), true
+}
+
+// lastSecond is the date and clock parseTime read last: the times of a body
+// mostly share their second, and working it out is most of the work.
+type lastSecond struct {
+	text [len("2006-01-02T15:04:05")]byte
+	at   time.Time // zero: none
 }
 
 func daysIn(month, year int) int {
@@ -516,7 +570,7 @@ func decodeCloudEvent(s *scanner, i int, d *Decoded) error {
 				}
 			} else {
 				var ok bool
-				if *dst, ok, err = s.stringValue(false); !ok && err == nil {
+				if *dst, ok, err = s.stringValue(notInterned); !ok && err == nil {
 					sh.fail(i, string(key), "must be a string")
 				}
 			}
@@ -547,7 +601,7 @@ func decodeCloudEvent(s *scanner, i int, d *Decoded) error {
 	}
 	if hasTime {
 		var ok bool
-		if e.Time, ok = parseTime(timeStr); !ok {
+		if e.Time, ok = parseTime(timeStr, nil); !ok {
 			bad("time", "must be an RFC 3339 timestamp")
 		}
 	}
@@ -601,9 +655,11 @@ func dimensionValue(raw []byte) (string, bool) {
 // scanner reads JSON from data, checking well-formedness as encoding/json
 // does, without reflection.
 type scanner struct {
-	data []byte
-	pos  int
-	strs map[string]string // see intern
+	data       []byte
+	pos        int
+	strs       map[string]string   // see intern
+	recent     [recentSlots]string // see intern
+	lastSecond lastSecond          // see parseTime
 }
 
 const eof = -1
@@ -678,10 +734,10 @@ func (s *scanner) nextMember(first bool) (key []byte, more bool, err error) {
 	return key, true, nil
 }
 
-// stringValue reads a member value that must be a string, interned if
-// intern is set. A value of another JSON type, null included, is skipped and
-// reported with ok=false.
-func (s *scanner) stringValue(intern bool) (v string, ok bool, err error) {
+// stringValue reads a member value that must be a string, interned in slot
+// unless that is notInterned. A value of another JSON type, null included,
+// is skipped and reported with ok=false.
+func (s *scanner) stringValue(slot int) (v string, ok bool, err error) {
 	if s.peek() != '"' {
 		return "", false, s.skipValue(0)
 	}
@@ -691,8 +747,8 @@ func (s *scanner) stringValue(intern bool) (v string, ok bool, err error) {
 		return "", false, err
 	case !plain:
 		return unquote(raw), true, nil
-	case intern:
-		return s.intern(raw), true, nil
+	case slot != notInterned:
+		return s.intern(raw, slot), true, nil
 	default:
 		return string(raw), true, nil
 	}
@@ -725,23 +781,38 @@ func (s *scanner) str() (string, error) {
 	return unquote(raw), nil
 }
 
+// Slots of scanner.recent: where in an event a string was read.
+const (
+	notInterned    = -1
+	slotTenant     = 0
+	slotMeter      = 1
+	slotDimensions = 2 // then key and value of each dimension by position
+	recentSlots    = slotDimensions + 2*(MaxDimensions+1)
+)
+
 // intern returns b as a string, one copy per distinct short value of the
 // body: tenants, meters and dimensions repeat across events, and sharing them
 // saves an allocation each and the memory of the events held in a batch.
-func (s *scanner) intern(b []byte) string {
-	if len(b) > maxInternLen {
-		return string(b)
-	}
-	if v, ok := s.strs[string(b)]; ok {
+// slot says where in an event b was read: the string last read there is
+// tried first, as events next to each other tend to repeat it.
+func (s *scanner) intern(b []byte, slot int) string {
+	if v := s.recent[slot]; v == string(b) {
 		return v
 	}
-	v := string(b)
-	if len(s.strs) < maxInterned {
-		if s.strs == nil {
-			s.strs = make(map[string]string, 64)
-		}
-		s.strs[v] = v
+	v, ok := "", false
+	if len(b) <= maxInternLen {
+		v, ok = s.strs[string(b)]
 	}
+	if !ok {
+		v = string(b)
+		if len(b) <= maxInternLen && len(s.strs) < maxInterned {
+			if s.strs == nil {
+				s.strs = make(map[string]string, 64)
+			}
+			s.strs[v] = v
+		}
+	}
+	s.recent[slot] = v
 	return v
 }
 
@@ -761,6 +832,14 @@ func (s *scanner) scanString() (raw []byte, plain bool, err error) {
 	plain = true
 	ascii := true
 	for i := start; i < len(d); i++ {
+		if i+8 <= len(d) {
+			m := jsonSpecial8(binary.LittleEndian.Uint64(d[i:]))
+			if m == 0 {
+				i += 7
+				continue
+			}
+			i += bits.TrailingZeros64(m) / 8
+		}
 		switch c := d[i]; {
 		case c == '"':
 			s.pos = i + 1

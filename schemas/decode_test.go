@@ -281,13 +281,16 @@ func TestParseTime(t *testing.T) {
 		{"2026/11/20T09:30:00Z", ""},
 		{"", ""},
 	}
+	var last lastSecond // the second of the case before, then of the case itself
 	for _, tc := range cases {
-		got, ok := parseTime(tc.in)
-		switch {
-		case tc.want == "" && ok:
-			t.Errorf("parseTime(%q) = %v, want refused", tc.in, got)
-		case tc.want != "" && (!ok || got.Format(time.RFC3339Nano) != tc.want || got.Location() != time.UTC):
-			t.Errorf("parseTime(%q) = %v, %v, want %s", tc.in, got, ok, tc.want)
+		for _, c := range []*lastSecond{nil, &last, &last} {
+			got, ok := parseTime(tc.in, c)
+			switch {
+			case tc.want == "" && ok:
+				t.Errorf("parseTime(%q) = %v, want refused", tc.in, got)
+			case tc.want != "" && (!ok || got.Format(time.RFC3339Nano) != tc.want || got.Location() != time.UTC):
+				t.Errorf("parseTime(%q) = %v, %v, want %s", tc.in, got, ok, tc.want)
+			}
 		}
 	}
 }

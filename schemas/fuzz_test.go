@@ -1,8 +1,10 @@
 package schemas
 
 import (
+	"encoding/json"
 	"errors"
 	"reflect"
+	"strings"
 	"testing"
 	"time"
 )
@@ -79,6 +81,46 @@ func FuzzDecodeEvents(f *testing.F) {
 		}
 		if !reflect.DeepEqual(out, in) {
 			t.Fatalf("round trip changed the batch\n got %+v\nwant %+v", out, in)
+		}
+	})
+}
+
+// FuzzDecodeBatch: DecodeBatch does not panic, fails with a "decode batch"
+// error, and what it accepts encodes and decodes to the same batch, which
+// encoding/json reads alike.
+func FuzzDecodeBatch(f *testing.F) {
+	for _, b := range []*Batch{testBatch(), {ID: "b", Events: []Event{}}} {
+		data, err := EncodeBatch(b)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(data)
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		b, err := DecodeBatch(BatchContentType, data)
+		if err != nil {
+			if b != nil || !strings.HasPrefix(err.Error(), "decode batch") {
+				t.Fatalf("DecodeBatch = %+v, %v", b, err)
+			}
+			return
+		}
+		enc, err := EncodeBatch(b)
+		if err != nil {
+			t.Fatalf("encode %+v: %v", b, err)
+		}
+		again, err := DecodeBatch(BatchContentType, enc)
+		if err != nil {
+			t.Fatalf("decode %s: %v", enc, err)
+		}
+		if !reflect.DeepEqual(again, b) {
+			t.Fatalf("round trip changed the batch\n got %+v\nwant %+v", again, b)
+		}
+		var std Batch
+		if err := json.Unmarshal(enc, &std); err != nil {
+			t.Fatalf("encoding/json: %v\n%s", err, enc)
+		}
+		if !reflect.DeepEqual(inUTC(&std), b) {
+			t.Fatalf("encoding/json reads %s as\n%+v\nwant %+v", enc, std, b)
 		}
 	})
 }
