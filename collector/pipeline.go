@@ -44,6 +44,11 @@ type openBatch struct {
 	cur    *sealed
 }
 
+// batchBufs recycles the buffers batches are encoded into.
+var batchBufs = sync.Pool{New: func() any { return make([]byte, 0, 64<<10) }}
+
+const maxPooledBatch = 4 << 20
+
 // pipeline seals events into batches per partition and delivers each batch:
 // published to JetStream, or appended to the spool and replayed later.
 type pipeline struct {
@@ -185,7 +190,7 @@ func (pl *pipeline) sealOnTimer(p int, cur *sealed) {
 // queue is full: that is the backpressure that bounds memory.
 func (pl *pipeline) seal(s *sealed, events []schemas.Event) {
 	b := schemas.Batch{ID: s.id, Collector: pl.c.cfg.Name, SealedAt: pl.c.cfg.Now().UTC(), Events: events}
-	data, err := schemas.EncodeBatch(&b)
+	data, err := schemas.AppendBatch(batchBufs.Get().([]byte)[:0], &b)
 	if err != nil { // events were validated; this is a bug, not bad input
 		s.err = fmt.Errorf("encode batch %s: %w", s.id, err)
 		close(s.done)
@@ -205,6 +210,12 @@ func (pl *pipeline) run(ctx context.Context) error {
 			defer wg.Done()
 			for s := range pl.queue {
 				s.err = pl.deliver(s)
+				// Published (copied out by NATS) or spooled (written): the
+				// encoding buffer can serve the next batch.
+				if cap(s.data) <= maxPooledBatch {
+					batchBufs.Put(s.data[:0])
+				}
+				s.data = nil
 				close(s.done)
 			}
 		}()
