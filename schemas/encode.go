@@ -168,6 +168,12 @@ var jsonSafe = func() (safe [utf8.RuneSelf]bool) {
 
 const hexDigits = "0123456789abcdef"
 
+// AppendJSONString appends s as a JSON string, as encoding/json writes it
+// without HTML escaping: invalid UTF-8 becomes U+FFFD, U+2028 and U+2029 are
+// escaped. Rollup dimension keys use it too, so every canonical encoding of
+// meterd agrees.
+func AppendJSONString(dst []byte, s string) []byte { return appendString(dst, s) }
+
 // appendString appends s as a JSON string literal, escaped as encoding/json
 // escapes without SetEscapeHTML: quote, backslash and control characters,
 // U+2028 and U+2029 (line ends in JavaScript), and each byte of invalid
