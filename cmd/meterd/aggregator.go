@@ -32,8 +32,8 @@ func runAggregator(ctx context.Context, args []string, stdout, stderr io.Writer)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	if f.Aggregator.ClickHouse == "" && f.Aggregator.SQLitePath == "" {
-		return usageError{errors.New("set --clickhouse DSN (or --sqlite-path FILE for the embedded store)")}
+	if err := needStore(f.Aggregator); err != nil {
+		return err
 	}
 	log, err := s.logger(stderr)
 	if err != nil {
@@ -64,9 +64,22 @@ func runAggregator(ctx context.Context, args []string, stdout, stderr io.Writer)
 	})
 }
 
-func aggregatorFlags(fs *flag.FlagSet, c *config.Aggregator) {
+// storeFlags define the store of the aggregator and the enforcer.
+func storeFlags(fs *flag.FlagSet, c *config.Aggregator) {
 	fs.StringVar(&c.ClickHouse, "clickhouse", c.ClickHouse, "ClickHouse DSN of the store, clickhouse://user:pass@host:9000/meterd")
 	fs.StringVar(&c.SQLitePath, "sqlite-path", c.SQLitePath, "file of the embedded store, used when no ClickHouse DSN is set")
+}
+
+// needStore fails when no store is configured.
+func needStore(c config.Aggregator) error {
+	if c.ClickHouse == "" && c.SQLitePath == "" {
+		return usageError{errors.New("set --clickhouse DSN (or --sqlite-path FILE for the embedded store)")}
+	}
+	return nil
+}
+
+func aggregatorFlags(fs *flag.FlagSet, c *config.Aggregator) {
+	storeFlags(fs, c)
 	fs.StringVar(&c.Durable, "durable", or(c.Durable, aggregator.DefaultDurable), "name of the durable JetStream consumer")
 	fs.IntVar(&c.FetchBatch, "fetch-batch", or(c.FetchBatch, aggregator.DefaultFetchBatch), "batches written per store flush")
 	fs.DurationVar(&c.FetchWait, "fetch-wait", or(c.FetchWait, aggregator.DefaultFetchWait), "longest wait to fill a flush")

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -28,15 +27,14 @@ func runEnforcer(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	}
 	f := s.file
 	natsFlags(fs, &f.NATS)
-	fs.StringVar(&f.Aggregator.ClickHouse, "clickhouse", f.Aggregator.ClickHouse, "ClickHouse DSN of the store usage is seeded from")
-	fs.StringVar(&f.Aggregator.SQLitePath, "sqlite-path", f.Aggregator.SQLitePath, "file of the embedded store, used when no ClickHouse DSN is set")
+	storeFlags(fs, &f.Aggregator)
 	enforcerFlags(fs, &f.Enforcer)
 	fs.BoolVar(&s.insecure, "insecure", false, "run without API keys (the admin API is open)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	if f.Aggregator.ClickHouse == "" && f.Aggregator.SQLitePath == "" {
-		return usageError{errors.New("set --clickhouse DSN (or --sqlite-path FILE for the embedded store)")}
+	if err := needStore(f.Aggregator); err != nil {
+		return err
 	}
 	log, err := s.logger(stderr)
 	if err != nil {
