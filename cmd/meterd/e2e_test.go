@@ -79,9 +79,7 @@ func TestEndToEndEnforcement(t *testing.T) {
 				}
 				e2eUsage(t, s, "acme", allowed)
 			})
-			if code := s.stop(); code != 0 {
-				t.Errorf("run returned %d, want 0", code)
-			}
+			s.stop()
 		})
 	}
 }
@@ -96,7 +94,10 @@ func e2eQuota(t *testing.T, s *e2eDev) int64 {
 	)
 	bound := freshnessTarget
 	if raceEnabled() {
-		bound = 2 * freshnessTarget // -race slows every hop of the pipeline
+		// -race slows every hop of the pipeline several times over: 85–805 ms
+		// measured on 2 cores (65–226 ms without it), too close to 1 s on a
+		// machine other tests share.
+		bound = 2 * freshnessTarget
 	}
 	var (
 		calls    atomic.Int64 // answered
@@ -162,7 +163,7 @@ func e2eQuota(t *testing.T, s *e2eDev) int64 {
 	t.Logf("acme: freshness %s (bound %s), overshoot %d calls (bound %d = %.0f calls/s × %s), %d allowed, %d calls in all",
 		freshness.Round(time.Millisecond), bound, overshoot, maxOvershoot, rate, bound, total200, calls.Load())
 	if freshness > bound {
-		t.Errorf("freshness %s: the first 402 came %s after the crossing call was accepted, want ≤ %s", freshness, freshness, bound)
+		t.Errorf("freshness %s: the first 402 came that long after the crossing call was accepted, want ≤ %s", freshness, bound)
 	}
 	if overshoot > maxOvershoot {
 		t.Errorf("overshoot %d calls > rate × freshness bound = %d", overshoot, maxOvershoot)
@@ -364,9 +365,8 @@ type e2eDev struct {
 	stderr *e2eBuffer
 
 	cancel   context.CancelFunc
-	code     chan int
+	code     chan int // run's exit code
 	stopOnce sync.Once
-	exit     int
 }
 
 // startE2EDev runs `meterd dev` with config and args on a free loopback port,
@@ -397,9 +397,7 @@ func startE2EDev(tb testing.TB, config string, args ...string) *e2eDev {
 	}
 	go func() { s.code <- run(ctx, argv, stdout, s.stderr) }()
 	tb.Cleanup(func() {
-		if code := s.stop(); code != 0 {
-			tb.Errorf("run returned %d, want 0", code)
-		}
+		s.stop()
 		if tb.Failed() {
 			tb.Logf("meterd dev log (end):\n%s", s.stderr.tail(32<<10))
 		}
@@ -429,25 +427,30 @@ func startE2EDev(tb testing.TB, config string, args ...string) *e2eDev {
 			return s
 		}
 		if time.Now().After(deadline) {
-			tb.Fatalf("/readyz not 200 after 90 s: %v %+v", err, r)
+			if err == nil {
+				err = fmt.Errorf("status %d: %s", r.status, r.body)
+			}
+			tb.Fatalf("/readyz not 200 after 90 s: %v", err)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
 }
 
-// stop cancels run's context and returns its exit code (-1 when it did not
-// return within a minute). It is idempotent.
-func (s *e2eDev) stop() int {
+// stop cancels run's context and fails the test unless run returns 0
+// within a minute. It is idempotent.
+func (s *e2eDev) stop() {
 	s.stopOnce.Do(func() {
 		s.cancel()
 		select {
-		case s.exit = <-s.code:
+		case code := <-s.code:
+			if code != 0 {
+				s.tb.Errorf("meterd dev: run returned %d, want 0", code)
+			}
 		case <-time.After(time.Minute):
-			s.exit = -1
+			s.tb.Errorf("meterd dev: run still running a minute after its context was canceled")
 		}
 		s.client.CloseIdleConnections()
 	})
-	return s.exit
 }
 
 // e2eAnswer is an HTTP answer read to its end.
@@ -462,8 +465,10 @@ func (s *e2eDev) do(method, path string, header http.Header, body []byte) (*e2eA
 	if err != nil {
 		return nil, err
 	}
-	for k, v := range header {
-		req.Header[k] = v
+	for k, vs := range header {
+		for _, v := range vs {
+			req.Header.Add(k, v)
+		}
 	}
 	resp, err := s.client.Do(req)
 	if err != nil {
@@ -590,8 +595,12 @@ func BenchmarkFreshness(b *testing.B) {
 		targetRate  = 100_000 // events/s
 		maxDuration = 8 * time.Second
 		maxRequests = 1600 // 800 000 events
-		pollEvery   = 5 * time.Millisecond
-		waitFor402  = 10 * time.Second
+		// Polling every 2 ms took enough of a 2-core machine from the
+		// pipeline to double the freshness it measured.
+		pollEvery = 5 * time.Millisecond
+		// A crossing is waited for this long: a slow one is still a sample,
+		// so a stall shows in p99 instead of being left out of it.
+		waitFor402 = 30 * time.Second
 		// Tenant k crosses its limit within its (k%spread+1)-th request,
 		// so crossings are spread over the run instead of bunched.
 		spread = 20
@@ -694,15 +703,13 @@ func BenchmarkFreshness(b *testing.B) {
 		b.StopTimer()
 		events += sent.Load()
 		ingestTime += elapsed
-		if code := s.stop(); code != 0 {
-			b.Errorf("run returned %d, want 0", code)
-		}
+		s.stop()
 	}
 	if failures > 0 {
 		b.Errorf("%d event requests failed; first: %v", failures, firstErr)
 	}
 	if missed > 0 {
-		b.Errorf("%d crossed tenants got no 402 within %s", missed, waitFor402)
+		b.Errorf("%d tenants over their limit got no 402 within %s", missed, waitFor402)
 	}
 	if len(fresh) == 0 {
 		b.Fatal("no tenant crossed its limit")
