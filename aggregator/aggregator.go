@@ -28,7 +28,7 @@ import (
 // Defaults of Config.
 const (
 	DefaultDurable     = "meterd-aggregator"
-	DefaultFetchBatch  = 100
+	DefaultFetchBatch  = 20
 	DefaultFetchWait   = 100 * time.Millisecond
 	DefaultAckWait     = 10 * time.Second
 	DefaultMaxDeliver  = 10
@@ -46,9 +46,11 @@ type Config struct {
 	Durable string
 	// Partitions is P of meterd.committed.<partition> (default 16).
 	Partitions int
-	// FetchBatch messages at most are written per store flush (default 100
-	// batches, 50 000 events at 500 a batch); FetchWait bounds how long a
-	// flush waits to fill up (default 100ms).
+	// FetchBatch messages at most are written per store flush (default 20
+	// batches, 10 000 events at 500 a batch: small enough that committed
+	// usage reaches the enforcer within the freshness budget, large enough
+	// for ClickHouse); FetchWait bounds how long a flush waits to fill up
+	// (default 100ms).
 	FetchBatch int
 	FetchWait  time.Duration
 	// AckWait is JetStream's redelivery timer; long store writes are kept
