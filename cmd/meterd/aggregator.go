@@ -6,7 +6,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"path/filepath"
 
@@ -55,11 +54,7 @@ func runAggregator(ctx context.Context, args []string, stdout, stderr io.Writer)
 	if err := a.addAggregator(nc, store, f.Aggregator, f.Collector.Partitions); err != nil {
 		return err
 	}
-	ln, err := net.Listen("tcp", s.listen)
-	if err != nil {
-		return fmt.Errorf("listen %s: %w", s.listen, err)
-	}
-	return a.serve(ctx, ln, s.grace, func(addr string) {
+	return a.serve(ctx, s, func(addr string) {
 		log.Info("aggregator listening", "addr", addr, "nats", nc.ConnectedUrlRedacted())
 	})
 }

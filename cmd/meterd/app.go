@@ -243,11 +243,15 @@ func (a *app) addCollector(nc *nats.Conn, c config.Collector, keys *auth.Keys, c
 	return nil
 }
 
-// serve runs the workers and the HTTP server on ln until ctx ends; then it
+// serve runs the workers and the HTTP server on --listen until ctx ends; then it
 // stops the server first (no new requests, in-flight ones finish), the
 // workers next (they flush), and closes everything in reverse order.
-func (a *app) serve(ctx context.Context, ln net.Listener, grace time.Duration, ready func(addr string)) error {
+func (a *app) serve(ctx context.Context, s *settings, ready func(addr string)) error {
 	defer a.close()
+	ln, err := net.Listen("tcp", s.listen)
+	if err != nil {
+		return fmt.Errorf("listen %s: %w", s.listen, err)
+	}
 	mux := serve.NewMux(a.reg, a.checks)
 	for _, r := range a.routes {
 		r(mux)
@@ -279,7 +283,7 @@ func (a *app) serve(ctx context.Context, ln net.Listener, grace time.Duration, r
 	if ready != nil {
 		ready(ln.Addr().String())
 	}
-	err := serve.Server(sctx, ln, serve.NotFound(mux), grace, a.log)
+	err = serve.Server(sctx, ln, serve.NotFound(mux), s.grace, a.log)
 	a.log.Info("shutting down: HTTP stopped, flushing")
 	stopWorkers()
 	wg.Wait()

@@ -2,9 +2,7 @@ package main
 
 import (
 	"context"
-	"fmt"
 	"io"
-	"net"
 )
 
 // runCollector runs the collector against an external NATS.
@@ -37,11 +35,7 @@ func runCollector(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	if err := a.addCollector(nc, f.Collector, keys, f.Catalog); err != nil {
 		return err
 	}
-	ln, err := net.Listen("tcp", s.listen)
-	if err != nil {
-		return fmt.Errorf("listen %s: %w", s.listen, err)
-	}
-	return a.serve(ctx, ln, s.grace, func(addr string) {
+	return a.serve(ctx, s, func(addr string) {
 		log.Info("collector listening", "addr", addr, "nats", nc.ConnectedUrlRedacted())
 	})
 }

@@ -100,11 +100,7 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	if err := a.addEnforcer(nc, store, s, keys); err != nil {
 		return err
 	}
-	ln, err := net.Listen("tcp", s.listen)
-	if err != nil {
-		return fmt.Errorf("listen %s: %w", s.listen, err)
-	}
-	return a.serve(ctx, ln, s.grace, func(addr string) {
+	return a.serve(ctx, s, func(addr string) {
 		log.Info("meterd dev ready", "addr", "http://"+addr, "data_dir", dataDir,
 			"nats", or(natsListen, "in-process"), "startup", time.Since(start).Round(time.Millisecond))
 		fmt.Fprintf(stdout, "meterd dev listening on http://%s\n", addr)

@@ -3,9 +3,7 @@ package main
 import (
 	"context"
 	"flag"
-	"fmt"
 	"io"
-	"net"
 	"os"
 	"os/signal"
 	"strings"
@@ -57,11 +55,7 @@ func runEnforcer(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	if err := a.addEnforcer(nc, store, s, keys); err != nil {
 		return err
 	}
-	ln, err := net.Listen("tcp", s.listen)
-	if err != nil {
-		return fmt.Errorf("listen %s: %w", s.listen, err)
-	}
-	return a.serve(ctx, ln, s.grace, func(addr string) {
+	return a.serve(ctx, s, func(addr string) {
 		log.Info("enforcer listening", "addr", addr, "nats", nc.ConnectedUrlRedacted())
 	})
 }
