@@ -34,7 +34,7 @@ var _ Gate = (*gate.Gate)(nil)
 func (c *Collector) handleCheck(w http.ResponseWriter, r *http.Request) {
 	tenant, p := c.checkTenant(r)
 	if p != nil {
-		c.metrics.checks.WithLabelValues(checkRejected).Inc()
+		c.metrics.check[checkRejected].Inc()
 		p.Write(w)
 		return
 	}
@@ -44,7 +44,7 @@ func (c *Collector) handleCheck(w http.ResponseWriter, r *http.Request) {
 		if v.Stale {
 			outcome = checkStaleDenied
 		}
-		c.metrics.checks.WithLabelValues(outcome).Inc()
+		c.metrics.check[outcome].Inc()
 		c.metrics.paymentRequired.WithLabelValues(string(v.Block.Decision.Reason)).Inc()
 		v.Block.Write(w, c.cfg.Now())
 		return
@@ -55,7 +55,7 @@ func (c *Collector) handleCheck(w http.ResponseWriter, r *http.Request) {
 	}
 	if !c.cfg.KnownTenant(tenant) {
 		if c.cfg.UnknownTenantPolicy == gate.Deny {
-			c.metrics.checks.WithLabelValues(checkUnknownDenied).Inc()
+			c.metrics.check[checkUnknownDenied].Inc()
 			schemas.NewProblem(http.StatusForbidden, "unknown-tenant",
 				fmt.Sprintf("tenant %q has no plan; ask the API provider to set one up", tenant)).Write(w)
 			return
@@ -64,12 +64,12 @@ func (c *Collector) handleCheck(w http.ResponseWriter, r *http.Request) {
 	}
 	if !c.cfg.DontRecordChecks {
 		if p := c.recordCheck(r, tenant); p != nil {
-			c.metrics.checks.WithLabelValues(checkRejected).Inc()
+			c.metrics.check[checkRejected].Inc()
 			p.Write(w)
 			return
 		}
 	}
-	c.metrics.checks.WithLabelValues(outcome).Inc()
+	c.metrics.check[outcome].Inc()
 	w.WriteHeader(http.StatusOK)
 }
 

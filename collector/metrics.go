@@ -14,6 +14,7 @@ type metrics struct {
 	publishDuplicates prometheus.Counter
 	publishSeconds    prometheus.Histogram
 	checks            *prometheus.CounterVec
+	check             map[string]prometheus.Counter // checks by outcome, resolved once: /v1/check is hot
 	paymentRequired   *prometheus.CounterVec
 }
 
@@ -92,8 +93,9 @@ func newMetrics(reg prometheus.Registerer, sp *spool.Spool) (*metrics, error) {
 	for _, r := range []string{rejectInvalid, rejectMalformed, rejectTooLarge, rejectMediaType, rejectAuth, rejectForbidden, rejectSpoolFull, rejectUnavailable} {
 		m.rejected.WithLabelValues(r)
 	}
+	m.check = map[string]prometheus.Counter{}
 	for _, o := range []string{checkAllowed, checkBlocked, checkStaleAllowed, checkStaleDenied, checkUnknownAllowed, checkUnknownDenied, checkRejected} {
-		m.checks.WithLabelValues(o)
+		m.check[o] = m.checks.WithLabelValues(o)
 	}
 	for _, o := range []string{"published", "spooled", "replayed"} {
 		m.batches.WithLabelValues(o)
