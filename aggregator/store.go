@@ -3,6 +3,7 @@ package aggregator
 import (
 	"context"
 	"errors"
+	"fmt"
 	"time"
 
 	"github.com/meterd/meterd/schemas"
@@ -84,4 +85,80 @@ type Store interface {
 
 	// Close releases the store's resources; the store must not be used after.
 	Close() error
+}
+
+// Granularity is the length of the buckets a usage report sums into: UTC
+// hours, days or calendar months.
+type Granularity int
+
+// Granularities of UsageQuery.
+const (
+	Hourly Granularity = iota + 1
+	Daily
+	Monthly
+)
+
+// String returns "hour", "day" or "month".
+func (g Granularity) String() string {
+	switch g {
+	case Hourly:
+		return "hour"
+	case Daily:
+		return "day"
+	case Monthly:
+		return "month"
+	}
+	return fmt.Sprintf("Granularity(%d)", int(g))
+}
+
+// BucketStart returns the start of the bucket of granularity g holding t, in
+// UTC.
+func (g Granularity) BucketStart(t time.Time) time.Time {
+	t = t.UTC()
+	switch g {
+	case Hourly:
+		return t.Truncate(time.Hour)
+	case Daily:
+		return time.Date(t.Year(), t.Month(), t.Day(), 0, 0, 0, 0, time.UTC)
+	case Monthly:
+		return time.Date(t.Year(), t.Month(), 1, 0, 0, 0, 0, time.UTC)
+	}
+	panic("aggregator: invalid granularity " + g.String())
+}
+
+// UsageQuery selects usage for a report. The caller validates it: names
+// follow their grammar (schemas.ValidTenant, ValidMeter, ValidDimensionKey),
+// GroupBy holds no name twice, and From < To.
+type UsageQuery struct {
+	Tenant      string // "" for every tenant
+	Meter       string // "" for every meter
+	From, To    time.Time
+	Granularity Granularity
+	// GroupBy names the dimensions rows are split by, in the order of
+	// UsageRow.Dims; empty sums over all dimensions.
+	GroupBy []string
+}
+
+// UsageRow is the usage of a tenant's meter in one bucket for one
+// combination of the values of the grouped dimensions.
+type UsageRow struct {
+	Tenant, Meter string
+	// Start is the start of the bucket (UTC), not clipped to the query's
+	// From: the first and last buckets may hold only part of their usage.
+	Start time.Time
+	// Dims holds the value of each dimension of UsageQuery.GroupBy, "" for
+	// events without that dimension.
+	Dims          []string
+	Value, Events int64
+}
+
+// Reporter answers usage reports.
+type Reporter interface {
+	// Usage calls fn with the usage of the events with From <= time < To
+	// (read as by Store.Total: whole hours from the rollups, partial hours
+	// at either end from the raw events), one row per (tenant, meter,
+	// bucket, dims) that has events, in order of tenant, meter, Start and
+	// then Dims (byte order, element by element). fn may not keep the row:
+	// it is reused. An error of fn stops Usage, which returns it.
+	Usage(ctx context.Context, q UsageQuery, fn func(*UsageRow) error) error
 }
