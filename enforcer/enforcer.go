@@ -920,6 +920,7 @@ func (e *Enforcer) Register(mux *http.ServeMux) {
 	mux.HandleFunc("PUT /v1/tenants/{tenant}", e.handlePutTenant)
 	mux.HandleFunc("DELETE /v1/tenants/{tenant}", e.handleDeleteTenant)
 	mux.HandleFunc("GET /v1/blocklist", e.handleBlocklist)
+	mux.HandleFunc("GET /v1/usage/summary", e.handleSummary)
 }
 
 // Close stops a running Run; it is idempotent.

@@ -21,6 +21,9 @@ type Problem struct {
 	Detail   string       `json:"detail,omitempty"`
 	Instance string       `json:"instance,omitempty"`
 	Errors   []FieldError `json:"errors,omitempty"`
+	// InvalidParams lists the query parameters of a 400 answer that are
+	// wrong, each with why (the "invalid-params" extension of RFC 9457).
+	InvalidParams []InvalidParam `json:"invalid_params,omitempty"`
 	*Block
 }
 
@@ -33,6 +36,12 @@ type Block struct {
 	Used       *int64     `json:"used,omitempty"`
 	PeriodEnd  *time.Time `json:"period_end,omitempty"`
 	BillingURL string     `json:"billing_url,omitempty"`
+}
+
+// InvalidParam names a wrong request parameter and says why it is wrong.
+type InvalidParam struct {
+	Name   string `json:"name"`
+	Reason string `json:"reason"`
 }
 
 // NewProblem returns a problem of type ProblemBase+slug with the status's text

@@ -144,7 +144,7 @@ func checkBillingURL(s string) error {
 // newBlock renders the answer to a decision decodeDecision accepted. It
 // fails only for times JSON cannot hold (a period end past year 9999 in UTC).
 func newBlock(d schemas.Decision) (*Block, error) {
-	p := schemas.NewProblem(http.StatusPaymentRequired, problemSlug[d.Reason], detail(d))
+	p := schemas.NewProblem(http.StatusPaymentRequired, problemSlug[d.Reason], Detail(d))
 	p.Block = &schemas.Block{Reason: d.Reason, Tenant: d.Tenant, Meter: d.Meter, BillingURL: d.BillingURL}
 	if d.Reason == schemas.ReasonQuotaExceeded {
 		p.Block.Limit, p.Block.Used = &d.Limit, &d.Used
@@ -164,8 +164,8 @@ func newBlock(d schemas.Decision) (*Block, error) {
 	return b, nil
 }
 
-// detail is the sentence a person reads: what happened and what to do.
-func detail(d schemas.Decision) string {
+// Detail is the sentence a person reads: what happened and what to do.
+func Detail(d schemas.Decision) string {
 	at := func(action string) string {
 		if d.BillingURL == "" {
 			return action
