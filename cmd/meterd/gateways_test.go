@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"math"
 	"net/http"
 	"net/http/httptest"
@@ -258,7 +259,7 @@ scrape_configs:
 				got[q] = v
 			}
 		}
-		if mapsEqual(got, want) {
+		if maps.Equal(got, want) {
 			t.Logf("Prometheus: %v", got)
 			return
 		}
@@ -313,18 +314,6 @@ func promQuery(t *testing.T, base, q, target string) (v float64, ok bool) {
 		t.Fatalf("query %s: value %v: %v", q, r.Value, err)
 	}
 	return v, true
-}
-
-func mapsEqual(a, b map[string]float64) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for k, v := range a {
-		if w, ok := b[k]; !ok || w != v {
-			return false
-		}
-	}
-	return true
 }
 
 // upstreamCall is a call the upstream received.
