@@ -461,7 +461,12 @@ type e2eAnswer struct {
 }
 
 func (s *e2eDev) do(method, path string, header http.Header, body []byte) (*e2eAnswer, error) {
-	req, err := http.NewRequest(method, s.base+path, bytes.NewReader(body))
+	return fetch(s.client, method, s.base+path, header, body)
+}
+
+// fetch sends a request with client and reads the answer to its end.
+func fetch(client *http.Client, method, url string, header http.Header, body []byte) (*e2eAnswer, error) {
+	req, err := http.NewRequest(method, url, bytes.NewReader(body))
 	if err != nil {
 		return nil, err
 	}
@@ -470,7 +475,7 @@ func (s *e2eDev) do(method, path string, header http.Header, body []byte) (*e2eA
 			req.Header.Add(k, v)
 		}
 	}
-	resp, err := s.client.Do(req)
+	resp, err := client.Do(req)
 	if err != nil {
 		return nil, err
 	}

@@ -15,7 +15,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -27,6 +26,8 @@ import (
 
 	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+
+	"github.com/meterd/meterd/internal/proctest"
 )
 
 // EnvAddr names the environment variable that points the tests at a running
@@ -168,12 +169,12 @@ func startServer() (*server, error) {
 // serverBinary returns the path of clickhouse-server, installing it first
 // in CI, or an error wrapping errNotInstalled.
 func serverBinary() (string, error) {
-	bin := findServer()
+	bin := proctest.Find("clickhouse-server")
 	if bin == "" && os.Getenv("CI") == "true" {
 		if err := install(); err != nil {
 			return "", fmt.Errorf("%w; installing it failed: %v", errNotInstalled, err)
 		}
-		bin = findServer()
+		bin = proctest.Find("clickhouse-server")
 	}
 	if bin == "" {
 		return "", errNotInstalled
@@ -182,20 +183,6 @@ func serverBinary() (string, error) {
 		return "", fmt.Errorf("clickhouse-server is installed but its configuration is missing: %w", err)
 	}
 	return bin, nil
-}
-
-// findServer returns the path of clickhouse-server, also where the PATH
-// lacks /usr/sbin, or "".
-func findServer() string {
-	if bin, err := exec.LookPath("clickhouse-server"); err == nil {
-		return bin
-	}
-	for _, bin := range []string{"/usr/sbin/clickhouse-server", "/usr/bin/clickhouse-server"} {
-		if _, err := os.Stat(bin); err == nil {
-			return bin
-		}
-	}
-	return ""
 }
 
 // install runs scripts/clickhouse-test-server of the enclosing repository,
@@ -221,7 +208,7 @@ func install() error {
 }
 
 func tryStart(bin string) (*server, error) {
-	ports, err := freePorts(3)
+	ports, err := proctest.FreePorts(3)
 	if err != nil {
 		return nil, err
 	}
@@ -261,7 +248,7 @@ func launch(bin string, ports []int, dir string) (*server, error) {
 	)
 	cmd.Dir = dir
 	cmd.Stdout, cmd.Stderr = out, out
-	cmd.SysProcAttr = sysProcAttr()
+	cmd.SysProcAttr = proctest.SysProcAttr()
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start %s: %w", bin, err)
 	}
@@ -351,7 +338,7 @@ func NewServer(t testing.TB) *Server {
 		}
 		t.Fatalf("chtest: %v", err)
 	}
-	ports, err := freePorts(3)
+	ports, err := proctest.FreePorts(3)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -386,18 +373,4 @@ func (s *Server) Start() {
 		s.t.Fatalf("chtest: start clickhouse-server: %v", err)
 	}
 	s.cur = cur
-}
-
-// freePorts returns n TCP ports that were free a moment ago.
-func freePorts(n int) ([]int, error) {
-	ports := make([]int, 0, n)
-	for range n {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return nil, err
-		}
-		defer l.Close()
-		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
-	}
-	return ports, nil
 }

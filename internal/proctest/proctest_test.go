@@ -1,0 +1,144 @@
+package proctest
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"os/signal"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// envServe makes the test binary a server for these tests: it listens on
+// the address the variable holds until SIGTERM; "taken" prints Linux's
+// message for a port in use and exits.
+const envServe = "PROCTEST_SERVE"
+
+func TestMain(m *testing.M) {
+	if addr := os.Getenv(envServe); addr != "" {
+		serve(addr)
+		return
+	}
+	os.Exit(m.Run())
+}
+
+func serve(addr string) {
+	if addr == "taken" {
+		fmt.Println("listen: bind: address already in use")
+		os.Exit(1)
+	}
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		fmt.Println(err)
+		os.Exit(1)
+	}
+	fmt.Println("serving on", addr)
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGTERM)
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	<-sig
+	fmt.Println("terminated")
+}
+
+func helper(addr string) *exec.Cmd {
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), envServe+"="+addr)
+	return cmd
+}
+
+// Start waits until the server accepts connections; Stop terminates it.
+func TestStartAndStop(t *testing.T) {
+	s := Start(t, Spec{Name: "helper", Command: helper})
+	if err := dial(s.Addr); err != nil {
+		t.Fatalf("not serving on %s after Start: %v", s.Addr, err)
+	}
+	if out := s.Log(1 << 10); !strings.Contains(out, "serving on "+s.Addr) {
+		t.Errorf("output %q does not say it serves on %s", out, s.Addr)
+	}
+	s.Stop()
+	s.Stop() // idempotent
+	if err := dial(s.Addr); err == nil {
+		t.Errorf("%s still accepts connections after Stop", s.Addr)
+	}
+	if out := s.Log(1 << 10); !strings.Contains(out, "terminated") {
+		t.Errorf("output %q: the server was not terminated by SIGTERM", out)
+	}
+}
+
+// A server whose port was taken is started again on another port.
+func TestStartRetriesATakenPort(t *testing.T) {
+	var addrs []string
+	s := Start(t, Spec{Name: "helper", Command: func(addr string) *exec.Cmd {
+		addrs = append(addrs, addr)
+		if len(addrs) == 1 {
+			return helper("taken")
+		}
+		return helper(addr)
+	}})
+	if len(addrs) != 2 || s.Addr != addrs[1] {
+		t.Fatalf("Command called with %v, server on %s; want two calls and the second address", addrs, s.Addr)
+	}
+	if err := dial(s.Addr); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Ready decides when the server is ready, and a server that never is fails
+// at the timeout.
+func TestStartWaitsForReady(t *testing.T) {
+	readyAt := time.Now().Add(200 * time.Millisecond)
+	s := Start(t, Spec{Name: "helper", Command: helper, Ready: func(addr string) error {
+		if time.Now().Before(readyAt) {
+			return fmt.Errorf("not yet")
+		}
+		return dial(addr)
+	}})
+	if time.Now().Before(readyAt) {
+		t.Errorf("Start returned before Ready said so")
+	}
+	s.Stop()
+
+	s2, err := launch(Spec{Name: "never", Command: helper, Ready: func(string) error { return fmt.Errorf("never ready") },
+		Timeout: 200 * time.Millisecond}, "127.0.0.1:0", t.TempDir()+"/log")
+	if err == nil || !strings.Contains(err.Error(), "never ready") {
+		s2.Stop()
+		t.Fatalf("launch of a server never ready: %v, want the Ready error", err)
+	}
+}
+
+// Without the program, Binary skips the test, unless CI=true: there it
+// fails it.
+func TestBinaryMissing(t *testing.T) {
+	if os.Getenv("PROCTEST_MISSING") == "1" {
+		Binary(t, "meterd-no-such-program", "meterd-no-such-package")
+		t.Fatal("Binary returned without the program")
+	}
+	for _, tc := range []struct {
+		ci   string
+		fail bool
+		want string
+	}{
+		{"", false, "--- SKIP: TestBinaryMissing"},
+		{"false", false, "--- SKIP: TestBinaryMissing"},
+		{"true", true, "--- FAIL: TestBinaryMissing"},
+	} {
+		cmd := exec.Command(os.Args[0], "-test.run=^TestBinaryMissing$", "-test.v")
+		cmd.Env = append(os.Environ(), "PROCTEST_MISSING=1", "CI="+tc.ci)
+		out, err := cmd.CombinedOutput()
+		if (err != nil) != tc.fail || !strings.Contains(string(out), tc.want) ||
+			!strings.Contains(string(out), "meterd-no-such-program not installed (apt-get install meterd-no-such-package") {
+			t.Errorf("CI=%q: %v, output:\n%s\nwant %q and the install hint", tc.ci, err, out, tc.want)
+		}
+	}
+}
