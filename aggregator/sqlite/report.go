@@ -58,6 +58,27 @@ func (p *params) add(v any) string {
 func usageQuery(q aggregator.UsageQuery, sp rollup.Span) (string, []any) {
 	var p params
 	var sb strings.Builder
+	var tenant, filter string
+	if q.Tenant != "" {
+		tenant = p.add(q.Tenant)
+		filter += ` AND tenant = ` + tenant
+	}
+	if q.Meter != "" {
+		filter += ` AND meter = ` + p.add(q.Meter)
+	}
+	rollupFilter := filter
+	if q.Tenant != "" && q.Meter == "" {
+		// The primary key (tenant, meter, hour, dims_key) cannot narrow hour
+		// without a meter: rather than every rollup row the tenant ever had,
+		// read the hours of each of its meters, found by a seek per meter.
+		fmt.Fprintf(&sb, `WITH RECURSIVE tenant_meters(meter) AS (
+			SELECT (SELECT min(meter) FROM rollups_hourly WHERE tenant = %[1]s)
+			UNION ALL
+			SELECT (SELECT min(meter) FROM rollups_hourly WHERE tenant = %[1]s AND meter > m.meter)
+			FROM tenant_meters AS m WHERE m.meter IS NOT NULL)
+		`, tenant)
+		rollupFilter += ` AND meter IN (SELECT meter FROM tenant_meters)`
+	}
 	sb.WriteString(`SELECT tenant, meter, bucket`)
 	order := "1, 2, 3"
 	for i, d := range q.GroupBy {
@@ -66,17 +87,10 @@ func usageQuery(q aggregator.UsageQuery, sp rollup.Span) (string, []any) {
 		order += ", " + strconv.Itoa(4+i)
 	}
 	sb.WriteString(`, SUM(v), SUM(n) FROM (`)
-	var filter string
-	if q.Tenant != "" {
-		filter += ` AND tenant = ` + p.add(q.Tenant)
-	}
-	if q.Meter != "" {
-		filter += ` AND meter = ` + p.add(q.Meter)
-	}
 	if !sp.Hours.Empty() {
 		fmt.Fprintf(&sb, `
 		SELECT tenant, meter, %s AS bucket, dims_key, value AS v, events AS n FROM rollups_hourly
-		WHERE hour >= %s AND hour < %s%s`, bucket(q.Granularity, "hour"), p.add(sp.Hours.From), p.add(sp.Hours.To), filter)
+		WHERE hour >= %s AND hour < %s%s`, bucket(q.Granularity, "hour"), p.add(sp.Hours.From), p.add(sp.Hours.To), rollupFilter)
 	}
 	if len(sp.Edges) > 0 {
 		if !sp.Hours.Empty() {
@@ -87,8 +101,11 @@ func usageQuery(q aggregator.UsageQuery, sp rollup.Span) (string, []any) {
 		for _, e := range sp.Edges {
 			conds = append(conds, `time >= `+p.add(e.From)+` AND time < `+p.add(e.To))
 		}
+		// The edges are at most two partial hours: the time index bounds
+		// the read to them, where the primary key (tenant, id) would read
+		// all of a tenant's events ever (the planner's guess without it).
 		fmt.Fprintf(&sb, `
-		SELECT tenant, meter, %s AS bucket, dims_key, value AS v, 1 AS n FROM events
+		SELECT tenant, meter, %s AS bucket, dims_key, value AS v, 1 AS n FROM events INDEXED BY events_by_time
 		WHERE (%s)%s`, bucket(q.Granularity, "time"), strings.Join(conds, " OR "), filter)
 	}
 	fmt.Fprintf(&sb, `
