@@ -43,8 +43,11 @@ var (
 //
 // Apply and Reconcile are serialised by the store; a store assumes it is the
 // only writer of its database (one aggregator consumes the usage stream
-// sequentially). Total, Totals and Ping may run concurrently with them.
+// sequentially). Total, Totals, Usage and Ping may run concurrently with
+// them.
 type Store interface {
+	Reporter
+
 	// Apply durably writes the events of batches, skipping every event whose
 	// (tenant, id) the store already holds (from any earlier batch, however
 	// long ago) or that appears earlier in these batches, and returns the

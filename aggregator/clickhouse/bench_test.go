@@ -14,10 +14,10 @@ func BenchmarkApply(b *testing.B) {
 	storetest.BenchmarkApply(b, newStore(b, chtest.DSN(b)))
 }
 
-// BenchmarkMonthlyTotal fills the rollups with the monthly-total data set
-// (about 2.2 million rows) in 8 inserts, leaving parts unmerged as a live
-// month has them, and then measures one total.
-func BenchmarkMonthlyTotal(b *testing.B) {
+// monthStore returns a store holding the monthly-total data set (about 2.2
+// million rollup rows) filled in 8 inserts, leaving parts unmerged as a live
+// month has them.
+func monthStore(b *testing.B) *Store {
 	s := newStore(b, chtest.DSN(b))
 	const chunks = 8
 	for i := range chunks {
@@ -25,7 +25,9 @@ func BenchmarkMonthlyTotal(b *testing.B) {
 		err := s.conn.Exec(b.Context(), fmt.Sprintf(`
 			INSERT INTO rollups_hourly (tenant, meter, hour, dims_key, value, events)
 			SELECT concat('tenant-', toString(number %% 1000)), ['api_calls', 'tokens', 'bytes_out'][intDiv(number, 1000) %% 3 + 1],
-				toDateTime(%d + intDiv(number, 3000) * 3600), '', 3 * e, e
+				toDateTime(%d + intDiv(number, 3000) * 3600),
+				concat('{"method":"', if(intDiv(number, 3000) %% 2 = 0, 'GET', 'POST'), '","route":"/v1/r', toString(intDiv(number, 3000) %% 5), '"}'),
+				3 * e, e
 			FROM (SELECT number, toInt64(if(number < %d, 5, 4)) AS e FROM system.numbers WHERE number >= %d LIMIT %d)`,
 			storetest.MonthStart, storetest.MonthFiveEventRows, from, n))
 		if err != nil {
@@ -33,7 +35,19 @@ func BenchmarkMonthlyTotal(b *testing.B) {
 		}
 	}
 	storetest.CheckMonthEvents(b, s)
+	return s
+}
+
+// BenchmarkMonthlyTotal measures one total over the monthly-total data set.
+func BenchmarkMonthlyTotal(b *testing.B) {
+	s := monthStore(b)
 	b.Run("tenant_month", func(b *testing.B) { storetest.BenchmarkMonthlyTotal(b, s) })
+}
+
+// BenchmarkReport measures one tenant's reports over the monthly-total data
+// set.
+func BenchmarkReport(b *testing.B) {
+	storetest.BenchmarkReports(b, monthStore(b))
 }
 
 // BenchmarkLookup measures what Apply reads before it writes (the ledger and

@@ -235,3 +235,58 @@ func appendDims(buf []byte, keys []string, value func(int) string) []byte {
 	}
 	return append(buf, '}')
 }
+
+// CheckUsage returns an error for a usage query no store may run: one of an
+// unknown granularity, or with a GroupBy name that is not a dimension key
+// (schemas.ValidDimensionKey). The stores cannot bind a dimension name as a
+// JSON path or a key everywhere, so they write it into a path or a string
+// literal; the grammar of dimension keys, [A-Za-z_][A-Za-z0-9_.-]{0,63},
+// has no quote, backslash or space, nothing that could end a quoted path
+// member or a string literal, so a name that passes is safe there.
+func CheckUsage(q aggregator.UsageQuery) error {
+	switch q.Granularity {
+	case aggregator.Hourly, aggregator.Daily, aggregator.Monthly:
+	default:
+		return fmt.Errorf("usage query: invalid granularity %s", q.Granularity)
+	}
+	for _, d := range q.GroupBy {
+		if !schemas.ValidDimensionKey(d) {
+			return fmt.Errorf("usage query: group by %q: not a dimension key", d)
+		}
+	}
+	return nil
+}
+
+// UsageRows is the cursor of a usage query: database/sql's *Rows and
+// clickhouse-go's driver.Rows are both one.
+type UsageRows interface {
+	Next() bool
+	Scan(dest ...any) error
+	Err() error
+}
+
+// ScanUsage calls fn with each row of rows, read as it comes, whose columns
+// are tenant, meter, the start of the bucket (Unix seconds, int64), the
+// values of the groups grouped dimensions and the sums of values and events.
+// It passes fn one UsageRow, overwritten for every row. It returns the error
+// of fn unchanged as stop and stops there, or the error of rows as err.
+func ScanUsage(rows UsageRows, groups int, fn func(*aggregator.UsageRow) error) (stop, err error) {
+	row := aggregator.UsageRow{Dims: make([]string, groups)}
+	var start int64
+	dest := make([]any, 0, groups+5)
+	dest = append(dest, &row.Tenant, &row.Meter, &start)
+	for i := range row.Dims {
+		dest = append(dest, &row.Dims[i])
+	}
+	dest = append(dest, &row.Value, &row.Events)
+	for rows.Next() {
+		if err := rows.Scan(dest...); err != nil {
+			return nil, err
+		}
+		row.Start = Time(start)
+		if err := fn(&row); err != nil {
+			return err, nil
+		}
+	}
+	return nil, rows.Err()
+}

@@ -1,9 +1,13 @@
 package storetest
 
 import (
+	"cmp"
 	"encoding/hex"
 	"fmt"
+	"maps"
 	"math/rand/v2"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -87,8 +91,9 @@ func BenchmarkApply(b *testing.B, s aggregator.Store) {
 // The monthly-total data set: MonthEvents events of January 2026 summed in
 // MonthRows rollup rows, one per (tenant, meter, hour). Row n (0 <= n <
 // MonthRows) is tenant "tenant-<n%1000>", meter Meters[n/1000%3], hour
-// 2026-01-01T00:00Z + n/3000 hours, 5 events if n < 1072000 else 4, and a
-// value of 3 per event. Each store fills it its own fast way.
+// 2026-01-01T00:00Z + n/3000 hours, the dimensions MonthDims(n/3000), 5
+// events if n < 1072000 else 4, and a value of 3 per event. Each store fills
+// it its own fast way.
 const (
 	MonthRows   = BenchTenants * 3 * 744
 	MonthEvents = 10_000_000
@@ -96,6 +101,17 @@ const (
 	// MonthFiveEventRows is how many rows, from row 0, hold 5 events.
 	MonthFiveEventRows = MonthEvents - 4*MonthRows
 )
+
+// MonthDims returns the dimensions of the rows of hour h (0 <= h < 744) of
+// the monthly-total data set: {"method": "GET" if h is even else "POST",
+// "route": "/v1/r<h%5>"}.
+func MonthDims(h int) map[string]string {
+	method := "GET"
+	if h%2 == 1 {
+		method = "POST"
+	}
+	return map[string]string{"method": method, "route": fmt.Sprintf("/v1/r%d", h%5)}
+}
 
 // BenchmarkMonthlyTotal measures Total of one tenant's meter over January
 // from the monthly-total data set, which the caller filled into s.
@@ -139,4 +155,89 @@ func CheckMonthEvents(b *testing.B, s aggregator.Store) {
 	if len(totals) != BenchTenants*len(Meters) || events != MonthEvents {
 		b.Fatalf("the data set holds %d events of %d (tenant, meter) pairs, want %d of %d", events, len(totals), MonthEvents, BenchTenants*len(Meters))
 	}
+}
+
+// BenchmarkReports measures three usage reports of one tenant over January
+// from the monthly-total data set, which the caller filled into s: monthly
+// for all meters (3 rows from 2 232 rollup rows), daily over the 31 days (93
+// rows) and daily grouped by route (465 rows). Every row is checked.
+func BenchmarkReports(b *testing.B, s aggregator.Store) {
+	const tenant = 42
+	from := time.Unix(MonthStart, 0).UTC()
+	q := aggregator.UsageQuery{Tenant: fmt.Sprintf("tenant-%d", tenant), From: from, To: from.AddDate(0, 1, 0)}
+	for _, bc := range []struct {
+		name    string
+		g       aggregator.Granularity
+		groupBy []string
+	}{
+		{"tenant_month", aggregator.Monthly, nil},
+		{"tenant_31_days", aggregator.Daily, nil},
+		{"tenant_31_days_by_route", aggregator.Daily, []string{"route"}},
+	} {
+		q := q
+		q.Granularity, q.GroupBy = bc.g, bc.groupBy
+		want := monthReport(q, tenant)
+		b.Run(bc.name, func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				i := 0
+				err := s.Usage(b.Context(), q, func(r *aggregator.UsageRow) error {
+					if i >= len(want) {
+						return fmt.Errorf("row %d: %s, want no more rows", i, showRow(r))
+					}
+					w := &want[i]
+					if r.Tenant != w.Tenant || r.Meter != w.Meter || !r.Start.Equal(w.Start) || !slices.Equal(r.Dims, w.Dims) ||
+						r.Value != w.Value || r.Events != w.Events {
+						return fmt.Errorf("row %d: %s, want %s", i, showRow(r), showRow(w))
+					}
+					i++
+					return nil
+				})
+				if err != nil {
+					b.Fatal(err)
+				}
+				if i != len(want) {
+					b.Fatalf("Usage returned %d rows, want %d", i, len(want))
+				}
+			}
+		})
+	}
+}
+
+// monthReport returns the rows of q over the monthly-total data set, which
+// selects tenant.
+func monthReport(q aggregator.UsageQuery, tenant int) []aggregator.UsageRow {
+	type key struct {
+		meter string
+		start time.Time
+		dims  string
+	}
+	sums := map[key]*aggregator.UsageRow{}
+	for h := range 744 {
+		dims := make([]string, len(q.GroupBy))
+		for i, d := range q.GroupBy {
+			dims[i] = MonthDims(h)[d]
+		}
+		for m, meter := range Meters {
+			n := h*3000 + m*1000 + tenant
+			events := int64(4)
+			if n < MonthFiveEventRows {
+				events = 5
+			}
+			k := key{meter, q.Granularity.BucketStart(time.Unix(MonthStart+int64(h)*3600, 0)), strings.Join(dims, "\x00")}
+			if sums[k] == nil {
+				sums[k] = &aggregator.UsageRow{Tenant: q.Tenant, Meter: meter, Start: k.start, Dims: dims}
+			}
+			sums[k].Value += 3 * events
+			sums[k].Events += events
+		}
+	}
+	rows := slices.SortedFunc(maps.Values(sums), func(a, b *aggregator.UsageRow) int {
+		return cmp.Or(strings.Compare(a.Meter, b.Meter), a.Start.Compare(b.Start), slices.Compare(a.Dims, b.Dims))
+	})
+	out := make([]aggregator.UsageRow, len(rows))
+	for i, r := range rows {
+		out[i] = *r
+	}
+	return out
 }

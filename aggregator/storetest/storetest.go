@@ -1,5 +1,6 @@
 // Package storetest is the conformance suite every aggregator.Store passes:
-// the same input gives the same increments, totals and repairs in every store.
+// the same input gives the same increments, totals, reports and repairs in
+// every store.
 package storetest
 
 import (
@@ -46,6 +47,11 @@ func Run(t *testing.T, newStore func(t *testing.T) aggregator.Store) {
 		{"ReconcileCleanStore", testReconcileClean},
 		{"ReconcileRepairsRollups", testReconcileRepairs},
 		{"RandomAppliesMatchOracle", testOracle},
+		{"Usage", testUsage},
+		{"UsageStorableRange", testUsageStorableRange},
+		{"UsageDimensionValues", testUsageDimensionValues},
+		{"UsageCorrectionsCancelOut", testUsageCorrection},
+		{"UsageMatchesOracle", testUsageOracle},
 		{"Ping", func(t *testing.T, s aggregator.Store) {
 			if err := s.Ping(t.Context()); err != nil {
 				t.Fatalf("Ping: %v", err)
