@@ -30,10 +30,8 @@ func TestSeedFromStoreBlocksAtStart(t *testing.T) {
 	v.usage("stranger", "api_calls", p.Start, false, 1_000_000)        // not in the catalog
 	v.start()
 
-	d, _ := v.decision("acme")
-	if d == nil {
-		t.Fatal("acme not blocked after seeding")
-	}
+	// Ready means seeded; the decisions of the seed are written right after.
+	d := v.waitDecision("acme", 5*time.Second, blockedFor(schemas.ReasonQuotaExceeded))
 	want := schemas.Decision{Tenant: "acme", Reason: schemas.ReasonQuotaExceeded, Meter: "api_calls", Limit: 1000, Used: 1200,
 		PeriodStart: p.Start, PeriodEnd: p.End, BillingURL: "https://billing.example.com/acme"}
 	if !sameBlock(*d, want) || d.Used != 1200 || d.Version == 0 || d.DecidedAt.IsZero() {

@@ -85,7 +85,7 @@ func TestKillAggregator(t *testing.T) {
 
 			args := func(addr string) []string {
 				return append([]string{"aggregator", "--nats-url", b.URL(), "--nats-replicas", "1", "--listen", addr,
-					"--log-format", "text", "--fetch-batch", "10", "--fetch-wait", "20ms", "--ack-wait", "2s"}, storeFlag...)
+					"--log-format", "text", "--insecure", "--fetch-batch", "10", "--fetch-wait", "20ms", "--ack-wait", "2s"}, storeFlag...)
 			}
 			addr := "127.0.0.1:" + strconv.Itoa(killFreePort(t))
 			p := startKillProc(t, bin, addr, args(addr)...)

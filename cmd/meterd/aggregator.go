@@ -14,7 +14,10 @@ import (
 
 	"github.com/meterd/meterd/aggregator"
 	"github.com/meterd/meterd/aggregator/clickhouse"
+	"github.com/meterd/meterd/aggregator/report"
 	"github.com/meterd/meterd/aggregator/sqlite"
+	"github.com/meterd/meterd/internal/auth"
+	"github.com/meterd/meterd/internal/billing"
 	"github.com/meterd/meterd/internal/broker"
 	"github.com/meterd/meterd/internal/config"
 )
@@ -28,6 +31,7 @@ func runAggregator(ctx context.Context, args []string, stdout, stderr io.Writer)
 	f := s.file
 	natsFlags(fs, &f.NATS)
 	aggregatorFlags(fs, &f.Aggregator)
+	fs.BoolVar(&s.insecure, "insecure", false, "run without API keys (usage reports are open)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -35,6 +39,10 @@ func runAggregator(ctx context.Context, args []string, stdout, stderr io.Writer)
 		return err
 	}
 	log, err := s.logger(stderr)
+	if err != nil {
+		return err
+	}
+	keys, err := s.keys(log, false)
 	if err != nil {
 		return err
 	}
@@ -52,6 +60,12 @@ func runAggregator(ctx context.Context, args []string, stdout, stderr io.Writer)
 		return err
 	}
 	if err := a.addAggregator(nc, store, f.Aggregator, f.Collector.Partitions); err != nil {
+		return err
+	}
+	// The aggregator reads billing periods from the config file; tenants
+	// changed through the enforcer's admin API keep their file anchors here.
+	catalog := f.Catalog
+	if err := a.addReports(store, keys, func() *billing.Catalog { return catalog }); err != nil {
 		return err
 	}
 	return a.serve(ctx, s, func(addr string) {
@@ -130,5 +144,15 @@ func (a *app) addAggregator(nc *nats.Conn, store aggregator.Store, c config.Aggr
 	}
 	a.checks["aggregator"] = agg.Ready
 	a.workers = append(a.workers, agg, rec)
+	return nil
+}
+
+// addReports serves GET /v1/usage from store.
+func (a *app) addReports(store aggregator.Store, keys *auth.Keys, catalog func() *billing.Catalog) error {
+	h, err := report.New(report.Config{Store: store, Keys: keys, Catalog: catalog, Logger: a.log})
+	if err != nil {
+		return err
+	}
+	a.routes = append(a.routes, h.Register)
 	return nil
 }

@@ -97,7 +97,11 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		return err
 	}
 	f.NATS.Replicas = 1
-	if err := a.addEnforcer(nc, store, s, keys); err != nil {
+	enf, err := a.addEnforcer(nc, store, s, keys)
+	if err != nil {
+		return err
+	}
+	if err := a.addReports(store, keys, enf.Catalog); err != nil {
 		return err
 	}
 	return a.serve(ctx, s, func(addr string) {

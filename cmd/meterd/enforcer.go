@@ -52,7 +52,7 @@ func runEnforcer(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	if err != nil {
 		return err
 	}
-	if err := a.addEnforcer(nc, store, s, keys); err != nil {
+	if _, err := a.addEnforcer(nc, store, s, keys); err != nil {
 		return err
 	}
 	return a.serve(ctx, s, func(addr string) {
@@ -82,7 +82,7 @@ func splitList(s string) []string {
 
 // addEnforcer adds the enforcer, reloading the catalog from the config file
 // on change and on SIGHUP.
-func (a *app) addEnforcer(nc *nats.Conn, store aggregator.Store, s *settings, keys *auth.Keys) error {
+func (a *app) addEnforcer(nc *nats.Conn, store aggregator.Store, s *settings, keys *auth.Keys) (*enforcer.Enforcer, error) {
 	e := s.file.Enforcer
 	enf, err := enforcer.New(enforcer.Config{
 		NATS: nc, Store: store, Catalog: s.file.Catalog, CatalogPath: s.configPath, Keys: keys,
@@ -92,13 +92,13 @@ func (a *app) addEnforcer(nc *nats.Conn, store aggregator.Store, s *settings, ke
 		Replicas: s.file.NATS.Replicas, Logger: a.log, Registerer: a.reg,
 	})
 	if err != nil {
-		return err
+		return nil, err
 	}
 	a.onClose(enf.Close)
 	a.checks["enforcer"] = enf.Ready
 	a.routes = append(a.routes, enf.Register)
 	a.workers = append(a.workers, enf, sighupReloader{enf})
-	return nil
+	return enf, nil
 }
 
 // sighupReloader reloads the enforcer's catalog on every SIGHUP.

@@ -16,10 +16,13 @@ import (
 const usage = `meterd — usage metering with instant 402 enforcement
 
 Usage:
+  meterd demo                 a guided run: tenants, quotas, 402s, a webhook, reports (under a minute)
   meterd dev        [flags]   every component in one process on embedded NATS
   meterd collector  [flags]   the sidecar gateways report usage to
   meterd aggregator [flags]   batches from JetStream into ClickHouse, exactly once
   meterd enforcer   [flags]   quotas and billing status pushed to every gateway
+  meterd usage      [flags]   usage reports from a running meterd (table, CSV, JSON)
+  meterd usage summary        each tenant's current period against its limits
   meterd version
 
 Run 'meterd <command> -h' for the flags of a command. Every flag can also be
@@ -52,6 +55,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		err = runAggregator(ctx, rest, stdout, stderr)
 	case "enforcer":
 		err = runEnforcer(ctx, rest, stdout, stderr)
+	case "usage":
+		err = runUsage(ctx, rest, stdout, stderr)
+	case "demo":
+		err = runDemo(ctx, rest, stdout, stderr)
 	case "version", "--version", "-version":
 		fmt.Fprintln(stdout, "meterd", version)
 	case "help", "-h", "--help":

@@ -1,0 +1,415 @@
+package report_test
+
+import (
+	"context"
+	"encoding/json"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/meterd/meterd/aggregator"
+	"github.com/meterd/meterd/aggregator/clickhouse"
+	"github.com/meterd/meterd/aggregator/report"
+	"github.com/meterd/meterd/aggregator/sqlite"
+	"github.com/meterd/meterd/internal/auth"
+	"github.com/meterd/meterd/internal/billing"
+	"github.com/meterd/meterd/internal/chtest"
+	"github.com/meterd/meterd/schemas"
+)
+
+func TestMain(m *testing.M) { chtest.Main(m) }
+
+const (
+	adminKey = "admin-key-0123456789"
+	acmeKey  = "acme-key-0123456789a"
+)
+
+func at(s string) time.Time {
+	t, err := time.Parse(time.RFC3339, s)
+	if err != nil {
+		panic(err)
+	}
+	return t
+}
+
+func ev(tenant, id, meter string, value int64, t string, dims ...string) schemas.Event {
+	e := schemas.Event{Tenant: tenant, ID: id, Meter: meter, Value: value, Time: at(t)}
+	if len(dims) > 0 {
+		e.Dimensions = map[string]string{}
+		for i := 0; i+1 < len(dims); i += 2 {
+			e.Dimensions[dims[i]] = dims[i+1]
+		}
+	}
+	return e
+}
+
+// events are the usage every report test reads. acme's billing anchor is
+// the 31st, so its periods are Jan 31 – Feb 28, Feb 28 – Mar 31, Mar 31 –
+// Apr 30; globex has daily periods; nobody is not in the catalog (monthly
+// periods from the 1st).
+var events = []schemas.Event{
+	ev("acme", "a1", "api_calls", 1, "2026-01-30T23:59:59Z", "route", "/a"),
+	ev("acme", "a2", "api_calls", 2, "2026-01-31T00:00:00Z", "route", "/a", "method", "GET"),
+	ev("acme", "a3", "api_calls", 4, "2026-02-27T23:59:59Z", "route", "/b"),
+	ev("acme", "a4", "api_calls", 8, "2026-02-28T00:00:00Z"),
+	ev("acme", "a5", "api_calls", 16, "2026-03-30T23:59:59Z", "route", "/a", "method", "POST"),
+	ev("acme", "a6", "api_calls", 32, "2026-03-31T00:00:00Z", "route", "/b"),
+	ev("acme", "a7", "api_calls", 64, "2026-03-31T00:30:00Z", "route", "/b"),
+	ev("acme", "t1", "tokens", 1000, "2026-02-01T10:00:00Z", "model", "small"),
+	ev("globex", "g1", "api_calls", 100, "2026-02-01T10:15:00Z", "route", "/a"),
+	ev("globex", "g2", "api_calls", 200, "2026-02-01T23:59:59Z", "route", "/a"),
+	ev("globex", "g3", "api_calls", 400, "2026-02-02T00:00:00Z", "route", "/a"),
+	ev("nobody", "n1", "api_calls", 7, "2026-01-31T12:00:00Z"),
+	ev("nobody", "n2", "api_calls", 9, "2026-02-01T12:00:00Z"),
+}
+
+const catalogYAML = `plans:
+  free:  {period: monthly, limits: {api_calls: 1000}}
+  daily: {period: daily, limits: {api_calls: 10}}
+tenants:
+  acme:   {plan: free, billing_anchor: 2026-01-31}
+  globex: {plan: daily}
+`
+
+func catalog(t testing.TB) *billing.Catalog {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "catalog.yaml")
+	if err := writeFile(path, catalogYAML); err != nil {
+		t.Fatal(err)
+	}
+	c, err := billing.LoadCatalogFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// stores runs fn against each store filled with events.
+func stores(t *testing.T, fn func(t *testing.T, srv *httptest.Server)) {
+	for _, name := range []string{"sqlite", "clickhouse"} {
+		t.Run(name, func(t *testing.T) {
+			var st aggregator.Store
+			var err error
+			if name == "sqlite" {
+				st, err = sqlite.New(sqlite.Config{Path: filepath.Join(t.TempDir(), "m.db")})
+			} else {
+				st, err = clickhouse.New(context.Background(), clickhouse.Config{DSN: chtest.DSN(t)})
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { st.Close() })
+			if _, err := st.Apply(context.Background(), []*schemas.Batch{{ID: "b1", Events: events}}); err != nil {
+				t.Fatal(err)
+			}
+			keys, err := auth.NewKeys([]auth.Key{{Key: adminKey, Admin: true}, {Key: acmeKey, Tenant: "acme"}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			cat := catalog(t)
+			h, err := report.New(report.Config{Store: st, Keys: keys, Catalog: func() *billing.Catalog { return cat },
+				Now: func() time.Time { return at("2026-04-10T12:00:00Z") }})
+			if err != nil {
+				t.Fatal(err)
+			}
+			mux := http.NewServeMux()
+			h.Register(mux)
+			srv := httptest.NewServer(mux)
+			t.Cleanup(srv.Close)
+			fn(t, srv)
+		})
+	}
+}
+
+type answer struct {
+	status int
+	header http.Header
+	body   string
+}
+
+func get(t *testing.T, srv *httptest.Server, key, query string, header ...string) answer {
+	t.Helper()
+	req, err := http.NewRequest(http.MethodGet, srv.URL+"/v1/usage?"+query, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if key != "" {
+		req.Header.Set("Authorization", "Bearer "+key)
+	}
+	for i := 0; i+1 < len(header); i += 2 {
+		req.Header.Set(header[i], header[i+1])
+	}
+	resp, err := srv.Client().Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return answer{resp.StatusCode, resp.Header, string(b)}
+}
+
+// rows reads a JSON report as lines "tenant meter start end value events dims".
+func rows(t *testing.T, a answer) []string {
+	t.Helper()
+	if a.status != http.StatusOK {
+		t.Fatalf("status %d: %s", a.status, a.body)
+	}
+	if ct := a.header.Get("Content-Type"); ct != report.MediaJSON {
+		t.Fatalf("Content-Type %q", ct)
+	}
+	var rep struct {
+		GroupBy []string `json:"group_by"`
+		Rows    []struct {
+			Tenant, Meter string
+			WindowStart   time.Time `json:"window_start"`
+			Value, Events int64
+			Dimensions    map[string]string
+		} `json:"rows"`
+	}
+	if err := json.Unmarshal([]byte(a.body), &rep); err != nil {
+		t.Fatalf("%v: %s", err, a.body)
+	}
+	var out []string
+	for _, r := range rep.Rows {
+		line := r.Tenant + " " + r.Meter + " " + r.WindowStart.Format(time.RFC3339) + " " + fmtInt(r.Value) + " " + fmtInt(r.Events)
+		for _, d := range rep.GroupBy {
+			line += " " + d + "=" + r.Dimensions[d]
+		}
+		out = append(out, line)
+	}
+	return out
+}
+
+// windowEnds reads the window_end of every row of a JSON report.
+func windowEnds(t *testing.T, a answer) []string {
+	t.Helper()
+	var rep struct {
+		Rows []struct {
+			WindowEnd string `json:"window_end"`
+		} `json:"rows"`
+	}
+	if err := json.Unmarshal([]byte(a.body), &rep); err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, r := range rep.Rows {
+		out = append(out, r.WindowEnd)
+	}
+	return out
+}
+
+func want(t *testing.T, what string, got []string, want ...string) {
+	t.Helper()
+	if !slices.Equal(got, want) {
+		t.Errorf("%s:\n got  %q\n want %q", what, got, want)
+	}
+}
+
+func TestReportPeriods(t *testing.T) {
+	stores(t, func(t *testing.T, srv *httptest.Server) {
+		// acme's periods from an anchor on the 31st: Jan 31, Feb 28, Mar 31.
+		a := get(t, srv, adminKey, "tenant=acme&meter=api_calls&window=period&from=2026-01-01T00:00:00Z&to=2026-05-01T00:00:00Z")
+		want(t, "acme periods", rows(t, a),
+			"acme api_calls 2026-01-01T00:00:00Z 1 1",  // Dec 31 – Jan 31, clipped to from
+			"acme api_calls 2026-01-31T00:00:00Z 6 2",  // Jan 31 – Feb 28
+			"acme api_calls 2026-02-28T00:00:00Z 24 2", // Feb 28 – Mar 31
+			"acme api_calls 2026-03-31T00:00:00Z 96 2", // Mar 31 – Apr 30
+		)
+		want(t, "acme period ends", windowEnds(t, a),
+			"2026-01-31T00:00:00Z", "2026-02-28T00:00:00Z", "2026-03-31T00:00:00Z", "2026-04-30T00:00:00Z")
+
+		// Every tenant, February: acme's periods, globex's days, nobody's
+		// calendar month; a bound inside a period clips the window.
+		a = get(t, srv, adminKey, "window=period&from=2026-02-01T10:00:00Z&to=2026-03-01T00:00:00Z")
+		want(t, "all tenants", rows(t, a),
+			"acme api_calls 2026-02-01T10:00:00Z 4 1",
+			"acme api_calls 2026-02-28T00:00:00Z 8 1",
+			"acme tokens 2026-02-01T10:00:00Z 1000 1",
+			"globex api_calls 2026-02-01T10:00:00Z 300 2",
+			"globex api_calls 2026-02-02T00:00:00Z 400 1",
+			"nobody api_calls 2026-02-01T10:00:00Z 9 1",
+		)
+		want(t, "all tenants ends", windowEnds(t, a),
+			"2026-02-28T00:00:00Z", "2026-03-01T00:00:00Z", "2026-02-28T00:00:00Z",
+			"2026-02-02T00:00:00Z", "2026-02-03T00:00:00Z", "2026-03-01T00:00:00Z")
+
+		// Grouped by a dimension: one row per period and route.
+		a = get(t, srv, adminKey, "tenant=acme&meter=api_calls&window=period&group_by=route&from=2026-01-31T00:00:00Z&to=2026-04-30T00:00:00Z")
+		want(t, "acme periods by route", rows(t, a),
+			"acme api_calls 2026-01-31T00:00:00Z 2 1 route=/a",
+			"acme api_calls 2026-01-31T00:00:00Z 4 1 route=/b",
+			"acme api_calls 2026-02-28T00:00:00Z 8 1 route=",
+			"acme api_calls 2026-02-28T00:00:00Z 16 1 route=/a",
+			"acme api_calls 2026-03-31T00:00:00Z 96 2 route=/b",
+		)
+	})
+}
+
+func TestReportCalendarWindows(t *testing.T) {
+	stores(t, func(t *testing.T, srv *httptest.Server) {
+		a := get(t, srv, adminKey, "tenant=acme&meter=api_calls&window=month&from=2026-01-15T12:30:00Z&to=2026-04-01T00:00:00Z")
+		want(t, "months", rows(t, a),
+			"acme api_calls 2026-01-15T12:30:00Z 3 2",
+			"acme api_calls 2026-02-01T00:00:00Z 12 2",
+			"acme api_calls 2026-03-01T00:00:00Z 112 3",
+		)
+		want(t, "month ends", windowEnds(t, a), "2026-02-01T00:00:00Z", "2026-03-01T00:00:00Z", "2026-04-01T00:00:00Z")
+
+		// Edges inside hours come from the raw events.
+		a = get(t, srv, adminKey, "tenant=globex&window=hour&from=2026-02-01T10:15:00Z&to=2026-02-02T00:00:00Z")
+		want(t, "hours", rows(t, a),
+			"globex api_calls 2026-02-01T10:15:00Z 100 1",
+			"globex api_calls 2026-02-01T23:00:00Z 200 1",
+		)
+		a = get(t, srv, adminKey, "tenant=globex&window=hour&from=2026-02-01T10:15:01Z&to=2026-02-01T23:59:59Z")
+		want(t, "hours, both edges partial", rows(t, a))
+
+		a = get(t, srv, adminKey, "window=day&group_by=route,method&from=2026-03-30T00:00:00Z&to=2026-04-01T00:00:00Z")
+		want(t, "days by two dimensions", rows(t, a),
+			"acme api_calls 2026-03-30T00:00:00Z 16 1 route=/a method=POST",
+			"acme api_calls 2026-03-31T00:00:00Z 96 2 route=/b method=",
+		)
+	})
+}
+
+func TestReportCSV(t *testing.T) {
+	stores(t, func(t *testing.T, srv *httptest.Server) {
+		const wantCSV = "tenant,meter,window_start,window_end,route,value,events\n" +
+			"acme,api_calls,2026-01-30T00:00:00Z,2026-01-31T00:00:00Z,/a,1,1\n" +
+			"acme,api_calls,2026-01-31T00:00:00Z,2026-02-01T00:00:00Z,/a,2,1\n" +
+			"nobody,api_calls,2026-01-31T00:00:00Z,2026-02-01T00:00:00Z,,7,1\n"
+		for _, how := range [][]string{{"format=csv&"}, {"", "Accept", "text/csv"}, {"", "Accept", "text/html, text/csv;q=0.9"}} {
+			a := get(t, srv, adminKey, how[0]+"window=day&meter=api_calls&group_by=route&from=2026-01-30T00:00:00Z&to=2026-02-01T00:00:00Z", how[1:]...)
+			if a.status != http.StatusOK || a.body != wantCSV {
+				t.Errorf("%q: status %d, body:\n%s\nwant:\n%s", how, a.status, a.body, wantCSV)
+			}
+			if ct := a.header.Get("Content-Type"); !strings.HasPrefix(ct, "text/csv") {
+				t.Errorf("%q: Content-Type %q", how, ct)
+			}
+		}
+		// An empty report still has its header.
+		a := get(t, srv, adminKey, "format=csv&tenant=nobody&from=2020-01-01T00:00:00Z&to=2020-02-01T00:00:00Z")
+		if a.body != "tenant,meter,window_start,window_end,value,events\n" {
+			t.Errorf("empty CSV: %q", a.body)
+		}
+	})
+}
+
+func TestReportTenantIsolation(t *testing.T) {
+	stores(t, func(t *testing.T, srv *httptest.Server) {
+		const q = "window=month&from=2026-01-01T00:00:00Z&to=2026-05-01T00:00:00Z"
+		// A tenant key without a tenant reads its own.
+		got := rows(t, get(t, srv, acmeKey, q))
+		want(t, "acme's key", got,
+			"acme api_calls 2026-01-01T00:00:00Z 3 2",
+			"acme api_calls 2026-02-01T00:00:00Z 12 2",
+			"acme api_calls 2026-03-01T00:00:00Z 112 3",
+			"acme tokens 2026-02-01T00:00:00Z 1000 1",
+		)
+		for _, other := range []string{"globex", "nobody", "unknown"} {
+			a := get(t, srv, acmeKey, q+"&tenant="+other)
+			if a.status != http.StatusForbidden || strings.Contains(a.body, "api_calls") || strings.Contains(a.body, "100") {
+				t.Errorf("acme's key reading %s: %d %s", other, a.status, a.body)
+			}
+		}
+		// The admin key reads every tenant.
+		var tenants []string
+		for _, r := range rows(t, get(t, srv, adminKey, q)) {
+			if name, _, _ := strings.Cut(r, " "); !slices.Contains(tenants, name) {
+				tenants = append(tenants, name)
+			}
+		}
+		want(t, "admin's tenants", tenants, "acme", "globex", "nobody")
+
+		for key, status := range map[string]int{"": 401, "not-a-key-0123456789": 401} {
+			a := get(t, srv, key, q)
+			if a.status != status || a.header.Get("Content-Type") != schemas.MediaProblem || strings.Contains(a.body, "acme") {
+				t.Errorf("key %q: %d %s", key, a.status, a.body)
+			}
+		}
+	})
+}
+
+func TestReportBadParameters(t *testing.T) {
+	stores(t, func(t *testing.T, srv *httptest.Server) {
+		for _, c := range []struct{ query, names string }{
+			{"window=week", "window"},
+			{"from=yesterday", "from"},
+			{"to=2026-13-01T00:00:00Z", "to"},
+			{"from=2026-02-01T00:00:00Z&to=2026-01-01T00:00:00Z", "from"},
+			{"from=2026-02-01T00:00:00Z&to=2026-02-01T00:00:00Z", "from"},
+			{"group_by=1route", "group_by"},
+			{"group_by=route,route", "group_by"},
+			{"group_by=route'%20OR%201=1", "group_by"},
+			{"tenant=acme%20corp", "tenant"},
+			{"meter=API_calls", "meter"},
+			{"format=xml", "format"},
+			{"groupby=route", "groupby"},
+			{"window=hour&from=2026-01-01T00:00:00Z&to=2026-06-01T00:00:00Z", "window"},
+			{"format=csv&group_by=value", "group_by"},
+			{"window=day&window=month", "window"},
+			{"window=week&meter=Bad&from=x", "from,meter,window"},
+		} {
+			a := get(t, srv, adminKey, c.query)
+			var p schemas.Problem
+			if err := json.Unmarshal([]byte(a.body), &p); err != nil || a.status != http.StatusBadRequest || a.header.Get("Content-Type") != schemas.MediaProblem {
+				t.Errorf("%s: %d %s", c.query, a.status, a.body)
+				continue
+			}
+			var names []string
+			for _, ip := range p.InvalidParams {
+				if !slices.Contains(names, ip.Name) {
+					names = append(names, ip.Name)
+				}
+				if ip.Reason == "" || !strings.Contains(p.Detail, ip.Name) {
+					t.Errorf("%s: parameter %s without reason or not in the detail %q", c.query, ip.Name, p.Detail)
+				}
+			}
+			slices.Sort(names)
+			if got := strings.Join(names, ","); got != c.names {
+				t.Errorf("%s: invalid params %s, want %s (%s)", c.query, got, c.names, a.body)
+			}
+		}
+	})
+}
+
+func TestParseQueryDefaults(t *testing.T) {
+	cat := catalog(t)
+	now := at("2026-04-10T12:34:56Z")
+	for _, c := range []struct{ query, from, to string }{
+		{"", "2026-04-01T00:00:00Z", "2026-04-10T12:34:56Z"},
+		{"window=hour", "2026-04-10T00:00:00Z", "2026-04-10T12:34:56Z"},
+		{"window=period&tenant=acme", "2026-03-31T00:00:00Z", "2026-04-10T12:34:56Z"},
+		{"window=period&tenant=globex", "2026-04-10T00:00:00Z", "2026-04-10T12:34:56Z"},
+		{"window=period", "2026-03-31T00:00:00Z", "2026-04-10T12:34:56Z"},
+		{"to=2026-02-15T00:00:00Z", "2026-02-01T00:00:00Z", "2026-02-15T00:00:00Z"},
+	} {
+		v, err := url.ParseQuery(c.query)
+		if err != nil {
+			t.Fatal(err)
+		}
+		q, bad := report.ParseQuery(v, "", now, cat)
+		if len(bad) > 0 {
+			t.Errorf("%s: %v", c.query, bad)
+			continue
+		}
+		if got := q.From.Format(time.RFC3339) + " " + q.To.Format(time.RFC3339); got != c.from+" "+c.to {
+			t.Errorf("%s: range %s, want %s %s", c.query, got, c.from, c.to)
+		}
+	}
+}
+
+func writeFile(path, s string) error { return os.WriteFile(path, []byte(s), 0o600) }
+
+func fmtInt(n int64) string { return strconv.FormatInt(n, 10) }
