@@ -52,6 +52,7 @@ type demoTenant struct {
 	ok     atomic.Int64
 	denied atomic.Int64
 	tokens atomic.Int64
+	errors atomic.Int64 // calls without an answer
 	// lostTokens is set when a batch of token events was not accepted.
 	lostTokens atomic.Bool
 }
@@ -206,6 +207,9 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	out.title("3. Usage, as operators and invoices see it")
 	calls, tokens := map[string]int64{}, map[string]int64{}
 	for _, t := range tenants {
+		if n := t.errors.Load(); n > 0 {
+			return fmt.Errorf("%d of %s's calls got no answer; see %s", n, t.name, logPath)
+		}
 		calls[t.name] = t.ok.Load()
 		if t.model != "" {
 			if t.lostTokens.Load() {
@@ -413,9 +417,12 @@ func (d *demoClient) gateway(ctx context.Context, t *demoTenant, firstBlock chan
 		case <-tick.C:
 		}
 		n++
-		a, err := d.check(ctx, t.name)
+		// Not ctx: a call cancelled mid-way may still have been recorded,
+		// and the demo must know every call's answer to check the count.
+		a, err := d.check(context.WithoutCancel(ctx), t.name)
 		if err != nil {
-			continue // the traffic's context ended mid-call
+			t.errors.Add(1)
+			continue
 		}
 		switch a.status {
 		case http.StatusOK:
