@@ -325,12 +325,14 @@ func (s *Store) addRollups(tx *sql.Tx, rows rollup.Rows) error {
 
 // sumQuery selects tenant, meter, the sum of values and the number of events
 // in a span: rollups for its whole hours (args 1-2), raw events for its edges
-// (args 3-6), with filter (naming tenant and meter) added to both.
+// (args 3-6) read through the time index (by the (tenant, id) key the planner
+// would read all of a tenant's events), with filter (naming tenant and meter)
+// added to both.
 func sumQuery(filter string) string {
 	return `SELECT tenant, meter, SUM(v), SUM(n) FROM (
 		SELECT tenant, meter, value AS v, events AS n FROM rollups_hourly WHERE hour >= ?1 AND hour < ?2` + filter + `
 		UNION ALL
-		SELECT tenant, meter, value, 1 FROM events WHERE (time >= ?3 AND time < ?4 OR time >= ?5 AND time < ?6)` + filter + `
+		SELECT tenant, meter, value, 1 FROM events INDEXED BY events_by_time WHERE (time >= ?3 AND time < ?4 OR time >= ?5 AND time < ?6)` + filter + `
 	) GROUP BY tenant, meter HAVING SUM(v) != 0 OR SUM(n) != 0 ORDER BY tenant, meter`
 }
 
