@@ -115,6 +115,7 @@ type Aggregator struct {
 	lastCommit atomic.Int64 // unix nanos of the last commit, or of a fetch that found nothing
 	flushSince atomic.Int64 // unix nanos the running flush started, 0 when none runs
 	pending    atomic.Int64 // messages not yet delivered, as of the last fetch
+	oldest     atomic.Int64 // unix nanos JetStream stored the first message of the last fetch, 0 when it was empty
 }
 
 // New builds an Aggregator; Run creates its consumer.
@@ -126,11 +127,11 @@ func New(cfg Config) (*Aggregator, error) {
 	if err != nil {
 		return nil, fmt.Errorf("aggregator: jetstream: %w", err)
 	}
-	m, err := newMetrics(cfg.Registerer)
+	a := &Aggregator{cfg: cfg, log: cfg.Logger.With("component", "aggregator"), js: js}
+	a.metrics, err = newMetrics(cfg.Registerer, a.lagSeconds)
 	if err != nil {
 		return nil, err
 	}
-	a := &Aggregator{cfg: cfg, log: cfg.Logger.With("component", "aggregator"), js: js, metrics: m}
 	a.lastCommit.Store(time.Now().UnixNano())
 	return a, nil
 }
@@ -212,9 +213,13 @@ func (a *Aggregator) fetch(ctx context.Context, cons jetstream.Consumer) ([]jets
 			a.pending.Store(int64(md.NumPending))
 			a.metrics.lag.Set(float64(md.NumPending))
 		}
+		if md, err := msgs[0].Metadata(); err == nil {
+			a.oldest.Store(md.Timestamp.UnixNano())
+		}
 	} else {
 		a.pending.Store(0)
 		a.metrics.lag.Set(0)
+		a.oldest.Store(0)
 	}
 	return msgs, ctx.Err()
 }
@@ -387,6 +392,16 @@ func (a *Aggregator) deadLetter(m jetstream.Msg, reason string) {
 	a.metrics.deadLettered.Inc()
 	a.log.Error("message dead-lettered", "subject", m.Subject(), "reason", reason)
 	m.TermWithReason(reason)
+}
+
+// lagSeconds is the time since JetStream stored the oldest batch of the
+// last fetch, 0 when it found nothing.
+func (a *Aggregator) lagSeconds() float64 {
+	oldest := a.oldest.Load()
+	if oldest == 0 {
+		return 0
+	}
+	return max(time.Since(time.Unix(0, oldest)).Seconds(), 0)
 }
 
 // Ready fails when the store is unreachable, or when messages are waiting
