@@ -2,8 +2,12 @@ package aggregator_test
 
 import (
 	"context"
+	"encoding/json"
+	"fmt"
 	"testing"
 	"time"
+
+	"github.com/nats-io/nats.go"
 
 	"github.com/meterd/meterd/aggregator"
 	"github.com/meterd/meterd/internal/metrictest"
@@ -61,3 +65,39 @@ func TestConsumerLagSeconds(t *testing.T) {
 	}
 }
 
+// A committed increment carries the seal time of the oldest batch of its
+// flush: the start of freshness.
+func TestCommittedSealedAt(t *testing.T) {
+	env := newIdleAggEnv(t, openStore(t, "sqlite"), nil)
+	got := make(chan aggregator.Committed, 10)
+	sub, err := env.nc.Subscribe(schemas.CommittedSubjectPrefix+"*", func(m *nats.Msg) {
+		var c aggregator.Committed
+		if err := json.Unmarshal(m.Data, &c); err != nil {
+			t.Errorf("committed message: %v", err)
+		}
+		got <- c
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+	for i, sealed := range []time.Time{t0.Add(time.Second), t0, t0.Add(2 * time.Second)} {
+		id := fmt.Sprintf("b%d", i)
+		data, err := schemas.EncodeBatch(&schemas.Batch{ID: id, Collector: "test", SealedAt: sealed,
+			Events: []schemas.Event{ev("acme", "e"+id, 1, 0)}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		env.publishRaw(t, id, schemas.BatchContentType, data)
+	}
+	env.start()
+	env.waitCommitted(t, 3, 0)
+	select {
+	case c := <-got:
+		if c.Value != 3 || !c.SealedAt.Equal(t0) {
+			t.Errorf("committed %+v, want value 3 sealed at %s (the oldest batch of the flush)", c, t0)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("no committed increment")
+	}
+}
