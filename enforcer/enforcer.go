@@ -635,9 +635,10 @@ func signal(c chan struct{}) {
 	}
 }
 
-// markDirtyLocked has tenant decided again. cause, when set, is the arrival
-// of the increment that crossed a limit: the start of the freshness the
-// write of the block is measured by.
+// markDirtyLocked has tenant decided again. cause, when set, is when the
+// usage that crossed a limit was sealed (the increment's arrival when it
+// does not say): the start of the freshness the write of the block is
+// measured by.
 func (e *Enforcer) markDirtyLocked(tenant string, cause time.Time) {
 	if prev, ok := e.dirty[tenant]; !ok || prev.IsZero() || (!cause.IsZero() && cause.Before(prev)) {
 		e.dirty[tenant] = cause
@@ -799,6 +800,9 @@ func (e *Enforcer) syncTenant(ctx context.Context, tenant string, cause time.Tim
 		err = b.blocklist.Delete(ctx, tenant)
 	} else {
 		want.Version, want.DecidedAt = version, now
+		if want.Reason == schemas.ReasonQuotaExceeded {
+			want.CrossedAt = cause.UTC()
+		}
 		data, _ := json.Marshal(want)
 		_, err = b.blocklist.Put(ctx, tenant, data)
 	}
@@ -840,7 +844,7 @@ func (e *Enforcer) syncTenant(ctx context.Context, tenant string, cause time.Tim
 	}
 	e.m.decisions.WithLabelValues(string(want.Reason)).Inc()
 	if want.Reason == schemas.ReasonQuotaExceeded && !cause.IsZero() {
-		e.m.freshness.Observe(time.Since(cause).Seconds())
+		e.m.freshness.Observe(max(time.Since(cause).Seconds(), 0)) // clocks of two hosts
 	}
 	e.log.Info("tenant blocked", "tenant", tenant, "reason", want.Reason, "meter", want.Meter,
 		"limit", want.Limit, "used", want.Used, "version", version)
