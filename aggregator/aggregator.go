@@ -333,7 +333,8 @@ func (a *Aggregator) ack(msgs []jetstream.Msg) {
 	for _, m := range msgs {
 		// A lost ack means a redelivery, which the store counts once.
 		if err := m.Ack(); err != nil {
-			a.log.Warn("ack failed; the batch will be redelivered and deduplicated", "err", err)
+			a.log.Warn("ack failed; the batch will be redelivered and deduplicated", "err", err,
+				"batch_id", m.Headers().Get(jetstream.MsgIDHeader))
 		}
 	}
 	a.lastCommit.Store(time.Now().UnixNano())
@@ -389,19 +390,23 @@ func (a *Aggregator) deadLetter(m jetstream.Msg, reason string) {
 		dlq.Header[k] = v
 	}
 	dlq.Header.Set(schemas.HeaderDLQReason, reason)
+	// The batch_id and the stream sequence find the batch again: in the
+	// DLQ, in the collector's logs, in METERD_USAGE.
+	log := a.log.With("batch_id", m.Headers().Get(jetstream.MsgIDHeader), "subject", m.Subject())
 	if md, err := m.Metadata(); err == nil {
 		dlq.Header.Set(schemas.HeaderDLQStreamSeq, strconv.FormatUint(md.Sequence.Stream, 10))
+		log = log.With("stream_seq", md.Sequence.Stream, "deliveries", md.NumDelivered)
 	}
 	dlq.Header.Del(jetstream.MsgIDHeader) // the DLQ keeps every copy
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if _, err := a.js.PublishMsg(ctx, dlq, jetstream.WithExpectStream(schemas.DLQStream)); err != nil {
-		a.log.Error("dead-letter publish failed; the message will be redelivered", "err", err, "reason", reason)
+		log.Error("dead-letter publish failed; the message will be redelivered", "err", err, "reason", reason)
 		m.NakWithDelay(time.Second)
 		return
 	}
 	a.metrics.deadLettered.Inc()
-	a.log.Error("message dead-lettered", "subject", m.Subject(), "reason", reason)
+	log.Error("message dead-lettered", "reason", reason)
 	m.TermWithReason(reason)
 }
 
