@@ -186,10 +186,11 @@ func (c *Config) Validate() error {
 			return fmt.Errorf("enforcer: block-on status %q is not one of past_due, unpaid, canceled, suspended, incomplete", s)
 		}
 	}
-	for _, raw := range c.NotifyURLs {
+	for i, raw := range c.NotifyURLs {
 		u, err := url.Parse(raw)
 		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-			return fmt.Errorf("enforcer: notify URL %q must be an absolute http or https URL", raw)
+			// Not quoted: a notification URL may hold a token.
+			return fmt.Errorf("enforcer: notify URL %d of %d must be an absolute http or https URL", i+1, len(c.NotifyURLs))
 		}
 	}
 	if c.HeartbeatEvery <= 0 {
@@ -846,8 +847,11 @@ func (e *Enforcer) syncTenant(ctx context.Context, tenant string, cause time.Tim
 	if want.Reason == schemas.ReasonQuotaExceeded && !cause.IsZero() {
 		e.m.freshness.Observe(max(time.Since(cause).Seconds(), 0)) // clocks of two hosts
 	}
-	e.log.Info("tenant blocked", "tenant", tenant, "reason", want.Reason, "meter", want.Meter,
-		"limit", want.Limit, "used", want.Used, "version", version)
+	attrs := []any{"tenant", tenant, "reason", want.Reason, "version", version}
+	if want.Reason == schemas.ReasonQuotaExceeded {
+		attrs = append(attrs, "meter", want.Meter, "limit", want.Limit, "used", want.Used)
+	}
+	e.log.Info("tenant blocked", attrs...)
 	return nil
 }
 
