@@ -115,6 +115,7 @@ type Aggregator struct {
 	lastCommit atomic.Int64 // unix nanos of the last commit, or of a fetch that found nothing
 	flushSince atomic.Int64 // unix nanos the running flush started, 0 when none runs
 	pending    atomic.Int64 // messages not yet delivered, as of the last fetch
+	oldest     atomic.Int64 // unix nanos JetStream stored the first message of the last fetch, 0 when it was empty
 }
 
 // New builds an Aggregator; Run creates its consumer.
@@ -126,11 +127,11 @@ func New(cfg Config) (*Aggregator, error) {
 	if err != nil {
 		return nil, fmt.Errorf("aggregator: jetstream: %w", err)
 	}
-	m, err := newMetrics(cfg.Registerer)
+	a := &Aggregator{cfg: cfg, log: cfg.Logger.With("component", "aggregator"), js: js}
+	a.metrics, err = newMetrics(cfg.Registerer, a.lagSeconds)
 	if err != nil {
 		return nil, err
 	}
-	a := &Aggregator{cfg: cfg, log: cfg.Logger.With("component", "aggregator"), js: js, metrics: m}
 	a.lastCommit.Store(time.Now().UnixNano())
 	return a, nil
 }
@@ -212,9 +213,13 @@ func (a *Aggregator) fetch(ctx context.Context, cons jetstream.Consumer) ([]jets
 			a.pending.Store(int64(md.NumPending))
 			a.metrics.lag.Set(float64(md.NumPending))
 		}
+		if md, err := msgs[0].Metadata(); err == nil {
+			a.oldest.Store(md.Timestamp.UnixNano())
+		}
 	} else {
 		a.pending.Store(0)
 		a.metrics.lag.Set(0)
+		a.oldest.Store(0)
 	}
 	return msgs, ctx.Err()
 }
@@ -328,7 +333,8 @@ func (a *Aggregator) ack(msgs []jetstream.Msg) {
 	for _, m := range msgs {
 		// A lost ack means a redelivery, which the store counts once.
 		if err := m.Ack(); err != nil {
-			a.log.Warn("ack failed; the batch will be redelivered and deduplicated", "err", err)
+			a.log.Warn("ack failed; the batch will be redelivered and deduplicated", "err", err,
+				"batch_id", m.Headers().Get(jetstream.MsgIDHeader))
 		}
 	}
 	a.lastCommit.Store(time.Now().UnixNano())
@@ -342,13 +348,24 @@ type Committed struct {
 	Hour   time.Time `json:"hour"`
 	Value  int64     `json:"value"`
 	Events int64     `json:"events"`
+	// SealedAt is when the oldest batch of the commit was sealed, on its
+	// collector's clock. No event of the increment was accepted earlier
+	// than SealedAt minus the collector's batch wait: freshness measured
+	// from it (by the enforcer and the gates) misses at most that wait.
+	SealedAt time.Time `json:"sealed_at,omitzero"`
 }
 
 func (a *Aggregator) committed(incs []Increment, batches []*schemas.Batch) {
+	var sealed time.Time
+	for _, b := range batches {
+		if sealed.IsZero() || b.SealedAt.Before(sealed) {
+			sealed = b.SealedAt
+		}
+	}
 	var events int64
 	for _, inc := range incs {
 		events += inc.Events
-		data, _ := json.Marshal(Committed{Tenant: inc.Tenant, Meter: inc.Meter, Hour: inc.Hour, Value: inc.Value, Events: inc.Events})
+		data, _ := json.Marshal(Committed{Tenant: inc.Tenant, Meter: inc.Meter, Hour: inc.Hour, Value: inc.Value, Events: inc.Events, SealedAt: sealed})
 		subject := schemas.CommittedSubject(schemas.Partition(inc.Tenant, a.cfg.Partitions))
 		// Core NATS, at most once: the enforcer reconciles from the store.
 		if err := a.cfg.NATS.Publish(subject, data); err != nil {
@@ -373,20 +390,34 @@ func (a *Aggregator) deadLetter(m jetstream.Msg, reason string) {
 		dlq.Header[k] = v
 	}
 	dlq.Header.Set(schemas.HeaderDLQReason, reason)
+	// The batch_id and the stream sequence find the batch again: in the
+	// DLQ, in the collector's logs, in METERD_USAGE.
+	log := a.log.With("batch_id", m.Headers().Get(jetstream.MsgIDHeader), "subject", m.Subject())
 	if md, err := m.Metadata(); err == nil {
 		dlq.Header.Set(schemas.HeaderDLQStreamSeq, strconv.FormatUint(md.Sequence.Stream, 10))
+		log = log.With("stream_seq", md.Sequence.Stream, "deliveries", md.NumDelivered)
 	}
 	dlq.Header.Del(jetstream.MsgIDHeader) // the DLQ keeps every copy
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if _, err := a.js.PublishMsg(ctx, dlq, jetstream.WithExpectStream(schemas.DLQStream)); err != nil {
-		a.log.Error("dead-letter publish failed; the message will be redelivered", "err", err, "reason", reason)
+		log.Error("dead-letter publish failed; the message will be redelivered", "err", err, "reason", reason)
 		m.NakWithDelay(time.Second)
 		return
 	}
 	a.metrics.deadLettered.Inc()
-	a.log.Error("message dead-lettered", "subject", m.Subject(), "reason", reason)
+	log.Error("message dead-lettered", "reason", reason)
 	m.TermWithReason(reason)
+}
+
+// lagSeconds is the time since JetStream stored the oldest batch of the
+// last fetch, 0 when it found nothing.
+func (a *Aggregator) lagSeconds() float64 {
+	oldest := a.oldest.Load()
+	if oldest == 0 {
+		return 0
+	}
+	return max(time.Since(time.Unix(0, oldest)).Seconds(), 0)
 }
 
 // Ready fails when the store is unreachable, or when messages are waiting

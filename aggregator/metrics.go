@@ -13,7 +13,9 @@ type metrics struct {
 	deadLettered prometheus.Counter
 }
 
-func newMetrics(reg prometheus.Registerer) (*metrics, error) {
+// newMetrics registers the aggregator's metrics; lagSeconds reports the
+// consumer lag in time when scraped.
+func newMetrics(reg prometheus.Registerer, lagSeconds func() float64) (*metrics, error) {
 	latency := prometheus.ExponentialBuckets(0.001, 2, 15)
 	m := &metrics{
 		lag: prometheus.NewGauge(prometheus.GaugeOpts{
@@ -49,7 +51,11 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Help: "Messages moved to METERD_DLQ because they can never be processed.",
 		}),
 	}
-	for _, c := range []prometheus.Collector{m.lag, m.flushSeconds, m.storeSeconds, m.storeErrors, m.batches, m.events, m.duplicates, m.deadLettered} {
+	lagAge := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "meterd_aggregator_consumer_lag_seconds",
+		Help: "Time since JetStream stored the oldest batch of the aggregator's last fetch (0 when that fetch found nothing); it keeps growing while the flush of that fetch is stuck.",
+	}, lagSeconds)
+	for _, c := range []prometheus.Collector{m.lag, lagAge, m.flushSeconds, m.storeSeconds, m.storeErrors, m.batches, m.events, m.duplicates, m.deadLettered} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

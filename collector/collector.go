@@ -171,7 +171,7 @@ func New(cfg Config) (*Collector, error) {
 	if err != nil {
 		return nil, fmt.Errorf("collector: open spool: %w", err)
 	}
-	m, err := newMetrics(cfg.Registerer, sp)
+	m, err := newMetrics(cfg.Registerer, sp, cfg.SpoolMaxBytes)
 	if err != nil {
 		sp.Close()
 		return nil, err

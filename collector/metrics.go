@@ -4,6 +4,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/meterd/meterd/collector/spool"
+	"github.com/meterd/meterd/enforcer/gate"
+	"github.com/meterd/meterd/schemas"
 )
 
 type metrics struct {
@@ -41,7 +43,12 @@ const (
 	rejectUnavailable = "unavailable"
 )
 
-func newMetrics(reg prometheus.Registerer, sp *spool.Spool) (*metrics, error) {
+// paymentRequiredReasons label meterd_collector_payment_required_total: the
+// reasons of DESIGN §3.3 and the gate's stale block.
+var paymentRequiredReasons = []schemas.Reason{schemas.ReasonQuotaExceeded, schemas.ReasonPaymentOverdue,
+	schemas.ReasonPaymentMethodRequired, schemas.ReasonSuspended, gate.ReasonStale}
+
+func newMetrics(reg prometheus.Registerer, sp *spool.Spool, spoolMaxBytes int64) (*metrics, error) {
 	m := &metrics{
 		accepted: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "meterd_collector_events_accepted_total",
@@ -85,7 +92,12 @@ func newMetrics(reg prometheus.Registerer, sp *spool.Spool) (*metrics, error) {
 		Name: "meterd_collector_spool_bytes",
 		Help: "Bytes in the on-disk spool waiting for NATS.",
 	}, func() float64 { return float64(sp.Bytes()) })
-	for _, c := range []prometheus.Collector{m.accepted, m.duplicates, m.rejected, m.batches, m.publishDuplicates, m.publishSeconds, m.checks, m.paymentRequired, spoolBatches, spoolBytes} {
+	spoolLimit := prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "meterd_collector_spool_limit_bytes",
+		Help: "Bound of the on-disk spool (--spool-max-bytes); past it /v1/events answers 429.",
+	})
+	spoolLimit.Set(float64(spoolMaxBytes))
+	for _, c := range []prometheus.Collector{m.accepted, m.duplicates, m.rejected, m.batches, m.publishDuplicates, m.publishSeconds, m.checks, m.paymentRequired, spoolBatches, spoolBytes, spoolLimit} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
@@ -96,6 +108,9 @@ func newMetrics(reg prometheus.Registerer, sp *spool.Spool) (*metrics, error) {
 	m.check = map[string]prometheus.Counter{}
 	for _, o := range []string{checkAllowed, checkBlocked, checkStaleAllowed, checkStaleDenied, checkUnknownAllowed, checkUnknownDenied, checkRejected} {
 		m.check[o] = m.checks.WithLabelValues(o)
+	}
+	for _, r := range paymentRequiredReasons {
+		m.paymentRequired.WithLabelValues(string(r))
 	}
 	for _, o := range []string{"published", "spooled", "replayed"} {
 		m.batches.WithLabelValues(o)

@@ -344,11 +344,17 @@ func (pl *pipeline) replayLoop(ctx context.Context) {
 	)
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
+	backlog := false // the spool held batches when last looked at
 	for {
 		var wait <-chan time.Time
 		var wake <-chan struct{} // only an empty spool waits for news; a failing one backs off
+		n := pl.c.spool.Len()
+		if n == 0 && backlog {
+			pl.c.log.Info("spool replayed; publishing to JetStream directly again")
+		}
+		backlog = n > 0
 		switch {
-		case pl.c.spool.Len() == 0:
+		case n == 0:
 			pl.degraded.Store(false)
 			wait, wake = tick.C, pl.wake
 		case !pl.c.cfg.NATS.IsConnected():
@@ -387,7 +393,11 @@ func (pl *pipeline) replayOnce(ctx context.Context) error {
 	if len(recs) == 0 {
 		return nil
 	}
-	futures := make([]jetstream.PubAckFuture, 0, len(recs))
+	type replayed struct {
+		id  string
+		ack jetstream.PubAckFuture // nil: the record was dropped
+	}
+	futures := make([]replayed, 0, len(recs))
 	var firstErr error
 	for _, r := range recs {
 		id, subject, data, err := decodeSpoolRecord(r.Data)
@@ -395,30 +405,30 @@ func (pl *pipeline) replayOnce(ctx context.Context) error {
 			// Spool records are CRC-checked; one we cannot parse was written
 			// by an incompatible version. Keeping it would block the spool.
 			pl.c.log.Error("dropping unreadable spool record", "seq", r.Seq, "err", err)
-			futures = append(futures, nil)
+			futures = append(futures, replayed{})
 			continue
 		}
 		f, err := pl.c.js.PublishMsgAsync(batchMsg(subject, data), jetstream.WithMsgID(id), jetstream.WithExpectStream(schemas.UsageStream))
 		if err != nil {
-			firstErr = err
+			firstErr = fmt.Errorf("replay batch %s: %w", id, err)
 			break
 		}
-		futures = append(futures, f)
+		futures = append(futures, replayed{id, f})
 	}
 	timeout := time.NewTimer(pl.c.cfg.PublishTimeout)
 	defer timeout.Stop()
 	var acked uint64
 	for i, f := range futures {
-		if f != nil {
+		if f.ack != nil {
 			select {
-			case ack := <-f.Ok():
+			case ack := <-f.ack.Ok():
 				if ack.Duplicate {
 					pl.c.metrics.publishDuplicates.Inc()
 				}
-			case err := <-f.Err():
-				firstErr = err
+			case err := <-f.ack.Err():
+				firstErr = fmt.Errorf("replay batch %s: %w", f.id, err)
 			case <-timeout.C:
-				firstErr = errors.New("timed out waiting for JetStream acks")
+				firstErr = fmt.Errorf("replay batch %s: timed out waiting for JetStream acks", f.id)
 			case <-ctx.Done():
 				firstErr = ctx.Err()
 			}

@@ -186,10 +186,11 @@ func (c *Config) Validate() error {
 			return fmt.Errorf("enforcer: block-on status %q is not one of past_due, unpaid, canceled, suspended, incomplete", s)
 		}
 	}
-	for _, raw := range c.NotifyURLs {
+	for i, raw := range c.NotifyURLs {
 		u, err := url.Parse(raw)
 		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-			return fmt.Errorf("enforcer: notify URL %q must be an absolute http or https URL", raw)
+			// Not quoted: a notification URL may hold a token.
+			return fmt.Errorf("enforcer: notify URL %d of %d must be an absolute http or https URL", i+1, len(c.NotifyURLs))
 		}
 	}
 	if c.HeartbeatEvery <= 0 {
@@ -635,9 +636,10 @@ func signal(c chan struct{}) {
 	}
 }
 
-// markDirtyLocked has tenant decided again. cause, when set, is the arrival
-// of the increment that crossed a limit: the start of the freshness the
-// write of the block is measured by.
+// markDirtyLocked has tenant decided again. cause, when set, is when the
+// usage that crossed a limit was sealed (the increment's arrival when it
+// does not say): the start of the freshness the write of the block is
+// measured by.
 func (e *Enforcer) markDirtyLocked(tenant string, cause time.Time) {
 	if prev, ok := e.dirty[tenant]; !ok || prev.IsZero() || (!cause.IsZero() && cause.Before(prev)) {
 		e.dirty[tenant] = cause
@@ -799,6 +801,9 @@ func (e *Enforcer) syncTenant(ctx context.Context, tenant string, cause time.Tim
 		err = b.blocklist.Delete(ctx, tenant)
 	} else {
 		want.Version, want.DecidedAt = version, now
+		if want.Reason == schemas.ReasonQuotaExceeded {
+			want.CrossedAt = cause.UTC()
+		}
 		data, _ := json.Marshal(want)
 		_, err = b.blocklist.Put(ctx, tenant, data)
 	}
@@ -840,10 +845,13 @@ func (e *Enforcer) syncTenant(ctx context.Context, tenant string, cause time.Tim
 	}
 	e.m.decisions.WithLabelValues(string(want.Reason)).Inc()
 	if want.Reason == schemas.ReasonQuotaExceeded && !cause.IsZero() {
-		e.m.freshness.Observe(time.Since(cause).Seconds())
+		e.m.freshness.Observe(max(time.Since(cause).Seconds(), 0)) // clocks of two hosts
 	}
-	e.log.Info("tenant blocked", "tenant", tenant, "reason", want.Reason, "meter", want.Meter,
-		"limit", want.Limit, "used", want.Used, "version", version)
+	attrs := []any{"tenant", tenant, "reason", want.Reason, "version", version}
+	if want.Reason == schemas.ReasonQuotaExceeded {
+		attrs = append(attrs, "meter", want.Meter, "limit", want.Limit, "used", want.Used)
+	}
+	e.log.Info("tenant blocked", attrs...)
 	return nil
 }
 

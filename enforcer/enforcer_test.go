@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/http"
 	"path/filepath"
 	"runtime"
 	"strings"
@@ -18,6 +19,7 @@ import (
 
 	"github.com/meterd/meterd/aggregator"
 	"github.com/meterd/meterd/internal/billing"
+	"github.com/meterd/meterd/internal/metrictest"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -194,14 +196,33 @@ func TestIncrementsCrossLimitAndNotifyOnce(t *testing.T) {
 	}
 }
 
+// Freshness is measured from the seal of the crossing usage, which the
+// block carries to the gates as crossed_at.
 func TestFreshnessMetric(t *testing.T) {
 	v := newEnv(t)
 	p := v.clock.Period(billing.Monthly)
 	v.start()
-	v.usage("acme", "api_calls", p.Start, true, 1000)
-	v.waitDecision("acme", time.Second, blockedFor(schemas.ReasonQuotaExceeded))
-	if c := histogramCount(t, v.e.cfg.Registerer.(*prometheus.Registry), "meterd_enforcer_freshness_seconds"); c != 1 {
-		t.Errorf("freshness observations = %d, want 1", c)
+	v.usage("acme", "api_calls", p.Start, false, 1000)
+	sealed := time.Now().Add(-300 * time.Millisecond).UTC()
+	data, _ := json.Marshal(aggregator.Committed{Tenant: "acme", Meter: "api_calls", Hour: p.Start, Value: 1000, Events: 1, SealedAt: sealed})
+	if err := v.nc.Publish(schemas.CommittedSubject(schemas.Partition("acme", schemas.DefaultPartitions)), data); err != nil {
+		t.Fatal(err)
+	}
+	d := v.waitDecision("acme", time.Second, blockedFor(schemas.ReasonQuotaExceeded))
+	if !d.CrossedAt.Equal(sealed) {
+		t.Errorf("crossed_at = %s, want the seal of the crossing usage %s", d.CrossedAt, sealed)
+	}
+	count, sum := metrictest.Histogram(t, v.e.cfg.Registerer.(*prometheus.Registry), "meterd_enforcer_freshness_seconds")
+	if count != 1 || sum < 0.3 || sum > 5 {
+		t.Errorf("freshness: %d observations summing to %.3f s, want 1 of 0.3 s or a little more", count, sum)
+	}
+
+	// A block for billing carries no crossing.
+	v.usage("bigco", "api_calls", p.Start, true, 10)
+	v.do(http.MethodPut, "/v1/tenants/bigco", adminKey, map[string]any{"status": "suspended"}, nil)
+	d = v.waitDecision("bigco", time.Second, blockedFor(schemas.ReasonSuspended))
+	if !d.CrossedAt.IsZero() {
+		t.Errorf("a suspension has crossed_at %s, want none", d.CrossedAt)
 	}
 }
 

@@ -1,6 +1,11 @@
 package enforcer
 
-import "github.com/prometheus/client_golang/prometheus"
+import (
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/meterd/meterd/enforcer/gate"
+	"github.com/meterd/meterd/schemas"
+)
 
 // Outcomes of meterd_enforcer_webhooks_total (bounded label values).
 const (
@@ -46,7 +51,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}, []string{"outcome"}),
 		notifySent: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "meterd_enforcer_notifications_sent_total",
-			Help: "Notifications delivered, per target (NATS subject or URL), by type.",
+			Help: "Notification deliveries by type, one per target (the NATS subject and each URL).",
 		}, []string{"type"}),
 		notifyFailed: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "meterd_enforcer_notifications_failed_total",
@@ -54,8 +59,8 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}, []string{"type"}),
 		freshness: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "meterd_enforcer_freshness_seconds",
-			Help:    "Time from the arrival of the committed increment that crossed a limit to the blocklist write of the block it caused.",
-			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14),
+			Help:    "Time from the sealing of the usage that crossed a limit (its batch, at the collector) to the blocklist write of the block it caused.",
+			Buckets: gate.FreshnessBuckets,
 		}),
 		reloads: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "meterd_enforcer_catalog_reloads_total",
@@ -79,6 +84,26 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
+	}
+	// Every bounded label value exists from the start: rates and alerts see
+	// 0, not a missing series.
+	for _, r := range []schemas.Reason{schemas.ReasonQuotaExceeded, schemas.ReasonPaymentOverdue,
+		schemas.ReasonPaymentMethodRequired, schemas.ReasonSuspended} {
+		m.decisions.WithLabelValues(string(r))
+		m.blocked.WithLabelValues(string(r))
+	}
+	m.decisions.WithLabelValues(reasonUnblocked)
+	for _, o := range []string{webhookApplied, webhookDuplicate, webhookIgnored, webhookUnknownCustomer,
+		webhookInvalidSignature, webhookMalformed, webhookUnavailable, webhookDisabled} {
+		m.webhooks.WithLabelValues(o)
+	}
+	for _, t := range []string{NotifyUsageThreshold, NotifyBillingUnpaid, NotifyAccessRestored} {
+		m.notifySent.WithLabelValues(t)
+		m.notifyFailed.WithLabelValues(t)
+	}
+	for _, r := range []string{"ok", "error"} {
+		m.reloads.WithLabelValues(r)
+		m.reconciles.WithLabelValues(r)
 	}
 	return m, nil
 }

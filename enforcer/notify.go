@@ -9,6 +9,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"net/url"
 	"strconv"
 	"sync"
 	"time"
@@ -17,6 +18,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/meterd/meterd/internal/redact"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -199,16 +201,19 @@ func (n *notifier) deliver(ctx context.Context, kv jetstream.KeyValue, x Notific
 			return
 		default:
 			n.m.notifyFailed.WithLabelValues(x.Type).Inc()
-			n.log.Error("notification not delivered; giving up", "id", x.ID, "url", u, "err", err)
+			n.log.Error("notification not delivered; giving up", "id", x.ID, "type", x.Type, "tenant", x.Tenant, "url", redact.Origin(u), "err", err)
 		}
 	}
 }
 
 // post sends body to u once. A 4xx other than 408, 425 and 429 is permanent.
 func (n *notifier) post(ctx context.Context, u string, body []byte) error {
+	// A notification URL may hold a token (chat webhooks): errors name
+	// only its origin.
+	origin := redact.Origin(u)
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u, bytes.NewReader(body))
 	if err != nil {
-		return backoff.Permanent(err)
+		return backoff.Permanent(fmt.Errorf("POST %s: bad URL", origin))
 	}
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("User-Agent", "meterd-enforcer")
@@ -219,7 +224,11 @@ func (n *notifier) post(ctx context.Context, u string, body []byte) error {
 	}
 	resp, err := n.client.Do(req)
 	if err != nil {
-		return err
+		var uerr *url.Error
+		if errors.As(err, &uerr) {
+			err = uerr.Err
+		}
+		return fmt.Errorf("POST %s: %w", origin, err)
 	}
 	io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
 	resp.Body.Close()
@@ -227,8 +236,8 @@ func (n *notifier) post(ctx context.Context, u string, body []byte) error {
 	case c >= 200 && c < 300:
 		return nil
 	case c >= 400 && c < 500 && c != http.StatusRequestTimeout && c != http.StatusTooEarly && c != http.StatusTooManyRequests:
-		return backoff.Permanent(fmt.Errorf("POST %s: %s", u, resp.Status))
+		return backoff.Permanent(fmt.Errorf("POST %s: %s", origin, resp.Status))
 	default:
-		return fmt.Errorf("POST %s: %s", u, resp.Status)
+		return fmt.Errorf("POST %s: %s", origin, resp.Status)
 	}
 }

@@ -387,7 +387,11 @@ func (e *Enforcer) onCommitted(msg *nats.Msg) {
 		return
 	}
 	if before < limit && after >= limit {
-		e.markDirtyLocked(c.Tenant, arrived)
+		cause := arrived
+		if !c.SealedAt.IsZero() && c.SealedAt.Before(arrived) {
+			cause = c.SealedAt
+		}
+		e.markDirtyLocked(c.Tenant, cause)
 	}
 	e.checkThresholdLocked(c.Tenant, u, c.Meter, limit)
 }

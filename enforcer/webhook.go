@@ -372,7 +372,7 @@ func (e *Enforcer) handleWebhook(w http.ResponseWriter, r *http.Request) {
 		// 2xx: Stripe would retry an error for days, and no retry can
 		// make an unknown customer known. Counted, and logged.
 		e.m.webhooks.WithLabelValues(webhookUnknownCustomer).Inc()
-		e.log.Warn("billing webhook for a customer no tenant has", "customer", customer, "event", ev.ID, "type", ev.Type)
+		e.log.Warn("billing webhook for a customer no tenant has", "customer", customer, "event_id", ev.ID, "type", ev.Type)
 		writeJSON(w, http.StatusAccepted, webhookAnswer{Status: webhookUnknownCustomer, Event: ev.ID,
 			Detail: fmt.Sprintf("no tenant has customer_id %q; the event was not applied", customer)})
 		return
@@ -386,7 +386,7 @@ func (e *Enforcer) handleWebhook(w http.ResponseWriter, r *http.Request) {
 	dup, err := e.recordEvent(r.Context(), kv.billing, tenant, ev, eff)
 	if err != nil {
 		e.m.webhooks.WithLabelValues(webhookUnavailable).Inc()
-		e.log.Error("billing webhook not stored", "err", err, "tenant", tenant, "event", ev.ID)
+		e.log.Error("billing webhook not stored", "err", err, "tenant", tenant, "event_id", ev.ID)
 		unavailable(w, "the billing state could not be stored; retry")
 		return
 	}
@@ -398,11 +398,12 @@ func (e *Enforcer) handleWebhook(w http.ResponseWriter, r *http.Request) {
 	// The decision is written before the answer, so a 200 means the
 	// gateways are being told; a failure here is retried by the writer.
 	if err := e.syncTenant(r.Context(), tenant, time.Time{}); err != nil {
-		e.log.Warn("blocklist write after a billing webhook failed; retrying", "err", err, "tenant", tenant)
+		e.log.Warn("blocklist write after a billing webhook failed; retrying", "err", err, "tenant", tenant, "event_id", ev.ID)
 	}
 	e.mu.Lock()
 	status := e.billingStatusLocked(tenant)
 	e.mu.Unlock()
+	e.log.Info("billing webhook", "outcome", outcome, "event_id", ev.ID, "type", ev.Type, "tenant", tenant, "billing_status", status)
 	writeJSON(w, http.StatusOK, webhookAnswer{Status: outcome, Event: ev.ID, Tenant: tenant, BillingStatus: status})
 }
 

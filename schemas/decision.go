@@ -27,4 +27,9 @@ type Decision struct {
 	BillingURL  string    `json:"billing_url,omitempty"`
 	Version     uint64    `json:"version"`
 	DecidedAt   time.Time `json:"decided_at"`
+	// CrossedAt, on a quota_exceeded block caused by usage as it arrived,
+	// is when the batch holding the crossing usage was sealed (on the
+	// collector's clock; see aggregator.Committed.SealedAt). Gates measure
+	// freshness from it; it is zero for any other decision.
+	CrossedAt time.Time `json:"crossed_at,omitzero"`
 }

@@ -20,6 +20,7 @@ import (
 	"github.com/meterd/meterd/internal/billing"
 	"github.com/meterd/meterd/internal/broker"
 	"github.com/meterd/meterd/internal/config"
+	"github.com/meterd/meterd/internal/redact"
 )
 
 // runAggregator runs the aggregator against an external NATS and store.
@@ -75,7 +76,7 @@ func runAggregator(ctx context.Context, args []string, stdout, stderr io.Writer)
 
 // storeFlags define the store of the aggregator and the enforcer.
 func storeFlags(fs *flag.FlagSet, c *config.Aggregator) {
-	fs.StringVar(&c.ClickHouse, "clickhouse", c.ClickHouse, "ClickHouse DSN of the store, clickhouse://user:pass@host:9000/meterd")
+	secretVar(fs, &c.ClickHouse, "clickhouse", c.ClickHouse, "ClickHouse `DSN` of the store, clickhouse://user:pass@host:9000/meterd", redact.Userinfo)
 	fs.StringVar(&c.SQLitePath, "sqlite-path", c.SQLitePath, "file of the embedded store, used when no ClickHouse DSN is set")
 }
 

@@ -22,6 +22,7 @@ import (
 	"github.com/meterd/meterd/internal/billing"
 	"github.com/meterd/meterd/internal/broker"
 	"github.com/meterd/meterd/internal/config"
+	"github.com/meterd/meterd/internal/redact"
 	"github.com/meterd/meterd/internal/serve"
 )
 
@@ -76,8 +77,45 @@ func parse(fs *flag.FlagSet, args []string) error {
 	return nil
 }
 
+// secretValue is a flag whose value is (or holds) a secret: -h and usage
+// errors show its value through show, never as it is.
+type secretValue struct {
+	p    *string
+	show func(string) string
+}
+
+func (v secretValue) String() string {
+	if v.p == nil || *v.p == "" {
+		return ""
+	}
+	return v.show(*v.p)
+}
+
+func (v secretValue) Set(s string) error {
+	*v.p = s
+	return nil
+}
+
+// secretVar defines a string flag holding a secret, shown through show.
+func secretVar(fs *flag.FlagSet, p *string, name, value, usage string, show func(string) string) {
+	*p = value
+	fs.Var(secretValue{p, show}, name, usage)
+}
+
+// masked shows a secret as the mask.
+func masked(string) string { return redact.Mask }
+
+// origins shows a comma-separated list of URLs by their origins.
+func origins(list string) string {
+	var out []string
+	for _, u := range splitList(list) {
+		out = append(out, redact.Origin(u)+"/…")
+	}
+	return strings.Join(out, ",")
+}
+
 func natsFlags(fs *flag.FlagSet, n *config.NATS) {
-	fs.StringVar(&n.URL, "nats-url", or(n.URL, "nats://127.0.0.1:4222"), "NATS server URL(s), comma separated")
+	secretVar(fs, &n.URL, "nats-url", or(n.URL, "nats://127.0.0.1:4222"), "NATS server `URL`(s), comma separated", redact.Userinfo)
 	fs.StringVar(&n.Creds, "nats-creds", n.Creds, "NATS credentials file")
 	fs.StringVar(&n.TLSCA, "nats-tls-ca", n.TLSCA, "CA bundle to verify the NATS server")
 	fs.StringVar(&n.TLSCert, "nats-tls-cert", n.TLSCert, "client certificate for NATS")
@@ -122,20 +160,41 @@ func or[T comparable](v, def T) T {
 	return v
 }
 
+// logger builds the logger of --log-format and --log-level. Whatever a
+// component logs, the secrets of the configuration and the credentials of
+// any URL are masked.
 func (s *settings) logger(stderr io.Writer) (*slog.Logger, error) {
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(s.logLevel)); err != nil {
 		return nil, usageError{fmt.Errorf("--log-level: %w", err)}
 	}
 	opts := &slog.HandlerOptions{Level: level}
+	var h slog.Handler
 	switch s.logFormat {
 	case "json":
-		return slog.New(slog.NewJSONHandler(stderr, opts)), nil
+		h = slog.NewJSONHandler(stderr, opts)
 	case "text":
-		return slog.New(slog.NewTextHandler(stderr, opts)), nil
+		h = slog.NewTextHandler(stderr, opts)
 	default:
 		return nil, usageError{fmt.Errorf("--log-format must be json or text, not %q", s.logFormat)}
 	}
+	return slog.New(redact.New(s.secrets()...).Handler(h)), nil
+}
+
+// secrets are the values of the configuration that must never be logged.
+func (s *settings) secrets() []string {
+	f := s.file
+	out := []string{f.Enforcer.WebhookSecret, f.Enforcer.NotifySecret, redact.Password(f.Aggregator.ClickHouse)}
+	for _, k := range f.APIKeys {
+		out = append(out, k.Key)
+	}
+	for _, u := range splitList(f.NATS.URL) {
+		out = append(out, redact.Password(u))
+	}
+	for _, u := range splitList(f.Enforcer.NotifyURLs) {
+		out = append(out, u, redact.Password(u))
+	}
+	return out
 }
 
 // keys builds the API keys. Without keys, auth is off only when allowOpen

@@ -13,6 +13,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/meterd/meterd/internal/broker"
+	"github.com/meterd/meterd/internal/redact"
 )
 
 // runDev runs every component in one process on an embedded JetStream that
@@ -24,10 +25,10 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		return err
 	}
 	f := s.file
-	var dataDir, natsListen, clickhouseDSN string
+	var dataDir, natsListen string
 	fs.StringVar(&dataDir, "data-dir", "./meterd-data", "directory for the embedded JetStream store and the spool")
 	fs.StringVar(&natsListen, "nats-listen", "", "also serve the embedded NATS on host:port (default: in-process only)")
-	fs.StringVar(&clickhouseDSN, "clickhouse", "", "ClickHouse DSN for the store (default: the embedded store)")
+	secretVar(fs, &f.Aggregator.ClickHouse, "clickhouse", f.Aggregator.ClickHouse, "ClickHouse `DSN` for the store (default: the embedded store)", redact.Userinfo)
 	collectorFlags(fs, &f.Collector, "")
 	enforcerFlags(fs, &f.Enforcer)
 	s.logFormat = "text"
@@ -87,7 +88,6 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	if err := a.addCollector(nc, f.Collector, keys, f.Catalog); err != nil {
 		return err
 	}
-	f.Aggregator.ClickHouse = or(clickhouseDSN, f.Aggregator.ClickHouse)
 	f.Aggregator.SQLitePath = or(f.Aggregator.SQLitePath, filepath.Join(dataDir, "meterd.db"))
 	store, err := a.openStore(ctx, f.Aggregator)
 	if err != nil {

@@ -61,11 +61,11 @@ func runEnforcer(ctx context.Context, args []string, stdout, stderr io.Writer) e
 }
 
 func enforcerFlags(fs *flag.FlagSet, c *config.Enforcer) {
-	fs.StringVar(&c.WebhookSecret, "webhook-secret", c.WebhookSecret, "Stripe signing secret (whsec_…) of POST /v1/billing/webhook; empty disables it")
+	secretVar(fs, &c.WebhookSecret, "webhook-secret", c.WebhookSecret, "Stripe signing `secret` (whsec_…) of POST /v1/billing/webhook; empty disables it", masked)
 	fs.DurationVar(&c.WebhookTolerance, "webhook-tolerance", or(c.WebhookTolerance, enforcer.DefaultWebhookTolerance), "oldest accepted webhook signature")
 	fs.StringVar(&c.BlockOn, "block-on", or(c.BlockOn, strings.Join(enforcer.DefaultBlockOn, ",")), "billing statuses that block a tenant, comma separated")
-	fs.StringVar(&c.NotifyURLs, "notify-urls", c.NotifyURLs, "URLs that receive signed notifications, comma separated")
-	fs.StringVar(&c.NotifySecret, "notify-secret", c.NotifySecret, "secret signing the notifications (Meterd-Signature)")
+	secretVar(fs, &c.NotifyURLs, "notify-urls", c.NotifyURLs, "`URLs` that receive signed notifications, comma separated", origins)
+	secretVar(fs, &c.NotifySecret, "notify-secret", c.NotifySecret, "`secret` signing the notifications (Meterd-Signature)", masked)
 	fs.DurationVar(&c.HeartbeatEvery, "heartbeat-every", c.HeartbeatEvery, "period of the blocklist heartbeat (default 5s)")
 	fs.DurationVar(&c.ReconcileEvery, "reconcile-every", c.ReconcileEvery, "period of recomputing usage from the store (default 1m)")
 }

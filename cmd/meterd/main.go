@@ -11,6 +11,8 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+
+	"github.com/meterd/meterd/internal/redact"
 )
 
 const usage = `meterd — usage metering with instant 402 enforcement
@@ -71,10 +73,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	case err == nil, errors.Is(err, flag.ErrHelp):
 		return 0
 	case errors.As(err, new(usageError)):
-		fmt.Fprintln(stderr, "meterd:", err)
+		fmt.Fprintln(stderr, "meterd:", redact.Userinfo(err.Error()))
 		return 2
 	default:
-		fmt.Fprintln(stderr, "meterd:", err)
+		fmt.Fprintln(stderr, "meterd:", redact.Userinfo(err.Error()))
 		return 1
 	}
 }

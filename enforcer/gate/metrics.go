@@ -2,12 +2,18 @@ package gate
 
 import "github.com/prometheus/client_golang/prometheus"
 
+// FreshnessBuckets are the buckets of the freshness histograms (seconds),
+// dense around DESIGN §5's target of 1 s so alerts can ask for the share of
+// blocks slower than it.
+var FreshnessBuckets = []float64{0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 1.5, 2.5, 5, 10, 30}
+
 type metrics struct {
 	blocked   prometheus.Gauge
 	applied   prometheus.Counter
 	ignored   prometheus.Counter
 	malformed prometheus.Counter
 	snapshots prometheus.Counter
+	freshness prometheus.Histogram
 }
 
 func newMetrics(reg prometheus.Registerer, g *Gate) (*metrics, error) {
@@ -32,12 +38,17 @@ func newMetrics(reg prometheus.Registerer, g *Gate) (*metrics, error) {
 			Name: "meterd_gate_snapshots_total",
 			Help: "Snapshots published; each applies a burst of updates at once.",
 		}),
+		freshness: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "meterd_gate_freshness_seconds",
+			Help:    "Freshness (DESIGN §5): time from the sealing of the usage that crossed a limit (its batch, at the collector) to this gate answering with the block.",
+			Buckets: FreshnessBuckets,
+		}),
 	}
 	staleness := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "meterd_gate_staleness_seconds",
 		Help: "Time since the gate last received a decision or the enforcer's heartbeat (since start before the first).",
 	}, func() float64 { return g.staleness().Seconds() })
-	for _, c := range []prometheus.Collector{m.blocked, m.applied, m.ignored, m.malformed, m.snapshots, staleness} {
+	for _, c := range []prometheus.Collector{m.blocked, m.applied, m.ignored, m.malformed, m.snapshots, m.freshness, staleness} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

@@ -273,9 +273,32 @@ func (a *applier) commit(old *snapshot) {
 		g.metrics.applied.Add(float64(a.changes))
 		g.metrics.blocked.Set(float64(len(next)))
 		g.metrics.snapshots.Inc()
+		a.observeFreshness(old)
 	}
 	a.changes = 0
 	a.overlay = map[string]*Block{}
+}
+
+// observeFreshness records, for every block the new snapshot holds for a
+// limit crossed since the gate started, the time since the crossing usage
+// was sealed: DESIGN §5's freshness as this gate sees it. A block first
+// seen in a replay counts too (a reconnecting gate is late), one loaded at
+// start for an older crossing does not.
+func (a *applier) observeFreshness(old *snapshot) {
+	g := a.g
+	var now time.Time
+	for tenant, b := range a.overlay {
+		if b == nil || b.Decision.CrossedAt.IsZero() || !b.Decision.CrossedAt.After(g.born) {
+			continue
+		}
+		if held := old.blocks[tenant]; held != nil && held.Decision.CrossedAt.Equal(b.Decision.CrossedAt) {
+			continue
+		}
+		if now.IsZero() {
+			now = g.cfg.Now()
+		}
+		g.metrics.freshness.Observe(max(now.Sub(b.Decision.CrossedAt).Seconds(), 0))
+	}
 }
 
 // received records that the bucket delivered e. A replayed entry counts

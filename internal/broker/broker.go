@@ -17,6 +17,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/meterd/meterd/internal/redact"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -116,7 +117,8 @@ func Connect(cfg ConnConfig) (*nats.Conn, error) {
 	}
 	nc, err := nats.Connect(cfg.URL, append(opts, cfg.Options...)...)
 	if err != nil {
-		return nil, fmt.Errorf("broker: connect %s: %w", cfg.URL, err)
+		// The URL may hold a password, and so may the client's error.
+		return nil, fmt.Errorf("broker: connect %s: %w", redact.Userinfo(cfg.URL), redact.New().Error(err))
 	}
 	return nc, nil
 }

@@ -1,0 +1,19 @@
+package collector
+
+import (
+	"testing"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/meterd/meterd/internal/metrictest"
+)
+
+// Every metric the collector exports follows the naming rules.
+func TestMetricNames(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	newIngestEnv(t, func(c *Config) { c.Registerer = reg })
+	metrictest.Check(t, reg, 11)
+	if got := metrictest.Value(t, reg, "meterd_collector_spool_limit_bytes"); got != DefaultSpoolMaxBytes {
+		t.Errorf("spool limit = %v, want the default %d", got, DefaultSpoolMaxBytes)
+	}
+}
