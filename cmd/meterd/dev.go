@@ -30,6 +30,7 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	fs.StringVar(&clickhouseDSN, "clickhouse", "", "ClickHouse DSN for the store (default: the embedded store)")
 	collectorFlags(fs, &f.Collector, "")
 	enforcerFlags(fs, &f.Enforcer)
+	keysFlag(fs, s)
 	s.logFormat = "text"
 	if err := parse(fs, args); err != nil {
 		return err
