@@ -75,3 +75,28 @@ func TestAPIKeysFile(t *testing.T) {
 		t.Errorf("a missing keys file: %v", err)
 	}
 }
+
+// Streams and KV buckets are created with 3 replicas unless told otherwise:
+// a production billing stream needs R3 (DESIGN §4); METERD_NATS_REPLICAS=1
+// is for a single server.
+func TestNATSReplicas(t *testing.T) {
+	for _, tc := range []struct {
+		env  string
+		want int
+	}{{"", 3}, {"1", 1}} {
+		if tc.env != "" {
+			t.Setenv("METERD_NATS_REPLICAS", tc.env)
+		}
+		fs, s, err := newFlags("aggregator", nil, io.Discard, ":0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		natsFlags(fs, &s.file.NATS)
+		if err := parse(fs, nil); err != nil {
+			t.Fatal(err)
+		}
+		if s.file.NATS.Replicas != tc.want {
+			t.Errorf("METERD_NATS_REPLICAS=%q: replicas %d, want %d", tc.env, s.file.NATS.Replicas, tc.want)
+		}
+	}
+}
