@@ -1,6 +1,7 @@
 package validate
 
 import (
+	"cmp"
 	"fmt"
 	"maps"
 	"net"
@@ -88,9 +89,12 @@ var meterdCommands = []string{"collector", "aggregator", "enforcer"}
 // defaultListen is each subcommand's --listen default.
 var defaultListen = map[string]string{"collector": ":8080", "aggregator": ":8081", "enforcer": ":8082"}
 
-// meterdCommand returns the subcommand c runs, or "".
+// meterdCommand returns the subcommand c runs, or "": the image's
+// entrypoint (or meterd named as the command) with the subcommand first in
+// args.
 func meterdCommand(c *corev1.Container) string {
-	if len(c.Command) == 0 && len(c.Args) > 0 && slices.Contains(meterdCommands, c.Args[0]) {
+	entry := len(c.Command) == 0 || len(c.Command) == 1 && path.Base(c.Command[0]) == "meterd"
+	if entry && len(c.Args) > 0 && slices.Contains(meterdCommands, c.Args[0]) {
 		return c.Args[0]
 	}
 	return ""
@@ -414,17 +418,10 @@ func (c *checker) configFile(w workload, id string, ct *corev1.Container, env ma
 	if file != nil {
 		fileReplicas = file.NATS.Replicas
 	}
-	got := setting(ct, env, "nats-replicas", strconv.Itoa(cmpOr(fileReplicas, 3)))
+	got := setting(ct, env, "nats-replicas", strconv.Itoa(cmp.Or(fileReplicas, 3)))
 	if want != 0 && got != strconv.Itoa(want) {
 		c.errorf("%s: streams and buckets get %s replicas, but the NATS cluster has %d servers", id, got, want)
 	}
-}
-
-func cmpOr(v, def int) int {
-	if v == 0 {
-		return def
-	}
-	return v
 }
 
 // fileData returns the content of file as ct sees it, when the object
