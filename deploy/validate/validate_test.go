@@ -185,6 +185,7 @@ func TestBroken(t *testing.T) {
 		{"nats-password", "Secret meterd-secrets-"},
 		{"short-grace", "terminationGracePeriodSeconds 30s < shutdown grace 20s + 10s to flush + 5s preStop"},
 		{"unpinned", "is not pinned to a release"},
+		{"two-images", "meterd containers use 2 images, want one"},
 		// caddy's own parser (skipped where caddy is not installed, outside CI)
 		{"caddy-syntax", "caddy adapt: "},
 		{"service-port", "Service/enforcer: port http targets htp, which no container of Deployment/enforcer has"},
