@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -36,6 +37,9 @@ type settings struct {
 	logLevel   string
 	insecure   bool
 	grace      time.Duration
+	// apiKeysFile holds more API keys, apart from the config file (a
+	// Kubernetes Secret beside a ConfigMap of plans).
+	apiKeysFile string
 }
 
 // newFlags reads the --config file named in args and defines the shared
@@ -197,10 +201,23 @@ func (s *settings) secrets() []string {
 	return out
 }
 
+// keysFlag defines --api-keys-file on the subcommands that authenticate.
+func keysFlag(fs *flag.FlagSet, s *settings) {
+	fs.StringVar(&s.apiKeysFile, "api-keys-file", "", "YAML file with more api_keys (same format as in --config), e.g. a mounted Secret")
+}
+
 // keys builds the API keys. Without keys, auth is off only when allowOpen
 // (dev) or --insecure says so.
 func (s *settings) keys(log *slog.Logger, allowOpen bool) (*auth.Keys, error) {
-	k, err := auth.NewKeys(s.file.APIKeys)
+	all := s.file.APIKeys
+	if s.apiKeysFile != "" {
+		more, err := config.LoadAPIKeys(s.apiKeysFile)
+		if err != nil {
+			return nil, usageError{err}
+		}
+		all = append(slices.Clip(all), more...)
+	}
+	k, err := auth.NewKeys(all)
 	if err != nil {
 		return nil, usageError{err}
 	}

@@ -14,6 +14,7 @@ func runCollector(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	f := s.file
 	natsFlags(fs, &f.NATS)
 	collectorFlags(fs, &f.Collector, "./meterd-spool")
+	keysFlag(fs, s)
 	fs.BoolVar(&s.insecure, "insecure", false, "run without API keys (every request acts as admin)")
 	if err := parse(fs, args); err != nil {
 		return err

@@ -31,6 +31,7 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	secretVar(fs, &f.Aggregator.ClickHouse, "clickhouse", f.Aggregator.ClickHouse, "ClickHouse `DSN` for the store (default: the embedded store)", redact.Userinfo)
 	collectorFlags(fs, &f.Collector, "")
 	enforcerFlags(fs, &f.Enforcer)
+	keysFlag(fs, s)
 	s.logFormat = "text"
 	if err := parse(fs, args); err != nil {
 		return err

@@ -27,6 +27,7 @@ func runEnforcer(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	natsFlags(fs, &f.NATS)
 	storeFlags(fs, &f.Aggregator)
 	enforcerFlags(fs, &f.Enforcer)
+	keysFlag(fs, s)
 	fs.BoolVar(&s.insecure, "insecure", false, "run without API keys (the admin API is open)")
 	if err := parse(fs, args); err != nil {
 		return err

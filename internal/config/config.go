@@ -108,6 +108,28 @@ func Load(path string) (*File, error) {
 	return &f, nil
 }
 
+// LoadAPIKeys reads a file that holds only api_keys, in the format of the
+// config file, so the keys can live apart from the plans (in a Kubernetes
+// Secret, while the plans stay in a ConfigMap).
+func LoadAPIKeys(path string) ([]auth.Key, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("api keys: %w", err)
+	}
+	var f struct {
+		APIKeys []auth.Key `yaml:"api_keys"`
+	}
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(&f); err != nil && !errors.Is(err, io.EOF) {
+		return nil, fmt.Errorf("api keys %s: %w", path, err)
+	}
+	if _, err := auth.NewKeys(f.APIKeys); err != nil {
+		return nil, fmt.Errorf("api keys %s: %w", path, err)
+	}
+	return f.APIKeys, nil
+}
+
 // ConfigPath finds --config FILE (or --config=FILE) in args, else
 // METERD_CONFIG; the file is read before the other flags are defined so its
 // values become their defaults.

@@ -66,6 +66,34 @@ func TestLoadErrors(t *testing.T) {
 	}
 }
 
+func TestLoadAPIKeys(t *testing.T) {
+	keys, err := LoadAPIKeys(writeFile(t, `
+api_keys:
+  - {key: "0123456789abcdef-admin", admin: true}
+  - {key: "0123456789abcdef-acme", tenant: acme}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(keys) != 2 || !keys[0].Admin || keys[1].Tenant != "acme" || keys[1].Key != "0123456789abcdef-acme" {
+		t.Fatalf("keys %+v", keys)
+	}
+	for _, tc := range []struct{ body, want string }{
+		// Only keys belong in this file: plans stay in the config file.
+		{"api_keys: []\nplans: {}\n", "field plans not found"},
+		{"api_keys:\n  - {key: short, admin: true}\n", "at least 16 characters"},
+		{"api_keys:\n  - {key: 0123456789abcdef0, admin: true, tennant: acme}\n", "field tennant not found"},
+	} {
+		_, err := LoadAPIKeys(writeFile(t, tc.body))
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%q: error %v, want it to mention %q", tc.body, err, tc.want)
+		}
+	}
+	if _, err := LoadAPIKeys(filepath.Join(t.TempDir(), "missing.yaml")); err == nil {
+		t.Error("a missing file loaded")
+	}
+}
+
 // Flags win over METERD_* variables, which win over the defaults taken from
 // the file.
 func TestPrecedence(t *testing.T) {

@@ -1,0 +1,140 @@
+package broker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/meterd/meterd/schemas"
+)
+
+// startCluster starts a JetStream cluster of n real servers in this process,
+// each syncing every write like the production servers (sync_interval:
+// always), and returns their client URLs.
+func startCluster(t *testing.T, n int) string {
+	t.Helper()
+	ports := make([]int, n)
+	routes := make([]string, n)
+	for i := range ports {
+		ports[i] = freePort(t)
+		routes[i] = fmt.Sprintf("nats://127.0.0.1:%d", ports[i])
+	}
+	urls := make([]string, n)
+	for i := range n {
+		s, err := server.NewServer(&server.Options{
+			ServerName: fmt.Sprintf("meterd-%d", i),
+			Host:       "127.0.0.1",
+			Port:       -1,
+			JetStream:  true,
+			StoreDir:   filepath.Join(t.TempDir(), "js"),
+			SyncAlways: true,
+			Cluster:    server.ClusterOpts{Name: "meterd", Host: "127.0.0.1", Port: ports[i]},
+			Routes:     server.RoutesFromStr(strings.Join(routes, ",")),
+			NoSigs:     true,
+			NoLog:      true,
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		go s.Start()
+		t.Cleanup(func() {
+			s.Shutdown()
+			s.WaitForShutdown()
+		})
+		if !s.ReadyForConnections(10 * time.Second) {
+			t.Fatalf("server %d not ready", i)
+		}
+		urls[i] = s.ClientURL()
+	}
+	return strings.Join(urls, ",")
+}
+
+func freePort(t *testing.T) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// EnsureStreams gives both streams the replicas asked for (3 in production,
+// DESIGN §4) on a real 3-server cluster, also when the streams already exist
+// with one replica (a deployment that started unreplicated is scaled up), and
+// a cluster too small for the replicas is an error, never a silent R1.
+func TestEnsureStreamsReplicas(t *testing.T) {
+	nc, err := nats.Connect(startCluster(t, 3))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
+	defer cancel()
+	ensure := func(replicas int) error {
+		// The cluster elects its meta leader a few seconds after it formed.
+		for {
+			actx, cancel := context.WithTimeout(ctx, 2*time.Second)
+			err := EnsureStreams(actx, js, StreamsConfig{Replicas: replicas})
+			cancel()
+			if err == nil || !isNotReady(err) || ctx.Err() != nil {
+				return err
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+	}
+	if err := ensure(1); err != nil {
+		t.Fatal(err)
+	}
+	if err := ensure(3); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{schemas.UsageStream, schemas.DLQStream} {
+		var info *jetstream.StreamInfo
+		// Followers of a scaled-up stream catch up within moments.
+		for give := time.Now().Add(10 * time.Second); ; {
+			s, err := js.Stream(ctx, name)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if info, err = s.Info(ctx); err != nil {
+				t.Fatal(err)
+			}
+			if info.Cluster != nil && len(info.Cluster.Replicas) == 2 || time.Now().After(give) {
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		if info.Config.Replicas != 3 || info.Config.Storage != jetstream.FileStorage || info.Cluster == nil || info.Cluster.Leader == "" || len(info.Cluster.Replicas) != 2 {
+			t.Errorf("%s: replicas %d, storage %v, cluster %+v; want R3 on file storage with a leader and 2 followers",
+				name, info.Config.Replicas, info.Config.Storage, info.Cluster)
+		}
+	}
+	// Straight to EnsureStreams: the retries of ensure would wait out
+	// "insufficient resources" as a cluster still forming.
+	if err := EnsureStreams(ctx, js, StreamsConfig{Replicas: 5}); err == nil || !strings.Contains(err.Error(), "placement") {
+		t.Errorf("5 replicas on 3 servers: %v, want an error about placement", err)
+	}
+}
+
+// isNotReady reports whether err is the transient answer of a cluster that
+// has no JetStream meta leader yet.
+func isNotReady(err error) bool {
+	return errors.Is(err, jetstream.ErrJetStreamNotEnabled) || errors.Is(err, context.DeadlineExceeded) ||
+		errors.Is(err, nats.ErrNoResponders) || errors.Is(err, jetstream.ErrNoStreamResponse) ||
+		strings.Contains(err.Error(), "JetStream system temporarily unavailable") ||
+		strings.Contains(err.Error(), "insufficient resources")
+}
