@@ -103,7 +103,8 @@ http {
 }
 
 // gatewayScenario drives calls through the gateway at base: an allowed
-// tenant's calls reach the upstream intact and are each counted once; a
+// tenant's calls reach the upstream intact and are each counted once, at
+// one unit, whatever meter headers the client sends; a
 // tenant over its quota gets meterd's 402, headers and body included, and
 // none of its refused calls reaches the upstream.
 func gatewayScenario(t *testing.T, s *e2eDev, up *upstream, base string) {
@@ -111,7 +112,9 @@ func gatewayScenario(t *testing.T, s *e2eDev, up *upstream, base string) {
 	for i := range calls {
 		body := fmt.Sprintf("order %d", i)
 		a, err := fetch(s.client, http.MethodPost, fmt.Sprintf("%s/orders/%d", base, i),
-			http.Header{"X-Tenant-Id": {"globex"}, "X-Request-Id": {fmt.Sprintf("gw-globex-%d", i)}, "Content-Type": {"text/plain"}},
+			// A client trying to be counted once, at zero: the recipe
+			// must drop its meter value and give each call its own id.
+			http.Header{"X-Tenant-Id": {"globex"}, "X-Request-Id": {"gw-globex-same"}, "X-Meter-Value": {"0"}, "Content-Type": {"text/plain"}},
 			[]byte(body))
 		if err != nil {
 			t.Fatal(err)
