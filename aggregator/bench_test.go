@@ -2,19 +2,33 @@ package aggregator_test
 
 import (
 	"fmt"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/meterd/meterd/internal/chtest"
 	"github.com/meterd/meterd/schemas"
 )
 
 // BenchmarkAggregator measures sustained consumption from JetStream into a
 // store: b.N batches of 500 events (1000 tenants, 3 meters, 3 dimensions)
 // are published first, then the clock runs until the aggregator committed
-// them all. Everything is co-located on this machine.
+// them all. Everything is co-located on this machine. Besides events/s it
+// reports the CPU seconds per 50 000 events of this process (the aggregator
+// and the embedded NATS server) and of the private ClickHouse server, which
+// are steadier than wall-clock figures on a shared machine.
+// processCPU is the CPU time (user + system) this process has used.
+func processCPU(b *testing.B) time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		b.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
 func BenchmarkAggregator(b *testing.B) {
 	for _, name := range []string{"sqlite", "clickhouse"} {
 		b.Run(name, func(b *testing.B) {
@@ -49,10 +63,19 @@ func BenchmarkAggregator(b *testing.B) {
 				<-env.js.PublishAsyncComplete()
 				b.ReportAllocs()
 				b.ResetTimer()
+				client, server, serverOK := processCPU(b), time.Duration(0), false
+				if name == "clickhouse" {
+					server, serverOK = chtest.ServerCPU()
+				}
 				env.start()
 				env.waitCommitted(b, float64(b.N), 0)
 				b.StopTimer()
-				b.ReportMetric(float64(b.N*perBatch)/b.Elapsed().Seconds(), "events/s")
+				events := float64(b.N * perBatch)
+				b.ReportMetric(events/b.Elapsed().Seconds(), "events/s")
+				b.ReportMetric((processCPU(b)-client).Seconds()*50_000/events, "client-cpu-s/50k")
+				if now, ok := chtest.ServerCPU(); serverOK && ok {
+					b.ReportMetric((now-server).Seconds()*50_000/events, "server-cpu-s/50k")
+				}
 			}
 		})
 	}
