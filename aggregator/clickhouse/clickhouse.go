@@ -227,7 +227,14 @@ func (s *Store) migrate(ctx context.Context) error {
 		if applied[uint32(m.Version)] {
 			continue
 		}
+		done, err := s.migrationDone(ctx, m)
+		if err != nil {
+			return fmt.Errorf("migration %s: guard: %w", m.Name, err)
+		}
 		for _, stmt := range m.Statements {
+			if done {
+				break
+			}
 			if err := s.conn.Exec(ctx, stmt); err != nil {
 				return fmt.Errorf("migration %s: %w", m.Name, err)
 			}
@@ -238,6 +245,19 @@ func (s *Store) migrate(ctx context.Context) error {
 		s.log.Info("applied migration", "migration", m.Name)
 	}
 	return nil
+}
+
+// migrationDone runs the guard of m, if it has one: whether its effect is
+// there already (it ran and was not recorded).
+func (s *Store) migrationDone(ctx context.Context, m migrations.Migration) (bool, error) {
+	if m.DoneWhen == "" {
+		return false, nil
+	}
+	var done uint8
+	if err := s.conn.QueryRow(ctx, m.DoneWhen).Scan(&done); err != nil {
+		return false, err
+	}
+	return done != 0, nil
 }
 
 // recordMigration inserts m into schema_migrations. Every insert goes
@@ -478,15 +498,15 @@ func (s *Store) write(ctx context.Context, fresh []string, news []candidate) (ro
 
 // prepare sums the new events into rollup rows and returns the intent of
 // writing them and their dimensions.
-func prepare(news []candidate) (intent, []rollup.Dims, rollup.Rows) {
+func prepare(news []candidate) (intent, []string, rollup.Rows) {
 	in := intent{id: randomID(16), startedAt: time.Now().UTC(), hours: rollup.Range{From: 1<<63 - 1}}
 	tenants := map[string]struct{}{}
-	dims := make([]rollup.Dims, len(news))
+	dims := make([]string, len(news))
 	rows := make(rollup.Rows, len(news)/2)
 	var cache rollup.DimsCache
 	for i, c := range news {
 		dims[i] = cache.Get(c.e.Dimensions)
-		rows.AddEvent(c.e, dims[i].Key)
+		rows.AddEvent(c.e, dims[i])
 		tenants[c.e.Tenant] = struct{}{}
 		h := rollup.Hour(rollup.Second(c.e.Time))
 		in.hours.From, in.hours.To = min(in.hours.From, h), max(in.hours.To, h+rollup.HourSeconds)
@@ -530,10 +550,10 @@ func (s *Store) insertIntent(ctx context.Context, in intent, sign int8) error {
 
 // insertEvents inserts the new events in one block, with a query id the
 // recovery can wait for.
-func (s *Store) insertEvents(ctx context.Context, applyID string, news []candidate, dims []rollup.Dims) error {
+func (s *Store) insertEvents(ctx context.Context, applyID string, news []candidate, dims []string) error {
 	n := len(news)
 	var (
-		tenants, ids, meters, dimsKeys, batchIDs = make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n)
+		tenants, ids, meters, batchIDs = make([]string, n), make([]string, n), make([]string, n), make([]string, n)
 		values                                   = make([]int64, n)
 		times                                    = make([]time.Time, n)
 		hashes                                   = make([]uint64, n)
@@ -542,28 +562,17 @@ func (s *Store) insertEvents(ctx context.Context, applyID string, news []candida
 		e := c.e
 		tenants[i], ids[i], meters[i], values[i], batchIDs[i], hashes[i] = e.Tenant, e.ID, e.Meter, e.Value, c.batch, c.hash
 		times[i] = time.Unix(rollup.Second(e.Time), 0)
-		dimsKeys[i] = dims[i].Key
 	}
 	ctx = clickhouse.Context(ctx, clickhouse.WithQueryID(applyID+"-events"))
 	b, err := s.conn.PrepareBatch(ctx, `INSERT INTO events
-		(tenant, id, meter, value, time, dims_key, batch_id, key_hash, dim_keys, dim_values)`)
+		(tenant, id, meter, value, time, dims_key, batch_id, key_hash)`)
 	if err != nil {
 		return fmt.Errorf("insert events: %w", err)
 	}
 	defer b.Close()
-	for i, col := range []any{tenants, ids, meters, values, times, dimsKeys, batchIDs, hashes} {
+	for i, col := range []any{tenants, ids, meters, values, times, dims, batchIDs, hashes} {
 		if err := b.Column(i).Append(col); err != nil {
 			return fmt.Errorf("insert events: column %d: %w", i, err)
-		}
-	}
-	// Row by row: Append of a [][]string goes through reflection.
-	names, vals := b.Column(8), b.Column(9)
-	for _, d := range dims {
-		if err := names.AppendRow(d.Names); err != nil {
-			return fmt.Errorf("insert events: dim_keys: %w", err)
-		}
-		if err := vals.AppendRow(d.Values); err != nil {
-			return fmt.Errorf("insert events: dim_values: %w", err)
 		}
 	}
 	if err := b.Send(); err != nil {

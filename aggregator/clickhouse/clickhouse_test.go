@@ -186,6 +186,30 @@ func TestMigrationsAreAppliedOnce(t *testing.T) {
 	}
 }
 
+// A migration may run and then fail to be recorded: every one must run
+// again without harm, the guarded DROP COLUMN included.
+func TestMigrationsRunAgainWhenUnrecorded(t *testing.T) {
+	dsn := chtest.DSN(t)
+	s := newStore(t, dsn)
+	if err := s.conn.Exec(t.Context(), `DROP TABLE schema_migrations`); err != nil {
+		t.Fatal(err)
+	}
+	s = newStore(t, dsn)
+	var columns []string
+	r, err := s.conn.Query(t.Context(), `SELECT name FROM system.columns WHERE database = currentDatabase() AND table = 'events' ORDER BY name`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for r.Next() {
+		var name string
+		r.Scan(&name)
+		columns = append(columns, name)
+	}
+	if want := []string{"batch_id", "dims_key", "id", "inserted_at", "key_hash", "meter", "tenant", "time", "value"}; !slices.Equal(columns, want) {
+		t.Errorf("columns of events = %v, want %v", columns, want)
+	}
+}
+
 func TestNewCreatesTheDatabase(t *testing.T) {
 	dsn := chtest.DSN(t) + "_created"
 	s := newStore(t, dsn)
