@@ -174,11 +174,43 @@ func (a *Aggregator) Run(ctx context.Context) error {
 		return fmt.Errorf("aggregator: consumer: %w", err)
 	}
 	a.consumer.Store(&cons)
+	// The next group of messages is fetched and decoded while the store
+	// writes the current one; groups are written, and their increments
+	// published, in the order they were fetched.
+	groups := make(chan group, 1)
+	var reader sync.WaitGroup
+	reader.Go(func() {
+		defer close(groups)
+		a.read(ctx, cons, groups)
+	})
+	for g := range groups {
+		if ctx.Err() == nil {
+			if err := a.flush(ctx, g); err != nil && ctx.Err() == nil {
+				a.log.Error("flush failed", "err", err)
+			}
+		}
+		g.stopKeepAlive()
+	}
+	reader.Wait()
+	return nil
+}
+
+// group is the messages of one store write and their decoded batches, kept
+// alive with InProgress from the fetch until stopKeepAlive.
+type group struct {
+	msgs          []jetstream.Msg
+	batches       []*schemas.Batch
+	stopKeepAlive func()
+}
+
+// read fetches and decodes groups into out until ctx ends. Undecodable
+// messages are dead-lettered here and never reach out.
+func (a *Aggregator) read(ctx context.Context, cons jetstream.Consumer, out chan<- group) {
 	for ctx.Err() == nil {
 		msgs, err := a.fetch(ctx, cons)
 		if err != nil {
 			if ctx.Err() != nil {
-				break
+				return
 			}
 			a.log.Warn("fetch failed", "err", err)
 			sleep(ctx, 250*time.Millisecond)
@@ -188,11 +220,18 @@ func (a *Aggregator) Run(ctx context.Context) error {
 			a.lastCommit.Store(time.Now().UnixNano())
 			continue
 		}
-		if err := a.flush(ctx, msgs); err != nil && ctx.Err() == nil {
-			a.log.Error("flush failed", "err", err)
+		g := a.decode(msgs)
+		if len(g.msgs) == 0 {
+			continue
+		}
+		g.stopKeepAlive = a.keepAlive(g.msgs)
+		select {
+		case out <- g:
+		case <-ctx.Done():
+			g.stopKeepAlive()
+			return
 		}
 	}
-	return nil
 }
 
 func (a *Aggregator) fetch(ctx context.Context, cons jetstream.Consumer) ([]jetstream.Msg, error) {
@@ -219,14 +258,10 @@ func (a *Aggregator) fetch(ctx context.Context, cons jetstream.Consumer) ([]jets
 	return msgs, ctx.Err()
 }
 
-// flush decodes msgs, dead-letters the undecodable, writes the rest in one
-// Apply, and acknowledges them after it returned. A store failure is
-// retried; a message that keeps failing while the store is healthy is
-// isolated and dead-lettered, so it never holds up the ones behind it.
-func (a *Aggregator) flush(ctx context.Context, msgs []jetstream.Msg) error {
-	start := time.Now()
-	good := make([]jetstream.Msg, 0, len(msgs))
-	batches := make([]*schemas.Batch, 0, len(msgs))
+// decode decodes msgs and dead-letters the undecodable ones and those
+// delivered too often.
+func (a *Aggregator) decode(msgs []jetstream.Msg) group {
+	g := group{msgs: make([]jetstream.Msg, 0, len(msgs)), batches: make([]*schemas.Batch, 0, len(msgs))}
 	for _, m := range msgs {
 		if md, err := m.Metadata(); err == nil && md.NumDelivered > uint64(a.cfg.MaxDeliver) {
 			a.deadLetter(m, "delivered "+strconv.FormatUint(md.NumDelivered, 10)+" times without being committed")
@@ -237,14 +272,20 @@ func (a *Aggregator) flush(ctx context.Context, msgs []jetstream.Msg) error {
 			a.deadLetter(m, err.Error())
 			continue
 		}
-		good = append(good, m)
-		batches = append(batches, b)
+		g.msgs = append(g.msgs, m)
+		g.batches = append(g.batches, b)
 	}
-	if len(batches) == 0 {
-		return nil
-	}
+	return g
+}
+
+// flush writes g in one Apply and acknowledges its messages after it
+// returned. A store failure is retried; a message that keeps failing while
+// the store is healthy is isolated and dead-lettered, so it never holds up
+// the ones behind it.
+func (a *Aggregator) flush(ctx context.Context, g group) error {
+	start := time.Now()
 	a.flushSince.Store(start.UnixNano())
-	err := a.apply(ctx, good, batches)
+	err := a.apply(ctx, g.msgs, g.batches)
 	a.flushSince.Store(0)
 	a.metrics.flushSeconds.Observe(time.Since(start).Seconds())
 	return err
@@ -252,10 +293,9 @@ func (a *Aggregator) flush(ctx context.Context, msgs []jetstream.Msg) error {
 
 // apply writes batches (of msgs) and acks them, retrying while the store is
 // down. When the store is up but rejects the group, each message is tried on
-// its own and dead-lettered after DefaultRetryBudget failures.
+// its own and dead-lettered after DefaultRetryBudget failures. The caller
+// keeps msgs alive.
 func (a *Aggregator) apply(ctx context.Context, msgs []jetstream.Msg, batches []*schemas.Batch) error {
-	stopKeepAlive := a.keepAlive(msgs)
-	defer stopKeepAlive()
 	bo := backoff.NewExponentialBackOff(
 		backoff.WithInitialInterval(100*time.Millisecond),
 		backoff.WithMaxInterval(5*time.Second),

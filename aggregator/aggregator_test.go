@@ -163,10 +163,11 @@ func (env *aggEnv) publishRaw(t testing.TB, msgID, contentType string, data []by
 	}
 }
 
-// waitCommitted waits until n batches were committed or dead-lettered.
+// waitCommitted waits until n batches were committed or dead-lettered, for
+// 20 s and 20 ms per batch at most.
 func (env *aggEnv) waitCommitted(t testing.TB, batches, deadLettered float64) {
 	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
+	deadline := time.Now().Add(20*time.Second + time.Duration(batches+deadLettered)*20*time.Millisecond)
 	for time.Now().Before(deadline) {
 		b := metric(t, env.reg, "meterd_aggregator_batches_committed_total")
 		d := metric(t, env.reg, "meterd_aggregator_dead_lettered_total")
