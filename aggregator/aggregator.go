@@ -29,6 +29,7 @@ import (
 const (
 	DefaultDurable     = "meterd-aggregator"
 	DefaultFetchBatch  = 20
+	CatchUpFactor      = 5 // CatchUpBatch is FetchBatch times this by default
 	DefaultFetchWait   = 100 * time.Millisecond
 	DefaultAckWait     = 10 * time.Second
 	DefaultMaxDeliver  = 10
@@ -53,6 +54,12 @@ type Config struct {
 	// (default 100ms).
 	FetchBatch int
 	FetchWait  time.Duration
+	// CatchUpBatch messages at most are written per flush instead while at
+	// least that many wait (default CatchUpFactor × FetchBatch; FetchBatch
+	// or less turns it off). Behind by that much, freshness is lost to the
+	// backlog anyway, and larger flushes drain it faster: both stores spend
+	// much of a flush's cost per flush, not per event.
+	CatchUpBatch int
 	// AckWait is JetStream's redelivery timer; long store writes are kept
 	// alive with InProgress (default 10s).
 	AckWait time.Duration
@@ -83,6 +90,10 @@ func (c *Config) Validate() error {
 	if c.FetchBatch <= 0 {
 		c.FetchBatch = DefaultFetchBatch
 	}
+	if c.CatchUpBatch == 0 {
+		c.CatchUpBatch = CatchUpFactor * c.FetchBatch
+	}
+	c.CatchUpBatch = max(c.CatchUpBatch, c.FetchBatch)
 	if c.FetchWait <= 0 {
 		c.FetchWait = DefaultFetchWait
 	}
@@ -146,8 +157,10 @@ func (a *Aggregator) ConsumerConfig() jetstream.ConsumerConfig {
 		AckWait:       a.cfg.AckWait,
 		// One more than our own bound: the aggregator dead-letters a message
 		// at MaxDeliver itself, so the server never silently drops one.
-		MaxDeliver:    a.cfg.MaxDeliver + 1,
-		MaxAckPending: 4 * a.cfg.FetchBatch,
+		MaxDeliver: a.cfg.MaxDeliver + 1,
+		// The writer's group, the one waiting for it and the one being
+		// fetched, with room to spare.
+		MaxAckPending: 4 * a.cfg.CatchUpBatch,
 	}
 }
 
@@ -235,7 +248,11 @@ func (a *Aggregator) read(ctx context.Context, cons jetstream.Consumer, out chan
 }
 
 func (a *Aggregator) fetch(ctx context.Context, cons jetstream.Consumer) ([]jetstream.Msg, error) {
-	batch, err := cons.Fetch(a.cfg.FetchBatch, jetstream.FetchMaxWait(a.cfg.FetchWait))
+	n := a.cfg.FetchBatch
+	if a.pending.Load() >= int64(a.cfg.CatchUpBatch) {
+		n = a.cfg.CatchUpBatch
+	}
+	batch, err := cons.Fetch(n, jetstream.FetchMaxWait(a.cfg.FetchWait))
 	if err != nil {
 		return nil, err
 	}
