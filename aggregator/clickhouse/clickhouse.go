@@ -73,8 +73,8 @@
 // The dedup lookup of a call of K new events reads, per partition of events,
 // every granule (8192 rows) that may hold one of them: the whole key_hash
 // column while a partition has fewer than K granules, about K granules
-// beyond. It grows with the table (about 270 ms for 50 000 events against 10
-// million on the 2-core test machine) and caps at K granules per partition,
+// beyond. It grows with the table (65-270 ms for 50 000 events against 10
+// million on the shared 2-core test machine) and caps at K granules per partition,
 // which for K = 50 000 is still 400 million key hashes a call: exact dedup
 // against all history does not sustain full ingest speed on tables of
 // hundreds of millions of events per partition. aggregator/BENCHMARKS.md
