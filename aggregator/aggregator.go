@@ -29,6 +29,7 @@ import (
 const (
 	DefaultDurable     = "meterd-aggregator"
 	DefaultFetchBatch  = 20
+	CatchUpFactor      = 5 // CatchUpBatch is FetchBatch times this by default
 	DefaultFetchWait   = 100 * time.Millisecond
 	DefaultAckWait     = 10 * time.Second
 	DefaultMaxDeliver  = 10
@@ -53,6 +54,12 @@ type Config struct {
 	// (default 100ms).
 	FetchBatch int
 	FetchWait  time.Duration
+	// CatchUpBatch messages at most are written per flush instead while at
+	// least that many wait (default CatchUpFactor × FetchBatch; FetchBatch
+	// or less turns it off). Behind by that much, freshness is lost to the
+	// backlog anyway, and larger flushes drain it faster: both stores spend
+	// much of a flush's cost per flush, not per event.
+	CatchUpBatch int
 	// AckWait is JetStream's redelivery timer; long store writes are kept
 	// alive with InProgress (default 10s).
 	AckWait time.Duration
@@ -83,6 +90,10 @@ func (c *Config) Validate() error {
 	if c.FetchBatch <= 0 {
 		c.FetchBatch = DefaultFetchBatch
 	}
+	if c.CatchUpBatch == 0 {
+		c.CatchUpBatch = CatchUpFactor * c.FetchBatch
+	}
+	c.CatchUpBatch = max(c.CatchUpBatch, c.FetchBatch)
 	if c.FetchWait <= 0 {
 		c.FetchWait = DefaultFetchWait
 	}
@@ -147,8 +158,10 @@ func (a *Aggregator) ConsumerConfig() jetstream.ConsumerConfig {
 		AckWait:       a.cfg.AckWait,
 		// One more than our own bound: the aggregator dead-letters a message
 		// at MaxDeliver itself, so the server never silently drops one.
-		MaxDeliver:    a.cfg.MaxDeliver + 1,
-		MaxAckPending: 4 * a.cfg.FetchBatch,
+		MaxDeliver: a.cfg.MaxDeliver + 1,
+		// The writer's group, the one waiting for it and the one being
+		// fetched, with room to spare.
+		MaxAckPending: 4 * a.cfg.CatchUpBatch,
 	}
 }
 
@@ -175,11 +188,43 @@ func (a *Aggregator) Run(ctx context.Context) error {
 		return fmt.Errorf("aggregator: consumer: %w", err)
 	}
 	a.consumer.Store(&cons)
+	// The next group of messages is fetched and decoded while the store
+	// writes the current one; groups are written, and their increments
+	// published, in the order they were fetched.
+	groups := make(chan group, 1)
+	var reader sync.WaitGroup
+	reader.Go(func() {
+		defer close(groups)
+		a.read(ctx, cons, groups)
+	})
+	for g := range groups {
+		if ctx.Err() == nil {
+			if err := a.flush(ctx, g); err != nil && ctx.Err() == nil {
+				a.log.Error("flush failed", "err", err)
+			}
+		}
+		g.stopKeepAlive()
+	}
+	reader.Wait()
+	return nil
+}
+
+// group is the messages of one store write and their decoded batches, kept
+// alive with InProgress from the fetch until stopKeepAlive.
+type group struct {
+	msgs          []jetstream.Msg
+	batches       []*schemas.Batch
+	stopKeepAlive func()
+}
+
+// read fetches and decodes groups into out until ctx ends. Undecodable
+// messages are dead-lettered here and never reach out.
+func (a *Aggregator) read(ctx context.Context, cons jetstream.Consumer, out chan<- group) {
 	for ctx.Err() == nil {
 		msgs, err := a.fetch(ctx, cons)
 		if err != nil {
 			if ctx.Err() != nil {
-				break
+				return
 			}
 			a.log.Warn("fetch failed", "err", err)
 			sleep(ctx, 250*time.Millisecond)
@@ -189,15 +234,26 @@ func (a *Aggregator) Run(ctx context.Context) error {
 			a.lastCommit.Store(time.Now().UnixNano())
 			continue
 		}
-		if err := a.flush(ctx, msgs); err != nil && ctx.Err() == nil {
-			a.log.Error("flush failed", "err", err)
+		g := a.decode(msgs)
+		if len(g.msgs) == 0 {
+			continue
+		}
+		g.stopKeepAlive = a.keepAlive(g.msgs)
+		select {
+		case out <- g:
+		case <-ctx.Done():
+			g.stopKeepAlive()
+			return
 		}
 	}
-	return nil
 }
 
 func (a *Aggregator) fetch(ctx context.Context, cons jetstream.Consumer) ([]jetstream.Msg, error) {
-	batch, err := cons.Fetch(a.cfg.FetchBatch, jetstream.FetchMaxWait(a.cfg.FetchWait))
+	n := a.cfg.FetchBatch
+	if a.pending.Load() >= int64(a.cfg.CatchUpBatch) {
+		n = a.cfg.CatchUpBatch
+	}
+	batch, err := cons.Fetch(n, jetstream.FetchMaxWait(a.cfg.FetchWait))
 	if err != nil {
 		return nil, err
 	}
@@ -224,14 +280,10 @@ func (a *Aggregator) fetch(ctx context.Context, cons jetstream.Consumer) ([]jets
 	return msgs, ctx.Err()
 }
 
-// flush decodes msgs, dead-letters the undecodable, writes the rest in one
-// Apply, and acknowledges them after it returned. A store failure is
-// retried; a message that keeps failing while the store is healthy is
-// isolated and dead-lettered, so it never holds up the ones behind it.
-func (a *Aggregator) flush(ctx context.Context, msgs []jetstream.Msg) error {
-	start := time.Now()
-	good := make([]jetstream.Msg, 0, len(msgs))
-	batches := make([]*schemas.Batch, 0, len(msgs))
+// decode decodes msgs and dead-letters the undecodable ones and those
+// delivered too often.
+func (a *Aggregator) decode(msgs []jetstream.Msg) group {
+	g := group{msgs: make([]jetstream.Msg, 0, len(msgs)), batches: make([]*schemas.Batch, 0, len(msgs))}
 	for _, m := range msgs {
 		if md, err := m.Metadata(); err == nil && md.NumDelivered > uint64(a.cfg.MaxDeliver) {
 			a.deadLetter(m, "delivered "+strconv.FormatUint(md.NumDelivered, 10)+" times without being committed")
@@ -242,14 +294,20 @@ func (a *Aggregator) flush(ctx context.Context, msgs []jetstream.Msg) error {
 			a.deadLetter(m, err.Error())
 			continue
 		}
-		good = append(good, m)
-		batches = append(batches, b)
+		g.msgs = append(g.msgs, m)
+		g.batches = append(g.batches, b)
 	}
-	if len(batches) == 0 {
-		return nil
-	}
+	return g
+}
+
+// flush writes g in one Apply and acknowledges its messages after it
+// returned. A store failure is retried; a message that keeps failing while
+// the store is healthy is isolated and dead-lettered, so it never holds up
+// the ones behind it.
+func (a *Aggregator) flush(ctx context.Context, g group) error {
+	start := time.Now()
 	a.flushSince.Store(start.UnixNano())
-	err := a.apply(ctx, good, batches)
+	err := a.apply(ctx, g.msgs, g.batches)
 	a.flushSince.Store(0)
 	a.metrics.flushSeconds.Observe(time.Since(start).Seconds())
 	return err
@@ -257,10 +315,9 @@ func (a *Aggregator) flush(ctx context.Context, msgs []jetstream.Msg) error {
 
 // apply writes batches (of msgs) and acks them, retrying while the store is
 // down. When the store is up but rejects the group, each message is tried on
-// its own and dead-lettered after DefaultRetryBudget failures.
+// its own and dead-lettered after DefaultRetryBudget failures. The caller
+// keeps msgs alive.
 func (a *Aggregator) apply(ctx context.Context, msgs []jetstream.Msg, batches []*schemas.Batch) error {
-	stopKeepAlive := a.keepAlive(msgs)
-	defer stopKeepAlive()
 	bo := backoff.NewExponentialBackOff(
 		backoff.WithInitialInterval(100*time.Millisecond),
 		backoff.WithMaxInterval(5*time.Second),

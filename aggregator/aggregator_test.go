@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"path/filepath"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -163,10 +164,11 @@ func (env *aggEnv) publishRaw(t testing.TB, msgID, contentType string, data []by
 	}
 }
 
-// waitCommitted waits until n batches were committed or dead-lettered.
+// waitCommitted waits until n batches were committed or dead-lettered, for
+// 20 s and 20 ms per batch at most.
 func (env *aggEnv) waitCommitted(t testing.TB, batches, deadLettered float64) {
 	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
+	deadline := time.Now().Add(20*time.Second + time.Duration(batches+deadLettered)*20*time.Millisecond)
 	for time.Now().Before(deadline) {
 		b := metric(t, env.reg, "meterd_aggregator_batches_committed_total")
 		d := metric(t, env.reg, "meterd_aggregator_dead_lettered_total")
@@ -324,5 +326,63 @@ func waitFor(t *testing.T, cond func() bool, format string, args ...any) {
 			t.Fatalf("timed out: "+format, args...)
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// recordingStore records the batch ids of every successful Apply.
+type recordingStore struct {
+	aggregator.Store
+	mu     sync.Mutex
+	groups [][]string
+}
+
+func (s *recordingStore) Apply(ctx context.Context, batches []*schemas.Batch) ([]aggregator.Increment, error) {
+	incs, err := s.Store.Apply(ctx, batches)
+	if err == nil {
+		ids := make([]string, len(batches))
+		for i, b := range batches {
+			ids[i] = b.ID
+		}
+		s.mu.Lock()
+		s.groups = append(s.groups, ids)
+		s.mu.Unlock()
+	}
+	return incs, err
+}
+
+// A backlog is written in flushes of CatchUpBatch until less than that
+// waits, then in flushes of FetchBatch, in the order of the stream.
+func TestAggregatorCatchesUp(t *testing.T) {
+	store := &recordingStore{Store: openStore(t, "sqlite")}
+	env := newIdleAggEnv(t, store, func(c *aggregator.Config) { c.FetchBatch, c.CatchUpBatch = 4, 40 })
+	const batches = 150
+	for i := range batches {
+		env.publish(t, fmt.Sprintf("b%03d", i), ev("acme", fmt.Sprintf("e%d", i), 1, 0))
+	}
+	env.start()
+	env.waitCommitted(t, batches, 0)
+	store.mu.Lock()
+	defer store.mu.Unlock()
+	var order []string
+	sizes := map[int]int{}
+	for _, g := range store.groups {
+		order = append(order, g...)
+		sizes[len(g)]++
+	}
+	if !slices.IsSorted(order) || len(order) != batches {
+		t.Errorf("batches written in the order %v", order)
+	}
+	// The first fetch knows of no backlog; 146 wait after it: 40, 40, 40
+	// (26 wait), then flushes of 4 at most.
+	if sizes[40] != 3 || len(store.groups) < 3+26/4 {
+		t.Errorf("flush sizes %v (count of flushes by size), want 3 of 40 and the rest of 4 at most", sizes)
+	}
+	for n := range sizes {
+		if n != 40 && n > 4 {
+			t.Errorf("flush sizes %v: a flush of %d", sizes, n)
+		}
+	}
+	if got := env.total(t, "acme"); got != batches {
+		t.Errorf("acme total %d, want %d", got, batches)
 	}
 }

@@ -13,32 +13,38 @@
 // intent log:
 //
 //   - The raw table events, ORDER BY (tenant, id), is the source of truth and
-//     the dedup index. Apply drops batches already in the ledger (batches),
-//     drops events that appear earlier in the call, looks up which of the rest
-//     events already holds (one query; the candidates travel as an external
-//     table and are matched on key_hash, a 64-bit hash of (tenant, id), then
-//     compared exactly; a call of few candidates also narrows the granules
-//     read through the primary key), and inserts only the new ones. A
-//     retried event counts once however long ago the first copy came, and a
-//     redelivered batch is skipped by the ledger.
+//     the dedup index. Apply drops events that appear earlier in the call,
+//     looks up which of the rest events already holds (one query; the
+//     candidates travel as an external table and are matched on key_hash, a
+//     64-bit hash of (tenant, id), then compared exactly; a call of few
+//     candidates also narrows the granules read through the primary key), and
+//     inserts only the new ones. A retried event counts once however long ago
+//     the first copy came, and so does every event of a redelivered batch.
 //   - The hourly rollups are inserted by Apply, summed from exactly the events
-//     it inserted, right after them. That is chosen over a materialized view:
-//     a view is no more atomic with its source insert on 18.16, it would make
-//     Apply compute the increments it returns a second way, and its query
-//     cannot be altered by a migration on 18.16.
-//   - Before writing, Apply records an intent (applies, sign 1: the tenants
-//     and hours it may touch) and, after the events and rollups are written,
-//     cancels it (sign -1). A crash or error in between leaves an open intent.
-//     Before it writes again (at its first Apply, and after any failed Apply)
-//     the store waits until no query of the interrupted apply still runs on
-//     the server, recomputes the rollups of the intent's tenants and hours
-//     from the events, inserts the differences, and closes the intent. So a
-//     redelivered batch whose events were written but not counted is counted
-//     by the repair, never twice and never zero times, and the usage that the
-//     repair counts is returned with the next successful Apply (usage whose
-//     rollups the failed call had written is in the totals but in no
-//     increment). Waiting for the queries matters: an insert whose client
-//     gave up may still be writing on the server.
+//     it inserted, at the same time as them. That is chosen over a
+//     materialized view: a view is no more atomic with its source insert on
+//     18.16, it would make Apply compute the increments it returns a second
+//     way, and its query cannot be altered by a migration on 18.16.
+//   - Before writing events or rollups, Apply records an intent (applies,
+//     sign 1: the tenants and hours of all its candidates, so it can be
+//     written while the lookup runs); the next Apply closes it (sign -1) in
+//     the block that opens its own, and Close closes the last one. One block
+//     of applies is one part, so an intent is never closed without its
+//     successor being open. A crash or error leaves an open intent whose
+//     writes may be unfinished. Before it writes again (at its first Apply,
+//     and after any failed Apply) the store waits until no query of an open
+//     intent still runs on the server, recomputes the rollups of the intent's
+//     tenants and hours from the events, inserts the differences, and closes
+//     the intent. So a redelivered batch whose events were written but not
+//     counted is counted by the repair, never twice and never zero times, and
+//     the usage that the repair counts is returned with the next successful
+//     Apply (usage whose rollups the failed call had written is in the totals
+//     but in no increment). Waiting for the queries matters: an insert whose
+//     client gave up may still be writing on the server.
+//
+// An Apply therefore waits for two rounds of queries: the lookup and the
+// intent, concurrently, and then the events and rollups inserts,
+// concurrently. It creates three parts (intent, events, rollups) per call.
 //
 // Rollup rows are only ever added: a commit's usage, a repair's or
 // Reconcile's correcting deltas (which may be negative). SummingMergeTree
@@ -67,8 +73,8 @@
 // The dedup lookup of a call of K new events reads, per partition of events,
 // every granule (8192 rows) that may hold one of them: the whole key_hash
 // column while a partition has fewer than K granules, about K granules
-// beyond. It grows with the table (about 270 ms for 50 000 events against 10
-// million on the 2-core test machine) and caps at K granules per partition,
+// beyond. It grows with the table (65-270 ms for 50 000 events against 10
+// million on the shared 2-core test machine) and caps at K granules per partition,
 // which for K = 50 000 is still 400 million key hashes a call: exact dedup
 // against all history does not sustain full ingest speed on tables of
 // hundreds of millions of events per partition. aggregator/BENCHMARKS.md
@@ -147,6 +153,9 @@ type Store struct {
 	pending bool
 	// carry holds usage that repairs counted and no Apply returned yet.
 	carry rollup.Rows
+	// open is the intent of the last write, which the next write (or Close)
+	// closes; nil when none is open or pending is set.
+	open *intent
 
 	closeOnce sync.Once
 	closeErr  error
@@ -227,7 +236,14 @@ func (s *Store) migrate(ctx context.Context) error {
 		if applied[uint32(m.Version)] {
 			continue
 		}
+		done, err := s.migrationDone(ctx, m)
+		if err != nil {
+			return fmt.Errorf("migration %s: guard: %w", m.Name, err)
+		}
 		for _, stmt := range m.Statements {
+			if done {
+				break
+			}
 			if err := s.conn.Exec(ctx, stmt); err != nil {
 				return fmt.Errorf("migration %s: %w", m.Name, err)
 			}
@@ -238,6 +254,19 @@ func (s *Store) migrate(ctx context.Context) error {
 		s.log.Info("applied migration", "migration", m.Name)
 	}
 	return nil
+}
+
+// migrationDone runs the guard of m, if it has one: whether its effect is
+// there already (it ran and was not recorded).
+func (s *Store) migrationDone(ctx context.Context, m migrations.Migration) (bool, error) {
+	if m.DoneWhen == "" {
+		return false, nil
+	}
+	var done uint8
+	if err := s.conn.QueryRow(ctx, m.DoneWhen).Scan(&done); err != nil {
+		return false, err
+	}
+	return done != 0, nil
 }
 
 // recordMigration inserts m into schema_migrations. Every insert goes
@@ -260,7 +289,7 @@ type candidate struct {
 	e     *schemas.Event
 	batch string
 	hash  uint64
-	held  bool // events holds it already
+	dims  string // DimsKey of e.Dimensions, once the lookup is done
 }
 
 // Apply implements aggregator.Store; see the package documentation.
@@ -268,45 +297,37 @@ func (s *Store) Apply(ctx context.Context, batches []*schemas.Batch) ([]aggregat
 	if err := rollup.Check(batches); err != nil {
 		return nil, err
 	}
+	cands, index, in := candidates(batches)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err := s.recoverIntents(ctx); err != nil {
 		return nil, fmt.Errorf("clickhouse: apply: %w", err)
 	}
-	fresh, news, err := s.plan(ctx, batches)
-	if err != nil {
-		return nil, fmt.Errorf("clickhouse: apply: %w", err)
-	}
-	rows, err := s.write(ctx, fresh, news)
-	if err != nil {
-		return nil, fmt.Errorf("clickhouse: apply: %w", err)
+	rows := rollup.Rows{}
+	if len(cands) > 0 {
+		var err error
+		if rows, err = s.write(ctx, cands, index, in); err != nil {
+			s.pending = true // some of the writes may have reached the server
+			return nil, fmt.Errorf("clickhouse: apply: %w", err)
+		}
 	}
 	rows.Merge(s.carry)
 	clear(s.carry)
 	return rows.Increments(), nil
 }
 
-// plan returns the ids of the batches not in the ledger and their events
-// that are not in events, without repetitions.
-func (s *Store) plan(ctx context.Context, batches []*schemas.Batch) (fresh []string, news []candidate, err error) {
-	ids := map[string]bool{}
+// candidates returns the events of batches without repetitions, an index of
+// their keys to their positions, and the intent of writing all of them.
+func candidates(batches []*schemas.Batch) ([]candidate, map[rollup.EventID]int, intent) {
+	n := 0
 	for _, b := range batches {
-		ids[b.ID] = true
+		n += len(b.Events)
 	}
-	done, err := s.ledgered(ctx, slices.Collect(maps.Keys(ids)))
-	if err != nil {
-		return nil, nil, err
-	}
-	index := map[rollup.EventID]int{} // into cands
-	var cands []candidate
+	cands := make([]candidate, 0, n)
+	index := make(map[rollup.EventID]int, n)
+	tenants := map[string]struct{}{}
+	in := intent{id: randomID(16), startedAt: time.Now().UTC(), hours: rollup.Range{From: 1<<63 - 1}}
 	for _, b := range batches {
-		if done[b.ID] {
-			continue
-		}
-		if ids[b.ID] {
-			fresh = append(fresh, b.ID)
-			ids[b.ID] = false
-		}
 		for i := range b.Events {
 			e := &b.Events[i]
 			k := rollup.EventID{Tenant: e.Tenant, ID: e.ID}
@@ -315,50 +336,13 @@ func (s *Store) plan(ctx context.Context, batches []*schemas.Batch) (fresh []str
 			}
 			index[k] = len(cands)
 			cands = append(cands, candidate{e: e, batch: b.ID, hash: keyHash(e.Tenant, e.ID)})
+			tenants[e.Tenant] = struct{}{}
+			h := rollup.Hour(rollup.Second(e.Time))
+			in.hours.From, in.hours.To = min(in.hours.From, h), max(in.hours.To, h+rollup.HourSeconds)
 		}
 	}
-	if len(cands) == 0 {
-		return fresh, nil, nil
-	}
-	if err := s.markHeld(ctx, cands, index); err != nil {
-		return nil, nil, err
-	}
-	news = cands[:0]
-	for _, c := range cands {
-		if !c.held {
-			news = append(news, c)
-		}
-	}
-	return fresh, news, nil
-}
-
-// ledgered returns which of the batch ids are in the ledger.
-func (s *Store) ledgered(ctx context.Context, ids []string) (map[string]bool, error) {
-	done := map[string]bool{}
-	if len(ids) == 0 {
-		return done, nil
-	}
-	tbl, err := ext.NewTable("incoming_batches", ext.Column("batch_id", "String"))
-	if err != nil {
-		return nil, err
-	}
-	if _, err := tbl.Block().Columns[0].Append(ids); err != nil {
-		return nil, err
-	}
-	rows, err := s.conn.Query(clickhouse.Context(ctx, clickhouse.WithExternalTable(tbl)),
-		`SELECT batch_id FROM batches WHERE batch_id IN incoming_batches`)
-	if err != nil {
-		return nil, fmt.Errorf("look up batches: %w", err)
-	}
-	defer rows.Close()
-	for rows.Next() {
-		var id string
-		if err := rows.Scan(&id); err != nil {
-			return nil, err
-		}
-		done[id] = true
-	}
-	return done, rows.Err()
+	in.tenants = slices.Sorted(maps.Keys(tenants))
+	return cands, index, in
 }
 
 // indexedLookupMax is the largest number of candidates held looks up
@@ -369,17 +353,17 @@ func (s *Store) ledgered(ctx context.Context, ids []string) (map[string]bool, er
 // table a few candidates must not scan it.
 const indexedLookupMax = 4096
 
-// markHeld marks the candidates events already holds; index maps their
-// keys to their positions. Rows are selected by key_hash (and for few
-// candidates also by the primary key); the exact (tenant, id) is compared
-// here, so a hash collision costs a row, never a wrong answer.
-func (s *Store) markHeld(ctx context.Context, cands []candidate, index map[rollup.EventID]int) error {
+// lookUp returns the positions in cands of the candidates events holds
+// already; index maps their keys to their positions. Rows are selected by
+// key_hash (and for few candidates also by the primary key); the exact
+// (tenant, id) is compared here, so a hash collision costs a row, never a
+// wrong answer.
+func (s *Store) lookUp(ctx context.Context, cands []candidate, index map[rollup.EventID]int) (held []int, err error) {
 	hashes := make([]uint64, len(cands))
 	for i, c := range cands {
 		hashes[i] = c.hash
 	}
 	var tbl *ext.Table
-	var err error
 	query := `SELECT tenant, id FROM events PREWHERE key_hash IN incoming_events`
 	if len(cands) <= indexedLookupMax {
 		tenants, ids := make([]string, len(cands)), make([]string, len(cands))
@@ -403,26 +387,26 @@ func (s *Store) markHeld(ctx context.Context, cands []candidate, index map[rollu
 		_, err = tbl.Block().Columns[0].Append(hashes)
 	}
 	if err != nil {
-		return fmt.Errorf("look up events: %w", err)
+		return nil, fmt.Errorf("look up events: %w", err)
 	}
 	rows, err := s.conn.Query(clickhouse.Context(ctx, clickhouse.WithExternalTable(tbl)), query)
 	if err != nil {
-		return fmt.Errorf("look up events: %w", err)
+		return nil, fmt.Errorf("look up events: %w", err)
 	}
 	defer rows.Close()
 	for rows.Next() {
 		var k rollup.EventID
 		if err := rows.Scan(&k.Tenant, &k.ID); err != nil {
-			return fmt.Errorf("look up events: %w", err)
+			return nil, fmt.Errorf("look up events: %w", err)
 		}
 		if i, ok := index[k]; ok {
-			cands[i].held = true
+			held = append(held, i)
 		}
 	}
 	if err := rows.Err(); err != nil {
-		return fmt.Errorf("look up events: %w", err)
+		return nil, fmt.Errorf("look up events: %w", err)
 	}
-	return nil
+	return held, nil
 }
 
 // keyHash is FNV-1a 64 of tenant, NUL, id: the key_hash column.
@@ -447,52 +431,67 @@ type intent struct {
 	hours     rollup.Range
 }
 
-// write inserts the new events and their rollups inside an intent, records
-// the fresh batches in the ledger, and returns the rollup rows it added.
-func (s *Store) write(ctx context.Context, fresh []string, news []candidate) (rollup.Rows, error) {
-	if len(news) == 0 {
-		return rollup.Rows{}, s.insertLedger(ctx, fresh)
-	}
-	in, dims, rows := prepare(news)
-	if err := s.insertIntent(ctx, in, 1); err != nil {
-		s.pending = true // the insert may have reached the server
+// write opens the intent in, looks up which candidates events holds, and
+// inserts the others and their rollups; it returns the rollup rows it added.
+// The intent covers every candidate (the lookup has not answered when it is
+// written) and stays open until the next write closes it.
+func (s *Store) write(ctx context.Context, cands []candidate, index map[rollup.EventID]int, in intent) (rollup.Rows, error) {
+	// The intent, the lookup and the rollups of all candidates are
+	// independent (they only read cands): only the inserts need all three.
+	var (
+		dims []string
+		rows rollup.Rows
+		held []int
+	)
+	err := parallel(
+		func() error { dims, rows = sumAll(cands); return nil },
+		func() error { return s.openIntent(ctx, in) },
+		func() error {
+			var err error
+			held, err = s.lookUp(ctx, cands, index)
+			return err
+		},
+	)
+	if err != nil {
 		return nil, err
 	}
-	// Inserts that are independent run concurrently: the intent covers
-	// events and rollups written in any order, and the ledger and the
-	// intent's end only follow both.
-	err := both(
-		func() error { return s.insertEvents(ctx, in.id, news, dims) },
-		func() error { return s.insertRollups(ctx, in.id+"-rollups", rows) })
-	if err == nil {
-		err = both(
-			func() error { return s.insertIntent(ctx, in, -1) },
-			func() error { return s.insertLedger(ctx, fresh) })
+	for i := range cands {
+		cands[i].dims = dims[i]
 	}
+	for _, i := range held {
+		c := &cands[i]
+		k := rollup.Key{Tenant: c.e.Tenant, Meter: c.e.Meter, Hour: rollup.Hour(rollup.Second(c.e.Time)), Dims: c.dims}
+		if rows.Add(k, rollup.Sum{Value: -c.e.Value, Events: -1}); rows[k] == (rollup.Sum{}) {
+			delete(rows, k)
+		}
+		c.e = nil // not to be inserted
+	}
+	news := slices.DeleteFunc(cands, func(c candidate) bool { return c.e == nil })
+	if len(news) == 0 {
+		return rows, nil
+	}
+	// The intent covers events and rollups written in any order.
+	err = parallel(
+		func() error { return s.insertEvents(ctx, in.id, news) },
+		func() error { return s.insertRollups(ctx, in.id+"-rollups", rows) })
 	if err != nil {
-		s.pending = true
 		return nil, err
 	}
 	return rows, nil
 }
 
-// prepare sums the new events into rollup rows and returns the intent of
-// writing them and their dimensions.
-func prepare(news []candidate) (intent, []rollup.Dims, rollup.Rows) {
-	in := intent{id: randomID(16), startedAt: time.Now().UTC(), hours: rollup.Range{From: 1<<63 - 1}}
-	tenants := map[string]struct{}{}
-	dims := make([]rollup.Dims, len(news))
-	rows := make(rollup.Rows, len(news)/2)
+// sumAll returns the dimensions key of every candidate and their sums per
+// rollup row.
+func sumAll(cands []candidate) ([]string, rollup.Rows) {
+	dims := make([]string, len(cands))
+	rows := make(rollup.Rows, len(cands)/4)
 	var cache rollup.DimsCache
-	for i, c := range news {
-		dims[i] = cache.Get(c.e.Dimensions)
-		rows.AddEvent(c.e, dims[i].Key)
-		tenants[c.e.Tenant] = struct{}{}
-		h := rollup.Hour(rollup.Second(c.e.Time))
-		in.hours.From, in.hours.To = min(in.hours.From, h), max(in.hours.To, h+rollup.HourSeconds)
+	for i := range cands {
+		e := cands[i].e
+		dims[i] = cache.Get(e.Dimensions)
+		rows.AddEvent(e, dims[i])
 	}
-	in.tenants = slices.Sorted(maps.Keys(tenants))
-	return in, dims, rows
+	return dims, rows
 }
 
 // randomID returns n random bytes in hex.
@@ -502,25 +501,56 @@ func randomID(n int) string {
 	return hex.EncodeToString(b)
 }
 
-// both runs f and g concurrently and returns the first error.
-func both(f, g func() error) error {
-	gerr := make(chan error, 1)
-	go func() { gerr <- g() }()
-	err := f()
-	if errG := <-gerr; err == nil {
-		err = errG
+// parallel runs fs concurrently and returns the first of their errors.
+func parallel(fs ...func() error) error {
+	errs := make([]error, len(fs))
+	var wg sync.WaitGroup
+	for i, f := range fs[1:] {
+		wg.Go(func() { errs[i+1] = f() })
 	}
-	return err
+	errs[0] = fs[0]()
+	wg.Wait()
+	for _, err := range errs {
+		if err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
-func (s *Store) insertIntent(ctx context.Context, in intent, sign int8) error {
+// openIntent records in (sign 1) and, in the same block and therefore the
+// same part, closes the intent of the previous write (sign -1): both land or
+// neither does. in is then the open intent.
+func (s *Store) openIntent(ctx context.Context, in intent) error {
+	rows := []intentRow{{in, 1}}
+	if s.open != nil {
+		rows = append(rows, intentRow{*s.open, -1})
+	}
+	if err := s.insertIntents(ctx, rows...); err != nil {
+		return err
+	}
+	s.open = &in
+	return nil
+}
+
+// intentRow is a row of applies: an intent opened (sign 1) or closed (-1).
+type intentRow struct {
+	in   intent
+	sign int8
+}
+
+// insertIntents inserts rows into applies in one block.
+func (s *Store) insertIntents(ctx context.Context, rows ...intentRow) error {
 	b, err := s.conn.PrepareBatch(ctx, `INSERT INTO applies (apply_id, sign, started_at, tenants, first_hour, end_hour)`)
 	if err != nil {
 		return fmt.Errorf("record intent: %w", err)
 	}
 	defer b.Close()
-	if err := b.Append(in.id, sign, in.startedAt, in.tenants, rollup.Time(in.hours.From), rollup.Time(in.hours.To)); err != nil {
-		return fmt.Errorf("record intent: %w", err)
+	for _, r := range rows {
+		in := r.in
+		if err := b.Append(in.id, r.sign, in.startedAt, in.tenants, rollup.Time(in.hours.From), rollup.Time(in.hours.To)); err != nil {
+			return fmt.Errorf("record intent: %w", err)
+		}
 	}
 	if err := b.Send(); err != nil {
 		return fmt.Errorf("record intent: %w", err)
@@ -530,40 +560,29 @@ func (s *Store) insertIntent(ctx context.Context, in intent, sign int8) error {
 
 // insertEvents inserts the new events in one block, with a query id the
 // recovery can wait for.
-func (s *Store) insertEvents(ctx context.Context, applyID string, news []candidate, dims []rollup.Dims) error {
+func (s *Store) insertEvents(ctx context.Context, applyID string, news []candidate) error {
 	n := len(news)
 	var (
-		tenants, ids, meters, dimsKeys, batchIDs = make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n)
-		values                                   = make([]int64, n)
-		times                                    = make([]time.Time, n)
-		hashes                                   = make([]uint64, n)
+		tenants, ids, meters, dims, batchIDs = make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n)
+		values                               = make([]int64, n)
+		times                                = make([]time.Time, n)
+		hashes                               = make([]uint64, n)
 	)
 	for i, c := range news {
 		e := c.e
-		tenants[i], ids[i], meters[i], values[i], batchIDs[i], hashes[i] = e.Tenant, e.ID, e.Meter, e.Value, c.batch, c.hash
+		tenants[i], ids[i], meters[i], values[i], dims[i], batchIDs[i], hashes[i] = e.Tenant, e.ID, e.Meter, e.Value, c.dims, c.batch, c.hash
 		times[i] = time.Unix(rollup.Second(e.Time), 0)
-		dimsKeys[i] = dims[i].Key
 	}
 	ctx = clickhouse.Context(ctx, clickhouse.WithQueryID(applyID+"-events"))
 	b, err := s.conn.PrepareBatch(ctx, `INSERT INTO events
-		(tenant, id, meter, value, time, dims_key, batch_id, key_hash, dim_keys, dim_values)`)
+		(tenant, id, meter, value, time, dims_key, batch_id, key_hash)`)
 	if err != nil {
 		return fmt.Errorf("insert events: %w", err)
 	}
 	defer b.Close()
-	for i, col := range []any{tenants, ids, meters, values, times, dimsKeys, batchIDs, hashes} {
+	for i, col := range []any{tenants, ids, meters, values, times, dims, batchIDs, hashes} {
 		if err := b.Column(i).Append(col); err != nil {
 			return fmt.Errorf("insert events: column %d: %w", i, err)
-		}
-	}
-	// Row by row: Append of a [][]string goes through reflection.
-	names, vals := b.Column(8), b.Column(9)
-	for _, d := range dims {
-		if err := names.AppendRow(d.Names); err != nil {
-			return fmt.Errorf("insert events: dim_keys: %w", err)
-		}
-		if err := vals.AppendRow(d.Values); err != nil {
-			return fmt.Errorf("insert events: dim_values: %w", err)
 		}
 	}
 	if err := b.Send(); err != nil {
@@ -600,24 +619,6 @@ func (s *Store) insertRollups(ctx context.Context, queryID string, rows rollup.R
 	}
 	if err := b.Send(); err != nil {
 		return fmt.Errorf("insert rollups: %w", err)
-	}
-	return nil
-}
-
-func (s *Store) insertLedger(ctx context.Context, ids []string) error {
-	if len(ids) == 0 {
-		return nil
-	}
-	b, err := s.conn.PrepareBatch(ctx, `INSERT INTO batches (batch_id)`)
-	if err != nil {
-		return fmt.Errorf("record batches: %w", err)
-	}
-	defer b.Close()
-	if err := b.Column(0).Append(ids); err != nil {
-		return fmt.Errorf("record batches: %w", err)
-	}
-	if err := b.Send(); err != nil {
-		return fmt.Errorf("record batches: %w", err)
 	}
 	return nil
 }
@@ -661,12 +662,19 @@ func (s *Store) recoverIntents(ctx context.Context) error {
 			return fmt.Errorf("repair apply %s: %w", in.id, err)
 		}
 		s.carry.Merge(deltas)
-		if err := s.insertIntent(ctx, in, -1); err != nil {
+		if err := s.insertIntents(ctx, intentRow{in, -1}); err != nil {
 			return err
 		}
-		s.log.Warn("repaired the rollups of an interrupted apply", "apply_id", in.id, "started_at", in.startedAt, "rows", len(deltas))
+		// The intent of the last write before a crash is open whether or
+		// not that write finished; only a difference tells.
+		log := s.log.Info
+		if len(deltas) > 0 {
+			log = s.log.Warn
+		}
+		log("repaired the rollups of an open intent", "apply_id", in.id, "started_at", in.startedAt, "rows", len(deltas))
 	}
 	s.pending = false
+	s.open = nil
 	return nil
 }
 
@@ -837,8 +845,22 @@ func (s *Store) Ping(ctx context.Context) error {
 	return nil
 }
 
-// Close closes the connections; it is idempotent.
+// Close closes the intent of the last Apply and the connections; it is
+// idempotent.
 func (s *Store) Close() error {
-	s.closeOnce.Do(func() { s.closeErr = s.conn.Close() })
+	s.closeOnce.Do(func() {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if s.open != nil && !s.pending {
+			// Left open, the intent costs the next start a repair.
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			if err := s.insertIntents(ctx, intentRow{*s.open, -1}); err != nil {
+				s.log.Info("the intent of the last apply stays open; the next start checks its rollups", "apply_id", s.open.id, "err", err)
+			}
+			cancel()
+			s.open = nil
+		}
+		s.closeErr = s.conn.Close()
+	})
 	return s.closeErr
 }

@@ -177,30 +177,22 @@ func Covering(from, to time.Time) Range {
 // visitParamExtractString(dims_key, 'route') reads one value).
 func DimsKey(dims map[string]string) string {
 	var c DimsCache
-	return c.Get(dims).Key
+	return c.Get(dims)
 }
 
-// Dims are dimensions as stored: DimsKey, and the names in byte order with
-// their values. Dims from a DimsCache share their slices: read only.
-type Dims struct {
-	Key           string
-	Names, Values []string
-}
-
-// DimsCache encodes dimensions, allocating only for a set of dimensions it
-// has not seen: events mostly repeat a few. The zero value is ready; a cache
-// is not safe for concurrent use and grows with every new set it sees.
+// DimsCache encodes dimensions as DimsKey does, allocating only for a set of
+// dimensions it has not seen: events mostly repeat a few, and the keys it
+// returns share their memory. The zero value is ready; a cache is not safe
+// for concurrent use and grows with every new set it sees.
 type DimsCache struct {
 	buf  []byte
-	seen map[string]Dims
+	seen map[string]string
 }
 
-var noDims = Dims{Names: []string{}, Values: []string{}}
-
-// Get returns dims as stored.
-func (c *DimsCache) Get(dims map[string]string) Dims {
+// Get returns DimsKey(dims).
+func (c *DimsCache) Get(dims map[string]string) string {
 	if len(dims) == 0 {
-		return noDims
+		return ""
 	}
 	var keysBuf [schemas.MaxDimensions]string
 	keys := keysBuf[:0]
@@ -209,18 +201,15 @@ func (c *DimsCache) Get(dims map[string]string) Dims {
 	}
 	slices.Sort(keys)
 	c.buf = appendDims(c.buf[:0], keys, func(i int) string { return dims[keys[i]] })
-	if d, ok := c.seen[string(c.buf)]; ok {
-		return d
+	if k, ok := c.seen[string(c.buf)]; ok {
+		return k
 	}
-	d := Dims{Key: string(c.buf), Names: slices.Clone(keys), Values: make([]string, len(keys))}
-	for i, k := range keys {
-		d.Values[i] = dims[k]
-	}
+	k := string(c.buf)
 	if c.seen == nil {
-		c.seen = map[string]Dims{}
+		c.seen = map[string]string{}
 	}
-	c.seen[d.Key] = d
-	return d
+	c.seen[k] = k
+	return k
 }
 
 func appendDims(buf []byte, keys []string, value func(int) string) []byte {

@@ -179,6 +179,9 @@ func (s *Store) migrate(ctx context.Context) error {
 		if applied[m.Version] {
 			continue
 		}
+		if m.DoneWhen != "" {
+			return fmt.Errorf("migration %s: a guard (done when) is for ClickHouse; SQLite migrations run in one transaction", m.Name)
+		}
 		err := s.inTx(ctx, func(tx *sql.Tx) error {
 			for _, stmt := range m.Statements {
 				if _, err := tx.ExecContext(ctx, stmt); err != nil {
@@ -247,7 +250,7 @@ func (s *Store) Apply(ctx context.Context, batches []*schemas.Batch) ([]aggregat
 				k := rollup.EventID{Tenant: e.Tenant, ID: e.ID}
 				if _, dup := index[k]; !dup {
 					index[k] = len(events)
-					events = append(events, pending{e: e, batch: b.ID, dims: dims.Get(e.Dimensions).Key})
+					events = append(events, pending{e: e, batch: b.ID, dims: dims.Get(e.Dimensions)})
 				}
 			}
 		}

@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strconv"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -93,6 +94,8 @@ func aggregatorFlags(fs *flag.FlagSet, c *config.Aggregator) {
 	storeFlags(fs, c)
 	fs.StringVar(&c.Durable, "durable", or(c.Durable, aggregator.DefaultDurable), "name of the durable JetStream consumer")
 	fs.IntVar(&c.FetchBatch, "fetch-batch", or(c.FetchBatch, aggregator.DefaultFetchBatch), "batches written per store flush")
+	fs.IntVar(&c.CatchUpBatch, "catch-up-batch", c.CatchUpBatch, "batches written per store flush while at least that many wait (default: "+
+		strconv.Itoa(aggregator.CatchUpFactor)+" × fetch-batch; fetch-batch or less: off)")
 	fs.DurationVar(&c.FetchWait, "fetch-wait", or(c.FetchWait, aggregator.DefaultFetchWait), "longest wait to fill a flush")
 	fs.DurationVar(&c.AckWait, "ack-wait", or(c.AckWait, aggregator.DefaultAckWait), "JetStream redelivery timer")
 	fs.IntVar(&c.MaxDeliver, "max-deliver", or(c.MaxDeliver, aggregator.DefaultMaxDeliver), "deliveries of one batch before it is dead-lettered")
@@ -134,7 +137,7 @@ func (a *app) openStore(ctx context.Context, c config.Aggregator) (aggregator.St
 func (a *app) addAggregator(nc *nats.Conn, store aggregator.Store, c config.Aggregator, partitions int) error {
 	agg, err := aggregator.New(aggregator.Config{
 		NATS: nc, Store: store, Durable: c.Durable, Partitions: partitions,
-		FetchBatch: c.FetchBatch, FetchWait: c.FetchWait, AckWait: c.AckWait, MaxDeliver: c.MaxDeliver,
+		FetchBatch: c.FetchBatch, CatchUpBatch: c.CatchUpBatch, FetchWait: c.FetchWait, AckWait: c.AckWait, MaxDeliver: c.MaxDeliver,
 		Logger: a.log, Registerer: a.reg,
 	})
 	if err != nil {

@@ -67,13 +67,14 @@ type Collector struct {
 // Aggregator holds the aggregator's settings. ClickHouse, when set, is the
 // store; otherwise the embedded store at SQLitePath.
 type Aggregator struct {
-	ClickHouse string        `yaml:"clickhouse"`
-	SQLitePath string        `yaml:"sqlite_path"`
-	Durable    string        `yaml:"durable"`
-	FetchBatch int           `yaml:"fetch_batch"`
-	FetchWait  time.Duration `yaml:"fetch_wait"`
-	AckWait    time.Duration `yaml:"ack_wait"`
-	MaxDeliver int           `yaml:"max_deliver"`
+	ClickHouse   string        `yaml:"clickhouse"`
+	SQLitePath   string        `yaml:"sqlite_path"`
+	Durable      string        `yaml:"durable"`
+	FetchBatch   int           `yaml:"fetch_batch"`
+	CatchUpBatch int           `yaml:"catch_up_batch"`
+	FetchWait    time.Duration `yaml:"fetch_wait"`
+	AckWait      time.Duration `yaml:"ack_wait"`
+	MaxDeliver   int           `yaml:"max_deliver"`
 }
 
 // Enforcer holds the enforcer's settings; its store is the aggregator's.

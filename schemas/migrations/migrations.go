@@ -4,8 +4,19 @@
 // line must not contain a semicolon). A store applies the migrations
 // it has not recorded in its schema_migrations table, in version order, and
 // records each after its statements succeeded; a ClickHouse migration can be
-// interrupted between statements, so its statements must be idempotent
-// (IF NOT EXISTS).
+// interrupted between statements, or after them and before it is recorded,
+// so its statements must be idempotent (IF NOT EXISTS).
+//
+// A statement that cannot be written idempotently (ClickHouse 18.16 has no
+// DROP COLUMN IF EXISTS) goes into a migration of its own that carries a
+// guard, a comment line
+//
+//	-- done when: SELECT count() = 0 FROM system.columns WHERE …
+//
+// whose query returns one row of one column: true (1) when the migration's
+// effect is already there, in which case the ClickHouse store records it
+// without running its statements. SQLite migrations run in one transaction
+// and need no guard; the SQLite store refuses one.
 package migrations
 
 import (
@@ -33,7 +44,12 @@ type Migration struct {
 	Version    int
 	Name       string // the file name without the .sql suffix
 	Statements []string
+	// DoneWhen is the query of the migration's "-- done when:" line, or "".
+	DoneWhen string
 }
+
+// doneWhenPrefix starts the guard line of a migration.
+const doneWhenPrefix = "-- done when:"
 
 // Load returns the migrations in directory dir of fsys in version order.
 func Load(fsys fs.FS, dir string) ([]Migration, error) {
@@ -54,6 +70,14 @@ func Load(fsys fs.FS, dir string) ([]Migration, error) {
 			return nil, err
 		}
 		m := Migration{Version: v, Name: name}
+		for line := range strings.Lines(string(body)) {
+			if q, ok := strings.CutPrefix(strings.TrimSpace(line), doneWhenPrefix); ok {
+				if m.DoneWhen != "" {
+					return nil, fmt.Errorf("migration %s: more than one %q line", f, doneWhenPrefix)
+				}
+				m.DoneWhen = strings.TrimSpace(q)
+			}
+		}
 		for stmt := range strings.SplitSeq(stripCommentLines(string(body)), ";") {
 			if stmt = strings.TrimSpace(stmt); stmt != "" {
 				m.Statements = append(m.Statements, stmt)

@@ -29,6 +29,24 @@ func TestLoad(t *testing.T) {
 	if want := []string{"CREATE TABLE b (x Int8)"}; !slices.Equal(ms[1].Statements, want) {
 		t.Errorf("statements of 0002 = %q, want %q", ms[1].Statements, want)
 	}
+	if ms[0].DoneWhen != "" || ms[1].DoneWhen != "" {
+		t.Errorf("guards %q, %q; want none", ms[0].DoneWhen, ms[1].DoneWhen)
+	}
+}
+
+func TestLoadGuard(t *testing.T) {
+	fsys := fstest.MapFS{"db/0001_drop.sql": {Data: []byte(
+		"-- why\n  -- done when: SELECT count() = 0 FROM system.columns WHERE name = 'x'  \nALTER TABLE a DROP COLUMN x\n")}}
+	ms, err := Load(fsys, "db")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := "SELECT count() = 0 FROM system.columns WHERE name = 'x'"; ms[0].DoneWhen != want {
+		t.Errorf("DoneWhen = %q, want %q", ms[0].DoneWhen, want)
+	}
+	if want := []string{"ALTER TABLE a DROP COLUMN x"}; !slices.Equal(ms[0].Statements, want) {
+		t.Errorf("statements = %q, want %q", ms[0].Statements, want)
+	}
 }
 
 func TestLoadRejects(t *testing.T) {
@@ -37,6 +55,7 @@ func TestLoadRejects(t *testing.T) {
 		"zero":           {"db/0000_zero.sql": {Data: []byte("SELECT 1")}},
 		"same version":   {"db/0001_a.sql": {Data: []byte("SELECT 1")}, "db/001_b.sql": {Data: []byte("SELECT 1")}},
 		"no name suffix": {"db/0001.sql": {Data: []byte("SELECT 1")}},
+		"two guards":     {"db/0001_a.sql": {Data: []byte("-- done when: SELECT 1\n-- done when: SELECT 0\nSELECT 1")}},
 	} {
 		if _, err := Load(fsys, "db"); err == nil {
 			t.Errorf("%s: Load succeeded", name)
@@ -52,6 +71,11 @@ func TestEmbedded(t *testing.T) {
 	lite, err := Load(SQLite, "sqlite")
 	if err != nil || len(lite) == 0 {
 		t.Fatalf("SQLite migrations: %d, %v", len(lite), err)
+	}
+	for _, m := range lite {
+		if m.DoneWhen != "" {
+			t.Errorf("SQLite migration %s has a guard; the SQLite store refuses it", m.Name)
+		}
 	}
 	for _, ms := range [][]Migration{ch, lite} {
 		for i, m := range ms {
