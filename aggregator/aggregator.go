@@ -126,7 +126,7 @@ type Aggregator struct {
 	lastCommit atomic.Int64 // unix nanos of the last commit, or of a fetch that found nothing
 	flushSince atomic.Int64 // unix nanos the running flush started, 0 when none runs
 	pending    atomic.Int64 // messages not yet delivered, as of the last fetch
-	oldest     atomic.Int64 // unix nanos JetStream stored the first message of the last fetch, 0 when it was empty
+	oldest     atomic.Int64 // unix nanos JetStream stored the first message of the group being written, 0 between writes
 }
 
 // New builds an Aggregator; Run creates its consumer.
@@ -199,9 +199,13 @@ func (a *Aggregator) Run(ctx context.Context) error {
 	})
 	for g := range groups {
 		if ctx.Err() == nil {
+			// The group being written holds the oldest uncommitted batch;
+			// the reader may already have fetched past it.
+			a.oldest.Store(g.stored)
 			if err := a.flush(ctx, g); err != nil && ctx.Err() == nil {
 				a.log.Error("flush failed", "err", err)
 			}
+			a.oldest.Store(0)
 		}
 		g.stopKeepAlive()
 	}
@@ -215,6 +219,9 @@ type group struct {
 	msgs          []jetstream.Msg
 	batches       []*schemas.Batch
 	stopKeepAlive func()
+	// stored is when JetStream stored the group's first message (unix
+	// nanos), 0 if unknown: the consumer lag while the group is written.
+	stored int64
 }
 
 // read fetches and decodes groups into out until ctx ends. Undecodable
@@ -237,6 +244,9 @@ func (a *Aggregator) read(ctx context.Context, cons jetstream.Consumer, out chan
 		g := a.decode(msgs)
 		if len(g.msgs) == 0 {
 			continue
+		}
+		if md, err := g.msgs[0].Metadata(); err == nil {
+			g.stored = md.Timestamp.UnixNano()
 		}
 		g.stopKeepAlive = a.keepAlive(g.msgs)
 		select {
@@ -269,13 +279,9 @@ func (a *Aggregator) fetch(ctx context.Context, cons jetstream.Consumer) ([]jets
 			a.pending.Store(int64(md.NumPending))
 			a.metrics.lag.Set(float64(md.NumPending))
 		}
-		if md, err := msgs[0].Metadata(); err == nil {
-			a.oldest.Store(md.Timestamp.UnixNano())
-		}
 	} else {
 		a.pending.Store(0)
 		a.metrics.lag.Set(0)
-		a.oldest.Store(0)
 	}
 	return msgs, ctx.Err()
 }
@@ -467,8 +473,8 @@ func (a *Aggregator) deadLetter(m jetstream.Msg, reason string) {
 	m.TermWithReason(reason)
 }
 
-// lagSeconds is the time since JetStream stored the oldest batch of the
-// last fetch, 0 when it found nothing.
+// lagSeconds is the time since JetStream stored the oldest batch not yet
+// committed (the first of the group being written), 0 between writes.
 func (a *Aggregator) lagSeconds() float64 {
 	oldest := a.oldest.Load()
 	if oldest == 0 {

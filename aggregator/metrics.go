@@ -53,7 +53,7 @@ func newMetrics(reg prometheus.Registerer, lagSeconds func() float64) (*metrics,
 	}
 	lagAge := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "meterd_aggregator_consumer_lag_seconds",
-		Help: "Time since JetStream stored the oldest batch of the aggregator's last fetch (0 when that fetch found nothing); it keeps growing while the flush of that fetch is stuck.",
+		Help: "Time since JetStream stored the oldest batch the aggregator has not committed yet (0 between writes); it keeps growing while a flush is stuck.",
 	}, lagSeconds)
 	for _, c := range []prometheus.Collector{m.lag, lagAge, m.flushSeconds, m.storeSeconds, m.storeErrors, m.batches, m.events, m.duplicates, m.deadLettered} {
 		if err := reg.Register(c); err != nil {
