@@ -17,6 +17,7 @@ import (
 	"github.com/meterd/meterd/aggregator/clickhouse"
 	"github.com/meterd/meterd/aggregator/report"
 	"github.com/meterd/meterd/aggregator/sqlite"
+	"github.com/meterd/meterd/enforcer"
 	"github.com/meterd/meterd/internal/auth"
 	"github.com/meterd/meterd/internal/billing"
 	"github.com/meterd/meterd/internal/broker"
@@ -65,10 +66,11 @@ func runAggregator(ctx context.Context, args []string, stdout, stderr io.Writer)
 	if err := a.addAggregator(nc, store, f.Aggregator, f.Collector.Partitions); err != nil {
 		return err
 	}
-	// The aggregator reads billing periods from the config file; tenants
-	// changed through the enforcer's admin API keep their file anchors here.
-	catalog := f.Catalog
-	if err := a.addReports(store, keys, func() *billing.Catalog { return catalog }); err != nil {
+	// Billing periods of the reports: the config file's catalog with the
+	// enforcer's admin API changes merged, as the enforcer decides by.
+	catalog := enforcer.NewCatalogWatcher(nc, f.Catalog, log)
+	a.workers = append(a.workers, catalog)
+	if err := a.addReports(store, keys, catalog.Catalog); err != nil {
 		return err
 	}
 	return a.serve(ctx, s, func(addr string) {
