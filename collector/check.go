@@ -87,7 +87,7 @@ func (c *Collector) checkTenant(r *http.Request) (string, *schemas.Problem) {
 	tenant := r.Header.Get(c.cfg.TenantHeader)
 	if !schemas.ValidTenant(tenant) {
 		return "", schemas.NewProblem(http.StatusBadRequest, "bad-tenant",
-			c.cfg.TenantHeader+" must match [A-Za-z0-9._-]{1,128}")
+			c.cfg.TenantHeader+" must be 1-128 of A-Z a-z 0-9 . _ - with no leading, trailing or double dot")
 	}
 	return tenant, nil
 }

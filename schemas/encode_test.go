@@ -120,7 +120,9 @@ func randBatch(r *rand.Rand, valid bool) *Batch {
 			if e.ID == "" {
 				e.ID = "e"
 			}
-			e.Tenant = randName(r, MaxTenantLen, alnum+"._-", alnum+"._-")
+			e.Tenant = randName(r, MaxTenantLen-1, alnum+"_-", alnum+"._-")
+			// A dot only between other characters, never two in a row.
+			e.Tenant = strings.ReplaceAll(strings.TrimRight(e.Tenant, "."), "..", ".-")
 			e.Meter = randName(r, MaxMeterLen, "abcdefghijklmnopqrstuvwxyz", "abcdefghijklmnopqrstuvwxyz0123456789_")
 		}
 		switch n := r.IntN(MaxDimensions + 1); {

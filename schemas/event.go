@@ -70,7 +70,7 @@ func (e *Event) Validate(index int, w Window, errs []FieldError) []FieldError {
 	if e.Tenant == "" {
 		bad("tenant", "is required")
 	} else if !ValidTenant(e.Tenant) {
-		bad("tenant", "must match [A-Za-z0-9._-]{1,128}")
+		bad("tenant", "must be 1-128 of A-Z a-z 0-9 . _ - with no leading, trailing or double dot")
 	}
 	if e.Meter == "" {
 		bad("meter", "is required")
@@ -108,15 +108,17 @@ func (e *Event) Validate(index int, w Window, errs []FieldError) []FieldError {
 	return errs
 }
 
-// ValidTenant reports whether s is a tenant name: [A-Za-z0-9._-]{1,128}, safe
-// as a NATS subject token character set and a KV key.
+// ValidTenant reports whether s is a tenant name: 1 to 128 of
+// [A-Za-z0-9._-] with no leading, trailing or double dot, so that it is a
+// valid JetStream KV key (the blocklist's key of the tenant: a name that is
+// not could never be blocked) and NATS subject token sequence.
 func ValidTenant(s string) bool {
-	if len(s) == 0 || len(s) > MaxTenantLen {
+	if len(s) == 0 || len(s) > MaxTenantLen || s[0] == '.' || s[len(s)-1] == '.' {
 		return false
 	}
 	for i := 0; i < len(s); i++ {
 		c := s[i]
-		if !(isAlnum(c) || c == '.' || c == '_' || c == '-') {
+		if !(isAlnum(c) || c == '.' || c == '_' || c == '-') || (c == '.' && s[i-1] == '.') {
 			return false
 		}
 	}

@@ -145,7 +145,7 @@ func ParseQuery(v url.Values, accept string, now time.Time, catalog *billing.Cat
 	}
 
 	if q.Tenant = one("tenant"); q.Tenant != "" && !schemas.ValidTenant(q.Tenant) {
-		invalid("tenant", "must match [A-Za-z0-9._-]{1,128}")
+		invalid("tenant", "must be 1-128 of A-Z a-z 0-9 . _ - with no leading, trailing or double dot")
 	}
 	if q.Meter = one("meter"); q.Meter != "" && !schemas.ValidMeter(q.Meter) {
 		invalid("meter", "must match [a-z][a-z0-9_]{0,63}")

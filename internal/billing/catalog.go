@@ -133,7 +133,7 @@ func (c *Catalog) addPlan(p Plan, bad func(path, msg string)) {
 		return
 	}
 	if !schemas.ValidTenant(p.Name) {
-		bad(path, "plan name must match [A-Za-z0-9._-]{1,128}")
+		bad(path, "plan name must be 1-128 of A-Z a-z 0-9 . _ - with no leading, trailing or double dot")
 	}
 	switch {
 	case p.Period == "":
@@ -161,7 +161,7 @@ func (c *Catalog) addTenant(t Tenant, bad func(path, msg string)) {
 		return
 	}
 	if !schemas.ValidTenant(t.Name) {
-		bad(path, "tenant name must match [A-Za-z0-9._-]{1,128}")
+		bad(path, "tenant name must be 1-128 of A-Z a-z 0-9 . _ - with no leading, trailing or double dot")
 	}
 	plan, ok := c.plans[t.Plan]
 	if t.Plan != "" && !ok {

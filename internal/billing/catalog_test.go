@@ -359,8 +359,8 @@ func TestParseCatalogErrors(t *testing.T) {
 		// Plans.
 		{"plans not a mapping", "plans: [free]", []string{`plans: must be a mapping, not a list`}},
 		{"plan not a mapping", "plans: {free: monthly}", []string{`plans.free: must be a mapping, not "monthly"`}},
-		{"bad plan name", `plans: {"gold plan": {}}`, []string{`plans."gold plan": plan name must match [A-Za-z0-9._-]{1,128}`}},
-		{"empty plan name", `plans: {"": {}}`, []string{`plans."": plan name must match [A-Za-z0-9._-]{1,128}`}},
+		{"bad plan name", `plans: {"gold plan": {}}`, []string{`plans."gold plan": plan name must be 1-128 of A-Z a-z 0-9 . _ - with no leading, trailing or double dot`}},
+		{"empty plan name", `plans: {"": {}}`, []string{`plans."": plan name must be 1-128 of A-Z a-z 0-9 . _ - with no leading, trailing or double dot`}},
 		{"plan key not a string", "plans: {[a]: {}}", []string{`plans: keys must be strings, not a list`}},
 		{"duplicate plan", "plans:\n  free: {}\n  free: {period: daily}\n", []string{`plans.free: duplicate key`}},
 		{"duplicate plan key", "plans: {free: {period: daily, period: monthly}}", []string{`plans.free.period: duplicate key`}},
@@ -385,9 +385,9 @@ func TestParseCatalogErrors(t *testing.T) {
 		// Tenants.
 		{"tenants not a mapping", "tenants: acme", []string{`tenants: must be a mapping, not "acme"`}},
 		{"unknown plan", "tenants: {acme: {plan: gold}}", []string{`tenants.acme.plan: unknown plan "gold"`}},
-		{"bad tenant name", `tenants: {"bad name": {}}`, []string{`tenants."bad name": tenant name must match [A-Za-z0-9._-]{1,128}`}},
+		{"bad tenant name", `tenants: {"bad name": {}}`, []string{`tenants."bad name": tenant name must be 1-128 of A-Z a-z 0-9 . _ - with no leading, trailing or double dot`}},
 		{"tenant name too long", "tenants: {" + strings.Repeat("a", 129) + ": {}}",
-			[]string{`tenants.` + strings.Repeat("a", 129) + `: tenant name must match [A-Za-z0-9._-]{1,128}`}},
+			[]string{`tenants.` + strings.Repeat("a", 129) + `: tenant name must be 1-128 of A-Z a-z 0-9 . _ - with no leading, trailing or double dot`}},
 		{"duplicate tenant", "tenants:\n  acme: {}\n  acme: {}\n", []string{`tenants.acme: duplicate key`}},
 		{"unknown tenant key", "tenants: {acme: {plna: free}}",
 			[]string{`tenants.acme.plna: unknown key (known keys: plan, billing_anchor, billing_url, customer_id, status, overrides)`}},
@@ -426,7 +426,7 @@ tenants:
 			`plans.pro.on_exceed: must be block or overage, not "maybe"`,
 			`tenants.acme.plan: unknown plan "gold"`,
 			`tenants.acme.status: must be active, past_due, unpaid, canceled or suspended, not "paused"`,
-			`tenants."b c": tenant name must match [A-Za-z0-9._-]{1,128}`,
+			`tenants."b c": tenant name must be 1-128 of A-Z a-z 0-9 . _ - with no leading, trailing or double dot`,
 		}},
 	}
 	for _, tt := range tests {
