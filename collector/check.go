@@ -87,7 +87,7 @@ func (c *Collector) checkTenant(r *http.Request) (string, *schemas.Problem) {
 	tenant := r.Header.Get(c.cfg.TenantHeader)
 	if !schemas.ValidTenant(tenant) {
 		return "", schemas.NewProblem(http.StatusBadRequest, "bad-tenant",
-			c.cfg.TenantHeader+" must be 1-128 of A-Z a-z 0-9 . _ - with no leading, trailing or double dot")
+			c.cfg.TenantHeader+" must be "+schemas.TenantGrammar)
 	}
 	return tenant, nil
 }
@@ -98,7 +98,7 @@ func (c *Collector) recordCheck(r *http.Request, tenant string) *schemas.Problem
 	e := schemas.Event{Tenant: tenant, Meter: DefaultMeter, Value: 1, Time: c.cfg.Now().UTC()}
 	if m := r.Header.Get(DefaultMeterHeader); m != "" {
 		if !schemas.ValidMeter(m) {
-			return schemas.NewProblem(http.StatusBadRequest, "bad-meter", DefaultMeterHeader+" must match [a-z][a-z0-9_]{0,63}")
+			return schemas.NewProblem(http.StatusBadRequest, "bad-meter", DefaultMeterHeader+" must match "+schemas.MeterGrammar)
 		}
 		e.Meter = m
 	}

@@ -70,7 +70,7 @@ func (e *Enforcer) admin(w http.ResponseWriter, r *http.Request) bool {
 func tenantName(w http.ResponseWriter, r *http.Request) (string, bool) {
 	name := r.PathValue("tenant")
 	if !schemas.ValidTenant(name) {
-		schemas.NewProblem(http.StatusBadRequest, "invalid-tenant", "the tenant name must be 1-128 of A-Z a-z 0-9 . _ - with no leading, trailing or double dot").Write(w)
+		schemas.NewProblem(http.StatusBadRequest, "invalid-tenant", "the tenant name must be "+schemas.TenantGrammar).Write(w)
 		return "", false
 	}
 	return name, true

@@ -82,7 +82,7 @@ func (e *Enforcer) handleSummary(w http.ResponseWriter, r *http.Request) {
 	}
 	tenant := r.URL.Query().Get("tenant")
 	if tenant != "" && !schemas.ValidTenant(tenant) {
-		bad = append(bad, schemas.InvalidParam{Name: "tenant", Reason: "must be 1-128 of A-Z a-z 0-9 . _ - with no leading, trailing or double dot"})
+		bad = append(bad, schemas.InvalidParam{Name: "tenant", Reason: "must be " + schemas.TenantGrammar})
 	}
 	if len(bad) > 0 {
 		slices.SortFunc(bad, func(a, b schemas.InvalidParam) int { return cmp.Compare(a.Name, b.Name) })

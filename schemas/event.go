@@ -70,12 +70,12 @@ func (e *Event) Validate(index int, w Window, errs []FieldError) []FieldError {
 	if e.Tenant == "" {
 		bad("tenant", "is required")
 	} else if !ValidTenant(e.Tenant) {
-		bad("tenant", "must be 1-128 of A-Z a-z 0-9 . _ - with no leading, trailing or double dot")
+		bad("tenant", "must be "+TenantGrammar)
 	}
 	if e.Meter == "" {
 		bad("meter", "is required")
 	} else if !ValidMeter(e.Meter) {
-		bad("meter", "must match [a-z][a-z0-9_]{0,63}")
+		bad("meter", "must match "+MeterGrammar)
 	}
 	if e.Value < 0 {
 		bad("value", "must be a non-negative integer")
@@ -100,13 +100,20 @@ func (e *Event) Validate(index int, w Window, errs []FieldError) []FieldError {
 	}
 	for k, v := range e.Dimensions {
 		if !ValidDimensionKey(k) {
-			bad("dimensions."+k, "key must match [A-Za-z_][A-Za-z0-9_.-]{0,63}")
+			bad("dimensions."+k, "key must match "+DimensionKeyGrammar)
 		} else if utf8.RuneCountInString(v) > MaxDimensionValueLen {
 			bad("dimensions."+k, "value must be at most 256 characters")
 		}
 	}
 	return errs
 }
+
+// The grammars of names, as error messages state them.
+const (
+	TenantGrammar       = "1-128 of A-Z a-z 0-9 . _ - with no leading, trailing or double dot"
+	MeterGrammar        = "[a-z][a-z0-9_]{0,63}"
+	DimensionKeyGrammar = "[A-Za-z_][A-Za-z0-9_.-]{0,63}"
+)
 
 // ValidTenant reports whether s is a tenant name: 1 to 128 of
 // [A-Za-z0-9._-] with no leading, trailing or double dot, so that it is a

@@ -145,10 +145,10 @@ func ParseQuery(v url.Values, accept string, now time.Time, catalog *billing.Cat
 	}
 
 	if q.Tenant = one("tenant"); q.Tenant != "" && !schemas.ValidTenant(q.Tenant) {
-		invalid("tenant", "must be 1-128 of A-Z a-z 0-9 . _ - with no leading, trailing or double dot")
+		invalid("tenant", "must be "+schemas.TenantGrammar)
 	}
 	if q.Meter = one("meter"); q.Meter != "" && !schemas.ValidMeter(q.Meter) {
-		invalid("meter", "must match [a-z][a-z0-9_]{0,63}")
+		invalid("meter", "must match "+schemas.MeterGrammar)
 	}
 
 	q.Window = cmp.Or(one("window"), WindowDay)
@@ -170,7 +170,7 @@ func ParseQuery(v url.Values, accept string, now time.Time, catalog *billing.Cat
 			name = strings.TrimSpace(name)
 			switch {
 			case !schemas.ValidDimensionKey(name):
-				invalid("group_by", fmt.Sprintf("%q is not a dimension name ([A-Za-z_][A-Za-z0-9_.-]{0,63})", name))
+				invalid("group_by", fmt.Sprintf("%q is not a dimension name (%s)", name, schemas.DimensionKeyGrammar))
 			case seen[name]:
 				invalid("group_by", fmt.Sprintf("%q is given twice", name))
 			default:

@@ -56,7 +56,7 @@ func NewKeys(keys []Key) (*Keys, error) {
 		case key.Admin == (key.Tenant != ""):
 			return nil, fmt.Errorf("api_keys[%d]: set exactly one of tenant or admin", i)
 		case key.Tenant != "" && !schemas.ValidTenant(key.Tenant):
-			return nil, fmt.Errorf("api_keys[%d]: tenant %q must be 1-128 of A-Z a-z 0-9 . _ - with no leading, trailing or double dot", i, key.Tenant)
+			return nil, fmt.Errorf("api_keys[%d]: tenant %q must be %s", i, key.Tenant, schemas.TenantGrammar)
 		}
 		h := sha256.Sum256([]byte(key.Key))
 		if _, dup := k.byHash[h]; dup {

@@ -133,7 +133,7 @@ func (c *Catalog) addPlan(p Plan, bad func(path, msg string)) {
 		return
 	}
 	if !schemas.ValidTenant(p.Name) {
-		bad(path, "plan name must be 1-128 of A-Z a-z 0-9 . _ - with no leading, trailing or double dot")
+		bad(path, "plan name must be "+schemas.TenantGrammar)
 	}
 	switch {
 	case p.Period == "":
@@ -161,7 +161,7 @@ func (c *Catalog) addTenant(t Tenant, bad func(path, msg string)) {
 		return
 	}
 	if !schemas.ValidTenant(t.Name) {
-		bad(path, "tenant name must be 1-128 of A-Z a-z 0-9 . _ - with no leading, trailing or double dot")
+		bad(path, "tenant name must be "+schemas.TenantGrammar)
 	}
 	plan, ok := c.plans[t.Plan]
 	if t.Plan != "" && !ok {
@@ -207,7 +207,7 @@ func checkLimits(path string, limits map[string]int64, bad func(path, msg string
 	for _, meter := range slices.Sorted(maps.Keys(limits)) {
 		p := path + "." + pathKey(meter)
 		if !schemas.ValidMeter(meter) {
-			bad(p, "meter name must match [a-z][a-z0-9_]{0,63}")
+			bad(p, "meter name must match "+schemas.MeterGrammar)
 		}
 		if n := limits[meter]; n < 0 {
 			bad(p, "must be a non-negative integer, not "+strconv.FormatInt(n, 10))
