@@ -24,8 +24,7 @@ func (c *Collector) handleEvents(w http.ResponseWriter, r *http.Request) {
 	principal, err := c.cfg.Keys.Authenticate(r)
 	if err != nil {
 		c.metrics.rejected.WithLabelValues(rejectAuth).Inc()
-		w.Header().Set("WWW-Authenticate", `Bearer realm="meterd"`)
-		auth.Problem(err).Write(w)
+		auth.Unauthorized(w, err)
 		return
 	}
 	buf := bodyPool.Get().(*bytes.Buffer)

@@ -55,8 +55,7 @@ type BlocklistView struct {
 func (e *Enforcer) admin(w http.ResponseWriter, r *http.Request) bool {
 	p, err := e.cfg.Keys.Authenticate(r)
 	if err != nil {
-		w.Header().Set("WWW-Authenticate", `Bearer realm="meterd"`)
-		auth.Problem(err).Write(w)
+		auth.Unauthorized(w, err)
 		return false
 	}
 	if !p.Admin {

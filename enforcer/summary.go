@@ -70,8 +70,7 @@ type MeterSummary struct {
 func (e *Enforcer) handleSummary(w http.ResponseWriter, r *http.Request) {
 	p, err := e.cfg.Keys.Authenticate(r)
 	if err != nil {
-		w.Header().Set("WWW-Authenticate", `Bearer realm="meterd"`)
-		auth.Problem(err).Write(w)
+		auth.Unauthorized(w, err)
 		return
 	}
 	var bad []schemas.InvalidParam
@@ -86,9 +85,7 @@ func (e *Enforcer) handleSummary(w http.ResponseWriter, r *http.Request) {
 	}
 	if len(bad) > 0 {
 		slices.SortFunc(bad, func(a, b schemas.InvalidParam) int { return cmp.Compare(a.Name, b.Name) })
-		prob := schemas.NewProblem(http.StatusBadRequest, "invalid-parameter", "invalid parameters: "+bad[0].Name+": "+bad[0].Reason)
-		prob.InvalidParams = bad
-		prob.Write(w)
+		schemas.NewInvalidParams(bad).Write(w)
 		return
 	}
 	if !p.Admin {

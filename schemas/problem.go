@@ -3,6 +3,7 @@ package schemas
 import (
 	"encoding/json"
 	"net/http"
+	"strings"
 	"time"
 )
 
@@ -42,6 +43,19 @@ type Block struct {
 type InvalidParam struct {
 	Name   string `json:"name"`
 	Reason string `json:"reason"`
+}
+
+// NewInvalidParams returns the 400 problem naming every wrong request
+// parameter of bad, each with its reason, in the detail and in
+// InvalidParams.
+func NewInvalidParams(bad []InvalidParam) *Problem {
+	parts := make([]string, len(bad))
+	for i, b := range bad {
+		parts[i] = b.Name + ": " + b.Reason
+	}
+	p := NewProblem(http.StatusBadRequest, "invalid-parameter", "invalid parameters: "+strings.Join(parts, "; "))
+	p.InvalidParams = bad
+	return p
 }
 
 // NewProblem returns a problem of type ProblemBase+slug with the status's text

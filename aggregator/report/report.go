@@ -17,6 +17,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net/http"
 	"net/url"
 	"slices"
@@ -132,13 +133,7 @@ func ParseQuery(v url.Values, accept string, now time.Time, catalog *billing.Cat
 		}
 		return vs[0]
 	}
-	for _, name := range slices.Sorted(func(yield func(string) bool) {
-		for k := range v {
-			if !yield(k) {
-				return
-			}
-		}
-	}) {
+	for _, name := range slices.Sorted(maps.Keys(v)) {
 		if !params[name] {
 			invalid(name, "unknown parameter; known: tenant, meter, from, to, window, group_by, format")
 		}
@@ -279,8 +274,7 @@ func acceptsCSV(accept string) bool {
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	p, err := h.cfg.Keys.Authenticate(r)
 	if err != nil {
-		w.Header().Set("WWW-Authenticate", `Bearer realm="meterd"`)
-		auth.Problem(err).Write(w)
+		auth.Unauthorized(w, err)
 		return
 	}
 	catalog := h.cfg.Catalog()
@@ -290,9 +284,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	q, bad := ParseQuery(v, r.Header.Get("Accept"), h.cfg.Now(), catalog)
 	if len(bad) > 0 {
-		prob := schemas.NewProblem(http.StatusBadRequest, "invalid-parameter", describe(bad))
-		prob.InvalidParams = bad
-		prob.Write(w)
+		schemas.NewInvalidParams(bad).Write(w)
 		return
 	}
 	if !p.MayActFor(q.Tenant) {
@@ -300,15 +292,6 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	h.stream(w, r.Context(), q, catalog)
-}
-
-// describe sums up wrong parameters in one sentence.
-func describe(bad []schemas.InvalidParam) string {
-	parts := make([]string, len(bad))
-	for i, b := range bad {
-		parts[i] = b.Name + ": " + b.Reason
-	}
-	return "invalid parameters: " + strings.Join(parts, "; ")
 }
 
 // Row is one row of a report.

@@ -102,6 +102,13 @@ func (k *Keys) Authenticate(r *http.Request) (Principal, error) {
 	return p, nil
 }
 
+// Unauthorized answers a request that Authenticate refused with err: 401,
+// the Bearer challenge and the problem.
+func Unauthorized(w http.ResponseWriter, err error) {
+	w.Header().Set("WWW-Authenticate", `Bearer realm="meterd"`)
+	Problem(err).Write(w)
+}
+
 // Problem returns the 401 problem for an Authenticate error.
 func Problem(err error) *schemas.Problem {
 	p := schemas.NewProblem(http.StatusUnauthorized, "unauthorized",
