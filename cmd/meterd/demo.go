@@ -9,7 +9,9 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
@@ -116,7 +118,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	case addr := <-addrs:
 		base = "http://" + addr
 	case err := <-devDone:
-		return cmpErr(err, errors.New("meterd dev stopped before listening"))
+		return or(err, errors.New("meterd dev stopped before listening"))
 	case <-time.After(30 * time.Second):
 		return fmt.Errorf("meterd dev not listening after 30 s; see %s", logPath)
 	}
@@ -264,13 +266,6 @@ func short(d time.Duration) string {
 		return fmt.Sprintf("%.1fms", float64(d)/float64(time.Millisecond))
 	}
 	return d.Round(time.Millisecond).String()
-}
-
-func cmpErr(a, b error) error {
-	if a != nil {
-		return a
-	}
-	return b
 }
 
 // demoOut prints the demo's progress.
@@ -515,34 +510,25 @@ func (d *demoClient) waitCheck(ctx context.Context, tenant string, status int, w
 	}
 }
 
-// waitUsage reads the usage of meter of each tenant in its current period
-// until it equals want, and returns the last reading.
+// waitUsage reads the usage of meter of each tenant in its current period,
+// through the CLI's client, until it equals want, and returns the last
+// reading.
 func (d *demoClient) waitUsage(ctx context.Context, meter string, want map[string]int64, within time.Duration) (map[string]int64, error) {
+	c := client{url: d.base, apiKey: demoAdminKey, http: d.http}
 	deadline := time.Now().Add(within)
 	for {
 		got := map[string]int64{}
-		a, err := d.do(ctx, http.MethodGet, "/v1/usage?window=period&meter="+meter, http.Header{"Authorization": {"Bearer " + demoAdminKey}}, nil)
-		if err == nil && a.status == http.StatusOK {
-			var rep struct {
-				Rows []struct {
-					Tenant string `json:"tenant"`
-					Value  int64  `json:"value"`
-				} `json:"rows"`
+		body, err := c.get(ctx, "/v1/usage", url.Values{"window": {"period"}, "meter": {meter}})
+		if err == nil {
+			var rep usageReport
+			rep, err = decodeReport(body)
+			body.Close()
+			for _, r := range rep.Rows {
+				got[r.Tenant] += r.Value
 			}
-			if err = json.Unmarshal(a.body, &rep); err == nil {
-				for _, r := range rep.Rows {
-					got[r.Tenant] += r.Value
-				}
-				equal := true
-				for t, n := range want {
-					equal = equal && got[t] == n
-				}
-				if equal {
-					return got, nil
-				}
+			if err == nil && maps.Equal(got, want) {
+				return got, nil
 			}
-		} else if err == nil {
-			err = fmt.Errorf("%d %s", a.status, a.body)
 		}
 		if time.Now().After(deadline) {
 			return nil, fmt.Errorf("%s usage %v did not reach %v within %s (last error: %v)", meter, got, want, within, err)

@@ -91,20 +91,9 @@ func runUsage(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		_, err := io.Copy(stdout, body)
 		return err
 	}
-	var rep struct {
-		GroupBy []string `json:"group_by"`
-		Rows    []struct {
-			Tenant      string            `json:"tenant"`
-			Meter       string            `json:"meter"`
-			WindowStart time.Time         `json:"window_start"`
-			WindowEnd   time.Time         `json:"window_end"`
-			Value       int64             `json:"value"`
-			Events      int64             `json:"events"`
-			Dimensions  map[string]string `json:"dimensions"`
-		} `json:"rows"`
-	}
-	if err := json.NewDecoder(body).Decode(&rep); err != nil {
-		return fmt.Errorf("reading the report: %w", err)
+	rep, err := decodeReport(body)
+	if err != nil {
+		return err
 	}
 	if len(rep.Rows) == 0 {
 		fmt.Fprintln(stdout, "no usage in that range")
@@ -125,6 +114,28 @@ func runUsage(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		fmt.Fprintln(tw, strings.Join(cells, "\t"))
 	}
 	return tw.Flush()
+}
+
+// usageReport is the JSON answer of GET /v1/usage.
+type usageReport struct {
+	GroupBy []string `json:"group_by"`
+	Rows    []struct {
+		Tenant      string            `json:"tenant"`
+		Meter       string            `json:"meter"`
+		WindowStart time.Time         `json:"window_start"`
+		WindowEnd   time.Time         `json:"window_end"`
+		Value       int64             `json:"value"`
+		Events      int64             `json:"events"`
+		Dimensions  map[string]string `json:"dimensions"`
+	} `json:"rows"`
+}
+
+func decodeReport(body io.Reader) (usageReport, error) {
+	var rep usageReport
+	if err := json.NewDecoder(body).Decode(&rep); err != nil {
+		return rep, fmt.Errorf("reading the report: %w", err)
+	}
+	return rep, nil
 }
 
 // runSummary runs `meterd usage summary`.
