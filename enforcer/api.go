@@ -111,15 +111,11 @@ func (e *Enforcer) view(tenant string) (TenantView, bool) {
 	if v.Limits == nil {
 		v.Limits = map[string]int64{}
 	}
-	p := e.cat.PeriodOf(tenant, e.now())
-	if u := e.usage[tenant]; u != nil {
-		p = u.period
-		v.UsageSeeded = u.seeded
-		if u.seeded {
-			v.Usage = maps.Clone(u.used)
-		}
+	p, seeded, used := e.currentUsageLocked(tenant, e.now())
+	v.UsageSeeded, v.PeriodStart, v.PeriodEnd = seeded, p.Start, p.End
+	if seeded {
+		v.Usage = maps.Clone(used)
 	}
-	v.PeriodStart, v.PeriodEnd = p.Start, p.End
 	if d, ok := e.written[tenant]; ok {
 		v.Blocked = &d
 	}

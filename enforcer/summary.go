@@ -139,14 +139,10 @@ func (e *Enforcer) tenantSummaryLocked(name string, now time.Time) TenantSummary
 		Tenant: name, Plan: t.Plan, OnExceed: plan.OnExceed,
 		BillingStatus: e.billingStatusLocked(name), Status: SummaryOK, Meters: []MeterSummary{},
 	}
-	period := e.cat.PeriodOf(name, now)
-	used := map[string]int64{}
-	if u := e.usage[name]; u != nil {
-		period, ts.UsageSeeded, used = u.period, u.seeded, u.used
-	}
-	ts.PeriodStart, ts.PeriodEnd = period.Start, period.End
+	period, seeded, used := e.currentUsageLocked(name, now)
+	ts.UsageSeeded, ts.PeriodStart, ts.PeriodEnd = seeded, period.Start, period.End
 
-	meters := slices.Sorted(maps.Keys(limits))
+	meters := slices.Collect(maps.Keys(limits))
 	for m := range used {
 		if _, limited := limits[m]; !limited {
 			meters = append(meters, m)
@@ -183,6 +179,17 @@ func (e *Enforcer) tenantSummaryLocked(name string, now time.Time) TenantSummary
 		ts.Status, ts.Detail = SummaryWarning, warn
 	}
 	return ts
+}
+
+// currentUsageLocked returns tenant's current period, whether its usage
+// was read from the store yet, and the usage per meter in that period (what
+// arrived since, while not seeded). used belongs to the enforcer: read it
+// under e.mu only.
+func (e *Enforcer) currentUsageLocked(tenant string, now time.Time) (p billing.Period, seeded bool, used map[string]int64) {
+	if u := e.usage[tenant]; u != nil {
+		return u.period, u.seeded, u.used
+	}
+	return e.cat.PeriodOf(tenant, now), false, nil
 }
 
 // percent is used/limit in percent, rounded to one decimal.
