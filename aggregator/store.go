@@ -129,6 +129,20 @@ func (g Granularity) BucketStart(t time.Time) time.Time {
 	panic("aggregator: invalid granularity " + g.String())
 }
 
+// BucketEnd returns the end of the bucket of granularity g that starts at
+// start.
+func (g Granularity) BucketEnd(start time.Time) time.Time {
+	switch g {
+	case Hourly:
+		return start.Add(time.Hour)
+	case Daily:
+		return start.AddDate(0, 0, 1)
+	case Monthly:
+		return start.AddDate(0, 1, 0)
+	}
+	panic("aggregator: invalid granularity " + g.String())
+}
+
 // UsageQuery selects usage for a report. The caller validates it: names
 // follow their grammar (schemas.ValidTenant, ValidMeter, ValidDimensionKey),
 // GroupBy holds no name twice, and From < To.

@@ -366,7 +366,7 @@ func Run(ctx context.Context, store aggregator.Reporter, q Query, catalog *billi
 	if q.Window != WindowPeriod {
 		return store.Usage(ctx, q.UsageQuery, func(u *aggregator.UsageRow) error {
 			row = Row{Tenant: u.Tenant, Meter: u.Meter, Dims: u.Dims, Value: u.Value, Events: u.Events}
-			row.WindowStart, row.WindowEnd = clip(u.Start, bucketEnd(q.Granularity, u.Start), q.From, q.To)
+			row.WindowStart, row.WindowEnd = clip(u.Start, q.Granularity.BucketEnd(u.Start), q.From, q.To)
 			return fn(&row)
 		})
 	}
@@ -375,17 +375,6 @@ func Run(ctx context.Context, store aggregator.Reporter, q Query, catalog *billi
 		return err
 	}
 	return f.flush()
-}
-
-// bucketEnd returns the end of the bucket of g starting at start.
-func bucketEnd(g aggregator.Granularity, start time.Time) time.Time {
-	switch g {
-	case aggregator.Hourly:
-		return start.Add(time.Hour)
-	case aggregator.Daily:
-		return start.AddDate(0, 0, 1)
-	}
-	return start.AddDate(0, 1, 0)
 }
 
 // clip returns [start, end) ∩ [from, to).
