@@ -80,7 +80,9 @@ func (e *Enforcer) handleSummary(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	tenant := r.URL.Query().Get("tenant")
-	if tenant != "" && !schemas.ValidTenant(tenant) {
+	if len(r.URL.Query()["tenant"]) > 1 {
+		bad = append(bad, schemas.InvalidParam{Name: "tenant", Reason: "given more than once"})
+	} else if tenant != "" && !schemas.ValidTenant(tenant) {
 		bad = append(bad, schemas.InvalidParam{Name: "tenant", Reason: "must be " + schemas.TenantGrammar})
 	}
 	if len(bad) > 0 {

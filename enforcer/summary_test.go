@@ -95,6 +95,7 @@ func TestUsageSummary(t *testing.T) {
 		{"/v1/usage/summary", "", http.StatusUnauthorized},
 		{"/v1/usage/summary?tenant=bad%20name", adminKey, http.StatusBadRequest},
 		{"/v1/usage/summary?tenants=acme", adminKey, http.StatusBadRequest},
+		{"/v1/usage/summary?tenant=acme&tenant=bigco", tenantKey, http.StatusBadRequest},
 		{"/v1/usage/summary?tenant=nobody", adminKey, http.StatusNotFound},
 	} {
 		var body map[string]any
