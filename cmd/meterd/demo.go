@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -320,12 +319,10 @@ func (w *addrWriter) Write(p []byte) (int, error) {
 		return len(p), nil
 	}
 	w.buf = append(w.buf, p...)
-	const marker = "listening on http://"
-	sc := bufio.NewScanner(bytes.NewReader(w.buf))
-	for sc.Scan() {
-		if _, addr, ok := strings.Cut(sc.Text(), marker); ok && bytes.HasSuffix(w.buf, []byte("\n")) {
+	if _, rest, ok := bytes.Cut(w.buf, []byte("listening on http://")); ok {
+		if addr, _, ok := bytes.Cut(rest, []byte("\n")); ok {
 			w.sent = true
-			w.ch <- strings.TrimSpace(addr)
+			w.ch <- string(bytes.TrimSpace(addr))
 		}
 	}
 	return len(p), nil
