@@ -420,7 +420,7 @@ func (e *Enforcer) checkThresholdsLocked(tenant string, u *tenantUsage) {
 }
 
 // notifyThresholds are the percentages of a limit that are notified.
-var notifyThresholds = []int{80, 100}
+var notifyThresholds = []int{WarnPercent, 100}
 
 // checkThresholdLocked queues a notification for each threshold of meter's
 // limit the usage reached and that was not queued this period. A limit of 0
