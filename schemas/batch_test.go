@@ -18,7 +18,7 @@ func testBatch() *Batch {
 		Events: []Event{
 			{ID: "e1", Tenant: "acme", Meter: "api_calls", Value: 1, Time: time.Date(2026, 11, 20, 9, 30, 0, 0, time.UTC),
 				Dimensions: map[string]string{"route": "/v1/orders", "method": "GET", "status": "200", "note": `<&> "q" é`}},
-			{ID: "e2", Tenant: "globex", Meter: "tokens", Value: 1<<63 - 1, Time: time.Date(2026, 11, 20, 9, 30, 0, 1, time.UTC)},
+			{ID: "e2", Tenant: "globex", Meter: "tokens", Value: MaxValue, Time: time.Date(2026, 11, 20, 9, 30, 0, 1, time.UTC)},
 			{ID: "e3", Tenant: "acme", Meter: "api_calls", Value: 0, Time: time.Date(2026, 10, 31, 23, 59, 59, 999999999, time.UTC)},
 		},
 	}
@@ -53,7 +53,7 @@ func TestBatchRoundTrip(t *testing.T) {
 		}
 	}
 	if !strings.Contains(string(data), `"sealed_at":"2026-11-20T09:31:00.123456789Z"`) ||
-		!strings.Contains(string(data), `{"id":"e2","tenant":"globex","meter":"tokens","value":9223372036854775807,"time":"2026-11-20T09:30:00.000000001Z"}`) {
+		!strings.Contains(string(data), `{"id":"e2","tenant":"globex","meter":"tokens","value":4294967295,"time":"2026-11-20T09:30:00.000000001Z"}`) {
 		t.Errorf("unexpected encoding %s", data)
 	}
 }

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
-	"math"
 	"math/rand/v2"
 	"reflect"
 	"strings"
@@ -89,11 +88,11 @@ func randValue(r *rand.Rand) int64 {
 	case 0:
 		return 0
 	case 1:
-		return math.MaxInt64
+		return MaxValue
 	case 2:
 		return r.Int64N(1000)
 	default:
-		return r.Int64()
+		return r.Int64N(MaxValue + 1)
 	}
 }
 

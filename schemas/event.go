@@ -17,6 +17,12 @@ const (
 	MaxDimensions        = 16
 	MaxDimensionKeyLen   = 64
 	MaxDimensionValueLen = 256
+	// MaxValue is the largest value of one event (2^32 − 1, a UInt32). Any
+	// larger quantity is metered in a coarser unit (KiB, milliseconds). It
+	// keeps every total far from int64's range: 2^31 events of MaxValue in
+	// one window before a sum could reach 2^63, and the totals that could
+	// still get there saturate instead of wrapping.
+	MaxValue = 1<<32 - 1
 	// MaxFuture is how far in the future an event time may lie.
 	MaxFuture = 5 * time.Minute
 	// DefaultMaxAge is the default late-event bound.
@@ -79,6 +85,8 @@ func (e *Event) Validate(index int, w Window, errs []FieldError) []FieldError {
 	}
 	if e.Value < 0 {
 		bad("value", "must be a non-negative integer")
+	} else if e.Value > MaxValue {
+		bad("value", "must be at most "+strconv.Itoa(MaxValue)+"; meter large quantities in a coarser unit")
 	}
 	if y := e.Time.Year(); y < 0 || y > 9999 {
 		// An offset can move 0000-01-01 or 9999-12-31 out of the years
