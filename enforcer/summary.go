@@ -73,14 +73,16 @@ func (e *Enforcer) handleSummary(w http.ResponseWriter, r *http.Request) {
 		auth.Unauthorized(w, err)
 		return
 	}
-	var bad []schemas.InvalidParam
-	for name := range r.URL.Query() {
+	// An undecodable pair is a 400: dropped, tenant=%zz would read as no
+	// tenant and give an admin every tenant's summary.
+	v, bad := schemas.ParseQuery(r.URL.RawQuery)
+	for name := range v {
 		if name != "tenant" {
 			bad = append(bad, schemas.InvalidParam{Name: name, Reason: "unknown parameter; known: tenant"})
 		}
 	}
-	tenant := r.URL.Query().Get("tenant")
-	if len(r.URL.Query()["tenant"]) > 1 {
+	tenant := v.Get("tenant")
+	if len(v["tenant"]) > 1 {
 		bad = append(bad, schemas.InvalidParam{Name: "tenant", Reason: "given more than once"})
 	} else if tenant != "" && !schemas.ValidTenant(tenant) {
 		bad = append(bad, schemas.InvalidParam{Name: "tenant", Reason: "must be " + schemas.TenantGrammar})
