@@ -109,11 +109,10 @@ func (e *Enforcer) handleSummary(w http.ResponseWriter, r *http.Request) {
 
 // Catalog returns the plans and tenants the enforcer decides with: the
 // catalog file with the admin API's changes merged. The catalog is
-// immutable; a later change replaces it.
+// immutable; a later change replaces it. It never waits on the enforcer's
+// lock, so a gate may ask it on every call.
 func (e *Enforcer) Catalog() *billing.Catalog {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	return e.cat
+	return e.catalog.Load()
 }
 
 // Summary returns the usage summary of tenant, or of every tenant of the

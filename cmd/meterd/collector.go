@@ -3,6 +3,8 @@ package main
 import (
 	"context"
 	"io"
+
+	"github.com/meterd/meterd/enforcer"
 )
 
 // runCollector runs the collector against an external NATS.
@@ -33,7 +35,14 @@ func runCollector(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	if err != nil {
 		return err
 	}
-	if err := a.addCollector(nc, f.Collector, keys, f.Catalog); err != nil {
+	// The tenants with a plan: the config file's catalog with the admin
+	// API's changes, followed in the enforcer's meterd-tenants bucket. Not
+	// ready before the bucket is read, so a restarted collector never
+	// refuses a tenant the admin API created as unknown.
+	catalog := enforcer.NewCatalogWatcher(nc, f.Catalog, log)
+	a.workers = append(a.workers, catalog)
+	a.checks["catalog"] = catalog.Ready
+	if err := a.addCollector(nc, f.Collector, keys, catalog.Catalog); err != nil {
 		return err
 	}
 	return a.serve(ctx, s, func(addr string) {
