@@ -36,12 +36,15 @@ func runCollector(ctx context.Context, args []string, stdout, stderr io.Writer) 
 		return err
 	}
 	// The tenants with a plan: the config file's catalog with the admin
-	// API's changes, followed in the enforcer's meterd-tenants bucket. Not
-	// ready before the bucket is read, so a restarted collector never
-	// refuses a tenant the admin API created as unknown.
+	// API's changes, followed in the enforcer's meterd-tenants bucket.
+	// Denying unknown tenants, the collector is not ready before it read
+	// the bucket, so a restart never refuses a tenant the admin API
+	// created; allowing them, it has nothing to wait for.
 	catalog := enforcer.NewCatalogWatcher(nc, f.Catalog, log)
 	a.workers = append(a.workers, catalog)
-	a.checks["catalog"] = catalog.Ready
+	if f.Collector.UnknownTenantPolicy == "deny" {
+		a.checks["catalog"] = catalog.Ready
+	}
 	if err := a.addCollector(nc, f.Collector, keys, catalog.Catalog); err != nil {
 		return err
 	}
