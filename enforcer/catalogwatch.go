@@ -18,13 +18,18 @@ import (
 // by: the catalog file with the admin API's tenant changes (the
 // TenantsBucket) merged the same way. The aggregator reports billing
 // periods with it, so a tenant whose plan or anchor an operator changed has
-// the same periods in reports as in quotas.
+// the same periods in reports as in quotas; a collector's /v1/check knows
+// with it which tenants have a plan, so a tenant the admin API created is
+// not "unknown" at the gates.
 type CatalogWatcher struct {
 	nc    *nats.Conn
 	file  *billing.Catalog
 	log   *slog.Logger
 	retry time.Duration
 	cat   atomic.Pointer[billing.Catalog]
+	// loaded is set once the bucket has been read to its end, or found
+	// absent: from then on the catalog holds every admin API change.
+	loaded atomic.Bool
 }
 
 // NewCatalogWatcher returns a watcher whose catalog is file until Run has
@@ -41,6 +46,23 @@ func NewCatalogWatcher(nc *nats.Conn, file *billing.Catalog, log *slog.Logger) *
 // Catalog returns the current catalog; it is immutable.
 func (w *CatalogWatcher) Catalog() *billing.Catalog { return w.cat.Load() }
 
+// ErrCatalogNotLoaded is Ready's answer until the watcher has read the
+// admin API's changes once.
+var ErrCatalogNotLoaded = errors.New("enforcer: the admin API's tenant changes are not read yet")
+
+// Ready reports whether the catalog holds the admin API's changes: nil
+// once the bucket has been read to its end (or found absent, when no
+// enforcer ran yet and the file is the whole catalog), and from then on,
+// whatever happens to NATS later. A gate that denies unknown tenants must
+// not serve before that, or a tenant the admin API created would be
+// refused as unknown.
+func (w *CatalogWatcher) Ready(context.Context) error {
+	if w.loaded.Load() {
+		return nil
+	}
+	return ErrCatalogNotLoaded
+}
+
 // Run follows the bucket until ctx ends. The bucket is the enforcer's: while
 // it does not exist (no enforcer ran yet) the file's catalog holds and Run
 // looks again every few seconds.
@@ -53,6 +75,7 @@ func (w *CatalogWatcher) Run(ctx context.Context) error {
 		switch err := w.follow(ctx, js); {
 		case ctx.Err() != nil:
 		case errors.Is(err, jetstream.ErrBucketNotFound):
+			w.loaded.Store(true)
 			w.log.Debug("no enforcer bucket yet; the catalog file holds", "bucket", TenantsBucket)
 		default:
 			w.log.Warn("following the admin API's tenant changes; the last catalog holds", "err", err)
@@ -84,6 +107,7 @@ func (w *CatalogWatcher) follow(ctx context.Context, js jetstream.JetStream) err
 		if en == nil {
 			loaded = true
 			w.rebuild(specs)
+			w.loaded.Store(true)
 			continue
 		}
 		if op := en.Operation(); op == jetstream.KeyValueDelete || op == jetstream.KeyValuePurge {

@@ -2,6 +2,7 @@ package enforcer
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"testing"
@@ -15,6 +16,9 @@ func TestCatalogWatcher(t *testing.T) {
 	v := newEnv(t)
 	w := NewCatalogWatcher(v.nc, v.cat, nil)
 	w.retry = 50 * time.Millisecond
+	if err := w.Ready(context.Background()); !errors.Is(err, ErrCatalogNotLoaded) {
+		t.Fatalf("Ready before Run = %v, want ErrCatalogNotLoaded", err)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- w.Run(ctx) }()
@@ -27,6 +31,8 @@ func TestCatalogWatcher(t *testing.T) {
 	if w.Catalog() != v.cat {
 		t.Fatal("the watcher does not start from the file's catalog")
 	}
+	// No enforcer made the bucket yet: the file is the whole catalog.
+	v.eventually("the watcher is ready without a bucket", 5*time.Second, func() error { return w.Ready(context.Background()) })
 	at := time.Date(2026, 3, 10, 12, 0, 0, 0, time.UTC)
 	if p := w.Catalog().PeriodOf("acme", at); !p.Start.Equal(time.Date(2026, 3, 1, 0, 0, 0, 0, time.UTC)) {
 		t.Fatalf("acme's period from the file: %s", p)

@@ -239,6 +239,10 @@ type Enforcer struct {
 	// syncMu serialises the writes of decisions; it is taken before mu.
 	syncMu sync.Mutex
 
+	// catalog is cat for readers that must not wait on mu: the gate of
+	// `meterd dev` asks it on every /v1/check.
+	catalog atomic.Pointer[billing.Catalog]
+
 	mu         sync.Mutex
 	fileCat    *billing.Catalog
 	specs      map[string]tenantSpec // the admin API's tenant changes
@@ -309,6 +313,7 @@ func New(cfg Config) (*Enforcer, error) {
 		wake:       make(chan struct{}, 1),
 		reseedWake: make(chan struct{}, 1),
 	}
+	e.catalog.Store(cat)
 	for _, s := range cfg.BlockOn {
 		e.blockOn[s] = true
 	}
@@ -588,6 +593,7 @@ func asErrors(fes []*fieldError) []error {
 // again; every tenant is decided again.
 func (e *Enforcer) setCatalogLocked(cat *billing.Catalog) {
 	e.cat = cat
+	e.catalog.Store(cat)
 	if !e.tracking {
 		return
 	}

@@ -73,14 +73,16 @@ func (e *Enforcer) handleSummary(w http.ResponseWriter, r *http.Request) {
 		auth.Unauthorized(w, err)
 		return
 	}
-	var bad []schemas.InvalidParam
-	for name := range r.URL.Query() {
+	// An undecodable pair is a 400: dropped, tenant=%zz would read as no
+	// tenant and give an admin every tenant's summary.
+	v, bad := schemas.ParseQuery(r.URL.RawQuery)
+	for name := range v {
 		if name != "tenant" {
 			bad = append(bad, schemas.InvalidParam{Name: name, Reason: "unknown parameter; known: tenant"})
 		}
 	}
-	tenant := r.URL.Query().Get("tenant")
-	if len(r.URL.Query()["tenant"]) > 1 {
+	tenant := v.Get("tenant")
+	if len(v["tenant"]) > 1 {
 		bad = append(bad, schemas.InvalidParam{Name: "tenant", Reason: "given more than once"})
 	} else if tenant != "" && !schemas.ValidTenant(tenant) {
 		bad = append(bad, schemas.InvalidParam{Name: "tenant", Reason: "must be " + schemas.TenantGrammar})
@@ -107,11 +109,10 @@ func (e *Enforcer) handleSummary(w http.ResponseWriter, r *http.Request) {
 
 // Catalog returns the plans and tenants the enforcer decides with: the
 // catalog file with the admin API's changes merged. The catalog is
-// immutable; a later change replaces it.
+// immutable; a later change replaces it. It never waits on the enforcer's
+// lock, so a gate may ask it on every call.
 func (e *Enforcer) Catalog() *billing.Catalog {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	return e.cat
+	return e.catalog.Load()
 }
 
 // Summary returns the usage summary of tenant, or of every tenant of the

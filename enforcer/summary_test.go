@@ -97,6 +97,10 @@ func TestUsageSummary(t *testing.T) {
 		{"/v1/usage/summary?tenants=acme", adminKey, http.StatusBadRequest},
 		{"/v1/usage/summary?tenant=acme&tenant=bigco", tenantKey, http.StatusBadRequest},
 		{"/v1/usage/summary?tenant=nobody", adminKey, http.StatusNotFound},
+		// Undecodable, never read as no tenant (every tenant's summary).
+		{"/v1/usage/summary?tenant=%zz", adminKey, http.StatusBadRequest},
+		{"/v1/usage/summary?tenant=%zz", tenantKey, http.StatusBadRequest},
+		{"/v1/usage/summary?tenant=acme;x=1", adminKey, http.StatusBadRequest},
 	} {
 		var body map[string]any
 		resp := v.do(http.MethodGet, c.path, c.key, nil, &body)

@@ -3,6 +3,7 @@ package schemas
 import (
 	"encoding/json"
 	"net/http"
+	"net/url"
 	"strings"
 	"time"
 )
@@ -43,6 +44,41 @@ type Block struct {
 type InvalidParam struct {
 	Name   string `json:"name"`
 	Reason string `json:"reason"`
+}
+
+// ParseQuery parses a URL's raw query string as url.ParseQuery does, except
+// that no parameter is dropped silently: a pair whose name or value is not
+// valid percent-encoding, or that holds a semicolon, is returned in bad,
+// named by its decoded name (by the name as sent when that cannot be
+// decoded). (*url.URL).Query drops such a pair, so /v1/usage?tenant=%zz
+// read as no tenant at all and gave an admin every tenant's report; a
+// handler answers a non-empty bad with NewInvalidParams instead.
+func ParseQuery(raw string) (v url.Values, bad []InvalidParam) {
+	v = url.Values{}
+	for raw != "" {
+		var pair string
+		pair, raw, _ = strings.Cut(raw, "&")
+		if pair == "" {
+			continue
+		}
+		rawName, rawValue, _ := strings.Cut(pair, "=")
+		name, err := url.QueryUnescape(rawName)
+		if err != nil {
+			bad = append(bad, InvalidParam{Name: rawName, Reason: "the name is not valid percent-encoding (% must be followed by two hex digits)"})
+			continue
+		}
+		if strings.Contains(pair, ";") {
+			bad = append(bad, InvalidParam{Name: name, Reason: "holds a semicolon; separate parameters with & and send a ; in a value as %3B"})
+			continue
+		}
+		value, err := url.QueryUnescape(rawValue)
+		if err != nil {
+			bad = append(bad, InvalidParam{Name: name, Reason: "the value is not valid percent-encoding (% must be followed by two hex digits)"})
+			continue
+		}
+		v[name] = append(v[name], value)
+	}
+	return v, bad
 }
 
 // NewInvalidParams returns the 400 problem naming every wrong request

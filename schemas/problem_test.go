@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"net/http/httptest"
+	"net/url"
 	"reflect"
 	"testing"
 	"time"
@@ -118,5 +119,31 @@ func TestProblemWriteMinimal(t *testing.T) {
 	want := map[string]any{"type": "https://meterd.dev/problems/unsupported-media-type", "title": "Unsupported Media Type", "status": json.Number("415")}
 	if got := problemBody(t, rec.Body.Bytes()); rec.Code != 415 || !reflect.DeepEqual(got, want) {
 		t.Errorf("%d %v", rec.Code, got)
+	}
+}
+
+// A query string that is not valid percent-encoding names the parameter it
+// spoils instead of losing it, where url.ParseQuery drops the pair.
+func TestParseQuery(t *testing.T) {
+	for _, c := range []struct {
+		raw string
+		v   url.Values
+		bad []InvalidParam
+	}{
+		{"", url.Values{}, nil},
+		{"tenant=acme&group_by=route&group_by=method&&x", url.Values{"tenant": {"acme"}, "group_by": {"route", "method"}, "x": {""}}, nil},
+		{"tenant=acme%20corp&a+b=c%2Bd", url.Values{"tenant": {"acme corp"}, "a b": {"c+d"}}, nil},
+		{"tenant=%zz&meter=api_calls", url.Values{"meter": {"api_calls"}},
+			[]InvalidParam{{"tenant", "the value is not valid percent-encoding (% must be followed by two hex digits)"}}},
+		{"ten%ant=acme&from=%", url.Values{},
+			[]InvalidParam{{"ten%ant", "the name is not valid percent-encoding (% must be followed by two hex digits)"},
+				{"from", "the value is not valid percent-encoding (% must be followed by two hex digits)"}}},
+		{"tenant=acme;meter=x", url.Values{},
+			[]InvalidParam{{"tenant", "holds a semicolon; separate parameters with & and send a ; in a value as %3B"}}},
+	} {
+		v, bad := ParseQuery(c.raw)
+		if !reflect.DeepEqual(v, c.v) || !reflect.DeepEqual(bad, c.bad) {
+			t.Errorf("ParseQuery(%q) = %v, %v; want %v, %v", c.raw, v, bad, c.v, c.bad)
+		}
 	}
 }

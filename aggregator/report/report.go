@@ -278,12 +278,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	catalog := h.cfg.Catalog()
-	v := r.URL.Query()
+	// An undecodable pair is a 400 of its own: dropped, tenant=%zz would
+	// read as no tenant and give an admin every tenant's report.
+	v, undecodable := schemas.ParseQuery(r.URL.RawQuery)
 	if !p.Admin && v.Get("tenant") == "" {
 		v.Set("tenant", p.Tenant) // a tenant key reads its own tenant
 	}
 	q, bad := ParseQuery(v, r.Header.Get("Accept"), h.cfg.Now(), catalog)
-	if len(bad) > 0 {
+	if bad = append(undecodable, bad...); len(bad) > 0 {
 		schemas.NewInvalidParams(bad).Write(w)
 		return
 	}
@@ -547,11 +549,26 @@ func CSVHeader(groupBy []string) []string {
 func (e *csvEncoder) begin() error { return e.w.Write(CSVHeader(e.groupBy)) }
 
 func (e *csvEncoder) row(r *Row) error {
-	f := append(e.fields[:0], r.Tenant, r.Meter, r.WindowStart.Format(time.RFC3339), r.WindowEnd.Format(time.RFC3339))
-	f = append(f, r.Dims...)
+	f := append(e.fields[:0], CSVCell(r.Tenant), CSVCell(r.Meter), r.WindowStart.Format(time.RFC3339), r.WindowEnd.Format(time.RFC3339))
+	for _, d := range r.Dims {
+		f = append(f, CSVCell(d))
+	}
 	f = append(f, strconv.FormatInt(r.Value, 10), strconv.FormatInt(r.Events, 10))
 	e.fields = f
 	return e.w.Write(f)
+}
+
+// CSVCell returns a cell of text from an API client (a tenant, a meter, a
+// dimension value) as a CSV cell a spreadsheet shows instead of running:
+// Excel, LibreOffice and Google Sheets take a cell that starts with = + -
+// @, a tab or a carriage return as a formula (=HYPERLINK(…) sends a click
+// anywhere), so such a cell gets a leading single quote, as OWASP's "CSV
+// Injection" advises. Other cells, and JSON reports, are left as they are.
+func CSVCell(s string) string {
+	if s != "" && strings.IndexByte("=+-@\t\r", s[0]) >= 0 {
+		return "'" + s
+	}
+	return s
 }
 
 func (e *csvEncoder) end() error {

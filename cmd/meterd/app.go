@@ -283,8 +283,10 @@ func (a *app) connect(n config.NATS, opts ...nats.Option) (*nats.Conn, error) {
 }
 
 // addCollector builds the collector, with the gate its /v1/check answers
-// from, on nc and adds both to the app. Tenants of catalog have a plan.
-func (a *app) addCollector(nc *nats.Conn, c config.Collector, keys *auth.Keys, catalog *billing.Catalog) error {
+// from, on nc and adds both to the app. The tenants of the current catalog
+// have a plan: it must be the merged one (file and admin API, followed
+// live), or a tenant the admin API created is unknown at the gate.
+func (a *app) addCollector(nc *nats.Conn, c config.Collector, keys *auth.Keys, catalog func() *billing.Catalog) error {
 	unknown, err := policy("unknown-tenant-policy", c.UnknownTenantPolicy)
 	if err != nil {
 		return err
@@ -301,7 +303,7 @@ func (a *app) addCollector(nc *nats.Conn, c config.Collector, keys *auth.Keys, c
 	a.workers = append(a.workers, g)
 	col, err := collector.New(collector.Config{
 		Gate: g, TenantHeader: c.TenantHeader, UnknownTenantPolicy: unknown, DontRecordChecks: c.DontRecordChecks,
-		KnownTenant: catalog.HasPlan,
+		KnownTenant: func(tenant string) bool { return catalog().HasPlan(tenant) },
 		Name:        c.Name, NATS: nc, Keys: keys,
 		SpoolDir: c.SpoolDir, SpoolMaxBytes: c.SpoolMaxBytes,
 		Partitions: c.Partitions, MaxBodyBytes: c.MaxBodyBytes,

@@ -3,6 +3,8 @@ package main
 import (
 	"context"
 	"io"
+
+	"github.com/meterd/meterd/enforcer"
 )
 
 // runCollector runs the collector against an external NATS.
@@ -33,7 +35,17 @@ func runCollector(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	if err != nil {
 		return err
 	}
-	if err := a.addCollector(nc, f.Collector, keys, f.Catalog); err != nil {
+	// The tenants with a plan: the config file's catalog with the admin
+	// API's changes, followed in the enforcer's meterd-tenants bucket.
+	// Denying unknown tenants, the collector is not ready before it read
+	// the bucket, so a restart never refuses a tenant the admin API
+	// created; allowing them, it has nothing to wait for.
+	catalog := enforcer.NewCatalogWatcher(nc, f.Catalog, log)
+	a.workers = append(a.workers, catalog)
+	if f.Collector.UnknownTenantPolicy == "deny" {
+		a.checks["catalog"] = catalog.Ready
+	}
+	if err := a.addCollector(nc, f.Collector, keys, catalog.Catalog); err != nil {
 		return err
 	}
 	return a.serve(ctx, s, func(addr string) {

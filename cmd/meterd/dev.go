@@ -12,6 +12,8 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/meterd/meterd/enforcer"
+	"github.com/meterd/meterd/internal/billing"
 	"github.com/meterd/meterd/internal/broker"
 	"github.com/meterd/meterd/internal/redact"
 )
@@ -86,7 +88,10 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	if err := broker.EnsureStreams(sctx, js, broker.StreamsConfig{Replicas: 1, DuplicateWindow: f.NATS.DuplicateWindow}); err != nil {
 		return err
 	}
-	if err := a.addCollector(nc, f.Collector, keys, f.Catalog); err != nil {
+	// The gate knows the tenants of the enforcer's own catalog (file and
+	// admin API merged). enf is set below, before anything serves.
+	var enf *enforcer.Enforcer
+	if err := a.addCollector(nc, f.Collector, keys, func() *billing.Catalog { return enf.Catalog() }); err != nil {
 		return err
 	}
 	f.Aggregator.SQLitePath = or(f.Aggregator.SQLitePath, filepath.Join(dataDir, "meterd.db"))
@@ -98,7 +103,7 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		return err
 	}
 	f.NATS.Replicas = 1
-	enf, err := a.addEnforcer(nc, store, s, keys)
+	enf, err = a.addEnforcer(nc, store, s, keys)
 	if err != nil {
 		return err
 	}

@@ -363,6 +363,9 @@ type e2eDev struct {
 	base   string // http://host:port
 	client *http.Client
 	stderr *e2eBuffer
+	// auth, when set, is the Authorization of the test's own requests
+	// that carry none.
+	auth string
 
 	cancel   context.CancelFunc
 	code     chan int // run's exit code
@@ -461,6 +464,13 @@ type e2eAnswer struct {
 }
 
 func (s *e2eDev) do(method, path string, header http.Header, body []byte) (*e2eAnswer, error) {
+	if s.auth != "" && header.Get("Authorization") == "" {
+		header = header.Clone()
+		if header == nil {
+			header = http.Header{}
+		}
+		header.Set("Authorization", s.auth)
+	}
 	return fetch(s.client, method, s.base+path, header, body)
 }
 

@@ -12,11 +12,14 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"gopkg.in/yaml.v3"
 
 	"github.com/meterd/meterd/internal/proctest"
 )
@@ -38,12 +41,38 @@ enforcer:
   heartbeat_every: 1s
 `
 
+// Tenant keys of the gateway tests: a recipe identifies the tenant by the
+// caller's meterd API key, never by a header the client sends.
+const (
+	gatewayAdminKey  = "gateway-test-admin-key-0"
+	gatewayAcmeKey   = "gateway-test-acme-key-00"
+	gatewayGlobexKey = "gateway-test-globex-key0"
+)
+
+// gatewayKeysConfig is gatewayConfig with the keys.
+const gatewayKeysConfig = gatewayConfig + `api_keys:
+  - {key: ` + gatewayAdminKey + `, admin: true}
+  - {key: ` + gatewayAcmeKey + `, tenant: acme}
+  - {key: ` + gatewayGlobexKey + `, tenant: globex}
+`
+
+// gatewayTenantOf maps the Authorization header of a call to its tenant.
+var gatewayTenantOf = map[string]string{"Bearer " + gatewayAcmeKey: "acme", "Bearer " + gatewayGlobexKey: "globex"}
+
+// startGatewayDev runs meterd dev for a gateway test; the test's own
+// requests to it act as admin.
+func startGatewayDev(t *testing.T) *e2eDev {
+	s := startE2EDev(t, gatewayKeysConfig)
+	s.auth = "Bearer " + gatewayAdminKey
+	return s
+}
+
 // Caddy's forward_auth, configured as the README says, in front of an
 // upstream.
 func TestGatewayCaddy(t *testing.T) {
 	bin := proctest.Binary(t, "caddy", "caddy")
 	up := startUpstream(t)
-	s := startE2EDev(t, gatewayConfig)
+	s := startGatewayDev(t)
 	recipe := readmeRecipe(t, "### Caddy (forward_auth)", "caddyfile")
 	dir := t.TempDir()
 	gw := proctest.Start(t, proctest.Spec{Name: "caddy", Command: func(addr string) *exec.Cmd {
@@ -70,7 +99,7 @@ func TestGatewayCaddy(t *testing.T) {
 func TestGatewayNginx(t *testing.T) {
 	bin := proctest.Binary(t, "nginx", "nginx")
 	up := startUpstream(t)
-	s := startE2EDev(t, gatewayConfig)
+	s := startGatewayDev(t)
 	recipe := readmeRecipe(t, "### nginx (auth_request)", "nginx")
 	dir := t.TempDir()
 	gw := proctest.Start(t, proctest.Spec{Name: "nginx", Command: func(addr string) *exec.Cmd {
@@ -104,17 +133,21 @@ http {
 
 // gatewayScenario drives calls through the gateway at base: an allowed
 // tenant's calls reach the upstream intact and are each counted once, at
-// one unit, whatever meter headers the client sends; a
-// tenant over its quota gets meterd's 402, headers and body included, and
-// none of its refused calls reaches the upstream.
+// one unit of api_calls, to the tenant of its API key, whatever tenant,
+// meter, value and request id headers the client sends; a client without
+// a key cannot pass by naming a tenant; a tenant over its quota gets
+// meterd's 402, headers and body included, and none of its refused calls
+// reaches the upstream.
 func gatewayScenario(t *testing.T, s *e2eDev, up *upstream, base string) {
 	const calls = 5
 	for i := range calls {
 		body := fmt.Sprintf("order %d", i)
 		a, err := fetch(s.client, http.MethodPost, fmt.Sprintf("%s/orders/%d", base, i),
-			// A client trying to be counted once, at zero: the recipe
-			// must drop its meter value and give each call its own id.
-			http.Header{"X-Tenant-Id": {"globex"}, "X-Request-Id": {"gw-globex-same"}, "X-Meter-Value": {"0"}, "Content-Type": {"text/plain"}},
+			// A client trying to be counted once, at zero, on a meter
+			// without a limit, to another tenant: the recipe must drop
+			// these headers and give each call its own id.
+			http.Header{"Authorization": {"Bearer " + gatewayGlobexKey}, "X-Tenant-Id": {"acme"}, "X-Request-Id": {"gw-globex-same"},
+				"X-Meter": {"tokens"}, "X-Meter-Value": {"0"}, "Content-Type": {"text/plain"}},
 			[]byte(body))
 		if err != nil {
 			t.Fatal(err)
@@ -134,6 +167,21 @@ func gatewayScenario(t *testing.T, s *e2eDev, up *upstream, base string) {
 	}
 	e2eUsage(t, s, "globex", calls)
 
+	// Without a key, naming a tenant is not enough: the recipe drops the
+	// header, meterd answers 401, and the upstream never sees the call.
+	for i := range 3 {
+		a, err := fetch(s.client, http.MethodGet, base+"/orders", http.Header{"X-Tenant-Id": {"globex"}, "X-Request-Id": {fmt.Sprintf("gw-forged-%d", i)}}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if a.status != http.StatusUnauthorized {
+			t.Fatalf("call without a key naming globex: status %d %q, want 401", a.status, a.body)
+		}
+	}
+	if n := up.total(); n != calls {
+		t.Fatalf("the upstream saw %d calls, want the %d of globex", n, calls)
+	}
+
 	// acme crosses its quota of 3 within a few calls; the enforcer blocks
 	// it within a second.
 	var (
@@ -144,7 +192,7 @@ func gatewayScenario(t *testing.T, s *e2eDev, up *upstream, base string) {
 	deadline := time.Now().Add(10 * time.Second)
 	for i := 0; blocked == nil; i++ {
 		a, err := fetch(s.client, http.MethodGet, fmt.Sprintf("%s/orders?page=%d", base, i),
-			http.Header{"X-Tenant-Id": {"acme"}, "X-Request-Id": {fmt.Sprintf("gw-acme-%d", i)}}, nil)
+			http.Header{"Authorization": {"Bearer " + gatewayAcmeKey}, "X-Request-Id": {fmt.Sprintf("gw-acme-%d", i)}}, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -176,7 +224,8 @@ func gatewayScenario(t *testing.T, s *e2eDev, up *upstream, base string) {
 		t.Errorf("Retry-After = %q, want the %.0f seconds until period_end", blocked.header.Get("Retry-After"), p.PeriodEnd.Sub(at).Seconds())
 	}
 	for i := range 3 {
-		a, err := fetch(s.client, http.MethodPost, base+"/orders", http.Header{"X-Tenant-Id": {"acme"}}, []byte("refused"))
+		// Naming another tenant does not lift the block either.
+		a, err := fetch(s.client, http.MethodPost, base+"/orders", http.Header{"Authorization": {"Bearer " + gatewayAcmeKey}, "X-Tenant-Id": {"globex"}}, []byte("refused"))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -188,6 +237,80 @@ func gatewayScenario(t *testing.T, s *e2eDev, up *upstream, base string) {
 		t.Errorf("the upstream saw %d calls of acme, want the %d allowed ones", n, allowed)
 	}
 	e2eUsage(t, s, "acme", allowed)
+	e2eUsage(t, s, "globex", calls)
+}
+
+// Envoy and Traefik cannot be installed here (no Debian package; `go
+// install` refuses Traefik's module, whose go.mod has replace directives),
+// so their recipes are read, not run: each must send meterd the caller's
+// API key and none of the headers a client would set its own price with.
+// An empty list would send every header (Traefik), a prefix or regex
+// matcher could let them through (Envoy).
+func TestGatewayRecipesSendOnlyTheKey(t *testing.T) {
+	want := []string{"authorization", "x-api-key"}
+
+	var envoy struct {
+		HTTPFilters []struct {
+			Name        string `yaml:"name"`
+			TypedConfig struct {
+				AllowedHeaders struct {
+					Patterns []map[string]string `yaml:"patterns"`
+				} `yaml:"allowed_headers"`
+				HTTPService struct {
+					AuthorizationRequest map[string]any `yaml:"authorization_request"`
+				} `yaml:"http_service"`
+			} `yaml:"typed_config"`
+		} `yaml:"http_filters"`
+	}
+	if err := yaml.Unmarshal([]byte(readmeRecipe(t, "### Envoy (ext_authz, HTTP service)", "yaml")), &envoy); err != nil {
+		t.Fatalf("the Envoy recipe: %v", err)
+	}
+	var sent []string
+	for _, f := range envoy.HTTPFilters {
+		if f.Name != "envoy.filters.http.ext_authz" {
+			continue
+		}
+		for _, p := range f.TypedConfig.AllowedHeaders.Patterns {
+			if v, ok := p["exact"]; ok && len(p) == 1 {
+				sent = append(sent, strings.ToLower(v))
+			} else {
+				sent = append(sent, fmt.Sprint(p))
+			}
+		}
+		// The deprecated place of the list, and headers_to_add, would
+		// add to what meterd is sent.
+		if ar := f.TypedConfig.HTTPService.AuthorizationRequest; ar != nil {
+			t.Errorf("the Envoy recipe has an authorization_request: %v", ar)
+		}
+	}
+	if !slices.Equal(sent, want) {
+		t.Errorf("the Envoy recipe sends meterd %q, want only %q", sent, want)
+	}
+
+	var traefik struct {
+		HTTP struct {
+			Middlewares map[string]struct {
+				ForwardAuth *struct {
+					Address            string   `yaml:"address"`
+					AuthRequestHeaders []string `yaml:"authRequestHeaders"`
+				} `yaml:"forwardAuth"`
+			} `yaml:"middlewares"`
+		} `yaml:"http"`
+	}
+	if err := yaml.Unmarshal([]byte(readmeRecipe(t, "### Traefik (ForwardAuth)", "yaml")), &traefik); err != nil {
+		t.Fatalf("the Traefik recipe: %v", err)
+	}
+	fa := traefik.HTTP.Middlewares["meterd"].ForwardAuth
+	if fa == nil || fa.Address != "http://127.0.0.1:8080/v1/check" {
+		t.Fatalf("the Traefik recipe has no forwardAuth middleware meterd to /v1/check: %+v", traefik)
+	}
+	sent = nil
+	for _, h := range fa.AuthRequestHeaders {
+		sent = append(sent, strings.ToLower(h))
+	}
+	if !slices.Equal(sent, want) {
+		t.Errorf("the Traefik recipe sends meterd %q, want only %q", sent, want)
+	}
 }
 
 // Prometheus scrapes `meterd dev` every second; its query API returns
@@ -324,8 +447,8 @@ type upstreamCall struct {
 	Method, Path, Tenant, Body string
 }
 
-// upstream is the API behind the gateway: it records every call and
-// answers 200 "upstream: METHOD PATH".
+// upstream is the API behind the gateway: it records every call, with the
+// tenant of its API key, and answers 200 "upstream: METHOD PATH".
 type upstream struct {
 	srv   *httptest.Server
 	mu    sync.Mutex
@@ -337,7 +460,7 @@ func startUpstream(t *testing.T) *upstream {
 	u.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		body, _ := io.ReadAll(r.Body)
 		u.mu.Lock()
-		u.calls = append(u.calls, upstreamCall{r.Method, r.URL.Path, r.Header.Get("X-Tenant-Id"), string(body)})
+		u.calls = append(u.calls, upstreamCall{r.Method, r.URL.Path, gatewayTenantOf[r.Header.Get("Authorization")], string(body)})
 		u.mu.Unlock()
 		fmt.Fprintf(w, "upstream: %s %s", r.Method, r.URL.Path)
 	}))
@@ -346,6 +469,13 @@ func startUpstream(t *testing.T) *upstream {
 }
 
 func (u *upstream) addr() string { return u.srv.Listener.Addr().String() }
+
+// total is the number of calls the upstream received.
+func (u *upstream) total() int {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return len(u.calls)
+}
 
 func (u *upstream) callsOf(tenant string) []upstreamCall {
 	u.mu.Lock()
