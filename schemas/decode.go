@@ -50,8 +50,10 @@ type SyntaxError struct{ Msg string }
 func (e *SyntaxError) Error() string { return "schemas: malformed body: " + e.Msg }
 
 // Decoded is the outcome of decoding a request body: the events in order, and
-// the per-event errors found while decoding (wrong types, unknown fields).
-// Events[i] is only meaningful when no error names index i.
+// the per-event errors found while decoding (wrong types, strings that are not
+// valid UTF-8, unknown fields). An event named by an error holds the members
+// that did decode; the fields the errors name are zero (or, for a member
+// repeated after its failure, the last value read) and are not to be used.
 type Decoded struct {
 	Events []Event
 	Errors []FieldError
@@ -65,7 +67,9 @@ type Decoded struct {
 //
 // Member names are matched exactly, as JSON Schema does (encoding/json would
 // take "ID" for "id"), and null is not a string: event.schema.json and
-// DecodeEvents+Validate accept the same documents.
+// DecodeEvents+Validate accept the same documents, except for strings that are
+// not valid UTF-8: they are refused here, never replaced by U+FFFD as
+// encoding/json (and so a validator) would, since that made distinct ids one.
 func DecodeEvents(mediaType string, body []byte) (Decoded, error) {
 	if i := strings.IndexByte(mediaType, ';'); i >= 0 {
 		mediaType = mediaType[:i]
@@ -98,8 +102,9 @@ func DecodeEvents(mediaType string, body []byte) (Decoded, error) {
 }
 
 // elementDecoder decodes the next JSON value of s as the event of index i and
-// appends it to d.Events. A well-formed value of the wrong shape appends an
-// empty Event and a FieldError; a malformed one returns a *SyntaxError.
+// appends it to d.Events. A well-formed value of the wrong shape appends what
+// of it decoded and a FieldError per failure (see shape); a malformed one
+// returns a *SyntaxError.
 type elementDecoder func(s *scanner, i int, d *Decoded) error
 
 // decodeJSON reads one event object or an array of them.
@@ -614,26 +619,27 @@ func decodeCloudEvent(s *scanner, i int, d *Decoded) error {
 // append maps the CloudEvent as event sh.i of d (DESIGN §3.1): (source, id)
 // → id by CloudEventID, subject → tenant, type → meter, time, data.value →
 // value and the other members of data → dimensions. The attributes that
-// failed to decode are in sh already.
+// failed to decode are in sh already; sh.fail reports each field once, so an
+// attribute of the wrong type is not also "required".
 func (ce *cloudEvent) append(sh *shape, d *Decoded) {
 	e := Event{Meter: ce.typ, Tenant: ce.subject, Value: 1}
-	if ce.specVersion != cloudEventsSpecVersion && !sh.failed("specversion") {
+	if ce.specVersion != cloudEventsSpecVersion {
 		sh.fail("specversion", `must be "1.0"`)
 	}
-	if ce.source == "" && !sh.failed("source") {
+	if ce.source == "" {
 		sh.fail("source", "is required")
 	}
-	if ce.dataContentType != "" && !strings.HasPrefix(ce.dataContentType, MediaJSON) && !sh.failed("datacontenttype") {
+	if ce.dataContentType != "" && !strings.HasPrefix(ce.dataContentType, MediaJSON) {
 		sh.fail("datacontenttype", "must be application/json")
 	}
 	if ce.id != "" {
 		// Even without a source: the event is refused then, for its source
 		// only, not for an id it has.
 		e.ID = CloudEventID(ce.source, ce.id)
-	} else if !sh.failed("id") {
+	} else {
 		sh.fail("id", "is required")
 	}
-	if ce.hasSubject && ce.subject == "" && !sh.failed("subject") {
+	if ce.hasSubject && ce.subject == "" {
 		sh.fail("subject", "must not be empty; leave it out to use the API key's tenant")
 	}
 	if ce.hasTime && !sh.failed("time") {
@@ -696,7 +702,8 @@ func dimensionValue(raw []byte) (string, strStatus) {
 }
 
 // CloudEventID is the meterd event id of the CloudEvent with the given
-// source and id, whose identity the pair is (CloudEvents 1.0 §3.1.1): "ce:",
+// source and id, the pair that identifies it (CloudEvents 1.0, attribute
+// id: "source + id is unique for each distinct event"): "ce:",
 // the length of source in bytes, ":", source, ":", id — as in
 // "ce:4:gw-1:42" — or, when that exceeds MaxIDLen characters, "ce:sha256:"
 // and the hexadecimal SHA-256 of it. The length prefix makes the join
