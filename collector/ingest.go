@@ -39,7 +39,8 @@ func (c *Collector) handleEvents(w http.ResponseWriter, r *http.Request) {
 		p.Write(w)
 		return
 	}
-	decoded, err := schemas.DecodeEvents(r.Header.Get("Content-Type"), buf.Bytes())
+	// The header too: a binary-mode CloudEvent's attributes are ce-* headers.
+	decoded, err := schemas.DecodeRequest(r.Header, buf.Bytes())
 	if err != nil {
 		c.decodeProblem(err).Write(w)
 		return
@@ -114,7 +115,8 @@ func (c *Collector) decodeProblem(err error) *schemas.Problem {
 		c.metrics.rejected.WithLabelValues(rejectMediaType).Inc()
 		return schemas.NewProblem(http.StatusUnsupportedMediaType, "unsupported-media-type",
 			strings.TrimPrefix(err.Error(), "schemas: ")+"; send application/json, application/x-ndjson, "+
-				"application/cloudevents+json or application/cloudevents-batch+json")
+				"application/cloudevents+json, application/cloudevents-batch+json, or a binary-mode CloudEvent "+
+				"(ce-* headers) with application/json data")
 	case errors.As(err, &syn):
 		c.metrics.rejected.WithLabelValues(rejectMalformed).Inc()
 		return schemas.NewProblem(http.StatusBadRequest, "malformed-body", syn.Msg)
@@ -129,7 +131,9 @@ func (c *Collector) decodeProblem(err error) *schemas.Problem {
 
 // admit applies the principal's tenant, validates every event, stamps the
 // receive time and drops repeats of (tenant, id) within the request. Any
-// invalid event rejects the whole request.
+// invalid event rejects the whole request. An event keeps the members that
+// decoded, so validation reports only the fields that are wrong; a field
+// that failed to decode is reported once, by the decoder.
 func (c *Collector) admit(principal auth.Principal, d schemas.Decoded) ([]schemas.Event, int, *schemas.Problem) {
 	now := c.cfg.Now().UTC()
 	window := schemas.Window{Now: now, MaxAge: c.cfg.MaxEventAge}

@@ -256,7 +256,7 @@ func TestIngestStatusCodes(t *testing.T) {
 	if total != want {
 		t.Fatalf("stream holds %d events, want %d: %v", total, want, seen)
 	}
-	for _, k := range []string{"acme/k1", "acme/c3", "acme/a1", "acme/a2"} {
+	for _, k := range []string{"acme/k1", "acme/ce:3:/gw:c3", "acme/a1", "acme/a2"} {
 		if seen[k] != 1 {
 			t.Errorf("%s missing", k)
 		}
@@ -295,7 +295,7 @@ func TestIngestCloudEventMapping(t *testing.T) {
 		t.Fatalf("subject %s, want %s", m.Subject(), want)
 	}
 	e := b.Events[0]
-	if e.ID != "ce-1" || e.Tenant != "acme" || e.Meter != "tokens" || e.Value != 1234 ||
+	if e.ID != "ce:3:/gw:ce-1" || e.Tenant != "acme" || e.Meter != "tokens" || e.Value != 1234 ||
 		!e.Time.Equal(time.Date(2026, 11, 21, 10, 30, 0, 0, time.UTC)) ||
 		e.Dimensions["model"] != "big" || e.Dimensions["cached"] != "false" || len(e.Dimensions) != 2 {
 		t.Fatalf("event %+v", e)

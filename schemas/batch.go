@@ -108,15 +108,15 @@ func decodeBatch(s *scanner, b *Batch) (bad, err error) {
 		if !more {
 			return bad, s.expectEnd()
 		}
-		ok := true // a string member is a string
+		st := strOK
 		switch string(key) {
 		case "batch_id":
-			b.ID, ok, err = s.stringValue(notInterned)
+			b.ID, st, err = s.stringValue(notInterned)
 		case "collector":
-			b.Collector, ok, err = s.stringValue(notInterned)
+			b.Collector, st, err = s.stringValue(notInterned)
 		case "sealed_at":
 			var raw []byte
-			if raw, ok, err = s.stringBytes(); ok {
+			if raw, st, err = s.stringBytes(); st == strOK {
 				var valid bool
 				// AppendBatch writes years 0000 to 9999 in UTC only.
 				if b.SealedAt, valid = parseTime(raw, nil); !valid || b.SealedAt.Before(minBatchTime) || !b.SealedAt.Before(endBatchTime) {
@@ -145,8 +145,8 @@ func decodeBatch(s *scanner, b *Batch) (bad, err error) {
 		if err != nil {
 			return nil, err
 		}
-		if !ok {
-			fail(string(key), "must be a string")
+		if st != strOK {
+			fail(string(key), st.problem())
 		}
 	}
 }
@@ -160,24 +160,22 @@ func decodeBatchEvent(s *scanner, i int, d *Decoded) error {
 	d.Events = append(d.Events, Event{})
 	e := &d.Events[len(d.Events)-1]
 	var m eventMembers
-	var sh shape
-	if err := s.event(i, e, &m, &sh); err != nil {
+	sh := shape{i: i}
+	if err := s.event(e, &m, &sh); err != nil {
 		return err
 	}
 	if m.value != nil {
 		var ok bool
 		if e.Value, ok = parseValue(m.value); !ok {
-			sh.fail(i, "value", "must be a non-negative integer")
+			sh.fail("value", "must be a non-negative integer")
 		}
 	}
-	if m.hasTime {
+	if m.hasTime && !sh.failed("time") {
 		var ok bool
 		if e.Time, ok = parseTime(m.time, &s.lastSecond); !ok {
-			sh.fail(i, "time", "must be an RFC 3339 timestamp")
+			sh.fail("time", "must be an RFC 3339 timestamp")
 		}
 	}
-	if sh.set {
-		d.Errors = append(d.Errors, sh.err)
-	}
+	d.Errors = append(d.Errors, sh.errs...)
 	return nil
 }

@@ -167,6 +167,12 @@ func TestDecodeBatchStrict(t *testing.T) {
 		{"event id not a string", head + `{"id":1}]}`, `event 0: id: must be a string`},
 		{"dimensions null", head + `{"id":"e0","dimensions":null}]}`, `event 0: dimensions: must be an object`},
 		{"dimension not a string", head + `{"id":"e0","dimensions":{"a":1}}]}`, `event 0: dimensions.a: must be a string`},
+		// Only a foreign writer produces these: collectors refuse such strings
+		// at ingest. The aggregator dead-letters the batch with this reason.
+		{"event id not UTF-8", head + ev0 + ",{\"id\":\"u\xff\",\"tenant\":\"acme\",\"meter\":\"m\",\"time\":\"2026-11-20T09:30:00Z\"}]}", `decode batch b7: event 1: id: must be valid UTF-8`},
+		{"event id lone surrogate", head + `{"id":"u\ud800","tenant":"acme","meter":"m","time":"2026-11-20T09:30:00Z"}]}`, `decode batch b7: event 0: id: must be valid UTF-8`},
+		{"dimension value not UTF-8", head + "{\"id\":\"e0\",\"dimensions\":{\"a\":\"\xc3\"}}]}", `event 0: dimensions.a: must be valid UTF-8`},
+		{"batch_id not UTF-8", "{\"batch_id\":\"b\xff\",\"events\":[]}", `batch_id: must be valid UTF-8`},
 		{"value fractional", head + ev0 + `,{"id":"e1","value":1.5}]}`, `event 1: value: must be a non-negative integer`},
 		{"value too large", head + `{"id":"e0","value":9223372036854775808}]}`, `event 0: value: must be a non-negative integer`},
 		{"value a string", head + `{"id":"e0","value":"1"}]}`, `event 0: value: must be a non-negative integer`},

@@ -2,15 +2,19 @@ package schemas
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"encoding/binary"
-	"encoding/json"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"math/bits"
+	"net/http"
+	"net/url"
 	"slices"
 	"strconv"
 	"strings"
 	"time"
+	"unicode/utf16"
 	"unicode/utf8"
 )
 
@@ -46,8 +50,10 @@ type SyntaxError struct{ Msg string }
 func (e *SyntaxError) Error() string { return "schemas: malformed body: " + e.Msg }
 
 // Decoded is the outcome of decoding a request body: the events in order, and
-// the per-event errors found while decoding (wrong types, unknown fields).
-// Events[i] is only meaningful when no error names index i.
+// the per-event errors found while decoding (wrong types, strings that are not
+// valid UTF-8, unknown fields). An event named by an error holds the members
+// that did decode; the fields the errors name are zero (or, for a member
+// repeated after its failure, the last value read) and are not to be used.
 type Decoded struct {
 	Events []Event
 	Errors []FieldError
@@ -61,7 +67,9 @@ type Decoded struct {
 //
 // Member names are matched exactly, as JSON Schema does (encoding/json would
 // take "ID" for "id"), and null is not a string: event.schema.json and
-// DecodeEvents+Validate accept the same documents.
+// DecodeEvents+Validate accept the same documents, except for strings that are
+// not valid UTF-8: they are refused here, never replaced by U+FFFD as
+// encoding/json (and so a validator) would, since that made distinct ids one.
 func DecodeEvents(mediaType string, body []byte) (Decoded, error) {
 	if i := strings.IndexByte(mediaType, ';'); i >= 0 {
 		mediaType = mediaType[:i]
@@ -94,8 +102,9 @@ func DecodeEvents(mediaType string, body []byte) (Decoded, error) {
 }
 
 // elementDecoder decodes the next JSON value of s as the event of index i and
-// appends it to d.Events. A well-formed value of the wrong shape appends an
-// empty Event and a FieldError; a malformed one returns a *SyntaxError.
+// appends it to d.Events. A well-formed value of the wrong shape appends what
+// of it decoded and a FieldError per failure (see shape); a malformed one
+// returns a *SyntaxError.
 type elementDecoder func(s *scanner, i int, d *Decoded) error
 
 // decodeJSON reads one event object or an array of them.
@@ -185,18 +194,43 @@ func notObject(s *scanner, i int, d *Decoded) error {
 	return nil
 }
 
-// shape records the first error that makes an element unusable (a member of
-// the wrong JSON type, an unknown member); the rest of the element is still
-// read for well-formedness, as encoding/json does.
+// shape records the members of element i that failed to decode (of the
+// wrong JSON type, not valid UTF-8, of an unknown name): each named member
+// once, and of the others (unknown names, the members of dimensions or
+// data) only the first, so that an element's errors stay few however many
+// members it has. The element keeps every member that did decode, so that
+// its validation afterwards speaks only of real faults: a FieldError for
+// "region" must not come with "id is required" when id was given.
 type shape struct {
-	err FieldError
-	set bool
+	i     int
+	errs  []FieldError
+	other bool // one of the others is in errs
 }
 
-func (sh *shape) fail(i int, field, msg string) {
-	if !sh.set {
-		sh.err, sh.set = FieldError{Index: i, Field: field, Message: msg}, true
+// fail records that the named member field failed with msg.
+func (sh *shape) fail(field, msg string) {
+	if !sh.failed(field) {
+		sh.errs = append(sh.errs, FieldError{Index: sh.i, Field: field, Message: msg})
 	}
+}
+
+// failOther records field, an unknown member or a member of an object
+// member, unless one of those is already recorded.
+func (sh *shape) failOther(field, msg string) {
+	if !sh.other {
+		sh.other = true
+		sh.errs = append(sh.errs, FieldError{Index: sh.i, Field: field, Message: msg})
+	}
+}
+
+// failed reports whether field failed to decode.
+func (sh *shape) failed(field string) bool {
+	for _, fe := range sh.errs {
+		if fe.Field == field {
+			return true
+		}
+	}
+	return false
 }
 
 // decodeEvent reads one event object of the native shape (DESIGN §3.1).
@@ -206,16 +240,12 @@ func decodeEvent(s *scanner, i int, d *Decoded) error {
 	}
 	e := Event{Value: 1}
 	var m eventMembers
-	var sh shape
-	if err := s.event(i, &e, &m, &sh); err != nil {
+	sh := shape{i: i}
+	if err := s.event(&e, &m, &sh); err != nil {
 		return err
 	}
-	if sh.set {
-		d.Errors = append(d.Errors, sh.err)
-		d.Events = append(d.Events, Event{})
-		return nil
-	}
-	if m.hasTenant && e.Tenant == "" {
+	d.Errors = append(d.Errors, sh.errs...)
+	if m.hasTenant && e.Tenant == "" && !sh.failed("tenant") {
 		d.Errors = append(d.Errors, FieldError{Index: i, Field: "tenant", Message: "must not be empty; leave it out to use the API key's tenant"})
 	}
 	if m.value != nil {
@@ -224,7 +254,7 @@ func decodeEvent(s *scanner, i int, d *Decoded) error {
 			d.Errors = append(d.Errors, FieldError{Index: i, Field: "value", Message: "must be a non-negative integer"})
 		}
 	}
-	if m.hasTime {
+	if m.hasTime && !sh.failed("time") {
 		var ok bool
 		if e.Time, ok = parseTime(m.time, &s.lastSecond); !ok {
 			d.Errors = append(d.Errors, FieldError{Index: i, Field: "time", Message: "must be an RFC 3339 timestamp"})
@@ -242,51 +272,50 @@ type eventMembers struct {
 }
 
 // event reads the members of the native event object at s (a '{') into e
-// and m, as event i. The first member of the wrong JSON type or unknown name
-// is recorded in sh. The raw bytes in m may alias s.data.
-func (s *scanner) event(i int, e *Event, m *eventMembers, sh *shape) error {
+// and m. The members that fail to decode are recorded in sh and left zero
+// in e. The raw bytes in m may alias s.data.
+func (s *scanner) event(e *Event, m *eventMembers, sh *shape) error {
 	s.pos++
 	for first := true; ; first = false {
 		key, more, err := s.nextMember(first)
 		if err != nil || !more {
 			return err
 		}
-		var ok bool
+		st := strOK
 		switch string(key) {
 		case "id":
-			e.ID, ok, err = s.stringValue(notInterned)
+			e.ID, st, err = s.stringValue(notInterned)
 		case "tenant":
-			e.Tenant, ok, err = s.stringValue(slotTenant)
+			e.Tenant, st, err = s.stringValue(slotTenant)
 			m.hasTenant = true
 		case "meter":
-			e.Meter, ok, err = s.stringValue(slotMeter)
+			e.Meter, st, err = s.stringValue(slotMeter)
 		case "time":
-			m.time, ok, err = s.stringBytes()
+			m.time, st, err = s.stringBytes()
 			m.hasTime = true
 		case "value":
 			m.value, err = s.rawValue()
-			ok = true
 		case "dimensions":
-			e.Dimensions, err = s.dimensions(i, sh)
-			ok = true
+			e.Dimensions, err = s.dimensions(sh)
 		default:
-			sh.fail(i, string(key), "is not a known field")
-			err, ok = s.skipValue(0), true
+			sh.failOther(string(key), "is not a known field")
+			err = s.skipValue(0)
 		}
 		if err != nil {
 			return err
 		}
-		if !ok {
-			sh.fail(i, string(key), "must be a string")
+		if st != strOK {
+			sh.fail(string(key), st.problem())
 		}
 	}
 }
 
 // dimensions reads the value of the dimensions member: an object of strings.
 // An empty object gives nil, so an event encodes the same after a round trip.
-func (s *scanner) dimensions(i int, sh *shape) (map[string]string, error) {
+// A dimension that fails to decode is recorded in sh and left out.
+func (s *scanner) dimensions(sh *shape) (map[string]string, error) {
 	if s.peek() != '{' {
-		sh.fail(i, "dimensions", "must be an object")
+		sh.fail("dimensions", "must be an object")
 		return nil, s.skipValue(0)
 	}
 	s.pos++
@@ -296,19 +325,22 @@ func (s *scanner) dimensions(i int, sh *shape) (map[string]string, error) {
 		if err != nil || !more {
 			return dims, err
 		}
+		keyOK := !s.keyNotUTF8
 		slot := slotDimensions + 2*min(j, MaxDimensions)
-		v, ok, err := s.stringValue(slot + 1)
-		if err != nil {
+		v, st, err := s.stringValue(slot + 1)
+		switch {
+		case err != nil:
 			return nil, err
+		case !keyOK:
+			sh.failOther("dimensions."+string(key), "key "+notUTF8)
+		case st != strOK:
+			sh.failOther("dimensions."+string(key), st.problem())
+		default:
+			if dims == nil {
+				dims = make(map[string]string, 4)
+			}
+			dims[s.intern(key, slot)] = v
 		}
-		if !ok {
-			sh.fail(i, "dimensions."+string(key), "must be a string")
-			continue
-		}
-		if dims == nil {
-			dims = make(map[string]string, 4)
-		}
-		dims[s.intern(key, slot)] = v
 	}
 }
 
@@ -505,20 +537,24 @@ func daysIn(month, year int) int {
 	return 31
 }
 
-// decodeCloudEvent reads a CloudEvents 1.0 structured-mode event and maps id,
-// subject→tenant, type→meter, time, data.value and the other data keys →
-// dimensions (DESIGN §3.1). Extension attributes are ignored; an attribute
+// cloudEvent holds the attributes of a CloudEvent, read from the members of
+// a structured-mode event or the ce-* headers of a binary-mode one.
+type cloudEvent struct {
+	specVersion, id, source, typ, subject, time, dataContentType string
+	hasSubject, hasTime                                          bool
+	data                                                         []byte // a well-formed JSON object; nil: none
+}
+
+// decodeCloudEvent reads a CloudEvents 1.0 structured-mode event and maps it
+// as cloudEvent.append does. Extension attributes are ignored; an attribute
 // set to null counts as absent.
 func decodeCloudEvent(s *scanner, i int, d *Decoded) error {
 	if s.peek() != '{' {
 		return notObject(s, i, d)
 	}
 	s.pos++
-	e := Event{Value: 1}
-	var sh shape
-	var specVersion, source, contentType, timeStr string
-	var hasSubject, hasTime bool
-	var data []byte
+	var ce cloudEvent
+	sh := shape{i: i}
 	for first := true; ; first = false {
 		key, more, err := s.nextMember(first)
 		if err != nil {
@@ -530,30 +566,27 @@ func decodeCloudEvent(s *scanner, i int, d *Decoded) error {
 		var dst *string
 		switch string(key) {
 		case "specversion":
-			dst = &specVersion
+			dst = &ce.specVersion
 		case "id":
-			dst = &e.ID
+			dst = &ce.id
 		case "source":
-			dst = &source
+			dst = &ce.source
 		case "type":
-			dst = &e.Meter
+			dst = &ce.typ
 		case "subject":
-			dst, hasSubject = &e.Tenant, true
+			dst, ce.hasSubject = &ce.subject, true
 		case "time":
-			dst, hasTime = &timeStr, true
+			dst, ce.hasTime = &ce.time, true
 		case "datacontenttype":
-			dst = &contentType
+			dst = &ce.dataContentType
 		case "data":
 			switch s.peek() {
 			case '{':
-				start := s.pos
-				err = s.skipValue(0)
-				data = s.data[start:s.pos]
+				ce.data, err = s.rawValue()
 			case 'n':
-				data = nil
-				err = s.skipValue(0)
+				ce.data, err = nil, s.skipValue(0)
 			default:
-				sh.fail(i, "data", "must be an object")
+				sh.fail("data", "must be an object")
 				err = s.skipValue(0)
 			}
 		default:
@@ -563,15 +596,15 @@ func decodeCloudEvent(s *scanner, i int, d *Decoded) error {
 			if s.peek() == 'n' { // null: the attribute is absent
 				err = s.skipValue(0)
 				*dst = ""
-				if dst == &e.Tenant {
-					hasSubject = false
-				} else if dst == &timeStr {
-					hasTime = false
+				if dst == &ce.subject {
+					ce.hasSubject = false
+				} else if dst == &ce.time {
+					ce.hasTime = false
 				}
 			} else {
-				var ok bool
-				if *dst, ok, err = s.stringValue(notInterned); !ok && err == nil {
-					sh.fail(i, string(key), "must be a string")
+				var st strStatus
+				if *dst, st, err = s.stringValue(notInterned); st != strOK && err == nil {
+					sh.fail(string(key), st.problem())
 				}
 			}
 		}
@@ -579,52 +612,68 @@ func decodeCloudEvent(s *scanner, i int, d *Decoded) error {
 			return err
 		}
 	}
-	if sh.set {
-		d.Errors = append(d.Errors, sh.err)
-		d.Events = append(d.Events, Event{})
-		return nil
+	ce.append(&sh, d)
+	return nil
+}
+
+// append maps the CloudEvent as event sh.i of d (DESIGN §3.1): (source, id)
+// → id by CloudEventID, subject → tenant, type → meter, time, data.value →
+// value and the other members of data → dimensions. The attributes that
+// failed to decode are in sh already; sh.fail reports each field once, so an
+// attribute of the wrong type is not also "required".
+func (ce *cloudEvent) append(sh *shape, d *Decoded) {
+	e := Event{Meter: ce.typ, Tenant: ce.subject, Value: 1}
+	if ce.specVersion != cloudEventsSpecVersion {
+		sh.fail("specversion", `must be "1.0"`)
 	}
-	bad := func(field, msg string) {
-		d.Errors = append(d.Errors, FieldError{Index: i, Field: field, Message: msg})
+	if ce.source == "" {
+		sh.fail("source", "is required")
 	}
-	if specVersion != cloudEventsSpecVersion {
-		bad("specversion", `must be "1.0"`)
+	if ce.dataContentType != "" && !strings.HasPrefix(ce.dataContentType, MediaJSON) {
+		sh.fail("datacontenttype", "must be application/json")
 	}
-	if source == "" {
-		bad("source", "is required")
+	if ce.id != "" {
+		// Even without a source: the event is refused then, for its source
+		// only, not for an id it has.
+		e.ID = CloudEventID(ce.source, ce.id)
+	} else {
+		sh.fail("id", "is required")
 	}
-	if contentType != "" && !strings.HasPrefix(contentType, MediaJSON) {
-		bad("datacontenttype", "must be application/json")
+	if ce.hasSubject && ce.subject == "" {
+		sh.fail("subject", "must not be empty; leave it out to use the API key's tenant")
 	}
-	if hasSubject && e.Tenant == "" {
-		bad("subject", "must not be empty; leave it out to use the API key's tenant")
-	}
-	if hasTime {
+	if ce.hasTime && !sh.failed("time") {
 		var ok bool
-		if e.Time, ok = parseTime(timeStr, nil); !ok {
-			bad("time", "must be an RFC 3339 timestamp")
+		if e.Time, ok = parseTime(ce.time, nil); !ok {
+			sh.fail("time", "must be an RFC 3339 timestamp")
 		}
 	}
-	if data != nil {
-		ds := &scanner{data: data, pos: 1} // data is a well-formed object
+	if ce.data != nil {
+		ds := &scanner{data: ce.data, pos: 1} // a well-formed object
 		for first := true; ; first = false {
 			key, more, _ := ds.nextMember(first)
 			if !more {
 				break
 			}
+			keyOK := !ds.keyNotUTF8
 			start := ds.peekPos()
 			ds.skipValue(0)
 			raw := ds.data[start:ds.pos]
+			field := "data." + string(key)
+			if !keyOK {
+				sh.fail(field, "key "+notUTF8)
+				continue
+			}
 			if string(key) == "value" {
 				var ok bool
 				if e.Value, ok = parseValue(raw); !ok {
-					bad("data.value", "must be a non-negative integer")
+					sh.fail(field, "must be a non-negative integer")
 				}
 				continue
 			}
-			v, ok := dimensionValue(raw)
-			if !ok {
-				bad("data."+string(key), "must be a string, number or boolean")
+			v, st := dimensionValue(raw)
+			if st != strOK {
+				sh.fail(field, st.problem())
 				continue
 			}
 			if e.Dimensions == nil {
@@ -633,23 +682,118 @@ func decodeCloudEvent(s *scanner, i int, d *Decoded) error {
 			e.Dimensions[string(key)] = v
 		}
 	}
+	d.Errors = append(d.Errors, sh.errs...)
 	d.Events = append(d.Events, e)
-	return nil
 }
 
 // dimensionValue renders a well-formed CloudEvents data value as a dimension
 // string: a string as itself, a number or boolean as its JSON literal.
-func dimensionValue(raw []byte) (string, bool) {
+func dimensionValue(raw []byte) (string, strStatus) {
 	switch c := raw[0]; {
 	case c == '"':
 		s := scanner{data: raw}
-		v, err := s.str()
-		return v, err == nil
-	case c == 't' || c == 'f' || c == '-' || (c >= '0' && c <= '9'):
-		return string(raw), len(raw) <= maxCloudEventsDataValue
+		v, st, _ := s.stringValue(notInterned)
+		return v, st
+	case (c == 't' || c == 'f' || c == '-' || (c >= '0' && c <= '9')) && len(raw) <= maxCloudEventsDataValue:
+		return string(raw), strOK
 	default:
-		return "", false
+		return "", strNotDimension
 	}
+}
+
+// CloudEventID is the meterd event id of the CloudEvent with the given
+// source and id, the pair that identifies it (CloudEvents 1.0, attribute
+// id: "source + id is unique for each distinct event"): "ce:",
+// the length of source in bytes, ":", source, ":", id — as in
+// "ce:4:gw-1:42" — or, when that exceeds MaxIDLen characters, "ce:sha256:"
+// and the hexadecimal SHA-256 of it. The length prefix makes the join
+// unambiguous (no source and id can be read two ways), the two forms never
+// meet ("sha256" is not a length), and the hashed form collides only where
+// SHA-256 does. A plain JSON event's id is used as it is.
+func CloudEventID(source, id string) string {
+	joined := "ce:" + strconv.Itoa(len(source)) + ":" + source + ":" + id
+	if len(joined) <= MaxIDLen || utf8.RuneCountInString(joined) <= MaxIDLen {
+		return joined
+	}
+	sum := sha256.Sum256([]byte(joined))
+	return "ce:sha256:" + hex.EncodeToString(sum[:])
+}
+
+// Binary content mode (CloudEvents HTTP binding 1.0 §3.1): the attributes
+// are ce-* headers, percent-encoded, and the body is the data.
+const headerSpecVersion = "Ce-Specversion"
+
+// DecodeRequest reads the events of a POST /v1/events request from its
+// header and body: a binary-mode CloudEvent when the header has
+// ce-specversion and the Content-Type is not a CloudEvents one (as the
+// CloudEvents HTTP binding tells the modes apart), else the body as
+// DecodeEvents reads its Content-Type. Its errors are those of DecodeEvents.
+func DecodeRequest(h http.Header, body []byte) (Decoded, error) {
+	mediaType := h.Get("Content-Type")
+	if h.Get(headerSpecVersion) == "" || isCloudEventsMedia(mediaType) {
+		return DecodeEvents(mediaType, body)
+	}
+	return decodeBinaryCloudEvent(h, body)
+}
+
+// isCloudEventsMedia reports whether mediaType is application/cloudevents
+// or one of its +json forms: a structured or batched mode.
+func isCloudEventsMedia(mediaType string) bool {
+	mt, _, _ := strings.Cut(mediaType, ";")
+	mt = strings.ToLower(strings.TrimSpace(mt))
+	return mt == "application/cloudevents" || strings.HasPrefix(mt, "application/cloudevents+") ||
+		strings.HasPrefix(mt, "application/cloudevents-batch")
+}
+
+// decodeBinaryCloudEvent reads the binary-mode CloudEvent of header h and
+// body, mapped as a structured one. The Content-Type is the data's: JSON
+// (or none, read as JSON); the data may also be left out (an empty body).
+func decodeBinaryCloudEvent(h http.Header, body []byte) (Decoded, error) {
+	mediaType := h.Get("Content-Type")
+	if mt, _, _ := strings.Cut(mediaType, ";"); mediaType != "" && strings.ToLower(strings.TrimSpace(mt)) != MediaJSON {
+		return Decoded{}, fmt.Errorf("%w %q for the data of a binary-mode CloudEvent", ErrUnsupportedMediaType, mediaType)
+	}
+	sh := shape{i: 0}
+	attr := func(name string) (string, bool) {
+		values := h.Values("Ce-" + name)
+		if len(values) == 0 {
+			return "", false
+		}
+		v, err := url.PathUnescape(values[0])
+		if err != nil || !utf8.ValidString(v) {
+			sh.fail(strings.ToLower(name), "must be percent-encoded UTF-8 in its ce- header")
+			return "", true
+		}
+		return v, true
+	}
+	var ce cloudEvent
+	ce.specVersion, _ = attr("Specversion")
+	ce.id, _ = attr("Id")
+	ce.source, _ = attr("Source")
+	ce.typ, _ = attr("Type")
+	ce.subject, ce.hasSubject = attr("Subject")
+	ce.time, ce.hasTime = attr("Time")
+	s := &scanner{data: body}
+	switch s.peek() {
+	case eof:
+	case '{':
+		data, err := s.rawValue()
+		if err != nil {
+			return Decoded{}, err
+		}
+		ce.data = data
+	default:
+		if err := s.skipValue(0); err != nil {
+			return Decoded{}, err
+		}
+		sh.fail("data", "must be an object")
+	}
+	if err := s.expectEnd(); err != nil {
+		return Decoded{}, err
+	}
+	var d Decoded
+	ce.append(&sh, &d)
+	return d, nil
 }
 
 // scanner reads JSON from data, checking well-formedness as encoding/json
@@ -660,6 +804,7 @@ type scanner struct {
 	strs       map[string]string   // see intern
 	recent     [recentSlots]string // see intern
 	lastSecond lastSecond          // see parseTime
+	keyNotUTF8 bool                // see nextMember
 }
 
 const eof = -1
@@ -707,7 +852,8 @@ func (s *scanner) expectEnd() error {
 
 // nextMember reads the next member name of an object whose '{' has been
 // consumed, and the ':' after it. It returns more=false after the closing '}'.
-// The name is unescaped; it may alias s.data.
+// The name is unescaped; it may alias s.data. A name that is not valid UTF-8
+// sets s.keyNotUTF8 and holds U+FFFD in place of the bad bytes.
 func (s *scanner) nextMember(first bool) (key []byte, more bool, err error) {
 	c := s.peek()
 	switch {
@@ -723,10 +869,12 @@ func (s *scanner) nextMember(first bool) (key []byte, more bool, err error) {
 	if c != '"' {
 		return nil, false, s.unexpected("looking for beginning of object key string")
 	}
-	key, _, err = s.stringBytes()
+	var st strStatus
+	key, st, err = s.stringBytes()
 	if err != nil {
 		return nil, false, err
 	}
+	s.keyNotUTF8 = st == strNotUTF8
 	if s.peek() != ':' {
 		return nil, false, s.unexpected("after object key")
 	}
@@ -734,51 +882,75 @@ func (s *scanner) nextMember(first bool) (key []byte, more bool, err error) {
 	return key, true, nil
 }
 
+// strStatus says what a member value read as a string held.
+type strStatus uint8
+
+const (
+	strOK        strStatus = iota
+	strNotString           // another JSON type, null included
+	strNotUTF8             // invalid UTF-8 bytes or an unpaired surrogate escape
+	// strNotDimension is a CloudEvents data value that makes no dimension.
+	strNotDimension
+)
+
+// notUTF8 is the message of a string that is not valid UTF-8. Such a string
+// is refused, never repaired: encoding/json would turn every bad byte into
+// U+FFFD, and two distinct ids would become one.
+const notUTF8 = `must be valid UTF-8 (no invalid bytes, no unpaired surrogate escape such as \ud800)`
+
+// problem is the message of a FieldError for st (not strOK).
+func (st strStatus) problem() string {
+	switch st {
+	case strNotUTF8:
+		return notUTF8
+	case strNotDimension:
+		return "must be a string, number or boolean"
+	}
+	return "must be a string"
+}
+
 // stringValue reads a member value that must be a string, interned in slot
 // unless that is notInterned. A value of another JSON type, null included,
-// is skipped and reported with ok=false.
-func (s *scanner) stringValue(slot int) (v string, ok bool, err error) {
+// is skipped and reported as strNotString; a string that is not valid UTF-8
+// gives "" and strNotUTF8.
+func (s *scanner) stringValue(slot int) (string, strStatus, error) {
 	if s.peek() != '"' {
-		return "", false, s.skipValue(0)
+		return "", strNotString, s.skipValue(0)
 	}
 	raw, plain, err := s.scanString()
 	switch {
 	case err != nil:
-		return "", false, err
+		return "", strNotString, err
 	case !plain:
-		return unquote(raw), true, nil
+		v, ok := unquote(raw)
+		if !ok {
+			return "", strNotUTF8, nil
+		}
+		return v, strOK, nil
 	case slot != notInterned:
-		return s.intern(raw, slot), true, nil
+		return s.intern(raw, slot), strOK, nil
 	default:
-		return string(raw), true, nil
+		return string(raw), strOK, nil
 	}
 }
 
 // stringBytes is stringValue without the copy: the bytes may alias s.data.
-func (s *scanner) stringBytes() ([]byte, bool, error) {
+func (s *scanner) stringBytes() ([]byte, strStatus, error) {
 	if s.peek() != '"' {
-		return nil, false, s.skipValue(0)
+		return nil, strNotString, s.skipValue(0)
 	}
 	raw, plain, err := s.scanString()
 	if err != nil {
-		return nil, false, err
+		return nil, strNotString, err
 	}
 	if !plain {
-		raw = []byte(unquote(raw))
+		v, ok := unquote(raw)
+		if !ok {
+			return []byte(v), strNotUTF8, nil
+		}
+		raw = []byte(v)
 	}
-	return raw, true, nil
-}
-
-// str reads the string literal at s.pos.
-func (s *scanner) str() (string, error) {
-	raw, plain, err := s.scanString()
-	if err != nil {
-		return "", err
-	}
-	if plain {
-		return string(raw), nil
-	}
-	return unquote(raw), nil
+	return raw, strOK, nil
 }
 
 // Slots of scanner.recent: where in an event a string was read.
@@ -883,15 +1055,78 @@ func isHex(c byte) bool {
 }
 
 // unquote decodes the contents of a well-formed string literal with escapes
-// or invalid UTF-8, exactly as encoding/json does.
-func unquote(raw []byte) string {
-	lit := make([]byte, 0, len(raw)+2)
-	lit = append(append(append(lit, '"'), raw...), '"')
-	var v string
-	if err := json.Unmarshal(lit, &v); err != nil {
-		panic("schemas: unquote of a checked string literal: " + err.Error())
+// or non-ASCII bytes, as encoding/json does for valid UTF-8. ok is false for
+// invalid UTF-8 bytes or an unpaired surrogate escape, which encoding/json
+// would replace with U+FFFD; v then holds that replacement, for messages only.
+func unquote(raw []byte) (v string, ok bool) {
+	b := make([]byte, 0, len(raw))
+	ok = true
+	for i := 0; i < len(raw); {
+		c := raw[i]
+		switch {
+		case c == '\\':
+			c = raw[i+1]
+			i += 2
+			switch c {
+			case 'b':
+				b = append(b, '\b')
+			case 'f':
+				b = append(b, '\f')
+			case 'n':
+				b = append(b, '\n')
+			case 'r':
+				b = append(b, '\r')
+			case 't':
+				b = append(b, '\t')
+			case 'u':
+				r := hex4(raw[i:])
+				i += 4
+				if utf16.IsSurrogate(r) {
+					r2 := rune(-1)
+					if i+6 <= len(raw) && raw[i] == '\\' && raw[i+1] == 'u' {
+						r2 = hex4(raw[i+2:])
+					}
+					if pair := utf16.DecodeRune(r, r2); pair != utf8.RuneError {
+						r = pair
+						i += 6
+					} else {
+						r, ok = utf8.RuneError, false
+					}
+				}
+				b = utf8.AppendRune(b, r)
+			default: // '"', '\\', '/'
+				b = append(b, c)
+			}
+		case c < utf8.RuneSelf:
+			b = append(b, c)
+			i++
+		default:
+			r, size := utf8.DecodeRune(raw[i:])
+			if r == utf8.RuneError && size == 1 {
+				ok = false
+			}
+			b = utf8.AppendRune(b, r)
+			i += size
+		}
 	}
-	return v
+	return string(b), ok
+}
+
+// hex4 reads the four hexadecimal digits of a checked \u escape.
+func hex4(h []byte) rune {
+	var r rune
+	for _, c := range h[:4] {
+		switch {
+		case c <= '9':
+			c -= '0'
+		case c <= 'F':
+			c -= 'A' - 10
+		default:
+			c -= 'a' - 10
+		}
+		r = r<<4 | rune(c)
+	}
+	return r
 }
 
 // skipValue reads one well-formed value of any type.

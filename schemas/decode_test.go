@@ -1,12 +1,15 @@
 package schemas
 
 import (
+	"encoding/json"
 	"errors"
 	"math"
+	"net/http"
 	"reflect"
 	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 	"unsafe"
 )
 
@@ -44,7 +47,7 @@ func TestDecodeEvents(t *testing.T) {
 	ce := func(members string) string {
 		return `{"specversion":"1.0","id":"ce-1","source":"/gw/eu-1","type":"api_calls","subject":"acme"` + members + `}`
 	}
-	ceEvent := Event{ID: "ce-1", Tenant: "acme", Meter: "api_calls", Value: 1}
+	ceEvent := Event{ID: "ce:8:/gw/eu-1:ce-1", Tenant: "acme", Meter: "api_calls", Value: 1}
 	withValue := func(e Event, v int64) Event { e.Value = v; return e }
 
 	cases := []struct {
@@ -62,8 +65,8 @@ func TestDecodeEvents(t *testing.T) {
 		{"empty dimensions are nil", MediaJSON, `{"id":"a","meter":"api_calls","dimensions":{}}`, []Event{minimal("a")}, nil},
 		{"escapes and unicode", MediaJSON, `{"id":"\u00e9v\u00e8nement \ud83d\ude00 \"q\" \\ \/","meter":"api_calls","dimensions":{"route":"/caf\u00e9","r\u00e9gion":"x"}}`,
 			[]Event{{ID: `évènement 😀 "q" \ /`, Meter: "api_calls", Value: 1, Dimensions: map[string]string{"route": "/café", "région": "x"}}}, nil},
-		{"invalid UTF-8 becomes U+FFFD", MediaJSON, "{\"id\":\"a\xffb\",\"meter\":\"api_calls\"}",
-			[]Event{{ID: "a\uFFFDb", Meter: "api_calls", Value: 1}}, nil},
+		{"U+FFFD itself is valid", MediaJSON, "{\"id\":\"a\xef\xbf\xbdb\\ufffd\",\"meter\":\"api_calls\"}",
+			[]Event{{ID: "a\uFFFDb\uFFFD", Meter: "api_calls", Value: 1}}, nil},
 		{"duplicate members keep the last", MediaJSON, `{"id":"a","meter":"x","meter":"api_calls","dimensions":{"a":"1"},"dimensions":{"b":"2","b":"3"}}`,
 			[]Event{{ID: "a", Meter: "api_calls", Value: 1, Dimensions: map[string]string{"b": "3"}}}, nil},
 		{"ndjson with blank lines and CRLF", MediaNDJSON, "\r\n{\"id\":\"a\",\"meter\":\"api_calls\"}\r\n\r\n" + full + "\r\n\n{\"id\":\"c\",\"meter\":\"api_calls\",\"value\":7}",
@@ -80,22 +83,22 @@ func TestDecodeEvents(t *testing.T) {
 		{"cloudevent", MediaCloudEvent,
 			`{"specversion":"1.0","id":"ce-1","source":"/gw/eu-1","type":"tokens","subject":"acme","time":"2026-11-20T09:30:00Z","datacontenttype":"application/json",` +
 				`"data":{"value":1200,"model":"big","status":200,"cached":true,"hit":false,"ratio":0.25,"delta":-3,"big":1e3}}`,
-			[]Event{{ID: "ce-1", Tenant: "acme", Meter: "tokens", Value: 1200, Time: utc("2026-11-20T09:30:00Z"),
+			[]Event{{ID: "ce:8:/gw/eu-1:ce-1", Tenant: "acme", Meter: "tokens", Value: 1200, Time: utc("2026-11-20T09:30:00Z"),
 				Dimensions: map[string]string{"model": "big", "status": "200", "cached": "true", "hit": "false", "ratio": "0.25", "delta": "-3", "big": "1e3"}}}, nil},
 		{"cloudevent without data counts 1", MediaCloudEvent, ce(``), []Event{ceEvent}, nil},
 		{"cloudevent data null", MediaCloudEvent, ce(`,"data":null`), []Event{ceEvent}, nil},
 		{"cloudevent data value only", MediaCloudEvent, ce(`,"data":{"value":2.0e1}`), []Event{withValue(ceEvent, 20)}, nil},
 		{"cloudevent extension attributes ignored", MediaCloudEvent, ce(`,"traceparent":"00-4bf9-00f0-01","myext":{"a":[1,{"b":null}]},"dataschema":"https://x"`), []Event{ceEvent}, nil},
 		{"cloudevent null attribute is absent", MediaCloudEvent, `{"specversion":"1.0","id":"ce-1","source":"/gw/eu-1","type":"api_calls","subject":null,"time":null}`,
-			[]Event{{ID: "ce-1", Meter: "api_calls", Value: 1}}, nil},
+			[]Event{{ID: "ce:8:/gw/eu-1:ce-1", Meter: "api_calls", Value: 1}}, nil},
 		{"cloudevent datacontenttype with parameters", MediaCloudEvent, ce(`,"datacontenttype":"application/json; charset=utf-8"`), []Event{ceEvent}, nil},
 		{"cloudevents batch", MediaCloudEventsBatch, `[` + ce(`,"data":{"value":5,"route":"/a"}`) + `,` +
 			`{"specversion":"1.0","id":"ce-2","source":"/gw","type":"tokens","subject":"globex","time":"2026-11-20T10:00:00-02:00"}]`,
-			[]Event{{ID: "ce-1", Tenant: "acme", Meter: "api_calls", Value: 5, Dimensions: map[string]string{"route": "/a"}},
-				{ID: "ce-2", Tenant: "globex", Meter: "tokens", Value: 1, Time: utc("2026-11-20T12:00:00Z")}}, nil},
+			[]Event{{ID: "ce:8:/gw/eu-1:ce-1", Tenant: "acme", Meter: "api_calls", Value: 5, Dimensions: map[string]string{"route": "/a"}},
+				{ID: "ce:3:/gw:ce-2", Tenant: "globex", Meter: "tokens", Value: 1, Time: utc("2026-11-20T12:00:00Z")}}, nil},
 		{"cloudevent checks", MediaCloudEvent,
 			`{"specversion":"0.3","id":"ce-1","type":"api_calls","subject":"","time":"yesterday","datacontenttype":"text/plain","data":{"value":"x","route":null,"tags":["a"],"ok":"y"}}`,
-			[]Event{{ID: "ce-1", Meter: "api_calls", Dimensions: map[string]string{"ok": "y"}}},
+			[]Event{{ID: "ce:0::ce-1", Meter: "api_calls", Dimensions: map[string]string{"ok": "y"}}},
 			[]FieldError{
 				{0, "specversion", `must be "1.0"`},
 				{0, "source", "is required"},
@@ -106,45 +109,75 @@ func TestDecodeEvents(t *testing.T) {
 				{0, "data.route", "must be a string, number or boolean"},
 				{0, "data.tags", "must be a string, number or boolean"},
 			}},
-		{"cloudevent data not an object", MediaCloudEvent, ce(`,"data":"hello"`), []Event{{}},
+		{"cloudevent data not an object", MediaCloudEvent, ce(`,"data":"hello"`), []Event{ceEvent},
 			[]FieldError{{0, "data", "must be an object"}}},
-		{"cloudevent attribute not a string", MediaCloudEvent, `{"specversion":"1.0","id":42,"source":"/gw","type":"api_calls"}`, []Event{{}},
+		{"cloudevent attribute not a string", MediaCloudEvent, `{"specversion":"1.0","id":42,"source":"/gw","type":"api_calls"}`, []Event{{Meter: "api_calls", Value: 1}},
 			[]FieldError{{0, "id", "must be a string"}}},
 		{"cloudevent number dimension over 256 bytes", MediaCloudEvent, ce(`,"data":{"n":1` + strings.Repeat("0", 256) + `}`), []Event{ceEvent},
 			[]FieldError{{0, "data.n", "must be a string, number or boolean"}}},
 
-		{"wrong type of id", MediaJSON, `{"id":5,"meter":"api_calls"}`, []Event{{}}, []FieldError{{0, "id", "must be a string"}}},
-		{"null tenant", MediaJSON, `{"id":"a","tenant":null,"meter":"api_calls"}`, []Event{{}}, []FieldError{{0, "tenant", "must be a string"}}},
-		{"wrong type of meter", MediaJSON, `{"id":"a","meter":["api_calls"]}`, []Event{{}}, []FieldError{{0, "meter", "must be a string"}}},
-		{"wrong type of time", MediaJSON, `{"id":"a","meter":"m","time":1732095000}`, []Event{{}}, []FieldError{{0, "time", "must be a string"}}},
-		{"wrong type of dimensions", MediaJSON, `{"id":"a","meter":"m","dimensions":["a"]}`, []Event{{}}, []FieldError{{0, "dimensions", "must be an object"}}},
-		{"wrong type of a dimension", MediaJSON, `{"id":"a","meter":"m","dimensions":{"status":200}}`, []Event{{}}, []FieldError{{0, "dimensions.status", "must be a string"}}},
-		{"unknown field", MediaJSON, `{"id":"a","meter":"m","region":"eu"}`, []Event{{}}, []FieldError{{0, "region", "is not a known field"}}},
-		{"field name in another case", MediaJSON, `{"id":"a","Meter":"m"}`, []Event{{}}, []FieldError{{0, "Meter", "is not a known field"}}},
-		{"first shape error only", MediaJSON, `{"id":1,"extra":2,"meter":3}`, []Event{{}}, []FieldError{{0, "id", "must be a string"}}},
+		{"wrong type of id", MediaJSON, `{"id":5,"meter":"api_calls"}`, []Event{minimal("")}, []FieldError{{0, "id", "must be a string"}}},
+		{"null tenant", MediaJSON, `{"id":"a","tenant":null,"meter":"api_calls"}`, []Event{minimal("a")}, []FieldError{{0, "tenant", "must be a string"}}},
+		{"wrong type of meter", MediaJSON, `{"id":"a","meter":["api_calls"]}`, []Event{{ID: "a", Value: 1}}, []FieldError{{0, "meter", "must be a string"}}},
+		{"wrong type of time", MediaJSON, `{"id":"a","meter":"m","time":1732095000}`, []Event{{ID: "a", Meter: "m", Value: 1}}, []FieldError{{0, "time", "must be a string"}}},
+		{"wrong type of dimensions", MediaJSON, `{"id":"a","meter":"m","dimensions":["a"]}`, []Event{{ID: "a", Meter: "m", Value: 1}}, []FieldError{{0, "dimensions", "must be an object"}}},
+		{"wrong type of a dimension", MediaJSON, `{"id":"a","meter":"m","dimensions":{"status":200,"route":"/a"}}`, []Event{{ID: "a", Meter: "m", Value: 1, Dimensions: map[string]string{"route": "/a"}}}, []FieldError{{0, "dimensions.status", "must be a string"}}},
+		{"unknown field", MediaJSON, `{"id":"a","meter":"m","region":"eu"}`, []Event{{ID: "a", Meter: "m", Value: 1}}, []FieldError{{0, "region", "is not a known field"}}},
+		{"field name in another case", MediaJSON, `{"id":"a","Meter":"m"}`, []Event{{ID: "a", Value: 1}}, []FieldError{{0, "Meter", "is not a known field"}}},
+		{"every known member that failed, the first unknown one", MediaJSON, `{"id":1,"extra":2,"meter":3,"more":4,"id":5,"dimensions":{"a":1}}`, []Event{{Value: 1}},
+			[]FieldError{{0, "id", "must be a string"}, {0, "extra", "is not a known field"}, {0, "meter", "must be a string"}}},
 		{"value string", MediaJSON, `{"id":"a","meter":"api_calls","value":"5"}`, []Event{withValue(minimal("a"), 0)}, []FieldError{{0, "value", "must be a non-negative integer"}}},
 		{"value fraction", MediaJSON, `{"id":"a","meter":"api_calls","value":1.5}`, []Event{withValue(minimal("a"), 0)}, []FieldError{{0, "value", "must be a non-negative integer"}}},
 		{"bad time", MediaJSON, `{"id":"a","meter":"api_calls","time":"2026-11-20T09:30:00"}`, []Event{minimal("a")}, []FieldError{{0, "time", "must be an RFC 3339 timestamp"}}},
 		{"empty tenant", MediaJSON, `{"id":"a","tenant":"","meter":"api_calls"}`, []Event{minimal("a")},
 			[]FieldError{{0, "tenant", "must not be empty; leave it out to use the API key's tenant"}}},
 
+		{"id with an invalid byte", MediaJSON, "{\"id\":\"u\xff\",\"meter\":\"api_calls\"}", []Event{minimal("")},
+			[]FieldError{{0, "id", notUTF8}}},
+		{"id with a truncated sequence", MediaJSON, "{\"id\":\"u\xe2\x82\",\"meter\":\"api_calls\"}", []Event{minimal("")},
+			[]FieldError{{0, "id", notUTF8}}},
+		{"id with an encoded surrogate", MediaJSON, "{\"id\":\"u\xed\xa0\x80\",\"meter\":\"api_calls\"}", []Event{minimal("")},
+			[]FieldError{{0, "id", notUTF8}}},
+		{"id lone high surrogate escape", MediaJSON, `{"id":"u\ud800","meter":"api_calls"}`, []Event{minimal("")},
+			[]FieldError{{0, "id", notUTF8}}},
+		{"id lone low surrogate escape", MediaJSON, `{"id":"\udc00u","meter":"api_calls"}`, []Event{minimal("")},
+			[]FieldError{{0, "id", notUTF8}}},
+		{"id high surrogate before another escape", MediaJSON, `{"id":"\ud83d\u0041","meter":"api_calls"}`, []Event{minimal("")},
+			[]FieldError{{0, "id", notUTF8}}},
+		{"id two high surrogates", MediaJSON, `{"id":"\ud83d\ud83d\ude00","meter":"api_calls"}`, []Event{minimal("")},
+			[]FieldError{{0, "id", notUTF8}}},
+		{"tenant, meter and dimension not UTF-8", MediaJSON, "{\"id\":\"a\",\"tenant\":\"acme\xc0\",\"meter\":\"api\\udfff\",\"dimensions\":{\"route\":\"/a\xfe\",\"ok\":\"y\"}}",
+			[]Event{{ID: "a", Value: 1, Dimensions: map[string]string{"ok": "y"}}},
+			[]FieldError{{0, "tenant", notUTF8}, {0, "meter", notUTF8}, {0, "dimensions.route", notUTF8}}},
+		{"dimension key not UTF-8", MediaJSON, "{\"id\":\"a\",\"meter\":\"api_calls\",\"dimensions\":{\"r\xff\":\"x\"}}", []Event{minimal("a")},
+			[]FieldError{{0, "dimensions.r\uFFFD", "key " + notUTF8}}},
+		{"dimension key lone surrogate", MediaJSON, `{"id":"a","meter":"api_calls","dimensions":{"r\ud800":"x"}}`, []Event{minimal("a")},
+			[]FieldError{{0, "dimensions.r\uFFFD", "key " + notUTF8}}},
+		{"unknown member name not UTF-8", MediaJSON, "{\"id\":\"a\",\"meter\":\"api_calls\",\"x\xff\":1}", []Event{minimal("a")},
+			[]FieldError{{0, "x\uFFFD", "is not a known field"}}},
+		{"cloudevent attributes and data not UTF-8", MediaCloudEvent,
+			"{\"specversion\":\"1.0\",\"id\":\"c\xff\",\"source\":\"gw\\ud800\",\"type\":\"api_calls\",\"subject\":\"ac\xffme\",\"data\":{\"k\xff\":\"v\",\"route\":\"/\\udc00\",\"ok\":\"y\"}}",
+			[]Event{{Meter: "api_calls", Value: 1, Dimensions: map[string]string{"ok": "y"}}},
+			[]FieldError{{0, "id", notUTF8}, {0, "source", notUTF8}, {0, "subject", notUTF8},
+				{0, "data.k\uFFFD", "key " + notUTF8}, {0, "data.route", notUTF8}}},
+
 		{"array goes on after a bad element", MediaJSON, `[{"id":"a","meter":"api_calls"},{"id":"b","meter":"api_calls","value":{"n":[1,2]}},{"id":"c","meter":"api_calls","value":2}]`,
 			[]Event{minimal("a"), withValue(minimal("b"), 0), withValue(minimal("c"), 2)},
 			[]FieldError{{1, "value", "must be a non-negative integer"}}},
 		{"array goes on after a shape error", MediaJSON, `[{"id":"a","meter":"api_calls"},{"id":"b","meter":"api_calls","junk":{"x":[1,{"y":2}]},"id":7},{"id":"c","meter":"api_calls"}]`,
-			[]Event{minimal("a"), {}, minimal("c")},
-			[]FieldError{{1, "junk", "is not a known field"}}},
+			[]Event{minimal("a"), minimal(""), minimal("c")},
+			[]FieldError{{1, "junk", "is not a known field"}, {1, "id", "must be a string"}}},
 		{"array element not an object", MediaJSON, `[{"id":"a","meter":"api_calls"},"b",{"id":"c","meter":"api_calls"},[1]]`,
 			[]Event{minimal("a"), {}, minimal("c"), {}},
 			[]FieldError{{1, "", "must be a JSON object"}, {3, "", "must be a JSON object"}}},
 		{"ndjson goes on after a shape error", MediaNDJSON, "{\"id\":\"a\",\"meter\":\"api_calls\"}\n{\"id\":\"b\",\"dimensions\":{\"k\":true}}\n{\"id\":\"c\",\"meter\":\"api_calls\"}\n",
-			[]Event{minimal("a"), {}, minimal("c")},
+			[]Event{minimal("a"), {ID: "b", Value: 1}, minimal("c")},
 			[]FieldError{{1, "dimensions.k", "must be a string"}}},
 		{"ndjson line not an object", MediaNDJSON, "{\"id\":\"a\",\"meter\":\"api_calls\"}\n42\n",
 			[]Event{minimal("a"), {}},
 			[]FieldError{{1, "", "must be a JSON object"}}},
 		{"cloudevents batch goes on after a shape error", MediaCloudEventsBatch, `[` + ce(`,"data":7`) + `,` + ce(``) + `]`,
-			[]Event{{}, ceEvent},
+			[]Event{ceEvent, ceEvent},
 			[]FieldError{{0, "data", "must be an object"}}},
 	}
 	for _, tc := range cases {
@@ -400,8 +433,159 @@ func TestDecodeEventsStrings(t *testing.T) {
 			{ID: "a", Tenant: "acme", Meter: "api_calls", Value: 1, Dimensions: map[string]string{"route": "/v1"}},
 			{ID: "b", Tenant: "acme", Meter: "api_calls", Value: 1, Dimensions: map[string]string{"route": "/v1"}},
 		}
+		if mt == MediaCloudEventsBatch {
+			want[0].ID, want[1].ID = "ce:1:s:a", "ce:1:s:b"
+		}
 		if !reflect.DeepEqual(d.Events, want) {
 			t.Errorf("%s: events changed with the body: %+v", mt, d.Events)
 		}
+	}
+}
+
+// unquote reads every valid string as encoding/json does.
+func TestUnquoteAgreesWithEncodingJSON(t *testing.T) {
+	for _, lit := range []string{
+		`a\"b\\c\/d\be\ff\ng\rh\ti`, `\u0000\u001f\u007f\u0080\u07ff\u0800\uffff\uFFFD`,
+		`\ud800\udc00\udbff\udfff\uD83D\uDE00`, "é😀\xef\xbf\xbd", `x\u00e9y`, `\u2028\u2029`,
+	} {
+		var want string
+		if err := json.Unmarshal([]byte(`"`+lit+`"`), &want); err != nil {
+			t.Fatal(err)
+		}
+		got, ok := unquote([]byte(lit))
+		if !ok || got != want {
+			t.Errorf("unquote(%s) = %q, %v, want %q", lit, got, ok, want)
+		}
+	}
+}
+
+// CloudEventID: distinct (source, id) pairs never meet, however they are
+// cut, and the id is at most MaxIDLen characters.
+func TestCloudEventID(t *testing.T) {
+	long := strings.Repeat("s", 200)
+	cases := []struct{ source, id, want string }{
+		{"gw-1", "42", "ce:4:gw-1:42"},
+		{"gw-2", "42", "ce:4:gw-2:42"},
+		{"/gw/eu-1", "a:b", "ce:8:/gw/eu-1:a:b"},
+		{"é", "x", "ce:2:é:x"},
+		{long, "1", "ce:sha256:"},
+	}
+	for _, tc := range cases {
+		got := CloudEventID(tc.source, tc.id)
+		if got != tc.want && !(strings.HasSuffix(tc.want, ":") && strings.HasPrefix(got, tc.want) && len(got) == len(tc.want)+64) {
+			t.Errorf("CloudEventID(%q, %q) = %q, want %q", tc.source, tc.id, got, tc.want)
+		}
+	}
+	// Pairs a naive join would merge; pairs that differ only past the
+	// hashing length.
+	pairs := [][2]string{
+		{"a:b", "c"}, {"a", "b:c"}, {"a:", "b:c"}, {"a", ":b:c"}, {"1:a", "b"}, {"1", "a:b"}, {"", "1:a:b"},
+		{long, "1"}, {long, "2"}, {long + "1", ""}, {strings.Repeat("é", 100), "1"}, {strings.Repeat("é", 100), "2"},
+	}
+	seen := map[string][2]string{}
+	for _, p := range pairs {
+		id := CloudEventID(p[0], p[1])
+		if utf8.RuneCountInString(id) > MaxIDLen {
+			t.Errorf("CloudEventID%q has %d characters", p, utf8.RuneCountInString(id))
+		}
+		if q, dup := seen[id]; dup {
+			t.Errorf("CloudEventID%q = CloudEventID%q = %q", p, q, id)
+		}
+		seen[id] = p
+	}
+}
+
+// Binary content mode: the ce-* headers are the attributes (percent-encoded),
+// the body is the data; mapped as structured mode is.
+func TestDecodeRequestBinaryCloudEvent(t *testing.T) {
+	header := func(kv ...string) http.Header {
+		h := http.Header{}
+		for i := 0; i < len(kv); i += 2 {
+			h.Set(kv[i], kv[i+1])
+		}
+		return h
+	}
+	base := []string{"ce-specversion", "1.0", "ce-id", "42", "ce-source", "gw-1", "ce-type", "tokens", "ce-subject", "acme"}
+	with := func(kv ...string) http.Header { return header(append(append([]string{}, base...), kv...)...) }
+	cases := []struct {
+		name   string
+		h      http.Header
+		body   string
+		want   []Event
+		errs   []FieldError
+		status error // ErrUnsupportedMediaType, or a *SyntaxError when syntax
+	}{
+		{"data", with("Content-Type", "application/json", "ce-time", "2026-11-20T09:30:00Z"), `{"value":1200,"model":"big","cached":true}`,
+			[]Event{{ID: "ce:4:gw-1:42", Tenant: "acme", Meter: "tokens", Value: 1200, Time: utc("2026-11-20T09:30:00Z"),
+				Dimensions: map[string]string{"model": "big", "cached": "true"}}}, nil, nil},
+		{"no data counts 1", with(), ``, []Event{{ID: "ce:4:gw-1:42", Tenant: "acme", Meter: "tokens", Value: 1}}, nil, nil},
+		{"no Content-Type reads JSON", with(), ` {"value":2} `, []Event{{ID: "ce:4:gw-1:42", Tenant: "acme", Meter: "tokens", Value: 2}}, nil, nil},
+		{"percent-encoded attributes", header("ce-specversion", "1.0", "ce-id", "a%20b%25", "ce-source", "urn:gw%3A%C3%A9", "ce-type", "tokens",
+			"Content-Type", "application/json; charset=utf-8"), `{"value":1}`,
+			[]Event{{ID: "ce:9:urn:gw:é:a b%", Meter: "tokens", Value: 1}}, nil, nil},
+		{"extension headers ignored", with("ce-traceparent", "00-4bf9", "ce-myext", "x"), ``, []Event{{ID: "ce:4:gw-1:42", Tenant: "acme", Meter: "tokens", Value: 1}}, nil, nil},
+		{"checks", header("ce-specversion", "0.3", "ce-id", "42", "ce-type", "tokens", "ce-subject", "", "ce-time", "yesterday"), `{"value":-1,"tags":[1]}`,
+			[]Event{{ID: "ce:0::42", Meter: "tokens"}},
+			[]FieldError{{0, "specversion", `must be "1.0"`}, {0, "source", "is required"}, {0, "subject", "must not be empty; leave it out to use the API key's tenant"},
+				{0, "time", "must be an RFC 3339 timestamp"}, {0, "data.value", "must be a non-negative integer"}, {0, "data.tags", "must be a string, number or boolean"}}, nil},
+		{"bad percent-encoding and UTF-8", header("ce-specversion", "1.0", "ce-id", "%zz", "ce-source", "gw%ff", "ce-type", "tokens"), ``,
+			[]Event{{Meter: "tokens", Value: 1}},
+			[]FieldError{{0, "id", "must be percent-encoded UTF-8 in its ce- header"}, {0, "source", "must be percent-encoded UTF-8 in its ce- header"}}, nil},
+		{"missing id", header("ce-specversion", "1.0", "ce-source", "gw", "ce-type", "tokens"), ``,
+			[]Event{{Meter: "tokens", Value: 1}}, []FieldError{{0, "id", "is required"}}, nil},
+		{"data not an object", with(), `[1]`, []Event{{ID: "ce:4:gw-1:42", Tenant: "acme", Meter: "tokens", Value: 1}},
+			[]FieldError{{0, "data", "must be an object"}}, nil},
+		{"data not JSON", with(), `{"value":`, nil, nil, errSyntax},
+		{"two data objects", with(), `{}{}`, nil, nil, errSyntax},
+		{"data of another type", with("Content-Type", "text/plain"), `hello`, nil, nil, ErrUnsupportedMediaType},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			d, err := DecodeRequest(tc.h, []byte(tc.body))
+			switch {
+			case tc.status == errSyntax:
+				var se *SyntaxError
+				if !errors.As(err, &se) {
+					t.Fatalf("error %v, want a *SyntaxError", err)
+				}
+				return
+			case tc.status != nil:
+				if !errors.Is(err, tc.status) {
+					t.Fatalf("error %v, want %v", err, tc.status)
+				}
+				return
+			case err != nil:
+				t.Fatal(err)
+			}
+			sameEvents(t, d.Events, tc.want)
+			if !reflect.DeepEqual(d.Errors, tc.errs) {
+				t.Errorf("errors\n got %v\nwant %v", d.Errors, tc.errs)
+			}
+		})
+	}
+}
+
+var errSyntax = errors.New("want a *SyntaxError")
+
+// The other modes go by the Content-Type as DecodeEvents does, whatever ce-*
+// headers come with them: a structured event's attributes are its members.
+func TestDecodeRequestOtherModes(t *testing.T) {
+	ce := `{"specversion":"1.0","id":"7","source":"gw-2","type":"tokens","subject":"acme"}`
+	for _, tc := range []struct{ contentType, body string }{
+		{"application/cloudevents+json; charset=utf-8", ce},
+		{"Application/CloudEvents-Batch+JSON", "[" + ce + "]"},
+	} {
+		h := http.Header{"Content-Type": {tc.contentType}, "Ce-Specversion": {"1.0"}, "Ce-Id": {"other"}, "Ce-Source": {"gw-9"}}
+		d, err := DecodeRequest(h, []byte(tc.body))
+		if err != nil || len(d.Errors) > 0 || len(d.Events) != 1 || d.Events[0].ID != "ce:4:gw-2:7" {
+			t.Errorf("%s: %+v %v", tc.contentType, d, err)
+		}
+	}
+	d, err := DecodeRequest(http.Header{"Content-Type": {"application/json"}}, []byte(`{"id":"ce:4:gw-2:7","meter":"tokens"}`))
+	if err != nil || len(d.Errors) > 0 || d.Events[0].ID != "ce:4:gw-2:7" {
+		t.Errorf("plain JSON: %+v %v", d, err)
+	}
+	if _, err := DecodeRequest(http.Header{"Content-Type": {"text/plain"}}, []byte(`x`)); !errors.Is(err, ErrUnsupportedMediaType) {
+		t.Errorf("text/plain without ce- headers: %v", err)
 	}
 }

@@ -3,10 +3,12 @@ package schemas
 import (
 	"encoding/json"
 	"errors"
+	"net/http"
 	"reflect"
 	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 )
 
 // fuzzMediaTypes are the media types FuzzDecodeEvents picks from by its first
@@ -20,13 +22,27 @@ var fuzzMediaTypes = []string{
 	"application/json; charset=utf-8", // 5
 	"",                                // 6
 	"text/plain",                      // 7
+	fuzzBinary,                        // 8
+}
+
+// fuzzBinary stands for a binary-mode CloudEvent: fuzzBinaryHeader and the
+// body as its data.
+const fuzzBinary = "binary"
+
+var fuzzBinaryHeader = http.Header{
+	"Content-Type": {MediaJSON}, "Ce-Specversion": {"1.0"}, "Ce-Id": {"f%C3%A9-1"},
+	"Ce-Source": {"/fuzz"}, "Ce-Type": {"api_calls"}, "Ce-Subject": {"acme"},
 }
 
 func FuzzDecodeEvents(f *testing.F) {
 	stamp := time.Date(2026, 11, 20, 12, 0, 0, 0, time.UTC)
 	f.Fuzz(func(t *testing.T, mt byte, body []byte) {
 		mediaType := fuzzMediaTypes[int(mt)%len(fuzzMediaTypes)]
-		d, err := DecodeEvents(mediaType, body)
+		h := http.Header{"Content-Type": {mediaType}}
+		if mediaType == fuzzBinary {
+			h = fuzzBinaryHeader
+		}
+		d, err := DecodeRequest(h, body)
 		if err != nil {
 			var se *SyntaxError
 			switch {
@@ -61,6 +77,16 @@ func FuzzDecodeEvents(f *testing.F) {
 			}
 			if e.Time.IsZero() {
 				e.Time = stamp // the receive time
+			}
+			// Nothing is repaired: what is accepted is valid UTF-8.
+			strs := []string{e.ID, e.Tenant, e.Meter}
+			for k, v := range e.Dimensions {
+				strs = append(strs, k, v)
+			}
+			for _, s := range strs {
+				if !utf8.ValidString(s) {
+					t.Fatalf("event %d holds %q, not UTF-8", i, s)
+				}
 			}
 			if e.Time.Location() != time.UTC {
 				t.Fatalf("event %d time %v not in UTC", i, e.Time)

@@ -227,6 +227,33 @@ func TestSchemaAgreement(t *testing.T) {
 		{"document empty array", `[]`, false},
 		{"document array of a number", `[1]`, false},
 	}
+	// Strings that are not valid UTF-8 are refused (DESIGN §9), but no JSON
+	// Schema can say so: a validator reads the document into Unicode strings
+	// first, and its parser (encoding/json here, as most) has already put
+	// U+FFFD in place of an invalid byte or an unpaired surrogate escape. The
+	// schema's description says it; these rows pin both sides down.
+	notUTF8 := []struct{ name, doc string }{
+		{"id invalid byte", "{\"id\":\"u\xff\",\"meter\":\"api_calls\"}"},
+		{"id encoded surrogate", "{\"id\":\"u\xed\xa0\x80\",\"meter\":\"api_calls\"}"},
+		{"id lone high surrogate escape", `{"id":"u\ud800","meter":"api_calls"}`},
+		{"id lone low surrogate escape", `{"id":"\udc00","meter":"api_calls"}`},
+		{"dimension value invalid byte", "{\"id\":\"a\",\"meter\":\"api_calls\",\"dimensions\":{\"route\":\"/\xfe\"}}"},
+		{"dimension value lone surrogate", `{"id":"a","meter":"api_calls","dimensions":{"route":"/\ud83d"}}`},
+	}
+	for _, tc := range notUTF8 {
+		t.Run("not UTF-8/"+tc.name, func(t *testing.T) {
+			if ok, why := goAccepts(tc.doc); ok || !strings.Contains(why, "valid UTF-8") {
+				t.Errorf("Go accepts=%v (%s), want a refusal for UTF-8", ok, why)
+			}
+			inst, err := jsonschema.UnmarshalJSON(strings.NewReader(tc.doc))
+			if err != nil {
+				t.Fatalf("the validator's parser refuses the document: %v", err)
+			}
+			if err := sch.Validate(inst); err != nil {
+				t.Errorf("the schema sees the repaired document and refuses it: %v; update this test and the schema's description", err)
+			}
+		})
+	}
 	if len(cases) < 40 {
 		t.Fatalf("only %d cases", len(cases))
 	}
