@@ -52,6 +52,8 @@ func Run(t *testing.T, newStore func(t *testing.T) aggregator.Store) {
 		{"UsageDimensionValues", testUsageDimensionValues},
 		{"UsageCorrectionsCancelOut", testUsageCorrection},
 		{"UsageMatchesOracle", testUsageOracle},
+		{"MaxValueSumsExactly", testMaxValueSumsExactly},
+		{"SumsSaturate", testSumsSaturate},
 		{"Ping", func(t *testing.T, s aggregator.Store) {
 			if err := s.Ping(t.Context()); err != nil {
 				t.Fatalf("Ping: %v", err)
