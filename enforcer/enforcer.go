@@ -85,6 +85,9 @@ import (
 type UsageSource interface {
 	// Totals returns the usage per (tenant, meter) with from <= time < to.
 	Totals(ctx context.Context, from, to time.Time) ([]aggregator.Increment, error)
+	// TenantTotals returns the usage per meter of tenant alone: read tenant
+	// by tenant when Totals fails while the store answers.
+	TenantTotals(ctx context.Context, tenant string, from, to time.Time) ([]aggregator.Increment, error)
 	// Ping reports whether the store is reachable.
 	Ping(ctx context.Context) error
 }
@@ -370,8 +373,16 @@ func (e *Enforcer) Run(ctx context.Context) error {
 	e.tracking = true
 	e.setCatalogLocked(e.cat)
 	e.mu.Unlock()
+	retrySoon := false
 	err = retry(ctx, func() error {
 		err := e.reconcile(ctx, nil)
+		if errors.Is(err, errUnseeded) {
+			// One tenant's data must not hold every other tenant's
+			// decisions back: those are seeded, these retried.
+			e.log.Warn("seeding some tenants from the store failed; they keep their decisions and are retried", "err", err)
+			retrySoon = true
+			return nil
+		}
 		if err != nil && ctx.Err() == nil {
 			e.log.Warn("seeding usage from the store failed; retrying", "err", err)
 		}
@@ -394,7 +405,7 @@ func (e *Enforcer) Run(ctx context.Context) error {
 
 	wg.Go(func() { e.writeLoop(ctx) })
 	wg.Go(func() { e.heartbeatLoop(ctx, b.blocklist) })
-	wg.Go(func() { e.reconcileLoop(ctx) })
+	wg.Go(func() { e.reconcileLoop(ctx, retrySoon) })
 	wg.Go(func() { e.rolloverLoop(ctx) })
 	if e.cfg.CatalogPath != "" {
 		wg.Go(func() { e.pollCatalog(ctx) })

@@ -847,6 +847,23 @@ func (s *Store) Totals(ctx context.Context, from, to time.Time) ([]aggregator.In
 	return totals, nil
 }
 
+// TenantTotals implements aggregator.Store.
+func (s *Store) TenantTotals(ctx context.Context, tenant string, from, to time.Time) ([]aggregator.Increment, error) {
+	q, n := sums(from, to, " AND tenant = ?")
+	if n == 0 {
+		return nil, nil
+	}
+	args := make([]any, n)
+	for i := range args {
+		args[i] = tenant
+	}
+	totals, err := s.query(ctx, q, from, args...)
+	if err != nil {
+		return nil, fmt.Errorf("clickhouse: totals of %s: %w", tenant, err)
+	}
+	return totals, nil
+}
+
 func (s *Store) query(ctx context.Context, q string, from time.Time, args ...any) ([]aggregator.Increment, error) {
 	rows, err := s.conn.Query(ctx, q, args...)
 	if err != nil {

@@ -350,8 +350,9 @@ func sumQuery(filter string) string {
 }
 
 var (
-	totalQuery  = sumQuery(" AND tenant = ?7 AND meter = ?8")
-	totalsQuery = sumQuery("")
+	totalQuery        = sumQuery(" AND tenant = ?7 AND meter = ?8")
+	totalsQuery       = sumQuery("")
+	tenantTotalsQuery = sumQuery(" AND tenant = ?7")
 )
 
 // spanArgs returns the six range arguments of sumQuery.
@@ -379,6 +380,15 @@ func (s *Store) Totals(ctx context.Context, from, to time.Time) ([]aggregator.In
 	totals, err := s.sums(ctx, totalsQuery, from, spanArgs(from, to)...)
 	if err != nil {
 		return nil, fmt.Errorf("sqlite: totals: %w", err)
+	}
+	return totals, nil
+}
+
+// TenantTotals implements aggregator.Store.
+func (s *Store) TenantTotals(ctx context.Context, tenant string, from, to time.Time) ([]aggregator.Increment, error) {
+	totals, err := s.sums(ctx, tenantTotalsQuery, from, append(spanArgs(from, to), tenant)...)
+	if err != nil {
+		return nil, fmt.Errorf("sqlite: totals of %s: %w", tenant, err)
 	}
 	return totals, nil
 }

@@ -81,6 +81,8 @@ func testSumsSaturate(t *testing.T, s aggregator.Store) {
 	}
 	checkTotals(t, s, h22, h00.Add(time.Hour), all...)
 	checkTotals(t, s, h22, h00.Add(45*time.Minute), all...)
+	checkTenantTotals(t, s, "globex", h22, h00.Add(45*time.Minute), all[2])
+	checkTenantTotals(t, s, "acme", h22, h00.Add(45*time.Minute), all[:2]...)
 
 	for _, g := range []aggregator.Granularity{aggregator.Hourly, aggregator.Daily} {
 		q := uq(g, "", "", "2026-01-31T22:00:00Z", "2026-02-01T00:45:00Z")
