@@ -50,7 +50,12 @@
 // Reconcile's correcting deltas (which may be negative). SummingMergeTree
 // merges rows of the same key by adding them, which is associative, so a
 // correction is exact before, during and after merges; every read uses
-// sum() ... GROUP BY and never depends on merges having happened. Reconcile
+// sum() ... GROUP BY and never depends on merges having happened. A read
+// sums each value in two parts, v / 2^32 and v % 2^32, joined in Go
+// (internal/saturating): sum() of Int64 wraps silently past 2^63, the parts
+// cannot. A merge adds one key's rows as Int64 and so bounds a rollup row by
+// 2^63 − 1: 2^31 events of schemas.MaxValue in one hour with the same
+// dimensions. Reconcile
 // is safe because it holds the store's write lock, so no Apply adds between
 // its comparison and its correction.
 //
