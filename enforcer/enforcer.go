@@ -25,6 +25,13 @@
 // ReconcileEvery. Increments are published at most once (core NATS); a lost
 // one is likewise restored by the next reconcile.
 //
+// One tenant's data never holds the others back: when the totals query of a
+// period fails while the store answers a ping, the tenants are read one by
+// one (UsageSource.TenantTotals); a tenant whose own query fails keeps its
+// decision and is retried every second, the others are seeded and decided.
+// Usage sums saturate at math.MaxInt64 (internal/saturating), which is above
+// every limit.
+//
 // An increment counts toward a tenant's current period when its hour lies in
 // it; billing periods are whole UTC days, so an hour never straddles two.
 // Increments for hours after the period (event times may lie up to five
