@@ -25,6 +25,13 @@
 // ReconcileEvery. Increments are published at most once (core NATS); a lost
 // one is likewise restored by the next reconcile.
 //
+// One tenant's data never holds the others back: when the totals query of a
+// period fails while the store answers a ping, the tenants are read one by
+// one (UsageSource.TenantTotals); a tenant whose own query fails keeps its
+// decision and is retried every second, the others are seeded and decided.
+// Usage sums saturate at math.MaxInt64 (internal/saturating), which is above
+// every limit.
+//
 // An increment counts toward a tenant's current period when its hour lies in
 // it; billing periods are whole UTC days, so an hour never straddles two.
 // Increments for hours after the period (event times may lie up to five
@@ -85,6 +92,9 @@ import (
 type UsageSource interface {
 	// Totals returns the usage per (tenant, meter) with from <= time < to.
 	Totals(ctx context.Context, from, to time.Time) ([]aggregator.Increment, error)
+	// TenantTotals returns the usage per meter of tenant alone: read tenant
+	// by tenant when Totals fails while the store answers.
+	TenantTotals(ctx context.Context, tenant string, from, to time.Time) ([]aggregator.Increment, error)
 	// Ping reports whether the store is reachable.
 	Ping(ctx context.Context) error
 }
@@ -375,8 +385,16 @@ func (e *Enforcer) Run(ctx context.Context) error {
 	e.tracking = true
 	e.setCatalogLocked(e.cat)
 	e.mu.Unlock()
+	retrySoon := false
 	err = retry(ctx, func() error {
 		err := e.reconcile(ctx, nil)
+		if errors.Is(err, errUnseeded) {
+			// One tenant's data must not hold every other tenant's
+			// decisions back: those are seeded, these retried.
+			e.log.Warn("seeding some tenants from the store failed; they keep their decisions and are retried", "err", err)
+			retrySoon = true
+			return nil
+		}
 		if err != nil && ctx.Err() == nil {
 			e.log.Warn("seeding usage from the store failed; retrying", "err", err)
 		}
@@ -399,7 +417,7 @@ func (e *Enforcer) Run(ctx context.Context) error {
 
 	wg.Go(func() { e.writeLoop(ctx) })
 	wg.Go(func() { e.heartbeatLoop(ctx, b.blocklist) })
-	wg.Go(func() { e.reconcileLoop(ctx) })
+	wg.Go(func() { e.reconcileLoop(ctx, retrySoon) })
 	wg.Go(func() { e.rolloverLoop(ctx) })
 	if e.cfg.CatalogPath != "" {
 		wg.Go(func() { e.pollCatalog(ctx) })

@@ -102,6 +102,7 @@ type env struct {
 	nc    *nats.Conn
 	js    jetstream.JetStream
 	store *sqlite.Store
+	db    string // the store's file
 	clock *testClock
 	hooks *hooks
 	keys  *auth.Keys
@@ -152,7 +153,8 @@ func newEnv(t *testing.T) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	st, err := sqlite.New(sqlite.Config{Path: filepath.Join(t.TempDir(), "meterd.db")})
+	db := filepath.Join(t.TempDir(), "meterd.db")
+	st, err := sqlite.New(sqlite.Config{Path: db})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -161,7 +163,7 @@ func newEnv(t *testing.T) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &env{t: t, nc: nc, js: js, store: st, clock: &testClock{}, hooks: newHooks(t), keys: keys, cat: testCatalog(t)}
+	return &env{t: t, nc: nc, js: js, store: st, db: db, clock: &testClock{}, hooks: newHooks(t), keys: keys, cat: testCatalog(t)}
 }
 
 func (v *env) config() Config {

@@ -15,6 +15,7 @@ import (
 
 	"github.com/meterd/meterd/aggregator"
 	"github.com/meterd/meterd/internal/billing"
+	"github.com/meterd/meterd/internal/saturating"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -79,10 +80,11 @@ func (u *tenantUsage) add(meter string, hour time.Time, value int64) (before, af
 	switch {
 	case u.period.Contains(hour):
 		before = u.used[meter]
-		u.used[meter] = before + value
-		return before, before + value, true
+		after = saturating.Add(before, value)
+		u.used[meter] = after
+		return before, after, true
 	case !hour.Before(u.period.End):
-		u.next[meter] += value
+		u.next[meter] = saturating.Add(u.next[meter], value)
 	}
 	// An hour before the period: a late event of an earlier period, which
 	// does not count toward the current one.
@@ -464,8 +466,13 @@ func (j *journal) add(c aggregator.Committed) {
 	if j.adds[c.Tenant] == nil {
 		j.adds[c.Tenant] = map[string]int64{}
 	}
-	j.adds[c.Tenant][c.Meter] += c.Value
+	j.adds[c.Tenant][c.Meter] = saturating.Add(j.adds[c.Tenant][c.Meter], c.Value)
 }
+
+// errUnseeded is returned by reconcile when the store answered but not for
+// some tenants: every other tenant was set, and those wait in e.reseed for
+// the next try, keeping their decisions meanwhile.
+var errUnseeded = errors.New("enforcer: the usage of some tenants could not be read from the store")
 
 // reconcile recomputes the usage of tenants (nil: all) from the store, with
 // one Totals query per distinct current period, and replaces the in-memory
@@ -496,13 +503,14 @@ func (e *Enforcer) reconcile(ctx context.Context, tenants []string) error {
 	}
 	e.mu.Unlock()
 
-	var errs []error
+	var errs, unseeded []error
 	queried, corrected := 0, 0
 	for _, g := range groups {
-		n, c, err := e.reconcilePeriod(ctx, g.period, g.tenants)
+		n, c, failed, err := e.reconcilePeriod(ctx, g.period, g.tenants)
 		if err != nil {
 			errs = append(errs, err)
 		}
+		unseeded = append(unseeded, failed...)
 		queried, corrected = queried+n, corrected+c
 	}
 	e.m.corrections.Add(float64(corrected))
@@ -510,17 +518,58 @@ func (e *Enforcer) reconcile(ctx context.Context, tenants []string) error {
 		e.m.reconciles.WithLabelValues("error").Inc()
 		return errors.Join(errs...)
 	}
+	if len(unseeded) > 0 {
+		e.m.reconciles.WithLabelValues("error").Inc()
+		return fmt.Errorf("%w: %w", errUnseeded, errors.Join(unseeded...))
+	}
 	e.m.reconciles.WithLabelValues("ok").Inc()
 	e.log.Debug("usage reconciled", "tenants", queried, "periods", len(groups), "corrected", corrected, "took", time.Since(start))
 	return nil
 }
 
 // reconcilePeriod reconciles tenants whose current period is p with one
-// Totals query. The journal is registered just before the query, so that
-// only increments in flight at that instant can be counted twice (see the
-// package documentation). It returns how many tenants it set and how many
-// meters it corrected.
-func (e *Enforcer) reconcilePeriod(ctx context.Context, p billing.Period, tenants []string) (set, corrected int, err error) {
+// Totals query. If that fails while the store answers a ping, something in
+// the data may break the query (as SQLite's overflowing sum once did for
+// every tenant): it reads the tenants one by one, so that it costs only the
+// tenant whose query fails its seed; failed holds their errors, and they
+// wait in e.reseed. err is set when the store did not answer at all. It
+// returns how many tenants it set and how many meters it corrected.
+func (e *Enforcer) reconcilePeriod(ctx context.Context, p billing.Period, tenants []string) (set, corrected int, failed []error, err error) {
+	set, corrected, err = e.setFromStore(ctx, p, tenants, func(ctx context.Context) ([]aggregator.Increment, error) {
+		return e.cfg.Store.Totals(ctx, p.Start, p.End)
+	})
+	if err == nil || ctx.Err() != nil {
+		return set, corrected, nil, err
+	}
+	if perr := e.cfg.Store.Ping(ctx); perr != nil {
+		return 0, 0, nil, err // the store is away: every tenant waits alike
+	}
+	e.log.Warn("reading the usage of all tenants failed while the store answers; reading tenant by tenant", "period", p, "err", err)
+	for _, t := range tenants {
+		n, c, terr := e.setFromStore(ctx, p, []string{t}, func(ctx context.Context) ([]aggregator.Increment, error) {
+			return e.cfg.Store.TenantTotals(ctx, t, p.Start, p.End)
+		})
+		set, corrected = set+n, corrected+c
+		if terr != nil {
+			failed = append(failed, fmt.Errorf("tenant %s: %w", t, terr))
+			e.mu.Lock()
+			if e.usage[t] != nil {
+				e.reseed[t] = true
+			}
+			e.mu.Unlock()
+		}
+	}
+	return set, corrected, failed, nil
+}
+
+// setFromStore sets the usage of tenants, whose current period is p, to the
+// totals read plus the increments that arrived since read started. The
+// journal is registered just before the query, so that only increments in
+// flight at that instant can be counted twice (see the package
+// documentation). It returns how many tenants it set and how many meters it
+// corrected.
+func (e *Enforcer) setFromStore(ctx context.Context, p billing.Period, tenants []string,
+	read func(context.Context) ([]aggregator.Increment, error)) (set, corrected int, err error) {
 	j := &journal{periods: map[string]billing.Period{}, adds: map[string]map[string]int64{}}
 	e.mu.Lock()
 	for _, t := range tenants {
@@ -531,7 +580,7 @@ func (e *Enforcer) reconcilePeriod(ctx context.Context, p billing.Period, tenant
 	e.journals[j] = struct{}{}
 	e.mu.Unlock()
 
-	incs, err := e.cfg.Store.Totals(ctx, p.Start, p.End)
+	incs, err := read(ctx)
 
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -547,7 +596,7 @@ func (e *Enforcer) reconcilePeriod(ctx context.Context, p billing.Period, tenant
 		if totals[inc.Tenant] == nil {
 			totals[inc.Tenant] = map[string]int64{}
 		}
-		totals[inc.Tenant][inc.Meter] += inc.Value
+		totals[inc.Tenant][inc.Meter] = saturating.Add(totals[inc.Tenant][inc.Meter], inc.Value)
 	}
 	for t := range j.periods {
 		u := e.usage[t]
@@ -559,7 +608,12 @@ func (e *Enforcer) reconcilePeriod(ctx context.Context, p billing.Period, tenant
 			used = map[string]int64{}
 		}
 		for m, v := range j.adds[t] {
-			used[m] += v
+			used[m] = saturating.Add(used[m], v)
+		}
+		for m, v := range used {
+			if saturating.Saturated(v) && !saturating.Saturated(u.used[m]) {
+				e.log.Warn("usage total saturated: its true sum lies beyond int64 (see docs/design-notes.md)", "tenant", t, "meter", m, "used", v)
+			}
 		}
 		changed := !u.seeded || !maps.Equal(u.used, used)
 		if u.seeded && changed {
@@ -587,11 +641,15 @@ func (e *Enforcer) reconcilePeriod(ctx context.Context, p billing.Period, tenant
 }
 
 // reconcileLoop reconciles every tenant each ReconcileEvery, and the tenants
-// waiting for a reseed as soon as they wait.
-func (e *Enforcer) reconcileLoop(ctx context.Context) {
+// waiting for a reseed as soon as they wait; retrySoon has those tried again
+// after a short pause, as after a failed reconcile.
+func (e *Enforcer) reconcileLoop(ctx context.Context, retrySoon bool) {
 	tick := time.NewTicker(e.cfg.ReconcileEvery)
 	defer tick.Stop()
 	var retryC <-chan time.Time // nil: no retry pending
+	if retrySoon {
+		retryC = time.After(writeRetry)
+	}
 	for {
 		var tenants []string // nil: all
 		select {

@@ -12,6 +12,7 @@ import (
 	"github.com/meterd/meterd/enforcer/gate"
 	"github.com/meterd/meterd/internal/auth"
 	"github.com/meterd/meterd/internal/billing"
+	"github.com/meterd/meterd/internal/saturating"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -59,6 +60,9 @@ type TenantSummary struct {
 type MeterSummary struct {
 	Meter string `json:"meter"`
 	Used  int64  `json:"used"`
+	// Saturated is set when the usage sums beyond int64: Used then reads
+	// math.MaxInt64 and the true usage is at least that (internal/saturating).
+	Saturated bool `json:"saturated,omitempty"`
 	// Limit and Percent are absent for a meter without a limit.
 	Limit   *int64   `json:"limit,omitempty"`
 	Percent *float64 `json:"percent,omitempty"`
@@ -154,7 +158,7 @@ func (e *Enforcer) tenantSummaryLocked(name string, now time.Time) TenantSummary
 	slices.Sort(meters)
 	var warn string
 	for _, m := range meters {
-		ms := MeterSummary{Meter: m, Used: used[m], Status: SummaryOK}
+		ms := MeterSummary{Meter: m, Used: used[m], Saturated: saturating.Saturated(used[m]), Status: SummaryOK}
 		if limit, ok := limits[m]; ok {
 			ms.Limit = &limit
 			pct := percent(ms.Used, limit)

@@ -50,7 +50,12 @@
 // Reconcile's correcting deltas (which may be negative). SummingMergeTree
 // merges rows of the same key by adding them, which is associative, so a
 // correction is exact before, during and after merges; every read uses
-// sum() ... GROUP BY and never depends on merges having happened. Reconcile
+// sum() ... GROUP BY and never depends on merges having happened. A read
+// sums each value in two parts, v / 2^32 and v % 2^32, joined in Go
+// (internal/saturating): sum() of Int64 wraps silently past 2^63, the parts
+// cannot. A merge adds one key's rows as Int64 and so bounds a rollup row by
+// 2^63 − 1: 2^31 events of schemas.MaxValue in one hour with the same
+// dimensions. Reconcile
 // is safe because it holds the store's write lock, so no Apply adds between
 // its comparison and its correction.
 //
@@ -101,6 +106,7 @@ import (
 
 	"github.com/meterd/meterd/aggregator"
 	"github.com/meterd/meterd/aggregator/rollup"
+	"github.com/meterd/meterd/internal/saturating"
 	"github.com/meterd/meterd/schemas"
 	"github.com/meterd/meterd/schemas/migrations"
 )
@@ -713,14 +719,18 @@ func (s *Store) diff(ctx context.Context, h rollup.Range, tenants []string) (rol
 		ctx = clickhouse.Context(ctx, clickhouse.WithExternalTable(tbl))
 		scope = " AND tenant IN scope"
 	}
+	// The rollups' parts are negated rather than their values: the parts
+	// are bounded by 2^32, a value may be -2^63.
 	from, to := strconv.FormatInt(h.From, 10), strconv.FormatInt(h.To, 10)
-	rows, err := s.conn.Query(ctx, `SELECT tenant, meter, h, dims_key, sum(v) AS dv, sum(n) AS dn FROM (
-			SELECT tenant, meter, toUInt32(intDiv(toUInt32(time), 3600) * 3600) AS h, dims_key, value AS v, toInt64(1) AS n
+	rows, err := s.conn.Query(ctx, `SELECT tenant, meter, h, dims_key, sum(vh), sum(vl), sum(nh), sum(nl) FROM (
+			SELECT tenant, meter, toUInt32(intDiv(toUInt32(time), 3600) * 3600) AS h, dims_key,
+				`+hiPart("value")+` AS vh, `+loPart("value")+` AS vl, toInt64(0) AS nh, toInt64(1) AS nl
 			FROM events WHERE time >= toDateTime(`+from+`) AND time < toDateTime(`+to+`)`+scope+`
 			UNION ALL
-			SELECT tenant, meter, toUInt32(hour) AS h, dims_key, -value AS v, -events AS n
+			SELECT tenant, meter, toUInt32(hour) AS h, dims_key,
+				-`+hiPart("value")+` AS vh, -`+loPart("value")+` AS vl, -`+hiPart("events")+` AS nh, -`+loPart("events")+` AS nl
 			FROM rollups_hourly WHERE hour >= toDateTime(`+from+`) AND hour < toDateTime(`+to+`)`+scope+`
-		) GROUP BY tenant, meter, h, dims_key HAVING dv != 0 OR dn != 0`)
+		) GROUP BY tenant, meter, h, dims_key HAVING sum(vh) != 0 OR sum(vl) != 0 OR sum(nh) != 0 OR sum(nl) != 0`)
 	if err != nil {
 		return nil, fmt.Errorf("compare rollups: %w", err)
 	}
@@ -729,12 +739,14 @@ func (s *Store) diff(ctx context.Context, h rollup.Range, tenants []string) (rol
 	for rows.Next() {
 		var k rollup.Key
 		var hour uint32
-		var d rollup.Sum
-		if err := rows.Scan(&k.Tenant, &k.Meter, &hour, &k.Dims, &d.Value, &d.Events); err != nil {
+		var parts rollup.Parts
+		if err := rows.Scan(append([]any{&k.Tenant, &k.Meter, &hour, &k.Dims}, parts.Dest()...)...); err != nil {
 			return nil, err
 		}
 		k.Hour = int64(hour)
-		deltas[k] = d
+		if d := parts.Sum(); d != (rollup.Sum{}) {
+			deltas[k] = d
+		}
 	}
 	return deltas, rows.Err()
 }
@@ -761,8 +773,8 @@ func (s *Store) Reconcile(ctx context.Context, from, to time.Time) (int, error) 
 	return len(deltas), nil
 }
 
-// sums selects tenant, meter, the sum of values and the number of events
-// in [from, to): rollups for the whole hours, raw events for the edges, each
+// sums selects tenant, meter and the Parts of the sum of values and of the
+// number of events in [from, to): rollups for the whole hours, raw events for the edges, each
 // narrowed by filter. It returns the query and how many times it holds
 // filter; "" for an empty range.
 func sums(from, to time.Time, filter string) (string, int) {
@@ -783,9 +795,29 @@ func sums(from, to time.Time, filter string) (string, int) {
 	if len(parts) == 0 {
 		return "", 0
 	}
-	return `SELECT tenant, meter, sum(v) AS total_value, sum(n) AS total_events FROM (` + strings.Join(parts, " UNION ALL ") +
-		`) GROUP BY tenant, meter HAVING total_value != 0 OR total_events != 0 ORDER BY tenant, meter`, len(parts)
+	return `SELECT tenant, meter, ` + sumParts + ` FROM (` + strings.Join(parts, " UNION ALL ") +
+		`) GROUP BY tenant, meter HAVING ` + partsNonZero + ` ORDER BY tenant, meter`, len(parts)
 }
+
+// hiPart and loPart split the Int64 column col into the parts that sum
+// without overflow (internal/saturating.PartBits): intDiv and % truncate,
+// as saturating.Join expects.
+func hiPart(col string) string {
+	return fmt.Sprintf("intDiv(%s, toInt64(%d))", col, saturating.PartDivisor)
+}
+
+func loPart(col string) string {
+	return fmt.Sprintf("(%s %% toInt64(%d))", col, saturating.PartDivisor)
+}
+
+// sumParts selects the rollup.Parts of the sums of the columns v and n:
+// sum() of Int64 values wraps silently past int64, which turned a total of
+// 2^63 − 1 and 1 into -2^63, a tenant never blocked.
+var sumParts = "sum(" + hiPart("v") + ") AS vh, sum(" + loPart("v") + ") AS vl, sum(" + hiPart("n") + ") AS nh, sum(" + loPart("n") + ") AS nl"
+
+// partsNonZero keeps the groups whose sums may not be zero (all parts zero
+// means both sums are); the caller drops the rest once joined.
+const partsNonZero = "(vh != 0 OR vl != 0 OR nh != 0 OR nl != 0)"
 
 // Total implements aggregator.Store.
 func (s *Store) Total(ctx context.Context, tenant, meter string, from, to time.Time) (int64, error) {
@@ -820,6 +852,23 @@ func (s *Store) Totals(ctx context.Context, from, to time.Time) ([]aggregator.In
 	return totals, nil
 }
 
+// TenantTotals implements aggregator.Store.
+func (s *Store) TenantTotals(ctx context.Context, tenant string, from, to time.Time) ([]aggregator.Increment, error) {
+	q, n := sums(from, to, " AND tenant = ?")
+	if n == 0 {
+		return nil, nil
+	}
+	args := make([]any, n)
+	for i := range args {
+		args[i] = tenant
+	}
+	totals, err := s.query(ctx, q, from, args...)
+	if err != nil {
+		return nil, fmt.Errorf("clickhouse: totals of %s: %w", tenant, err)
+	}
+	return totals, nil
+}
+
 func (s *Store) query(ctx context.Context, q string, from time.Time, args ...any) ([]aggregator.Increment, error) {
 	rows, err := s.conn.Query(ctx, q, args...)
 	if err != nil {
@@ -827,12 +876,17 @@ func (s *Store) query(ctx context.Context, q string, from time.Time, args ...any
 	}
 	defer rows.Close()
 	var out []aggregator.Increment
+	var parts rollup.Parts
+	inc := aggregator.Increment{Hour: from}
+	dest := append([]any{&inc.Tenant, &inc.Meter}, parts.Dest()...)
 	for rows.Next() {
-		inc := aggregator.Increment{Hour: from}
-		if err := rows.Scan(&inc.Tenant, &inc.Meter, &inc.Value, &inc.Events); err != nil {
+		if err := rows.Scan(dest...); err != nil {
 			return nil, err
 		}
-		out = append(out, inc)
+		if sum := parts.Sum(); sum != (rollup.Sum{}) {
+			inc.Value, inc.Events = sum.Value, sum.Events
+			out = append(out, inc)
+		}
 	}
 	return out, rows.Err()
 }

@@ -67,7 +67,7 @@ func usageQuery(q aggregator.UsageQuery, sp rollup.Span) (string, []any) {
 		order += fmt.Sprintf(", d%d", i)
 		args = append(args, d)
 	}
-	sb.WriteString(`, sum(v) AS total_value, sum(n) AS total_events FROM (`)
+	sb.WriteString(`, ` + sumParts + ` FROM (`)
 	filter := func() string {
 		var f string
 		if q.Tenant != "" {
@@ -103,7 +103,7 @@ func usageQuery(q aggregator.UsageQuery, sp rollup.Span) (string, []any) {
 		sb.WriteString(filter())
 	}
 	fmt.Fprintf(&sb, `
-	) GROUP BY %s HAVING total_events != 0 ORDER BY %s`, order, order)
+	) GROUP BY %s HAVING %s ORDER BY %s`, order, partsNonZero, order)
 	return sb.String(), args
 }
 

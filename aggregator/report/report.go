@@ -28,6 +28,7 @@ import (
 	"github.com/meterd/meterd/aggregator"
 	"github.com/meterd/meterd/internal/auth"
 	"github.com/meterd/meterd/internal/billing"
+	"github.com/meterd/meterd/internal/saturating"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -304,6 +305,12 @@ type Row struct {
 	Value, Events          int64
 }
 
+// Saturated reports whether a sum of r lies beyond int64 and reads as
+// math.MaxInt64 (internal/saturating): the usage is at least that.
+func (r *Row) Saturated() bool {
+	return saturating.Saturated(r.Value) || saturating.Saturated(r.Events)
+}
+
 // stream writes the report. The answer is buffered until its first 64 KiB
 // are ready, so an error early on is still a problem+json answer; a store
 // error after that aborts the response, which the client sees as a broken
@@ -424,8 +431,8 @@ func (f *folder) add(u *aggregator.UsageRow) error {
 		r.WindowStart, r.WindowEnd = clip(f.period.Start, f.period.End, f.q.From, f.q.To)
 		f.sums[key] = r
 	}
-	r.Value += u.Value
-	r.Events += u.Events
+	r.Value = saturating.Add(r.Value, u.Value)
+	r.Events = saturating.Add(r.Events, u.Events)
 	return nil
 }
 
@@ -460,7 +467,8 @@ type encoder interface {
 //	{"window":"day","from":…,"to":…,"group_by":[…],"rows":[{…},…]}
 //
 // with each row {tenant, meter, window_start, window_end, value, events,
-// dimensions}.
+// dimensions}, and "saturated":true before dimensions in a row whose sum
+// lies beyond int64 (Row.Saturated).
 type jsonEncoder struct {
 	w    *bufio.Writer
 	q    Query
@@ -506,6 +514,9 @@ func (e *jsonEncoder) row(r *Row) error {
 	b = strconv.AppendInt(b, r.Value, 10)
 	b = append(b, `,"events":`...)
 	b = strconv.AppendInt(b, r.Events, 10)
+	if r.Saturated() {
+		b = append(b, `,"saturated":true`...)
+	}
 	b = append(b, `,"dimensions":{`...)
 	for i, d := range e.q.GroupBy {
 		if i > 0 {

@@ -2,8 +2,10 @@ package report_test
 
 import (
 	"context"
+	"database/sql"
 	"encoding/json"
 	"io"
+	"math"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -14,6 +16,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	ch "github.com/ClickHouse/clickhouse-go/v2"
 
 	"github.com/meterd/meterd/aggregator"
 	"github.com/meterd/meterd/aggregator/clickhouse"
@@ -94,19 +98,59 @@ func catalog(t testing.TB) *billing.Catalog {
 
 // stores runs fn against each store filled with events.
 func stores(t *testing.T, fn func(t *testing.T, srv *httptest.Server)) {
-	storesWith(t, events, fn)
+	storesWith(t, events, nil, fn)
 }
 
-// storesWith runs fn against each store filled with evs.
-func storesWith(t *testing.T, evs []schemas.Event, fn func(t *testing.T, srv *httptest.Server)) {
+// addRollup inserts a row into a store's rollups_hourly behind its back.
+type addRollup func(tenant, meter string, hour time.Time, value, events int64)
+
+// storesWith runs fn against each store filled with evs and then with the
+// rollup rows extra adds.
+func storesWith(t *testing.T, evs []schemas.Event, extra func(add addRollup), fn func(t *testing.T, srv *httptest.Server)) {
 	for _, name := range []string{"sqlite", "clickhouse"} {
 		t.Run(name, func(t *testing.T) {
 			var st aggregator.Store
+			var add addRollup
 			var err error
 			if name == "sqlite" {
-				st, err = sqlite.New(sqlite.Config{Path: filepath.Join(t.TempDir(), "m.db")})
+				path := filepath.Join(t.TempDir(), "m.db")
+				st, err = sqlite.New(sqlite.Config{Path: path})
+				add = func(tenant, meter string, hour time.Time, value, events int64) {
+					db, err := sql.Open("sqlite", path)
+					if err == nil {
+						_, err = db.Exec(`INSERT INTO rollups_hourly (tenant, meter, hour, dims_key, value, events) VALUES (?, ?, ?, '', ?, ?)`,
+							tenant, meter, hour.Unix(), value, events)
+						db.Close()
+					}
+					if err != nil {
+						t.Fatal(err)
+					}
+				}
 			} else {
-				st, err = clickhouse.New(context.Background(), clickhouse.Config{DSN: chtest.DSN(t)})
+				dsn := chtest.DSN(t)
+				st, err = clickhouse.New(context.Background(), clickhouse.Config{DSN: dsn})
+				add = func(tenant, meter string, hour time.Time, value, events int64) {
+					opts, err := ch.ParseDSN(dsn)
+					if err != nil {
+						t.Fatal(err)
+					}
+					conn, err := ch.Open(opts)
+					if err != nil {
+						t.Fatal(err)
+					}
+					defer conn.Close()
+					ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+					defer cancel()
+					b, err := conn.PrepareBatch(ctx, `INSERT INTO rollups_hourly (tenant, meter, hour, dims_key, value, events)`)
+					if err == nil {
+						if err = b.Append(tenant, meter, hour, "", value, events); err == nil {
+							err = b.Send()
+						}
+					}
+					if err != nil {
+						t.Fatal(err)
+					}
+				}
 			}
 			if err != nil {
 				t.Fatal(err)
@@ -114,6 +158,9 @@ func storesWith(t *testing.T, evs []schemas.Event, fn func(t *testing.T, srv *ht
 			t.Cleanup(func() { st.Close() })
 			if _, err := st.Apply(context.Background(), []*schemas.Batch{{ID: "b1", Events: evs}}); err != nil {
 				t.Fatal(err)
+			}
+			if extra != nil {
+				extra(add)
 			}
 			keys, err := auth.NewKeys([]auth.Key{{Key: adminKey, Admin: true}, {Key: acmeKey, Tenant: "acme"}})
 			if err != nil {
@@ -285,6 +332,45 @@ func TestReportCalendarWindows(t *testing.T) {
 			"acme api_calls 2026-03-30T00:00:00Z 16 1 route=/a method=POST",
 			"acme api_calls 2026-03-31T00:00:00Z 96 2 route=/b method=",
 		)
+	})
+}
+
+// TestReportSaturatedTotals: a tenant whose usage sums beyond int64 (rows
+// written behind the store's back: no accepted event can get there) reads
+// as math.MaxInt64, flagged saturated, in every window, never negative; the
+// reports of everyone else still answer 200 with exact numbers. Before, the
+// sum wrapped negative on ClickHouse and failed every report covering the
+// row with a 503 on SQLite.
+func TestReportSaturatedTotals(t *testing.T) {
+	const maxI64 = math.MaxInt64
+	big := func(add addRollup) {
+		add("hog", "api_calls", at("2026-02-01T10:00:00Z"), maxI64, 1)
+		add("hog", "api_calls", at("2026-02-02T10:00:00Z"), maxI64, 1)
+		add("hog", "api_calls", at("2026-02-02T11:00:00Z"), 1, 1)
+	}
+	storesWith(t, events, big, func(t *testing.T, srv *httptest.Server) {
+		a := get(t, srv, adminKey, "from=2026-02-01T00:00:00Z&to=2026-02-03T00:00:00Z&window=day")
+		want(t, "admin, day", rows(t, a),
+			"acme tokens 2026-02-01T00:00:00Z 1000 1",
+			"globex api_calls 2026-02-01T00:00:00Z 300 2",
+			"globex api_calls 2026-02-02T00:00:00Z 400 1",
+			"hog api_calls 2026-02-01T00:00:00Z 9223372036854775807 1",
+			"hog api_calls 2026-02-02T00:00:00Z 9223372036854775807 2",
+			"nobody api_calls 2026-02-01T00:00:00Z 9 1")
+		if n := strings.Count(a.body, `"saturated":true`); n != 2 {
+			t.Errorf("%d rows flagged saturated, want 2: %s", n, a.body)
+		}
+		a = get(t, srv, adminKey, "tenant=hog&from=2026-02-01T00:00:00Z&to=2026-03-01T00:00:00Z&window=period")
+		want(t, "hog, period", rows(t, a), "hog api_calls 2026-02-01T00:00:00Z 9223372036854775807 3")
+		a = get(t, srv, acmeKey, "from=2026-01-01T00:00:00Z&to=2026-04-01T00:00:00Z&window=month")
+		want(t, "acme's own key", rows(t, a),
+			"acme api_calls 2026-01-01T00:00:00Z 3 2",
+			"acme api_calls 2026-02-01T00:00:00Z 12 2",
+			"acme api_calls 2026-03-01T00:00:00Z 112 3",
+			"acme tokens 2026-02-01T00:00:00Z 1000 1")
+		if strings.Contains(a.body, "saturated") {
+			t.Errorf("acme's exact report flagged saturated: %s", a.body)
+		}
 	})
 }
 
@@ -461,7 +547,7 @@ func TestReportCSVInjection(t *testing.T) {
 		ev("acme", "c8", "api_calls", 128, "2026-02-01T10:00:00Z", "route", "'quoted"),
 		ev("-1-2", "c9", "api_calls", 256, "2026-02-01T10:00:00Z", "route", "/x"),
 	}
-	storesWith(t, evs, func(t *testing.T, srv *httptest.Server) {
+	storesWith(t, evs, nil, func(t *testing.T, srv *httptest.Server) {
 		const q = "window=month&group_by=route&from=2026-02-01T00:00:00Z&to=2026-03-01T00:00:00Z"
 		a := get(t, srv, adminKey, "format=csv&"+q)
 		const wantCSV = "tenant,meter,window_start,window_end,route,value,events\n" +

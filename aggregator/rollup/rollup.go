@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/meterd/meterd/aggregator"
+	"github.com/meterd/meterd/internal/saturating"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -60,14 +61,31 @@ type Key struct {
 // Sum is the content of a rollup row.
 type Sum struct{ Value, Events int64 }
 
+// Plus returns s + o, each sum saturating (internal/saturating).
+func (s Sum) Plus(o Sum) Sum {
+	return Sum{Value: saturating.Add(s.Value, o.Value), Events: saturating.Add(s.Events, o.Events)}
+}
+
+// Parts are the sums a store's query selects for a group of rows: of the
+// values and of the event counts, each split into its high and low parts
+// (v / 2^32 and v % 2^32, internal/saturating.PartBits), so that neither
+// sum can overflow in the database whatever the rows hold.
+type Parts struct{ ValueHi, ValueLo, EventsHi, EventsLo int64 }
+
+// Dest returns the scan destinations of the four sums, in that order.
+func (p *Parts) Dest() []any { return []any{&p.ValueHi, &p.ValueLo, &p.EventsHi, &p.EventsLo} }
+
+// Sum returns the sums the parts make up, saturated where they lie beyond
+// int64 and exact everywhere else.
+func (p Parts) Sum() Sum {
+	return Sum{Value: saturating.Join(p.ValueHi, p.ValueLo), Events: saturating.Join(p.EventsHi, p.EventsLo)}
+}
+
 // Rows sums usage per rollup row. The zero value is not usable; make one.
 type Rows map[Key]Sum
 
 // Add adds s to the row k.
-func (r Rows) Add(k Key, s Sum) {
-	old := r[k]
-	r[k] = Sum{Value: old.Value + s.Value, Events: old.Events + s.Events}
-}
+func (r Rows) Add(k Key, s Sum) { r[k] = r[k].Plus(s) }
 
 // AddEvent counts e, whose dimensions key is dims, in its row.
 func (r Rows) AddEvent(e *schemas.Event, dims string) {
@@ -91,8 +109,7 @@ func (r Rows) Increments() []aggregator.Increment {
 	byHour := make(map[hourKey]Sum, len(r))
 	for k, s := range r {
 		hk := hourKey{k.Tenant, k.Meter, k.Hour}
-		old := byHour[hk]
-		byHour[hk] = Sum{Value: old.Value + s.Value, Events: old.Events + s.Events}
+		byHour[hk] = byHour[hk].Plus(s)
 	}
 	incs := make([]aggregator.Increment, 0, len(byHour))
 	for k, s := range byHour {
@@ -256,22 +273,30 @@ type UsageRows interface {
 
 // ScanUsage calls fn with each row of rows, read as it comes, whose columns
 // are tenant, meter, the start of the bucket (Unix seconds, int64), the
-// values of the groups grouped dimensions and the sums of values and events.
-// It passes fn one UsageRow, overwritten for every row. It returns the error
-// of fn unchanged as stop and stops there, or the error of rows as err.
+// values of the groups grouped dimensions and the Parts of the sums of
+// values and events; a row of no events (corrections that cancel out) is
+// left out. It passes fn one UsageRow, overwritten for every row. It returns
+// the error of fn unchanged as stop and stops there, or the error of rows as
+// err.
 func ScanUsage(rows UsageRows, groups int, fn func(*aggregator.UsageRow) error) (stop, err error) {
 	row := aggregator.UsageRow{Dims: make([]string, groups)}
 	var start int64
-	dest := make([]any, 0, groups+5)
+	var parts Parts
+	dest := make([]any, 0, groups+7)
 	dest = append(dest, &row.Tenant, &row.Meter, &start)
 	for i := range row.Dims {
 		dest = append(dest, &row.Dims[i])
 	}
-	dest = append(dest, &row.Value, &row.Events)
+	dest = append(dest, parts.Dest()...)
 	for rows.Next() {
 		if err := rows.Scan(dest...); err != nil {
 			return nil, err
 		}
+		sum := parts.Sum()
+		if sum.Events == 0 {
+			continue
+		}
+		row.Value, row.Events = sum.Value, sum.Events
 		row.Start = Time(start)
 		if err := fn(&row); err != nil {
 			return err, nil

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"math"
 	"slices"
 	"testing"
 	"time"
@@ -91,6 +92,24 @@ func TestIncrements(t *testing.T) {
 		{Tenant: "acme", Meter: "tokens", Hour: Time(h0), Value: 3, Events: 1},
 		{Tenant: "globex", Meter: "api_calls", Hour: Time(h0), Value: 5, Events: 1},
 	}
+	if got := r.Increments(); !slices.Equal(got, want) {
+		t.Errorf("Increments() = %v, want %v", got, want)
+	}
+}
+
+// TestRowsSaturate: rows and increments that would pass 2^63 stay at
+// math.MaxInt64 instead of wrapping negative.
+func TestRowsSaturate(t *testing.T) {
+	h0 := sec("2026-01-31T23:00:00Z")
+	r := Rows{}
+	k := Key{"acme", "api_calls", h0, ""}
+	r.Add(k, Sum{math.MaxInt64, 1})
+	r.Add(k, Sum{1, 1})
+	r.Add(Key{"acme", "api_calls", h0, `{"a":"b"}`}, Sum{math.MaxInt64, math.MaxInt64})
+	if got := r[k]; got != (Sum{math.MaxInt64, 2}) {
+		t.Errorf("row = %+v, want {MaxInt64 2}", got)
+	}
+	want := []aggregator.Increment{{Tenant: "acme", Meter: "api_calls", Hour: Time(h0), Value: math.MaxInt64, Events: math.MaxInt64}}
 	if got := r.Increments(); !slices.Equal(got, want) {
 		t.Errorf("Increments() = %v, want %v", got, want)
 	}

@@ -86,7 +86,7 @@ func usageQuery(q aggregator.UsageQuery, sp rollup.Span) (string, []any) {
 		fmt.Fprintf(&sb, `, coalesce(json_extract(nullif(dims_key, ''), %s), '')`, p.add(`$."`+d+`"`))
 		order += ", " + strconv.Itoa(4+i)
 	}
-	sb.WriteString(`, SUM(v), SUM(n) FROM (`)
+	sb.WriteString(`, ` + sumParts + ` FROM (`)
 	if !sp.Hours.Empty() {
 		fmt.Fprintf(&sb, `
 		SELECT tenant, meter, %s AS bucket, dims_key, value AS v, events AS n FROM rollups_hourly
@@ -109,7 +109,7 @@ func usageQuery(q aggregator.UsageQuery, sp rollup.Span) (string, []any) {
 		WHERE (%s)%s`, bucket(q.Granularity, "time"), strings.Join(conds, " OR "), filter)
 	}
 	fmt.Fprintf(&sb, `
-	) GROUP BY %s HAVING SUM(n) != 0 ORDER BY %s`, order, order)
+	) GROUP BY %s ORDER BY %s`, order, order)
 	return sb.String(), p
 }
 

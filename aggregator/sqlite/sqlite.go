@@ -29,6 +29,7 @@ import (
 
 	"github.com/meterd/meterd/aggregator"
 	"github.com/meterd/meterd/aggregator/rollup"
+	"github.com/meterd/meterd/internal/saturating"
 	"github.com/meterd/meterd/schemas"
 	"github.com/meterd/meterd/schemas/migrations"
 )
@@ -87,11 +88,19 @@ func insertEventsSQL(n int) string {
 		values(n, 8) + ` RETURNING tenant, id`
 }
 
-// addRollupsSQL adds n rows to the rollups.
+// addRollupsSQL adds n rows to the rollups. The additions saturate: an
+// integer sum beyond int64 becomes a REAL in SQLite, which CAST clamps to
+// the nearest int64 (internal/saturating).
 func addRollupsSQL(n int) string {
 	return `INSERT INTO rollups_hourly (tenant, meter, hour, dims_key, value, events) VALUES ` + values(n, 6) + `
-		ON CONFLICT (tenant, meter, hour, dims_key) DO UPDATE SET value = value + excluded.value, events = events + excluded.events`
+		ON CONFLICT (tenant, meter, hour, dims_key) DO UPDATE SET
+		value = CAST(value + excluded.value AS INTEGER), events = CAST(events + excluded.events AS INTEGER)`
 }
+
+// sumParts selects the rollup.Parts of the sums of the columns v and n:
+// SUM of the values themselves raises "integer overflow" past int64, which
+// would fail every total and report covering the row, of every tenant.
+var sumParts = fmt.Sprintf(`SUM(v / %[1]d), SUM(v %% %[1]d), SUM(n / %[1]d), SUM(n %% %[1]d)`, saturating.PartDivisor)
 
 // stmtFor returns full, the statement for rowsPerInsert rows, or for fewer
 // rows a statement prepared in tx (closed with tx).
@@ -326,22 +335,24 @@ func (s *Store) addRollups(tx *sql.Tx, rows rollup.Rows) error {
 	return nil
 }
 
-// sumQuery selects tenant, meter, the sum of values and the number of events
-// in a span: rollups for its whole hours (args 1-2), raw events for its edges
-// (args 3-6) read through the time index (by the (tenant, id) key the planner
-// would read all of a tenant's events), with filter (naming tenant and meter)
-// added to both.
+// sumQuery selects tenant, meter and the Parts of the sum of values and of
+// the number of events in a span: rollups for its whole hours (args 1-2), raw
+// events for its edges (args 3-6) read through the time index (by the
+// (tenant, id) key the planner would read all of a tenant's events), with
+// filter (naming tenant and meter) added to both. Pairs whose sums are zero
+// are left out by the caller (scanSums).
 func sumQuery(filter string) string {
-	return `SELECT tenant, meter, SUM(v), SUM(n) FROM (
+	return `SELECT tenant, meter, ` + sumParts + ` FROM (
 		SELECT tenant, meter, value AS v, events AS n FROM rollups_hourly WHERE hour >= ?1 AND hour < ?2` + filter + `
 		UNION ALL
 		SELECT tenant, meter, value, 1 FROM events INDEXED BY events_by_time WHERE (time >= ?3 AND time < ?4 OR time >= ?5 AND time < ?6)` + filter + `
-	) GROUP BY tenant, meter HAVING SUM(v) != 0 OR SUM(n) != 0 ORDER BY tenant, meter`
+	) GROUP BY tenant, meter ORDER BY tenant, meter`
 }
 
 var (
-	totalQuery  = sumQuery(" AND tenant = ?7 AND meter = ?8")
-	totalsQuery = sumQuery("")
+	totalQuery        = sumQuery(" AND tenant = ?7 AND meter = ?8")
+	totalsQuery       = sumQuery("")
+	tenantTotalsQuery = sumQuery(" AND tenant = ?7")
 )
 
 // spanArgs returns the six range arguments of sumQuery.
@@ -354,48 +365,71 @@ func spanArgs(from, to time.Time) []any {
 
 // Total implements aggregator.Store.
 func (s *Store) Total(ctx context.Context, tenant, meter string, from, to time.Time) (int64, error) {
-	var t, m string
-	var value, events int64
-	err := s.db.QueryRowContext(ctx, totalQuery, append(spanArgs(from, to), tenant, meter)...).Scan(&t, &m, &value, &events)
-	if errors.Is(err, sql.ErrNoRows) {
-		return 0, nil
-	}
+	totals, err := s.sums(ctx, totalQuery, from, append(spanArgs(from, to), tenant, meter)...)
 	if err != nil {
 		return 0, fmt.Errorf("sqlite: total %s %s: %w", tenant, meter, err)
 	}
-	return value, nil
+	if len(totals) == 0 {
+		return 0, nil
+	}
+	return totals[0].Value, nil
 }
 
 // Totals implements aggregator.Store.
 func (s *Store) Totals(ctx context.Context, from, to time.Time) ([]aggregator.Increment, error) {
-	rows, err := s.db.QueryContext(ctx, totalsQuery, spanArgs(from, to)...)
+	totals, err := s.sums(ctx, totalsQuery, from, spanArgs(from, to)...)
 	if err != nil {
 		return nil, fmt.Errorf("sqlite: totals: %w", err)
 	}
-	defer rows.Close()
-	var out []aggregator.Increment
-	for rows.Next() {
-		inc := aggregator.Increment{Hour: from}
-		if err := rows.Scan(&inc.Tenant, &inc.Meter, &inc.Value, &inc.Events); err != nil {
-			return nil, fmt.Errorf("sqlite: totals: %w", err)
-		}
-		out = append(out, inc)
-	}
-	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("sqlite: totals: %w", err)
-	}
-	return out, nil
+	return totals, nil
 }
 
-// rollupDiff selects, per rollup row of the hours [?1, ?2), the raw sums less
-// the rollup sums where they differ: the deltas that repair the rollups.
-const rollupDiff = `SELECT tenant, meter, hour, dims_key, SUM(v), SUM(n) FROM (
-		SELECT tenant, meter, time - time % 3600 AS hour, dims_key, value AS v, 1 AS n
+// TenantTotals implements aggregator.Store.
+func (s *Store) TenantTotals(ctx context.Context, tenant string, from, to time.Time) ([]aggregator.Increment, error) {
+	totals, err := s.sums(ctx, tenantTotalsQuery, from, append(spanArgs(from, to), tenant)...)
+	if err != nil {
+		return nil, fmt.Errorf("sqlite: totals of %s: %w", tenant, err)
+	}
+	return totals, nil
+}
+
+// sums runs a sumQuery and returns its non-zero sums as increments of hour
+// from.
+func (s *Store) sums(ctx context.Context, query string, from time.Time, args ...any) ([]aggregator.Increment, error) {
+	rows, err := s.db.QueryContext(ctx, query, args...)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []aggregator.Increment
+	var parts rollup.Parts
+	inc := aggregator.Increment{Hour: from}
+	dest := append([]any{&inc.Tenant, &inc.Meter}, parts.Dest()...)
+	for rows.Next() {
+		if err := rows.Scan(dest...); err != nil {
+			return nil, err
+		}
+		if sum := parts.Sum(); sum != (rollup.Sum{}) {
+			inc.Value, inc.Events = sum.Value, sum.Events
+			out = append(out, inc)
+		}
+	}
+	return out, rows.Err()
+}
+
+// rollupDiff selects, per rollup row of the hours [?1, ?2), the Parts of the
+// raw sums less the rollup sums where they may differ (all parts zero means
+// no difference): once joined and not zero, the deltas that repair the
+// rollups. The rollups' parts are negated rather than their
+// values, which are bounded by 2^32 where a value may be -2^63.
+var rollupDiff = fmt.Sprintf(`SELECT tenant, meter, hour, dims_key, SUM(vh), SUM(vl), SUM(nh), SUM(nl) FROM (
+		SELECT tenant, meter, time - time %% 3600 AS hour, dims_key, value / %[1]d AS vh, value %% %[1]d AS vl, 0 AS nh, 1 AS nl
 		FROM events WHERE time >= ?1 AND time < ?2
 		UNION ALL
-		SELECT tenant, meter, hour, dims_key, -value, -events
+		SELECT tenant, meter, hour, dims_key, -(value / %[1]d), -(value %% %[1]d), -(events / %[1]d), -(events %% %[1]d)
 		FROM rollups_hourly WHERE hour >= ?1 AND hour < ?2
-	) GROUP BY tenant, meter, hour, dims_key HAVING SUM(v) != 0 OR SUM(n) != 0`
+	) GROUP BY tenant, meter, hour, dims_key
+	HAVING SUM(vh) != 0 OR SUM(vl) != 0 OR SUM(nh) != 0 OR SUM(nl) != 0`, saturating.PartDivisor)
 
 // Reconcile implements aggregator.Store in one transaction.
 func (s *Store) Reconcile(ctx context.Context, from, to time.Time) (int, error) {
@@ -414,12 +448,14 @@ func (s *Store) Reconcile(ctx context.Context, from, to time.Time) (int, error) 
 		}
 		for rows.Next() {
 			var k rollup.Key
-			var d rollup.Sum
-			if err := rows.Scan(&k.Tenant, &k.Meter, &k.Hour, &k.Dims, &d.Value, &d.Events); err != nil {
+			var parts rollup.Parts
+			if err := rows.Scan(append([]any{&k.Tenant, &k.Meter, &k.Hour, &k.Dims}, parts.Dest()...)...); err != nil {
 				rows.Close()
 				return err
 			}
-			deltas[k] = d
+			if d := parts.Sum(); d != (rollup.Sum{}) {
+				deltas[k] = d
+			}
 		}
 		if err := rows.Close(); err != nil {
 			return err

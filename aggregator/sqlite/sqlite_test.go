@@ -2,7 +2,9 @@ package sqlite
 
 import (
 	"database/sql"
+	"math"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 
@@ -35,6 +37,29 @@ func newStore(t testing.TB) *Store {
 
 func TestConformance(t *testing.T) {
 	storetest.Run(t, func(t *testing.T) aggregator.Store { return corruptible{newStore(t)} })
+}
+
+// TestRollupRowSaturates: a rollup row of SQLite holds its sum in one
+// INTEGER; an addition beyond int64 saturates there instead of turning the
+// row into a REAL that no total could read.
+func TestRollupRowSaturates(t *testing.T) {
+	s := corruptible{newStore(t)}
+	h := time.Date(2026, 1, 31, 23, 0, 0, 0, time.UTC)
+	s.AddToRollup(t, "acme", "api_calls", h, nil, math.MaxInt64-1, 1)
+	s.AddToRollup(t, "acme", "api_calls", h, nil, 5, 1)
+	s.AddToRollup(t, "globex", "api_calls", h, nil, 3, 1)
+	var value any
+	if err := s.db.QueryRow(`SELECT value FROM rollups_hourly WHERE tenant = 'acme'`).Scan(&value); err != nil || value != int64(math.MaxInt64) {
+		t.Fatalf("rollup value = %#v, %v; want int64 %d", value, err, int64(math.MaxInt64))
+	}
+	got, err := s.Totals(t.Context(), h, h.Add(time.Hour))
+	want := []aggregator.Increment{
+		{Tenant: "acme", Meter: "api_calls", Hour: h, Value: math.MaxInt64, Events: 2},
+		{Tenant: "globex", Meter: "api_calls", Hour: h, Value: 3, Events: 1},
+	}
+	if err != nil || !slices.Equal(got, want) {
+		t.Errorf("Totals = %v, %v; want %v", got, err, want)
+	}
 }
 
 func TestReopenKeepsEventsAndSkipsMigrations(t *testing.T) {

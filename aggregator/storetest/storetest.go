@@ -52,6 +52,8 @@ func Run(t *testing.T, newStore func(t *testing.T) aggregator.Store) {
 		{"UsageDimensionValues", testUsageDimensionValues},
 		{"UsageCorrectionsCancelOut", testUsageCorrection},
 		{"UsageMatchesOracle", testUsageOracle},
+		{"MaxValueSumsExactly", testMaxValueSumsExactly},
+		{"SumsSaturate", testSumsSaturate},
 		{"Ping", func(t *testing.T, s aggregator.Store) {
 			if err := s.Ping(t.Context()); err != nil {
 				t.Fatalf("Ping: %v", err)
@@ -144,6 +146,15 @@ func checkTotals(t *testing.T, s aggregator.Store, from, to time.Time, want ...s
 		}
 	}
 	checkIncs(t, fmt.Sprintf("Totals(%s, %s)", from.Format(time.RFC3339), to.Format(time.RFC3339)), got, want...)
+}
+
+func checkTenantTotals(t *testing.T, s aggregator.Store, tenant string, from, to time.Time, want ...string) {
+	t.Helper()
+	got, err := s.TenantTotals(t.Context(), tenant, from, to)
+	if err != nil {
+		t.Fatalf("TenantTotals(%s): %v", tenant, err)
+	}
+	checkIncs(t, fmt.Sprintf("TenantTotals(%s, %s, %s)", tenant, from.Format(time.RFC3339), to.Format(time.RFC3339)), got, want...)
 }
 
 func testRetriedEvent(t *testing.T, s aggregator.Store) {
@@ -337,6 +348,10 @@ func testTotals(t *testing.T, s aggregator.Store) {
 	checkTotals(t, s, at("2026-02-01T00:00:00Z"), at("2026-03-01T00:00:00Z"),
 		inc("acme", "api_calls", at("2026-02-01T00:00:00Z"), 110000, 2))
 	checkTotals(t, s, at("2026-03-01T00:00:00Z"), at("2026-04-01T00:00:00Z"))
+	checkTenantTotals(t, s, "acme", at("2026-01-31T22:59:59Z"), at("2026-02-01T01:00:00Z"),
+		inc("acme", "api_calls", at("2026-01-31T22:59:59Z"), 11111, 5), inc("acme", "tokens", at("2026-01-31T22:59:59Z"), 7, 1))
+	checkTenantTotals(t, s, "globex", at("2026-02-01T00:00:00Z"), at("2026-03-01T00:00:00Z"))
+	checkTenantTotals(t, s, "nobody", at("2026-01-01T00:00:00Z"), at("2026-02-01T00:00:00Z"))
 }
 
 func testReconcileClean(t *testing.T, s aggregator.Store) {
