@@ -100,7 +100,6 @@ func aggregatorFlags(fs *flag.FlagSet, c *config.Aggregator) {
 		strconv.Itoa(aggregator.CatchUpFactor)+" × fetch-batch; fetch-batch or less: off)")
 	fs.DurationVar(&c.FetchWait, "fetch-wait", or(c.FetchWait, aggregator.DefaultFetchWait), "longest wait to fill a flush")
 	fs.DurationVar(&c.AckWait, "ack-wait", or(c.AckWait, aggregator.DefaultAckWait), "JetStream redelivery timer")
-	fs.IntVar(&c.MaxDeliver, "max-deliver", or(c.MaxDeliver, aggregator.DefaultMaxDeliver), "deliveries of one batch before it is dead-lettered")
 }
 
 // ensureStreams declares METERD_USAGE and METERD_DLQ.
@@ -139,7 +138,7 @@ func (a *app) openStore(ctx context.Context, c config.Aggregator) (aggregator.St
 func (a *app) addAggregator(nc *nats.Conn, store aggregator.Store, c config.Aggregator, partitions int) error {
 	agg, err := aggregator.New(aggregator.Config{
 		NATS: nc, Store: store, Durable: c.Durable, Partitions: partitions,
-		FetchBatch: c.FetchBatch, CatchUpBatch: c.CatchUpBatch, FetchWait: c.FetchWait, AckWait: c.AckWait, MaxDeliver: c.MaxDeliver,
+		FetchBatch: c.FetchBatch, CatchUpBatch: c.CatchUpBatch, FetchWait: c.FetchWait, AckWait: c.AckWait,
 		Logger: a.log, Registerer: a.reg,
 	})
 	if err != nil {

@@ -74,7 +74,6 @@ type Aggregator struct {
 	CatchUpBatch int           `yaml:"catch_up_batch"`
 	FetchWait    time.Duration `yaml:"fetch_wait"`
 	AckWait      time.Duration `yaml:"ack_wait"`
-	MaxDeliver   int           `yaml:"max_deliver"`
 }
 
 // Enforcer holds the enforcer's settings; its store is the aggregator's.
