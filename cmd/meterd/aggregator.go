@@ -108,7 +108,8 @@ func ensureStreams(ctx context.Context, nc *nats.Conn, n config.NATS, replicas i
 	if err != nil {
 		return err
 	}
-	return broker.EnsureStreams(ctx, js, broker.StreamsConfig{Replicas: replicas, DuplicateWindow: n.DuplicateWindow})
+	return broker.EnsureStreams(ctx, js, broker.StreamsConfig{Replicas: replicas, DuplicateWindow: n.DuplicateWindow,
+		UsageMaxBytes: n.UsageMaxBytes, DLQMaxBytes: n.DLQMaxBytes})
 }
 
 // openStore opens ClickHouse when a DSN is set, else the embedded store.
@@ -148,8 +149,12 @@ func (a *app) addAggregator(nc *nats.Conn, store aggregator.Store, c config.Aggr
 	if err != nil {
 		return err
 	}
+	trim, err := aggregator.NewTrimmer(aggregator.TrimmerConfig{NATS: nc, Durable: c.Durable, Logger: a.log, Registerer: a.reg})
+	if err != nil {
+		return err
+	}
 	a.checks["aggregator"] = agg.Ready
-	a.workers = append(a.workers, agg, rec)
+	a.workers = append(a.workers, agg, rec, trim)
 	return nil
 }
 

@@ -126,6 +126,10 @@ func natsFlags(fs *flag.FlagSet, n *config.NATS) {
 	fs.StringVar(&n.TLSKey, "nats-tls-key", n.TLSKey, "client key for NATS")
 	fs.IntVar(&n.Replicas, "nats-replicas", or(n.Replicas, 3), "replicas of the streams meterd creates")
 	fs.DurationVar(&n.DuplicateWindow, "duplicate-window", or(n.DuplicateWindow, broker.DefaultDuplicateWindow), "how long JetStream remembers a batch_id")
+	fs.Int64Var(&n.UsageMaxBytes, "usage-max-bytes", or(n.UsageMaxBytes, broker.DefaultUsageMaxBytes),
+		"bound of METERD_USAGE (no age limit): when full, publishes fail and collectors spool, then answer 429")
+	fs.Int64Var(&n.DLQMaxBytes, "dlq-max-bytes", or(n.DLQMaxBytes, broker.DefaultDLQMaxBytes),
+		"bound of METERD_DLQ: when full, a batch that cannot be processed stays in METERD_USAGE")
 }
 
 func collectorFlags(fs *flag.FlagSet, c *config.Collector, spoolDir string) {

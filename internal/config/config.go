@@ -43,6 +43,8 @@ type NATS struct {
 	TLSKey          string        `yaml:"tls_key"`
 	Replicas        int           `yaml:"replicas"`
 	DuplicateWindow time.Duration `yaml:"duplicate_window"`
+	UsageMaxBytes   int64         `yaml:"usage_max_bytes"`
+	DLQMaxBytes     int64         `yaml:"dlq_max_bytes"`
 }
 
 // Collector holds the collector's settings.
