@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -458,6 +459,10 @@ func (a *Aggregator) committed(incs []Increment, batches []*schemas.Batch) {
 	a.metrics.duplicates.Add(float64(received - events))
 }
 
+// maxReason bounds the reason header of a dead letter, so that the copy of a
+// batch near the maximum message size still fits.
+const maxReason = 1024
+
 // deadLetter copies m to meterd.dlq.<subject> with the reason in a header and
 // terminates it on the usage stream. If the DLQ publish fails, m is left
 // unacknowledged and comes back: nothing is dropped silently.
@@ -466,7 +471,13 @@ func (a *Aggregator) deadLetter(m jetstream.Msg, reason string) {
 	for k, v := range m.Headers() {
 		dlq.Header[k] = v
 	}
+	if len(reason) > maxReason {
+		reason = strings.ToValidUTF8(reason[:maxReason], "") + "…"
+	}
 	dlq.Header.Set(schemas.HeaderDLQReason, reason)
+	if id := m.Headers().Get(jetstream.MsgIDHeader); id != "" {
+		dlq.Header.Set(schemas.HeaderDLQBatchID, id)
+	}
 	// The batch_id and the stream sequence find the batch again: in the
 	// DLQ, in the collector's logs, in METERD_USAGE.
 	log := a.log.With("batch_id", m.Headers().Get(jetstream.MsgIDHeader), "subject", m.Subject())
