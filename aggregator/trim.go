@@ -44,7 +44,9 @@ type Trimmer struct {
 	log *slog.Logger
 	js  jetstream.JetStream
 
-	bytes, maxBytes, msgs *prometheus.GaugeVec
+	// The fill of each stream: bytes held and the byte bound.
+	usageBytes, usageLimit      prometheus.Gauge
+	dlqBytes, dlqLimit, dlqMsgs prometheus.Gauge
 }
 
 // NewTrimmer builds a Trimmer.
@@ -70,17 +72,23 @@ func NewTrimmer(cfg TrimmerConfig) (*Trimmer, error) {
 	}
 	t := &Trimmer{
 		cfg: cfg, log: cfg.Logger.With("component", "trimmer"), js: js,
-		bytes: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Name: "meterd_stream_bytes", Help: "Bytes held by a meterd JetStream stream (METERD_USAGE: batches not yet committed; METERD_DLQ: dead letters).",
-		}, []string{"stream"}),
-		maxBytes: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Name: "meterd_stream_max_bytes", Help: "The stream's byte bound: past it, publishes to it fail (DiscardNew).",
-		}, []string{"stream"}),
-		msgs: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Name: "meterd_stream_messages", Help: "Messages held by a meterd JetStream stream.",
-		}, []string{"stream"}),
+		usageBytes: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "meterd_aggregator_usage_stream_bytes", Help: "Bytes held by METERD_USAGE: batches not yet committed (committed ones are trimmed).",
+		}),
+		usageLimit: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "meterd_aggregator_usage_stream_limit_bytes", Help: "The byte bound of METERD_USAGE: past it, publishes fail and collectors spool, then answer 429.",
+		}),
+		dlqBytes: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "meterd_aggregator_dlq_bytes", Help: "Bytes held by METERD_DLQ.",
+		}),
+		dlqLimit: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "meterd_aggregator_dlq_limit_bytes", Help: "The byte bound of METERD_DLQ: past it, dead letters stay in METERD_USAGE.",
+		}),
+		dlqMsgs: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "meterd_aggregator_dlq_messages", Help: "Batches in METERD_DLQ: usage not counted until replayed (meterd dlq).",
+		}),
 	}
-	for _, c := range []prometheus.Collector{t.bytes, t.maxBytes, t.msgs} {
+	for _, c := range []prometheus.Collector{t.usageBytes, t.usageLimit, t.dlqBytes, t.dlqLimit, t.dlqMsgs} {
 		if err := cfg.Registerer.Register(c); err != nil {
 			return nil, err
 		}
@@ -114,16 +122,22 @@ func (t *Trimmer) Trim(ctx context.Context) error {
 	if err := t.purge(ctx); err != nil {
 		errs = append(errs, err)
 	}
-	for _, name := range []string{schemas.UsageStream, schemas.DLQStream} {
-		s, err := t.js.Stream(ctx, name)
+	for _, st := range []struct {
+		name         string
+		bytes, limit prometheus.Gauge
+		msgs         prometheus.Gauge
+	}{{schemas.UsageStream, t.usageBytes, t.usageLimit, nil}, {schemas.DLQStream, t.dlqBytes, t.dlqLimit, t.dlqMsgs}} {
+		s, err := t.js.Stream(ctx, st.name)
 		if err != nil {
-			errs = append(errs, fmt.Errorf("stream %s: %w", name, err))
+			errs = append(errs, fmt.Errorf("stream %s: %w", st.name, err))
 			continue
 		}
 		info := s.CachedInfo()
-		t.bytes.WithLabelValues(name).Set(float64(info.State.Bytes))
-		t.maxBytes.WithLabelValues(name).Set(float64(info.Config.MaxBytes))
-		t.msgs.WithLabelValues(name).Set(float64(info.State.Msgs))
+		st.bytes.Set(float64(info.State.Bytes))
+		st.limit.Set(float64(info.Config.MaxBytes))
+		if st.msgs != nil {
+			st.msgs.Set(float64(info.State.Msgs))
+		}
 	}
 	return errors.Join(errs...)
 }

@@ -7,6 +7,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/meterd/meterd/aggregator"
+	"github.com/meterd/meterd/internal/broker"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -19,7 +20,7 @@ func TestTrimmerRemovesOnlyAcknowledged(t *testing.T) {
 	for _, id := range []string{"a", "b", "c"} {
 		env.publish(t, id, ev("acme", id, 1, 0))
 	}
-	trim, err := aggregator.NewTrimmer(aggregator.TrimmerConfig{NATS: env.nc})
+	trim, err := aggregator.NewTrimmer(aggregator.TrimmerConfig{NATS: env.nc, Registerer: env.reg})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -35,6 +36,9 @@ func TestTrimmerRemovesOnlyAcknowledged(t *testing.T) {
 	}
 	if n := msgs(); n != 3 {
 		t.Fatalf("no consumer yet: %d messages left, want 3", n)
+	}
+	if b, l := metric(t, env.reg, "meterd_aggregator_usage_stream_bytes"), metric(t, env.reg, "meterd_aggregator_usage_stream_limit_bytes"); b <= 0 || l != float64(broker.DefaultUsageMaxBytes) {
+		t.Fatalf("usage stream %v of %v bytes, want > 0 of %d", b, l, broker.DefaultUsageMaxBytes)
 	}
 	cons, err := env.js.CreateOrUpdateConsumer(t.Context(), schemas.UsageStream, env.agg.ConsumerConfig())
 	if err != nil {
@@ -63,6 +67,9 @@ func TestTrimmerRemovesOnlyAcknowledged(t *testing.T) {
 	env.start()
 	env.waitCommitted(t, 2, 0)
 	waitFor(t, func() bool { return trim.Trim(t.Context()) == nil && msgs() == 0 }, "committed batches not trimmed: %d left", msgs())
+	if b, d := metric(t, env.reg, "meterd_aggregator_usage_stream_bytes"), metric(t, env.reg, "meterd_aggregator_dlq_messages"); b != 0 || d != 0 {
+		t.Fatalf("after the trim: usage stream %v bytes, DLQ %v messages; want 0 and 0", b, d)
+	}
 	if got := env.total(t, "acme"); got != 2 {
 		t.Fatalf("acme total %d, want 2 (a was acknowledged outside the aggregator)", got)
 	}
