@@ -300,9 +300,8 @@ func (a *Aggregator) decode(msgs []jetstream.Msg) group {
 }
 
 // flush writes g in one Apply and acknowledges its messages after it
-// returned. A store failure is retried; a message that keeps failing while
-// the store is healthy is isolated and dead-lettered, so it never holds up
-// the ones behind it.
+// returned. A store failure is retried until it succeeds; an invalid batch
+// is isolated and dead-lettered, so it never holds up the ones behind it.
 func (a *Aggregator) flush(ctx context.Context, g group) error {
 	start := time.Now()
 	a.flushSince.Store(start.UnixNano())
