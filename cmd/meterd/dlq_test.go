@@ -233,6 +233,18 @@ func TestDLQReplayExactlyOnce(t *testing.T) {
 		t.Fatalf("DLQ after the replays: %+v, want only the undecodable letter %s", rows, junk)
 	}
 
+	// A batch that is still invalid (an event time no store can hold) is
+	// refused, and stays.
+	e.deadLetter(t, "bad", e.batch(t, "bad", schemas.Event{ID: "x", Tenant: "acme", Meter: "api_calls", Value: 1, Time: time.Date(1969, 7, 20, 20, 17, 0, 0, time.UTC)}))
+	rows = e.list(t)
+	if len(rows) != 2 {
+		t.Fatalf("DLQ: %+v, want the undecodable and the invalid letter", rows)
+	}
+	code, _, errOut = cli(t, "dlq", "replay", strconv.FormatUint(rows[1].Seq, 10), "--nats-url", e.url)
+	if code != 1 || !strings.Contains(errOut, "still invalid") || len(e.list(t)) != 2 {
+		t.Fatalf("replaying an invalid batch: exit %d, %s", code, errOut)
+	}
+
 	for _, args := range [][]string{
 		{"dlq"},
 		{"dlq", "frob"},

@@ -22,6 +22,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/meterd/meterd/aggregator/rollup"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -140,8 +141,8 @@ type Replayed struct {
 
 // Replay republishes the letter at seq on its original subject and deletes
 // it from METERD_DLQ once JetStream acknowledged the republish. A letter
-// whose batch cannot be decoded is refused: the aggregator would only
-// dead-letter it again.
+// whose batch cannot be decoded, or holds an event no store can hold, is
+// refused: the aggregator would only dead-letter it again.
 func (d *DLQ) Replay(ctx context.Context, seq uint64) (Replayed, error) {
 	s, err := d.stream(ctx)
 	if err != nil {
@@ -156,6 +157,11 @@ func (d *DLQ) Replay(ctx context.Context, seq uint64) (Replayed, error) {
 	}
 	if l.DecodeErr != nil {
 		return Replayed{Letter: l}, fmt.Errorf("dlq: letter %d cannot be decoded (%v): replaying it would dead-letter it again", seq, l.DecodeErr)
+	}
+	// The stores' own check: a batch that still fails it would only come
+	// back to the DLQ.
+	if err := rollup.Check([]*schemas.Batch{l.Batch}); err != nil {
+		return Replayed{Letter: l}, fmt.Errorf("dlq: letter %d is still invalid (%v): replaying it would dead-letter it again", seq, err)
 	}
 	msg := &nats.Msg{Subject: l.Subject, Data: l.Data, Header: nats.Header{}}
 	for k, v := range l.Header {
