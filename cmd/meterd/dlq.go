@@ -120,7 +120,13 @@ func runDLQ(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		if err != nil {
 			return c.explain(err)
 		}
-		return printLetters(stdout, c.format, letters)
+		if err := printLetters(stdout, c.format, letters); err != nil {
+			return err
+		}
+		if c.limit > 0 && len(letters) == c.limit {
+			fmt.Fprintf(stderr, "meterd: the first %d letters; more with --from %d (or --limit 0 for all)\n", c.limit, letters[len(letters)-1].Seq+1)
+		}
+		return nil
 	case "show":
 		l, err := q.Get(ctx, seq)
 		if err != nil {
