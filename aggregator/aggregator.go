@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -27,14 +28,12 @@ import (
 
 // Defaults of Config.
 const (
-	DefaultDurable     = "meterd-aggregator"
-	DefaultFetchBatch  = 20
-	CatchUpFactor      = 5 // CatchUpBatch is FetchBatch times this by default
-	DefaultFetchWait   = 100 * time.Millisecond
-	DefaultAckWait     = 10 * time.Second
-	DefaultMaxDeliver  = 10
-	DefaultStallAfter  = time.Minute
-	DefaultRetryBudget = 3 // failed applies of one message with a healthy store before it is dead-lettered
+	DefaultDurable    = "meterd-aggregator"
+	DefaultFetchBatch = 20
+	CatchUpFactor     = 5 // CatchUpBatch is FetchBatch times this by default
+	DefaultFetchWait  = 100 * time.Millisecond
+	DefaultAckWait    = 10 * time.Second
+	DefaultStallAfter = time.Minute
 )
 
 // Config configures an Aggregator.
@@ -63,9 +62,6 @@ type Config struct {
 	// AckWait is JetStream's redelivery timer; long store writes are kept
 	// alive with InProgress (default 10s).
 	AckWait time.Duration
-	// MaxDeliver bounds deliveries of one message; one delivered this often
-	// without success is dead-lettered instead (default 10).
-	MaxDeliver int
 	// StallAfter: /readyz fails when messages are pending and nothing was
 	// committed for this long (default 1m).
 	StallAfter time.Duration
@@ -100,9 +96,6 @@ func (c *Config) Validate() error {
 	if c.AckWait <= 0 {
 		c.AckWait = DefaultAckWait
 	}
-	if c.MaxDeliver <= 1 {
-		c.MaxDeliver = DefaultMaxDeliver
-	}
 	if c.StallAfter <= 0 {
 		c.StallAfter = DefaultStallAfter
 	}
@@ -127,6 +120,9 @@ type Aggregator struct {
 	flushSince atomic.Int64 // unix nanos the running flush started, 0 when none runs
 	pending    atomic.Int64 // messages not yet delivered, as of the last fetch
 	oldest     atomic.Int64 // unix nanos JetStream stored the first message of the group being written, 0 between writes
+	// storeFailure is set while store writes fail and are retried, nil
+	// once one succeeds.
+	storeFailure atomic.Pointer[storeFailure]
 }
 
 // New builds an Aggregator; Run creates its consumer.
@@ -139,7 +135,7 @@ func New(cfg Config) (*Aggregator, error) {
 		return nil, fmt.Errorf("aggregator: jetstream: %w", err)
 	}
 	a := &Aggregator{cfg: cfg, log: cfg.Logger.With("component", "aggregator"), js: js}
-	a.metrics, err = newMetrics(cfg.Registerer, a.lagSeconds)
+	a.metrics, err = newMetrics(cfg.Registerer, a.lagSeconds, a.storeFailingSeconds)
 	if err != nil {
 		return nil, err
 	}
@@ -156,9 +152,11 @@ func (a *Aggregator) ConsumerConfig() jetstream.ConsumerConfig {
 		AckPolicy:     jetstream.AckExplicitPolicy,
 		DeliverPolicy: jetstream.DeliverAllPolicy,
 		AckWait:       a.cfg.AckWait,
-		// One more than our own bound: the aggregator dead-letters a message
-		// at MaxDeliver itself, so the server never silently drops one.
-		MaxDeliver: a.cfg.MaxDeliver + 1,
+		// Unlimited: a message is dead-lettered for what it holds (it cannot
+		// be decoded or stored), never for how often it was delivered. A
+		// store outage across aggregator restarts redelivers valid batches
+		// many times, and a server-side bound would drop them silently.
+		MaxDeliver: -1,
 		// The writer's group, the one waiting for it and the one being
 		// fetched, with room to spare.
 		MaxAckPending: 4 * a.cfg.CatchUpBatch,
@@ -286,15 +284,10 @@ func (a *Aggregator) fetch(ctx context.Context, cons jetstream.Consumer) ([]jets
 	return msgs, ctx.Err()
 }
 
-// decode decodes msgs and dead-letters the undecodable ones and those
-// delivered too often.
+// decode decodes msgs and dead-letters the undecodable ones.
 func (a *Aggregator) decode(msgs []jetstream.Msg) group {
 	g := group{msgs: make([]jetstream.Msg, 0, len(msgs)), batches: make([]*schemas.Batch, 0, len(msgs))}
 	for _, m := range msgs {
-		if md, err := m.Metadata(); err == nil && md.NumDelivered > uint64(a.cfg.MaxDeliver) {
-			a.deadLetter(m, "delivered "+strconv.FormatUint(md.NumDelivered, 10)+" times without being committed")
-			continue
-		}
 		b, err := schemas.DecodeBatch(m.Headers().Get(schemas.HeaderContentType), m.Data())
 		if err != nil {
 			a.deadLetter(m, err.Error())
@@ -307,9 +300,8 @@ func (a *Aggregator) decode(msgs []jetstream.Msg) group {
 }
 
 // flush writes g in one Apply and acknowledges its messages after it
-// returned. A store failure is retried; a message that keeps failing while
-// the store is healthy is isolated and dead-lettered, so it never holds up
-// the ones behind it.
+// returned. A store failure is retried until it succeeds; an invalid batch
+// is isolated and dead-lettered, so it never holds up the ones behind it.
 func (a *Aggregator) flush(ctx context.Context, g group) error {
 	start := time.Now()
 	a.flushSince.Store(start.UnixNano())
@@ -319,22 +311,26 @@ func (a *Aggregator) flush(ctx context.Context, g group) error {
 	return err
 }
 
-// apply writes batches (of msgs) and acks them, retrying while the store is
-// down. When the store is up but rejects the group, each message is tried on
-// its own and dead-lettered after DefaultRetryBudget failures. The caller
-// keeps msgs alive.
+// apply writes batches (of msgs) and acks them. A store error of any kind
+// (down, read-only, a lock, too many parts, a timeout, a missing table) is
+// retried with backoff for as long as it lasts, and readiness fails
+// meanwhile: the batches are valid, only the store is not writing, and
+// dead-lettering them would leave accepted usage unbilled. Only
+// ErrInvalidEvent, which fails the same way on every try, isolates the
+// group: each message is applied on its own and the invalid ones are
+// dead-lettered. The caller keeps msgs alive.
 func (a *Aggregator) apply(ctx context.Context, msgs []jetstream.Msg, batches []*schemas.Batch) error {
 	bo := backoff.NewExponentialBackOff(
 		backoff.WithInitialInterval(100*time.Millisecond),
 		backoff.WithMaxInterval(5*time.Second),
 		backoff.WithMaxElapsedTime(0),
 	)
-	healthyFailures := 0
 	for {
 		start := time.Now()
 		incs, err := a.cfg.Store.Apply(ctx, batches)
 		a.metrics.storeSeconds.Observe(time.Since(start).Seconds())
 		if err == nil {
+			a.storeFailure.Store(nil)
 			a.committed(incs, batches)
 			a.ack(msgs)
 			return nil
@@ -344,30 +340,48 @@ func (a *Aggregator) apply(ctx context.Context, msgs []jetstream.Msg, batches []
 		}
 		a.metrics.storeErrors.Inc()
 		if errors.Is(err, ErrInvalidEvent) {
-			healthyFailures = DefaultRetryBudget // it fails the same way every time
-		} else if perr := a.cfg.Store.Ping(ctx); perr != nil {
-			a.log.Warn("store unavailable; retrying the flush", "err", err, "batches", len(batches))
-			healthyFailures = 0
-		} else {
-			healthyFailures++
-		}
-		if healthyFailures >= DefaultRetryBudget {
+			// Apply wrote nothing; the store is fine.
 			if len(msgs) == 1 {
-				a.deadLetter(msgs[0], "store rejected the batch: "+err.Error())
-				return err
+				a.deadLetter(msgs[0], "invalid batch: "+err.Error())
+				return nil
 			}
-			a.log.Warn("store rejects the flush while healthy; isolating its batches", "err", err, "batches", len(batches))
+			a.log.Warn("a batch of the flush is invalid; applying its batches one by one", "err", err, "batches", len(batches))
 			for i := range msgs {
-				if err := a.apply(ctx, msgs[i:i+1], batches[i:i+1]); err != nil && ctx.Err() != nil {
+				if err := a.apply(ctx, msgs[i:i+1], batches[i:i+1]); err != nil {
 					return err
 				}
 			}
 			return nil
 		}
-		if !sleep(ctx, bo.NextBackOff()) {
+		since := start
+		if f := a.storeFailure.Load(); f != nil {
+			since = f.since
+		}
+		a.storeFailure.Store(&storeFailure{since: since, err: err})
+		wait := bo.NextBackOff()
+		a.log.Warn("store write failed; retrying until it succeeds", "err", err, "batches", len(batches),
+			"failing_for", time.Since(since).Round(time.Millisecond), "retry_in", wait)
+		if !sleep(ctx, wait) {
 			return ctx.Err()
 		}
 	}
+}
+
+// storeFailure is the state of a store that keeps failing writes: since when
+// (the start of the first failed Apply) and the last error.
+type storeFailure struct {
+	since time.Time
+	err   error
+}
+
+// storeFailingSeconds is how long store writes have been failing, 0 while
+// they succeed.
+func (a *Aggregator) storeFailingSeconds() float64 {
+	f := a.storeFailure.Load()
+	if f == nil {
+		return 0
+	}
+	return time.Since(f.since).Seconds()
 }
 
 // keepAlive tells JetStream the messages are in progress every AckWait/3
@@ -444,6 +458,10 @@ func (a *Aggregator) committed(incs []Increment, batches []*schemas.Batch) {
 	a.metrics.duplicates.Add(float64(received - events))
 }
 
+// maxReason bounds the reason header of a dead letter, so that the copy of a
+// batch near the maximum message size still fits.
+const maxReason = 1024
+
 // deadLetter copies m to meterd.dlq.<subject> with the reason in a header and
 // terminates it on the usage stream. If the DLQ publish fails, m is left
 // unacknowledged and comes back: nothing is dropped silently.
@@ -452,7 +470,13 @@ func (a *Aggregator) deadLetter(m jetstream.Msg, reason string) {
 	for k, v := range m.Headers() {
 		dlq.Header[k] = v
 	}
+	if len(reason) > maxReason {
+		reason = strings.ToValidUTF8(reason[:maxReason], "") + "…"
+	}
 	dlq.Header.Set(schemas.HeaderDLQReason, reason)
+	if id := m.Headers().Get(jetstream.MsgIDHeader); id != "" {
+		dlq.Header.Set(schemas.HeaderDLQBatchID, id)
+	}
 	// The batch_id and the stream sequence find the batch again: in the
 	// DLQ, in the collector's logs, in METERD_USAGE.
 	log := a.log.With("batch_id", m.Headers().Get(jetstream.MsgIDHeader), "subject", m.Subject())
@@ -483,12 +507,17 @@ func (a *Aggregator) lagSeconds() float64 {
 	return max(time.Since(time.Unix(0, oldest)).Seconds(), 0)
 }
 
-// Ready fails when the store is unreachable, or when messages are waiting
-// and nothing was committed for StallAfter (a consumer that stopped making
-// progress must not look healthy).
+// Ready fails when the store is unreachable or its writes are failing (a
+// store that answers a ping may still refuse writes: a detached table, a
+// lock, a read-only disk), or when messages are waiting and nothing was
+// committed for StallAfter (a consumer that stopped making progress must not
+// look healthy).
 func (a *Aggregator) Ready(ctx context.Context) error {
 	if err := a.cfg.Store.Ping(ctx); err != nil {
 		return fmt.Errorf("store: %w", err)
+	}
+	if f := a.storeFailure.Load(); f != nil {
+		return fmt.Errorf("store: writes failing for %s, retrying: %w", time.Since(f.since).Round(time.Second), f.err)
 	}
 	if a.consumer.Load() == nil {
 		return errors.New("consumer not created yet")

@@ -26,7 +26,7 @@ func TestAggregatorClickHouseOutage(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { store.Close() })
-	env := newAggEnv(t, store, func(c *aggregator.Config) { c.AckWait = 3 * time.Second; c.MaxDeliver = 3 })
+	env := newAggEnv(t, store, func(c *aggregator.Config) { c.AckWait = 3 * time.Second })
 
 	var (
 		mu        sync.Mutex

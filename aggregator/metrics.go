@@ -14,8 +14,9 @@ type metrics struct {
 }
 
 // newMetrics registers the aggregator's metrics; lagSeconds reports the
-// consumer lag in time when scraped.
-func newMetrics(reg prometheus.Registerer, lagSeconds func() float64) (*metrics, error) {
+// consumer lag in time and storeFailing how long store writes have been
+// failing, when scraped.
+func newMetrics(reg prometheus.Registerer, lagSeconds, storeFailing func() float64) (*metrics, error) {
 	latency := prometheus.ExponentialBuckets(0.001, 2, 15)
 	m := &metrics{
 		lag: prometheus.NewGauge(prometheus.GaugeOpts{
@@ -32,7 +33,7 @@ func newMetrics(reg prometheus.Registerer, lagSeconds func() float64) (*metrics,
 		}),
 		storeErrors: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "meterd_aggregator_store_write_errors_total",
-			Help: "Store writes that failed and were retried.",
+			Help: "Store writes that failed: retried until they succeed, or, for an invalid batch, dead-lettered.",
 		}),
 		batches: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "meterd_aggregator_batches_committed_total",
@@ -55,7 +56,11 @@ func newMetrics(reg prometheus.Registerer, lagSeconds func() float64) (*metrics,
 		Name: "meterd_aggregator_consumer_lag_seconds",
 		Help: "Time since JetStream stored the oldest batch the aggregator has not committed yet (0 between writes); it keeps growing while a flush is stuck.",
 	}, lagSeconds)
-	for _, c := range []prometheus.Collector{m.lag, lagAge, m.flushSeconds, m.storeSeconds, m.storeErrors, m.batches, m.events, m.duplicates, m.deadLettered} {
+	failing := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "meterd_aggregator_store_failing_seconds",
+		Help: "Time since store writes started failing (they are retried until they succeed), 0 while they succeed.",
+	}, storeFailing)
+	for _, c := range []prometheus.Collector{m.lag, lagAge, failing, m.flushSeconds, m.storeSeconds, m.storeErrors, m.batches, m.events, m.duplicates, m.deadLettered} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

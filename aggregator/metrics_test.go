@@ -21,7 +21,14 @@ func TestMetricNames(t *testing.T) {
 	if _, err := aggregator.NewReconciler(aggregator.ReconcilerConfig{Store: env.store, Registerer: env.reg}); err != nil {
 		t.Fatal(err)
 	}
-	metrictest.Check(t, env.reg, 10)
+	trim, err := aggregator.NewTrimmer(aggregator.TrimmerConfig{NATS: env.nc, Registerer: env.reg})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := trim.Trim(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	metrictest.Check(t, env.reg, 16)
 }
 
 // slowStore holds every Apply for a while, as a stuck store would.

@@ -22,7 +22,10 @@ type Increment struct {
 // an event no store can hold: one that breaks the rules of schemas.Event or
 // whose time lies outside [MinEventTime, MaxEventTime). Nothing of that call
 // is written; retrying the same batches fails the same way, so the caller
-// dead-letters the batch instead.
+// dead-letters the batch instead. It is the only error a store may return
+// for the data: every other error (the database down, read-only, locked,
+// out of parts, slow, missing a table) is the store's, and the aggregator
+// retries it for as long as it lasts.
 var ErrInvalidEvent = errors.New("aggregator: event cannot be stored")
 
 // The range [MinEventTime, MaxEventTime) of event times a store holds:

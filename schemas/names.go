@@ -21,6 +21,9 @@ const (
 	HeaderDLQReason = "Meterd-Dlq-Reason"
 	// HeaderDLQStreamSeq carries the sequence of the message in its stream.
 	HeaderDLQStreamSeq = "Meterd-Dlq-Stream-Seq"
+	// HeaderDLQBatchID carries the message's Nats-Msg-Id (its batch_id),
+	// which the DLQ copy does not keep as such: the DLQ keeps every copy.
+	HeaderDLQBatchID = "Meterd-Dlq-Batch-Id"
 
 	// CommittedSubjectPrefix prefixes the partition of committed increments.
 	CommittedSubjectPrefix = "meterd.committed."

@@ -100,7 +100,6 @@ func aggregatorFlags(fs *flag.FlagSet, c *config.Aggregator) {
 		strconv.Itoa(aggregator.CatchUpFactor)+" × fetch-batch; fetch-batch or less: off)")
 	fs.DurationVar(&c.FetchWait, "fetch-wait", or(c.FetchWait, aggregator.DefaultFetchWait), "longest wait to fill a flush")
 	fs.DurationVar(&c.AckWait, "ack-wait", or(c.AckWait, aggregator.DefaultAckWait), "JetStream redelivery timer")
-	fs.IntVar(&c.MaxDeliver, "max-deliver", or(c.MaxDeliver, aggregator.DefaultMaxDeliver), "deliveries of one batch before it is dead-lettered")
 }
 
 // ensureStreams declares METERD_USAGE and METERD_DLQ.
@@ -109,7 +108,8 @@ func ensureStreams(ctx context.Context, nc *nats.Conn, n config.NATS, replicas i
 	if err != nil {
 		return err
 	}
-	return broker.EnsureStreams(ctx, js, broker.StreamsConfig{Replicas: replicas, DuplicateWindow: n.DuplicateWindow})
+	return broker.EnsureStreams(ctx, js, broker.StreamsConfig{Replicas: replicas, DuplicateWindow: n.DuplicateWindow,
+		UsageMaxBytes: n.UsageMaxBytes, DLQMaxBytes: n.DLQMaxBytes})
 }
 
 // openStore opens ClickHouse when a DSN is set, else the embedded store.
@@ -139,7 +139,7 @@ func (a *app) openStore(ctx context.Context, c config.Aggregator) (aggregator.St
 func (a *app) addAggregator(nc *nats.Conn, store aggregator.Store, c config.Aggregator, partitions int) error {
 	agg, err := aggregator.New(aggregator.Config{
 		NATS: nc, Store: store, Durable: c.Durable, Partitions: partitions,
-		FetchBatch: c.FetchBatch, CatchUpBatch: c.CatchUpBatch, FetchWait: c.FetchWait, AckWait: c.AckWait, MaxDeliver: c.MaxDeliver,
+		FetchBatch: c.FetchBatch, CatchUpBatch: c.CatchUpBatch, FetchWait: c.FetchWait, AckWait: c.AckWait,
 		Logger: a.log, Registerer: a.reg,
 	})
 	if err != nil {
@@ -149,8 +149,12 @@ func (a *app) addAggregator(nc *nats.Conn, store aggregator.Store, c config.Aggr
 	if err != nil {
 		return err
 	}
+	trim, err := aggregator.NewTrimmer(aggregator.TrimmerConfig{NATS: nc, Durable: c.Durable, Logger: a.log, Registerer: a.reg})
+	if err != nil {
+		return err
+	}
 	a.checks["aggregator"] = agg.Ready
-	a.workers = append(a.workers, agg, rec)
+	a.workers = append(a.workers, agg, rec, trim)
 	return nil
 }
 

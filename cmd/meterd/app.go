@@ -119,13 +119,22 @@ func origins(list string) string {
 }
 
 func natsFlags(fs *flag.FlagSet, n *config.NATS) {
+	natsConnFlags(fs, n)
+	fs.IntVar(&n.Replicas, "nats-replicas", or(n.Replicas, 3), "replicas of the streams meterd creates")
+	fs.DurationVar(&n.DuplicateWindow, "duplicate-window", or(n.DuplicateWindow, broker.DefaultDuplicateWindow), "how long JetStream remembers a batch_id")
+	fs.Int64Var(&n.UsageMaxBytes, "usage-max-bytes", or(n.UsageMaxBytes, broker.DefaultUsageMaxBytes),
+		"bound of METERD_USAGE (no age limit): when full, publishes fail and collectors spool, then answer 429")
+	fs.Int64Var(&n.DLQMaxBytes, "dlq-max-bytes", or(n.DLQMaxBytes, broker.DefaultDLQMaxBytes),
+		"bound of METERD_DLQ: when full, a batch that cannot be processed stays in METERD_USAGE")
+}
+
+// natsConnFlags are the flags that say how to reach NATS.
+func natsConnFlags(fs *flag.FlagSet, n *config.NATS) {
 	secretVar(fs, &n.URL, "nats-url", or(n.URL, "nats://127.0.0.1:4222"), "NATS server `URL`(s), comma separated", redact.Userinfo)
 	fs.StringVar(&n.Creds, "nats-creds", n.Creds, "NATS credentials file")
 	fs.StringVar(&n.TLSCA, "nats-tls-ca", n.TLSCA, "CA bundle to verify the NATS server")
 	fs.StringVar(&n.TLSCert, "nats-tls-cert", n.TLSCert, "client certificate for NATS")
 	fs.StringVar(&n.TLSKey, "nats-tls-key", n.TLSKey, "client key for NATS")
-	fs.IntVar(&n.Replicas, "nats-replicas", or(n.Replicas, 3), "replicas of the streams meterd creates")
-	fs.DurationVar(&n.DuplicateWindow, "duplicate-window", or(n.DuplicateWindow, broker.DefaultDuplicateWindow), "how long JetStream remembers a batch_id")
 }
 
 func collectorFlags(fs *flag.FlagSet, c *config.Collector, spoolDir string) {

@@ -85,7 +85,8 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	}
 	sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	if err := broker.EnsureStreams(sctx, js, broker.StreamsConfig{Replicas: 1, DuplicateWindow: f.NATS.DuplicateWindow}); err != nil {
+	if err := broker.EnsureStreams(sctx, js, broker.StreamsConfig{Replicas: 1, DuplicateWindow: f.NATS.DuplicateWindow,
+		UsageMaxBytes: f.NATS.UsageMaxBytes, DLQMaxBytes: f.NATS.DLQMaxBytes}); err != nil {
 		return err
 	}
 	// The gate knows the tenants of the enforcer's own catalog (file and

@@ -25,6 +25,7 @@ Usage:
   meterd enforcer   [flags]   quotas and billing status pushed to every gateway
   meterd usage      [flags]   usage reports from a running meterd (table, CSV, JSON)
   meterd usage summary        each tenant's current period against its limits
+  meterd dlq list|show|replay the batches that could never be processed, and their replay
   meterd version
 
 Run 'meterd <command> -h' for the flags of a command. Every flag can also be
@@ -59,6 +60,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		err = runEnforcer(ctx, rest, stdout, stderr)
 	case "usage":
 		err = runUsage(ctx, rest, stdout, stderr)
+	case "dlq":
+		err = runDLQ(ctx, rest, stdout, stderr)
 	case "demo":
 		err = runDemo(ctx, rest, stdout, stderr)
 	case "version", "--version", "-version":

@@ -153,27 +153,47 @@ type StreamsConfig struct {
 	// DuplicateWindow is how long JetStream remembers a batch_id; 0 => 10m.
 	// Replays older than this are absorbed by the store.
 	DuplicateWindow time.Duration
-	// MaxAge bounds how long batches stay in METERD_USAGE after they were
-	// published (consumed or not); 0 => 7 days. Alert on consumer lag long
-	// before this.
-	MaxAge time.Duration
+	// UsageMaxBytes bounds METERD_USAGE; 0 => DefaultUsageMaxBytes. The
+	// stream has no MaxAge: usage answered 202 never ages out, however long
+	// the aggregator is away. When it is full, publishes fail (DiscardNew),
+	// collectors spool and then answer 429: the loss is refused at the door
+	// instead of taken silently. The aggregator trims what it committed.
+	UsageMaxBytes int64
+	// DLQMaxBytes bounds METERD_DLQ; 0 => DefaultDLQMaxBytes. When it is
+	// full, dead-lettering fails (DiscardNew) and the message stays in
+	// METERD_USAGE, redelivered, until the DLQ is replayed or purged.
+	DLQMaxBytes int64
 }
 
-// DefaultDuplicateWindow is the default duplicate window of METERD_USAGE.
-const DefaultDuplicateWindow = 10 * time.Minute
+// Defaults of StreamsConfig. Both streams fit, with room, in the 9 GiB
+// max_file_store of deploy/nats: JetStream reserves a stream's MaxBytes when
+// it is created.
+const (
+	DefaultDuplicateWindow       = 10 * time.Minute
+	DefaultUsageMaxBytes   int64 = 4 << 30
+	DefaultDLQMaxBytes     int64 = 256 << 20
+)
 
-// EnsureStreams creates or updates METERD_USAGE and METERD_DLQ.
-func EnsureStreams(ctx context.Context, js jetstream.JetStream, cfg StreamsConfig) error {
+// MaxMsgSize is the largest message of METERD_USAGE, equal to the embedded
+// server's max_payload.
+const MaxMsgSize = 8 << 20
+
+// Streams returns the configurations of METERD_USAGE and METERD_DLQ.
+func Streams(cfg StreamsConfig) []jetstream.StreamConfig {
 	replicas := max(cfg.Replicas, 1)
 	dup := cfg.DuplicateWindow
 	if dup <= 0 {
 		dup = DefaultDuplicateWindow
 	}
-	maxAge := cfg.MaxAge
-	if maxAge <= 0 {
-		maxAge = 7 * 24 * time.Hour
+	usageBytes := cfg.UsageMaxBytes
+	if usageBytes <= 0 {
+		usageBytes = DefaultUsageMaxBytes
 	}
-	streams := []jetstream.StreamConfig{{
+	dlqBytes := cfg.DLQMaxBytes
+	if dlqBytes <= 0 {
+		dlqBytes = DefaultDLQMaxBytes
+	}
+	return []jetstream.StreamConfig{{
 		Name:        schemas.UsageStream,
 		Description: "meterd sealed usage batches",
 		Subjects:    []string{schemas.UsageSubjects},
@@ -181,16 +201,26 @@ func EnsureStreams(ctx context.Context, js jetstream.JetStream, cfg StreamsConfi
 		Retention:   jetstream.LimitsPolicy,
 		Replicas:    replicas,
 		Duplicates:  dup,
-		MaxAge:      maxAge,
-		MaxMsgSize:  8 << 20,
+		MaxBytes:    usageBytes,
+		Discard:     jetstream.DiscardNew,
+		MaxMsgSize:  MaxMsgSize,
 	}, {
 		Name:        schemas.DLQStream,
 		Description: "meterd messages that can never be processed, reason in a header",
 		Subjects:    []string{schemas.DLQSubjects},
 		Storage:     jetstream.FileStorage,
+		Retention:   jetstream.LimitsPolicy,
 		Replicas:    replicas,
+		MaxBytes:    dlqBytes,
+		Discard:     jetstream.DiscardNew,
 	}}
-	for _, sc := range streams {
+}
+
+// EnsureStreams creates or updates METERD_USAGE and METERD_DLQ to the
+// configurations of Streams: an existing stream gets the new limits (a
+// METERD_USAGE created with MaxAge loses it).
+func EnsureStreams(ctx context.Context, js jetstream.JetStream, cfg StreamsConfig) error {
+	for _, sc := range Streams(cfg) {
 		if _, err := js.CreateOrUpdateStream(ctx, sc); err != nil {
 			return fmt.Errorf("broker: ensure stream %s: %w", sc.Name, err)
 		}

@@ -138,3 +138,78 @@ func isNotReady(err error) bool {
 		strings.Contains(err.Error(), "JetStream system temporarily unavailable") ||
 		strings.Contains(err.Error(), "insufficient resources")
 }
+
+// METERD_USAGE never ages out: no MaxAge, a byte bound with DiscardNew, so a
+// full stream refuses new batches (the collector spools, then answers 429)
+// and keeps every batch it holds; a stream created by an earlier release
+// with MaxAge 7 days is updated in place. METERD_DLQ is bounded the same way.
+func TestEnsureStreamsNeverAgeOut(t *testing.T) {
+	ns, err := StartEmbedded(EmbeddedConfig{Dir: t.TempDir(), Port: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ns.Shutdown)
+	nc, err := nats.Connect(ns.ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := t.Context()
+	// The previous release's METERD_USAGE, with a batch in it.
+	if _, err := js.CreateStream(ctx, jetstream.StreamConfig{
+		Name: schemas.UsageStream, Subjects: []string{schemas.UsageSubjects}, Storage: jetstream.FileStorage,
+		Duplicates: 10 * time.Minute, MaxAge: 7 * 24 * time.Hour, MaxMsgSize: 8 << 20,
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := js.Publish(ctx, schemas.UsageSubject(0), []byte("old")); err != nil {
+		t.Fatal(err)
+	}
+	if err := EnsureStreams(ctx, js, StreamsConfig{Replicas: 1}); err != nil {
+		t.Fatal(err)
+	}
+	for name, want := range map[string]int64{schemas.UsageStream: DefaultUsageMaxBytes, schemas.DLQStream: DefaultDLQMaxBytes} {
+		s, err := js.Stream(ctx, name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := s.CachedInfo().Config
+		if c.MaxAge != 0 || c.MaxBytes != want || c.Discard != jetstream.DiscardNew {
+			t.Errorf("%s: MaxAge %v, MaxBytes %d, Discard %v; want 0, %d, DiscardNew", name, c.MaxAge, c.MaxBytes, c.Discard, want)
+		}
+		if name == schemas.UsageStream && s.CachedInfo().State.Msgs != 1 {
+			t.Errorf("%s: %d messages after the update, want the 1 it held", name, s.CachedInfo().State.Msgs)
+		}
+	}
+
+	// A full stream refuses the next batch and keeps the ones it holds.
+	const bound = 64 << 10
+	if err := EnsureStreams(ctx, js, StreamsConfig{Replicas: 1, UsageMaxBytes: bound}); err != nil {
+		t.Fatal(err)
+	}
+	payload := make([]byte, 4<<10)
+	accepted := 1 // the old batch
+	for i := 0; ; i++ {
+		if i > 100 {
+			t.Fatal("a stream bounded to 64 KiB took 400 KiB")
+		}
+		if _, err := js.Publish(ctx, schemas.UsageSubject(1), payload); err != nil {
+			if !strings.Contains(err.Error(), "maximum bytes") {
+				t.Fatalf("publish to a full stream: %v, want maximum bytes exceeded", err)
+			}
+			break
+		}
+		accepted++
+	}
+	s, err := js.Stream(ctx, schemas.UsageStream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st := s.CachedInfo().State; st.Msgs != uint64(accepted) || st.FirstSeq != 1 {
+		t.Fatalf("full stream holds %d messages from seq %d; want all %d accepted from seq 1", st.Msgs, st.FirstSeq, accepted)
+	}
+}

@@ -43,6 +43,8 @@ type NATS struct {
 	TLSKey          string        `yaml:"tls_key"`
 	Replicas        int           `yaml:"replicas"`
 	DuplicateWindow time.Duration `yaml:"duplicate_window"`
+	UsageMaxBytes   int64         `yaml:"usage_max_bytes"`
+	DLQMaxBytes     int64         `yaml:"dlq_max_bytes"`
 }
 
 // Collector holds the collector's settings.
@@ -74,7 +76,6 @@ type Aggregator struct {
 	CatchUpBatch int           `yaml:"catch_up_batch"`
 	FetchWait    time.Duration `yaml:"fetch_wait"`
 	AckWait      time.Duration `yaml:"ack_wait"`
-	MaxDeliver   int           `yaml:"max_deliver"`
 }
 
 // Enforcer holds the enforcer's settings; its store is the aggregator's.

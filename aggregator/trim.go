@@ -1,0 +1,174 @@
+package aggregator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/meterd/meterd/schemas"
+)
+
+// DefaultTrimEvery is how often a Trimmer runs by default.
+const DefaultTrimEvery = 30 * time.Second
+
+// TrimmerConfig configures a Trimmer.
+type TrimmerConfig struct {
+	// NATS is the connection to JetStream. Required.
+	NATS *nats.Conn
+	// Durable is the aggregator's consumer whose acknowledged batches are
+	// trimmed (default DefaultDurable).
+	Durable string
+	// Every is how often the stream is trimmed and measured (default 30s).
+	Every      time.Duration
+	Logger     *slog.Logger
+	Registerer prometheus.Registerer
+}
+
+// Trimmer removes from METERD_USAGE the batches the aggregator has
+// acknowledged, and reports how full METERD_USAGE and METERD_DLQ are.
+//
+// METERD_USAGE has no MaxAge (unconsumed usage never ages out) and is
+// bounded by bytes with DiscardNew: when full, publishes fail and collectors
+// spool, then answer 429. Committed batches must therefore leave the stream,
+// or it would fill with them and refuse new usage. They are purged below the
+// consumer's ack floor, which only moves past a message once it was
+// committed (or dead-lettered), so nothing unconsumed is ever removed.
+type Trimmer struct {
+	cfg TrimmerConfig
+	log *slog.Logger
+	js  jetstream.JetStream
+
+	// The fill of each stream: bytes held and the byte bound.
+	usageBytes, usageLimit      prometheus.Gauge
+	dlqBytes, dlqLimit, dlqMsgs prometheus.Gauge
+}
+
+// NewTrimmer builds a Trimmer.
+func NewTrimmer(cfg TrimmerConfig) (*Trimmer, error) {
+	if cfg.NATS == nil {
+		return nil, errors.New("aggregator: trimmer needs a NATS connection")
+	}
+	if cfg.Durable == "" {
+		cfg.Durable = DefaultDurable
+	}
+	if cfg.Every <= 0 {
+		cfg.Every = DefaultTrimEvery
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.Registerer == nil {
+		cfg.Registerer = prometheus.NewRegistry()
+	}
+	js, err := jetstream.New(cfg.NATS)
+	if err != nil {
+		return nil, fmt.Errorf("aggregator: jetstream: %w", err)
+	}
+	t := &Trimmer{
+		cfg: cfg, log: cfg.Logger.With("component", "trimmer"), js: js,
+		usageBytes: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "meterd_aggregator_usage_stream_bytes", Help: "Bytes held by METERD_USAGE: batches not yet committed (committed ones are trimmed).",
+		}),
+		usageLimit: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "meterd_aggregator_usage_stream_limit_bytes", Help: "The byte bound of METERD_USAGE: past it, publishes fail and collectors spool, then answer 429.",
+		}),
+		dlqBytes: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "meterd_aggregator_dlq_bytes", Help: "Bytes held by METERD_DLQ.",
+		}),
+		dlqLimit: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "meterd_aggregator_dlq_limit_bytes", Help: "The byte bound of METERD_DLQ: past it, dead letters stay in METERD_USAGE.",
+		}),
+		dlqMsgs: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "meterd_aggregator_dlq_messages", Help: "Batches in METERD_DLQ: usage not counted until replayed (meterd dlq).",
+		}),
+	}
+	for _, c := range []prometheus.Collector{t.usageBytes, t.usageLimit, t.dlqBytes, t.dlqLimit, t.dlqMsgs} {
+		if err := cfg.Registerer.Register(c); err != nil {
+			return nil, err
+		}
+	}
+	return t, nil
+}
+
+// Run trims and measures every Every until ctx ends; it returns nil then.
+// Failures are logged and retried at the next round.
+func (t *Trimmer) Run(ctx context.Context) error {
+	tick := time.NewTicker(t.cfg.Every)
+	defer tick.Stop()
+	for {
+		rctx, cancel := context.WithTimeout(ctx, t.cfg.Every)
+		if err := t.Trim(rctx); err != nil && ctx.Err() == nil {
+			t.log.Warn("trim the usage stream", "err", err)
+		}
+		cancel()
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-tick.C:
+		}
+	}
+}
+
+// Trim purges the committed batches of METERD_USAGE once and updates the
+// stream gauges.
+func (t *Trimmer) Trim(ctx context.Context) error {
+	var errs []error
+	if err := t.purge(ctx); err != nil {
+		errs = append(errs, err)
+	}
+	for _, st := range []struct {
+		name         string
+		bytes, limit prometheus.Gauge
+		msgs         prometheus.Gauge
+	}{{schemas.UsageStream, t.usageBytes, t.usageLimit, nil}, {schemas.DLQStream, t.dlqBytes, t.dlqLimit, t.dlqMsgs}} {
+		s, err := t.js.Stream(ctx, st.name)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("stream %s: %w", st.name, err))
+			continue
+		}
+		info := s.CachedInfo()
+		st.bytes.Set(float64(info.State.Bytes))
+		st.limit.Set(float64(info.Config.MaxBytes))
+		if st.msgs != nil {
+			st.msgs.Set(float64(info.State.Msgs))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (t *Trimmer) purge(ctx context.Context) error {
+	s, err := t.js.Stream(ctx, schemas.UsageStream)
+	if err != nil {
+		return fmt.Errorf("stream %s: %w", schemas.UsageStream, err)
+	}
+	cons, err := s.Consumer(ctx, t.cfg.Durable)
+	if errors.Is(err, jetstream.ErrConsumerNotFound) {
+		return nil // not created yet: nothing is committed through it
+	}
+	if err != nil {
+		return fmt.Errorf("consumer %s: %w", t.cfg.Durable, err)
+	}
+	info := cons.CachedInfo()
+	floor := info.AckFloor.Stream
+	if floor == 0 {
+		return nil
+	}
+	subjects := info.Config.FilterSubjects
+	if info.Config.FilterSubject != "" {
+		subjects = append(subjects, info.Config.FilterSubject)
+	}
+	for _, subj := range subjects {
+		// Every message of subj up to the floor was acknowledged (committed
+		// or dead-lettered); the floor itself goes too.
+		if err := s.Purge(ctx, jetstream.WithPurgeSubject(subj), jetstream.WithPurgeSequence(floor+1)); err != nil {
+			return fmt.Errorf("purge %s below %d: %w", subj, floor+1, err)
+		}
+	}
+	return nil
+}
