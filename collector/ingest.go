@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -35,7 +36,9 @@ func (c *Collector) handleEvents(w http.ResponseWriter, r *http.Request) {
 		}
 	}()
 	buf.Reset()
-	if p := c.readBody(w, r, buf); p != nil {
+	release, p := c.readBody(w, r, buf)
+	defer release()
+	if p != nil {
 		p.Write(w)
 		return
 	}
@@ -61,44 +64,75 @@ func (c *Collector) handleEvents(w http.ResponseWriter, r *http.Request) {
 }
 
 // readBody reads the (possibly gzip-compressed) body into buf, bounded by
-// MaxBodyBytes before and after decompression.
-func (c *Collector) readBody(w http.ResponseWriter, r *http.Request, buf *bytes.Buffer) *schemas.Problem {
+// MaxBodyBytes before and after decompression and by the budget of body
+// bytes in flight (MaxInflightBodyBytes): a request that does not fit is
+// answered 503 before its body is read, or, when only decompression tells
+// its size, as soon as it outgrows the room left. Memory is allocated as
+// bytes arrive, never up front from the client's Content-Length. The caller
+// must call release once it no longer holds the body or what was decoded
+// from it; release is never nil.
+func (c *Collector) readBody(w http.ResponseWriter, r *http.Request, buf *bytes.Buffer) (release func(), p *schemas.Problem) {
 	limit := c.cfg.MaxBodyBytes
 	if r.ContentLength > limit {
-		return c.tooLarge()
+		return func() {}, c.tooLarge()
+	}
+	enc := strings.ToLower(r.Header.Get("Content-Encoding"))
+	res := &bodyReservation{budget: c.inflight, max: limit}
+	first := int64(minReservation)
+	if r.ContentLength >= 0 && (enc == "" || enc == "identity") {
+		first = r.ContentLength // exactly what the body will hold
+	} else if r.ContentLength > first {
+		first = min(r.ContentLength, limit)
+	}
+	if !res.grow(first) {
+		return res.release, c.overloaded(w)
 	}
 	var body io.Reader = http.MaxBytesReader(w, r.Body, limit)
-	switch enc := strings.ToLower(r.Header.Get("Content-Encoding")); enc {
+	switch enc {
 	case "", "identity":
 	case "gzip":
 		zr, err := gzip.NewReader(body)
 		if err != nil {
 			c.metrics.rejected.WithLabelValues(rejectMalformed).Inc()
-			return schemas.NewProblem(http.StatusBadRequest, "malformed-body", "the body is not valid gzip: "+err.Error())
+			return res.release, schemas.NewProblem(http.StatusBadRequest, "malformed-body", "the body is not valid gzip: "+err.Error())
 		}
 		defer zr.Close()
 		// One byte over the limit tells a too-large body from a full one.
 		body = io.LimitReader(zr, limit+1)
 	default:
 		c.metrics.rejected.WithLabelValues(rejectMediaType).Inc()
-		return schemas.NewProblem(http.StatusUnsupportedMediaType, "unsupported-content-encoding",
+		return res.release, schemas.NewProblem(http.StatusUnsupportedMediaType, "unsupported-content-encoding",
 			fmt.Sprintf("Content-Encoding %q is not supported; send identity or gzip", enc))
 	}
-	if r.ContentLength > 0 {
-		buf.Grow(int(r.ContentLength))
-	}
-	if _, err := buf.ReadFrom(body); err != nil {
+	if _, err := buf.ReadFrom(&budgetReader{r: body, res: res}); err != nil {
 		var tooBig *http.MaxBytesError
-		if errors.As(err, &tooBig) {
-			return c.tooLarge()
+		switch {
+		case errors.As(err, &tooBig):
+			return res.release, c.tooLarge()
+		case errors.Is(err, errOverBudget):
+			return res.release, c.overloaded(w)
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			c.metrics.rejected.WithLabelValues(rejectMalformed).Inc()
+			return res.release, schemas.NewProblem(http.StatusRequestTimeout, "body-timeout",
+				"the body was not received in time; send it faster or in smaller requests")
 		}
 		c.metrics.rejected.WithLabelValues(rejectMalformed).Inc()
-		return schemas.NewProblem(http.StatusBadRequest, "malformed-body", "reading the body failed: "+err.Error())
+		return res.release, schemas.NewProblem(http.StatusBadRequest, "malformed-body", "reading the body failed: "+err.Error())
 	}
 	if int64(buf.Len()) > limit {
-		return c.tooLarge()
+		return res.release, c.tooLarge()
 	}
-	return nil
+	return res.release, nil
+}
+
+// overloaded answers a request whose body does not fit in the budget of
+// body bytes in flight: retrying soon helps, as requests ahead finish.
+func (c *Collector) overloaded(w http.ResponseWriter) *schemas.Problem {
+	c.metrics.rejected.WithLabelValues(rejectOverloaded).Inc()
+	w.Header().Set("Retry-After", strconv.Itoa(OverloadedRetryAfterSec))
+	return schemas.NewProblem(http.StatusServiceUnavailable, "overloaded",
+		fmt.Sprintf("the request bodies in flight hold the collector's bound of %d bytes; retry the same events after Retry-After",
+			c.cfg.MaxInflightBodyBytes))
 }
 
 func (c *Collector) tooLarge() *schemas.Problem {

@@ -37,6 +37,7 @@ type settings struct {
 	logLevel   string
 	insecure   bool
 	grace      time.Duration
+	timeouts   serve.Timeouts
 	// apiKeysFile holds more API keys, apart from the config file (a
 	// Kubernetes Secret beside a ConfigMap of plans).
 	apiKeysFile string
@@ -61,6 +62,9 @@ func newFlags(cmd string, args []string, stderr io.Writer, listen string) (*flag
 	fs.StringVar(&s.logFormat, "log-format", "json", "log format: json or text")
 	fs.StringVar(&s.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	fs.DurationVar(&s.grace, "shutdown-grace", 30*time.Second, "how long to wait for in-flight requests on shutdown")
+	fs.DurationVar(&s.timeouts.ReadHeader, "read-header-timeout", serve.DefaultReadHeaderTimeout, "longest time a client may take to send a request's headers")
+	fs.DurationVar(&s.timeouts.Read, "read-timeout", serve.DefaultReadTimeout, "longest time a client may take to send a whole request, headers and body (a 5 MiB body at ~90 KB/s takes 1m)")
+	fs.DurationVar(&s.timeouts.Idle, "idle-timeout", serve.DefaultIdleTimeout, "how long a keep-alive connection may wait for its next request")
 	return fs, s, nil
 }
 
@@ -125,7 +129,24 @@ func natsFlags(fs *flag.FlagSet, n *config.NATS) {
 	fs.StringVar(&n.TLSCert, "nats-tls-cert", n.TLSCert, "client certificate for NATS")
 	fs.StringVar(&n.TLSKey, "nats-tls-key", n.TLSKey, "client key for NATS")
 	fs.IntVar(&n.Replicas, "nats-replicas", or(n.Replicas, 3), "replicas of the streams meterd creates")
-	fs.DurationVar(&n.DuplicateWindow, "duplicate-window", or(n.DuplicateWindow, broker.DefaultDuplicateWindow), "how long JetStream remembers a batch_id")
+}
+
+// duplicateWindowFlag defines --duplicate-window on the subcommands that
+// create METERD_USAGE (aggregator, dev), where it takes effect.
+func duplicateWindowFlag(fs *flag.FlagSet, n *config.NATS) {
+	fs.DurationVar(&n.DuplicateWindow, "duplicate-window", or(n.DuplicateWindow, broker.DefaultDuplicateWindow), "how long JetStream remembers a batch_id (a setting of the METERD_USAGE stream this command creates)")
+}
+
+// refuseDuplicateWindow defines --duplicate-window on a subcommand that does
+// not create METERD_USAGE (collector, enforcer), where it could take no
+// effect: setting it (or METERD_DUPLICATE_WINDOW) is a usage error naming
+// where it belongs, instead of being silently ignored. The config file's
+// nats.duplicate_window, shared by every component, stays the aggregator's.
+func refuseDuplicateWindow(fs *flag.FlagSet, cmd string) {
+	fs.Func("duplicate-window", "not a setting of "+cmd+": set it on `meterd aggregator`, which creates METERD_USAGE", func(string) error {
+		return fmt.Errorf("the duplicate window is a setting of the METERD_USAGE stream, which `meterd aggregator` creates; "+
+			"`meterd %s` does not create it, so set it on the aggregator (or change the stream with `nats stream edit`)", cmd)
+	})
 }
 
 func collectorFlags(fs *flag.FlagSet, c *config.Collector, spoolDir string) {
@@ -134,6 +155,7 @@ func collectorFlags(fs *flag.FlagSet, c *config.Collector, spoolDir string) {
 	fs.Int64Var(&c.SpoolMaxBytes, "spool-max-bytes", or(c.SpoolMaxBytes, collector.DefaultSpoolMaxBytes), "bound of the spool; past it requests get 429")
 	fs.IntVar(&c.Partitions, "partitions", or(c.Partitions, 16), "usage partitions P of meterd.usage.<partition>")
 	fs.Int64Var(&c.MaxBodyBytes, "max-body-bytes", or(c.MaxBodyBytes, collector.DefaultMaxBodyBytes), "largest accepted request body")
+	fs.Int64Var(&c.MaxInflightBodyBytes, "max-inflight-body-bytes", c.MaxInflightBodyBytes, "bound of the body bytes of all requests in flight; past it requests get 503 + Retry-After (default: a quarter of GOMEMLIMIT, or 64 MiB without one)")
 	fs.IntVar(&c.BatchMaxEvents, "batch-max-events", or(c.BatchMaxEvents, collector.DefaultBatchMaxEvents), "seal a batch at this many events")
 	fs.DurationVar(&c.BatchMaxWait, "batch-max-wait", or(c.BatchMaxWait, collector.DefaultBatchMaxWait), "seal a batch this long after its first event")
 	fs.IntVar(&c.PublishWorkers, "publish-workers", or(c.PublishWorkers, collector.DefaultPublishWorkers), "batches published concurrently")
@@ -304,7 +326,7 @@ func (a *app) addCollector(nc *nats.Conn, c config.Collector, keys *auth.Keys, c
 		KnownTenant: catalog.HasPlan,
 		Name:        c.Name, NATS: nc, Keys: keys,
 		SpoolDir: c.SpoolDir, SpoolMaxBytes: c.SpoolMaxBytes,
-		Partitions: c.Partitions, MaxBodyBytes: c.MaxBodyBytes,
+		Partitions: c.Partitions, MaxBodyBytes: c.MaxBodyBytes, MaxInflightBodyBytes: c.MaxInflightBodyBytes,
 		BatchMaxEvents: c.BatchMaxEvents, BatchMaxWait: c.BatchMaxWait,
 		PublishWorkers: c.PublishWorkers, MaxEventAge: c.MaxEventAge,
 		Logger: a.log, Registerer: a.reg,
@@ -359,7 +381,7 @@ func (a *app) serve(ctx context.Context, s *settings, ready func(addr string)) e
 	if ready != nil {
 		ready(ln.Addr().String())
 	}
-	err = serve.Server(sctx, ln, serve.NotFound(mux), s.grace, a.log)
+	err = serve.Server(sctx, ln, serve.NotFound(mux), s.timeouts, s.grace, a.log)
 	a.log.Info("shutting down: HTTP stopped, flushing")
 	stopWorkers()
 	wg.Wait()
