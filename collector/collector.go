@@ -215,19 +215,21 @@ func (c *Collector) Register(mux *http.ServeMux) {
 }
 
 // Ready reports whether the collector can accept events: NATS is
-// connected, or it is not and the spool has room. In the second case the
-// collector is ready but degraded (serve.Degraded): its gateway stays in
-// service (DESIGN §9) and /readyz says that events are being spooled.
+// connected, or it is not and the spool has room for a request of the
+// largest size (MaxBodyBytes). In the second case the collector is ready but
+// degraded (serve.Degraded): its gateway stays in service (DESIGN §9) and
+// /readyz says that events are being spooled.
 func (c *Collector) Ready(context.Context) error {
 	if c.cfg.NATS.IsConnected() {
 		return nil
 	}
 	nats := "nats: " + strings.ToLower(c.cfg.NATS.Status().String())
 	used := c.spool.Bytes()
-	if used < c.cfg.SpoolMaxBytes {
+	if c.cfg.SpoolMaxBytes-used >= c.cfg.MaxBodyBytes {
 		return serve.Degraded(fmt.Sprintf("%s, spooling (%d batches, %d of %d bytes)", nats, c.spool.Len(), used, c.cfg.SpoolMaxBytes))
 	}
-	return fmt.Errorf("%s and the spool is full (%d of %d bytes): events are answered 429", nats, used, c.cfg.SpoolMaxBytes)
+	return fmt.Errorf("%s and the spool is full (%d of %d bytes, less room than one request may take): events are answered 429",
+		nats, used, c.cfg.SpoolMaxBytes)
 }
 
 // Run publishes sealed batches and replays the spool until ctx ends. Stop
