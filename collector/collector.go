@@ -61,7 +61,7 @@ type Config struct {
 	// MaxInflightBodyBytes bounds the body bytes (after decompression) of
 	// all requests in flight; a request past it is answered 503 with
 	// Retry-After, before its body is read. It must be at least
-	// MaxBodyBytes (default: a quarter of the memory limit, GOMEMLIMIT, or
+	// MaxBodyBytes (default: a sixteenth of the memory limit, GOMEMLIMIT, or
 	// 64 MiB without one).
 	MaxInflightBodyBytes int64
 	// BatchMaxEvents and BatchMaxWait seal a batch at N events or T after

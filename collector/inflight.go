@@ -10,19 +10,22 @@ import (
 
 // DefaultMaxInflightBodyBytes is the bound of body bytes held by requests in
 // flight when the process has no memory limit (GOMEMLIMIT); with one, the
-// default is a quarter of it (64 MiB under the sidecar's 256 MiB).
+// default is a sixteenth of it (16 MiB under the sidecar's 256 MiB).
 const DefaultMaxInflightBodyBytes = 64 << 20
 
 // defaultMaxInflightBodyBytes derives Config.MaxInflightBodyBytes from the
-// memory limit: a body costs its bytes again once decoded into events and
-// once more encoded into batches, so a quarter of the limit for bodies
-// leaves room for the rest of the process.
+// memory limit. While a request is in flight its body costs about four
+// times its size (the body, the events decoded from it, the batches encoded
+// from those, and the copy the NATS client writes out), and the garbage
+// collector lets the heap grow to twice what is live (GOGC=100) before it
+// collects: a sixteenth of the limit for bodies keeps the process's peak
+// RSS under three quarters of it (BENCHMARKS.md).
 func defaultMaxInflightBodyBytes(maxBody int64) int64 {
 	limit := debug.SetMemoryLimit(-1)
 	if limit == math.MaxInt64 {
 		return max(DefaultMaxInflightBodyBytes, maxBody)
 	}
-	return max(limit/4, maxBody)
+	return max(limit/16, maxBody)
 }
 
 // errOverBudget is the error of a body read that would take the bytes in

@@ -208,8 +208,8 @@ func TestIngestDeclaredLengthIsNotAllocated(t *testing.T) {
 	}
 }
 
-// The default bound of body bytes in flight is a quarter of the memory
-// limit (64 MiB under the sidecar's GOMEMLIMIT of 256 MiB), never below the
+// The default bound of body bytes in flight is a sixteenth of the memory
+// limit (16 MiB under the sidecar's GOMEMLIMIT of 256 MiB), never below the
 // largest body; a bound set below the largest body is refused.
 func TestInflightBodyBytesDefault(t *testing.T) {
 	old := debug.SetMemoryLimit(-1)
@@ -217,7 +217,7 @@ func TestInflightBodyBytesDefault(t *testing.T) {
 	for _, tc := range []struct {
 		memLimit int64
 		want     int64
-	}{{math.MaxInt64, DefaultMaxInflightBodyBytes}, {256 << 20, 64 << 20}, {1 << 30, 256 << 20}, {8 << 20, DefaultMaxBodyBytes}} {
+	}{{math.MaxInt64, DefaultMaxInflightBodyBytes}, {256 << 20, 16 << 20}, {1 << 30, 64 << 20}, {32 << 20, DefaultMaxBodyBytes}} {
 		debug.SetMemoryLimit(tc.memLimit)
 		if got := defaultMaxInflightBodyBytes(DefaultMaxBodyBytes); got != tc.want {
 			t.Errorf("memory limit %d: default %d, want %d", tc.memLimit, got, tc.want)

@@ -3,6 +3,7 @@ package schemas
 import (
 	"encoding/json"
 	"net/http"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -74,6 +75,9 @@ func (p *Problem) Write(w http.ResponseWriter) {
 	h := w.Header()
 	h.Set("Content-Type", MediaProblem)
 	h.Set("X-Content-Type-Options", "nosniff")
+	// A known length lets the client read the whole answer while the
+	// handler still runs (the collector discards an unread body after it).
+	h.Set("Content-Length", strconv.Itoa(len(body)))
 	w.WriteHeader(p.Status)
 	w.Write(body)
 }

@@ -155,7 +155,7 @@ func collectorFlags(fs *flag.FlagSet, c *config.Collector, spoolDir string) {
 	fs.Int64Var(&c.SpoolMaxBytes, "spool-max-bytes", or(c.SpoolMaxBytes, collector.DefaultSpoolMaxBytes), "bound of the spool; past it requests get 429")
 	fs.IntVar(&c.Partitions, "partitions", or(c.Partitions, 16), "usage partitions P of meterd.usage.<partition>")
 	fs.Int64Var(&c.MaxBodyBytes, "max-body-bytes", or(c.MaxBodyBytes, collector.DefaultMaxBodyBytes), "largest accepted request body")
-	fs.Int64Var(&c.MaxInflightBodyBytes, "max-inflight-body-bytes", c.MaxInflightBodyBytes, "bound of the body bytes of all requests in flight; past it requests get 503 + Retry-After (default: a quarter of GOMEMLIMIT, or 64 MiB without one)")
+	fs.Int64Var(&c.MaxInflightBodyBytes, "max-inflight-body-bytes", c.MaxInflightBodyBytes, "bound of the body bytes of all requests in flight; past it requests get 503 + Retry-After (default: a sixteenth of GOMEMLIMIT, or 64 MiB without one)")
 	fs.IntVar(&c.BatchMaxEvents, "batch-max-events", or(c.BatchMaxEvents, collector.DefaultBatchMaxEvents), "seal a batch at this many events")
 	fs.DurationVar(&c.BatchMaxWait, "batch-max-wait", or(c.BatchMaxWait, collector.DefaultBatchMaxWait), "seal a batch this long after its first event")
 	fs.IntVar(&c.PublishWorkers, "publish-workers", or(c.PublishWorkers, collector.DefaultPublishWorkers), "batches published concurrently")
