@@ -40,6 +40,7 @@ func (c *Collector) handleEvents(w http.ResponseWriter, r *http.Request) {
 	}()
 	if p != nil {
 		p.Write(w)
+		release() // the discard below may last until the read timeout; it holds no body bytes
 		discardBody(w, r, c.cfg.MaxBodyBytes)
 		return
 	}

@@ -143,7 +143,7 @@ func duplicateWindowFlag(fs *flag.FlagSet, n *config.NATS) {
 // where it belongs, instead of being silently ignored. The config file's
 // nats.duplicate_window, shared by every component, stays the aggregator's.
 func refuseDuplicateWindow(fs *flag.FlagSet, cmd string) {
-	fs.Func("duplicate-window", "not a setting of "+cmd+": set it on `meterd aggregator`, which creates METERD_USAGE", func(string) error {
+	fs.Func("duplicate-window", "not a setting of the "+cmd+": set it on the aggregator, which creates METERD_USAGE", func(string) error {
 		return fmt.Errorf("the duplicate window is a setting of the METERD_USAGE stream, which `meterd aggregator` creates; "+
 			"`meterd %s` does not create it, so set it on the aggregator (or change the stream with `nats stream edit`)", cmd)
 	})
