@@ -1,9 +1,12 @@
 package collector
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"net/http"
 	"strconv"
+	"unicode/utf8"
 
 	"github.com/nats-io/nuid"
 
@@ -104,19 +107,37 @@ func (c *Collector) recordCheck(r *http.Request, tenant string) *schemas.Problem
 	}
 	if v := r.Header.Get(DefaultValueHeader); v != "" {
 		n, err := strconv.ParseInt(v, 10, 64)
-		if err != nil || n < 0 {
-			return schemas.NewProblem(http.StatusBadRequest, "bad-value", DefaultValueHeader+" must be a non-negative integer")
+		if err != nil || n < 0 || n > schemas.MaxValue {
+			return schemas.NewProblem(http.StatusBadRequest, "bad-value",
+				DefaultValueHeader+" must be an integer from 0 to "+strconv.Itoa(schemas.MaxValue))
 		}
 		e.Value = n
 	}
-	if id := r.Header.Get("X-Request-ID"); id != "" && len(id) <= schemas.MaxIDLen {
-		e.ID = id
-	} else {
-		e.ID = nuid.Next()
-	}
+	e.ID = checkEventID(r.Header.Get("X-Request-ID"))
 	if err := c.pipe.enqueue(e); err != nil {
 		return schemas.NewProblem(http.StatusServiceUnavailable, "unavailable", "the collector is shutting down")
 	}
 	c.metrics.accepted.Inc()
 	return nil
+}
+
+// hashedIDPrefix marks an event id made from an X-Request-ID that cannot be
+// an id as it is.
+const hashedIDPrefix = "sha256:"
+
+// checkEventID is the id of the event recording a checked call. The
+// gateway's X-Request-ID is the id when it can be one (DESIGN §3.1: at most
+// 128 characters of valid UTF-8), so a retried call counts once. A longer
+// (or not UTF-8) one is hashed: the same header gives the same id, which
+// keeps that property; a random id would count every retry. Only a call
+// without X-Request-ID gets a random id.
+func checkEventID(requestID string) string {
+	switch {
+	case requestID == "":
+		return nuid.Next()
+	case utf8.ValidString(requestID) && utf8.RuneCountInString(requestID) <= schemas.MaxIDLen:
+		return requestID
+	}
+	sum := sha256.Sum256([]byte(requestID))
+	return hashedIDPrefix + hex.EncodeToString(sum[:])
 }

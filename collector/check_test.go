@@ -2,11 +2,16 @@ package collector
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
+	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"net/http/httptest"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -188,6 +193,7 @@ func TestCheck(t *testing.T) {
 			{map[string]string{"X-Tenant-ID": "no spaces"}, 400},
 			{map[string]string{"X-Tenant-ID": "initech", "X-Meter": "Bad"}, 400},
 			{map[string]string{"X-Tenant-ID": "initech", "X-Meter-Value": "-3"}, 400},
+			{map[string]string{"X-Tenant-ID": "initech", "X-Meter-Value": strconv.Itoa(schemas.MaxValue + 1)}, 400},
 		} {
 			resp, body := env.check(t, http.MethodGet, tc.headers)
 			if resp.StatusCode != tc.status || resp.Header.Get("Content-Type") != schemas.MediaProblem {
@@ -217,6 +223,85 @@ func TestCheckUnknownTenantDenied(t *testing.T) {
 	}
 	if resp, _ := env.check(t, http.MethodGet, map[string]string{"X-Tenant-ID": "initech"}); resp.StatusCode != 200 {
 		t.Fatalf("known tenant: %d", resp.StatusCode)
+	}
+}
+
+// An X-Request-ID that cannot be an event id as it is (over 128 characters,
+// or not UTF-8) is hashed, never replaced by a random id: a gateway's retry
+// of the call records the same id and counts once (DESIGN §9), and two
+// different headers stay two ids.
+func TestCheckUnusableRequestIDIsHashed(t *testing.T) {
+	env := newCheckEnv(t, nil)
+	long := strings.Repeat("r", schemas.MaxIDLen) + "-call-1"
+	other := strings.Repeat("r", schemas.MaxIDLen) + "-call-2"
+	exact := strings.Repeat("é", schemas.MaxIDLen) // 128 characters, 256 bytes: an id as it is
+	calls := []string{long, long, other, "call-\xff", "call-\xfe", "call-\xff", exact, exact}
+	for _, id := range calls {
+		if resp, body := env.check(t, http.MethodGet, map[string]string{"X-Tenant-ID": "initech", "X-Request-ID": id}); resp.StatusCode != 200 {
+			t.Fatalf("X-Request-ID %q: status %d: %s", id, resp.StatusCode, body)
+		}
+	}
+	hashed := func(s string) string {
+		sum := sha256.Sum256([]byte(s))
+		return "initech/sha256:" + hex.EncodeToString(sum[:])
+	}
+	want := map[string]int{hashed(long): 2, hashed(other): 1, hashed("call-\xff"): 2, hashed("call-\xfe"): 1, "initech/" + exact: 2}
+	deadline := time.Now().Add(3 * time.Second)
+	for {
+		seen := env.streamEvents(t)
+		if maps.Equal(seen, want) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("recorded ids %v, want %v", seen, want)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// A stale gate under the deny policy answers 503 with Retry-After (the time
+// in which it usually hears from the enforcer again), so gateways and their
+// clients retry instead of giving up.
+func TestCheckStaleDenyRetryAfter(t *testing.T) {
+	env := newIngestEnv(t, func(c *Config) {
+		kv, err := createBlocklist(c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// The enforcer's last heartbeat, an hour before the gate's clock:
+		// the gate is stale once loaded.
+		hb := fmt.Appendf(nil, `{"at":%q}`, time.Now().UTC().Format(time.RFC3339Nano))
+		if _, err := kv.Put(t.Context(), schemas.HeartbeatKey, hb); err != nil {
+			t.Fatal(err)
+		}
+		g, err := gate.New(gate.Config{NATS: c.NATS, StalePolicy: gate.Deny, Now: func() time.Time { return time.Now().Add(time.Hour) }})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() { defer close(done); g.Run(ctx) }()
+		t.Cleanup(func() { cancel(); <-done })
+		for deadline := time.Now().Add(5 * time.Second); g.Ready(ctx) != nil; time.Sleep(5 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatal(g.Ready(ctx))
+			}
+		}
+		c.Gate = g
+	})
+	req, _ := http.NewRequest(http.MethodGet, env.srv.URL+"/v1/check", nil)
+	req.Header.Set("X-Tenant-ID", "initech")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	// DefaultStaleAfter (15 s) spans three heartbeats: 5 s.
+	if resp.StatusCode != http.StatusServiceUnavailable || resp.Header.Get("Retry-After") != "5" ||
+		resp.Header.Get("Content-Type") != schemas.MediaProblem {
+		t.Fatalf("stale deny: status %d, Retry-After %q, Content-Type %q: %s",
+			resp.StatusCode, resp.Header.Get("Retry-After"), resp.Header.Get("Content-Type"), body)
 	}
 }
 

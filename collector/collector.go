@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"strings"
 	"sync"
 	"time"
 
@@ -21,6 +22,7 @@ import (
 	"github.com/meterd/meterd/collector/spool"
 	"github.com/meterd/meterd/enforcer/gate"
 	"github.com/meterd/meterd/internal/auth"
+	"github.com/meterd/meterd/internal/serve"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -34,6 +36,10 @@ const (
 	DefaultPublishTimeout     = 5 * time.Second
 	DefaultSpoolMaxBytes      = 1 << 30
 	DefaultSpoolRetryAfterSec = 5
+	// OverloadedRetryAfterSec is the Retry-After of a request shed because
+	// the bodies in flight hold MaxInflightBodyBytes: they finish in
+	// moments.
+	OverloadedRetryAfterSec = 1
 )
 
 // Config configures a Collector.
@@ -52,6 +58,12 @@ type Config struct {
 	Partitions int
 	// MaxBodyBytes bounds a request body (default 5 MiB).
 	MaxBodyBytes int64
+	// MaxInflightBodyBytes bounds the body bytes (after decompression) of
+	// all requests in flight; a request past it is answered 503 with
+	// Retry-After, before its body is read. It must be at least
+	// MaxBodyBytes (default: a sixteenth of the memory limit, GOMEMLIMIT, or
+	// 64 MiB without one).
+	MaxInflightBodyBytes int64
 	// BatchMaxEvents and BatchMaxWait seal a batch at N events or T after
 	// its first event, whichever comes first (defaults 500 and 50ms).
 	BatchMaxEvents int
@@ -98,7 +110,7 @@ func (c *Config) Validate() error {
 	if c.SpoolDir == "" {
 		errs = append(errs, errors.New("collector: spool directory is required"))
 	}
-	if c.BatchMaxEvents < 0 || c.PublishWorkers < 0 || c.Partitions < 0 || c.MaxBodyBytes < 0 {
+	if c.BatchMaxEvents < 0 || c.PublishWorkers < 0 || c.Partitions < 0 || c.MaxBodyBytes < 0 || c.MaxInflightBodyBytes < 0 {
 		errs = append(errs, errors.New("collector: sizes must not be negative"))
 	}
 	if len(errs) > 0 {
@@ -110,6 +122,12 @@ func (c *Config) Validate() error {
 	setDefault(&c.SpoolMaxBytes, DefaultSpoolMaxBytes)
 	setDefault(&c.Partitions, schemas.DefaultPartitions)
 	setDefault(&c.MaxBodyBytes, DefaultMaxBodyBytes)
+	if c.MaxInflightBodyBytes == 0 {
+		c.MaxInflightBodyBytes = defaultMaxInflightBodyBytes(c.MaxBodyBytes)
+	} else if c.MaxInflightBodyBytes < c.MaxBodyBytes {
+		return fmt.Errorf("collector: the bound of body bytes in flight (%d) is below the largest body (%d): such a body could never be accepted",
+			c.MaxInflightBodyBytes, c.MaxBodyBytes)
+	}
 	setDefault(&c.BatchMaxEvents, DefaultBatchMaxEvents)
 	setDefault(&c.BatchMaxWait, DefaultBatchMaxWait)
 	setDefault(&c.PublishWorkers, DefaultPublishWorkers)
@@ -149,6 +167,8 @@ type Collector struct {
 	spool   *spool.Spool
 	metrics *metrics
 	pipe    *pipeline
+	// inflight bounds the body bytes of requests in flight.
+	inflight *bodyBudget
 
 	closeOnce sync.Once
 	closeErr  error
@@ -171,12 +191,13 @@ func New(cfg Config) (*Collector, error) {
 	if err != nil {
 		return nil, fmt.Errorf("collector: open spool: %w", err)
 	}
-	m, err := newMetrics(cfg.Registerer, sp, cfg.SpoolMaxBytes)
+	inflight := &bodyBudget{limit: cfg.MaxInflightBodyBytes}
+	m, err := newMetrics(cfg.Registerer, sp, cfg.SpoolMaxBytes, inflight)
 	if err != nil {
 		sp.Close()
 		return nil, err
 	}
-	c := &Collector{cfg: cfg, log: log, js: js, spool: sp, metrics: m}
+	c := &Collector{cfg: cfg, log: log, js: js, spool: sp, metrics: m, inflight: inflight}
 	c.pipe = newPipeline(c)
 	if n := sp.Len(); n > 0 {
 		log.Info("spool holds batches from an earlier run; replaying them", "batches", n, "bytes", sp.Bytes())
@@ -193,16 +214,22 @@ func (c *Collector) Register(mux *http.ServeMux) {
 	}
 }
 
-// Ready reports whether the collector can accept events: either NATS is
-// connected or the spool has room.
+// Ready reports whether the collector can accept events: NATS is
+// connected, or it is not and the spool has room for a request of the
+// largest size (MaxBodyBytes). In the second case the collector is ready but
+// degraded (serve.Degraded): its gateway stays in service (DESIGN §9) and
+// /readyz says that events are being spooled.
 func (c *Collector) Ready(context.Context) error {
 	if c.cfg.NATS.IsConnected() {
 		return nil
 	}
-	if c.spool.Bytes() < c.cfg.SpoolMaxBytes {
-		return nil
+	nats := "nats: " + strings.ToLower(c.cfg.NATS.Status().String())
+	used := c.spool.Bytes()
+	if c.cfg.SpoolMaxBytes-used >= c.cfg.MaxBodyBytes {
+		return serve.Degraded(fmt.Sprintf("%s, spooling (%d batches, %d of %d bytes)", nats, c.spool.Len(), used, c.cfg.SpoolMaxBytes))
 	}
-	return errors.New("nats disconnected and spool full")
+	return fmt.Errorf("%s and the spool is full (%d of %d bytes, less room than one request may take): events are answered 429",
+		nats, used, c.cfg.SpoolMaxBytes)
 }
 
 // Run publishes sealed batches and replays the spool until ctx ends. Stop

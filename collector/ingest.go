@@ -1,13 +1,13 @@
 package collector
 
 import (
-	"bytes"
 	"compress/gzip"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -17,7 +17,9 @@ import (
 	"github.com/meterd/meterd/schemas"
 )
 
-var bodyPool = sync.Pool{New: func() any { return new(bytes.Buffer) }}
+// bodyPool holds the buffers bodies are read into, so a steady stream of
+// large requests reuses them instead of growing new ones.
+var bodyPool = sync.Pool{New: func() any { return new([]byte) }}
 
 // handleEvents is POST /v1/events (DESIGN §3.4).
 func (c *Collector) handleEvents(w http.ResponseWriter, r *http.Request) {
@@ -27,20 +29,23 @@ func (c *Collector) handleEvents(w http.ResponseWriter, r *http.Request) {
 		auth.Unauthorized(w, err)
 		return
 	}
-	buf := bodyPool.Get().(*bytes.Buffer)
+	buf := bodyPool.Get().(*[]byte)
+	body, release, p := c.readBody(w, r, (*buf)[:0])
 	defer func() {
-		if buf.Cap() <= 2*int(c.cfg.MaxBodyBytes) {
-			buf.Reset()
+		release()
+		if int64(cap(body)) <= c.cfg.MaxBodyBytes+1 {
+			*buf = body[:0]
 			bodyPool.Put(buf)
 		}
 	}()
-	buf.Reset()
-	if p := c.readBody(w, r, buf); p != nil {
+	if p != nil {
 		p.Write(w)
+		release() // the discard below may last until the read timeout; it holds no body bytes
+		discardBody(w, r, c.cfg.MaxBodyBytes)
 		return
 	}
 	// The header too: a binary-mode CloudEvent's attributes are ce-* headers.
-	decoded, err := schemas.DecodeRequest(r.Header, buf.Bytes())
+	decoded, err := schemas.DecodeRequest(r.Header, body)
 	if err != nil {
 		c.decodeProblem(err).Write(w)
 		return
@@ -61,45 +66,112 @@ func (c *Collector) handleEvents(w http.ResponseWriter, r *http.Request) {
 	fmt.Fprintf(w, `{"accepted":%d,"duplicates":%d}`+"\n", len(events), duplicates)
 }
 
-// readBody reads the (possibly gzip-compressed) body into buf, bounded by
-// MaxBodyBytes before and after decompression.
-func (c *Collector) readBody(w http.ResponseWriter, r *http.Request, buf *bytes.Buffer) *schemas.Problem {
+// readBody reads the (possibly gzip-compressed) body, appending it to dst,
+// bounded by MaxBodyBytes before and after decompression and by the budget
+// of body bytes in flight (MaxInflightBodyBytes): a request that does not
+// fit is answered 503 before its body is read, or, when only decompression
+// tells its size, as soon as it outgrows the room left. Memory grows with
+// the bytes that arrive, never up front from the client's Content-Length.
+// The caller must call release once it no longer holds the body or what was
+// decoded from it; release is never nil.
+func (c *Collector) readBody(w http.ResponseWriter, r *http.Request, dst []byte) (body []byte, release func(), p *schemas.Problem) {
 	limit := c.cfg.MaxBodyBytes
 	if r.ContentLength > limit {
-		return c.tooLarge()
+		return dst, func() {}, c.tooLarge()
 	}
-	var body io.Reader = http.MaxBytesReader(w, r.Body, limit)
-	switch enc := strings.ToLower(r.Header.Get("Content-Encoding")); enc {
+	enc := strings.ToLower(r.Header.Get("Content-Encoding"))
+	res := &bodyReservation{budget: c.inflight, max: limit}
+	first, size := int64(minReservation), int64(-1)
+	if r.ContentLength >= 0 && (enc == "" || enc == "identity") {
+		first, size = r.ContentLength, r.ContentLength // exactly what the body will hold
+	} else if r.ContentLength > first {
+		first = min(r.ContentLength, limit)
+	}
+	if !res.grow(first) {
+		return dst, res.release, c.overloaded(w)
+	}
+	var in io.Reader = http.MaxBytesReader(w, r.Body, limit)
+	switch enc {
 	case "", "identity":
 	case "gzip":
-		zr, err := gzip.NewReader(body)
+		zr, err := gzip.NewReader(in)
 		if err != nil {
 			c.metrics.rejected.WithLabelValues(rejectMalformed).Inc()
-			return schemas.NewProblem(http.StatusBadRequest, "malformed-body", "the body is not valid gzip: "+err.Error())
+			return dst, res.release, schemas.NewProblem(http.StatusBadRequest, "malformed-body", "the body is not valid gzip: "+err.Error())
 		}
 		defer zr.Close()
 		// One byte over the limit tells a too-large body from a full one.
-		body = io.LimitReader(zr, limit+1)
+		in = io.LimitReader(zr, limit+1)
 	default:
 		c.metrics.rejected.WithLabelValues(rejectMediaType).Inc()
-		return schemas.NewProblem(http.StatusUnsupportedMediaType, "unsupported-content-encoding",
+		return dst, res.release, schemas.NewProblem(http.StatusUnsupportedMediaType, "unsupported-content-encoding",
 			fmt.Sprintf("Content-Encoding %q is not supported; send identity or gzip", enc))
 	}
-	if r.ContentLength > 0 {
-		buf.Grow(int(r.ContentLength))
-	}
-	if _, err := buf.ReadFrom(body); err != nil {
+	body, err := readAll(dst, &budgetReader{r: in, res: res}, size)
+	if err != nil {
 		var tooBig *http.MaxBytesError
-		if errors.As(err, &tooBig) {
-			return c.tooLarge()
+		switch {
+		case errors.As(err, &tooBig):
+			return body, res.release, c.tooLarge()
+		case errors.Is(err, errOverBudget):
+			return body, res.release, c.overloaded(w)
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			c.metrics.rejected.WithLabelValues(rejectMalformed).Inc()
+			return body, res.release, schemas.NewProblem(http.StatusRequestTimeout, "body-timeout",
+				"the body was not received in time; send it faster or in smaller requests")
 		}
 		c.metrics.rejected.WithLabelValues(rejectMalformed).Inc()
-		return schemas.NewProblem(http.StatusBadRequest, "malformed-body", "reading the body failed: "+err.Error())
+		return body, res.release, schemas.NewProblem(http.StatusBadRequest, "malformed-body", "reading the body failed: "+err.Error())
 	}
-	if int64(buf.Len()) > limit {
-		return c.tooLarge()
+	if int64(len(body)) > limit {
+		return body, res.release, c.tooLarge()
 	}
-	return nil
+	return body, res.release, nil
+}
+
+// readAll appends what r holds to dst. It grows dst by doubling what it
+// received (so memory follows the bytes that arrived), but not past size
+// (the declared length, or -1), which a body of known length thus fills
+// exactly instead of leaving up to half of a doubled buffer unused.
+func readAll(dst []byte, r io.Reader, size int64) ([]byte, error) {
+	for {
+		if len(dst) == cap(dst) {
+			n := max(len(dst), 64<<10)
+			if left := size - int64(len(dst)); left >= 0 {
+				n = int(min(int64(n), left+1)) // +1: room to see the end without growing again
+			}
+			dst = slices.Grow(dst, n)
+		}
+		n, err := r.Read(dst[len(dst):cap(dst)])
+		dst = dst[:len(dst)+n]
+		switch {
+		case err == io.EOF:
+			return dst, nil
+		case err != nil:
+			return dst, err
+		}
+	}
+}
+
+// discardBody sends the answer already written and then reads what is left
+// of the body (at most limit bytes, within the server's read timeout)
+// without keeping it. A client still sending a large body then gets the
+// answer instead of a connection reset: net/http closes a connection with
+// more than 256 KiB unread, and the client's pending write fails before it
+// reads the answer.
+func discardBody(w http.ResponseWriter, r *http.Request, limit int64) {
+	http.NewResponseController(w).Flush()
+	io.Copy(io.Discard, io.LimitReader(r.Body, limit))
+}
+
+// overloaded answers a request whose body does not fit in the budget of
+// body bytes in flight: retrying soon helps, as requests ahead finish.
+func (c *Collector) overloaded(w http.ResponseWriter) *schemas.Problem {
+	c.metrics.rejected.WithLabelValues(rejectOverloaded).Inc()
+	w.Header().Set("Retry-After", strconv.Itoa(OverloadedRetryAfterSec))
+	return schemas.NewProblem(http.StatusServiceUnavailable, "overloaded",
+		fmt.Sprintf("the request bodies in flight hold the collector's bound of %d bytes; retry the same events after Retry-After",
+			c.cfg.MaxInflightBodyBytes))
 }
 
 func (c *Collector) tooLarge() *schemas.Problem {

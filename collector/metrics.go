@@ -41,6 +41,7 @@ const (
 	rejectForbidden   = "forbidden"
 	rejectSpoolFull   = "spool_full"
 	rejectUnavailable = "unavailable"
+	rejectOverloaded  = "overloaded"
 )
 
 // paymentRequiredReasons label meterd_collector_payment_required_total: the
@@ -48,7 +49,7 @@ const (
 var paymentRequiredReasons = []schemas.Reason{schemas.ReasonQuotaExceeded, schemas.ReasonPaymentOverdue,
 	schemas.ReasonPaymentMethodRequired, schemas.ReasonSuspended, gate.ReasonStale}
 
-func newMetrics(reg prometheus.Registerer, sp *spool.Spool, spoolMaxBytes int64) (*metrics, error) {
+func newMetrics(reg prometheus.Registerer, sp *spool.Spool, spoolMaxBytes int64, inflight *bodyBudget) (*metrics, error) {
 	m := &metrics{
 		accepted: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "meterd_collector_events_accepted_total",
@@ -97,12 +98,22 @@ func newMetrics(reg prometheus.Registerer, sp *spool.Spool, spoolMaxBytes int64)
 		Help: "Bound of the on-disk spool (--spool-max-bytes); past it /v1/events answers 429.",
 	})
 	spoolLimit.Set(float64(spoolMaxBytes))
-	for _, c := range []prometheus.Collector{m.accepted, m.duplicates, m.rejected, m.batches, m.publishDuplicates, m.publishSeconds, m.checks, m.paymentRequired, spoolBatches, spoolBytes, spoolLimit} {
+	inflightBytes := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "meterd_collector_inflight_body_bytes",
+		Help: "Request body bytes held by requests in flight (after decompression).",
+	}, func() float64 { return float64(inflight.used.Load()) })
+	inflightLimit := prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "meterd_collector_inflight_body_limit_bytes",
+		Help: "Bound of the body bytes in flight (--max-inflight-body-bytes); past it /v1/events answers 503.",
+	})
+	inflightLimit.Set(float64(inflight.limit))
+	for _, c := range []prometheus.Collector{m.accepted, m.duplicates, m.rejected, m.batches, m.publishDuplicates, m.publishSeconds, m.checks, m.paymentRequired,
+		spoolBatches, spoolBytes, spoolLimit, inflightBytes, inflightLimit} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
 	}
-	for _, r := range []string{rejectInvalid, rejectMalformed, rejectTooLarge, rejectMediaType, rejectAuth, rejectForbidden, rejectSpoolFull, rejectUnavailable} {
+	for _, r := range []string{rejectInvalid, rejectMalformed, rejectTooLarge, rejectMediaType, rejectAuth, rejectForbidden, rejectSpoolFull, rejectUnavailable, rejectOverloaded} {
 		m.rejected.WithLabelValues(r)
 	}
 	m.check = map[string]prometheus.Counter{}

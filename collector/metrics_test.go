@@ -12,8 +12,11 @@ import (
 func TestMetricNames(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	newIngestEnv(t, func(c *Config) { c.Registerer = reg })
-	metrictest.Check(t, reg, 11)
+	metrictest.Check(t, reg, 13)
 	if got := metrictest.Value(t, reg, "meterd_collector_spool_limit_bytes"); got != DefaultSpoolMaxBytes {
 		t.Errorf("spool limit = %v, want the default %d", got, DefaultSpoolMaxBytes)
+	}
+	if got, want := metrictest.Value(t, reg, "meterd_collector_inflight_body_limit_bytes"), defaultMaxInflightBodyBytes(DefaultMaxBodyBytes); got != float64(want) {
+		t.Errorf("in-flight body limit = %v, want the default %d", got, want)
 	}
 }

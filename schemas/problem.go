@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -110,6 +111,9 @@ func (p *Problem) Write(w http.ResponseWriter) {
 	h := w.Header()
 	h.Set("Content-Type", MediaProblem)
 	h.Set("X-Content-Type-Options", "nosniff")
+	// A known length lets the client read the whole answer while the
+	// handler still runs (the collector discards an unread body after it).
+	h.Set("Content-Length", strconv.Itoa(len(body)))
 	w.WriteHeader(p.Status)
 	w.Write(body)
 }

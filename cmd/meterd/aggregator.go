@@ -33,6 +33,7 @@ func runAggregator(ctx context.Context, args []string, stdout, stderr io.Writer)
 	}
 	f := s.file
 	natsFlags(fs, &f.NATS)
+	streamFlags(fs, &f.NATS)
 	aggregatorFlags(fs, &f.Aggregator)
 	keysFlag(fs, s)
 	fs.BoolVar(&s.insecure, "insecure", false, "run without API keys (usage reports are open)")

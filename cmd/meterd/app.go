@@ -37,6 +37,7 @@ type settings struct {
 	logLevel   string
 	insecure   bool
 	grace      time.Duration
+	timeouts   serve.Timeouts
 	// apiKeysFile holds more API keys, apart from the config file (a
 	// Kubernetes Secret beside a ConfigMap of plans).
 	apiKeysFile string
@@ -61,6 +62,9 @@ func newFlags(cmd string, args []string, stderr io.Writer, listen string) (*flag
 	fs.StringVar(&s.logFormat, "log-format", "json", "log format: json or text")
 	fs.StringVar(&s.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	fs.DurationVar(&s.grace, "shutdown-grace", 30*time.Second, "how long to wait for in-flight requests on shutdown")
+	fs.DurationVar(&s.timeouts.ReadHeader, "read-header-timeout", serve.DefaultReadHeaderTimeout, "longest time a client may take to send a request's headers")
+	fs.DurationVar(&s.timeouts.Read, "read-timeout", serve.DefaultReadTimeout, "longest time a client may take to send a whole request, headers and body (a 5 MiB body at ~90 KB/s takes 1m)")
+	fs.DurationVar(&s.timeouts.Idle, "idle-timeout", serve.DefaultIdleTimeout, "how long a keep-alive connection may wait for its next request")
 	return fs, s, nil
 }
 
@@ -121,11 +125,6 @@ func origins(list string) string {
 func natsFlags(fs *flag.FlagSet, n *config.NATS) {
 	natsConnFlags(fs, n)
 	fs.IntVar(&n.Replicas, "nats-replicas", or(n.Replicas, 3), "replicas of the streams meterd creates")
-	fs.DurationVar(&n.DuplicateWindow, "duplicate-window", or(n.DuplicateWindow, broker.DefaultDuplicateWindow), "how long JetStream remembers a batch_id")
-	fs.Int64Var(&n.UsageMaxBytes, "usage-max-bytes", or(n.UsageMaxBytes, broker.DefaultUsageMaxBytes),
-		"bound of METERD_USAGE (no age limit): when full, publishes fail and collectors spool, then answer 429")
-	fs.Int64Var(&n.DLQMaxBytes, "dlq-max-bytes", or(n.DLQMaxBytes, broker.DefaultDLQMaxBytes),
-		"bound of METERD_DLQ: when full, a batch that cannot be processed stays in METERD_USAGE")
 }
 
 // natsConnFlags are the flags that say how to reach NATS.
@@ -137,12 +136,37 @@ func natsConnFlags(fs *flag.FlagSet, n *config.NATS) {
 	fs.StringVar(&n.TLSKey, "nats-tls-key", n.TLSKey, "client key for NATS")
 }
 
+// streamFlags define the settings of the streams on the subcommands that
+// create METERD_USAGE and METERD_DLQ (aggregator, dev), where they take effect.
+func streamFlags(fs *flag.FlagSet, n *config.NATS) {
+	fs.DurationVar(&n.DuplicateWindow, "duplicate-window", or(n.DuplicateWindow, broker.DefaultDuplicateWindow), "how long JetStream remembers a batch_id (a setting of the METERD_USAGE stream this command creates)")
+	fs.Int64Var(&n.UsageMaxBytes, "usage-max-bytes", or(n.UsageMaxBytes, broker.DefaultUsageMaxBytes),
+		"bound of METERD_USAGE (no age limit): when full, publishes fail and collectors spool, then answer 429")
+	fs.Int64Var(&n.DLQMaxBytes, "dlq-max-bytes", or(n.DLQMaxBytes, broker.DefaultDLQMaxBytes),
+		"bound of METERD_DLQ: when full, a batch that cannot be processed stays in METERD_USAGE")
+}
+
+// refuseStreamFlags defines the stream settings on a subcommand that does
+// not create the streams (collector, enforcer), where they could take no
+// effect: setting one (or its METERD_ variable) is a usage error naming
+// where it belongs, instead of being silently ignored. The config file's
+// nats section, shared by every component, stays the aggregator's.
+func refuseStreamFlags(fs *flag.FlagSet, cmd string) {
+	for _, name := range []string{"duplicate-window", "usage-max-bytes", "dlq-max-bytes"} {
+		fs.Func(name, "not a setting of the "+cmd+": set it on the aggregator, which creates the streams", func(string) error {
+			return fmt.Errorf("--%s is a setting of the streams, which `meterd aggregator` creates; "+
+				"`meterd %s` does not create them, so set it on the aggregator (or change the stream with `nats stream edit`)", name, cmd)
+		})
+	}
+}
+
 func collectorFlags(fs *flag.FlagSet, c *config.Collector, spoolDir string) {
 	fs.StringVar(&c.Name, "collector-name", c.Name, "name of this collector in batches (default: host name)")
 	fs.StringVar(&c.SpoolDir, "spool-dir", or(c.SpoolDir, spoolDir), "directory of the on-disk spool used while NATS is away")
 	fs.Int64Var(&c.SpoolMaxBytes, "spool-max-bytes", or(c.SpoolMaxBytes, collector.DefaultSpoolMaxBytes), "bound of the spool; past it requests get 429")
 	fs.IntVar(&c.Partitions, "partitions", or(c.Partitions, 16), "usage partitions P of meterd.usage.<partition>")
 	fs.Int64Var(&c.MaxBodyBytes, "max-body-bytes", or(c.MaxBodyBytes, collector.DefaultMaxBodyBytes), "largest accepted request body")
+	fs.Int64Var(&c.MaxInflightBodyBytes, "max-inflight-body-bytes", c.MaxInflightBodyBytes, "bound of the body bytes of all requests in flight; past it requests get 503 + Retry-After (default: a sixteenth of GOMEMLIMIT, or 64 MiB without one)")
 	fs.IntVar(&c.BatchMaxEvents, "batch-max-events", or(c.BatchMaxEvents, collector.DefaultBatchMaxEvents), "seal a batch at this many events")
 	fs.DurationVar(&c.BatchMaxWait, "batch-max-wait", or(c.BatchMaxWait, collector.DefaultBatchMaxWait), "seal a batch this long after its first event")
 	fs.IntVar(&c.PublishWorkers, "publish-workers", or(c.PublishWorkers, collector.DefaultPublishWorkers), "batches published concurrently")
@@ -315,7 +339,7 @@ func (a *app) addCollector(nc *nats.Conn, c config.Collector, keys *auth.Keys, c
 		KnownTenant: func(tenant string) bool { return catalog().HasPlan(tenant) },
 		Name:        c.Name, NATS: nc, Keys: keys,
 		SpoolDir: c.SpoolDir, SpoolMaxBytes: c.SpoolMaxBytes,
-		Partitions: c.Partitions, MaxBodyBytes: c.MaxBodyBytes,
+		Partitions: c.Partitions, MaxBodyBytes: c.MaxBodyBytes, MaxInflightBodyBytes: c.MaxInflightBodyBytes,
 		BatchMaxEvents: c.BatchMaxEvents, BatchMaxWait: c.BatchMaxWait,
 		PublishWorkers: c.PublishWorkers, MaxEventAge: c.MaxEventAge,
 		Logger: a.log, Registerer: a.reg,
@@ -370,7 +394,7 @@ func (a *app) serve(ctx context.Context, s *settings, ready func(addr string)) e
 	if ready != nil {
 		ready(ln.Addr().String())
 	}
-	err = serve.Server(sctx, ln, serve.NotFound(mux), s.grace, a.log)
+	err = serve.Server(sctx, ln, serve.NotFound(mux), s.timeouts, s.grace, a.log)
 	a.log.Info("shutting down: HTTP stopped, flushing")
 	stopWorkers()
 	wg.Wait()

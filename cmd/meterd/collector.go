@@ -15,6 +15,7 @@ func runCollector(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	}
 	f := s.file
 	natsFlags(fs, &f.NATS)
+	refuseStreamFlags(fs, "collector")
 	collectorFlags(fs, &f.Collector, "./meterd-spool")
 	keysFlag(fs, s)
 	fs.BoolVar(&s.insecure, "insecure", false, "run without API keys (every request acts as admin)")
@@ -48,6 +49,9 @@ func runCollector(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	if err := a.addCollector(nc, f.Collector, keys, catalog.Catalog); err != nil {
 		return err
 	}
+	// Nothing else here needs NATS: the collector's own check says whether
+	// it spools while NATS is away (ready, degraded) or cannot take events.
+	delete(a.checks, "nats")
 	return a.serve(ctx, s, func(addr string) {
 		log.Info("collector listening", "addr", addr, "nats", nc.ConnectedUrlRedacted())
 	})

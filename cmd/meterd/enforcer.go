@@ -25,6 +25,7 @@ func runEnforcer(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	}
 	f := s.file
 	natsFlags(fs, &f.NATS)
+	refuseStreamFlags(fs, "enforcer")
 	storeFlags(fs, &f.Aggregator)
 	enforcerFlags(fs, &f.Enforcer)
 	keysFlag(fs, s)

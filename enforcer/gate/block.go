@@ -46,14 +46,20 @@ type Block struct {
 	// Link is the value of the Link header, `<billing_url>; rel="payment"`,
 	// or "" when the decision has no billing URL.
 	Link string
+	// staleRetryAfter is the Retry-After of the stale block, in seconds.
+	staleRetryAfter int64
 }
 
 // RetryAfter returns the seconds until the end of the quota period (rounded
-// up, at least 1) for the Retry-After header. ok is false when retrying
-// later does not help by itself: unpaid and suspended tenants, a quota
-// without a period end, and the stale block.
+// up, at least 1) for the Retry-After header, and for the stale block (a
+// 503) the time in which a gate usually hears from the enforcer again. ok is
+// false when retrying later does not help by itself: unpaid and suspended
+// tenants, and a quota without a period end.
 func (b *Block) RetryAfter(now time.Time) (seconds int64, ok bool) {
 	d := b.Decision
+	if d.Reason == ReasonStale {
+		return b.staleRetryAfter, true
+	}
 	if d.Reason != schemas.ReasonQuotaExceeded || d.PeriodEnd.IsZero() {
 		return 0, false
 	}
@@ -208,7 +214,10 @@ func newStaleBlock(staleAfter time.Duration) *Block {
 		Reason: ReasonStale,
 	}
 	body, _ := encode(p) // strings and an int always encode
-	return &Block{Decision: schemas.Decision{Reason: ReasonStale}, Status: http.StatusServiceUnavailable, Problem: body}
+	// StaleAfter spans a few heartbeats: once the enforcer is back, the gate
+	// is current again within about a third of it.
+	retry := max(int64((staleAfter/3+time.Second-1)/time.Second), 1)
+	return &Block{Decision: schemas.Decision{Reason: ReasonStale}, Status: http.StatusServiceUnavailable, Problem: body, staleRetryAfter: retry}
 }
 
 // encode marshals a problem without HTML escaping, so billing URLs stay

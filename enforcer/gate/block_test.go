@@ -95,7 +95,9 @@ func TestRetryAfter(t *testing.T) {
 		{"unpaid", mustBlock(t, unpaid("b", schemas.ReasonPaymentOverdue, "", 1)), periodStart, 0, false},
 		{"suspended", mustBlock(t, unpaid("b", schemas.ReasonSuspended, "", 1)), periodStart, 0, false},
 		{"quota without a period end", mustBlock(t, schemas.Decision{Tenant: "x", Reason: schemas.ReasonQuotaExceeded, Meter: "m"}), periodStart, 0, false},
-		{"stale", newStaleBlock(time.Second), periodStart, 0, false},
+		{"stale", newStaleBlock(15 * time.Second), periodStart, 5, true},
+		{"stale, short", newStaleBlock(time.Second), periodStart, 1, true},
+		{"stale, rounded up", newStaleBlock(10 * time.Second), periodStart, 4, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			got, ok := tc.b.RetryAfter(tc.now)

@@ -49,15 +49,17 @@ type NATS struct {
 
 // Collector holds the collector's settings.
 type Collector struct {
-	Name           string        `yaml:"name"`
-	SpoolDir       string        `yaml:"spool_dir"`
-	SpoolMaxBytes  int64         `yaml:"spool_max_bytes"`
-	Partitions     int           `yaml:"partitions"`
-	MaxBodyBytes   int64         `yaml:"max_body_bytes"`
-	BatchMaxEvents int           `yaml:"batch_max_events"`
-	BatchMaxWait   time.Duration `yaml:"batch_max_wait"`
-	PublishWorkers int           `yaml:"publish_workers"`
-	MaxEventAge    time.Duration `yaml:"max_event_age"`
+	Name          string `yaml:"name"`
+	SpoolDir      string `yaml:"spool_dir"`
+	SpoolMaxBytes int64  `yaml:"spool_max_bytes"`
+	Partitions    int    `yaml:"partitions"`
+	MaxBodyBytes  int64  `yaml:"max_body_bytes"`
+	// MaxInflightBodyBytes bounds the body bytes of all requests in flight.
+	MaxInflightBodyBytes int64         `yaml:"max_inflight_body_bytes"`
+	BatchMaxEvents       int           `yaml:"batch_max_events"`
+	BatchMaxWait         time.Duration `yaml:"batch_max_wait"`
+	PublishWorkers       int           `yaml:"publish_workers"`
+	MaxEventAge          time.Duration `yaml:"max_event_age"`
 	// The forward-auth check (/v1/check).
 	TenantHeader        string        `yaml:"tenant_header"`
 	UnknownTenantPolicy string        `yaml:"unknown_tenant_policy"` // allow | deny

@@ -20,8 +20,20 @@ import (
 	"github.com/meterd/meterd/schemas"
 )
 
-// ReadyFunc reports why a component is not ready, or nil.
+// ReadyFunc reports why a component is not ready, or nil. An error made by
+// Degraded says how a ready component runs degraded: /readyz still answers
+// 200 and shows it.
 type ReadyFunc func(ctx context.Context) error
+
+// DegradedError is the state of a component that works, but not as usual
+// (a collector spooling while NATS is away). See Degraded.
+type DegradedError struct{ State string }
+
+func (e *DegradedError) Error() string { return e.State }
+
+// Degraded returns the error a ReadyFunc returns to say the component is
+// ready in a degraded state, which /readyz reports beside its 200.
+func Degraded(state string) error { return &DegradedError{State: state} }
 
 // NewRegistry returns a Prometheus registry with the Go and process collectors.
 func NewRegistry() *prometheus.Registry {
@@ -31,8 +43,9 @@ func NewRegistry() *prometheus.Registry {
 }
 
 // NewMux returns a mux serving GET /healthz (the process is alive), GET
-// /readyz (every check passes; the body lists each check's state) and GET
-// /metrics from reg. Components add their own routes to it.
+// /readyz (every check passes or is degraded; the body lists each check's
+// state: "ok", the degraded state, or why it is not ready) and GET /metrics
+// from reg. Components add their own routes to it.
 func NewMux(reg *prometheus.Registry, checks map[string]ReadyFunc) *http.ServeMux {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
@@ -50,11 +63,16 @@ func NewMux(reg *prometheus.Registry, checks map[string]ReadyFunc) *http.ServeMu
 		status := make(map[string]string, len(names))
 		ready := true
 		for _, n := range names {
-			if err := checks[n](ctx); err != nil {
+			err := checks[n](ctx)
+			var degraded *DegradedError
+			switch {
+			case err == nil:
+				status[n] = "ok"
+			case errors.As(err, &degraded):
+				status[n] = degraded.State
+			default:
 				status[n] = err.Error()
 				ready = false
-			} else {
-				status[n] = "ok"
 			}
 		}
 		if !ready {
@@ -109,13 +127,51 @@ func (s *statusRecorder) Write(b []byte) (int, error) {
 	return len(b), nil
 }
 
+// Defaults of Timeouts.
+const (
+	DefaultReadHeaderTimeout = 10 * time.Second
+	DefaultReadTimeout       = time.Minute
+	DefaultIdleTimeout       = 2 * time.Minute
+)
+
+// Timeouts bound how long a client may hold a connection without sending
+// what it owes, so slow or stalled clients cannot pile up (DESIGN §9).
+// Zero fields take the defaults.
+type Timeouts struct {
+	// ReadHeader bounds reading a request's headers (default 10s).
+	ReadHeader time.Duration
+	// Read bounds reading a whole request, headers and body (default 1m: a
+	// 5 MiB body needs at least ~90 KB/s). It ends once the body is read
+	// (net/http lifts the deadline then), so a handler that runs long
+	// afterwards, such as a report, keeps its context.
+	Read time.Duration
+	// Idle bounds a keep-alive connection between requests (default 2m).
+	Idle time.Duration
+}
+
+func (t Timeouts) withDefaults() Timeouts {
+	if t.ReadHeader <= 0 {
+		t.ReadHeader = DefaultReadHeaderTimeout
+	}
+	if t.Read <= 0 {
+		t.Read = DefaultReadTimeout
+	}
+	if t.Idle <= 0 {
+		t.Idle = DefaultIdleTimeout
+	}
+	return t
+}
+
 // Server runs an HTTP server until ctx ends, then shuts it down gracefully:
-// it stops accepting and waits up to grace for in-flight requests.
-func Server(ctx context.Context, ln net.Listener, h http.Handler, grace time.Duration, log *slog.Logger) error {
+// it stops accepting and waits up to grace for in-flight requests. Every
+// request's headers and body are read within the bounds of t.
+func Server(ctx context.Context, ln net.Listener, h http.Handler, t Timeouts, grace time.Duration, log *slog.Logger) error {
+	t = t.withDefaults()
 	srv := &http.Server{
 		Handler:           h,
-		ReadHeaderTimeout: 10 * time.Second,
-		IdleTimeout:       2 * time.Minute,
+		ReadHeaderTimeout: t.ReadHeader,
+		ReadTimeout:       t.Read,
+		IdleTimeout:       t.Idle,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
 	errc := make(chan error, 1)
