@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"path/filepath"
 	"sync"
 	"time"
 
@@ -21,6 +22,7 @@ import (
 	"github.com/meterd/meterd/collector/spool"
 	"github.com/meterd/meterd/enforcer/gate"
 	"github.com/meterd/meterd/internal/auth"
+	"github.com/meterd/meterd/internal/serve"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -56,6 +58,12 @@ type Config struct {
 	// its first event, whichever comes first (defaults 500 and 50ms).
 	BatchMaxEvents int
 	BatchMaxWait   time.Duration
+	// BatchMaxBytes lowers the bound of a batch's encoding. The bound is
+	// read from the server at start: METERD_USAGE's MaxMsgSize, or else the
+	// server's max_payload, minus 16 KiB of headroom for headers; 0 or a
+	// larger value keeps it. An event that cannot fit in a batch alone is
+	// refused with 413.
+	BatchMaxBytes int
 	// PublishWorkers publish sealed batches concurrently (default 8).
 	PublishWorkers int
 	// PublishRetry is how long a batch is retried against a connected NATS
@@ -98,7 +106,7 @@ func (c *Config) Validate() error {
 	if c.SpoolDir == "" {
 		errs = append(errs, errors.New("collector: spool directory is required"))
 	}
-	if c.BatchMaxEvents < 0 || c.PublishWorkers < 0 || c.Partitions < 0 || c.MaxBodyBytes < 0 {
+	if c.BatchMaxEvents < 0 || c.PublishWorkers < 0 || c.Partitions < 0 || c.MaxBodyBytes < 0 || c.BatchMaxBytes < 0 {
 		errs = append(errs, errors.New("collector: sizes must not be negative"))
 	}
 	if len(errs) > 0 {
@@ -147,8 +155,9 @@ type Collector struct {
 	log     *slog.Logger
 	js      jetstream.JetStream
 	spool   *spool.Spool
-	metrics *metrics
-	pipe    *pipeline
+	metrics  *metrics
+	pipe     *pipeline
+	setAside *setAside
 
 	closeOnce sync.Once
 	closeErr  error
@@ -171,17 +180,52 @@ func New(cfg Config) (*Collector, error) {
 	if err != nil {
 		return nil, fmt.Errorf("collector: open spool: %w", err)
 	}
-	m, err := newMetrics(cfg.Registerer, sp, cfg.SpoolMaxBytes)
+	sa := &setAside{dir: filepath.Join(cfg.SpoolDir, SetAsideDir)}
+	c := &Collector{cfg: cfg, log: log, js: js, spool: sp, setAside: sa}
+	m, err := newMetrics(cfg.Registerer, sp, cfg.SpoolMaxBytes, sa, func() int64 { return c.pipe.Reserved() })
 	if err != nil {
 		sp.Close()
 		return nil, err
 	}
-	c := &Collector{cfg: cfg, log: log, js: js, spool: sp, metrics: m}
-	c.pipe = newPipeline(c)
+	c.metrics = m
+	limit, source := c.batchLimit()
+	c.pipe = newPipeline(c, limit)
+	m.batchLimit.Set(float64(limit))
+	log.Info("batches are bounded by bytes", "batch_max_bytes", limit, "from", source)
+	if n := sa.count(); n > 0 {
+		log.Error("batches set aside by an earlier run wait for an operator", "batches", n, "dir", sa.dir)
+	}
 	if n := sp.Len(); n > 0 {
 		log.Info("spool holds batches from an earlier run; replaying them", "batches", n, "bytes", sp.Bytes())
 	}
 	return c, nil
+}
+
+// batchLimit is the bound of a batch's encoding (Config.BatchMaxBytes) and
+// where it came from. It asks the server once, for up to PublishTimeout.
+func (c *Collector) batchLimit() (int, string) {
+	limit, source := int64(0), ""
+	if p := c.cfg.NATS.MaxPayload(); p > 0 {
+		limit, source = p, "the server's max_payload"
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), c.cfg.PublishTimeout)
+	defer cancel()
+	if s, err := c.js.Stream(ctx, schemas.UsageStream); err == nil {
+		if m := int64(s.CachedInfo().Config.MaxMsgSize); m > 0 && (limit == 0 || m < limit) {
+			limit, source = m, "the MaxMsgSize of stream "+schemas.UsageStream
+		}
+	} else if limit == 0 {
+		c.log.Warn("cannot read the message size limit from NATS; bounding batches by the NATS default until a restart",
+			"err", err, "max_payload", fallbackMaxPayload)
+	}
+	if limit == 0 {
+		limit, source = fallbackMaxPayload, "the NATS default max_payload (NATS did not answer)"
+	}
+	limit -= batchHeadroom
+	if b := int64(c.cfg.BatchMaxBytes); b > 0 && b < limit {
+		limit, source = b, "BatchMaxBytes"
+	}
+	return int(max(limit, 1)), source
 }
 
 // Register adds the collector's routes to mux.
@@ -194,15 +238,17 @@ func (c *Collector) Register(mux *http.ServeMux) {
 }
 
 // Ready reports whether the collector can accept events: either NATS is
-// connected or the spool has room.
+// connected or the spool has room. Batches set aside make it degraded
+// (serve.Degraded: reported, still in service), not unready: the collector
+// still accepts and delivers every other event.
 func (c *Collector) Ready(context.Context) error {
-	if c.cfg.NATS.IsConnected() {
-		return nil
+	if !c.cfg.NATS.IsConnected() && c.spool.Bytes() >= c.cfg.SpoolMaxBytes {
+		return errors.New("nats disconnected and spool full")
 	}
-	if c.spool.Bytes() < c.cfg.SpoolMaxBytes {
-		return nil
+	if n := c.setAside.count(); n > 0 {
+		return serve.Degraded(fmt.Errorf("%d spooled batches JetStream refuses for good are set aside in %s; replay their events and remove them", n, c.setAside.dir))
 	}
-	return errors.New("nats disconnected and spool full")
+	return nil
 }
 
 // Run publishes sealed batches and replays the spool until ctx ends. Stop

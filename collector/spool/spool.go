@@ -54,6 +54,10 @@ const (
 	readBufferSize  = 64 << 10
 )
 
+// RecordOverhead is the bytes a record takes on disk beyond its payload: what
+// Bytes and Config.MaxBytes count for it.
+const RecordOverhead = headerSize
+
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
 // ErrFull is returned by Append when the records would push the bytes of

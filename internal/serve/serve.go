@@ -23,6 +23,18 @@ import (
 // ReadyFunc reports why a component is not ready, or nil.
 type ReadyFunc func(ctx context.Context) error
 
+// DegradedError is a readiness condition an operator must see that is no
+// reason to take the process out of service: /readyz lists it as
+// "degraded: …" and still answers 200 (a gateway's sidecar collector that
+// can accept events must stay in its Service). Alert on it from metrics.
+type DegradedError struct{ Err error }
+
+// Degraded wraps err as a DegradedError.
+func Degraded(err error) error { return &DegradedError{Err: err} }
+
+func (e *DegradedError) Error() string { return "degraded: " + e.Err.Error() }
+func (e *DegradedError) Unwrap() error { return e.Err }
+
 // NewRegistry returns a Prometheus registry with the Go and process collectors.
 func NewRegistry() *prometheus.Registry {
 	reg := prometheus.NewRegistry()
@@ -31,7 +43,8 @@ func NewRegistry() *prometheus.Registry {
 }
 
 // NewMux returns a mux serving GET /healthz (the process is alive), GET
-// /readyz (every check passes; the body lists each check's state) and GET
+// /readyz (every check passes or is only degraded; the body lists each
+// check's state) and GET
 // /metrics from reg. Components add their own routes to it.
 func NewMux(reg *prometheus.Registry, checks map[string]ReadyFunc) *http.ServeMux {
 	mux := http.NewServeMux()
@@ -50,7 +63,10 @@ func NewMux(reg *prometheus.Registry, checks map[string]ReadyFunc) *http.ServeMu
 		status := make(map[string]string, len(names))
 		ready := true
 		for _, n := range names {
-			if err := checks[n](ctx); err != nil {
+			var degraded *DegradedError
+			if err := checks[n](ctx); errors.As(err, &degraded) {
+				status[n] = degraded.Error()
+			} else if err != nil {
 				status[n] = err.Error()
 				ready = false
 			} else {
