@@ -151,10 +151,10 @@ func setDefault[T int | int64 | time.Duration](v *T, def T) {
 // Collector ingests usage events. Mount its routes with Register, run its
 // publishing pipeline with Run.
 type Collector struct {
-	cfg     Config
-	log     *slog.Logger
-	js      jetstream.JetStream
-	spool   *spool.Spool
+	cfg      Config
+	log      *slog.Logger
+	js       jetstream.JetStream
+	spool    *spool.Spool
 	metrics  *metrics
 	pipe     *pipeline
 	setAside *setAside
