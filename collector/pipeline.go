@@ -49,6 +49,10 @@ type openBatch struct {
 	cur      *sealed
 }
 
+// eventBufs recycles the buffers a request's events are encoded into: they
+// are needed only until the events are copied into their batches.
+var eventBufs = sync.Pool{New: func() any { return make([]byte, 0, 64<<10) }}
+
 // batchBufs recycles the buffers batches are encoded into.
 var batchBufs = sync.Pool{New: func() any { return make([]byte, 0, 64<<10) }}
 
@@ -159,6 +163,14 @@ type encodedEvents struct {
 	need   int64 // spool room to reserve
 }
 
+// recycle gives ee's buffer back once its events are placed or refused.
+func (ee *encodedEvents) recycle() {
+	if ee.buf != nil && cap(ee.buf) <= maxPooledBatch {
+		eventBufs.Put(ee.buf[:0])
+	}
+	ee.buf = nil
+}
+
 func (ee *encodedEvents) event(i int) []byte {
 	start := 0
 	if i > 0 {
@@ -171,7 +183,7 @@ func (ee *encodedEvents) event(i int) []byte {
 // computes the spool room the request needs.
 func (pl *pipeline) encode(events []schemas.Event) (*encodedEvents, error) {
 	parts := pl.c.cfg.Partitions
-	ee := &encodedEvents{ends: make([]int, len(events)), byPart: make([][]int, parts)}
+	ee := &encodedEvents{buf: eventBufs.Get().([]byte)[:0], ends: make([]int, len(events)), byPart: make([][]int, parts)}
 	var enc schemas.EventEncoder
 	room := pl.maxBytes - pl.headMax // bytes of events a batch holds
 	for i := range events {
@@ -179,10 +191,12 @@ func (pl *pipeline) encode(events []schemas.Event) (*encodedEvents, error) {
 		start := len(ee.buf)
 		var err error
 		if ee.buf, err = enc.Append(ee.buf, e); err != nil {
+			ee.recycle()
 			// Events were validated; this is a bug, not bad input.
 			return nil, fmt.Errorf("encode event %d: %w", i, err)
 		}
 		if size := len(ee.buf) - start; size > room {
+			ee.recycle()
 			return nil, &EventTooLargeError{Tenant: e.Tenant, ID: e.ID, Size: size, Max: room}
 		}
 		ee.ends[i] = len(ee.buf)
@@ -257,6 +271,7 @@ func (pl *pipeline) add(ctx context.Context, events []schemas.Event) error {
 	if err != nil {
 		return err
 	}
+	defer ee.recycle()
 	pl.closing.RLock()
 	if pl.closed {
 		pl.closing.RUnlock()
@@ -268,6 +283,7 @@ func (pl *pipeline) add(ctx context.Context, events []schemas.Event) error {
 	}
 	waits := pl.fill(ee, true)
 	pl.closing.RUnlock()
+	ee.recycle() // copied into the batches
 	for _, s := range waits {
 		select {
 		case <-s.done:
@@ -309,6 +325,7 @@ func (pl *pipeline) enqueue(e schemas.Event) error {
 	if err != nil {
 		return err
 	}
+	defer ee.recycle()
 	pl.closing.RLock()
 	defer pl.closing.RUnlock()
 	if pl.closed {
