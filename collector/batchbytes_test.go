@@ -29,6 +29,14 @@ import (
 // lineSep is U+2028: 3 bytes in a request, 6 ("\u2028") in a batch.
 const lineSep = "\u2028"
 
+// bigConfig seals batches 5ms after their first event and keeps the default
+// publish timeouts: batches of megabytes take a loaded machine (and -race)
+// longer than faultConfig's 500ms to store.
+func bigConfig(cfg Config) Config {
+	cfg.BatchMaxWait = 5 * time.Millisecond
+	return cfg
+}
+
 // bigEvent is a valid event of about 12 KB in a request (25 KB in a batch):
 // 16 dimensions of 256 U+2028 each.
 func bigEvent(tenant, id string) map[string]any {
@@ -179,7 +187,7 @@ func requireNoneSetAside(t testing.TB, col *testCollector) {
 func TestBatchBytesLineSeparators(t *testing.T) {
 	b := startTestBroker(t)
 	nc := connectTestNATS(t, b.URL(), "collector")
-	col := startTestCollector(t, faultConfig(Config{NATS: nc}))
+	col := startTestCollector(t, bigConfig(Config{NATS: nc}))
 
 	body, keys := bigRequest(t, "acme", "ls", 380)
 	if len(body) > DefaultMaxBodyBytes || len(body) < 4<<20 {
@@ -189,7 +197,7 @@ func TestBatchBytesLineSeparators(t *testing.T) {
 	if status != http.StatusAccepted || answer != `{"accepted":380,"duplicates":0}`+"\n" {
 		t.Fatalf("%d %s", status, answer)
 	}
-	col.WaitSpoolEmpty(t, 30*time.Second)
+	col.WaitSpoolEmpty(t, 60*time.Second)
 	requireStored(t, b, keys)
 	limit := 8<<20 - batchHeadroom
 	if got := col.Metric(t, "meterd_collector_batch_max_bytes"); got != float64(limit) {
@@ -214,7 +222,7 @@ func TestBatchBytesLineSeparators(t *testing.T) {
 func TestBatchBytesConcurrentLargeRequests(t *testing.T) {
 	b := startTestBroker(t)
 	nc := connectTestNATS(t, b.URL(), "collector")
-	col := startTestCollector(t, faultConfig(Config{NATS: nc}))
+	col := startTestCollector(t, bigConfig(Config{NATS: nc}))
 
 	var wg sync.WaitGroup
 	var mu sync.Mutex
@@ -238,7 +246,7 @@ func TestBatchBytesConcurrentLargeRequests(t *testing.T) {
 	if t.Failed() {
 		t.FailNow()
 	}
-	col.WaitSpoolEmpty(t, 30*time.Second)
+	col.WaitSpoolEmpty(t, 60*time.Second)
 	requireStored(t, b, accepted)
 	for _, n := range streamMsgSizes(t, b.js) {
 		if n > 8<<20-batchHeadroom+1024 {
@@ -267,7 +275,7 @@ func TestBatchBytesStreamLimit(t *testing.T) {
 	}
 	nc := connectTestNATS(t, b.URL(), "collector")
 	// A larger BatchMaxBytes does not raise the server's bound.
-	col := startTestCollector(t, faultConfig(Config{NATS: nc, BatchMaxBytes: 1 << 20}))
+	col := startTestCollector(t, bigConfig(Config{NATS: nc, BatchMaxBytes: 1 << 20}))
 	limit := 256<<10 - batchHeadroom
 	if got := col.Metric(t, "meterd_collector_batch_max_bytes"); got != float64(limit) {
 		t.Fatalf("batch_max_bytes = %v, want %d (the stream's MaxMsgSize − headroom)", got, limit)
@@ -276,7 +284,7 @@ func TestBatchBytesStreamLimit(t *testing.T) {
 	if status, answer := postBody(t, &http.Client{}, col.URL(), body); status != http.StatusAccepted {
 		t.Fatalf("%d %s", status, answer)
 	}
-	col.WaitSpoolEmpty(t, 30*time.Second)
+	col.WaitSpoolEmpty(t, 60*time.Second)
 	requireStored(t, b, keys)
 	sizes := streamMsgSizes(t, b.js)
 	for _, n := range sizes {
@@ -290,7 +298,7 @@ func TestBatchBytesStreamLimit(t *testing.T) {
 
 	// A collector configured lower refuses an event that cannot fit alone.
 	nc2 := connectTestNATS(t, b.URL(), "collector-2")
-	small := startTestCollector(t, faultConfig(Config{NATS: nc2, BatchMaxBytes: 16 << 10}))
+	small := startTestCollector(t, bigConfig(Config{NATS: nc2, BatchMaxBytes: 16 << 10}))
 	if got := small.Metric(t, "meterd_collector_batch_max_bytes"); got != 16<<10 {
 		t.Fatalf("batch_max_bytes = %v, want the configured %d", got, 16<<10)
 	}
@@ -384,8 +392,8 @@ func TestSpoolSetAside(t *testing.T) {
 	}
 
 	nc := connectTestNATS(t, b.URL(), "collector")
-	col := startTestCollector(t, faultConfig(Config{NATS: nc, SpoolDir: dir}))
-	col.WaitSpoolEmpty(t, 30*time.Second)
+	col := startTestCollector(t, bigConfig(Config{NATS: nc, SpoolDir: dir}))
+	col.WaitSpoolEmpty(t, 60*time.Second)
 	requireStored(t, b, ordinaryKeys)
 	if n := col.Metric(t, "meterd_collector_spool_set_aside_total", "reason", setAsideTooLarge); n != 2 {
 		t.Errorf("set_aside_total{too_large} = %v, want 2", n)
@@ -439,7 +447,7 @@ func TestSpoolSetAside(t *testing.T) {
 			set = set[n:]
 		}
 	}
-	col.WaitSpoolEmpty(t, 30*time.Second)
+	col.WaitSpoolEmpty(t, 60*time.Second)
 	requireStored(t, b, accepted)
 
 	// Removing the files clears the condition.
@@ -529,7 +537,7 @@ func TestSpoolFullAllOrNothing(t *testing.T) {
 	}
 
 	b.Start()
-	col.WaitSpoolEmpty(t, 30*time.Second)
+	col.WaitSpoolEmpty(t, 60*time.Second)
 	requireStored(t, b, accepted)
 	requireNoneSetAside(t, col)
 	t.Logf("answers %v: %d events accepted, %d refused, none of them stored", statuses, len(accepted), len(refused))
