@@ -633,8 +633,14 @@ func (pl *pipeline) replayLoop(ctx context.Context) {
 	}
 }
 
-// replayBatch is how many spooled batches one replay round has in flight.
-const replayBatch = 128
+// replayBatch is how many spooled batches one replay round has in flight,
+// and replayBytes how many bytes of them (one batch more when the oldest
+// alone is larger): batches of up to the server's message size (8 MiB) must
+// not make a round hold a gigabyte.
+const (
+	replayBatch = 128
+	replayBytes = 32 << 20
+)
 
 // replayOnce publishes the oldest spooled batches asynchronously with their
 // original batch_id and acknowledges the prefix JetStream acknowledged. A
@@ -642,7 +648,7 @@ const replayBatch = 128
 // aside (see SetAsideDir) and acknowledged with the prefix: no batch can
 // block the ones behind it.
 func (pl *pipeline) replayOnce(ctx context.Context) error {
-	recs, err := pl.c.spool.Front(replayBatch)
+	recs, err := pl.c.spool.FrontBytes(replayBatch, replayBytes)
 	if err != nil {
 		return fmt.Errorf("read spool: %w", err)
 	}

@@ -326,6 +326,17 @@ type recordReader struct {
 	want uint64        // seq the next record must carry
 }
 
+// peekLength returns the payload length in the header of the record at
+// r.off without consuming it, or 0 when the header cannot be read (next
+// then reports why).
+func (r *recordReader) peekLength() int64 {
+	hdr, err := r.br.Peek(4)
+	if err != nil {
+		return 0
+	}
+	return int64(binary.LittleEndian.Uint32(hdr))
+}
+
 // next decodes the record at r.off and, when keep is set, returns a copy of
 // its payload. Bytes that are not the expected record give an error wrapping
 // errCorrupt; anything else is an I/O error.
@@ -514,6 +525,14 @@ func (s *Spool) rollback(seg *segment, created bool) {
 // order, read from disk. It returns an empty slice when there are none.
 // Records stay in the spool until acknowledged with Ack.
 func (s *Spool) Front(max int) ([]Record, error) {
+	return s.FrontBytes(max, math.MaxInt64)
+}
+
+// FrontBytes is Front bounded by bytes as well: it stops before a record
+// that would take the payloads returned past maxBytes, but always returns
+// the oldest record when there is one, so that its caller's memory is
+// bounded by the larger of maxBytes and one record.
+func (s *Spool) FrontBytes(max int, maxBytes int64) ([]Record, error) {
 	s.rmu.Lock()
 	defer s.rmu.Unlock()
 
@@ -544,6 +563,7 @@ func (s *Spool) Front(max int) ([]Record, error) {
 
 	recs := []Record{}
 	s.hint = ackHint{}
+	var total int64
 	for _, sp := range spans {
 		f, err := os.Open(sp.seg.path)
 		if err != nil {
@@ -551,16 +571,28 @@ func (s *Spool) Front(max int) ([]Record, error) {
 		}
 		r := recordReader{br: s.br, off: sp.off, end: sp.size, want: sp.next}
 		r.br.Reset(io.NewSectionReader(f, sp.off, sp.size-sp.off))
+		n, full := 0, false
 		for range sp.n {
+			if len(recs) > 0 && total+r.peekLength() > maxBytes {
+				full = true
+				break
+			}
 			seq, data, err := r.next(true)
 			if err != nil {
 				_ = f.Close()
 				return nil, fmt.Errorf("spool: front: %s: %w", sp.seg.path, err)
 			}
 			recs = append(recs, Record{Seq: seq, Data: data})
+			total += int64(len(data))
+			n++
 		}
 		_ = f.Close()
-		s.hint = ackHint{seg: sp.seg, start: sp.off, end: r.off, last: r.want - 1, n: sp.n}
+		if n > 0 {
+			s.hint = ackHint{seg: sp.seg, start: sp.off, end: r.off, last: r.want - 1, n: n}
+		}
+		if full {
+			break
+		}
 	}
 	return recs, nil
 }

@@ -810,3 +810,47 @@ func TestFailedAppendIsNotVisible(t *testing.T) {
 		t.Fatalf("seqs after restart = %v", got)
 	}
 }
+
+// FrontBytes stops before the record that would take the payloads past
+// maxBytes, always returns the oldest record, crosses segments, and its
+// Ack of the last returned record acknowledges exactly those.
+func TestFrontBytes(t *testing.T) {
+	s := open(t, Config{Dir: t.TempDir(), SegmentBytes: rec(100) * 3})
+	for i := range 7 {
+		mustAppend(t, s, payload(i, 100))
+	}
+	for _, tc := range []struct {
+		max      int
+		maxBytes int64
+		want     []uint64
+	}{
+		{10, 250, seqRange(1, 2)},
+		{10, 300, seqRange(1, 3)},
+		{10, 450, seqRange(1, 4)}, // across the first segment's end
+		{2, 1000, seqRange(1, 2)},
+		{10, 10, seqRange(1, 1)}, // one record, however large
+		{10, math.MaxInt64, seqRange(1, 7)},
+	} {
+		recs, err := s.FrontBytes(tc.max, tc.maxBytes)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(seqs(recs), tc.want) {
+			t.Errorf("FrontBytes(%d, %d) = %v, want %v", tc.max, tc.maxBytes, seqs(recs), tc.want)
+		}
+	}
+	recs, err := s.FrontBytes(10, 450)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustAck(t, s, recs[len(recs)-1].Seq)
+	checkState(t, s, 3, 3*rec(100))
+	if got := seqs(front(t, s, 10)); !slices.Equal(got, seqRange(5, 7)) {
+		t.Fatalf("after acking 4: Front = %v, want 5..7", got)
+	}
+	for i, r := range front(t, s, 10) {
+		if !bytes.Equal(r.Data, payload(4+i, 100)) {
+			t.Fatalf("record %d: wrong payload", r.Seq)
+		}
+	}
+}
