@@ -169,7 +169,7 @@ func requireStored(t testing.TB, b *testBroker, want []eventKey) {
 // still reserved.
 func requireNoneSetAside(t testing.TB, col *testCollector) {
 	t.Helper()
-	for _, r := range []string{setAsideTooLarge, setAsideRefused, setAsideUnreadable} {
+	for _, r := range []string{setAsideTooLarge, setAsideUnreadable} {
 		if n := col.Metric(t, "meterd_collector_spool_set_aside_total", "reason", r); n != 0 {
 			t.Errorf("%v batches set aside (%s); a collector sealing by bytes makes none", n, r)
 		}
@@ -409,7 +409,7 @@ func TestSpoolSetAside(t *testing.T) {
 		t.Errorf("Ready = %v, want degraded (set-aside batches) but in service", err)
 	}
 	for id, want := range map[string][]byte{hugeID: huge, largeID: large} {
-		files, _ := filepath.Glob(filepath.Join(dir, SetAsideDir, "*-"+id+".json"))
+		files, _ := filepath.Glob(filepath.Join(dir, spool.SetAsideDir, "*-"+id+".json"))
 		if len(files) != 1 {
 			t.Fatalf("set-aside files of batch %s: %v", id, files)
 		}
@@ -451,7 +451,7 @@ func TestSpoolSetAside(t *testing.T) {
 	requireStored(t, b, accepted)
 
 	// Removing the files clears the condition.
-	if err := os.RemoveAll(filepath.Join(dir, SetAsideDir)); err != nil {
+	if err := os.RemoveAll(filepath.Join(dir, spool.SetAsideDir)); err != nil {
 		t.Fatal(err)
 	}
 	if err := col.Ready(ctx); err != nil {

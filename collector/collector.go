@@ -7,7 +7,7 @@
 // server's message size limit, so JetStream never refuses one for its size;
 // a request is all or nothing, because it reserves spool room for all of its
 // events before any is placed (the argument is on the pipeline type); and a
-// spooled batch JetStream refuses for good is set aside (SetAsideDir) rather
+// spooled batch JetStream refuses for good is set aside (spool.SetAsideDir) rather
 // than blocking the spool.
 package collector
 
@@ -158,13 +158,12 @@ func setDefault[T int | int64 | time.Duration](v *T, def T) {
 // Collector ingests usage events. Mount its routes with Register, run its
 // publishing pipeline with Run.
 type Collector struct {
-	cfg      Config
-	log      *slog.Logger
-	js       jetstream.JetStream
-	spool    *spool.Spool
-	metrics  *metrics
-	pipe     *pipeline
-	setAside *setAside
+	cfg     Config
+	log     *slog.Logger
+	js      jetstream.JetStream
+	spool   *spool.Spool
+	metrics *metrics
+	pipe    *pipeline
 
 	closeOnce sync.Once
 	closeErr  error
@@ -187,9 +186,8 @@ func New(cfg Config) (*Collector, error) {
 	if err != nil {
 		return nil, fmt.Errorf("collector: open spool: %w", err)
 	}
-	sa := &setAside{dir: filepath.Join(cfg.SpoolDir, SetAsideDir)}
-	c := &Collector{cfg: cfg, log: log, js: js, spool: sp, setAside: sa}
-	m, err := newMetrics(cfg.Registerer, sp, cfg.SpoolMaxBytes, sa, func() int64 { return c.pipe.Reserved() })
+	c := &Collector{cfg: cfg, log: log, js: js, spool: sp}
+	m, err := newMetrics(cfg.Registerer, sp, cfg.SpoolMaxBytes, func() int64 { return c.pipe.Reserved() })
 	if err != nil {
 		sp.Close()
 		return nil, err
@@ -199,8 +197,9 @@ func New(cfg Config) (*Collector, error) {
 	c.pipe = newPipeline(c, limit)
 	m.batchLimit.Set(float64(limit))
 	log.Info("batches are bounded by bytes", "batch_max_bytes", limit, "from", source)
-	if n := sa.count(); n > 0 {
-		log.Error("batches set aside by an earlier run wait for an operator", "batches", n, "dir", sa.dir)
+	if n := sp.SetAsideCount(); n > 0 {
+		log.Error("batches set aside by an earlier run wait for an operator", "batches", n,
+			"dir", filepath.Join(cfg.SpoolDir, spool.SetAsideDir))
 	}
 	if n := sp.Len(); n > 0 {
 		log.Info("spool holds batches from an earlier run; replaying them", "batches", n, "bytes", sp.Bytes())
@@ -252,8 +251,9 @@ func (c *Collector) Ready(context.Context) error {
 	if !c.cfg.NATS.IsConnected() && c.spool.Bytes() >= c.cfg.SpoolMaxBytes {
 		return errors.New("nats disconnected and spool full")
 	}
-	if n := c.setAside.count(); n > 0 {
-		return serve.Degraded(fmt.Errorf("%d spooled batches JetStream refuses for good are set aside in %s; replay their events and remove them", n, c.setAside.dir))
+	if n := c.spool.SetAsideCount(); n > 0 {
+		return serve.Degraded(fmt.Errorf("%d spooled batches JetStream refuses for good are set aside in %s; replay their events and remove them",
+			n, filepath.Join(c.cfg.SpoolDir, spool.SetAsideDir)))
 	}
 	return nil
 }

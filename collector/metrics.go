@@ -50,7 +50,7 @@ const (
 var paymentRequiredReasons = []schemas.Reason{schemas.ReasonQuotaExceeded, schemas.ReasonPaymentOverdue,
 	schemas.ReasonPaymentMethodRequired, schemas.ReasonSuspended, gate.ReasonStale}
 
-func newMetrics(reg prometheus.Registerer, sp *spool.Spool, spoolMaxBytes int64, sa *setAside, reserved func() int64) (*metrics, error) {
+func newMetrics(reg prometheus.Registerer, sp *spool.Spool, spoolMaxBytes int64, reserved func() int64) (*metrics, error) {
 	m := &metrics{
 		accepted: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "meterd_collector_events_accepted_total",
@@ -105,12 +105,12 @@ func newMetrics(reg prometheus.Registerer, sp *spool.Spool, spoolMaxBytes int64,
 	}, func() float64 { return float64(reserved()) })
 	m.setAside = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "meterd_collector_spool_set_aside_total",
-		Help: "Spooled batches JetStream refused for good (too_large, refused) or that could not be read (unreadable), moved to the spool's set-aside directory so they no longer block the spool.",
+		Help: "Spooled batches JetStream refused for good (too_large) or that could not be read (unreadable), moved to the spool's set-aside directory so they no longer block the spool.",
 	}, []string{"reason"})
 	setAsideBatches := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "meterd_collector_spool_set_aside_batches",
 		Help: "Batches in the spool's set-aside directory: accepted events not counted until an operator replays and removes them.",
-	}, func() float64 { return float64(sa.count()) })
+	}, func() float64 { return float64(sp.SetAsideCount()) })
 	m.batchLimit = prometheus.NewGauge(prometheus.GaugeOpts{
 		Name: "meterd_collector_batch_max_bytes",
 		Help: "Bound of a sealed batch's encoding, read from the server at start (stream MaxMsgSize or max_payload, minus headroom).",
@@ -131,7 +131,7 @@ func newMetrics(reg prometheus.Registerer, sp *spool.Spool, spoolMaxBytes int64,
 	for _, r := range paymentRequiredReasons {
 		m.paymentRequired.WithLabelValues(string(r))
 	}
-	for _, r := range []string{setAsideTooLarge, setAsideRefused, setAsideUnreadable} {
+	for _, r := range []string{setAsideTooLarge, setAsideUnreadable} {
 		m.setAside.WithLabelValues(r)
 	}
 	for _, o := range []string{"published", "spooled", "replayed"} {

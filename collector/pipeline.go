@@ -721,17 +721,15 @@ func (pl *pipeline) replayOnce(ctx context.Context) error {
 }
 
 // setAside moves spool record rec, which JetStream refused for good (id is
-// its batch) or which cannot be read (id is ""), to the set-aside directory.
+// its batch) or which cannot be read (id is ""), to the spool's set-aside
+// directory (see setaside.go); the caller then acknowledges it.
 func (pl *pipeline) setAside(rec spool.Record, id, subject string, data []byte, cause error) error {
 	reason := setAsideReason(cause)
 	if id == "" {
 		reason, data = setAsideUnreadable, rec.Data
 	}
-	if reason == "" {
-		reason = setAsideRefused
-	}
-	path, err := pl.c.setAside.put(setAsideName(rec.Seq, id), data,
-		setAsideText(id, subject, reason, cause, pl.c.cfg.Now()))
+	path, err := pl.c.spool.SetAside(setAsideName(rec.Seq, id), data,
+		setAsideNote(id, subject, reason, cause, pl.c.cfg.Now()))
 	if err != nil {
 		return fmt.Errorf("set aside spooled batch %s (seq %d): %w", id, rec.Seq, err)
 	}

@@ -159,6 +159,8 @@ type Spool struct {
 	br   *bufio.Reader // readers only
 	hint ackHint       // readers only
 
+	smu sync.Mutex // serialises SetAside
+
 	mu      sync.Mutex
 	segs    []*segment
 	active  *segment // last of segs, open for writing; nil until the next Append creates one
@@ -776,28 +778,84 @@ func (s *Spool) readCursor() (uint64, error) {
 	return binary.LittleEndian.Uint64(b), nil
 }
 
-// writeCursor durably replaces the cursor file: write a temporary file,
-// fsync it, rename it over the cursor, fsync the directory.
+// writeCursor durably replaces the cursor file.
 func (s *Spool) writeCursor(seq uint64) error {
 	var b [cursorSize]byte
 	binary.LittleEndian.PutUint64(b[:], seq)
 	binary.LittleEndian.PutUint32(b[8:], crc32.Checksum(b[:8], castagnoli))
-	tmp := filepath.Join(s.cfg.Dir, cursorTemp)
+	return writeFileSync(filepath.Join(s.cfg.Dir, cursorName), b[:])
+}
+
+// writeFileSync durably replaces the file at path with data: write a
+// temporary file (path.tmp), fsync it, rename it over path, fsync the
+// directory. path is never seen half written.
+func writeFileSync(path string, data []byte) error {
+	tmp := path + ".tmp"
 	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o640)
 	if err != nil {
 		return err
 	}
-	_, err = f.Write(b[:])
+	_, err = f.Write(data)
 	if err == nil {
 		err = f.Sync()
 	}
 	if err = errors.Join(err, f.Close()); err != nil {
+		_ = os.Remove(tmp)
 		return err
 	}
-	if err := os.Rename(tmp, filepath.Join(s.cfg.Dir, cursorName)); err != nil {
+	if err := os.Rename(tmp, path); err != nil {
 		return err
 	}
-	return syncDir(s.cfg.Dir)
+	return syncDir(filepath.Dir(path))
+}
+
+// SetAsideDir is the directory, inside the spool's, that holds the records
+// a caller set aside with SetAside. Segment recovery ignores it.
+const SetAsideDir = "set-aside"
+
+// setAsideNote is the suffix of the note beside a set-aside record.
+const setAsideNote = ".reason"
+
+// SetAside durably writes data, a record the caller takes out of the FIFO
+// (it still acknowledges it with Ack), to the file name in SetAsideDir, and
+// note to a file beside it (name without its extension, plus ".reason"),
+// the note first, so that every record set aside has its note. It returns
+// the record's path. Files stay until an operator removes them.
+func (s *Spool) SetAside(name string, data []byte, note string) (string, error) {
+	if name == "" || name != filepath.Base(name) || strings.HasSuffix(name, setAsideNote) || strings.HasSuffix(name, ".tmp") {
+		return "", fmt.Errorf("spool: set aside: bad file name %q", name)
+	}
+	s.smu.Lock()
+	defer s.smu.Unlock()
+	dir := filepath.Join(s.cfg.Dir, SetAsideDir)
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		return "", fmt.Errorf("spool: set aside: %w", err)
+	}
+	base := strings.TrimSuffix(name, filepath.Ext(name))
+	if err := writeFileSync(filepath.Join(dir, base+setAsideNote), []byte(note)); err != nil {
+		return "", fmt.Errorf("spool: set aside: %w", err)
+	}
+	path := filepath.Join(dir, name)
+	if err := writeFileSync(path, data); err != nil {
+		return "", fmt.Errorf("spool: set aside: %w", err)
+	}
+	return path, nil
+}
+
+// SetAsideCount is the number of records in SetAsideDir (notes and
+// temporary files aside).
+func (s *Spool) SetAsideCount() int {
+	entries, err := os.ReadDir(filepath.Join(s.cfg.Dir, SetAsideDir))
+	if err != nil {
+		return 0
+	}
+	n := 0
+	for _, e := range entries {
+		if name := e.Name(); e.Type().IsRegular() && !strings.HasSuffix(name, setAsideNote) && !strings.HasSuffix(name, ".tmp") {
+			n++
+		}
+	}
+	return n
 }
 
 // segmentName is the file name of the segment whose first record is seq.
