@@ -15,10 +15,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nuid"
 
 	"github.com/meterd/meterd/collector/spool"
+	"github.com/meterd/meterd/internal/auth"
 	"github.com/meterd/meterd/internal/serve"
 	"github.com/meterd/meterd/schemas"
 )
@@ -541,4 +543,18 @@ func TestSpoolFullAllOrNothing(t *testing.T) {
 	requireStored(t, b, accepted)
 	requireNoneSetAside(t, col)
 	t.Logf("answers %v: %d events accepted, %d refused, none of them stored", statuses, len(accepted), len(refused))
+}
+
+// A BatchMaxBytes too small to hold a batch of one ordinary event is a
+// configuration error, as is a negative one.
+func TestBatchMaxBytesValidate(t *testing.T) {
+	for _, tc := range []struct {
+		max int
+		ok  bool
+	}{{0, true}, {MinBatchMaxBytes, true}, {MinBatchMaxBytes - 1, false}, {-1, false}} {
+		cfg := Config{NATS: &nats.Conn{}, Keys: auth.Open(), SpoolDir: t.TempDir(), BatchMaxBytes: tc.max}
+		if err := cfg.Validate(); (err == nil) != tc.ok {
+			t.Errorf("BatchMaxBytes %d: Validate = %v, want ok %v", tc.max, err, tc.ok)
+		}
+	}
 }

@@ -43,6 +43,11 @@ const (
 	DefaultPublishTimeout     = 5 * time.Second
 	DefaultSpoolMaxBytes      = 1 << 30
 	DefaultSpoolRetryAfterSec = 5
+	// MinBatchMaxBytes is the least Config.BatchMaxBytes: a batch's envelope
+	// and an ordinary event. Below the largest valid event (16 dimensions of
+	// 256 characters escaped to 6 bytes each at worst: about 26 KB), such
+	// events are refused with 413.
+	MinBatchMaxBytes = 4 << 10
 )
 
 // Config configures a Collector.
@@ -115,6 +120,9 @@ func (c *Config) Validate() error {
 	}
 	if c.BatchMaxEvents < 0 || c.PublishWorkers < 0 || c.Partitions < 0 || c.MaxBodyBytes < 0 || c.BatchMaxBytes < 0 {
 		errs = append(errs, errors.New("collector: sizes must not be negative"))
+	}
+	if c.BatchMaxBytes > 0 && c.BatchMaxBytes < MinBatchMaxBytes {
+		errs = append(errs, fmt.Errorf("collector: BatchMaxBytes %d is below %d: a batch would hold hardly an event", c.BatchMaxBytes, MinBatchMaxBytes))
 	}
 	if len(errs) > 0 {
 		return errors.Join(errs...)
