@@ -558,3 +558,25 @@ func TestBatchMaxBytesValidate(t *testing.T) {
 		}
 	}
 }
+
+// A collector starting while NATS is away does not wait for it: it bounds
+// batches by NATS's default max_payload (1 MiB) minus headroom.
+func TestBatchBytesNATSAwayAtStart(t *testing.T) {
+	b := startTestBroker(t)
+	nc := connectTestNATS(t, b.URL(), "collector")
+	b.Stop()
+	for deadline := time.Now().Add(5 * time.Second); nc.IsConnected(); {
+		if time.Now().After(deadline) {
+			t.Fatal("still connected 5s after the server stopped")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	start := time.Now()
+	col := startTestCollector(t, bigConfig(Config{NATS: nc}))
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("the collector took %v to start without NATS", d)
+	}
+	if got, want := col.Metric(t, "meterd_collector_batch_max_bytes"), float64(fallbackMaxPayload-batchHeadroom); got != want {
+		t.Errorf("batch_max_bytes = %v, want %v", got, want)
+	}
+}

@@ -195,14 +195,14 @@ func New(cfg Config) (*Collector, error) {
 		return nil, fmt.Errorf("collector: open spool: %w", err)
 	}
 	c := &Collector{cfg: cfg, log: log, js: js, spool: sp}
-	m, err := newMetrics(cfg.Registerer, sp, cfg.SpoolMaxBytes, func() int64 { return c.pipe.Reserved() })
+	limit, source := c.batchLimit()
+	c.pipe = newPipeline(c, limit)
+	m, err := newMetrics(cfg.Registerer, sp, cfg.SpoolMaxBytes, c.pipe.Reserved)
 	if err != nil {
 		sp.Close()
 		return nil, err
 	}
 	c.metrics = m
-	limit, source := c.batchLimit()
-	c.pipe = newPipeline(c, limit)
 	m.batchLimit.Set(float64(limit))
 	log.Info("batches are bounded by bytes", "batch_max_bytes", limit, "from", source)
 	if n := sp.SetAsideCount(); n > 0 {
@@ -216,23 +216,28 @@ func New(cfg Config) (*Collector, error) {
 }
 
 // batchLimit is the bound of a batch's encoding (Config.BatchMaxBytes) and
-// where it came from. It asks the server once, for up to PublishTimeout.
+// where it came from. It asks a connected server once, for up to
+// PublishTimeout; a collector starting while NATS is away does not wait.
 func (c *Collector) batchLimit() (int, string) {
 	limit, source := int64(0), ""
-	if p := c.cfg.NATS.MaxPayload(); p > 0 {
-		limit, source = p, "the server's max_payload"
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), c.cfg.PublishTimeout)
-	defer cancel()
-	if s, err := c.js.Stream(ctx, schemas.UsageStream); err == nil {
-		if m := int64(s.CachedInfo().Config.MaxMsgSize); m > 0 && (limit == 0 || m < limit) {
-			limit, source = m, "the MaxMsgSize of stream "+schemas.UsageStream
+	if c.cfg.NATS.IsConnected() {
+		if p := c.cfg.NATS.MaxPayload(); p > 0 {
+			limit, source = p, "the server's max_payload"
 		}
-	} else if limit == 0 {
-		c.log.Warn("cannot read the message size limit from NATS; bounding batches by the NATS default until a restart",
-			"err", err, "max_payload", fallbackMaxPayload)
+		ctx, cancel := context.WithTimeout(context.Background(), c.cfg.PublishTimeout)
+		defer cancel()
+		if s, err := c.js.Stream(ctx, schemas.UsageStream); err == nil {
+			if m := int64(s.CachedInfo().Config.MaxMsgSize); m > 0 && (limit == 0 || m < limit) {
+				limit, source = m, "the MaxMsgSize of stream "+schemas.UsageStream
+			}
+		} else {
+			c.log.Warn("cannot read the MaxMsgSize of the usage stream; bounding batches by max_payload",
+				"stream", schemas.UsageStream, "err", err)
+		}
 	}
 	if limit == 0 {
+		c.log.Warn("NATS is away at start: bounding batches by the NATS default max_payload until a restart",
+			"max_payload", fallbackMaxPayload)
 		limit, source = fallbackMaxPayload, "the NATS default max_payload (NATS did not answer)"
 	}
 	limit -= batchHeadroom
