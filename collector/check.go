@@ -3,6 +3,7 @@ package collector
 import (
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"net/http"
 	"strconv"
@@ -114,7 +115,12 @@ func (c *Collector) recordCheck(r *http.Request, tenant string) *schemas.Problem
 		e.Value = n
 	}
 	e.ID = checkEventID(r.Header.Get("X-Request-ID"))
-	if err := c.pipe.enqueue(e); err != nil {
+	if err := c.pipe.enqueue(e); errors.Is(err, ErrSpoolFull) {
+		// The call is allowed (the check never waits on NATS) but cannot
+		// be recorded: NATS is away and the spool is full.
+		c.metrics.rejected.WithLabelValues(rejectSpoolFull).Inc()
+		return nil
+	} else if err != nil {
 		return schemas.NewProblem(http.StatusServiceUnavailable, "unavailable", "the collector is shutting down")
 	}
 	c.metrics.accepted.Inc()

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/meterd/meterd/enforcer/gate"
 	"github.com/meterd/meterd/schemas"
@@ -337,4 +338,38 @@ func BenchmarkCheck(b *testing.B) {
 	}
 	b.Run("empty-handler", func(b *testing.B) { run(b, empty.URL+"/") })
 	b.Run("check", func(b *testing.B) { run(b, env.srv.URL+"/v1/check") })
+}
+
+// With NATS away and the spool full, an allowed check is still answered 200
+// (the check never waits on NATS) but its call is not recorded, and that is
+// counted as rejected (spool_full) instead of accepted: the spool never holds
+// more than its bound.
+func TestCheckSpoolFull(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	env := newCheckEnv(t, func(c *Config) { c.SpoolMaxBytes = 2000; c.Registerer = reg })
+	env.ns.Shutdown()
+	deadline := time.Now().Add(5 * time.Second)
+	for env.nc.IsConnected() && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	const checks = 40
+	for i := range checks {
+		resp, body := env.check(t, http.MethodGet, map[string]string{"Authorization": "Bearer " + ingestAcmeKey, "X-Request-ID": fmt.Sprintf("call-%d", i)})
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("check %d: %d %s", i, resp.StatusCode, body)
+		}
+		time.Sleep(3 * time.Millisecond) // let batches seal and spool
+	}
+	deadline = time.Now().Add(5 * time.Second)
+	for env.col.pipe.Reserved() > 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	accepted := metricValue(t, reg, "meterd_collector_events_accepted_total")
+	refused := metricValue(t, reg, "meterd_collector_events_rejected_total", "reason", rejectSpoolFull)
+	if accepted == 0 || refused == 0 || accepted+refused != checks {
+		t.Fatalf("%v calls recorded and %v refused for a full spool; want both, %d in all", accepted, refused, checks)
+	}
+	if b := env.col.spool.Bytes(); b > 2000 {
+		t.Fatalf("spool holds %d bytes, over its bound 2000", b)
+	}
 }

@@ -2,6 +2,13 @@
 // validates events, seals them into batches and publishes each batch to
 // JetStream with its batch_id as Nats-Msg-Id, answering 202 only once the
 // batch is acknowledged by JetStream or fsync'd in the on-disk spool.
+//
+// DESIGN §9 holds here: a batch is sealed by encoded bytes under the
+// server's message size limit, so JetStream never refuses one for its size;
+// a request is all or nothing, because it reserves spool room for all of its
+// events before any is placed (the argument is on the pipeline type); and a
+// spooled batch JetStream refuses for good is set aside (spool.SetAsideDir) rather
+// than blocking the spool.
 package collector
 
 import (
@@ -11,6 +18,7 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"time"
@@ -40,6 +48,11 @@ const (
 	// the bodies in flight hold MaxInflightBodyBytes: they finish in
 	// moments.
 	OverloadedRetryAfterSec = 1
+	// MinBatchMaxBytes is the least Config.BatchMaxBytes: a batch's envelope
+	// and an ordinary event. Below the largest valid event (16 dimensions of
+	// 256 characters escaped to 6 bytes each at worst: about 26 KB), such
+	// events are refused with 413.
+	MinBatchMaxBytes = 4 << 10
 )
 
 // Config configures a Collector.
@@ -68,6 +81,12 @@ type Config struct {
 	// its first event, whichever comes first (defaults 500 and 50ms).
 	BatchMaxEvents int
 	BatchMaxWait   time.Duration
+	// BatchMaxBytes lowers the bound of a batch's encoding. The bound is
+	// read from the server at start: METERD_USAGE's MaxMsgSize, or else the
+	// server's max_payload, minus 16 KiB of headroom for headers; 0 or a
+	// larger value keeps it. An event that cannot fit in a batch alone is
+	// refused with 413.
+	BatchMaxBytes int
 	// PublishWorkers publish sealed batches concurrently (default 8).
 	PublishWorkers int
 	// PublishRetry is how long a batch is retried against a connected NATS
@@ -110,8 +129,11 @@ func (c *Config) Validate() error {
 	if c.SpoolDir == "" {
 		errs = append(errs, errors.New("collector: spool directory is required"))
 	}
-	if c.BatchMaxEvents < 0 || c.PublishWorkers < 0 || c.Partitions < 0 || c.MaxBodyBytes < 0 || c.MaxInflightBodyBytes < 0 {
+	if c.BatchMaxEvents < 0 || c.PublishWorkers < 0 || c.Partitions < 0 || c.MaxBodyBytes < 0 || c.MaxInflightBodyBytes < 0 || c.BatchMaxBytes < 0 {
 		errs = append(errs, errors.New("collector: sizes must not be negative"))
+	}
+	if c.BatchMaxBytes > 0 && c.BatchMaxBytes < MinBatchMaxBytes {
+		errs = append(errs, fmt.Errorf("collector: BatchMaxBytes %d is below %d: a batch would hold hardly an event", c.BatchMaxBytes, MinBatchMaxBytes))
 	}
 	if len(errs) > 0 {
 		return errors.Join(errs...)
@@ -192,17 +214,57 @@ func New(cfg Config) (*Collector, error) {
 		return nil, fmt.Errorf("collector: open spool: %w", err)
 	}
 	inflight := &bodyBudget{limit: cfg.MaxInflightBodyBytes}
-	m, err := newMetrics(cfg.Registerer, sp, cfg.SpoolMaxBytes, inflight)
+	c := &Collector{cfg: cfg, log: log, js: js, spool: sp, inflight: inflight}
+	limit, source := c.batchLimit()
+	c.pipe = newPipeline(c, limit)
+	m, err := newMetrics(cfg.Registerer, sp, cfg.SpoolMaxBytes, inflight, c.pipe.Reserved)
 	if err != nil {
 		sp.Close()
 		return nil, err
 	}
-	c := &Collector{cfg: cfg, log: log, js: js, spool: sp, metrics: m, inflight: inflight}
-	c.pipe = newPipeline(c)
+	c.metrics = m
+	m.batchLimit.Set(float64(limit))
+	log.Info("batches are bounded by bytes", "batch_max_bytes", limit, "from", source)
+	if n := sp.SetAsideCount(); n > 0 {
+		log.Error("batches set aside by an earlier run wait for an operator", "batches", n,
+			"dir", filepath.Join(cfg.SpoolDir, spool.SetAsideDir))
+	}
 	if n := sp.Len(); n > 0 {
 		log.Info("spool holds batches from an earlier run; replaying them", "batches", n, "bytes", sp.Bytes())
 	}
 	return c, nil
+}
+
+// batchLimit is the bound of a batch's encoding (Config.BatchMaxBytes) and
+// where it came from. It asks a connected server once, for up to
+// PublishTimeout; a collector starting while NATS is away does not wait.
+func (c *Collector) batchLimit() (int, string) {
+	limit, source := int64(0), ""
+	if c.cfg.NATS.IsConnected() {
+		if p := c.cfg.NATS.MaxPayload(); p > 0 {
+			limit, source = p, "the server's max_payload"
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), c.cfg.PublishTimeout)
+		defer cancel()
+		if s, err := c.js.Stream(ctx, schemas.UsageStream); err == nil {
+			if m := int64(s.CachedInfo().Config.MaxMsgSize); m > 0 && (limit == 0 || m < limit) {
+				limit, source = m, "the MaxMsgSize of stream "+schemas.UsageStream
+			}
+		} else {
+			c.log.Warn("cannot read the MaxMsgSize of the usage stream; bounding batches by max_payload",
+				"stream", schemas.UsageStream, "err", err)
+		}
+	}
+	if limit == 0 {
+		c.log.Warn("NATS is away at start: bounding batches by the NATS default max_payload until a restart",
+			"max_payload", fallbackMaxPayload)
+		limit, source = fallbackMaxPayload, "the NATS default max_payload (NATS did not answer)"
+	}
+	limit -= batchHeadroom
+	if b := int64(c.cfg.BatchMaxBytes); b > 0 && b < limit {
+		limit, source = b, "BatchMaxBytes"
+	}
+	return int(max(limit, 1)), source
 }
 
 // Register adds the collector's routes to mux.
@@ -215,21 +277,31 @@ func (c *Collector) Register(mux *http.ServeMux) {
 }
 
 // Ready reports whether the collector can accept events: NATS is
-// connected, or it is not and the spool has room for a request of the
-// largest size (MaxBodyBytes). In the second case the collector is ready but
-// degraded (serve.Degraded): its gateway stays in service (DESIGN §9) and
-// /readyz says that events are being spooled.
+// connected, or it is not and the spool has room (beside the room requests
+// in flight reserved) for a request of the largest size (MaxBodyBytes). In
+// the second case the collector is ready but degraded (serve.Degraded): its
+// gateway stays in service and /readyz says that events are being spooled.
+// Batches set aside make it degraded too, not unready: the collector still
+// accepts and delivers every other event.
 func (c *Collector) Ready(context.Context) error {
-	if c.cfg.NATS.IsConnected() {
-		return nil
+	var states []string
+	if !c.cfg.NATS.IsConnected() {
+		nats := "nats: " + strings.ToLower(c.cfg.NATS.Status().String())
+		used := c.spool.Bytes() + c.pipe.Reserved()
+		if c.cfg.SpoolMaxBytes-used < c.cfg.MaxBodyBytes {
+			return fmt.Errorf("%s and the spool is full (%d of %d bytes used or reserved, less room than one request may take): events are answered 429",
+				nats, used, c.cfg.SpoolMaxBytes)
+		}
+		states = append(states, fmt.Sprintf("%s, spooling (%d batches, %d of %d bytes used or reserved)", nats, c.spool.Len(), used, c.cfg.SpoolMaxBytes))
 	}
-	nats := "nats: " + strings.ToLower(c.cfg.NATS.Status().String())
-	used := c.spool.Bytes()
-	if c.cfg.SpoolMaxBytes-used >= c.cfg.MaxBodyBytes {
-		return serve.Degraded(fmt.Sprintf("%s, spooling (%d batches, %d of %d bytes)", nats, c.spool.Len(), used, c.cfg.SpoolMaxBytes))
+	if n := c.spool.SetAsideCount(); n > 0 {
+		states = append(states, fmt.Sprintf("%d spooled batches JetStream refuses for good are set aside in %s; replay their events and remove them",
+			n, filepath.Join(c.cfg.SpoolDir, spool.SetAsideDir)))
 	}
-	return fmt.Errorf("%s and the spool is full (%d of %d bytes, less room than one request may take): events are answered 429",
-		nats, used, c.cfg.SpoolMaxBytes)
+	if len(states) > 0 {
+		return serve.Degraded(strings.Join(states, "; "))
+	}
+	return nil
 }
 
 // Run publishes sealed batches and replays the spool until ctx ends. Stop

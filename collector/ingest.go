@@ -283,10 +283,17 @@ func countIndexes(sorted []schemas.FieldError) int {
 }
 
 // deliveryProblem answers a request whose events could not be made durable.
-// Some of its batches may have been: the client retries the same events, and
-// their ids make the retry count once.
+// An event too large for a batch and a full spool refuse the request before
+// any of it is placed; only a failed spool write (503) can have kept some of
+// it: the client retries the same events, and their ids make the retry count
+// once.
 func (c *Collector) deliveryProblem(w http.ResponseWriter, err error) {
+	var tooLarge *EventTooLargeError
 	switch {
+	case errors.As(err, &tooLarge):
+		c.metrics.rejected.WithLabelValues(rejectTooLarge).Inc()
+		schemas.NewProblem(http.StatusRequestEntityTooLarge, "event-too-large",
+			tooLarge.Error()+"; make it smaller (nothing of this request was accepted)").Write(w)
 	case errors.Is(err, ErrSpoolFull):
 		c.metrics.rejected.WithLabelValues(rejectSpoolFull).Inc()
 		w.Header().Set("Retry-After", strconv.Itoa(DefaultSpoolRetryAfterSec))

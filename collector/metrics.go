@@ -18,6 +18,8 @@ type metrics struct {
 	checks            *prometheus.CounterVec
 	check             map[string]prometheus.Counter // checks by outcome, resolved once: /v1/check is hot
 	paymentRequired   *prometheus.CounterVec
+	setAside          *prometheus.CounterVec
+	batchLimit        prometheus.Gauge
 }
 
 // Outcomes of meterd_collector_checks_total.
@@ -49,7 +51,7 @@ const (
 var paymentRequiredReasons = []schemas.Reason{schemas.ReasonQuotaExceeded, schemas.ReasonPaymentOverdue,
 	schemas.ReasonPaymentMethodRequired, schemas.ReasonSuspended, gate.ReasonStale}
 
-func newMetrics(reg prometheus.Registerer, sp *spool.Spool, spoolMaxBytes int64, inflight *bodyBudget) (*metrics, error) {
+func newMetrics(reg prometheus.Registerer, sp *spool.Spool, spoolMaxBytes int64, inflight *bodyBudget, reserved func() int64) (*metrics, error) {
 	m := &metrics{
 		accepted: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "meterd_collector_events_accepted_total",
@@ -107,8 +109,24 @@ func newMetrics(reg prometheus.Registerer, sp *spool.Spool, spoolMaxBytes int64,
 		Help: "Bound of the body bytes in flight (--max-inflight-body-bytes); past it /v1/events answers 503.",
 	})
 	inflightLimit.Set(float64(inflight.limit))
+	spoolReserved := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "meterd_collector_spool_reserved_bytes",
+		Help: "Spool room reserved by requests in flight: a request is admitted only if its events fit beside the spool and every reservation.",
+	}, func() float64 { return float64(reserved()) })
+	m.setAside = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "meterd_collector_spool_set_aside_total",
+		Help: "Spooled batches JetStream refused for good (too_large) or that could not be read (unreadable), moved to the spool's set-aside directory so they no longer block the spool.",
+	}, []string{"reason"})
+	setAsideBatches := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "meterd_collector_spool_set_aside_batches",
+		Help: "Batches in the spool's set-aside directory: accepted events not counted until an operator replays and removes them.",
+	}, func() float64 { return float64(sp.SetAsideCount()) })
+	m.batchLimit = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "meterd_collector_batch_max_bytes",
+		Help: "Bound of a sealed batch's encoding, read from the server at start (stream MaxMsgSize or max_payload, minus headroom).",
+	})
 	for _, c := range []prometheus.Collector{m.accepted, m.duplicates, m.rejected, m.batches, m.publishDuplicates, m.publishSeconds, m.checks, m.paymentRequired,
-		spoolBatches, spoolBytes, spoolLimit, inflightBytes, inflightLimit} {
+		spoolBatches, spoolBytes, spoolLimit, inflightBytes, inflightLimit, spoolReserved, m.setAside, setAsideBatches, m.batchLimit} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
@@ -122,6 +140,9 @@ func newMetrics(reg prometheus.Registerer, sp *spool.Spool, spoolMaxBytes int64,
 	}
 	for _, r := range paymentRequiredReasons {
 		m.paymentRequired.WithLabelValues(string(r))
+	}
+	for _, r := range []string{setAsideTooLarge, setAsideUnreadable} {
+		m.setAside.WithLabelValues(r)
 	}
 	for _, o := range []string{"published", "spooled", "replayed"} {
 		m.batches.WithLabelValues(o)

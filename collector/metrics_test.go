@@ -12,7 +12,7 @@ import (
 func TestMetricNames(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	newIngestEnv(t, func(c *Config) { c.Registerer = reg })
-	metrictest.Check(t, reg, 13)
+	metrictest.Check(t, reg, 17)
 	if got := metrictest.Value(t, reg, "meterd_collector_spool_limit_bytes"); got != DefaultSpoolMaxBytes {
 		t.Errorf("spool limit = %v, want the default %d", got, DefaultSpoolMaxBytes)
 	}

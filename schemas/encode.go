@@ -63,6 +63,58 @@ func AppendBatch(dst []byte, b *Batch) ([]byte, error) {
 	return append(dst, "]}"...), nil
 }
 
+// EventEncoder encodes events one at a time exactly as AppendBatch writes
+// them inside a batch, so that a collector can measure each event's encoded
+// size before it chooses a batch for it, and seal the batch from those bytes
+// with AppendEncodedBatch instead of encoding the events again. The zero
+// value is ready to use; it keeps scratch space between calls.
+type EventEncoder struct {
+	tw   timeWriter
+	dims []dimension
+}
+
+// Append appends the encoding of e to dst. dst must be what the previous
+// Append of enc returned, grown or not (the encoder copies the date of a time
+// in the same second from it), or enc must be new or Reset. A time outside
+// the years 0000 to 9999 in UTC fails; dst is then returned unchanged.
+func (enc *EventEncoder) Append(dst []byte, e *Event) ([]byte, error) {
+	if enc.dims == nil {
+		enc.dims = make([]dimension, 0, MaxDimensions)
+	}
+	start := len(dst)
+	dst, dims, ok := appendEvent(dst, e, &enc.tw, enc.dims)
+	enc.dims = dims
+	if !ok {
+		enc.tw = timeWriter{}
+		return dst[:start], FieldError{Field: "time", Message: msgYearRange}
+	}
+	return dst, nil
+}
+
+// Reset makes enc forget the buffer it last wrote to.
+func (enc *EventEncoder) Reset() { enc.tw = timeWriter{} }
+
+// AppendEncodedBatch appends the encoding of b to dst, as AppendBatch does,
+// taking the events from events: their encodings by an EventEncoder joined
+// by commas (b.Events is ignored). AppendBatch(dst, b) and AppendEncodedBatch
+// of b's events so encoded give the same bytes.
+func AppendEncodedBatch(dst []byte, b *Batch, events []byte) ([]byte, error) {
+	start := len(dst)
+	dst = append(dst, `{"batch_id":`...)
+	dst = appendString(dst, b.ID)
+	dst = append(dst, `,"collector":`...)
+	dst = appendString(dst, b.Collector)
+	dst = append(dst, `,"sealed_at":`...)
+	var tw timeWriter
+	dst, ok := tw.append(dst, b.SealedAt)
+	if !ok {
+		return dst[:start], errors.New("schemas: sealed_at " + msgYearRange)
+	}
+	dst = append(dst, `,"events":[`...)
+	dst = append(dst, events...)
+	return append(dst, "]}"...), nil
+}
+
 type dimension struct{ key, value string }
 
 // sortDimensions sorts dims by key, as encoding/json sorts map keys.

@@ -336,3 +336,39 @@ func TestEncodeBatchOwnsResult(t *testing.T) {
 		t.Errorf("result changed to %s", first)
 	}
 }
+
+// TestAppendEncodedBatch: a batch sealed from events encoded one at a time
+// is byte for byte what AppendBatch writes, escapes included.
+func TestAppendEncodedBatch(t *testing.T) {
+	at := time.Date(2026, 11, 21, 12, 0, 0, 0, time.UTC)
+	events := []Event{
+		{ID: "a", Tenant: "acme", Meter: "api_calls", Value: 1, Time: at},
+		{ID: "b\u2028", Tenant: "acme", Meter: "api_calls", Value: 2, Time: at.Add(time.Millisecond), Dimensions: map[string]string{"z": "1", "a": "x\u2029<&>\"\\"}},
+		{ID: "c", Tenant: "beta", Meter: "tokens", Value: 3, Time: at.Add(2 * time.Second)},
+	}
+	b := &Batch{ID: "B1", Collector: "col", SealedAt: at.Add(123 * time.Microsecond), Events: events}
+	want, err := AppendBatch(nil, b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var enc EventEncoder
+	var buf []byte
+	for i := range events {
+		if i > 0 {
+			buf = append(buf, ',')
+		}
+		if buf, err = enc.Append(buf, &events[i]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got, err := AppendEncodedBatch([]byte("x"), &Batch{ID: b.ID, Collector: b.Collector, SealedAt: b.SealedAt}, buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(got[1:]) != string(want) {
+		t.Fatalf("AppendEncodedBatch:\n%s\nAppendBatch:\n%s", got[1:], want)
+	}
+	if _, err := enc.Append(nil, &Event{ID: "x", Tenant: "t", Meter: "m", Time: time.Date(10000, 1, 1, 0, 0, 0, 0, time.UTC)}); err == nil {
+		t.Fatal("Append of a time in the year 10000 succeeded")
+	}
+}

@@ -1,6 +1,7 @@
 package schemas
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"net/http"
@@ -100,6 +101,21 @@ func FuzzDecodeEvents(f *testing.F) {
 		data, err := EncodeBatch(in)
 		if err != nil {
 			t.Fatalf("encode %+v: %v", valid, err)
+		}
+		// The collector seals from events encoded one at a time.
+		var enc EventEncoder
+		var events []byte
+		for i := range valid {
+			if i > 0 {
+				events = append(events, ',')
+			}
+			if events, err = enc.Append(events, &valid[i]); err != nil {
+				t.Fatalf("EventEncoder %+v: %v", valid[i], err)
+			}
+		}
+		sealed, err := AppendEncodedBatch(nil, &Batch{ID: in.ID, Collector: in.Collector, SealedAt: in.SealedAt}, events)
+		if err != nil || !bytes.Equal(sealed, data) {
+			t.Fatalf("AppendEncodedBatch = %s, %v; EncodeBatch = %s", sealed, err, data)
 		}
 		out, err := DecodeBatch(BatchContentType, data)
 		if err != nil {

@@ -54,6 +54,10 @@ const (
 	readBufferSize  = 64 << 10
 )
 
+// RecordOverhead is the bytes a record takes on disk beyond its payload: what
+// Bytes and Config.MaxBytes count for it.
+const RecordOverhead = headerSize
+
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
 // ErrFull is returned by Append when the records would push the bytes of
@@ -154,6 +158,8 @@ type Spool struct {
 	rmu  sync.Mutex
 	br   *bufio.Reader // readers only
 	hint ackHint       // readers only
+
+	smu sync.Mutex // serialises SetAside
 
 	mu      sync.Mutex
 	segs    []*segment
@@ -320,6 +326,17 @@ type recordReader struct {
 	off  int64         // offset of the next record
 	end  int64         // end of the bytes to decode
 	want uint64        // seq the next record must carry
+}
+
+// peekLength returns the payload length in the header of the record at
+// r.off without consuming it, or 0 when the header cannot be read (next
+// then reports why).
+func (r *recordReader) peekLength() int64 {
+	hdr, err := r.br.Peek(4)
+	if err != nil {
+		return 0
+	}
+	return int64(binary.LittleEndian.Uint32(hdr))
 }
 
 // next decodes the record at r.off and, when keep is set, returns a copy of
@@ -510,6 +527,14 @@ func (s *Spool) rollback(seg *segment, created bool) {
 // order, read from disk. It returns an empty slice when there are none.
 // Records stay in the spool until acknowledged with Ack.
 func (s *Spool) Front(max int) ([]Record, error) {
+	return s.FrontBytes(max, math.MaxInt64)
+}
+
+// FrontBytes is Front bounded by bytes as well: it stops before a record
+// that would take the payloads returned past maxBytes, but always returns
+// the oldest record when there is one, so that its caller's memory is
+// bounded by the larger of maxBytes and one record.
+func (s *Spool) FrontBytes(max int, maxBytes int64) ([]Record, error) {
 	s.rmu.Lock()
 	defer s.rmu.Unlock()
 
@@ -540,6 +565,7 @@ func (s *Spool) Front(max int) ([]Record, error) {
 
 	recs := []Record{}
 	s.hint = ackHint{}
+	var total int64
 	for _, sp := range spans {
 		f, err := os.Open(sp.seg.path)
 		if err != nil {
@@ -547,16 +573,28 @@ func (s *Spool) Front(max int) ([]Record, error) {
 		}
 		r := recordReader{br: s.br, off: sp.off, end: sp.size, want: sp.next}
 		r.br.Reset(io.NewSectionReader(f, sp.off, sp.size-sp.off))
+		n, full := 0, false
 		for range sp.n {
+			if len(recs) > 0 && total+r.peekLength() > maxBytes {
+				full = true
+				break
+			}
 			seq, data, err := r.next(true)
 			if err != nil {
 				_ = f.Close()
 				return nil, fmt.Errorf("spool: front: %s: %w", sp.seg.path, err)
 			}
 			recs = append(recs, Record{Seq: seq, Data: data})
+			total += int64(len(data))
+			n++
 		}
 		_ = f.Close()
-		s.hint = ackHint{seg: sp.seg, start: sp.off, end: r.off, last: r.want - 1, n: sp.n}
+		if n > 0 {
+			s.hint = ackHint{seg: sp.seg, start: sp.off, end: r.off, last: r.want - 1, n: n}
+		}
+		if full {
+			break
+		}
 	}
 	return recs, nil
 }
@@ -740,28 +778,84 @@ func (s *Spool) readCursor() (uint64, error) {
 	return binary.LittleEndian.Uint64(b), nil
 }
 
-// writeCursor durably replaces the cursor file: write a temporary file,
-// fsync it, rename it over the cursor, fsync the directory.
+// writeCursor durably replaces the cursor file.
 func (s *Spool) writeCursor(seq uint64) error {
 	var b [cursorSize]byte
 	binary.LittleEndian.PutUint64(b[:], seq)
 	binary.LittleEndian.PutUint32(b[8:], crc32.Checksum(b[:8], castagnoli))
-	tmp := filepath.Join(s.cfg.Dir, cursorTemp)
+	return writeFileSync(filepath.Join(s.cfg.Dir, cursorName), b[:])
+}
+
+// writeFileSync durably replaces the file at path with data: write a
+// temporary file (path.tmp), fsync it, rename it over path, fsync the
+// directory. path is never seen half written.
+func writeFileSync(path string, data []byte) error {
+	tmp := path + ".tmp"
 	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o640)
 	if err != nil {
 		return err
 	}
-	_, err = f.Write(b[:])
+	_, err = f.Write(data)
 	if err == nil {
 		err = f.Sync()
 	}
 	if err = errors.Join(err, f.Close()); err != nil {
+		_ = os.Remove(tmp)
 		return err
 	}
-	if err := os.Rename(tmp, filepath.Join(s.cfg.Dir, cursorName)); err != nil {
+	if err := os.Rename(tmp, path); err != nil {
 		return err
 	}
-	return syncDir(s.cfg.Dir)
+	return syncDir(filepath.Dir(path))
+}
+
+// SetAsideDir is the directory, inside the spool's, that holds the records
+// a caller set aside with SetAside. Segment recovery ignores it.
+const SetAsideDir = "set-aside"
+
+// setAsideNote is the suffix of the note beside a set-aside record.
+const setAsideNote = ".reason"
+
+// SetAside durably writes data, a record the caller takes out of the FIFO
+// (it still acknowledges it with Ack), to the file name in SetAsideDir, and
+// note to a file beside it (name without its extension, plus ".reason"),
+// the note first, so that every record set aside has its note. It returns
+// the record's path. Files stay until an operator removes them.
+func (s *Spool) SetAside(name string, data []byte, note string) (string, error) {
+	if name == "" || name != filepath.Base(name) || strings.HasSuffix(name, setAsideNote) || strings.HasSuffix(name, ".tmp") {
+		return "", fmt.Errorf("spool: set aside: bad file name %q", name)
+	}
+	s.smu.Lock()
+	defer s.smu.Unlock()
+	dir := filepath.Join(s.cfg.Dir, SetAsideDir)
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		return "", fmt.Errorf("spool: set aside: %w", err)
+	}
+	base := strings.TrimSuffix(name, filepath.Ext(name))
+	if err := writeFileSync(filepath.Join(dir, base+setAsideNote), []byte(note)); err != nil {
+		return "", fmt.Errorf("spool: set aside: %w", err)
+	}
+	path := filepath.Join(dir, name)
+	if err := writeFileSync(path, data); err != nil {
+		return "", fmt.Errorf("spool: set aside: %w", err)
+	}
+	return path, nil
+}
+
+// SetAsideCount is the number of records in SetAsideDir (notes and
+// temporary files aside).
+func (s *Spool) SetAsideCount() int {
+	entries, err := os.ReadDir(filepath.Join(s.cfg.Dir, SetAsideDir))
+	if err != nil {
+		return 0
+	}
+	n := 0
+	for _, e := range entries {
+		if name := e.Name(); e.Type().IsRegular() && !strings.HasSuffix(name, setAsideNote) && !strings.HasSuffix(name, ".tmp") {
+			n++
+		}
+	}
+	return n
 }
 
 // segmentName is the file name of the segment whose first record is seq.

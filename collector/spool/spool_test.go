@@ -810,3 +810,81 @@ func TestFailedAppendIsNotVisible(t *testing.T) {
 		t.Fatalf("seqs after restart = %v", got)
 	}
 }
+
+// FrontBytes stops before the record that would take the payloads past
+// maxBytes, always returns the oldest record, crosses segments, and its
+// Ack of the last returned record acknowledges exactly those.
+func TestFrontBytes(t *testing.T) {
+	s := open(t, Config{Dir: t.TempDir(), SegmentBytes: rec(100) * 3})
+	for i := range 7 {
+		mustAppend(t, s, payload(i, 100))
+	}
+	for _, tc := range []struct {
+		max      int
+		maxBytes int64
+		want     []uint64
+	}{
+		{10, 250, seqRange(1, 2)},
+		{10, 300, seqRange(1, 3)},
+		{10, 450, seqRange(1, 4)}, // across the first segment's end
+		{2, 1000, seqRange(1, 2)},
+		{10, 10, seqRange(1, 1)}, // one record, however large
+		{10, math.MaxInt64, seqRange(1, 7)},
+	} {
+		recs, err := s.FrontBytes(tc.max, tc.maxBytes)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(seqs(recs), tc.want) {
+			t.Errorf("FrontBytes(%d, %d) = %v, want %v", tc.max, tc.maxBytes, seqs(recs), tc.want)
+		}
+	}
+	recs, err := s.FrontBytes(10, 450)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustAck(t, s, recs[len(recs)-1].Seq)
+	checkState(t, s, 3, 3*rec(100))
+	if got := seqs(front(t, s, 10)); !slices.Equal(got, seqRange(5, 7)) {
+		t.Fatalf("after acking 4: Front = %v, want 5..7", got)
+	}
+	for i, r := range front(t, s, 10) {
+		if !bytes.Equal(r.Data, payload(4+i, 100)) {
+			t.Fatalf("record %d: wrong payload", r.Seq)
+		}
+	}
+}
+
+// SetAside keeps a record and its note in SetAsideDir, which recovery
+// ignores; SetAsideCount counts the records, not the notes.
+func TestSetAside(t *testing.T) {
+	s := open(t, Config{Dir: t.TempDir()})
+	mustAppend(t, s, payload(0, 100), payload(1, 100))
+	path, err := s.SetAside("00000000000000000001-b1.json", payload(0, 100), "reason: too_large\n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustAck(t, s, 1)
+	if got, err := os.ReadFile(path); err != nil || !bytes.Equal(got, payload(0, 100)) {
+		t.Fatalf("set-aside file: %q %v", got, err)
+	}
+	if note, err := os.ReadFile(strings.TrimSuffix(path, ".json") + ".reason"); err != nil || string(note) != "reason: too_large\n" {
+		t.Fatalf("note: %q %v", note, err)
+	}
+	for _, bad := range []string{"", "../x.json", "a/b.json", "x.reason", "x.tmp"} {
+		if _, err := s.SetAside(bad, nil, ""); err == nil {
+			t.Errorf("SetAside(%q) succeeded", bad)
+		}
+	}
+	if n := s.SetAsideCount(); n != 1 {
+		t.Fatalf("SetAsideCount = %d, want 1", n)
+	}
+	s = reopen(t, s, nil)
+	checkState(t, s, 1, rec(100))
+	if got := seqs(front(t, s, 10)); !slices.Equal(got, []uint64{2}) {
+		t.Fatalf("after reopening: Front = %v, want [2]", got)
+	}
+	if n := s.SetAsideCount(); n != 1 {
+		t.Fatalf("SetAsideCount after reopening = %d, want 1", n)
+	}
+}
