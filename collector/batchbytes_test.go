@@ -25,7 +25,7 @@ import (
 	"github.com/meterd/meterd/schemas"
 )
 
-// Tests of DESIGN §9 "Batches are bounded by bytes" and "A request is all or
+// Tests of docs/architecture.md#money-safety "Batches are bounded by bytes" and "A request is all or
 // nothing", on a real embedded JetStream (issue 10, items 1 and 6).
 
 // lineSep is U+2028: 3 bytes in a request, 6 ("\u2028") in a batch.

@@ -15,7 +15,7 @@ import (
 	"github.com/meterd/meterd/schemas"
 )
 
-// Defaults of the forward-auth check (DESIGN §3.4).
+// Defaults of the forward-auth check (docs/architecture.md#http-apis).
 const (
 	DefaultTenantHeader = "X-Tenant-ID"
 	DefaultMeterHeader  = "X-Meter"
@@ -132,7 +132,7 @@ func (c *Collector) recordCheck(r *http.Request, tenant string) *schemas.Problem
 const hashedIDPrefix = "sha256:"
 
 // checkEventID is the id of the event recording a checked call. The
-// gateway's X-Request-ID is the id when it can be one (DESIGN §3.1: at most
+// gateway's X-Request-ID is the id when it can be one (docs/architecture.md#usage-event: at most
 // 128 characters of valid UTF-8), so a retried call counts once. A longer
 // (or not UTF-8) one is hashed: the same header gives the same id, which
 // keeps that property; a random id would count every retry. Only a call

@@ -229,7 +229,7 @@ func TestCheckUnknownTenantDenied(t *testing.T) {
 
 // An X-Request-ID that cannot be an event id as it is (over 128 characters,
 // or not UTF-8) is hashed, never replaced by a random id: a gateway's retry
-// of the call records the same id and counts once (DESIGN §9), and two
+// of the call records the same id and counts once (docs/architecture.md#money-safety), and two
 // different headers stay two ids.
 func TestCheckUnusableRequestIDIsHashed(t *testing.T) {
 	env := newCheckEnv(t, nil)

@@ -3,7 +3,7 @@
 // JetStream with its batch_id as Nats-Msg-Id, answering 202 only once the
 // batch is acknowledged by JetStream or fsync'd in the on-disk spool.
 //
-// DESIGN §9 holds here: a batch is sealed by encoded bytes under the
+// The money-safety rules (docs/architecture.md#money-safety) hold here: a batch is sealed by encoded bytes under the
 // server's message size limit, so JetStream never refuses one for its size;
 // a request is all or nothing, because it reserves spool room for all of its
 // events before any is placed (the argument is on the pipeline type); and a

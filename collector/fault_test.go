@@ -15,7 +15,7 @@ import (
 	"github.com/meterd/meterd/internal/tcpproxy"
 )
 
-// Fault tests of DESIGN §4: whatever fails, every event answered 202 is in
+// Fault tests of exactness (docs/architecture.md#exactly-once): whatever fails, every event answered 202 is in
 // METERD_USAGE exactly once. The oracle is the set of (tenant, id) the
 // clients got 202 for against the events decoded from the stream.
 

@@ -24,7 +24,7 @@ import (
 
 // testBroker is a real embedded JetStream server on a fixed port and store
 // directory, so a test can stop it and start it again where its clients
-// reconnect, with the data it held. It creates the streams of DESIGN §3.2.
+// reconnect, with the data it held. It creates the streams of docs/architecture.md#nats-names-and-stores.
 type testBroker struct {
 	t    testing.TB
 	dir  string

@@ -21,7 +21,7 @@ import (
 // large requests reuses them instead of growing new ones.
 var bodyPool = sync.Pool{New: func() any { return new([]byte) }}
 
-// handleEvents is POST /v1/events (DESIGN §3.4).
+// handleEvents is POST /v1/events (docs/architecture.md#http-apis).
 func (c *Collector) handleEvents(w http.ResponseWriter, r *http.Request) {
 	principal, err := c.cfg.Keys.Authenticate(r)
 	if err != nil {

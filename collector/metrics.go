@@ -47,7 +47,7 @@ const (
 )
 
 // paymentRequiredReasons label meterd_collector_payment_required_total: the
-// reasons of DESIGN §3.3 and the gate's stale block.
+// reasons of docs/architecture.md#decision and the gate's stale block.
 var paymentRequiredReasons = []schemas.Reason{schemas.ReasonQuotaExceeded, schemas.ReasonPaymentOverdue,
 	schemas.ReasonPaymentMethodRequired, schemas.ReasonSuspended, gate.ReasonStale}
 

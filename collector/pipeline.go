@@ -71,7 +71,7 @@ const (
 )
 
 // EventTooLargeError refuses a request holding an event whose encoding
-// cannot fit in a batch by itself (DESIGN §9): nothing of the request is kept.
+// cannot fit in a batch by itself (docs/architecture.md#money-safety): nothing of the request is kept.
 type EventTooLargeError struct {
 	Tenant string // of the event
 	ID     string // of the event
@@ -87,13 +87,13 @@ func (e *EventTooLargeError) Error() string {
 // pipeline seals events into batches per partition and delivers each batch:
 // published to JetStream, or appended to the spool and replayed later.
 //
-// Batches are bounded by bytes (DESIGN §9): each event is encoded once, in
+// Batches are bounded by bytes (docs/architecture.md#money-safety): each event is encoded once, in
 // the request's goroutine, exactly as it will stand in the batch; a batch is
 // sealed before the next event would take its encoding past maxBytes, which
 // is the server's message size limit minus batchHeadroom. An event that
 // cannot fit alone refuses its request before any of it is placed.
 //
-// A request is all or nothing (DESIGN §9). Before any of its events is
+// A request is all or nothing (docs/architecture.md#money-safety). Before any of its events is
 // placed, the request reserves spool room for everything it can add to the
 // spool: its events' encodings, a comma each, and the envelope and spool
 // record overhead of every batch it can touch (an upper bound, see

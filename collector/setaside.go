@@ -9,7 +9,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 )
 
-// Batches JetStream refuses for good are set aside (DESIGN §9): moved out of
+// Batches JetStream refuses for good are set aside (docs/architecture.md#money-safety): moved out of
 // the spool, so that they no longer block the batches behind it, into
 // spool.SetAsideDir inside the spool directory, as files an operator can
 // replay.

@@ -9,7 +9,7 @@ import (
 )
 
 // TestFaultUsageStreamFull: METERD_USAGE is bounded by bytes with
-// DiscardNew and no age limit (DESIGN §9). When it is full, publishes fail:
+// DiscardNew and no age limit (docs/architecture.md#money-safety). When it is full, publishes fail:
 // the collector spools, and once the spool is full it answers 429 — no
 // event answered 202 is dropped. When the stream has room again (the
 // aggregator trimmed it, or the bound was raised), the spool drains and

@@ -1,6 +1,6 @@
 // Package enforcer owns plans, quotas and billing status, decides which
 // tenants are blocked, and broadcasts the decisions to every gateway through
-// the JetStream KV bucket meterd-blocklist (DESIGN §3.2, §3.3, §5).
+// the JetStream KV bucket meterd-blocklist (docs/architecture.md: NATS names, Decision, Freshness).
 //
 // # Usage
 //

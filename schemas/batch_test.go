@@ -42,7 +42,7 @@ func TestBatchRoundTrip(t *testing.T) {
 			t.Errorf("event %d time in %v", i, e.Time.Location())
 		}
 	}
-	// The wire names are part of the contract (DESIGN §3.1).
+	// The wire names are part of the contract (docs/architecture.md#batch).
 	var wire map[string]json.RawMessage
 	if err := json.Unmarshal(data, &wire); err != nil {
 		t.Fatal(err)

@@ -5,7 +5,7 @@ import "time"
 // Reason says why a tenant is blocked.
 type Reason string
 
-// The reasons of DESIGN §3.3.
+// The reasons of docs/architecture.md#decision.
 const (
 	ReasonQuotaExceeded         Reason = "quota_exceeded"
 	ReasonPaymentOverdue        Reason = "payment_overdue"

@@ -18,7 +18,7 @@ import (
 	"unicode/utf8"
 )
 
-// Media types POST /v1/events accepts (DESIGN §3.4).
+// Media types POST /v1/events accepts (docs/architecture.md#http-apis).
 const (
 	MediaJSON               = "application/json"
 	MediaNDJSON             = "application/x-ndjson"
@@ -233,7 +233,7 @@ func (sh *shape) failed(field string) bool {
 	return false
 }
 
-// decodeEvent reads one event object of the native shape (DESIGN §3.1).
+// decodeEvent reads one event object of the native shape (docs/architecture.md#usage-event).
 func decodeEvent(s *scanner, i int, d *Decoded) error {
 	if s.peek() != '{' {
 		return notObject(s, i, d)
@@ -616,7 +616,7 @@ func decodeCloudEvent(s *scanner, i int, d *Decoded) error {
 	return nil
 }
 
-// append maps the CloudEvent as event sh.i of d (DESIGN §3.1): (source, id)
+// append maps the CloudEvent as event sh.i of d (docs/architecture.md#usage-event): (source, id)
 // → id by CloudEventID, subject → tenant, type → meter, time, data.value →
 // value and the other members of data → dimensions. The attributes that
 // failed to decode are in sh already; sh.fail reports each field once, so an

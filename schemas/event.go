@@ -1,6 +1,6 @@
 // Package schemas holds the contracts every meterd component shares: the usage
 // event and batch, their validation rules and wire encodings, the NATS names,
-// the enforcement decision and the problem+json error body (DESIGN §3).
+// the enforcement decision and the problem+json error body (docs/architecture.md#contracts).
 package schemas
 
 import (
@@ -9,7 +9,7 @@ import (
 	"unicode/utf8"
 )
 
-// Limits of the usage event (DESIGN §3.1).
+// Limits of the usage event (docs/architecture.md#usage-event).
 const (
 	MaxIDLen             = 128
 	MaxTenantLen         = 128
@@ -60,7 +60,7 @@ type Window struct {
 	MaxAge time.Duration // 0 => DefaultMaxAge
 }
 
-// Validate appends to errs every rule of DESIGN §3.1 that e breaks, tagged
+// Validate appends to errs every rule of docs/architecture.md#usage-event that e breaks, tagged
 // with index, and returns the extended slice. An event with an empty Tenant
 // fails: the caller fills the tenant from the API key before validating.
 // A zero Time is not checked here: the collector stamps the receive time.

@@ -2,7 +2,7 @@ package schemas
 
 import "strconv"
 
-// NATS names shared by every component (DESIGN §3.2).
+// NATS names shared by every component (docs/architecture.md#nats-names-and-stores).
 const (
 	// UsageStream is the JetStream stream that holds sealed batches.
 	UsageStream = "METERD_USAGE"

@@ -16,7 +16,7 @@ const MediaProblem = "application/problem+json"
 const ProblemBase = "https://meterd.dev/problems/"
 
 // Problem is an RFC 9457 problem details body. Errors lists per-event field
-// errors (422); Block carries the 402 members of DESIGN §3.4.
+// errors (422); Block carries the 402 members of docs/architecture.md#http-apis.
 type Problem struct {
 	Type     string       `json:"type"`
 	Title    string       `json:"title"`

@@ -227,7 +227,7 @@ func TestSchemaAgreement(t *testing.T) {
 		{"document empty array", `[]`, false},
 		{"document array of a number", `[1]`, false},
 	}
-	// Strings that are not valid UTF-8 are refused (DESIGN §9), but no JSON
+	// Strings that are not valid UTF-8 are refused (docs/architecture.md#money-safety), but no JSON
 	// Schema can say so: a validator reads the document into Unicode strings
 	// first, and its parser (encoding/json here, as most) has already put
 	// U+FFFD in place of an invalid byte or an unpaired surrogate escape. The

@@ -1,4 +1,4 @@
-// Package report serves usage reports over HTTP: GET /v1/usage (DESIGN §3.4)
+// Package report serves usage reports over HTTP: GET /v1/usage (docs/architecture.md#http-apis)
 // sums a store's usage per tenant, meter, window and grouped dimensions and
 // streams the rows as JSON or CSV.
 //

@@ -24,7 +24,7 @@ const (
 	alertsPath    = "../../deploy/grafana/alerts.yml"
 )
 
-// design7Metrics are the metrics DESIGN §7 names, each as the family that
+// design7Metrics are the metrics docs/architecture.md#operating names, each as the family that
 // exports it. The dashboard must chart each, and meterd dev export each.
 var design7Metrics = map[string]string{
 	"events accepted":           "meterd_collector_events_accepted_total",
@@ -43,7 +43,7 @@ var design7Metrics = map[string]string{
 
 // Every metric the Grafana dashboard and the alerting rules query is
 // exported by `meterd dev` after some traffic, and so is every metric
-// DESIGN §7 names; each follows the naming rules.
+// docs/architecture.md#operating names; each follows the naming rules.
 func TestDashboardMetricsExported(t *testing.T) {
 	dash := dashboardQueries(t, dashboardPath)
 	alerts := alertQueries(t, alertsPath)
@@ -86,10 +86,10 @@ func TestDashboardMetricsExported(t *testing.T) {
 	}
 	for what, name := range design7Metrics {
 		if fams[name] == nil {
-			t.Errorf("DESIGN §7 %s: %s not exported", what, name)
+			t.Errorf("operating metric %s: %s not exported", what, name)
 		}
 		if !queried[name] {
-			t.Errorf("DESIGN §7 %s: %s not on the dashboard", what, name)
+			t.Errorf("operating metric %s: %s not on the dashboard", what, name)
 		}
 	}
 	var all []*dto.MetricFamily

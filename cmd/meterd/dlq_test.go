@@ -96,7 +96,7 @@ func (e *dlqEnv) deadLetter(t *testing.T, id string, data []byte) {
 	t.Helper()
 	msg := &nats.Msg{Subject: schemas.DLQSubjectPrefix + schemas.UsageSubject(3), Data: data, Header: nats.Header{}}
 	msg.Header.Set(schemas.HeaderContentType, schemas.BatchContentType)
-	msg.Header.Set(schemas.HeaderDLQReason, "store rejected the batch: a lock (before DESIGN §9)")
+	msg.Header.Set(schemas.HeaderDLQReason, "store rejected the batch: a lock (before store errors were retried)")
 	msg.Header.Set(schemas.HeaderDLQStreamSeq, "17")
 	msg.Header.Set(schemas.HeaderDLQBatchID, id)
 	if _, err := e.js.PublishMsg(t.Context(), msg); err != nil {

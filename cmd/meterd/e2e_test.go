@@ -24,7 +24,7 @@ import (
 	"github.com/meterd/meterd/schemas"
 )
 
-// e2eConfig is the catalog of the end-to-end tests (DESIGN §3.5).
+// e2eConfig is the catalog of the end-to-end tests (docs/architecture.md#plans-and-billing-periods).
 const e2eConfig = `plans:
   free: {period: monthly, limits: {api_calls: 1000}, on_exceed: block}
   pro:  {period: monthly, limits: {api_calls: 1000000}, on_exceed: overage}
@@ -38,7 +38,7 @@ enforcer:
 
 const e2eWebhookSecret = "whsec_test"
 
-// freshnessTarget is DESIGN §5's bound on the time from the call that
+// freshnessTarget is the bound of docs/architecture.md#freshness-and-the-gate on the time from the call that
 // crosses a limit to the gate answering 402.
 const freshnessTarget = time.Second
 
@@ -59,7 +59,7 @@ func raceEnabled() bool {
 
 // Instant 402 enforcement through `meterd dev` in this process, on both
 // stores: a tenant crossing its quota is blocked within a second with the
-// DESIGN §3.4 answer and an overshoot bounded by rate × freshness; billing
+// docs/architecture.md#http-apis answer and an overshoot bounded by rate × freshness; billing
 // webhooks block and unblock a tenant within a second, idempotently and in
 // any order; and every allowed check is counted exactly once.
 func TestEndToEndEnforcement(t *testing.T) {
@@ -302,7 +302,7 @@ func e2eBillingStatus(t *testing.T, s *e2eDev, tenant, want string) {
 	}
 }
 
-// e2eProblem is the 402 body of DESIGN §3.4.
+// e2eProblem is the 402 body of docs/architecture.md#http-apis.
 type e2eProblem struct {
 	Type       string     `json:"type"`
 	Title      string     `json:"title"`
@@ -597,8 +597,8 @@ func e2eFirstErr(errs ...error) error {
 	return nil
 }
 
-// BenchmarkFreshness measures DESIGN §5's freshness under ingest load, on
-// each store, at DESIGN §6's 150 000 events/s and, on the embedded store,
+// BenchmarkFreshness measures freshness (docs/architecture.md#freshness-and-the-gate) under ingest load, on
+// each store, at the 150 000 events/s of docs/architecture.md#performance-targets and, on the embedded store,
 // also at 100 000: POST /v1/events in batches of 500 for many tenants whose
 // limits are crossed one after the other during the run; per crossing, the
 // time from the 202 of the request that holds the crossing event to the

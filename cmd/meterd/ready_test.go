@@ -52,7 +52,7 @@ func waitReadyz(t *testing.T, addr, what string, ok func(readyz) bool) readyz {
 }
 
 // A `meterd collector` whose NATS server is shut down stays ready while its
-// spool has room — its gateway stays in service (DESIGN §9) — and its
+// spool has room — its gateway stays in service (docs/architecture.md#money-safety) — and its
 // /readyz says that it is spooling; it answers 503 only once the spool is
 // full, and is plainly ready again once NATS is back and the spool replayed.
 func TestCollectorReadyWhileNATSAway(t *testing.T) {

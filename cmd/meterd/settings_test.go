@@ -77,7 +77,7 @@ func TestAPIKeysFile(t *testing.T) {
 }
 
 // Streams and KV buckets are created with 3 replicas unless told otherwise:
-// a production billing stream needs R3 (DESIGN §4); METERD_NATS_REPLICAS=1
+// a production billing stream needs R3 (docs/architecture.md#exactly-once); METERD_NATS_REPLICAS=1
 // is for a single server.
 func TestNATSReplicas(t *testing.T) {
 	for _, tc := range []struct {

@@ -57,7 +57,7 @@ func (c *checker) podEnv(st *appsv1.StatefulSet, ct *corev1.Container) map[strin
 	return env
 }
 
-// nats: the NATS cluster is what meterd's streams need (DESIGN §4): at
+// nats: the NATS cluster is what meterd's streams need (docs/architecture.md#exactly-once): at
 // least 3 servers routed to each other, JetStream on a persistent volume,
 // fsync before every acknowledgement, and messages as large as
 // METERD_USAGE's. Its configuration is parsed by nats-server itself, so an
@@ -92,7 +92,7 @@ func (c *checker) nats() {
 			c.errorf("%s: JetStream is off", id)
 		}
 		if !opts.SyncAlways {
-			c.errorf("%s: JetStream acknowledges before fsync; set sync_interval: always (DESIGN §4)", id)
+			c.errorf("%s: JetStream acknowledges before fsync; set sync_interval: always (docs/architecture.md#exactly-once)", id)
 		}
 		if opts.MaxPayload < 8<<20 {
 			c.errorf("%s: max_payload %d < 8 MiB, the largest batch METERD_USAGE takes", id, opts.MaxPayload)

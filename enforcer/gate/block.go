@@ -39,8 +39,8 @@ type Block struct {
 	// Status is the HTTP status to answer with: 402 for a decision, 503 for
 	// the stale block.
 	Status int
-	// Problem is the application/problem+json body (RFC 9457) of DESIGN
-	// §3.4: type, title, status, detail, reason, tenant, meter, limit, used,
+	// Problem is the application/problem+json body (RFC 9457) of
+	// docs/architecture.md#http-apis: type, title, status, detail, reason, tenant, meter, limit, used,
 	// period_end and billing_url (members without a value are left out).
 	Problem []byte
 	// Link is the value of the Link header, `<billing_url>; rel="payment"`,
@@ -76,7 +76,7 @@ func (b *Block) RetryAfter(now time.Time) (seconds int64, ok bool) {
 
 // Write sends the block as the response: Content-Type
 // application/problem+json, Retry-After and Link when they apply, Status and
-// Problem. It is the answer of DESIGN §3.4; headers the caller set are kept.
+// Problem. It is the answer of docs/architecture.md#http-apis; headers the caller set are kept.
 func (b *Block) Write(w http.ResponseWriter, now time.Time) {
 	h := w.Header()
 	h.Set("Content-Type", schemas.MediaProblem)

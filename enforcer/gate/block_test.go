@@ -12,7 +12,7 @@ import (
 	"github.com/meterd/meterd/schemas"
 )
 
-// wantBody is the exact problem body of DESIGN §3.4 for the test decisions.
+// wantBody is the exact problem body of docs/architecture.md#http-apis for the test decisions.
 func wantBody(d schemas.Decision) map[string]any {
 	base := map[string]any{"title": "Payment Required", "status": json.Number("402"), "reason": string(d.Reason), "tenant": d.Tenant}
 	if d.BillingURL != "" {

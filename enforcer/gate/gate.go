@@ -1,6 +1,6 @@
 // Package gate answers "is this tenant blocked?" from memory, in
 // nanoseconds and without a network call, for gateways and the collector's
-// /v1/check (DESIGN §5).
+// /v1/check (docs/architecture.md#freshness-and-the-gate).
 //
 // A Gate watches the blocklist KV bucket the enforcer writes (key = tenant,
 // value = schemas.Decision JSON; a delete or purge unblocks the tenant) and

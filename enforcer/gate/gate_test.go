@@ -47,7 +47,7 @@ func TestConfigValidate(t *testing.T) {
 }
 
 // The gate is ready only once the bucket's values are in its snapshot, and
-// answers with the bodies of DESIGN §3.4.
+// answers with the bodies of docs/architecture.md#http-apis.
 func TestInitialValuesBeforeReady(t *testing.T) {
 	n := startNATS(t)
 	n.createBucket()

@@ -253,7 +253,7 @@ var (
 	periodEnd   = time.Date(2026, 12, 1, 0, 0, 0, 0, time.UTC)
 )
 
-// quota is tenant's quota decision of DESIGN §3.3 at version.
+// quota is tenant's quota decision of docs/architecture.md#decision at version.
 func quota(tenant string, version uint64) schemas.Decision {
 	return schemas.Decision{
 		Tenant: tenant, Reason: schemas.ReasonQuotaExceeded, Meter: "api_calls", Limit: 1000, Used: 1004,

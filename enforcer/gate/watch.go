@@ -281,7 +281,7 @@ func (a *applier) commit(old *snapshot) {
 
 // observeFreshness records, for every block the new snapshot holds for a
 // limit crossed since the gate started, the time since the crossing usage
-// was sealed: DESIGN §5's freshness as this gate sees it. A block first
+// was sealed: the freshness (docs/architecture.md#freshness-and-the-gate) as this gate sees it. A block first
 // seen in a replay counts too (a reconnecting gate is late), one loaded at
 // start for an older crossing does not.
 func (a *applier) observeFreshness(old *snapshot) {

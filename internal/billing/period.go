@@ -1,4 +1,4 @@
-// Package billing holds plans, tenants and billing periods (DESIGN §3.5): the
+// Package billing holds plans, tenants and billing periods (docs/architecture.md#plans-and-billing-periods): the
 // aggregator reports usage per billing period, the enforcer checks quotas
 // against a tenant's limits in its current period.
 package billing
@@ -11,7 +11,7 @@ import (
 // Cadence is how often a billing period repeats.
 type Cadence string
 
-// The cadences of DESIGN §3.5.
+// The cadences of docs/architecture.md#plans-and-billing-periods.
 const (
 	Daily   Cadence = "daily"
 	Monthly Cadence = "monthly"

@@ -11,7 +11,7 @@ import (
 )
 
 // ParseCatalog decodes the plans and tenants keys of a config file
-// (DESIGN §3.5) and builds a Catalog of them with NewCatalog:
+// (docs/architecture.md#plans-and-billing-periods) and builds a Catalog of them with NewCatalog:
 //
 //	plans:
 //	  free: {period: monthly, limits: {api_calls: 1000}, on_exceed: block}

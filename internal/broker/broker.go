@@ -1,6 +1,6 @@
 // Package broker connects meterd to NATS JetStream: it runs the embedded
 // server of `meterd dev` and the tests, dials external servers, and declares
-// the streams and buckets of DESIGN §3.2.
+// the streams and buckets of docs/architecture.md#nats-names-and-stores.
 package broker
 
 import (
@@ -32,7 +32,7 @@ type EmbeddedConfig struct {
 	DontListen bool
 	// NoSync leaves the server's default 2-minute fsync interval in place.
 	// The default (false) fsyncs every write: acknowledged means on disk
-	// (DESIGN §4); benchmarks may set NoSync to measure the difference.
+	// (docs/architecture.md#exactly-once); benchmarks may set NoSync to measure the difference.
 	NoSync bool
 }
 

@@ -69,7 +69,7 @@ func freePort(t *testing.T) int {
 }
 
 // EnsureStreams gives both streams the replicas asked for (3 in production,
-// DESIGN §4) on a real 3-server cluster, also when the streams already exist
+// docs/architecture.md#exactly-once) on a real 3-server cluster, also when the streams already exist
 // with one replica (a deployment that started unreplicated is scaled up), and
 // a cluster too small for the replicas is an error, never a silent R1.
 func TestEnsureStreamsReplicas(t *testing.T) {

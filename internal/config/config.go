@@ -27,7 +27,7 @@ type File struct {
 	Collector  Collector  `yaml:"collector"`
 	Aggregator Aggregator `yaml:"aggregator"`
 	Enforcer   Enforcer   `yaml:"enforcer"`
-	// Plans and Tenants (DESIGN §3.5) are parsed into Catalog by Load: the
+	// Plans and Tenants (docs/architecture.md#plans-and-billing-periods) are parsed into Catalog by Load: the
 	// enforcer decides quotas from it, the aggregator reports billing periods.
 	Plans   yaml.Node        `yaml:"plans"`
 	Tenants yaml.Node        `yaml:"tenants"`

@@ -1,5 +1,5 @@
 // Package dlq lists, shows and replays the messages of METERD_DLQ, the
-// batches the aggregator could never process (DESIGN §9).
+// batches the aggregator could never process (docs/architecture.md#money-safety).
 //
 // A replay republishes the original batch on its original subject
 // (meterd.usage.<partition>) and deletes the dead letter only after

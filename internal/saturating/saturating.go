@@ -2,7 +2,7 @@
 // values in meterd (rollups, reports, the enforcer's usage, the stores'
 // totals) goes through Add, or through Join for the sums a store computes in
 // SQL, so an impossible total reads as the largest int64 instead of a
-// negative number that would bill nothing or never block (DESIGN §9).
+// negative number that would bill nothing or never block (docs/architecture.md#money-safety).
 //
 // Saturation is only reached by data no accepted input can produce: an
 // event's value is at most schemas.MaxValue (2^32 − 1), so a total needs 2^31

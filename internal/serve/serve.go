@@ -135,7 +135,7 @@ const (
 )
 
 // Timeouts bound how long a client may hold a connection without sending
-// what it owes, so slow or stalled clients cannot pile up (DESIGN §9).
+// what it owes, so slow or stalled clients cannot pile up (docs/architecture.md#money-safety).
 // Zero fields take the defaults.
 type Timeouts struct {
 	// ReadHeader bounds reading a request's headers (default 10s).
