@@ -354,10 +354,12 @@ func candidates(batches []*schemas.Batch) ([]candidate, map[rollup.EventID]int, 
 const indexedLookupMax = 4096
 
 // lookUp returns the positions in cands of the candidates events holds
-// already; index maps their keys to their positions. Rows are selected by
-// key_hash (and for few candidates also by the primary key); the exact
-// (tenant, id) is compared here, so a hash collision costs a row, never a
-// wrong answer.
+// already, each once; index maps their keys to their positions. Rows are
+// selected by key_hash (and for few candidates also by the primary key); the
+// exact (tenant, id) is compared here, so a hash collision costs a row, never
+// a wrong answer. events may hold a key more than once (written by two
+// writers before fencing, or by hand): the caller must not drop a candidate
+// twice.
 func (s *Store) lookUp(ctx context.Context, cands []candidate, index map[rollup.EventID]int) (held []int, err error) {
 	hashes := make([]uint64, len(cands))
 	for i, c := range cands {
@@ -394,12 +396,14 @@ func (s *Store) lookUp(ctx context.Context, cands []candidate, index map[rollup.
 		return nil, fmt.Errorf("look up events: %w", err)
 	}
 	defer rows.Close()
+	found := make([]bool, len(cands))
 	for rows.Next() {
 		var k rollup.EventID
 		if err := rows.Scan(&k.Tenant, &k.ID); err != nil {
 			return nil, fmt.Errorf("look up events: %w", err)
 		}
-		if i, ok := index[k]; ok {
+		if i, ok := index[k]; ok && !found[i] {
+			found[i] = true
 			held = append(held, i)
 		}
 	}
