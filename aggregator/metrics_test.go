@@ -21,7 +21,7 @@ func TestMetricNames(t *testing.T) {
 	if _, err := aggregator.NewReconciler(aggregator.ReconcilerConfig{Store: env.store, Registerer: env.reg}); err != nil {
 		t.Fatal(err)
 	}
-	metrictest.Check(t, env.reg, 10)
+	metrictest.Check(t, env.reg, 13)
 }
 
 // slowStore holds every Apply for a while, as a stuck store would.
