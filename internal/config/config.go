@@ -75,6 +75,9 @@ type Aggregator struct {
 	FetchWait    time.Duration `yaml:"fetch_wait"`
 	AckWait      time.Duration `yaml:"ack_wait"`
 	MaxDeliver   int           `yaml:"max_deliver"`
+	// LeaseDuration is the writer lease's duration: the longest a standby
+	// aggregator waits before replacing a holder that stopped renewing.
+	LeaseDuration time.Duration `yaml:"lease_duration"`
 }
 
 // Enforcer holds the enforcer's settings; its store is the aggregator's.
