@@ -375,6 +375,7 @@ func (a *Aggregator) consume(ctx context.Context) error {
 		return fmt.Errorf("aggregator: consumer: %w", err)
 	}
 	a.lastFetch.Store(time.Now().UnixNano())
+	a.fetchErr.Store(nil)
 	// The next group of messages is fetched and decoded while the store
 	// writes the current one; groups are written, and their increments
 	// published, in the order they were fetched.
@@ -419,10 +420,13 @@ func (a *Aggregator) ensureConsumer(ctx context.Context) (jetstream.Consumer, er
 	var cons jetstream.Consumer
 	err := backoff.Retry(func() error {
 		cc := a.ConsumerConfig()
+		recreated := false
 		if old, err := a.js.Consumer(ctx, schemas.UsageStream, cc.Durable); err == nil {
-			cc.DeliverPolicy, cc.OptStartSeq, cc.OptStartTime = old.CachedInfo().Config.DeliverPolicy, old.CachedInfo().Config.OptStartSeq, old.CachedInfo().Config.OptStartTime
+			oc := old.CachedInfo().Config
+			cc.DeliverPolicy, cc.OptStartSeq, cc.OptStartTime = oc.DeliverPolicy, oc.OptStartSeq, oc.OptStartTime
 		} else if floor := a.ackFloor.Load(); floor > 0 && errors.Is(err, jetstream.ErrConsumerNotFound) {
 			cc.DeliverPolicy, cc.OptStartSeq = jetstream.DeliverByStartSequencePolicy, floor+1
+			recreated = true
 		}
 		c, err := a.js.CreateOrUpdateConsumer(ctx, schemas.UsageStream, cc)
 		if err != nil {
@@ -432,8 +436,8 @@ func (a *Aggregator) ensureConsumer(ctx context.Context) (jetstream.Consumer, er
 			a.log.Warn("create consumer; retrying", "err", err)
 			return err
 		}
-		if cc.OptStartSeq > 0 {
-			a.log.Warn("consumer recreated", "durable", cc.Durable, "start_seq", cc.OptStartSeq)
+		if recreated {
+			a.log.Warn("consumer recreated after the last known ack floor", "durable", cc.Durable, "start_seq", cc.OptStartSeq)
 		}
 		cons = c
 		return nil
@@ -781,12 +785,10 @@ func (a *Aggregator) Ready(ctx context.Context) error {
 	if a.consumer.Load() == nil {
 		return errors.New("consumer not created yet")
 	}
-	if since := time.Since(time.Unix(0, a.lastFetch.Load())); since > a.cfg.StallAfter/2 {
-		reason := "no fetch"
-		if e := a.fetchErr.Load(); e != nil {
-			reason = "fetch failing: " + *e
-		}
-		return fmt.Errorf("stalled: %s for %s", reason, since.Round(time.Second))
+	// A reader waiting for a long flush does not fetch either; the flush
+	// check above covers that.
+	if e, since := a.fetchErr.Load(), time.Since(time.Unix(0, a.lastFetch.Load())); e != nil && since > a.cfg.StallAfter/2 {
+		return fmt.Errorf("stalled: fetch failing for %s: %s", since.Round(time.Second), *e)
 	}
 	if since := a.flushSince.Load(); since != 0 && time.Since(time.Unix(0, since)) > a.cfg.StallAfter {
 		return fmt.Errorf("stalled: one flush has run for %s", time.Since(time.Unix(0, since)).Round(time.Second))
