@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/meterd/meterd/aggregator"
@@ -504,4 +505,59 @@ func mustTotal(t *testing.T, st aggregator.Store, tenant string) int64 {
 		t.Fatal(err)
 	}
 	return v
+}
+
+// gatedStore holds every Apply until its gate is closed.
+type gatedStore struct {
+	aggregator.Store
+	gate chan struct{}
+}
+
+func (s gatedStore) Apply(ctx context.Context, batches []*schemas.Batch) ([]aggregator.Increment, error) {
+	<-s.gate
+	return s.Store.Apply(ctx, batches)
+}
+
+// Fetches that keep failing with the stream intact (the durable replaced
+// by a push consumer of the same name, which a pull cannot read): the
+// consumer lag counts the batches stored after the last one fetched instead
+// of reading 0, /readyz fails and names the fetch.
+func TestAggregatorLagWhileFetchFails(t *testing.T) {
+	store := gatedStore{openStore(t, "sqlite"), make(chan struct{})}
+	env := newAggEnv(t, store, func(c *aggregator.Config) { c.StallAfter = 2 * time.Second; c.FetchBatch = 1; c.CatchUpBatch = 1 })
+	// The first flush waits at the gate and the reader behind it, so the
+	// consumer can be replaced before the next fetch.
+	env.publish(t, "b0", ev("acme", "e0", 1, 0))
+	env.publish(t, "b1", ev("acme", "e1", 1, 0))
+	time.Sleep(300 * time.Millisecond)
+	if err := env.js.DeleteConsumer(t.Context(), schemas.UsageStream, aggregator.DefaultDurable); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := env.js.CreateOrUpdatePushConsumer(t.Context(), schemas.UsageStream, jetstream.ConsumerConfig{
+		Durable: aggregator.DefaultDurable, DeliverSubject: "elsewhere", AckPolicy: jetstream.AckExplicitPolicy,
+	}); err != nil {
+		t.Fatal(err)
+	}
+	for i := 2; i < 12; i++ {
+		env.publish(t, fmt.Sprintf("b%d", i), ev("acme", fmt.Sprintf("e%d", i), 1, 0))
+	}
+	close(store.gate)
+	deadline := time.Now().Add(5 * time.Second)
+	var err error
+	for err = env.agg.Ready(t.Context()); err == nil; err = env.agg.Ready(t.Context()) {
+		if time.Now().After(deadline) {
+			t.Fatal("still ready 5 s after fetches started failing")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if !strings.Contains(err.Error(), "fetch failing") {
+		t.Errorf("readiness error %q does not name the failing fetch", err)
+	}
+	// b0 and b1 were fetched; the 10 behind them were not.
+	if lag := metric(t, env.reg, "meterd_aggregator_consumer_lag_messages"); lag != 10 {
+		t.Errorf("consumer lag %v messages while fetches fail, want 10", lag)
+	}
+	if n := metric(t, env.reg, "meterd_aggregator_fetch_errors_total"); n < 1 {
+		t.Errorf("fetch errors %v, want at least 1", n)
+	}
 }
