@@ -103,7 +103,7 @@ func aggregatorFlags(fs *flag.FlagSet, c *config.Aggregator) {
 	fs.DurationVar(&c.AckWait, "ack-wait", or(c.AckWait, aggregator.DefaultAckWait), "JetStream redelivery timer")
 	fs.IntVar(&c.MaxDeliver, "max-deliver", or(c.MaxDeliver, aggregator.DefaultMaxDeliver), "deliveries of one batch before it is dead-lettered")
 	fs.DurationVar(&c.LeaseDuration, "lease-duration", or(c.LeaseDuration, lease.DefaultDuration),
-		"writer lease: a second aggregator of the same durable stands by and replaces one that stopped renewing within this (at least 1s)")
+		"writer lease: a second aggregator of the same durable stands by and replaces one that stopped renewing within this; every store write must end within 4/5 of it (at least 1s)")
 }
 
 // ensureStreams declares METERD_USAGE and METERD_DLQ.
