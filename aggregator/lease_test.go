@@ -525,10 +525,15 @@ func (s gatedStore) Apply(ctx context.Context, batches []*schemas.Batch) ([]aggr
 func TestAggregatorLagWhileFetchFails(t *testing.T) {
 	store := gatedStore{openStore(t, "sqlite"), make(chan struct{})}
 	env := newAggEnv(t, store, func(c *aggregator.Config) { c.StallAfter = 2 * time.Second; c.FetchBatch = 1; c.CatchUpBatch = 1 })
-	// The first flush waits at the gate and the reader behind it, so the
-	// consumer can be replaced before the next fetch.
-	env.publish(t, "b0", ev("acme", "e0", 1, 0))
-	env.publish(t, "b1", ev("acme", "e1", 1, 0))
+	var open sync.Once
+	release := func() { open.Do(func() { close(store.gate) }) }
+	t.Cleanup(release)
+	// The first flush waits at the gate, the second group waits in the
+	// channel to the writer, and the reader with the third behind them, so
+	// the consumer can be replaced before the next fetch.
+	for i := range 3 {
+		env.publish(t, fmt.Sprintf("b%d", i), ev("acme", fmt.Sprintf("e%d", i), 1, 0))
+	}
 	time.Sleep(300 * time.Millisecond)
 	if err := env.js.DeleteConsumer(t.Context(), schemas.UsageStream, aggregator.DefaultDurable); err != nil {
 		t.Fatal(err)
@@ -538,10 +543,10 @@ func TestAggregatorLagWhileFetchFails(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	for i := 2; i < 12; i++ {
+	for i := 3; i < 13; i++ {
 		env.publish(t, fmt.Sprintf("b%d", i), ev("acme", fmt.Sprintf("e%d", i), 1, 0))
 	}
-	close(store.gate)
+	release()
 	deadline := time.Now().Add(5 * time.Second)
 	var err error
 	for err = env.agg.Ready(t.Context()); err == nil; err = env.agg.Ready(t.Context()) {
@@ -553,7 +558,7 @@ func TestAggregatorLagWhileFetchFails(t *testing.T) {
 	if !strings.Contains(err.Error(), "fetch failing") {
 		t.Errorf("readiness error %q does not name the failing fetch", err)
 	}
-	// b0 and b1 were fetched; the 10 behind them were not.
+	// b0 to b2 were fetched; the 10 behind them were not.
 	if lag := metric(t, env.reg, "meterd_aggregator_consumer_lag_messages"); lag != 10 {
 		t.Errorf("consumer lag %v messages while fetches fail, want 10", lag)
 	}
