@@ -46,12 +46,15 @@
 // renewal and only while at least a quarter of the lease is left. When
 // neither holds, Renew reports ErrLost and the holder steps down.
 //
-// What remains is the moment between the last clock check and the write
-// reaching the store: a process frozen exactly there for longer than the
-// margin would write after its lease. Stores close that gap on their side
-// where they can (aggregator/clickhouse waits, before its first write as a
-// new holder, until no write of the previous holder still runs on the
-// server).
+// Writes that reached the store before the lease changed hands are the
+// store's to finish or discard before the new holder writes
+// (aggregator/clickhouse waits, before its first write as a new holder,
+// until no insert of the previous holder still runs on the server; SQLite's
+// transactions make them atomic). What remains is the moment between a
+// holder's last clock check and its write reaching the store: a process
+// frozen exactly there, for longer than the margin, would write after its
+// lease. The window is the few microseconds between a clock read and a
+// socket write; only a store that checks the token itself closes it.
 package lease
 
 import (
