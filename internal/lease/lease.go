@@ -288,8 +288,17 @@ func (l *Lease) Renew(ctx context.Context) (time.Time, error) {
 	}
 	sent := time.Now()
 	rctx, cancel := context.WithDeadline(ctx, l.safeUntil)
+	defer cancel()
 	rev, err := l.kv.Update(rctx, l.cfg.Key, l.entry(l.token), l.rev)
-	cancel()
+	if errors.Is(err, jetstream.ErrKeyRevisionMismatch) {
+		// A renewal whose answer was lost (a timeout, a cancelled
+		// context) may have been written: then the entry is still ours.
+		if cur, ok := l.ours(rctx); ok {
+			l.rev = cur
+			sent = time.Now()
+			rev, err = l.kv.Update(rctx, l.cfg.Key, l.entry(l.token), l.rev)
+		}
+	}
 	switch {
 	case err == nil:
 		l.rev, l.safeUntil = rev, sent.Add(l.cfg.Duration-l.margin())
@@ -306,6 +315,24 @@ func (l *Lease) Renew(ctx context.Context) (time.Time, error) {
 	}
 	l.log.Warn("renew lease failed; still held", "err", err, "safe_for", time.Until(l.safeUntil).Round(time.Millisecond))
 	return l.safeUntil, nil
+}
+
+// ours returns the key's revision if its entry is this holder's of the
+// current token: no other process wrote it since, whatever revision it has.
+func (l *Lease) ours(ctx context.Context) (uint64, bool) {
+	e, err := l.get(ctx)
+	if err != nil {
+		return 0, false
+	}
+	var cur Entry
+	if json.Unmarshal(e.Value(), &cur) != nil || cur.Holder != l.cfg.Holder {
+		return 0, false
+	}
+	// The entry of the acquisition names token 0; renewals name the token.
+	if cur.Token != l.token && !(cur.Token == 0 && e.Revision() == l.token) {
+		return 0, false
+	}
+	return e.Revision(), true
 }
 
 func (l *Lease) lose() {
@@ -329,8 +356,14 @@ func (l *Lease) Release(ctx context.Context) error {
 		return nil
 	}
 	rev := l.rev
+	err := l.kv.Delete(ctx, l.cfg.Key, jetstream.LastRevision(rev))
+	if errors.Is(err, jetstream.ErrKeyRevisionMismatch) {
+		if cur, ok := l.ours(ctx); ok { // a renewal cut short was written
+			err = l.kv.Delete(ctx, l.cfg.Key, jetstream.LastRevision(cur))
+		}
+	}
 	l.lose()
-	if err := l.kv.Delete(ctx, l.cfg.Key, jetstream.LastRevision(rev)); err != nil {
+	if err != nil {
 		return fmt.Errorf("lease: release: %w", err)
 	}
 	l.log.Info("released the lease", "token", l.token)

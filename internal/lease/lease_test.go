@@ -2,6 +2,7 @@ package lease_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"testing"
 	"time"
@@ -163,5 +164,40 @@ func TestConfigValidate(t *testing.T) {
 	c := lease.Config{JS: js, Key: "k"}
 	if err := c.Validate(); err != nil || c.Duration != lease.DefaultDuration || c.Bucket != lease.DefaultBucket || c.Holder == "" {
 		t.Errorf("defaults: %+v, %v", c, err)
+	}
+}
+
+// A renewal whose answer was lost (written, but the holder saw a timeout or
+// a cancelled context) leaves the entry at a revision the holder does not
+// know: its next renewal and its release still work, since the entry is
+// its own; an entry of another holder is not.
+func TestRenewalWithLostAnswer(t *testing.T) {
+	js := newJS(t)
+	a, b := newLease(t, js, "a"), newLease(t, js, "b")
+	token, _ := acquireWithin(t, a, time.Second)
+	kv, err := js.KeyValue(t.Context(), lease.DefaultBucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lostRenewal := func() {
+		data, _ := json.Marshal(lease.Entry{Holder: "a", Token: token, Duration: d.String(), RenewedAt: time.Now()})
+		if _, err := kv.Put(t.Context(), "aggregator.test.all", data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	lostRenewal()
+	if _, err := a.Renew(t.Context()); err != nil {
+		t.Fatalf("renewal after a lost answer: %v", err)
+	}
+	lostRenewal()
+	if err := a.Release(t.Context()); err != nil {
+		t.Fatalf("release after a lost answer: %v", err)
+	}
+	if tb, took := acquireWithin(t, b, 3*d); tb == 0 || took > d/2 {
+		t.Fatalf("b acquired token %d %s after the release, want at once", tb, took)
+	}
+	// b's entry is not a's, whatever a believes.
+	if _, err := a.Renew(t.Context()); !errors.Is(err, lease.ErrLost) {
+		t.Fatalf("a renewing b's lease: %v, want ErrLost", err)
 	}
 }
