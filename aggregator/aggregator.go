@@ -4,6 +4,33 @@
 // (tenant, id) once however often its batch is delivered. After each commit
 // the newly counted usage is published on meterd.committed.<partition> for
 // the enforcer.
+//
+// # One writer
+//
+// A store counts each event once only if one process writes it (see
+// aggregator/clickhouse). With Config.Lease set, the aggregator consumes and
+// writes only while it holds the writer lease of its scope (internal/lease:
+// a compare-and-set lease with a fencing token on a JetStream key-value
+// bucket); a second aggregator for the same scope waits, ready as a standby,
+// and takes over once the holder stops renewing. Every store write (Apply and
+// Reconcile, through Writer) is renew-then-write: it renews the lease first,
+// a compare-and-set on the revision of the holder's own last renewal that
+// fails once another process took the lease over, and runs with a deadline
+// before the renewed lease can be taken. A holder frozen past its lease
+// (a zombie) therefore finds, when it wakes, either its write's deadline
+// passed or its renewal refused: it abandons the write, stops consuming and
+// waits for the lease again. Its unacknowledged messages are redelivered to
+// the new holder, whose store counts each event once.
+//
+// # A consumer that vanishes
+//
+// If the durable consumer is deleted (by an operator, or lost with a
+// stream's state), the aggregator recreates it within seconds, starting at
+// the last acknowledgement floor it read from the server (messages acked
+// after that are delivered again and deduplicated by the store). Fetch
+// errors are counted (meterd_aggregator_fetch_errors_total); while fetches
+// fail, the consumer lag is estimated from the stream instead of reading 0,
+// and /readyz fails once no fetch succeeded for half of StallAfter.
 package aggregator
 
 import (
@@ -63,8 +90,14 @@ type Config struct {
 	// alive with InProgress (default 10s).
 	AckWait time.Duration
 	// StallAfter: /readyz fails when messages are pending and nothing was
-	// committed for this long (default 1m).
+	// committed for this long, or when no fetch succeeded for half of it
+	// (default 1m).
 	StallAfter time.Duration
+	// Lease, if set, is the writer lease of the store and partitions this
+	// aggregator writes: it consumes only while holding it (see the package
+	// documentation). Without a lease the aggregator assumes it is the only
+	// writer.
+	Lease      Lease
 	Logger     *slog.Logger
 	Registerer prometheus.Registerer
 }
@@ -108,18 +141,52 @@ func (c *Config) Validate() error {
 	return nil
 }
 
+// Lease is a single-writer lease with a fencing token (internal/lease).
+type Lease interface {
+	// Acquire blocks until the lease is held and returns its fencing token,
+	// or returns ctx's error.
+	Acquire(ctx context.Context) (uint64, error)
+	// Renew extends the lease and returns the time every write must end
+	// before; an error means the lease is lost.
+	Renew(ctx context.Context) (time.Time, error)
+	// Release gives the lease up for another process to take at once.
+	Release(ctx context.Context) error
+	// Duration is the lease duration: a holder that stops renewing is
+	// replaced within it.
+	Duration() time.Duration
+	// Answered is when the lease's bucket last answered.
+	Answered() time.Time
+}
+
+// writerChange is implemented by stores that keep state about their own
+// writes between calls (aggregator/clickhouse: its open intent). It is
+// called each time this process becomes the writer, since another process
+// may have written in between.
+type writerChange interface{ WriterChanged() }
+
 // Aggregator moves batches from JetStream into a Store.
 type Aggregator struct {
 	cfg     Config
 	log     *slog.Logger
 	js      jetstream.JetStream
 	metrics *metrics
+	// writer is cfg.Store, fenced by the lease when there is one: every
+	// write goes through it.
+	writer Store
+	// stepDown ends the current term as lease holder (nil outside a term).
+	stepDown atomic.Pointer[context.CancelCauseFunc]
+	standby  atomic.Bool // waiting for the lease
 
 	consumer   atomic.Pointer[jetstream.Consumer]
-	lastCommit atomic.Int64 // unix nanos of the last commit, or of a fetch that found nothing
-	flushSince atomic.Int64 // unix nanos the running flush started, 0 when none runs
-	pending    atomic.Int64 // messages not yet delivered, as of the last fetch
-	oldest     atomic.Int64 // unix nanos JetStream stored the first message of the group being written, 0 between writes
+	lastFetch  atomic.Int64           // unix nanos of the last fetch that succeeded (or of the start of consuming)
+	fetchErr   atomic.Pointer[string] // the error of the last fetch, nil after one succeeded
+	delivered  atomic.Uint64          // stream sequence of the last message fetched
+	ackFloor   atomic.Uint64          // the consumer's ack floor (stream sequence) as last read from the server
+	ackFloorAt atomic.Int64           // unix nanos ackFloor was read
+	lastCommit atomic.Int64           // unix nanos of the last commit, or of a fetch that found nothing
+	flushSince atomic.Int64           // unix nanos the running flush started, 0 when none runs
+	pending    atomic.Int64           // messages not yet delivered, as of the last fetch
+	oldest     atomic.Int64           // unix nanos JetStream stored the first message of the group being written, 0 between writes
 	// storeFailure is set while store writes fail and are retried, nil
 	// once one succeeds.
 	storeFailure atomic.Pointer[storeFailure]
@@ -134,14 +201,25 @@ func New(cfg Config) (*Aggregator, error) {
 	if err != nil {
 		return nil, fmt.Errorf("aggregator: jetstream: %w", err)
 	}
-	a := &Aggregator{cfg: cfg, log: cfg.Logger.With("component", "aggregator"), js: js}
+	a := &Aggregator{cfg: cfg, log: cfg.Logger.With("component", "aggregator"), js: js, writer: cfg.Store}
+	if cfg.Lease != nil {
+		a.writer = fencedStore{Store: cfg.Store, a: a}
+		a.cfg.Store = a.writer
+		a.standby.Store(true)
+	}
 	a.metrics, err = newMetrics(cfg.Registerer, a.lagSeconds, a.storeFailingSeconds)
 	if err != nil {
 		return nil, err
 	}
 	a.lastCommit.Store(time.Now().UnixNano())
+	a.lastFetch.Store(time.Now().UnixNano())
 	return a, nil
 }
+
+// Writer is the store every writer of the aggregator's database must use
+// (the reconciler too): with a lease, its Apply and Reconcile write only
+// while the lease is held and end before it can be taken over.
+func (a *Aggregator) Writer() Store { return a.writer }
 
 // ConsumerConfig is the durable pull consumer the aggregator reads through.
 func (a *Aggregator) ConsumerConfig() jetstream.ConsumerConfig {
@@ -164,28 +242,138 @@ func (a *Aggregator) ConsumerConfig() jetstream.ConsumerConfig {
 }
 
 // Run consumes until ctx ends. It returns nil on cancellation; the messages
-// of an unfinished flush are redelivered and counted once.
+// of an unfinished flush are redelivered and counted once. With a lease it
+// first waits for it, consumes while it holds it, and waits again if it
+// loses it.
 func (a *Aggregator) Run(ctx context.Context) error {
-	var cons jetstream.Consumer
-	err := backoff.Retry(func() error {
-		c, err := a.js.CreateOrUpdateConsumer(ctx, schemas.UsageStream, a.ConsumerConfig())
+	if a.cfg.Lease == nil {
+		a.metrics.leaseHeld.Set(1) // the writer, without a lease
+		return a.consume(ctx)
+	}
+	for {
+		a.standby.Store(true)
+		token, err := a.cfg.Lease.Acquire(ctx)
 		if err != nil {
 			if ctx.Err() != nil {
-				return backoff.Permanent(ctx.Err())
+				return nil
 			}
-			a.log.Warn("create consumer; retrying", "err", err)
+			return fmt.Errorf("aggregator: lease: %w", err)
+		}
+		if err := a.term(ctx, token); err != nil || ctx.Err() != nil {
 			return err
 		}
-		cons = c
-		return nil
-	}, backoff.WithContext(backoff.NewExponentialBackOff(backoff.WithMaxElapsedTime(0)), ctx))
+	}
+}
+
+// term consumes as the lease holder with fencing token token until ctx ends
+// or the lease is lost; on ctx's end it releases the lease.
+func (a *Aggregator) term(ctx context.Context, token uint64) error {
+	if w, ok := a.cfg.Store.(fencedStore).Store.(writerChange); ok {
+		w.WriterChanged()
+	}
+	tctx, stop := context.WithCancelCause(ctx)
+	a.stepDown.Store(&stop)
+	a.standby.Store(false)
+	a.metrics.leaseHeld.Set(1)
+	a.log.Info("writer lease held; consuming", "token", token)
+	var renewer sync.WaitGroup
+	renewer.Go(func() {
+		t := time.NewTicker(a.cfg.Lease.Duration() / 3)
+		defer t.Stop()
+		for {
+			select {
+			case <-tctx.Done():
+				return
+			case <-t.C:
+				if _, err := a.cfg.Lease.Renew(tctx); err != nil && tctx.Err() == nil {
+					stop(err)
+				}
+			}
+		}
+	})
+	err := a.consume(tctx)
+	stop(nil)
+	renewer.Wait()
+	a.stepDown.Store(nil)
+	a.consumer.Store(nil)
+	a.metrics.leaseHeld.Set(0)
+	if ctx.Err() != nil {
+		rctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if rerr := a.cfg.Lease.Release(rctx); rerr != nil {
+			a.log.Warn("release the writer lease; it expires by itself", "err", rerr)
+		}
+		return err
+	}
+	a.metrics.leaseLost.Inc()
+	a.log.Warn("lost the writer lease; stopped consuming and standing by", "token", token, "cause", context.Cause(tctx))
+	return err
+}
+
+// fencedStore is the store written only while the lease is held: each write
+// renews the lease first and must end before the renewed lease can be taken
+// over. A write that could not (lease lost, or the write outlived it) ends
+// the term, so the aggregator stops consuming instead of retrying it.
+type fencedStore struct {
+	Store
+	a *Aggregator
+}
+
+// ErrNotWriter is returned by writes of an aggregator that does not hold the
+// writer lease.
+var ErrNotWriter = errors.New("aggregator: not the writer (the lease is held by another process)")
+
+func (f fencedStore) fence(ctx context.Context, write func(context.Context) error) error {
+	stop := f.a.stepDown.Load()
+	if stop == nil {
+		return ErrNotWriter
+	}
+	until, err := f.a.cfg.Lease.Renew(ctx)
 	if err != nil {
+		if ctx.Err() == nil {
+			(*stop)(err)
+		}
+		return fmt.Errorf("%w: %w", ErrNotWriter, err)
+	}
+	wctx, cancel := context.WithDeadline(ctx, until)
+	defer cancel()
+	err = write(wctx)
+	if err != nil && ctx.Err() == nil && !time.Now().Before(until) {
+		// Unfinished at the end of the lease: another process may hold it
+		// now, so this one must not retry.
+		(*stop)(fmt.Errorf("a store write outlived the lease: %w", err))
+	}
+	return err
+}
+
+// Apply implements Store.
+func (f fencedStore) Apply(ctx context.Context, batches []*schemas.Batch) (incs []Increment, err error) {
+	err = f.fence(ctx, func(ctx context.Context) error {
+		incs, err = f.Store.Apply(ctx, batches)
+		return err
+	})
+	return incs, err
+}
+
+// Reconcile implements Store.
+func (f fencedStore) Reconcile(ctx context.Context, from, to time.Time) (n int, err error) {
+	err = f.fence(ctx, func(ctx context.Context) error {
+		n, err = f.Store.Reconcile(ctx, from, to)
+		return err
+	})
+	return n, err
+}
+
+// consume creates the consumer and consumes until ctx ends.
+func (a *Aggregator) consume(ctx context.Context) error {
+	if _, err := a.ensureConsumer(ctx); err != nil {
 		if ctx.Err() != nil {
 			return nil
 		}
 		return fmt.Errorf("aggregator: consumer: %w", err)
 	}
-	a.consumer.Store(&cons)
+	a.lastFetch.Store(time.Now().UnixNano())
+	a.fetchErr.Store(nil)
 	// The next group of messages is fetched and decoded while the store
 	// writes the current one; groups are written, and their increments
 	// published, in the order they were fetched.
@@ -193,7 +381,7 @@ func (a *Aggregator) Run(ctx context.Context) error {
 	var reader sync.WaitGroup
 	reader.Go(func() {
 		defer close(groups)
-		a.read(ctx, cons, groups)
+		a.read(ctx, groups)
 	})
 	for g := range groups {
 		if ctx.Err() == nil {
@@ -222,19 +410,83 @@ type group struct {
 	stored int64
 }
 
+// ensureConsumer creates the durable consumer, retrying until ctx ends. An
+// existing consumer keeps its start (JetStream cannot change it); a missing
+// one starts after the ack floor last read from the server, or at the
+// beginning of the stream if this process never read one.
+func (a *Aggregator) ensureConsumer(ctx context.Context) (jetstream.Consumer, error) {
+	var cons jetstream.Consumer
+	err := backoff.Retry(func() error {
+		cc := a.ConsumerConfig()
+		recreated := false
+		if old, err := a.js.Consumer(ctx, schemas.UsageStream, cc.Durable); err == nil {
+			oc := old.CachedInfo().Config
+			cc.DeliverPolicy, cc.OptStartSeq, cc.OptStartTime = oc.DeliverPolicy, oc.OptStartSeq, oc.OptStartTime
+		} else if floor := a.ackFloor.Load(); floor > 0 && errors.Is(err, jetstream.ErrConsumerNotFound) {
+			cc.DeliverPolicy, cc.OptStartSeq = jetstream.DeliverByStartSequencePolicy, floor+1
+			recreated = true
+		}
+		c, err := a.js.CreateOrUpdateConsumer(ctx, schemas.UsageStream, cc)
+		if err != nil {
+			if ctx.Err() != nil {
+				return backoff.Permanent(ctx.Err())
+			}
+			a.log.Warn("create consumer; retrying", "err", err)
+			return err
+		}
+		if recreated {
+			a.log.Warn("consumer recreated after the last known ack floor", "durable", cc.Durable, "start_seq", cc.OptStartSeq)
+		}
+		cons = c
+		return nil
+	}, backoff.WithContext(backoff.NewExponentialBackOff(backoff.WithMaxElapsedTime(0), backoff.WithMaxInterval(5*time.Second)), ctx))
+	if err != nil {
+		return nil, err
+	}
+	a.consumer.Store(&cons)
+	a.noteAckFloor(cons.CachedInfo())
+	return cons, nil
+}
+
+// noteAckFloor records the consumer's ack floor from info.
+func (a *Aggregator) noteAckFloor(info *jetstream.ConsumerInfo) {
+	if info == nil {
+		return
+	}
+	// A new consumer reports 0 or its start minus one: never move back.
+	if f := info.AckFloor.Stream; f > a.ackFloor.Load() {
+		a.ackFloor.Store(f)
+	}
+	a.ackFloorAt.Store(time.Now().UnixNano())
+}
+
+// ackFloorEvery is how often the consumer's ack floor is read while
+// consuming: a recreated consumer redelivers at most what was acked since.
+const ackFloorEvery = time.Second
+
 // read fetches and decodes groups into out until ctx ends. Undecodable
 // messages are dead-lettered here and never reach out.
-func (a *Aggregator) read(ctx context.Context, cons jetstream.Consumer, out chan<- group) {
+func (a *Aggregator) read(ctx context.Context, out chan<- group) {
 	for ctx.Err() == nil {
+		cons := *a.consumer.Load()
+		if time.Since(time.Unix(0, a.ackFloorAt.Load())) > ackFloorEvery {
+			ictx, cancel := context.WithTimeout(ctx, 2*time.Second)
+			if info, err := cons.Info(ictx); err == nil {
+				a.noteAckFloor(info)
+			}
+			cancel()
+		}
 		msgs, err := a.fetch(ctx, cons)
 		if err != nil {
 			if ctx.Err() != nil {
 				return
 			}
-			a.log.Warn("fetch failed", "err", err)
+			a.fetchFailed(ctx, cons, err)
 			sleep(ctx, 250*time.Millisecond)
 			continue
 		}
+		a.fetchErr.Store(nil)
+		a.lastFetch.Store(time.Now().UnixNano())
 		if len(msgs) == 0 {
 			a.lastCommit.Store(time.Now().UnixNano())
 			continue
@@ -276,12 +528,41 @@ func (a *Aggregator) fetch(ctx context.Context, cons jetstream.Consumer) ([]jets
 		if md, err := msgs[n-1].Metadata(); err == nil {
 			a.pending.Store(int64(md.NumPending))
 			a.metrics.lag.Set(float64(md.NumPending))
+			a.delivered.Store(max(a.delivered.Load(), md.Sequence.Stream))
 		}
 	} else {
 		a.pending.Store(0)
 		a.metrics.lag.Set(0)
 	}
 	return msgs, ctx.Err()
+}
+
+// fetchFailed counts and logs a failed fetch, estimates the lag from the
+// stream (the consumer's own count is out of reach), and recreates the
+// consumer if it no longer exists.
+func (a *Aggregator) fetchFailed(ctx context.Context, cons jetstream.Consumer, err error) {
+	a.metrics.fetchErrors.Inc()
+	msg := err.Error()
+	a.fetchErr.Store(&msg)
+	a.log.Warn("fetch failed", "err", err)
+	ictx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	if st, serr := a.js.Stream(ictx, schemas.UsageStream); serr == nil {
+		// Messages stored after the last one this process fetched: the
+		// consumer's pending count as far as it can be known.
+		behind := int64(0)
+		if last := st.CachedInfo().State.LastSeq; last > a.delivered.Load() {
+			behind = int64(last - max(a.delivered.Load(), a.ackFloor.Load()))
+		}
+		a.pending.Store(behind)
+		a.metrics.lag.Set(float64(behind))
+	}
+	if _, ierr := cons.Info(ictx); errors.Is(ierr, jetstream.ErrConsumerNotFound) {
+		a.log.Error("the durable consumer is gone; recreating it", "durable", a.cfg.Durable, "ack_floor", a.ackFloor.Load())
+		if _, err := a.ensureConsumer(ctx); err != nil && ctx.Err() == nil {
+			a.log.Error("recreate consumer", "err", err)
+		}
+	}
 }
 
 // decode decodes msgs and dead-letters the undecodable ones.
@@ -512,6 +793,11 @@ func (a *Aggregator) lagSeconds() float64 {
 // lock, a read-only disk), or when messages are waiting and nothing was
 // committed for StallAfter (a consumer that stopped making progress must not
 // look healthy).
+//
+// A standby (waiting for the writer lease) is ready while its store and the
+// lease bucket answer: it serves usage reports like the holder, and a
+// StatefulSet rolls out only through ready pods. That no process consumes is
+// what the meterd_aggregator_writer_leases metric and its alert tell.
 func (a *Aggregator) Ready(ctx context.Context) error {
 	if err := a.cfg.Store.Ping(ctx); err != nil {
 		return fmt.Errorf("store: %w", err)
@@ -519,8 +805,19 @@ func (a *Aggregator) Ready(ctx context.Context) error {
 	if f := a.storeFailure.Load(); f != nil {
 		return fmt.Errorf("store: writes failing for %s, retrying: %w", time.Since(f.since).Round(time.Second), f.err)
 	}
+	if a.cfg.Lease != nil && a.standby.Load() {
+		if since := time.Since(a.cfg.Lease.Answered()); since > a.cfg.Lease.Duration() {
+			return fmt.Errorf("standby: the lease bucket has not answered for %s", since.Round(time.Second))
+		}
+		return nil
+	}
 	if a.consumer.Load() == nil {
 		return errors.New("consumer not created yet")
+	}
+	// A reader waiting for a long flush does not fetch either; the flush
+	// check above covers that.
+	if e, since := a.fetchErr.Load(), time.Since(time.Unix(0, a.lastFetch.Load())); e != nil && since > a.cfg.StallAfter/2 {
+		return fmt.Errorf("stalled: fetch failing for %s: %s", since.Round(time.Second), *e)
 	}
 	if since := a.flushSince.Load(); since != 0 && time.Since(time.Unix(0, since)) > a.cfg.StallAfter {
 		return fmt.Errorf("stalled: one flush has run for %s", time.Since(time.Unix(0, since)).Round(time.Second))

@@ -11,6 +11,9 @@ type metrics struct {
 	events       prometheus.Counter
 	duplicates   prometheus.Counter
 	deadLettered prometheus.Counter
+	fetchErrors  prometheus.Counter
+	leaseHeld    prometheus.Gauge
+	leaseLost    prometheus.Counter
 }
 
 // newMetrics registers the aggregator's metrics; lagSeconds reports the
@@ -51,6 +54,18 @@ func newMetrics(reg prometheus.Registerer, lagSeconds, storeFailing func() float
 			Name: "meterd_aggregator_dead_lettered_total",
 			Help: "Messages moved to METERD_DLQ because they can never be processed.",
 		}),
+		fetchErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "meterd_aggregator_fetch_errors_total",
+			Help: "Fetches from the durable consumer that failed (a consumer that vanished is recreated; while fetches fail nothing is counted).",
+		}),
+		leaseHeld: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "meterd_aggregator_writer_leases",
+			Help: "Writer leases this aggregator holds: 1 while it is the writer and consumes (or runs without a lease), 0 while it stands by.",
+		}),
+		leaseLost: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "meterd_aggregator_lease_lost_total",
+			Help: "Times this aggregator lost the writer lease while consuming (another process took it over, or it could not renew in time).",
+		}),
 	}
 	lagAge := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "meterd_aggregator_consumer_lag_seconds",
@@ -60,7 +75,7 @@ func newMetrics(reg prometheus.Registerer, lagSeconds, storeFailing func() float
 		Name: "meterd_aggregator_store_failing_seconds",
 		Help: "Time since store writes started failing (they are retried until they succeed), 0 while they succeed.",
 	}, storeFailing)
-	for _, c := range []prometheus.Collector{m.lag, lagAge, failing, m.flushSeconds, m.storeSeconds, m.storeErrors, m.batches, m.events, m.duplicates, m.deadLettered} {
+	for _, c := range []prometheus.Collector{m.lag, lagAge, failing, m.flushSeconds, m.storeSeconds, m.storeErrors, m.batches, m.events, m.duplicates, m.deadLettered, m.fetchErrors, m.leaseHeld, m.leaseLost} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

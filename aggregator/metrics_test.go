@@ -28,7 +28,7 @@ func TestMetricNames(t *testing.T) {
 	if err := trim.Trim(t.Context()); err != nil {
 		t.Fatal(err)
 	}
-	metrictest.Check(t, env.reg, 16)
+	metrictest.Check(t, env.reg, 19)
 }
 
 // slowStore holds every Apply for a while, as a stuck store would.

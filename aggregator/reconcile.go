@@ -75,7 +75,12 @@ func (r *Reconciler) Run(ctx context.Context) error {
 	t := time.NewTicker(r.cfg.Every)
 	defer t.Stop()
 	for {
-		if err := r.Once(ctx); err != nil && ctx.Err() == nil {
+		switch err := r.Once(ctx); {
+		case err == nil || ctx.Err() != nil:
+		case errors.Is(err, ErrNotWriter):
+			// A standby aggregator: the lease holder reconciles.
+			r.log.Debug("not the writer; reconciling at the next round", "err", err)
+		default:
 			r.log.Warn("reconcile failed; retrying at the next round", "err", err)
 		}
 		select {

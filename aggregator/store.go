@@ -28,6 +28,23 @@ type Increment struct {
 // retries it for as long as it lasts.
 var ErrInvalidEvent = errors.New("aggregator: event cannot be stored")
 
+// ErrDeadline is returned (wrapped, with context.DeadlineExceeded) by a
+// store write whose context deadline passed before the write became durable
+// or left the process.
+var ErrDeadline = errors.New("aggregator: the write's deadline passed before it was done")
+
+// CheckDeadline returns an error once ctx is done or its deadline has passed
+// on the clock. Stores call it just before a write becomes durable or its
+// data leaves the process: a writer's deadline is the end of its lease (see
+// the package documentation), and in a process that just woke from a freeze
+// (SIGSTOP) the context's own timer may not have fired yet.
+func CheckDeadline(ctx context.Context) error {
+	if d, ok := ctx.Deadline(); ok && !time.Now().Before(d) {
+		return fmt.Errorf("%w: %w", ErrDeadline, context.DeadlineExceeded)
+	}
+	return ctx.Err()
+}
+
 // The range [MinEventTime, MaxEventTime) of event times a store holds:
 // ClickHouse's DateTime range, less its last second so that every range of
 // times has an exclusive upper bound the database can represent.

@@ -68,6 +68,33 @@
 // both find an event missing and count it twice. Total, Totals and Ping may
 // run anywhere, concurrently.
 //
+// The aggregator enforces the single writer with a lease (internal/lease,
+// aggregator's package documentation): it writes only while it holds the
+// lease, and gives every Apply and Reconcile a context deadline before its
+// lease can be taken over. The store takes its part of the fencing:
+//
+//   - Every insert checks the deadline against the clock itself just before
+//     it sends its data, not only through the context (whose timer may not
+//     have fired yet in a process that just woke from SIGSTOP): a write
+//     frozen past its lease is abandoned when the process wakes.
+//   - A process that becomes the writer (WriterChanged) checks the intent
+//     log before its first write, as after a crash: it waits until no query
+//     of an open intent still runs on the server (the previous holder's
+//     insert whose data was on its way when it froze ends, or is cancelled
+//     when that process wakes and finds its deadline passed), repairs the
+//     rollups of those intents from the events and closes them. Only then
+//     does it look events up, so what the previous holder wrote is found
+//     and not written twice.
+//
+// What no client-side check closes is a process frozen between its last
+// clock check and its INSERT reaching the server, for longer than the lease
+// margin: its insert would land after the new holder's lookup. The window is
+// the few microseconds between a clock read and a socket write.
+//
+// An event held twice in events (by two writers before this fencing, or by
+// hand) counts twice in the reports and in Reconcile's repairs, but it
+// never breaks Apply: a later delivery of it is dropped once.
+//
 // # Durability
 //
 // Apply returns nil once ClickHouse acknowledged every insert. ClickHouse
@@ -360,10 +387,12 @@ func candidates(batches []*schemas.Batch) ([]candidate, map[rollup.EventID]int, 
 const indexedLookupMax = 4096
 
 // lookUp returns the positions in cands of the candidates events holds
-// already; index maps their keys to their positions. Rows are selected by
-// key_hash (and for few candidates also by the primary key); the exact
-// (tenant, id) is compared here, so a hash collision costs a row, never a
-// wrong answer.
+// already, each once; index maps their keys to their positions. Rows are
+// selected by key_hash (and for few candidates also by the primary key); the
+// exact (tenant, id) is compared here, so a hash collision costs a row, never
+// a wrong answer. events may hold a key more than once (written by two
+// writers before fencing, or by hand): the caller must not drop a candidate
+// twice.
 func (s *Store) lookUp(ctx context.Context, cands []candidate, index map[rollup.EventID]int) (held []int, err error) {
 	hashes := make([]uint64, len(cands))
 	for i, c := range cands {
@@ -400,12 +429,14 @@ func (s *Store) lookUp(ctx context.Context, cands []candidate, index map[rollup.
 		return nil, fmt.Errorf("look up events: %w", err)
 	}
 	defer rows.Close()
+	found := make([]bool, len(cands))
 	for rows.Next() {
 		var k rollup.EventID
 		if err := rows.Scan(&k.Tenant, &k.ID); err != nil {
 			return nil, fmt.Errorf("look up events: %w", err)
 		}
-		if i, ok := index[k]; ok {
+		if i, ok := index[k]; ok && !found[i] {
+			found[i] = true
 			held = append(held, i)
 		}
 	}
@@ -500,6 +531,24 @@ func sumAll(cands []candidate) ([]string, rollup.Rows) {
 	return dims, rows
 }
 
+// WriterChanged tells the store that another process may have written
+// since its last write: the next write checks the intent log first, as after
+// a crash (see the package documentation).
+func (s *Store) WriterChanged() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.pending = true
+	s.open = nil // our last intent is open in the log, or the other writer closed it
+}
+
+// send sends b's data unless ctx's deadline passed (aggregator.CheckDeadline).
+func send(ctx context.Context, b driver.Batch) error {
+	if err := aggregator.CheckDeadline(ctx); err != nil {
+		return err
+	}
+	return b.Send()
+}
+
 // randomID returns n random bytes in hex.
 func randomID(n int) string {
 	b := make([]byte, n)
@@ -558,7 +607,7 @@ func (s *Store) insertIntents(ctx context.Context, rows ...intentRow) error {
 			return fmt.Errorf("record intent: %w", err)
 		}
 	}
-	if err := b.Send(); err != nil {
+	if err := send(ctx, b); err != nil {
 		return fmt.Errorf("record intent: %w", err)
 	}
 	return nil
@@ -591,7 +640,7 @@ func (s *Store) insertEvents(ctx context.Context, applyID string, news []candida
 			return fmt.Errorf("insert events: column %d: %w", i, err)
 		}
 	}
-	if err := b.Send(); err != nil {
+	if err := send(ctx, b); err != nil {
 		return fmt.Errorf("insert events: %w", err)
 	}
 	return nil
@@ -623,7 +672,7 @@ func (s *Store) insertRollups(ctx context.Context, queryID string, rows rollup.R
 			return fmt.Errorf("insert rollups: column %d: %w", i, err)
 		}
 	}
-	if err := b.Send(); err != nil {
+	if err := send(ctx, b); err != nil {
 		return fmt.Errorf("insert rollups: %w", err)
 	}
 	return nil

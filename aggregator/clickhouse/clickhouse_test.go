@@ -269,3 +269,39 @@ func TestKeyHashIsFNV1a(t *testing.T) {
 		t.Errorf("keyHash = %x, want %x", got, want)
 	}
 }
+
+// An event the events table holds twice (as a second writer leaves it) and
+// delivered again: Apply neither panics nor subtracts it twice, and the new
+// events of the call count once.
+func TestApplyWithEventStoredTwice(t *testing.T) {
+	ctx := t.Context()
+	s := newStore(t, chtest.DSN(t))
+	t0 := time.Date(2026, 11, 21, 10, 0, 0, 0, time.UTC)
+	first := []*schemas.Batch{{ID: "b1", Events: []schemas.Event{
+		{ID: "e1", Tenant: "acme", Meter: "api_calls", Value: 5, Time: t0},
+	}}}
+	if _, err := s.Apply(ctx, first); err != nil {
+		t.Fatal(err)
+	}
+	// The second copy of e1, written directly as a writer beside this one
+	// would have.
+	dup, _, _ := candidates(first)
+	dup[0].dims = rollup.DimsKey(nil)
+	if err := s.insertEvents(ctx, "duplicate", dup); err != nil {
+		t.Fatal(err)
+	}
+	again := []*schemas.Batch{{ID: "b2", Events: []schemas.Event{
+		{ID: "e1", Tenant: "acme", Meter: "api_calls", Value: 5, Time: t0},
+		{ID: "e2", Tenant: "acme", Meter: "api_calls", Value: 7, Time: t0.Add(time.Minute)},
+	}}}
+	incs, err := s.Apply(ctx, again)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(incs) != 1 || incs[0].Value != 7 || incs[0].Events != 1 {
+		t.Fatalf("increments %+v, want e2's value 7 in 1 event", incs)
+	}
+	if total, err := s.Total(ctx, "acme", "api_calls", t0, t0.Add(time.Hour)); err != nil || total != 12 {
+		t.Fatalf("total %d (%v), want 12", total, err)
+	}
+}

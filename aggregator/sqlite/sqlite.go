@@ -219,6 +219,12 @@ func (s *Store) inTx(ctx context.Context, fn func(*sql.Tx) error) error {
 		tx.Rollback()
 		return err
 	}
+	// A writer frozen past its deadline (the end of its lease) must not
+	// commit when it wakes; the context's timer may not have fired yet.
+	if err := aggregator.CheckDeadline(ctx); err != nil {
+		tx.Rollback()
+		return err
+	}
 	return tx.Commit()
 }
 

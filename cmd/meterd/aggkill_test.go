@@ -5,6 +5,9 @@ import (
 	"fmt"
 	"path/filepath"
 	"strconv"
+	"strings"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -85,7 +88,8 @@ func TestKillAggregator(t *testing.T) {
 
 			args := func(addr string) []string {
 				return append([]string{"aggregator", "--nats-url", b.URL(), "--nats-replicas", "1", "--listen", addr,
-					"--log-format", "text", "--insecure", "--fetch-batch", "10", "--fetch-wait", "20ms", "--ack-wait", "2s"}, storeFlag...)
+					"--log-format", "text", "--insecure", "--fetch-batch", "10", "--fetch-wait", "20ms", "--ack-wait", "2s",
+					"--lease-duration", "2s"}, storeFlag...)
 			}
 			addr := "127.0.0.1:" + strconv.Itoa(killFreePort(t))
 			p := startKillProc(t, bin, addr, args(addr)...)
@@ -138,6 +142,181 @@ func TestKillAggregator(t *testing.T) {
 			if n, err := store.Reconcile(ctx, t0, t0.Add(3*time.Hour)); err != nil || n != 0 {
 				t.Errorf("rollups differ from raw events after the kill: %d rows (%v)", n, err)
 			}
+		})
+	}
+}
+
+// killStore is the store flag of a meterd aggregator and a way to open the
+// same store in the test.
+func killStore(t *testing.T, kind string) ([]string, func() aggregator.Store) {
+	t.Helper()
+	switch kind {
+	case "sqlite":
+		path := filepath.Join(t.TempDir(), "meterd.db")
+		return []string{"--sqlite-path", path}, func() aggregator.Store {
+			st, err := sqlite.New(sqlite.Config{Path: path})
+			if err != nil {
+				t.Fatal(err)
+			}
+			return st
+		}
+	default:
+		dsn := chtest.DSN(t)
+		return []string{"--clickhouse", dsn}, func() aggregator.Store {
+			st, err := clickhouse.New(t.Context(), clickhouse.Config{DSN: dsn})
+			if err != nil {
+				t.Fatal(err)
+			}
+			return st
+		}
+	}
+}
+
+// Two aggregator processes on the same store and durable: the second stands
+// by while the first holds the writer lease. The holder is frozen with
+// SIGSTOP past its lease under load: the standby takes over within the
+// lease, the zombie, woken with SIGCONT, finds its lease lost and writes
+// nothing, and every distinct event published is counted exactly once.
+func TestAggregatorZombie(t *testing.T) {
+	if testing.Short() {
+		t.Skip("two aggregator processes and a freeze past the lease")
+	}
+	bin := buildMeterd(t)
+	const leaseDuration = 3 * time.Second
+	for _, kind := range []string{"sqlite", "clickhouse"} {
+		t.Run(kind, func(t *testing.T) {
+			b := startKillBroker(t)
+			storeFlag, open := killStore(t, kind)
+			t0 := time.Date(2026, 11, 21, 8, 0, 0, 0, time.UTC)
+			var (
+				mu        sync.Mutex
+				want      = map[string]int64{}
+				seen      = map[string]bool{}
+				published int
+			)
+			publish := func(i int) {
+				events := make([]schemas.Event, 100)
+				mu.Lock()
+				for j := range events {
+					n := i*100 + j
+					e := schemas.Event{ID: "e" + strconv.Itoa(n%30000), Tenant: "t" + strconv.Itoa(n%7), Meter: "api_calls",
+						Value: int64(n%5 + 1), Time: t0.Add(time.Duration(n%7200) * time.Second)}
+					if k := e.Tenant + "/" + e.ID; !seen[k] {
+						seen[k] = true
+						want[e.Tenant] += e.Value
+					}
+					events[j] = e
+				}
+				published++
+				mu.Unlock()
+				data, err := schemas.EncodeBatch(&schemas.Batch{ID: fmt.Sprintf("z%d", i), Collector: "test", SealedAt: t0, Events: events})
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				msg := &nats.Msg{Subject: schemas.UsageSubject(i % 16), Data: data, Header: nats.Header{}}
+				msg.Header.Set(schemas.HeaderContentType, schemas.BatchContentType)
+				if _, err := b.js.PublishMsg(t.Context(), msg, jetstream.WithMsgID(fmt.Sprintf("z%d", i))); err != nil {
+					t.Error(err)
+				}
+			}
+			loadCtx, stopLoad := context.WithCancel(t.Context())
+			loadDone := make(chan struct{})
+			go func() {
+				defer close(loadDone)
+				for i := 0; loadCtx.Err() == nil; i++ {
+					publish(i)
+					time.Sleep(10 * time.Millisecond)
+				}
+			}()
+			defer func() { stopLoad(); <-loadDone }()
+
+			start := func() *killProc {
+				addr := "127.0.0.1:" + strconv.Itoa(killFreePort(t))
+				return startKillProc(t, bin, addr, append([]string{"aggregator", "--nats-url", b.URL(), "--nats-replicas", "1",
+					"--listen", addr, "--log-format", "text", "--insecure", "--fetch-batch", "5", "--fetch-wait", "20ms",
+					"--ack-wait", "2s", "--lease-duration", leaseDuration.String()}, storeFlag...)...)
+			}
+			waitFor := func(what string, within time.Duration, cond func() bool) time.Duration {
+				t.Helper()
+				begin := time.Now()
+				for !cond() {
+					if time.Since(begin) > within {
+						t.Fatalf("%s: not within %s", what, within)
+					}
+					time.Sleep(10 * time.Millisecond)
+				}
+				return time.Since(begin)
+			}
+			const leases, committed = "meterd_aggregator_writer_leases", "meterd_aggregator_batches_committed_total"
+			a := start()
+			waitFor("a holds the lease and commits", 20*time.Second, func() bool {
+				return a.metric(t, leases) == 1 && a.metric(t, committed) >= 10
+			})
+			s := start()
+			time.Sleep(leaseDuration + time.Second)
+			if s.metric(t, leases) != 0 || s.metric(t, committed) != 0 {
+				t.Fatalf("the second aggregator wrote beside the first: lease %v, %v batches committed", s.metric(t, leases), s.metric(t, committed))
+			}
+			if err := a.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+				t.Fatal(err)
+			}
+			takeover := waitFor("the standby takes over", 4*leaseDuration, func() bool { return s.metric(t, leases) == 1 })
+			if takeover > leaseDuration+time.Second {
+				t.Errorf("the standby took over %s after the holder froze, want within the lease %s and a poll", takeover, leaseDuration)
+			}
+			base := s.metric(t, committed)
+			waitFor("the new holder commits", 20*time.Second, func() bool { return s.metric(t, committed) >= base+10 })
+			if err := a.cmd.Process.Signal(syscall.SIGCONT); err != nil {
+				t.Fatal(err)
+			}
+			waitFor("the zombie stands down", 10*time.Second, func() bool {
+				return a.metric(t, leases) == 0 && a.metric(t, "meterd_aggregator_lease_lost_total") == 1
+			})
+			if !strings.Contains(a.log.String(), "lost the writer lease") {
+				t.Error("the zombie did not log the lost lease")
+			}
+			time.Sleep(2 * time.Second) // load goes on beside the zombie
+			stopLoad()
+			<-loadDone
+			cons, err := b.js.Consumer(t.Context(), schemas.UsageStream, aggregator.DefaultDurable)
+			if err != nil {
+				t.Fatal(err)
+			}
+			waitFor("the consumer drains", 60*time.Second, func() bool {
+				info, err := cons.Info(t.Context())
+				return err == nil && info.NumPending == 0 && info.NumAckPending == 0
+			})
+			if a.metric(t, leases) != 0 || s.metric(t, leases) != 1 {
+				t.Errorf("leases at the end: zombie %v, new holder %v", a.metric(t, leases), s.metric(t, leases))
+			}
+			for _, p := range []*killProc{a, s} {
+				if d := p.metric(t, "meterd_aggregator_dead_lettered_total"); d != 0 {
+					t.Errorf("%v batches dead-lettered", d)
+				}
+				if err := p.terminate(); err != nil {
+					t.Errorf("SIGTERM: %v", err)
+				}
+			}
+			store := open()
+			defer store.Close()
+			ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+			defer cancel()
+			mu.Lock()
+			defer mu.Unlock()
+			for tenant, v := range want {
+				got, err := store.Total(ctx, tenant, "api_calls", t0, t0.Add(3*time.Hour))
+				if err != nil {
+					t.Fatal(err)
+				}
+				if got != v {
+					t.Errorf("%s: total %d, want %d", tenant, got, v)
+				}
+			}
+			if n, err := store.Reconcile(ctx, t0, t0.Add(3*time.Hour)); err != nil || n != 0 {
+				t.Errorf("rollups differ from raw events: %d rows (%v)", n, err)
+			}
+			t.Logf("%d batches; standby took over %s after SIGSTOP", published, takeover.Round(10*time.Millisecond))
 		})
 	}
 }

@@ -22,6 +22,7 @@ import (
 	"github.com/meterd/meterd/internal/billing"
 	"github.com/meterd/meterd/internal/broker"
 	"github.com/meterd/meterd/internal/config"
+	"github.com/meterd/meterd/internal/lease"
 	"github.com/meterd/meterd/internal/redact"
 )
 
@@ -64,7 +65,7 @@ func runAggregator(ctx context.Context, args []string, stdout, stderr io.Writer)
 	if err != nil {
 		return err
 	}
-	if err := a.addAggregator(nc, store, f.Aggregator, f.Collector.Partitions); err != nil {
+	if err := a.addAggregator(ctx, nc, store, f.Aggregator, f.Collector.Partitions, max(f.NATS.Replicas, 1)); err != nil {
 		return err
 	}
 	// Billing periods of the reports: the config file's catalog with the
@@ -101,6 +102,8 @@ func aggregatorFlags(fs *flag.FlagSet, c *config.Aggregator) {
 		strconv.Itoa(aggregator.CatchUpFactor)+" × fetch-batch; fetch-batch or less: off)")
 	fs.DurationVar(&c.FetchWait, "fetch-wait", or(c.FetchWait, aggregator.DefaultFetchWait), "longest wait to fill a flush")
 	fs.DurationVar(&c.AckWait, "ack-wait", or(c.AckWait, aggregator.DefaultAckWait), "JetStream redelivery timer")
+	fs.DurationVar(&c.LeaseDuration, "lease-duration", or(c.LeaseDuration, lease.DefaultDuration),
+		"writer lease: a second aggregator of the same durable stands by and replaces one that stopped renewing within this; every store write must end within 4/5 of it (at least 1s)")
 }
 
 // ensureStreams declares METERD_USAGE and METERD_DLQ.
@@ -136,17 +139,35 @@ func (a *app) openStore(ctx context.Context, c config.Aggregator) (aggregator.St
 	return store, nil
 }
 
-// addAggregator adds the consumer writing into store.
-func (a *app) addAggregator(nc *nats.Conn, store aggregator.Store, c config.Aggregator, partitions int) error {
-	agg, err := aggregator.New(aggregator.Config{
+// addAggregator adds the consumer writing into store. With leaseReplicas > 0
+// it consumes only while it holds the writer lease of its durable (in a
+// bucket of that many replicas); 0 runs it without a lease, for meterd dev,
+// whose embedded NATS and store make it the only writer by construction.
+func (a *app) addAggregator(ctx context.Context, nc *nats.Conn, store aggregator.Store, c config.Aggregator, partitions, leaseReplicas int) error {
+	cfg := aggregator.Config{
 		NATS: nc, Store: store, Durable: c.Durable, Partitions: partitions,
 		FetchBatch: c.FetchBatch, CatchUpBatch: c.CatchUpBatch, FetchWait: c.FetchWait, AckWait: c.AckWait,
 		Logger: a.log, Registerer: a.reg,
-	})
+	}
+	if leaseReplicas > 0 {
+		js, err := jetstream.New(nc)
+		if err != nil {
+			return err
+		}
+		// One lease for all partitions of the durable's consumer; sharing
+		// partitions between aggregators will take one per partition.
+		l, err := lease.New(ctx, lease.Config{JS: js, Replicas: leaseReplicas, Key: "aggregator." + or(c.Durable, aggregator.DefaultDurable) + ".all",
+			Duration: c.LeaseDuration, Logger: a.log.With("component", "aggregator")})
+		if err != nil {
+			return err
+		}
+		cfg.Lease = l
+	}
+	agg, err := aggregator.New(cfg)
 	if err != nil {
 		return err
 	}
-	rec, err := aggregator.NewReconciler(aggregator.ReconcilerConfig{Store: store, Logger: a.log, Registerer: a.reg})
+	rec, err := aggregator.NewReconciler(aggregator.ReconcilerConfig{Store: agg.Writer(), Logger: a.log, Registerer: a.reg})
 	if err != nil {
 		return err
 	}

@@ -101,7 +101,7 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	if err != nil {
 		return err
 	}
-	if err := a.addAggregator(nc, store, f.Aggregator, f.Collector.Partitions); err != nil {
+	if err := a.addAggregator(ctx, nc, store, f.Aggregator, f.Collector.Partitions, 0); err != nil {
 		return err
 	}
 	f.NATS.Replicas = 1

@@ -78,6 +78,9 @@ type Aggregator struct {
 	CatchUpBatch int           `yaml:"catch_up_batch"`
 	FetchWait    time.Duration `yaml:"fetch_wait"`
 	AckWait      time.Duration `yaml:"ack_wait"`
+	// LeaseDuration is the writer lease's duration: the longest a standby
+	// aggregator waits before replacing a holder that stopped renewing.
+	LeaseDuration time.Duration `yaml:"lease_duration"`
 }
 
 // Enforcer holds the enforcer's settings; its store is the aggregator's.
