@@ -113,10 +113,15 @@ func (s *statusRecorder) WriteHeader(code int) {
 		return
 	}
 	s.wrote = true
-	// The mux answers only 404 and 405 to a request no pattern matches.
 	t, detail := schemas.ProblemNotFound, "no such endpoint"
 	if code == http.StatusMethodNotAllowed {
 		t, detail = schemas.ProblemMethodNotAllowed, "method not allowed; see the Allow header"
+	} else {
+		// The mux also redirects an unclean path (//x, /a/../b) that,
+		// cleaned, matches nothing either, and answers 400 to a request
+		// for *: both are no endpoint, so 404 not-found, without the
+		// redirect's Location.
+		s.ResponseWriter.Header().Del("Location")
 	}
 	schemas.NewProblem(t, detail).Write(s.ResponseWriter)
 }
