@@ -60,7 +60,7 @@ func (c *Collector) handleCheck(w http.ResponseWriter, r *http.Request) {
 	if !c.cfg.KnownTenant(tenant) {
 		if c.cfg.UnknownTenantPolicy == gate.Deny {
 			c.metrics.check[checkUnknownDenied].Inc()
-			schemas.NewProblem(http.StatusForbidden, "unknown-tenant",
+			schemas.NewProblem(schemas.ProblemUnknownTenant,
 				fmt.Sprintf("tenant %q has no plan; ask the API provider to set one up", tenant)).Write(w)
 			return
 		}
@@ -85,12 +85,12 @@ func (c *Collector) checkTenant(r *http.Request) (string, *schemas.Problem) {
 		return principal.Tenant, nil
 	}
 	if err != nil && r.Header.Get(c.cfg.TenantHeader) == "" {
-		return "", schemas.NewProblem(http.StatusUnauthorized, "unauthorized",
+		return "", schemas.NewProblem(schemas.ProblemUnauthorized,
 			"send the caller's API key, or the tenant in the "+c.cfg.TenantHeader+" header")
 	}
 	tenant := r.Header.Get(c.cfg.TenantHeader)
 	if !schemas.ValidTenant(tenant) {
-		return "", schemas.NewProblem(http.StatusBadRequest, "bad-tenant",
+		return "", schemas.NewProblem(schemas.ProblemInvalidTenant,
 			c.cfg.TenantHeader+" must be "+schemas.TenantGrammar)
 	}
 	return tenant, nil
@@ -102,14 +102,14 @@ func (c *Collector) recordCheck(r *http.Request, tenant string) *schemas.Problem
 	e := schemas.Event{Tenant: tenant, Meter: DefaultMeter, Value: 1, Time: c.cfg.Now().UTC()}
 	if m := r.Header.Get(DefaultMeterHeader); m != "" {
 		if !schemas.ValidMeter(m) {
-			return schemas.NewProblem(http.StatusBadRequest, "bad-meter", DefaultMeterHeader+" must match "+schemas.MeterGrammar)
+			return schemas.NewProblem(schemas.ProblemInvalidMeter, DefaultMeterHeader+" must match "+schemas.MeterGrammar)
 		}
 		e.Meter = m
 	}
 	if v := r.Header.Get(DefaultValueHeader); v != "" {
 		n, err := strconv.ParseInt(v, 10, 64)
 		if err != nil || n < 0 || n > schemas.MaxValue {
-			return schemas.NewProblem(http.StatusBadRequest, "bad-value",
+			return schemas.NewProblem(schemas.ProblemInvalidValue,
 				DefaultValueHeader+" must be an integer from 0 to "+strconv.Itoa(schemas.MaxValue))
 		}
 		e.Value = n
@@ -121,7 +121,7 @@ func (c *Collector) recordCheck(r *http.Request, tenant string) *schemas.Problem
 		c.metrics.rejected.WithLabelValues(rejectSpoolFull).Inc()
 		return nil
 	} else if err != nil {
-		return schemas.NewProblem(http.StatusServiceUnavailable, "unavailable", "the collector is shutting down")
+		return schemas.NewProblem(schemas.ProblemUnavailable, "the collector is shutting down")
 	}
 	c.metrics.accepted.Inc()
 	return nil

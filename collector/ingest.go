@@ -97,14 +97,14 @@ func (c *Collector) readBody(w http.ResponseWriter, r *http.Request, dst []byte)
 		zr, err := gzip.NewReader(in)
 		if err != nil {
 			c.metrics.rejected.WithLabelValues(rejectMalformed).Inc()
-			return dst, res.release, schemas.NewProblem(http.StatusBadRequest, "malformed-body", "the body is not valid gzip: "+err.Error())
+			return dst, res.release, schemas.NewProblem(schemas.ProblemMalformedBody, "the body is not valid gzip: "+err.Error())
 		}
 		defer zr.Close()
 		// One byte over the limit tells a too-large body from a full one.
 		in = io.LimitReader(zr, limit+1)
 	default:
 		c.metrics.rejected.WithLabelValues(rejectMediaType).Inc()
-		return dst, res.release, schemas.NewProblem(http.StatusUnsupportedMediaType, "unsupported-content-encoding",
+		return dst, res.release, schemas.NewProblem(schemas.ProblemUnsupportedContentEncoding,
 			fmt.Sprintf("Content-Encoding %q is not supported; send identity or gzip", enc))
 	}
 	body, err := readAll(dst, &budgetReader{r: in, res: res}, size)
@@ -117,11 +117,11 @@ func (c *Collector) readBody(w http.ResponseWriter, r *http.Request, dst []byte)
 			return body, res.release, c.overloaded(w)
 		case errors.Is(err, os.ErrDeadlineExceeded):
 			c.metrics.rejected.WithLabelValues(rejectMalformed).Inc()
-			return body, res.release, schemas.NewProblem(http.StatusRequestTimeout, "body-timeout",
+			return body, res.release, schemas.NewProblem(schemas.ProblemBodyTimeout,
 				"the body was not received in time; send it faster or in smaller requests")
 		}
 		c.metrics.rejected.WithLabelValues(rejectMalformed).Inc()
-		return body, res.release, schemas.NewProblem(http.StatusBadRequest, "malformed-body", "reading the body failed: "+err.Error())
+		return body, res.release, schemas.NewProblem(schemas.ProblemMalformedBody, "reading the body failed: "+err.Error())
 	}
 	if int64(len(body)) > limit {
 		return body, res.release, c.tooLarge()
@@ -169,14 +169,14 @@ func discardBody(w http.ResponseWriter, r *http.Request, limit int64) {
 func (c *Collector) overloaded(w http.ResponseWriter) *schemas.Problem {
 	c.metrics.rejected.WithLabelValues(rejectOverloaded).Inc()
 	w.Header().Set("Retry-After", strconv.Itoa(OverloadedRetryAfterSec))
-	return schemas.NewProblem(http.StatusServiceUnavailable, "overloaded",
+	return schemas.NewProblem(schemas.ProblemOverloaded,
 		fmt.Sprintf("the request bodies in flight hold the collector's bound of %d bytes; retry the same events after Retry-After",
 			c.cfg.MaxInflightBodyBytes))
 }
 
 func (c *Collector) tooLarge() *schemas.Problem {
 	c.metrics.rejected.WithLabelValues(rejectTooLarge).Inc()
-	return schemas.NewProblem(http.StatusRequestEntityTooLarge, "body-too-large",
+	return schemas.NewProblem(schemas.ProblemBodyTooLarge,
 		fmt.Sprintf("the body exceeds %d bytes; split the events over several requests", c.cfg.MaxBodyBytes))
 }
 
@@ -185,19 +185,19 @@ func (c *Collector) decodeProblem(err error) *schemas.Problem {
 	switch {
 	case errors.Is(err, schemas.ErrUnsupportedMediaType):
 		c.metrics.rejected.WithLabelValues(rejectMediaType).Inc()
-		return schemas.NewProblem(http.StatusUnsupportedMediaType, "unsupported-media-type",
+		return schemas.NewProblem(schemas.ProblemUnsupportedMediaType,
 			strings.TrimPrefix(err.Error(), "schemas: ")+"; send application/json, application/x-ndjson, "+
 				"application/cloudevents+json, application/cloudevents-batch+json, or a binary-mode CloudEvent "+
 				"(ce-* headers) with application/json data")
 	case errors.As(err, &syn):
 		c.metrics.rejected.WithLabelValues(rejectMalformed).Inc()
-		return schemas.NewProblem(http.StatusBadRequest, "malformed-body", syn.Msg)
+		return schemas.NewProblem(schemas.ProblemMalformedBody, syn.Msg)
 	case errors.Is(err, schemas.ErrNoEvents):
 		c.metrics.rejected.WithLabelValues(rejectMalformed).Inc()
-		return schemas.NewProblem(http.StatusBadRequest, "no-events", "the body holds no events")
+		return schemas.NewProblem(schemas.ProblemNoEvents, "the body holds no events")
 	default:
 		c.metrics.rejected.WithLabelValues(rejectMalformed).Inc()
-		return schemas.NewProblem(http.StatusBadRequest, "malformed-body", err.Error())
+		return schemas.NewProblem(schemas.ProblemMalformedBody, err.Error())
 	}
 }
 
@@ -217,7 +217,7 @@ func (c *Collector) admit(principal auth.Principal, d schemas.Decoded) ([]schema
 				e.Tenant = principal.Tenant
 			} else if e.Tenant != principal.Tenant {
 				c.metrics.rejected.WithLabelValues(rejectForbidden).Add(float64(len(d.Events)))
-				return nil, 0, schemas.NewProblem(http.StatusForbidden, "forbidden-tenant",
+				return nil, 0, schemas.NewProblem(schemas.ProblemForbiddenTenant,
 					fmt.Sprintf("event %d is for tenant %q but the API key belongs to tenant %q", i, e.Tenant, principal.Tenant))
 			}
 		}
@@ -238,7 +238,7 @@ func (c *Collector) admit(principal auth.Principal, d schemas.Decoded) ([]schema
 	if len(errs) > 0 {
 		c.metrics.rejected.WithLabelValues(rejectInvalid).Add(float64(len(d.Events)))
 		slices.SortStableFunc(errs, func(a, b schemas.FieldError) int { return a.Index - b.Index })
-		p := schemas.NewProblem(http.StatusUnprocessableEntity, "invalid-events",
+		p := schemas.NewProblem(schemas.ProblemInvalidEvents,
 			strconv.Itoa(countIndexes(errs))+" of "+strconv.Itoa(len(d.Events))+" events are invalid; nothing of this request was accepted")
 		p.Errors = errs
 		return nil, 0, p
@@ -292,12 +292,12 @@ func (c *Collector) deliveryProblem(w http.ResponseWriter, err error) {
 	switch {
 	case errors.As(err, &tooLarge):
 		c.metrics.rejected.WithLabelValues(rejectTooLarge).Inc()
-		schemas.NewProblem(http.StatusRequestEntityTooLarge, "event-too-large",
+		schemas.NewProblem(schemas.ProblemEventTooLarge,
 			tooLarge.Error()+"; make it smaller (nothing of this request was accepted)").Write(w)
 	case errors.Is(err, ErrSpoolFull):
 		c.metrics.rejected.WithLabelValues(rejectSpoolFull).Inc()
 		w.Header().Set("Retry-After", strconv.Itoa(DefaultSpoolRetryAfterSec))
-		schemas.NewProblem(http.StatusTooManyRequests, "spool-full",
+		schemas.NewProblem(schemas.ProblemSpoolFull,
 			"NATS is unreachable and the local spool is full; retry the same events later").Write(w)
 	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
 		// The client is gone; its events are still delivered.
@@ -305,7 +305,7 @@ func (c *Collector) deliveryProblem(w http.ResponseWriter, err error) {
 		c.metrics.rejected.WithLabelValues(rejectUnavailable).Inc()
 		c.log.Error("events not made durable", "err", err)
 		w.Header().Set("Retry-After", "1")
-		schemas.NewProblem(http.StatusServiceUnavailable, "unavailable",
+		schemas.NewProblem(schemas.ProblemUnavailable,
 			"the events could not be made durable; retry the same events").Write(w)
 	}
 }

@@ -59,7 +59,7 @@ func (e *Enforcer) admin(w http.ResponseWriter, r *http.Request) bool {
 		return false
 	}
 	if !p.Admin {
-		schemas.NewProblem(http.StatusForbidden, "forbidden", "this endpoint needs an admin API key").Write(w)
+		schemas.NewProblem(schemas.ProblemForbidden, "this endpoint needs an admin API key").Write(w)
 		return false
 	}
 	return true
@@ -69,7 +69,7 @@ func (e *Enforcer) admin(w http.ResponseWriter, r *http.Request) bool {
 func tenantName(w http.ResponseWriter, r *http.Request) (string, bool) {
 	name := r.PathValue("tenant")
 	if !schemas.ValidTenant(name) {
-		schemas.NewProblem(http.StatusBadRequest, "invalid-tenant", "the tenant name must be "+schemas.TenantGrammar).Write(w)
+		schemas.NewProblem(schemas.ProblemInvalidTenant, "the tenant name must be "+schemas.TenantGrammar).Write(w)
 		return "", false
 	}
 	return name, true
@@ -85,7 +85,7 @@ func (e *Enforcer) handleGetTenant(w http.ResponseWriter, r *http.Request) {
 	}
 	v, ok := e.view(name)
 	if !ok {
-		schemas.NewProblem(http.StatusNotFound, "unknown-tenant", "no tenant "+name+" in the catalog").Write(w)
+		schemas.NewProblem(schemas.ProblemTenantNotFound, "no tenant "+name+" in the catalog").Write(w)
 		return
 	}
 	writeJSON(w, http.StatusOK, v)
@@ -145,7 +145,7 @@ func (e *Enforcer) handlePutTenant(w http.ResponseWriter, r *http.Request) {
 	_, dropped := mergeCatalog(e.fileCat, specs, name)
 	e.mu.Unlock()
 	if fes := dropped[name]; fes != nil {
-		p := schemas.NewProblem(http.StatusUnprocessableEntity, "invalid-tenant", fes[0].Error())
+		p := schemas.NewProblem(schemas.ProblemInvalidTenantSettings, fes[0].Error())
 		for _, fe := range fes {
 			p.Errors = append(p.Errors, schemas.FieldError{Field: fe.Field, Message: fe.Message})
 		}
@@ -154,7 +154,7 @@ func (e *Enforcer) handlePutTenant(w http.ResponseWriter, r *http.Request) {
 	}
 	data, err := json.Marshal(spec)
 	if err != nil {
-		schemas.NewProblem(http.StatusInternalServerError, "internal", err.Error()).Write(w)
+		schemas.NewProblem(schemas.ProblemInternal, err.Error()).Write(w)
 		return
 	}
 	rev, err := b.tenants.Put(r.Context(), name, data)
@@ -198,7 +198,7 @@ func decodeSpec(w http.ResponseWriter, r *http.Request) (tenantSpec, bool) {
 	var spec tenantSpec
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxTenantBody))
 	if err != nil {
-		schemas.NewProblem(http.StatusRequestEntityTooLarge, "too-large", "the body exceeds 64 KiB").Write(w)
+		schemas.NewProblem(schemas.ProblemBodyTooLarge, "the body exceeds 64 KiB").Write(w)
 		return spec, false
 	}
 	dec := json.NewDecoder(bytes.NewReader(body))
@@ -210,7 +210,7 @@ func decodeSpec(w http.ResponseWriter, r *http.Request) (tenantSpec, bool) {
 	if err == nil {
 		return spec, true
 	}
-	p := schemas.NewProblem(http.StatusBadRequest, "malformed", "the body must be a JSON object with plan, billing_anchor, billing_url, customer_id, status, overrides: "+err.Error())
+	p := schemas.NewProblem(schemas.ProblemMalformedBody, "the body must be a JSON object with plan, billing_anchor, billing_url, customer_id, status, overrides: "+err.Error())
 	var typeErr *json.UnmarshalTypeError
 	switch {
 	case errors.As(err, &typeErr):
@@ -240,7 +240,7 @@ func (e *Enforcer) handleDeleteTenant(w http.ResponseWriter, r *http.Request) {
 	_, has := e.specs[name]
 	e.mu.Unlock()
 	if !has {
-		schemas.NewProblem(http.StatusNotFound, "unknown-tenant", "no admin API changes for tenant "+name).Write(w)
+		schemas.NewProblem(schemas.ProblemTenantNotFound, "no admin API changes for tenant "+name).Write(w)
 		return
 	}
 	if err := b.tenants.Delete(r.Context(), name); err != nil {
@@ -305,5 +305,5 @@ func etagMatch(header, etag string) bool {
 
 func unavailable(w http.ResponseWriter, detail string) {
 	w.Header().Set("Retry-After", "5")
-	schemas.NewProblem(http.StatusServiceUnavailable, "unavailable", detail).Write(w)
+	schemas.NewProblem(schemas.ProblemUnavailable, detail).Write(w)
 }

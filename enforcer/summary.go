@@ -98,14 +98,14 @@ func (e *Enforcer) handleSummary(w http.ResponseWriter, r *http.Request) {
 	}
 	if !p.Admin {
 		if tenant != "" && tenant != p.Tenant {
-			schemas.NewProblem(http.StatusForbidden, "forbidden", "this API key may read only its own tenant's usage").Write(w)
+			schemas.NewProblem(schemas.ProblemForbidden, "this API key may read only its own tenant's usage").Write(w)
 			return
 		}
 		tenant = p.Tenant
 	}
 	s := e.Summary(tenant)
 	if tenant != "" && len(s.Tenants) == 0 && p.Admin {
-		schemas.NewProblem(http.StatusNotFound, "unknown-tenant", "no tenant "+tenant+" in the catalog").Write(w)
+		schemas.NewProblem(schemas.ProblemTenantNotFound, "no tenant "+tenant+" in the catalog").Write(w)
 		return
 	}
 	writeJSON(w, http.StatusOK, s)

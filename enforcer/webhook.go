@@ -333,7 +333,7 @@ func (r *billingRecord) statuses() []string {
 func (e *Enforcer) handleWebhook(w http.ResponseWriter, r *http.Request) {
 	if e.cfg.WebhookSecret == "" {
 		e.m.webhooks.WithLabelValues(webhookDisabled).Inc()
-		schemas.NewProblem(http.StatusNotFound, "not-found", "the billing webhook is disabled: no webhook secret is configured").Write(w)
+		schemas.NewProblem(schemas.ProblemNotFound, "the billing webhook is disabled: no webhook secret is configured").Write(w)
 		return
 	}
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxWebhookBody))
@@ -341,23 +341,23 @@ func (e *Enforcer) handleWebhook(w http.ResponseWriter, r *http.Request) {
 		e.m.webhooks.WithLabelValues(webhookMalformed).Inc()
 		var tooLarge *http.MaxBytesError
 		if errors.As(err, &tooLarge) {
-			schemas.NewProblem(http.StatusRequestEntityTooLarge, "too-large", "the webhook body exceeds 1 MiB").Write(w)
+			schemas.NewProblem(schemas.ProblemBodyTooLarge, "the webhook body exceeds 1 MiB").Write(w)
 			return
 		}
-		schemas.NewProblem(http.StatusBadRequest, "malformed", "reading the body: "+err.Error()).Write(w)
+		schemas.NewProblem(schemas.ProblemMalformedBody, "reading the body: "+err.Error()).Write(w)
 		return
 	}
 	if err := VerifySignature(r.Header.Get(StripeSignatureHeader), body, e.cfg.WebhookSecret, e.now(), e.cfg.WebhookTolerance); err != nil {
 		e.m.webhooks.WithLabelValues(webhookInvalidSignature).Inc()
 		e.log.Warn("billing webhook refused", "err", err, "remote", r.RemoteAddr)
-		schemas.NewProblem(http.StatusBadRequest, "invalid-signature", "invalid signature: "+strings.TrimPrefix(err.Error(), "enforcer: ")).Write(w)
+		schemas.NewProblem(schemas.ProblemInvalidSignature, "invalid signature: "+strings.TrimPrefix(err.Error(), "enforcer: ")).Write(w)
 		return
 	}
 	ev, eff, known, err := decodeEvent(body)
 	switch {
 	case err != nil:
 		e.m.webhooks.WithLabelValues(webhookMalformed).Inc()
-		schemas.NewProblem(http.StatusBadRequest, "malformed", err.Error()).Write(w)
+		schemas.NewProblem(schemas.ProblemMalformedBody, err.Error()).Write(w)
 		return
 	case !known:
 		e.m.webhooks.WithLabelValues(webhookIgnored).Inc()
@@ -471,7 +471,7 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	enc := json.NewEncoder(&buf)
 	enc.SetEscapeHTML(false)
 	if err := enc.Encode(v); err != nil {
-		schemas.NewProblem(http.StatusInternalServerError, "internal", "encoding the answer failed").Write(w)
+		schemas.NewProblem(schemas.ProblemInternal, "encoding the answer failed").Write(w)
 		return
 	}
 	w.Header().Set("Content-Type", "application/json")

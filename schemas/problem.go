@@ -1,7 +1,9 @@
 package schemas
 
 import (
+	"bytes"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -30,10 +32,13 @@ type Problem struct {
 	*Block
 }
 
-// Block is the machine-readable part of a 402 answer.
+// Block is the machine-readable part of a 402 answer, and the reason of
+// the gate's stale 503.
 type Block struct {
-	Reason     Reason     `json:"reason"`
-	Tenant     string     `json:"tenant"`
+	Reason Reason `json:"reason"`
+	// Tenant is left out only by the gate's stale block (503), which is
+	// for no tenant in particular; every 402 names its tenant.
+	Tenant     string     `json:"tenant,omitempty"`
 	Meter      string     `json:"meter,omitempty"`
 	Limit      *int64     `json:"limit,omitempty"`
 	Used       *int64     `json:"used,omitempty"`
@@ -90,15 +95,16 @@ func NewInvalidParams(bad []InvalidParam) *Problem {
 	for i, b := range bad {
 		parts[i] = b.Name + ": " + b.Reason
 	}
-	p := NewProblem(http.StatusBadRequest, "invalid-parameter", "invalid parameters: "+strings.Join(parts, "; "))
+	p := NewProblem(ProblemInvalidParameter, "invalid parameters: "+strings.Join(parts, "; "))
 	p.InvalidParams = bad
 	return p
 }
 
-// NewProblem returns a problem of type ProblemBase+slug with the status's text
-// as title.
-func NewProblem(status int, slug, detail string) *Problem {
-	return &Problem{Type: ProblemBase + slug, Title: http.StatusText(status), Status: status, Detail: detail}
+// NewProblem returns a problem of type t: its URI, title and status from
+// the table of problem types, and detail, the sentence a person reads.
+func NewProblem(t ProblemType, detail string) *Problem {
+	info := t.info()
+	return &Problem{Type: ProblemBase + info.slug, Title: info.title, Status: info.status, Detail: detail}
 }
 
 // Write sends p as the response with Content-Type application/problem+json.
@@ -108,12 +114,32 @@ func (p *Problem) Write(w http.ResponseWriter) {
 	if err != nil { // cannot happen for these field types; keep the status anyway
 		body = []byte(`{"title":"` + http.StatusText(p.Status) + `"}`)
 	}
+	// A known length lets the client read the whole answer while the
+	// handler still runs (the collector discards an unread body after it).
+	w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+	WriteRendered(w, p.Status, body)
+}
+
+// Render encodes p once, for an answer sent many times (the gate's 402s):
+// without HTML escaping, so billing URLs stay readable in the body.
+func (p *Problem) Render() ([]byte, error) {
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(p); err != nil {
+		return nil, fmt.Errorf("encode problem: %w", err)
+	}
+	return bytes.TrimSuffix(buf.Bytes(), []byte("\n")), nil
+}
+
+// WriteRendered sends body, a problem Render or Write encoded, with status
+// and the problem headers. Headers the caller set on w are kept. It
+// allocates nothing beyond what setting two headers costs, so a gate can
+// answer a prerendered 402 on its hot path.
+func WriteRendered(w http.ResponseWriter, status int, body []byte) {
 	h := w.Header()
 	h.Set("Content-Type", MediaProblem)
 	h.Set("X-Content-Type-Options", "nosniff")
-	// A known length lets the client read the whole answer while the
-	// handler still runs (the collector discards an unread body after it).
-	h.Set("Content-Length", strconv.Itoa(len(body)))
-	w.WriteHeader(p.Status)
+	w.WriteHeader(status)
 	w.Write(body)
 }

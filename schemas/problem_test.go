@@ -25,7 +25,7 @@ func problemBody(t *testing.T, body []byte) map[string]any {
 func TestProblemWrite402(t *testing.T) {
 	limit, used := int64(1000), int64(1004)
 	end := time.Date(2026, 12, 1, 0, 0, 0, 0, time.UTC)
-	p := NewProblem(402, "quota-exceeded", "acme used 1004 of 1000 api_calls in the period ending 2026-12-01T00:00:00Z; upgrade the plan or wait for the next period.")
+	p := NewProblem(ProblemQuotaExceeded, "acme used 1004 of 1000 api_calls in the period ending 2026-12-01T00:00:00Z; upgrade the plan or wait for the next period.")
 	p.Block = &Block{Reason: ReasonQuotaExceeded, Tenant: "acme", Meter: "api_calls", Limit: &limit, Used: &used,
 		PeriodEnd: &end, BillingURL: "https://billing.example.com/acme"}
 	rec := httptest.NewRecorder()
@@ -67,16 +67,18 @@ func TestProblemWrite402Unpaid(t *testing.T) {
 		want  map[string]any
 	}{
 		{&Block{Reason: ReasonPaymentOverdue, Tenant: "acme", BillingURL: "https://billing.example.com/acme"},
-			map[string]any{"reason": "payment_overdue", "tenant": "acme", "billing_url": "https://billing.example.com/acme"}},
+			map[string]any{"type": "https://meterd.dev/problems/payment-overdue", "reason": "payment_overdue", "tenant": "acme", "billing_url": "https://billing.example.com/acme"}},
 		{&Block{Reason: ReasonQuotaExceeded, Tenant: "acme", Meter: "tokens", Limit: &zero, Used: &zero},
-			map[string]any{"reason": "quota_exceeded", "tenant": "acme", "meter": "tokens", "limit": json.Number("0"), "used": json.Number("0")}},
+			map[string]any{"type": "https://meterd.dev/problems/quota-exceeded", "reason": "quota_exceeded", "tenant": "acme", "meter": "tokens", "limit": json.Number("0"), "used": json.Number("0")}},
 	} {
-		p := NewProblem(402, "payment-required", "")
+		// A block's problem type is its reason's: payment-required is no
+		// type of meterd's.
+		typ, _ := ReasonProblem(tc.block.Reason)
+		p := NewProblem(typ, "")
 		p.Block = tc.block
 		rec := httptest.NewRecorder()
 		p.Write(rec)
 		got := problemBody(t, rec.Body.Bytes())
-		tc.want["type"] = "https://meterd.dev/problems/payment-required"
 		tc.want["title"] = "Payment Required"
 		tc.want["status"] = json.Number("402")
 		if !reflect.DeepEqual(got, tc.want) {
@@ -86,7 +88,7 @@ func TestProblemWrite402Unpaid(t *testing.T) {
 }
 
 func TestProblemWrite422(t *testing.T) {
-	p := NewProblem(422, "invalid-events", "2 events are invalid; nothing of the request was kept")
+	p := NewProblem(ProblemInvalidEvents, "2 events are invalid; nothing of the request was kept")
 	p.Errors = []FieldError{{Index: 0, Field: "meter", Message: "is required"}, {Index: 2, Field: "value", Message: "must be a non-negative integer"}}
 	rec := httptest.NewRecorder()
 	p.Write(rec)
@@ -115,7 +117,7 @@ func TestProblemWrite422(t *testing.T) {
 
 func TestProblemWriteMinimal(t *testing.T) {
 	rec := httptest.NewRecorder()
-	NewProblem(415, "unsupported-media-type", "").Write(rec)
+	NewProblem(ProblemUnsupportedMediaType, "").Write(rec)
 	want := map[string]any{"type": "https://meterd.dev/problems/unsupported-media-type", "title": "Unsupported Media Type", "status": json.Number("415")}
 	if got := problemBody(t, rec.Body.Bytes()); rec.Code != 415 || !reflect.DeepEqual(got, want) {
 		t.Errorf("%d %v", rec.Code, got)

@@ -291,7 +291,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if !p.MayActFor(q.Tenant) {
-		schemas.NewProblem(http.StatusForbidden, "forbidden", "this API key may read only its own tenant's usage").Write(w)
+		schemas.NewProblem(schemas.ProblemForbidden, "this API key may read only its own tenant's usage").Write(w)
 		return
 	}
 	h.stream(w, r.Context(), q, catalog)
@@ -347,7 +347,7 @@ func (h *Handler) stream(w http.ResponseWriter, ctx context.Context, q Query, ca
 		return // the client went away
 	}
 	h.log.Error("usage report failed", "err", err, "tenant", q.Tenant)
-	schemas.NewProblem(http.StatusServiceUnavailable, "store-unavailable", "the usage store could not answer; retry").Write(w)
+	schemas.NewProblem(schemas.ProblemStoreUnavailable, "the usage store could not answer; retry").Write(w)
 }
 
 // lazyWriter sets the headers and the 200 status on the first write.

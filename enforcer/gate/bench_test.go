@@ -3,6 +3,7 @@ package gate
 import (
 	"fmt"
 	"log/slog"
+	"net/http"
 	"testing"
 	"time"
 )
@@ -84,4 +85,28 @@ func BenchmarkCheckParallel(b *testing.B) {
 			b.Errorf("%d of %d checks blocked, want %d", blocked, i, (i+1)/2)
 		}
 	})
+}
+
+// discardWriter is a ResponseWriter that keeps only its headers, so a
+// benchmark measures the answer rather than a recorder.
+type discardWriter struct{ h http.Header }
+
+func (w *discardWriter) Header() http.Header         { return w.h }
+func (w *discardWriter) Write(b []byte) (int, error) { return len(b), nil }
+func (w *discardWriter) WriteHeader(int)             {}
+
+// BenchmarkCheckAnswer402 is what a gateway's handler does after Check
+// blocked: write the prerendered 402 with its Retry-After and Link.
+func BenchmarkCheckAnswer402(b *testing.B) {
+	blk, err := newBlock(quota("acme", 42))
+	if err != nil {
+		b.Fatal(err)
+	}
+	w := &discardWriter{h: http.Header{}}
+	now := periodEnd.Add(-734400 * time.Second)
+	b.ReportAllocs()
+	for b.Loop() {
+		clear(w.h)
+		blk.Write(w, now)
+	}
 }

@@ -1,7 +1,6 @@
 package gate
 
 import (
-	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -79,24 +78,13 @@ func (b *Block) RetryAfter(now time.Time) (seconds int64, ok bool) {
 // Problem. It is the answer of docs/architecture.md#http-apis; headers the caller set are kept.
 func (b *Block) Write(w http.ResponseWriter, now time.Time) {
 	h := w.Header()
-	h.Set("Content-Type", schemas.MediaProblem)
-	h.Set("X-Content-Type-Options", "nosniff")
 	if s, ok := b.RetryAfter(now); ok {
 		h.Set("Retry-After", strconv.FormatInt(s, 10))
 	}
 	if b.Link != "" {
 		h.Add("Link", b.Link)
 	}
-	w.WriteHeader(b.Status)
-	w.Write(b.Problem)
-}
-
-// problemSlug is the problem type (after schemas.ProblemBase) of each reason.
-var problemSlug = map[schemas.Reason]string{
-	schemas.ReasonQuotaExceeded:         "quota-exceeded",
-	schemas.ReasonPaymentOverdue:        "payment-overdue",
-	schemas.ReasonPaymentMethodRequired: "payment-method-required",
-	schemas.ReasonSuspended:             "suspended",
+	schemas.WriteRendered(w, b.Status, b.Problem)
 }
 
 // decodeDecision decodes and checks the value of a tenant's key. A value
@@ -114,7 +102,7 @@ func decodeDecision(key string, value []byte) (schemas.Decision, error) {
 	if d.Tenant != key {
 		return d, fmt.Errorf("decision for tenant %q under key %q", d.Tenant, key)
 	}
-	if _, ok := problemSlug[d.Reason]; !ok {
+	if _, ok := schemas.ReasonProblem(d.Reason); !ok {
 		return d, fmt.Errorf("unknown reason %q", d.Reason)
 	}
 	if d.Limit < 0 || d.Used < 0 {
@@ -150,7 +138,8 @@ func checkBillingURL(s string) error {
 // newBlock renders the answer to a decision decodeDecision accepted. It
 // fails only for times JSON cannot hold (a period end past year 9999 in UTC).
 func newBlock(d schemas.Decision) (*Block, error) {
-	p := schemas.NewProblem(http.StatusPaymentRequired, problemSlug[d.Reason], Detail(d))
+	t, _ := schemas.ReasonProblem(d.Reason) // decodeDecision checked the reason
+	p := schemas.NewProblem(t, Detail(d))
 	p.Block = &schemas.Block{Reason: d.Reason, Tenant: d.Tenant, Meter: d.Meter, BillingURL: d.BillingURL}
 	if d.Reason == schemas.ReasonQuotaExceeded {
 		p.Block.Limit, p.Block.Used = &d.Limit, &d.Used
@@ -159,11 +148,11 @@ func newBlock(d schemas.Decision) (*Block, error) {
 		end := d.PeriodEnd.UTC()
 		p.Block.PeriodEnd = &end
 	}
-	body, err := encode(p)
+	body, err := p.Render()
 	if err != nil {
 		return nil, err
 	}
-	b := &Block{Decision: d, Status: http.StatusPaymentRequired, Problem: body}
+	b := &Block{Decision: d, Status: p.Status, Problem: body}
 	if d.BillingURL != "" {
 		b.Link = "<" + d.BillingURL + `>; rel="payment"`
 	}
@@ -199,35 +188,13 @@ func Detail(d schemas.Decision) string {
 // tenants it holds no decision for: 503, because the gate does not know
 // whether the tenant owes anything.
 func newStaleBlock(staleAfter time.Duration) *Block {
-	p := struct {
-		Type   string         `json:"type"`
-		Title  string         `json:"title"`
-		Status int            `json:"status"`
-		Detail string         `json:"detail"`
-		Reason schemas.Reason `json:"reason"`
-	}{
-		Type:   schemas.ProblemBase + "blocklist-stale",
-		Title:  http.StatusText(http.StatusServiceUnavailable),
-		Status: http.StatusServiceUnavailable,
-		Detail: fmt.Sprintf("the blocklist has had no update from the enforcer for more than %s; "+
-			"requests are denied until it is current again.", staleAfter),
-		Reason: ReasonStale,
-	}
-	body, _ := encode(p) // strings and an int always encode
+	p := schemas.NewProblem(schemas.ProblemBlocklistStale,
+		fmt.Sprintf("the blocklist has had no update from the enforcer for more than %s; "+
+			"requests are denied until it is current again.", staleAfter))
+	p.Block = &schemas.Block{Reason: ReasonStale}
+	body, _ := p.Render() // strings and an int always encode
 	// StaleAfter spans a few heartbeats: once the enforcer is back, the gate
 	// is current again within about a third of it.
 	retry := max(int64((staleAfter/3+time.Second-1)/time.Second), 1)
-	return &Block{Decision: schemas.Decision{Reason: ReasonStale}, Status: http.StatusServiceUnavailable, Problem: body, staleRetryAfter: retry}
-}
-
-// encode marshals a problem without HTML escaping, so billing URLs stay
-// readable in the body.
-func encode(v any) ([]byte, error) {
-	var buf bytes.Buffer
-	enc := json.NewEncoder(&buf)
-	enc.SetEscapeHTML(false)
-	if err := enc.Encode(v); err != nil {
-		return nil, fmt.Errorf("encode problem: %w", err)
-	}
-	return bytes.TrimSuffix(buf.Bytes(), []byte("\n")), nil
+	return &Block{Decision: schemas.Decision{Reason: ReasonStale}, Status: p.Status, Problem: body, staleRetryAfter: retry}
 }

@@ -111,7 +111,7 @@ func Unauthorized(w http.ResponseWriter, err error) {
 
 // Problem returns the 401 problem for an Authenticate error.
 func Problem(err error) *schemas.Problem {
-	p := schemas.NewProblem(http.StatusUnauthorized, "unauthorized",
+	p := schemas.NewProblem(schemas.ProblemUnauthorized,
 		"send a valid API key as Authorization: Bearer <key> or X-API-Key")
 	if errors.Is(err, ErrBadKey) {
 		p.Detail = "the API key is not known"

@@ -76,7 +76,7 @@ func NewMux(reg *prometheus.Registry, checks map[string]ReadyFunc) *http.ServeMu
 			}
 		}
 		if !ready {
-			p := schemas.NewProblem(http.StatusServiceUnavailable, "not-ready", "not ready")
+			p := schemas.NewProblem(schemas.ProblemNotReady, "not ready")
 			body, _ := json.Marshal(status)
 			p.Detail = "not ready: " + string(body)
 			p.Write(w)
@@ -113,11 +113,17 @@ func (s *statusRecorder) WriteHeader(code int) {
 		return
 	}
 	s.wrote = true
-	slug, detail := "not-found", "no such endpoint"
+	t, detail := schemas.ProblemNotFound, "no such endpoint"
 	if code == http.StatusMethodNotAllowed {
-		slug, detail = "method-not-allowed", "method not allowed; see the Allow header"
+		t, detail = schemas.ProblemMethodNotAllowed, "method not allowed; see the Allow header"
+	} else {
+		// The mux also redirects an unclean path (//x, /a/../b) that,
+		// cleaned, matches nothing either, and answers 400 to a request
+		// for *: both are no endpoint, so 404 not-found, without the
+		// redirect's Location.
+		s.ResponseWriter.Header().Del("Location")
 	}
-	schemas.NewProblem(code, slug, detail).Write(s.ResponseWriter)
+	schemas.NewProblem(t, detail).Write(s.ResponseWriter)
 }
 
 func (s *statusRecorder) Write(b []byte) (int, error) {
