@@ -152,7 +152,9 @@ func TestAggregatorSQLiteWriteLocked(t *testing.T) {
 	l := startLoad(t, env, "lock")
 	waitFor(t, func() bool { return metric(t, env.reg, "meterd_aggregator_batches_committed_total") >= 10 }, "nothing committed before the lock")
 
-	other, err := sql.Open("sqlite", path)
+	// The aggregator writes all the while: wait for its transaction to end
+	// instead of failing on SQLITE_BUSY ourselves.
+	other, err := sql.Open("sqlite", path+"?_pragma=busy_timeout(30000)")
 	if err != nil {
 		t.Fatal(err)
 	}
