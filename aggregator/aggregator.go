@@ -65,6 +65,7 @@ type Config struct {
 	// StallAfter: /readyz fails when messages are pending and nothing was
 	// committed for this long (default 1m).
 	StallAfter time.Duration
+	// Logger receives the aggregator's logs; nil discards them.
 	Logger     *slog.Logger
 	Registerer prometheus.Registerer
 }
@@ -100,7 +101,7 @@ func (c *Config) Validate() error {
 		c.StallAfter = DefaultStallAfter
 	}
 	if c.Logger == nil {
-		c.Logger = slog.Default()
+		c.Logger = slog.New(slog.DiscardHandler)
 	}
 	if c.Registerer == nil {
 		c.Registerer = prometheus.NewRegistry()

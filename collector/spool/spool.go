@@ -93,7 +93,7 @@ type Config struct {
 	// 0 means 64 MiB. A batch is never split across files, so a segment may
 	// exceed it by at most one batch.
 	SegmentBytes int64
-	// Logger receives recovery reports. nil means slog.Default(); the spool
+	// Logger receives recovery reports. nil discards them; the spool
 	// adds the attribute component=spool.
 	Logger *slog.Logger
 }
@@ -190,7 +190,7 @@ func Open(cfg Config) (*Spool, error) {
 	}
 	logger := cfg.Logger
 	if logger == nil {
-		logger = slog.Default()
+		logger = slog.New(slog.DiscardHandler)
 	}
 	s := &Spool{
 		cfg: cfg,
