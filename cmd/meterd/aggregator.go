@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"flag"
@@ -17,6 +18,7 @@ import (
 	"github.com/meterd/meterd/aggregator/clickhouse"
 	"github.com/meterd/meterd/aggregator/report"
 	"github.com/meterd/meterd/aggregator/sqlite"
+	"github.com/meterd/meterd/cmd/meterd/internal/cli"
 	"github.com/meterd/meterd/enforcer"
 	"github.com/meterd/meterd/internal/auth"
 	"github.com/meterd/meterd/internal/billing"
@@ -37,7 +39,7 @@ func runAggregator(ctx context.Context, args []string, stdout, stderr io.Writer)
 	aggregatorFlags(fs, &f.Aggregator)
 	keysFlag(fs, s)
 	fs.BoolVar(&s.insecure, "insecure", false, "run without API keys (usage reports are open)")
-	if err := parse(fs, args); err != nil {
+	if err := cli.Parse(fs, args); err != nil {
 		return err
 	}
 	if err := needStore(f.Aggregator); err != nil {
@@ -81,26 +83,26 @@ func runAggregator(ctx context.Context, args []string, stdout, stderr io.Writer)
 
 // storeFlags define the store of the aggregator and the enforcer.
 func storeFlags(fs *flag.FlagSet, c *config.Aggregator) {
-	secretVar(fs, &c.ClickHouse, "clickhouse", c.ClickHouse, "ClickHouse `DSN` of the store, clickhouse://user:pass@host:9000/meterd", redact.Userinfo)
+	cli.SecretVar(fs, &c.ClickHouse, "clickhouse", c.ClickHouse, "ClickHouse `DSN` of the store, clickhouse://user:pass@host:9000/meterd", redact.Userinfo)
 	fs.StringVar(&c.SQLitePath, "sqlite-path", c.SQLitePath, "file of the embedded store, used when no ClickHouse DSN is set")
 }
 
 // needStore fails when no store is configured.
 func needStore(c config.Aggregator) error {
 	if c.ClickHouse == "" && c.SQLitePath == "" {
-		return usageError{errors.New("set --clickhouse DSN (or --sqlite-path FILE for the embedded store)")}
+		return cli.Mistake(errors.New("set --clickhouse DSN (or --sqlite-path FILE for the embedded store)"))
 	}
 	return nil
 }
 
 func aggregatorFlags(fs *flag.FlagSet, c *config.Aggregator) {
 	storeFlags(fs, c)
-	fs.StringVar(&c.Durable, "durable", or(c.Durable, aggregator.DefaultDurable), "name of the durable JetStream consumer")
-	fs.IntVar(&c.FetchBatch, "fetch-batch", or(c.FetchBatch, aggregator.DefaultFetchBatch), "batches written per store flush")
+	fs.StringVar(&c.Durable, "durable", cmp.Or(c.Durable, aggregator.DefaultDurable), "name of the durable JetStream consumer")
+	fs.IntVar(&c.FetchBatch, "fetch-batch", cmp.Or(c.FetchBatch, aggregator.DefaultFetchBatch), "batches written per store flush")
 	fs.IntVar(&c.CatchUpBatch, "catch-up-batch", c.CatchUpBatch, "batches written per store flush while at least that many wait (default: "+
 		strconv.Itoa(aggregator.CatchUpFactor)+" × fetch-batch; fetch-batch or less: off)")
-	fs.DurationVar(&c.FetchWait, "fetch-wait", or(c.FetchWait, aggregator.DefaultFetchWait), "longest wait to fill a flush")
-	fs.DurationVar(&c.AckWait, "ack-wait", or(c.AckWait, aggregator.DefaultAckWait), "JetStream redelivery timer")
+	fs.DurationVar(&c.FetchWait, "fetch-wait", cmp.Or(c.FetchWait, aggregator.DefaultFetchWait), "longest wait to fill a flush")
+	fs.DurationVar(&c.AckWait, "ack-wait", cmp.Or(c.AckWait, aggregator.DefaultAckWait), "JetStream redelivery timer")
 }
 
 // ensureStreams declares METERD_USAGE and METERD_DLQ.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"io"
 
+	"github.com/meterd/meterd/cmd/meterd/internal/cli"
 	"github.com/meterd/meterd/enforcer"
 )
 
@@ -19,7 +20,7 @@ func runCollector(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	collectorFlags(fs, &f.Collector, "./meterd-spool")
 	keysFlag(fs, s)
 	fs.BoolVar(&s.insecure, "insecure", false, "run without API keys (every request acts as admin)")
-	if err := parse(fs, args); err != nil {
+	if err := cli.Parse(fs, args); err != nil {
 		return err
 	}
 	log, err := s.logger(stderr)

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"io"
@@ -12,6 +13,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/meterd/meterd/cmd/meterd/internal/cli"
 	"github.com/meterd/meterd/enforcer"
 	"github.com/meterd/meterd/internal/billing"
 	"github.com/meterd/meterd/internal/broker"
@@ -30,13 +32,13 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	var dataDir, natsListen string
 	fs.StringVar(&dataDir, "data-dir", "./meterd-data", "directory for the embedded JetStream store and the spool")
 	fs.StringVar(&natsListen, "nats-listen", "", "also serve the embedded NATS on host:port (default: in-process only)")
-	secretVar(fs, &f.Aggregator.ClickHouse, "clickhouse", f.Aggregator.ClickHouse, "ClickHouse `DSN` for the store (default: the embedded store)", redact.Userinfo)
+	cli.SecretVar(fs, &f.Aggregator.ClickHouse, "clickhouse", f.Aggregator.ClickHouse, "ClickHouse `DSN` for the store (default: the embedded store)", redact.Userinfo)
 	streamFlags(fs, &f.NATS)
 	collectorFlags(fs, &f.Collector, "")
 	enforcerFlags(fs, &f.Enforcer)
 	keysFlag(fs, s)
 	s.logFormat = "text"
-	if err := parse(fs, args); err != nil {
+	if err := cli.Parse(fs, args); err != nil {
 		return err
 	}
 	if f.Collector.SpoolDir == "" {
@@ -53,11 +55,11 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	if natsListen != "" {
 		host, port, err := net.SplitHostPort(natsListen)
 		if err != nil {
-			return usageError{fmt.Errorf("--nats-listen: %w", err)}
+			return cli.Mistakef("--nats-listen: %w", err)
 		}
 		emb.Host = host
 		if _, err := fmt.Sscan(port, &emb.Port); err != nil {
-			return usageError{fmt.Errorf("--nats-listen: bad port %q", port)}
+			return cli.Mistakef("--nats-listen: bad port %q", port)
 		}
 	} else {
 		emb.DontListen = true
@@ -96,7 +98,7 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	if err := a.addCollector(nc, f.Collector, keys, func() *billing.Catalog { return enf.Catalog() }); err != nil {
 		return err
 	}
-	f.Aggregator.SQLitePath = or(f.Aggregator.SQLitePath, filepath.Join(dataDir, "meterd.db"))
+	f.Aggregator.SQLitePath = cmp.Or(f.Aggregator.SQLitePath, filepath.Join(dataDir, "meterd.db"))
 	store, err := a.openStore(ctx, f.Aggregator)
 	if err != nil {
 		return err
@@ -114,7 +116,7 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	}
 	return a.serve(ctx, s, func(addr string) {
 		log.Info("meterd dev ready", "addr", "http://"+addr, "data_dir", dataDir,
-			"nats", or(natsListen, "in-process"), "startup", time.Since(start).Round(time.Millisecond))
+			"nats", cmp.Or(natsListen, "in-process"), "startup", time.Since(start).Round(time.Millisecond))
 		fmt.Fprintf(stdout, "meterd dev listening on http://%s\n", addr)
 	})
 }

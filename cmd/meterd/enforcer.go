@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"flag"
 	"io"
@@ -12,6 +13,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/meterd/meterd/aggregator"
+	"github.com/meterd/meterd/cmd/meterd/internal/cli"
 	"github.com/meterd/meterd/enforcer"
 	"github.com/meterd/meterd/internal/auth"
 	"github.com/meterd/meterd/internal/config"
@@ -30,7 +32,7 @@ func runEnforcer(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	enforcerFlags(fs, &f.Enforcer)
 	keysFlag(fs, s)
 	fs.BoolVar(&s.insecure, "insecure", false, "run without API keys (the admin API is open)")
-	if err := parse(fs, args); err != nil {
+	if err := cli.Parse(fs, args); err != nil {
 		return err
 	}
 	if err := needStore(f.Aggregator); err != nil {
@@ -63,11 +65,11 @@ func runEnforcer(ctx context.Context, args []string, stdout, stderr io.Writer) e
 }
 
 func enforcerFlags(fs *flag.FlagSet, c *config.Enforcer) {
-	secretVar(fs, &c.WebhookSecret, "webhook-secret", c.WebhookSecret, "Stripe signing `secret` (whsec_…) of POST /v1/billing/webhook; empty disables it", masked)
-	fs.DurationVar(&c.WebhookTolerance, "webhook-tolerance", or(c.WebhookTolerance, enforcer.DefaultWebhookTolerance), "oldest accepted webhook signature")
-	fs.StringVar(&c.BlockOn, "block-on", or(c.BlockOn, strings.Join(enforcer.DefaultBlockOn, ",")), "billing statuses that block a tenant, comma separated")
-	secretVar(fs, &c.NotifyURLs, "notify-urls", c.NotifyURLs, "`URLs` that receive signed notifications, comma separated", origins)
-	secretVar(fs, &c.NotifySecret, "notify-secret", c.NotifySecret, "`secret` signing the notifications (Meterd-Signature)", masked)
+	cli.SecretVar(fs, &c.WebhookSecret, "webhook-secret", c.WebhookSecret, "Stripe signing `secret` (whsec_…) of POST /v1/billing/webhook; empty disables it", masked)
+	fs.DurationVar(&c.WebhookTolerance, "webhook-tolerance", cmp.Or(c.WebhookTolerance, enforcer.DefaultWebhookTolerance), "oldest accepted webhook signature")
+	fs.StringVar(&c.BlockOn, "block-on", cmp.Or(c.BlockOn, strings.Join(enforcer.DefaultBlockOn, ",")), "billing statuses that block a tenant, comma separated")
+	cli.SecretVar(fs, &c.NotifyURLs, "notify-urls", c.NotifyURLs, "`URLs` that receive signed notifications, comma separated", origins)
+	cli.SecretVar(fs, &c.NotifySecret, "notify-secret", c.NotifySecret, "`secret` signing the notifications (Meterd-Signature)", masked)
 	fs.DurationVar(&c.HeartbeatEvery, "heartbeat-every", c.HeartbeatEvery, "period of the blocklist heartbeat (default 5s)")
 	fs.DurationVar(&c.ReconcileEvery, "reconcile-every", c.ReconcileEvery, "period of recomputing usage from the store (default 1m)")
 }

@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/meterd/meterd/cmd/meterd/internal/cli"
 )
 
 // The keys of --api-keys-file (set through METERD_API_KEYS_FILE, as the
@@ -33,7 +35,7 @@ func TestAPIKeysFile(t *testing.T) {
 			t.Fatal(err)
 		}
 		keysFlag(fs, s)
-		if err := parse(fs, args); err != nil {
+		if err := cli.Parse(fs, args); err != nil {
 			t.Fatal(err)
 		}
 		return s
@@ -92,7 +94,7 @@ func TestNATSReplicas(t *testing.T) {
 			t.Fatal(err)
 		}
 		natsFlags(fs, &s.file.NATS)
-		if err := parse(fs, nil); err != nil {
+		if err := cli.Parse(fs, nil); err != nil {
 			t.Fatal(err)
 		}
 		if s.file.NATS.Replicas != tc.want {
