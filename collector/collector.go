@@ -42,7 +42,7 @@ const (
 	DefaultPublishWorkers     = 8
 	DefaultPublishRetry       = 2 * time.Second
 	DefaultPublishTimeout     = 5 * time.Second
-	DefaultSpoolMaxBytes      = 1 << 30
+	DefaultSpoolMaxBytes      = spool.DefaultMaxBytes
 	DefaultSpoolRetryAfterSec = 5
 	// OverloadedRetryAfterSec is the Retry-After of a request shed because
 	// the bodies in flight hold MaxInflightBodyBytes: they finish in

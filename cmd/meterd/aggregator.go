@@ -20,7 +20,6 @@ import (
 	"github.com/meterd/meterd/aggregator/sqlite"
 	"github.com/meterd/meterd/cmd/meterd/internal/cli"
 	"github.com/meterd/meterd/enforcer"
-	"github.com/meterd/meterd/internal/auth"
 	"github.com/meterd/meterd/internal/billing"
 	"github.com/meterd/meterd/internal/broker"
 	"github.com/meterd/meterd/internal/config"
@@ -36,24 +35,14 @@ func runAggregator(ctx context.Context, args []string, stdout, stderr io.Writer)
 	f := s.file
 	natsFlags(fs, &f.NATS)
 	streamFlags(fs, &f.NATS)
+	storeFlags(fs, s)
 	aggregatorFlags(fs, &f.Aggregator)
 	keysFlag(fs, s)
 	fs.BoolVar(&s.insecure, "insecure", false, "run without API keys (usage reports are open)")
-	if err := cli.Parse(fs, args); err != nil {
-		return err
-	}
-	if err := needStore(f.Aggregator); err != nil {
-		return err
-	}
-	log, err := s.logger(stderr)
+	a, err := s.start(fs, args, stderr)
 	if err != nil {
 		return err
 	}
-	keys, err := s.keys(log, false)
-	if err != nil {
-		return err
-	}
-	a := newApp(log)
 	defer a.close()
 	nc, err := a.connect(f.NATS)
 	if err != nil {
@@ -71,18 +60,19 @@ func runAggregator(ctx context.Context, args []string, stdout, stderr io.Writer)
 	}
 	// Billing periods of the reports: the config file's catalog with the
 	// enforcer's admin API changes merged, as the enforcer decides by.
-	catalog := enforcer.NewCatalogWatcher(nc, f.Catalog, log)
+	catalog := enforcer.NewCatalogWatcher(nc, f.Catalog, a.log)
 	a.workers = append(a.workers, catalog)
-	if err := a.addReports(store, keys, catalog.Catalog); err != nil {
+	if err := a.addReports(store, catalog.Catalog); err != nil {
 		return err
 	}
-	return a.serve(ctx, s, func(addr string) {
-		log.Info("aggregator listening", "addr", addr, "nats", nc.ConnectedUrlRedacted())
-	})
+	return a.run(ctx)
 }
 
-// storeFlags define the store of the aggregator and the enforcer.
-func storeFlags(fs *flag.FlagSet, c *config.Aggregator) {
+// storeFlags define the store of the aggregator and the enforcer, which
+// one of them must name.
+func storeFlags(fs *flag.FlagSet, s *settings) {
+	c := &s.file.Aggregator
+	s.checks = append(s.checks, func() error { return needStore(*c) })
 	cli.SecretVar(fs, &c.ClickHouse, "clickhouse", c.ClickHouse, "ClickHouse `DSN` of the store, clickhouse://user:pass@host:9000/meterd", redact.Userinfo)
 	fs.StringVar(&c.SQLitePath, "sqlite-path", c.SQLitePath, "file of the embedded store, used when no ClickHouse DSN is set")
 }
@@ -96,7 +86,6 @@ func needStore(c config.Aggregator) error {
 }
 
 func aggregatorFlags(fs *flag.FlagSet, c *config.Aggregator) {
-	storeFlags(fs, c)
 	fs.StringVar(&c.Durable, "durable", cmp.Or(c.Durable, aggregator.DefaultDurable), "name of the durable JetStream consumer")
 	fs.IntVar(&c.FetchBatch, "fetch-batch", cmp.Or(c.FetchBatch, aggregator.DefaultFetchBatch), "batches written per store flush")
 	fs.IntVar(&c.CatchUpBatch, "catch-up-batch", c.CatchUpBatch, "batches written per store flush while at least that many wait (default: "+
@@ -162,8 +151,8 @@ func (a *app) addAggregator(nc *nats.Conn, store aggregator.Store, c config.Aggr
 }
 
 // addReports serves GET /v1/usage from store.
-func (a *app) addReports(store aggregator.Store, keys *auth.Keys, catalog func() *billing.Catalog) error {
-	h, err := report.New(report.Config{Store: store, Keys: keys, Catalog: catalog, Logger: a.log})
+func (a *app) addReports(store aggregator.Store, catalog func() *billing.Catalog) error {
+	h, err := report.New(report.Config{Store: store, Keys: a.keys, Catalog: catalog, Logger: a.log})
 	if err != nil {
 		return err
 	}

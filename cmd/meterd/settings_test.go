@@ -43,7 +43,7 @@ func TestAPIKeysFile(t *testing.T) {
 
 	t.Setenv("METERD_API_KEYS_FILE", secret)
 	s := build(t, "--config", cfg)
-	keys, err := s.keys(log, false)
+	keys, err := s.keys(log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -66,14 +66,14 @@ func TestAPIKeysFile(t *testing.T) {
 	// The same key in both files is a mistake, as within one file.
 	t.Setenv("METERD_API_KEYS_FILE", write("dup.yaml", "api_keys:\n  - {key: config-file-admin-key, admin: true}\n"))
 	s = build(t, "--config", cfg)
-	if _, err := s.keys(log, false); err == nil || !strings.Contains(err.Error(), "listed twice") {
+	if _, err := s.keys(log); err == nil || !strings.Contains(err.Error(), "listed twice") {
 		t.Errorf("a key listed in both files: %v", err)
 	}
 
 	// A missing file fails the start instead of running without its keys.
 	t.Setenv("METERD_API_KEYS_FILE", filepath.Join(dir, "missing.yaml"))
 	s = build(t)
-	if _, err := s.keys(log, false); err == nil || !strings.Contains(err.Error(), "missing.yaml") {
+	if _, err := s.keys(log); err == nil || !strings.Contains(err.Error(), "missing.yaml") {
 		t.Errorf("a missing keys file: %v", err)
 	}
 }

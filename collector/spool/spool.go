@@ -39,7 +39,8 @@ import (
 )
 
 const (
-	defaultMaxBytes     = 1 << 30
+	// DefaultMaxBytes is the bound of a spool whose Config.MaxBytes is 0.
+	DefaultMaxBytes     = 1 << 30
 	defaultSegmentBytes = 64 << 20
 
 	headerSize = 16 // length, crc, seq
@@ -183,7 +184,7 @@ func Open(cfg Config) (*Spool, error) {
 		return nil, err
 	}
 	if cfg.MaxBytes == 0 {
-		cfg.MaxBytes = defaultMaxBytes
+		cfg.MaxBytes = DefaultMaxBytes
 	}
 	if cfg.SegmentBytes == 0 {
 		cfg.SegmentBytes = defaultSegmentBytes

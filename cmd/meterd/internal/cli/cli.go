@@ -16,6 +16,10 @@ import (
 	"github.com/meterd/meterd/internal/redact"
 )
 
+// DevAddr is where `meterd dev` listens unless told otherwise, and so where
+// the client commands look for meterd.
+const DevAddr = "127.0.0.1:8080"
+
 // UsageError is a mistake on the command line or in the configuration: the
 // command exits with 2 instead of 1.
 type UsageError struct{ Err error }

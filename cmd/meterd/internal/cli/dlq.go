@@ -69,7 +69,7 @@ func DLQ(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.SetOutput(stderr)
 	fs.Usage = func() { fmt.Fprint(fs.Output(), dlqHelp); fs.PrintDefaults() }
 	NATSConnFlags(fs, &c.nats)
-	fs.StringVar(&c.format, "format", "table", "output: table (for people), csv or json (for scripts)")
+	formatFlag(fs, &c.format)
 	fs.DurationVar(&c.timeout, "timeout", 30*time.Second, "give up after this long")
 	var maxArgs int
 	switch verb {

@@ -18,6 +18,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/meterd/meterd/aggregator/report"
 	"github.com/meterd/meterd/enforcer"
 	"github.com/meterd/meterd/schemas"
 )
@@ -43,9 +44,9 @@ type clientFlags struct {
 }
 
 func (c *clientFlags) flags(fs *flag.FlagSet) {
-	fs.StringVar(&c.URL, "url", "http://127.0.0.1:8080", "base URL of meterd (dev, or the aggregator for reports and the enforcer for the summary)")
+	fs.StringVar(&c.URL, "url", "http://"+DevAddr, "base URL of meterd (dev, or the aggregator for reports and the enforcer for the summary)")
 	fs.StringVar(&c.APIKey, "api-key", "", "API key: a tenant key reads its own tenant, an admin key every tenant")
-	fs.StringVar(&c.format, "format", "table", "output: table (for people), csv or json (for scripts)")
+	formatFlag(fs, &c.format)
 	fs.DurationVar(&c.timeout, "timeout", time.Minute, "give up after this long")
 }
 
@@ -64,7 +65,7 @@ func Usage(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.StringVar(&q.meter, "meter", "", "only this meter")
 	fs.StringVar(&q.from, "from", "", "start, RFC 3339 (default: the start of the current month; of the current period for --window period; of today for --window hour)")
 	fs.StringVar(&q.to, "to", "", "end, exclusive, RFC 3339 (default: now)")
-	fs.StringVar(&q.window, "window", "day", "hour, day, month or period (each tenant's billing periods)")
+	fs.StringVar(&q.window, "window", report.WindowDay, "hour, day, month or period (each tenant's billing periods)")
 	fs.StringVar(&q.groupBy, "group-by", "", "dimensions to split rows by, comma separated")
 	if err := Parse(fs, args); err != nil {
 		return err
@@ -255,11 +256,16 @@ func (c *clientFlags) check() error {
 	}
 	u, err := url.Parse(c.URL)
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return Mistakef("--url must be an http(s) URL such as http://127.0.0.1:8080, not %q", c.URL)
+		return Mistakef("--url must be an http(s) URL such as http://%s, not %q", DevAddr, c.URL)
 	}
 	c.URL = strings.TrimRight(c.URL, "/")
 	c.HTTP = &http.Client{Timeout: c.timeout}
 	return nil
+}
+
+// formatFlag defines --format, the output of a client command.
+func formatFlag(fs *flag.FlagSet, p *string) {
+	fs.StringVar(p, "format", "table", "output: table (for people), csv or json (for scripts)")
 }
 
 // checkFormat accepts the values of --format.
