@@ -221,8 +221,8 @@ func (s *settings) keys(log *slog.Logger) (*auth.Keys, error) {
 
 // start is the start-up every serving subcommand shares: it parses args
 // into fs, runs the checks, and builds the logger, the API keys and the app
-// the subcommand adds its components to. The caller closes the app; run
-// does.
+// the subcommand adds its components to. The caller must close the app;
+// run closes it when it returns.
 func (s *settings) start(fs *flag.FlagSet, args []string, stderr io.Writer) (*app, error) {
 	if err := cli.Parse(fs, args); err != nil {
 		return nil, err
