@@ -97,7 +97,8 @@ type Config struct {
 	// aggregator writes: it consumes only while holding it (see the package
 	// documentation). Without a lease the aggregator assumes it is the only
 	// writer.
-	Lease      Lease
+	Lease Lease
+	// Logger receives the aggregator's logs; nil discards them.
 	Logger     *slog.Logger
 	Registerer prometheus.Registerer
 }
@@ -133,7 +134,7 @@ func (c *Config) Validate() error {
 		c.StallAfter = DefaultStallAfter
 	}
 	if c.Logger == nil {
-		c.Logger = slog.Default()
+		c.Logger = slog.New(slog.DiscardHandler)
 	}
 	if c.Registerer == nil {
 		c.Registerer = prometheus.NewRegistry()

@@ -19,8 +19,9 @@ type ReconcilerConfig struct {
 	Every time.Duration
 	// Settle is how long after an hour closes it is first verified, so that
 	// batches in flight land first (default 5m).
-	Settle     time.Duration
-	Now        func() time.Time
+	Settle time.Duration
+	Now    func() time.Time
+	// Logger receives the reconciler's logs; nil discards them.
 	Logger     *slog.Logger
 	Registerer prometheus.Registerer
 }
@@ -54,7 +55,7 @@ func NewReconciler(cfg ReconcilerConfig) (*Reconciler, error) {
 		cfg.Now = time.Now
 	}
 	if cfg.Logger == nil {
-		cfg.Logger = slog.Default()
+		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	if cfg.Registerer == nil {
 		cfg.Registerer = prometheus.NewRegistry()

@@ -61,7 +61,7 @@ func NewTrimmer(cfg TrimmerConfig) (*Trimmer, error) {
 		cfg.Every = DefaultTrimEvery
 	}
 	if cfg.Logger == nil {
-		cfg.Logger = slog.Default()
+		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	if cfg.Registerer == nil {
 		cfg.Registerer = prometheus.NewRegistry()

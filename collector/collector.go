@@ -42,7 +42,7 @@ const (
 	DefaultPublishWorkers     = 8
 	DefaultPublishRetry       = 2 * time.Second
 	DefaultPublishTimeout     = 5 * time.Second
-	DefaultSpoolMaxBytes      = 1 << 30
+	DefaultSpoolMaxBytes      = spool.DefaultMaxBytes
 	DefaultSpoolRetryAfterSec = 5
 	// OverloadedRetryAfterSec is the Retry-After of a request shed because
 	// the bodies in flight hold MaxInflightBodyBytes: they finish in
@@ -111,7 +111,7 @@ type Config struct {
 	MaxEventAge time.Duration
 	// Now is the clock (default time.Now).
 	Now func() time.Time
-	// Logger (default slog.Default()).
+	// Logger receives the collector's logs; nil discards them.
 	Logger *slog.Logger
 	// Registerer receives the collector's metrics (default: none kept).
 	Registerer prometheus.Registerer
@@ -166,7 +166,7 @@ func (c *Config) Validate() error {
 		c.KnownTenant = func(string) bool { return true }
 	}
 	if c.Logger == nil {
-		c.Logger = slog.Default()
+		c.Logger = slog.New(slog.DiscardHandler)
 	}
 	if c.Registerer == nil {
 		c.Registerer = prometheus.NewRegistry()

@@ -169,7 +169,8 @@ type Config struct {
 	// production cluster).
 	Replicas int
 	// Now is the clock of periods and decisions (default time.Now).
-	Now        func() time.Time
+	Now func() time.Time
+	// Logger receives the enforcer's logs; nil discards them.
 	Logger     *slog.Logger
 	Registerer prometheus.Registerer
 }
@@ -216,7 +217,7 @@ func (c *Config) Validate() error {
 		c.Now = time.Now
 	}
 	if c.Logger == nil {
-		c.Logger = slog.Default()
+		c.Logger = slog.New(slog.DiscardHandler)
 	}
 	if c.Registerer == nil {
 		c.Registerer = prometheus.NewRegistry()

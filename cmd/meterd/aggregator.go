@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"flag"
@@ -17,8 +18,8 @@ import (
 	"github.com/meterd/meterd/aggregator/clickhouse"
 	"github.com/meterd/meterd/aggregator/report"
 	"github.com/meterd/meterd/aggregator/sqlite"
+	"github.com/meterd/meterd/cmd/meterd/internal/cli"
 	"github.com/meterd/meterd/enforcer"
-	"github.com/meterd/meterd/internal/auth"
 	"github.com/meterd/meterd/internal/billing"
 	"github.com/meterd/meterd/internal/broker"
 	"github.com/meterd/meterd/internal/config"
@@ -35,24 +36,14 @@ func runAggregator(ctx context.Context, args []string, stdout, stderr io.Writer)
 	f := s.file
 	natsFlags(fs, &f.NATS)
 	streamFlags(fs, &f.NATS)
+	storeFlags(fs, s)
 	aggregatorFlags(fs, &f.Aggregator)
 	keysFlag(fs, s)
 	fs.BoolVar(&s.insecure, "insecure", false, "run without API keys (usage reports are open)")
-	if err := parse(fs, args); err != nil {
-		return err
-	}
-	if err := needStore(f.Aggregator); err != nil {
-		return err
-	}
-	log, err := s.logger(stderr)
+	a, err := s.start(fs, args, stderr)
 	if err != nil {
 		return err
 	}
-	keys, err := s.keys(log, false)
-	if err != nil {
-		return err
-	}
-	a := newApp(log)
 	defer a.close()
 	nc, err := a.connect(f.NATS)
 	if err != nil {
@@ -70,39 +61,39 @@ func runAggregator(ctx context.Context, args []string, stdout, stderr io.Writer)
 	}
 	// Billing periods of the reports: the config file's catalog with the
 	// enforcer's admin API changes merged, as the enforcer decides by.
-	catalog := enforcer.NewCatalogWatcher(nc, f.Catalog, log)
+	catalog := enforcer.NewCatalogWatcher(nc, f.Catalog, a.log)
 	a.workers = append(a.workers, catalog)
-	if err := a.addReports(store, keys, catalog.Catalog); err != nil {
+	if err := a.addReports(store, catalog.Catalog); err != nil {
 		return err
 	}
-	return a.serve(ctx, s, func(addr string) {
-		log.Info("aggregator listening", "addr", addr, "nats", nc.ConnectedUrlRedacted())
-	})
+	return a.run(ctx)
 }
 
-// storeFlags define the store of the aggregator and the enforcer.
-func storeFlags(fs *flag.FlagSet, c *config.Aggregator) {
-	secretVar(fs, &c.ClickHouse, "clickhouse", c.ClickHouse, "ClickHouse `DSN` of the store, clickhouse://user:pass@host:9000/meterd", redact.Userinfo)
+// storeFlags define the store of the aggregator and the enforcer, which
+// one of them must name.
+func storeFlags(fs *flag.FlagSet, s *settings) {
+	c := &s.file.Aggregator
+	s.checks = append(s.checks, func() error { return needStore(*c) })
+	cli.SecretVar(fs, &c.ClickHouse, "clickhouse", c.ClickHouse, "ClickHouse `DSN` of the store, clickhouse://user:pass@host:9000/meterd", redact.Userinfo)
 	fs.StringVar(&c.SQLitePath, "sqlite-path", c.SQLitePath, "file of the embedded store, used when no ClickHouse DSN is set")
 }
 
 // needStore fails when no store is configured.
 func needStore(c config.Aggregator) error {
 	if c.ClickHouse == "" && c.SQLitePath == "" {
-		return usageError{errors.New("set --clickhouse DSN (or --sqlite-path FILE for the embedded store)")}
+		return cli.Mistake(errors.New("set --clickhouse DSN (or --sqlite-path FILE for the embedded store)"))
 	}
 	return nil
 }
 
 func aggregatorFlags(fs *flag.FlagSet, c *config.Aggregator) {
-	storeFlags(fs, c)
-	fs.StringVar(&c.Durable, "durable", or(c.Durable, aggregator.DefaultDurable), "name of the durable JetStream consumer")
-	fs.IntVar(&c.FetchBatch, "fetch-batch", or(c.FetchBatch, aggregator.DefaultFetchBatch), "batches written per store flush")
+	fs.StringVar(&c.Durable, "durable", cmp.Or(c.Durable, aggregator.DefaultDurable), "name of the durable JetStream consumer")
+	fs.IntVar(&c.FetchBatch, "fetch-batch", cmp.Or(c.FetchBatch, aggregator.DefaultFetchBatch), "batches written per store flush")
 	fs.IntVar(&c.CatchUpBatch, "catch-up-batch", c.CatchUpBatch, "batches written per store flush while at least that many wait (default: "+
 		strconv.Itoa(aggregator.CatchUpFactor)+" × fetch-batch; fetch-batch or less: off)")
-	fs.DurationVar(&c.FetchWait, "fetch-wait", or(c.FetchWait, aggregator.DefaultFetchWait), "longest wait to fill a flush")
-	fs.DurationVar(&c.AckWait, "ack-wait", or(c.AckWait, aggregator.DefaultAckWait), "JetStream redelivery timer")
-	fs.DurationVar(&c.LeaseDuration, "lease-duration", or(c.LeaseDuration, lease.DefaultDuration),
+	fs.DurationVar(&c.FetchWait, "fetch-wait", cmp.Or(c.FetchWait, aggregator.DefaultFetchWait), "longest wait to fill a flush")
+	fs.DurationVar(&c.AckWait, "ack-wait", cmp.Or(c.AckWait, aggregator.DefaultAckWait), "JetStream redelivery timer")
+	fs.DurationVar(&c.LeaseDuration, "lease-duration", cmp.Or(c.LeaseDuration, lease.DefaultDuration),
 		"writer lease: a second aggregator of the same durable stands by and replaces one that stopped renewing within this; every store write must end within 4/5 of it (at least 1s)")
 }
 
@@ -156,7 +147,7 @@ func (a *app) addAggregator(ctx context.Context, nc *nats.Conn, store aggregator
 		}
 		// One lease for all partitions of the durable's consumer; sharing
 		// partitions between aggregators will take one per partition.
-		l, err := lease.New(ctx, lease.Config{JS: js, Replicas: leaseReplicas, Key: "aggregator." + or(c.Durable, aggregator.DefaultDurable) + ".all",
+		l, err := lease.New(ctx, lease.Config{JS: js, Replicas: leaseReplicas, Key: "aggregator." + cmp.Or(c.Durable, aggregator.DefaultDurable) + ".all",
 			Duration: c.LeaseDuration, Logger: a.log.With("component", "aggregator")})
 		if err != nil {
 			return err
@@ -181,8 +172,8 @@ func (a *app) addAggregator(ctx context.Context, nc *nats.Conn, store aggregator
 }
 
 // addReports serves GET /v1/usage from store.
-func (a *app) addReports(store aggregator.Store, keys *auth.Keys, catalog func() *billing.Catalog) error {
-	h, err := report.New(report.Config{Store: store, Keys: keys, Catalog: catalog, Logger: a.log})
+func (a *app) addReports(store aggregator.Store, catalog func() *billing.Catalog) error {
+	h, err := report.New(report.Config{Store: store, Keys: a.keys, Catalog: catalog, Logger: a.log})
 	if err != nil {
 		return err
 	}

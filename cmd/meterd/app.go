@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"flag"
@@ -17,6 +18,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/meterd/meterd/cmd/meterd/internal/cli"
 	"github.com/meterd/meterd/collector"
 	"github.com/meterd/meterd/enforcer/gate"
 	"github.com/meterd/meterd/internal/auth"
@@ -25,19 +27,25 @@ import (
 	"github.com/meterd/meterd/internal/config"
 	"github.com/meterd/meterd/internal/redact"
 	"github.com/meterd/meterd/internal/serve"
+	"github.com/meterd/meterd/schemas"
 )
 
 // settings are the flags every subcommand shares; file values are their
 // defaults, METERD_* variables override the file, flags override both.
 type settings struct {
+	cmd        string // the subcommand
 	file       *config.File
 	configPath string
 	listen     string
 	logFormat  string
 	logLevel   string
-	insecure   bool
-	grace      time.Duration
-	timeouts   serve.Timeouts
+	// insecure turns authentication off when no API key is configured
+	// (--insecure; always for dev).
+	insecure bool
+	grace    time.Duration
+	timeouts serve.Timeouts
+	// checks run once the flags are parsed, before anything starts.
+	checks []func() error
 	// apiKeysFile holds more API keys, apart from the config file (a
 	// Kubernetes Secret beside a ConfigMap of plans).
 	apiKeysFile string
@@ -47,11 +55,11 @@ type settings struct {
 // flags on a new FlagSet for cmd.
 func newFlags(cmd string, args []string, stderr io.Writer, listen string) (*flag.FlagSet, *settings, error) {
 	empty, _ := billing.NewCatalog(nil, nil)
-	s := &settings{file: &config.File{Catalog: empty}, configPath: config.ConfigPath(args)}
+	s := &settings{cmd: cmd, file: &config.File{Catalog: empty}, configPath: config.ConfigPath(args)}
 	if s.configPath != "" {
 		f, err := config.Load(s.configPath)
 		if err != nil {
-			return nil, nil, usageError{err}
+			return nil, nil, cli.Mistake(err)
 		}
 		s.file = f
 	}
@@ -68,48 +76,6 @@ func newFlags(cmd string, args []string, stderr io.Writer, listen string) (*flag
 	return fs, s, nil
 }
 
-// parse applies the environment and then the command line to fs.
-func parse(fs *flag.FlagSet, args []string) error {
-	if err := config.ApplyEnv(fs); err != nil {
-		return usageError{err}
-	}
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return err
-		}
-		return usageError{err}
-	}
-	if fs.NArg() > 0 {
-		return usageError{fmt.Errorf("unexpected argument %q", fs.Arg(0))}
-	}
-	return nil
-}
-
-// secretValue is a flag whose value is (or holds) a secret: -h and usage
-// errors show its value through show, never as it is.
-type secretValue struct {
-	p    *string
-	show func(string) string
-}
-
-func (v secretValue) String() string {
-	if v.p == nil || *v.p == "" {
-		return ""
-	}
-	return v.show(*v.p)
-}
-
-func (v secretValue) Set(s string) error {
-	*v.p = s
-	return nil
-}
-
-// secretVar defines a string flag holding a secret, shown through show.
-func secretVar(fs *flag.FlagSet, p *string, name, value, usage string, show func(string) string) {
-	*p = value
-	fs.Var(secretValue{p, show}, name, usage)
-}
-
 // masked shows a secret as the mask.
 func masked(string) string { return redact.Mask }
 
@@ -122,27 +88,24 @@ func origins(list string) string {
 	return strings.Join(out, ",")
 }
 
-func natsFlags(fs *flag.FlagSet, n *config.NATS) {
-	natsConnFlags(fs, n)
-	fs.IntVar(&n.Replicas, "nats-replicas", or(n.Replicas, 3), "replicas of the streams meterd creates")
-}
+// defaultReplicas is the replication of the streams and KV buckets
+// meterd creates: a production billing stream needs R3
+// (docs/architecture.md#exactly-once). The components' own default, for
+// tests and dev, is 1.
+const defaultReplicas = 3
 
-// natsConnFlags are the flags that say how to reach NATS.
-func natsConnFlags(fs *flag.FlagSet, n *config.NATS) {
-	secretVar(fs, &n.URL, "nats-url", or(n.URL, "nats://127.0.0.1:4222"), "NATS server `URL`(s), comma separated", redact.Userinfo)
-	fs.StringVar(&n.Creds, "nats-creds", n.Creds, "NATS credentials file")
-	fs.StringVar(&n.TLSCA, "nats-tls-ca", n.TLSCA, "CA bundle to verify the NATS server")
-	fs.StringVar(&n.TLSCert, "nats-tls-cert", n.TLSCert, "client certificate for NATS")
-	fs.StringVar(&n.TLSKey, "nats-tls-key", n.TLSKey, "client key for NATS")
+func natsFlags(fs *flag.FlagSet, n *config.NATS) {
+	cli.NATSConnFlags(fs, n)
+	fs.IntVar(&n.Replicas, "nats-replicas", cmp.Or(n.Replicas, defaultReplicas), "replicas of the streams meterd creates")
 }
 
 // streamFlags define the settings of the streams on the subcommands that
 // create METERD_USAGE and METERD_DLQ (aggregator, dev), where they take effect.
 func streamFlags(fs *flag.FlagSet, n *config.NATS) {
-	fs.DurationVar(&n.DuplicateWindow, "duplicate-window", or(n.DuplicateWindow, broker.DefaultDuplicateWindow), "how long JetStream remembers a batch_id (a setting of the METERD_USAGE stream this command creates)")
-	fs.Int64Var(&n.UsageMaxBytes, "usage-max-bytes", or(n.UsageMaxBytes, broker.DefaultUsageMaxBytes),
+	fs.DurationVar(&n.DuplicateWindow, "duplicate-window", cmp.Or(n.DuplicateWindow, broker.DefaultDuplicateWindow), "how long JetStream remembers a batch_id (a setting of the METERD_USAGE stream this command creates)")
+	fs.Int64Var(&n.UsageMaxBytes, "usage-max-bytes", cmp.Or(n.UsageMaxBytes, broker.DefaultUsageMaxBytes),
 		"bound of METERD_USAGE (no age limit): when full, publishes fail and collectors spool, then answer 429")
-	fs.Int64Var(&n.DLQMaxBytes, "dlq-max-bytes", or(n.DLQMaxBytes, broker.DefaultDLQMaxBytes),
+	fs.Int64Var(&n.DLQMaxBytes, "dlq-max-bytes", cmp.Or(n.DLQMaxBytes, broker.DefaultDLQMaxBytes),
 		"bound of METERD_DLQ: when full, a batch that cannot be processed stays in METERD_USAGE")
 }
 
@@ -162,19 +125,19 @@ func refuseStreamFlags(fs *flag.FlagSet, cmd string) {
 
 func collectorFlags(fs *flag.FlagSet, c *config.Collector, spoolDir string) {
 	fs.StringVar(&c.Name, "collector-name", c.Name, "name of this collector in batches (default: host name)")
-	fs.StringVar(&c.SpoolDir, "spool-dir", or(c.SpoolDir, spoolDir), "directory of the on-disk spool used while NATS is away")
-	fs.Int64Var(&c.SpoolMaxBytes, "spool-max-bytes", or(c.SpoolMaxBytes, collector.DefaultSpoolMaxBytes), "bound of the spool; past it requests get 429")
-	fs.IntVar(&c.Partitions, "partitions", or(c.Partitions, 16), "usage partitions P of meterd.usage.<partition>")
-	fs.Int64Var(&c.MaxBodyBytes, "max-body-bytes", or(c.MaxBodyBytes, collector.DefaultMaxBodyBytes), "largest accepted request body")
-	fs.Int64Var(&c.MaxInflightBodyBytes, "max-inflight-body-bytes", c.MaxInflightBodyBytes, "bound of the body bytes of all requests in flight; past it requests get 503 + Retry-After (default: a sixteenth of GOMEMLIMIT, or 64 MiB without one)")
-	fs.IntVar(&c.BatchMaxEvents, "batch-max-events", or(c.BatchMaxEvents, collector.DefaultBatchMaxEvents), "seal a batch at this many events")
-	fs.DurationVar(&c.BatchMaxWait, "batch-max-wait", or(c.BatchMaxWait, collector.DefaultBatchMaxWait), "seal a batch this long after its first event")
-	fs.IntVar(&c.PublishWorkers, "publish-workers", or(c.PublishWorkers, collector.DefaultPublishWorkers), "batches published concurrently")
-	fs.DurationVar(&c.MaxEventAge, "max-event-age", or(c.MaxEventAge, 35*24*time.Hour), "late-event bound: older events are rejected")
-	fs.StringVar(&c.TenantHeader, "tenant-header", or(c.TenantHeader, collector.DefaultTenantHeader), "header naming the tenant of a /v1/check call when no tenant API key does")
-	fs.StringVar(&c.UnknownTenantPolicy, "unknown-tenant-policy", or(c.UnknownTenantPolicy, "allow"), "/v1/check for tenants without a plan: allow or deny")
-	fs.DurationVar(&c.StaleAfter, "stale-after", or(c.StaleAfter, gate.DefaultStaleAfter), "the blocklist is stale after this long without an update or heartbeat")
-	fs.StringVar(&c.StalePolicy, "stale-policy", or(c.StalePolicy, "allow"), "/v1/check for tenants without a decision while the blocklist is stale: allow or deny (503)")
+	fs.StringVar(&c.SpoolDir, "spool-dir", cmp.Or(c.SpoolDir, spoolDir), "directory of the on-disk spool used while NATS is away")
+	fs.Int64Var(&c.SpoolMaxBytes, "spool-max-bytes", cmp.Or(c.SpoolMaxBytes, collector.DefaultSpoolMaxBytes), "bound of the spool; past it requests get 429")
+	fs.IntVar(&c.Partitions, "partitions", cmp.Or(c.Partitions, schemas.DefaultPartitions), "usage partitions P of meterd.usage.<partition>")
+	fs.Int64Var(&c.MaxBodyBytes, "max-body-bytes", cmp.Or(c.MaxBodyBytes, collector.DefaultMaxBodyBytes), "largest accepted request body")
+	fs.Int64Var(&c.MaxInflightBodyBytes, "max-inflight-body-bytes", c.MaxInflightBodyBytes, fmt.Sprintf("bound of the body bytes of all requests in flight; past it requests get 503 + Retry-After (default: a sixteenth of GOMEMLIMIT, or %d MiB without one)", collector.DefaultMaxInflightBodyBytes>>20))
+	fs.IntVar(&c.BatchMaxEvents, "batch-max-events", cmp.Or(c.BatchMaxEvents, collector.DefaultBatchMaxEvents), "seal a batch at this many events")
+	fs.DurationVar(&c.BatchMaxWait, "batch-max-wait", cmp.Or(c.BatchMaxWait, collector.DefaultBatchMaxWait), "seal a batch this long after its first event")
+	fs.IntVar(&c.PublishWorkers, "publish-workers", cmp.Or(c.PublishWorkers, collector.DefaultPublishWorkers), "batches published concurrently")
+	fs.DurationVar(&c.MaxEventAge, "max-event-age", cmp.Or(c.MaxEventAge, schemas.DefaultMaxAge), "late-event bound: older events are rejected")
+	fs.StringVar(&c.TenantHeader, "tenant-header", cmp.Or(c.TenantHeader, collector.DefaultTenantHeader), "header naming the tenant of a /v1/check call when no tenant API key does")
+	fs.StringVar(&c.UnknownTenantPolicy, "unknown-tenant-policy", cmp.Or(c.UnknownTenantPolicy, gate.Allow.String()), "/v1/check for tenants without a plan: allow or deny")
+	fs.DurationVar(&c.StaleAfter, "stale-after", cmp.Or(c.StaleAfter, gate.DefaultStaleAfter), "the blocklist is stale after this long without an update or heartbeat")
+	fs.StringVar(&c.StalePolicy, "stale-policy", cmp.Or(c.StalePolicy, gate.Allow.String()), "/v1/check for tenants without a decision while the blocklist is stale: allow or deny (503)")
 	fs.BoolVar(&c.DontRecordChecks, "dont-record-checks", c.DontRecordChecks, "do not record allowed /v1/check calls as usage events")
 }
 
@@ -186,15 +149,7 @@ func policy(name, v string) (gate.Policy, error) {
 	case "deny":
 		return gate.Deny, nil
 	}
-	return 0, usageError{fmt.Errorf("--%s must be allow or deny, not %q", name, v)}
-}
-
-func or[T comparable](v, def T) T {
-	var zero T
-	if v == zero {
-		return def
-	}
-	return v
+	return 0, cli.Mistakef("--%s must be allow or deny, not %q", name, v)
 }
 
 // logger builds the logger of --log-format and --log-level. Whatever a
@@ -203,7 +158,7 @@ func or[T comparable](v, def T) T {
 func (s *settings) logger(stderr io.Writer) (*slog.Logger, error) {
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(s.logLevel)); err != nil {
-		return nil, usageError{fmt.Errorf("--log-level: %w", err)}
+		return nil, cli.Mistakef("--log-level: %w", err)
 	}
 	opts := &slog.HandlerOptions{Level: level}
 	var h slog.Handler
@@ -213,7 +168,7 @@ func (s *settings) logger(stderr io.Writer) (*slog.Logger, error) {
 	case "text":
 		h = slog.NewTextHandler(stderr, opts)
 	default:
-		return nil, usageError{fmt.Errorf("--log-format must be json or text, not %q", s.logFormat)}
+		return nil, cli.Mistakef("--log-format must be json or text, not %q", s.logFormat)
 	}
 	return slog.New(redact.New(s.secrets()...).Handler(h)), nil
 }
@@ -239,29 +194,53 @@ func keysFlag(fs *flag.FlagSet, s *settings) {
 	fs.StringVar(&s.apiKeysFile, "api-keys-file", "", "YAML file with more api_keys (same format as in --config), e.g. a mounted Secret")
 }
 
-// keys builds the API keys. Without keys, auth is off only when allowOpen
-// (dev) or --insecure says so.
-func (s *settings) keys(log *slog.Logger, allowOpen bool) (*auth.Keys, error) {
+// keys builds the API keys. Without keys, auth is off only when
+// s.insecure says so.
+func (s *settings) keys(log *slog.Logger) (*auth.Keys, error) {
 	all := s.file.APIKeys
 	if s.apiKeysFile != "" {
 		more, err := config.LoadAPIKeys(s.apiKeysFile)
 		if err != nil {
-			return nil, usageError{err}
+			return nil, cli.Mistake(err)
 		}
 		all = append(slices.Clip(all), more...)
 	}
 	k, err := auth.NewKeys(all)
 	if err != nil {
-		return nil, usageError{err}
+		return nil, cli.Mistake(err)
 	}
 	if !k.Empty() {
 		return k, nil
 	}
-	if allowOpen || s.insecure {
+	if s.insecure {
 		log.Warn("no API keys configured: authentication is OFF, every request acts as admin")
 		return auth.Open(), nil
 	}
-	return nil, usageError{errors.New("no api_keys in the config file; add keys or pass --insecure to run without authentication")}
+	return nil, cli.Mistake(errors.New("no api_keys in the config file; add keys or pass --insecure to run without authentication"))
+}
+
+// start is the start-up every serving subcommand shares: it parses args
+// into fs, runs the checks, and builds the logger, the API keys and the app
+// the subcommand adds its components to. The caller must close the app;
+// run closes it when it returns.
+func (s *settings) start(fs *flag.FlagSet, args []string, stderr io.Writer) (*app, error) {
+	if err := cli.Parse(fs, args); err != nil {
+		return nil, err
+	}
+	for _, check := range s.checks {
+		if err := check(); err != nil {
+			return nil, err
+		}
+	}
+	log, err := s.logger(stderr)
+	if err != nil {
+		return nil, err
+	}
+	keys, err := s.keys(log)
+	if err != nil {
+		return nil, err
+	}
+	return &app{s: s, log: log, keys: keys, reg: serve.NewRegistry(), checks: map[string]serve.ReadyFunc{}}, nil
 }
 
 // worker is a long-running component.
@@ -271,16 +250,19 @@ type worker interface {
 
 // app composes the components of one process around one HTTP server.
 type app struct {
-	log     *slog.Logger
+	s    *settings
+	log  *slog.Logger
+	keys *auth.Keys
+	// nc is the NATS connection, once connect made it.
+	nc *nats.Conn
+	// ready is called once the server listens on addr; nil logs
+	// "<subcommand> listening".
+	ready   func(addr string)
 	reg     *prometheus.Registry
 	checks  map[string]serve.ReadyFunc
 	routes  []func(*http.ServeMux)
 	workers []worker
 	closers []func() error
-}
-
-func newApp(log *slog.Logger) *app {
-	return &app{log: log, reg: serve.NewRegistry(), checks: map[string]serve.ReadyFunc{}}
 }
 
 // onClose registers fn to run at shutdown; closers run in reverse order.
@@ -312,6 +294,7 @@ func (a *app) connect(n config.NATS, opts ...nats.Option) (*nats.Conn, error) {
 		}
 		return errors.New("nats: " + strings.ToLower(nc.Status().String()))
 	}
+	a.nc = nc
 	return nc, nil
 }
 
@@ -319,7 +302,7 @@ func (a *app) connect(n config.NATS, opts ...nats.Option) (*nats.Conn, error) {
 // from, on nc and adds both to the app. The tenants of the current catalog
 // have a plan: it must be the merged one (file and admin API, followed
 // live), or a tenant the admin API created is unknown at the gate.
-func (a *app) addCollector(nc *nats.Conn, c config.Collector, keys *auth.Keys, catalog func() *billing.Catalog) error {
+func (a *app) addCollector(nc *nats.Conn, c config.Collector, catalog func() *billing.Catalog) error {
 	unknown, err := policy("unknown-tenant-policy", c.UnknownTenantPolicy)
 	if err != nil {
 		return err
@@ -337,7 +320,7 @@ func (a *app) addCollector(nc *nats.Conn, c config.Collector, keys *auth.Keys, c
 	col, err := collector.New(collector.Config{
 		Gate: g, TenantHeader: c.TenantHeader, UnknownTenantPolicy: unknown, DontRecordChecks: c.DontRecordChecks,
 		KnownTenant: func(tenant string) bool { return catalog().HasPlan(tenant) },
-		Name:        c.Name, NATS: nc, Keys: keys,
+		Name:        c.Name, NATS: nc, Keys: a.keys,
 		SpoolDir: c.SpoolDir, SpoolMaxBytes: c.SpoolMaxBytes,
 		Partitions: c.Partitions, MaxBodyBytes: c.MaxBodyBytes, MaxInflightBodyBytes: c.MaxInflightBodyBytes,
 		BatchMaxEvents: c.BatchMaxEvents, BatchMaxWait: c.BatchMaxWait,
@@ -354,11 +337,12 @@ func (a *app) addCollector(nc *nats.Conn, c config.Collector, keys *auth.Keys, c
 	return nil
 }
 
-// serve runs the workers and the HTTP server on --listen until ctx ends; then it
+// run runs the workers and the HTTP server on --listen until ctx ends; then it
 // stops the server first (no new requests, in-flight ones finish), the
 // workers next (they flush), and closes everything in reverse order.
-func (a *app) serve(ctx context.Context, s *settings, ready func(addr string)) error {
+func (a *app) run(ctx context.Context) error {
 	defer a.close()
+	s := a.s
 	ln, err := net.Listen("tcp", s.listen)
 	if err != nil {
 		return fmt.Errorf("listen %s: %w", s.listen, err)
@@ -391,8 +375,10 @@ func (a *app) serve(ctx context.Context, s *settings, ready func(addr string)) e
 		case <-sctx.Done():
 		}
 	}()
-	if ready != nil {
-		ready(ln.Addr().String())
+	if a.ready != nil {
+		a.ready(ln.Addr().String())
+	} else {
+		a.log.Info(s.cmd+" listening", "addr", ln.Addr().String(), "nats", a.nc.ConnectedUrlRedacted())
 	}
 	err = serve.Server(sctx, ln, serve.NotFound(mux), s.timeouts, s.grace, a.log)
 	a.log.Info("shutting down: HTTP stopped, flushing")

@@ -19,18 +19,10 @@ func runCollector(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	collectorFlags(fs, &f.Collector, "./meterd-spool")
 	keysFlag(fs, s)
 	fs.BoolVar(&s.insecure, "insecure", false, "run without API keys (every request acts as admin)")
-	if err := parse(fs, args); err != nil {
-		return err
-	}
-	log, err := s.logger(stderr)
+	a, err := s.start(fs, args, stderr)
 	if err != nil {
 		return err
 	}
-	keys, err := s.keys(log, false)
-	if err != nil {
-		return err
-	}
-	a := newApp(log)
 	defer a.close()
 	nc, err := a.connect(f.NATS)
 	if err != nil {
@@ -41,18 +33,16 @@ func runCollector(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	// Denying unknown tenants, the collector is not ready before it read
 	// the bucket, so a restart never refuses a tenant the admin API
 	// created; allowing them, it has nothing to wait for.
-	catalog := enforcer.NewCatalogWatcher(nc, f.Catalog, log)
+	catalog := enforcer.NewCatalogWatcher(nc, f.Catalog, a.log)
 	a.workers = append(a.workers, catalog)
 	if f.Collector.UnknownTenantPolicy == "deny" {
 		a.checks["catalog"] = catalog.Ready
 	}
-	if err := a.addCollector(nc, f.Collector, keys, catalog.Catalog); err != nil {
+	if err := a.addCollector(nc, f.Collector, catalog.Catalog); err != nil {
 		return err
 	}
 	// Nothing else here needs NATS: the collector's own check says whether
 	// it spools while NATS is away (ready, degraded) or cannot take events.
 	delete(a.checks, "nats")
-	return a.serve(ctx, s, func(addr string) {
-		log.Info("collector listening", "addr", addr, "nats", nc.ConnectedUrlRedacted())
-	})
+	return a.run(ctx)
 }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"io"
@@ -10,8 +11,8 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/meterd/meterd/cmd/meterd/internal/cli"
 	"github.com/meterd/meterd/enforcer"
 	"github.com/meterd/meterd/internal/billing"
 	"github.com/meterd/meterd/internal/broker"
@@ -22,7 +23,7 @@ import (
 // fsyncs every write, serving every API on one address.
 func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	start := time.Now()
-	fs, s, err := newFlags("dev", args, stderr, "127.0.0.1:8080")
+	fs, s, err := newFlags("dev", args, stderr, cli.DevAddr)
 	if err != nil {
 		return err
 	}
@@ -30,21 +31,20 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	var dataDir, natsListen string
 	fs.StringVar(&dataDir, "data-dir", "./meterd-data", "directory for the embedded JetStream store and the spool")
 	fs.StringVar(&natsListen, "nats-listen", "", "also serve the embedded NATS on host:port (default: in-process only)")
-	secretVar(fs, &f.Aggregator.ClickHouse, "clickhouse", f.Aggregator.ClickHouse, "ClickHouse `DSN` for the store (default: the embedded store)", redact.Userinfo)
+	cli.SecretVar(fs, &f.Aggregator.ClickHouse, "clickhouse", f.Aggregator.ClickHouse, "ClickHouse `DSN` for the store (default: the embedded store)", redact.Userinfo)
 	streamFlags(fs, &f.NATS)
 	collectorFlags(fs, &f.Collector, "")
 	enforcerFlags(fs, &f.Enforcer)
 	keysFlag(fs, s)
 	s.logFormat = "text"
-	if err := parse(fs, args); err != nil {
-		return err
-	}
-	if f.Collector.SpoolDir == "" {
-		f.Collector.SpoolDir = filepath.Join(dataDir, "spool")
-	}
-	log, err := s.logger(stderr)
+	s.insecure = true // without API keys, dev runs with authentication off, and says so
+	a, err := s.start(fs, args, stderr)
 	if err != nil {
 		return err
+	}
+	defer a.close()
+	if f.Collector.SpoolDir == "" {
+		f.Collector.SpoolDir = filepath.Join(dataDir, "spool")
 	}
 	if err := os.MkdirAll(dataDir, 0o755); err != nil {
 		return fmt.Errorf("data dir: %w", err)
@@ -53,11 +53,11 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	if natsListen != "" {
 		host, port, err := net.SplitHostPort(natsListen)
 		if err != nil {
-			return usageError{fmt.Errorf("--nats-listen: %w", err)}
+			return cli.Mistakef("--nats-listen: %w", err)
 		}
 		emb.Host = host
 		if _, err := fmt.Sscan(port, &emb.Port); err != nil {
-			return usageError{fmt.Errorf("--nats-listen: bad port %q", port)}
+			return cli.Mistakef("--nats-listen: bad port %q", port)
 		}
 	} else {
 		emb.DontListen = true
@@ -66,37 +66,27 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	if err != nil {
 		return err
 	}
-	defer func() {
+	a.onClose(func() error { // after the connection drained
 		ns.Shutdown()
 		ns.WaitForShutdown()
-	}()
-	keys, err := s.keys(log, true)
-	if err != nil {
-		return err
-	}
-	a := newApp(log)
-	defer a.close()
+		return nil
+	})
 	nc, err := a.connect(f.NATS, nats.InProcessServer(ns))
-	if err != nil {
-		return err
-	}
-	js, err := jetstream.New(nc)
 	if err != nil {
 		return err
 	}
 	sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	if err := broker.EnsureStreams(sctx, js, broker.StreamsConfig{Replicas: 1, DuplicateWindow: f.NATS.DuplicateWindow,
-		UsageMaxBytes: f.NATS.UsageMaxBytes, DLQMaxBytes: f.NATS.DLQMaxBytes}); err != nil {
+	if err := ensureStreams(sctx, nc, f.NATS, 1); err != nil {
 		return err
 	}
 	// The gate knows the tenants of the enforcer's own catalog (file and
 	// admin API merged). enf is set below, before anything serves.
 	var enf *enforcer.Enforcer
-	if err := a.addCollector(nc, f.Collector, keys, func() *billing.Catalog { return enf.Catalog() }); err != nil {
+	if err := a.addCollector(nc, f.Collector, func() *billing.Catalog { return enf.Catalog() }); err != nil {
 		return err
 	}
-	f.Aggregator.SQLitePath = or(f.Aggregator.SQLitePath, filepath.Join(dataDir, "meterd.db"))
+	f.Aggregator.SQLitePath = cmp.Or(f.Aggregator.SQLitePath, filepath.Join(dataDir, "meterd.db"))
 	store, err := a.openStore(ctx, f.Aggregator)
 	if err != nil {
 		return err
@@ -105,16 +95,17 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		return err
 	}
 	f.NATS.Replicas = 1
-	enf, err = a.addEnforcer(nc, store, s, keys)
+	enf, err = a.addEnforcer(nc, store)
 	if err != nil {
 		return err
 	}
-	if err := a.addReports(store, keys, enf.Catalog); err != nil {
+	if err := a.addReports(store, enf.Catalog); err != nil {
 		return err
 	}
-	return a.serve(ctx, s, func(addr string) {
-		log.Info("meterd dev ready", "addr", "http://"+addr, "data_dir", dataDir,
-			"nats", or(natsListen, "in-process"), "startup", time.Since(start).Round(time.Millisecond))
+	a.ready = func(addr string) {
+		a.log.Info("meterd dev ready", "addr", "http://"+addr, "data_dir", dataDir,
+			"nats", cmp.Or(natsListen, "in-process"), "startup", time.Since(start).Round(time.Millisecond))
 		fmt.Fprintf(stdout, "meterd dev listening on http://%s\n", addr)
-	})
+	}
+	return a.run(ctx)
 }

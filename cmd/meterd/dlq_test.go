@@ -15,6 +15,7 @@ import (
 
 	"github.com/meterd/meterd/aggregator"
 	"github.com/meterd/meterd/aggregator/sqlite"
+	"github.com/meterd/meterd/cmd/meterd/internal/cli"
 	"github.com/meterd/meterd/internal/broker"
 	"github.com/meterd/meterd/schemas"
 )
@@ -139,7 +140,7 @@ type dlqListed struct {
 
 func (e *dlqEnv) list(t *testing.T) []dlqListed {
 	t.Helper()
-	code, out, errOut := cli(t, "dlq", "list", "--nats-url", e.url, "--format", "json")
+	code, out, errOut := meterd(t, "dlq", "list", "--nats-url", e.url, "--format", "json")
 	if code != 0 {
 		t.Fatalf("dlq list: exit %d: %s", code, errOut)
 	}
@@ -180,22 +181,22 @@ func TestDLQReplayExactlyOnce(t *testing.T) {
 	}
 	first, junk := strconv.FormatUint(rows[0].Seq, 10), strconv.FormatUint(rows[2].Seq, 10)
 
-	code, out, errOut := cli(t, "dlq", "list", "--nats-url", e.url)
+	code, out, errOut := meterd(t, "dlq", "list", "--nats-url", e.url)
 	if code != 0 || !strings.Contains(out, "SEQ") || !strings.Contains(out, "b1") || strings.Count(out, "\n") != 4 {
 		t.Fatalf("dlq list (table): exit %d\n%s%s", code, out, errOut)
 	}
-	code, out, errOut = cli(t, "dlq", "list", "--nats-url", e.url, "--format", "csv")
+	code, out, errOut = meterd(t, "dlq", "list", "--nats-url", e.url, "--format", "csv")
 	if code != 0 || !strings.HasPrefix(out, "seq,time,subject,batch_id,stream_seq,events,bytes,reason\n") || strings.Count(out, "\n") != 4 {
 		t.Fatalf("dlq list --format csv: exit %d\n%s%s", code, out, errOut)
 	}
-	code, out, errOut = cli(t, "dlq", "list", "--nats-url", e.url)
+	code, out, errOut = meterd(t, "dlq", "list", "--nats-url", e.url)
 	t.Log(out)
-	code, out, errOut = cli(t, "dlq", "show", first, "--nats-url", e.url)
+	code, out, errOut = meterd(t, "dlq", "show", first, "--nats-url", e.url)
 	t.Log(out)
 	if code != 0 || !strings.Contains(out, "e3") || !strings.Contains(out, "a lock") {
 		t.Fatalf("dlq show: exit %d\n%s%s", code, out, errOut)
 	}
-	code, out, _ = cli(t, "dlq", "show", "--format", "json", "--nats-url", e.url, first)
+	code, out, _ = meterd(t, "dlq", "show", "--format", "json", "--nats-url", e.url, first)
 	var shown struct {
 		Batch schemas.Batch `json:"batch"`
 	}
@@ -204,7 +205,7 @@ func TestDLQReplayExactlyOnce(t *testing.T) {
 	}
 
 	// Replay the first copy: e3 is counted, e2 is not counted again.
-	code, out, errOut = cli(t, "dlq", "replay", first, "--nats-url", e.url)
+	code, out, errOut = meterd(t, "dlq", "replay", first, "--nats-url", e.url)
 	if code != 0 || !strings.Contains(out, "replayed to meterd.usage.3") {
 		t.Fatalf("dlq replay: exit %d\n%s%s", code, out, errOut)
 	}
@@ -212,14 +213,14 @@ func TestDLQReplayExactlyOnce(t *testing.T) {
 		t.Fatalf("acme total %d after the replay, want 23", got)
 	}
 	// The same letter again: it is gone from the DLQ.
-	code, _, errOut = cli(t, "dlq", "replay", first, "--nats-url", e.url)
+	code, _, errOut = meterd(t, "dlq", "replay", first, "--nats-url", e.url)
 	if code != 1 || !strings.Contains(errOut, "no such message") {
 		t.Fatalf("replaying a replayed letter: exit %d, %s", code, errOut)
 	}
 	// Everything else: the second copy of b1 is replayed and counted
 	// once, the undecodable batch is refused and stays.
-	code, out, errOut = cli(t, "dlq", "replay", "--all", "--nats-url", e.url, "--format", "json")
-	var replays []replayResult
+	code, out, errOut = meterd(t, "dlq", "replay", "--all", "--nats-url", e.url, "--format", "json")
+	var replays []cli.ReplayResult
 	if code != 1 || json.Unmarshal([]byte(out), &replays) != nil || len(replays) != 2 ||
 		replays[0].Seq != rows[1].Seq || replays[0].Error != "" || replays[0].UsageSeq == 0 ||
 		replays[1].Seq != rows[2].Seq || !strings.Contains(replays[1].Error, "cannot be decoded") ||
@@ -240,7 +241,7 @@ func TestDLQReplayExactlyOnce(t *testing.T) {
 	if len(rows) != 2 {
 		t.Fatalf("DLQ: %+v, want the undecodable and the invalid letter", rows)
 	}
-	code, _, errOut = cli(t, "dlq", "replay", strconv.FormatUint(rows[1].Seq, 10), "--nats-url", e.url)
+	code, _, errOut = meterd(t, "dlq", "replay", strconv.FormatUint(rows[1].Seq, 10), "--nats-url", e.url)
 	if code != 1 || !strings.Contains(errOut, "still invalid") || len(e.list(t)) != 2 {
 		t.Fatalf("replaying an invalid batch: exit %d, %s", code, errOut)
 	}
@@ -255,11 +256,11 @@ func TestDLQReplayExactlyOnce(t *testing.T) {
 		{"dlq", "replay", "1", "--all"},
 		{"dlq", "list", "--format", "xml"},
 	} {
-		if code, _, errOut := cli(t, append(args, "--nats-url", e.url)...); code != 2 || errOut == "" {
+		if code, _, errOut := meterd(t, append(args, "--nats-url", e.url)...); code != 2 || errOut == "" {
 			t.Errorf("meterd %s: exit %d (%q), want 2 with a message", strings.Join(args, " "), code, errOut)
 		}
 	}
-	code, _, errOut = cli(t, "dlq", "list", "--nats-url", "nats://127.0.0.1:1", "--timeout", "2s")
+	code, _, errOut = meterd(t, "dlq", "list", "--nats-url", "nats://127.0.0.1:1", "--timeout", "2s")
 	if code != 1 || !strings.Contains(errOut, "is NATS running") {
 		t.Errorf("dlq list without NATS: exit %d, %q", code, errOut)
 	}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"flag"
 	"io"
@@ -12,8 +13,8 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/meterd/meterd/aggregator"
+	"github.com/meterd/meterd/cmd/meterd/internal/cli"
 	"github.com/meterd/meterd/enforcer"
-	"github.com/meterd/meterd/internal/auth"
 	"github.com/meterd/meterd/internal/config"
 )
 
@@ -26,25 +27,14 @@ func runEnforcer(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	f := s.file
 	natsFlags(fs, &f.NATS)
 	refuseStreamFlags(fs, "enforcer")
-	storeFlags(fs, &f.Aggregator)
+	storeFlags(fs, s)
 	enforcerFlags(fs, &f.Enforcer)
 	keysFlag(fs, s)
 	fs.BoolVar(&s.insecure, "insecure", false, "run without API keys (the admin API is open)")
-	if err := parse(fs, args); err != nil {
-		return err
-	}
-	if err := needStore(f.Aggregator); err != nil {
-		return err
-	}
-	log, err := s.logger(stderr)
+	a, err := s.start(fs, args, stderr)
 	if err != nil {
 		return err
 	}
-	keys, err := s.keys(log, false)
-	if err != nil {
-		return err
-	}
-	a := newApp(log)
 	defer a.close()
 	nc, err := a.connect(f.NATS)
 	if err != nil {
@@ -54,22 +44,20 @@ func runEnforcer(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	if err != nil {
 		return err
 	}
-	if _, err := a.addEnforcer(nc, store, s, keys); err != nil {
+	if _, err := a.addEnforcer(nc, store); err != nil {
 		return err
 	}
-	return a.serve(ctx, s, func(addr string) {
-		log.Info("enforcer listening", "addr", addr, "nats", nc.ConnectedUrlRedacted())
-	})
+	return a.run(ctx)
 }
 
 func enforcerFlags(fs *flag.FlagSet, c *config.Enforcer) {
-	secretVar(fs, &c.WebhookSecret, "webhook-secret", c.WebhookSecret, "Stripe signing `secret` (whsec_…) of POST /v1/billing/webhook; empty disables it", masked)
-	fs.DurationVar(&c.WebhookTolerance, "webhook-tolerance", or(c.WebhookTolerance, enforcer.DefaultWebhookTolerance), "oldest accepted webhook signature")
-	fs.StringVar(&c.BlockOn, "block-on", or(c.BlockOn, strings.Join(enforcer.DefaultBlockOn, ",")), "billing statuses that block a tenant, comma separated")
-	secretVar(fs, &c.NotifyURLs, "notify-urls", c.NotifyURLs, "`URLs` that receive signed notifications, comma separated", origins)
-	secretVar(fs, &c.NotifySecret, "notify-secret", c.NotifySecret, "`secret` signing the notifications (Meterd-Signature)", masked)
-	fs.DurationVar(&c.HeartbeatEvery, "heartbeat-every", c.HeartbeatEvery, "period of the blocklist heartbeat (default 5s)")
-	fs.DurationVar(&c.ReconcileEvery, "reconcile-every", c.ReconcileEvery, "period of recomputing usage from the store (default 1m)")
+	cli.SecretVar(fs, &c.WebhookSecret, "webhook-secret", c.WebhookSecret, "Stripe signing `secret` (whsec_…) of POST /v1/billing/webhook; empty disables it", masked)
+	fs.DurationVar(&c.WebhookTolerance, "webhook-tolerance", cmp.Or(c.WebhookTolerance, enforcer.DefaultWebhookTolerance), "oldest accepted webhook signature")
+	fs.StringVar(&c.BlockOn, "block-on", cmp.Or(c.BlockOn, strings.Join(enforcer.DefaultBlockOn, ",")), "billing statuses that block a tenant, comma separated")
+	cli.SecretVar(fs, &c.NotifyURLs, "notify-urls", c.NotifyURLs, "`URLs` that receive signed notifications, comma separated", origins)
+	cli.SecretVar(fs, &c.NotifySecret, "notify-secret", c.NotifySecret, "`secret` signing the notifications (Meterd-Signature)", masked)
+	fs.DurationVar(&c.HeartbeatEvery, "heartbeat-every", cmp.Or(c.HeartbeatEvery, enforcer.DefaultHeartbeatEvery), "period of the blocklist heartbeat")
+	fs.DurationVar(&c.ReconcileEvery, "reconcile-every", cmp.Or(c.ReconcileEvery, enforcer.DefaultReconcileEvery), "period of recomputing usage from the store")
 }
 
 func splitList(s string) []string {
@@ -84,10 +72,11 @@ func splitList(s string) []string {
 
 // addEnforcer adds the enforcer, reloading the catalog from the config file
 // on change and on SIGHUP.
-func (a *app) addEnforcer(nc *nats.Conn, store aggregator.Store, s *settings, keys *auth.Keys) (*enforcer.Enforcer, error) {
+func (a *app) addEnforcer(nc *nats.Conn, store aggregator.Store) (*enforcer.Enforcer, error) {
+	s := a.s
 	e := s.file.Enforcer
 	enf, err := enforcer.New(enforcer.Config{
-		NATS: nc, Store: store, Catalog: s.file.Catalog, CatalogPath: s.configPath, Keys: keys,
+		NATS: nc, Store: store, Catalog: s.file.Catalog, CatalogPath: s.configPath, Keys: a.keys,
 		WebhookSecret: e.WebhookSecret, WebhookTolerance: e.WebhookTolerance, BlockOn: splitList(e.BlockOn),
 		NotifyURLs: splitList(e.NotifyURLs), NotifySecret: e.NotifySecret,
 		HeartbeatEvery: e.HeartbeatEvery, ReconcileEvery: e.ReconcileEvery,

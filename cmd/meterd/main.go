@@ -4,15 +4,14 @@ package main
 
 import (
 	"context"
-	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"os"
 	"os/signal"
 	"syscall"
 
-	"github.com/meterd/meterd/internal/redact"
+	"github.com/meterd/meterd/cmd/meterd/internal/cli"
+	"github.com/meterd/meterd/cmd/meterd/internal/demo"
 )
 
 const usage = `meterd — usage metering with instant 402 enforcement
@@ -59,11 +58,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	case "enforcer":
 		err = runEnforcer(ctx, rest, stdout, stderr)
 	case "usage":
-		err = runUsage(ctx, rest, stdout, stderr)
+		err = cli.Usage(ctx, rest, stdout, stderr)
 	case "dlq":
-		err = runDLQ(ctx, rest, stdout, stderr)
+		err = cli.DLQ(ctx, rest, stdout, stderr)
 	case "demo":
-		err = runDemo(ctx, rest, stdout, stderr)
+		err = demo.Run(ctx, rest, stdout, stderr, func(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+			return run(ctx, append([]string{"dev"}, args...), stdout, stderr)
+		})
 	case "version", "--version", "-version":
 		fmt.Fprintln(stdout, "meterd", version)
 	case "help", "-h", "--help":
@@ -72,17 +73,5 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "meterd: unknown command %q\n\n%s", cmd, usage)
 		return 2
 	}
-	switch {
-	case err == nil, errors.Is(err, flag.ErrHelp):
-		return 0
-	case errors.As(err, new(usageError)):
-		fmt.Fprintln(stderr, "meterd:", redact.Userinfo(err.Error()))
-		return 2
-	default:
-		fmt.Fprintln(stderr, "meterd:", redact.Userinfo(err.Error()))
-		return 1
-	}
+	return cli.ExitCode(err, stderr)
 }
-
-// usageError is a mistake on the command line or in the configuration.
-type usageError struct{ error }

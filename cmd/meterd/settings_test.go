@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/meterd/meterd/cmd/meterd/internal/cli"
 )
 
 // The keys of --api-keys-file (set through METERD_API_KEYS_FILE, as the
@@ -33,7 +35,7 @@ func TestAPIKeysFile(t *testing.T) {
 			t.Fatal(err)
 		}
 		keysFlag(fs, s)
-		if err := parse(fs, args); err != nil {
+		if err := cli.Parse(fs, args); err != nil {
 			t.Fatal(err)
 		}
 		return s
@@ -41,7 +43,7 @@ func TestAPIKeysFile(t *testing.T) {
 
 	t.Setenv("METERD_API_KEYS_FILE", secret)
 	s := build(t, "--config", cfg)
-	keys, err := s.keys(log, false)
+	keys, err := s.keys(log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -64,14 +66,14 @@ func TestAPIKeysFile(t *testing.T) {
 	// The same key in both files is a mistake, as within one file.
 	t.Setenv("METERD_API_KEYS_FILE", write("dup.yaml", "api_keys:\n  - {key: config-file-admin-key, admin: true}\n"))
 	s = build(t, "--config", cfg)
-	if _, err := s.keys(log, false); err == nil || !strings.Contains(err.Error(), "listed twice") {
+	if _, err := s.keys(log); err == nil || !strings.Contains(err.Error(), "listed twice") {
 		t.Errorf("a key listed in both files: %v", err)
 	}
 
 	// A missing file fails the start instead of running without its keys.
 	t.Setenv("METERD_API_KEYS_FILE", filepath.Join(dir, "missing.yaml"))
 	s = build(t)
-	if _, err := s.keys(log, false); err == nil || !strings.Contains(err.Error(), "missing.yaml") {
+	if _, err := s.keys(log); err == nil || !strings.Contains(err.Error(), "missing.yaml") {
 		t.Errorf("a missing keys file: %v", err)
 	}
 }
@@ -92,7 +94,7 @@ func TestNATSReplicas(t *testing.T) {
 			t.Fatal(err)
 		}
 		natsFlags(fs, &s.file.NATS)
-		if err := parse(fs, nil); err != nil {
+		if err := cli.Parse(fs, nil); err != nil {
 			t.Fatal(err)
 		}
 		if s.file.NATS.Replicas != tc.want {

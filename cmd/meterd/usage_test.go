@@ -11,6 +11,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/meterd/meterd/cmd/meterd/internal/cli"
 )
 
 const usageCLIConfig = `plans:
@@ -23,8 +25,8 @@ api_keys:
   - {key: acme-key-for-the-cli-test0, tenant: acme}
 `
 
-// cli runs `meterd args…` and returns its exit code, stdout and stderr.
-func cli(t *testing.T, args ...string) (int, string, string) {
+// meterd runs `meterd args…` and returns its exit code, stdout and stderr.
+func meterd(t *testing.T, args ...string) (int, string, string) {
 	t.Helper()
 	var out, errOut strings.Builder
 	code := run(context.Background(), args, &out, &errOut)
@@ -73,7 +75,7 @@ func TestUsageCLI(t *testing.T) {
 	base := []string{"usage", "--url", s.base, "--api-key", "admin-key-for-the-cli-test"}
 	deadline := time.Now().Add(20 * time.Second)
 	for {
-		code, out, _ := cli(t, append(base, "--format", "json", "--tenant", "globex")...)
+		code, out, _ := meterd(t, append(base, "--format", "json", "--tenant", "globex")...)
 		if code == 0 && strings.Contains(out, fmt.Sprintf(`"value":%d`, globex)) && summaryUsed(t, s, "acme") == acmeA+acmeB {
 			break
 		}
@@ -84,7 +86,7 @@ func TestUsageCLI(t *testing.T) {
 	}
 
 	// The table: a header and aligned columns, one row per route.
-	code, out, errOut := cli(t, append(base, "--tenant", "acme", "--window", "hour", "--group-by", "route")...)
+	code, out, errOut := meterd(t, append(base, "--tenant", "acme", "--window", "hour", "--group-by", "route")...)
 	if code != 0 {
 		t.Fatalf("table: exit %d: %s", code, errOut)
 	}
@@ -104,7 +106,7 @@ func TestUsageCLI(t *testing.T) {
 	}{{"/a", acmeA, 16}, {"/b", acmeB, 9}} {
 		fields := strings.Fields(lines[i+1])
 		if len(fields) != 7 || fields[0] != "acme" || fields[1] != "api_calls" || fields[2] != start || fields[4] != want.route ||
-			fields[5] != group(want.value) || fields[6] != fmt.Sprint(want.events) {
+			fields[5] != cli.Group(want.value) || fields[6] != fmt.Sprint(want.events) {
 			t.Errorf("row %d = %q, want acme api_calls %s … %s %d %d", i, lines[i+1], start, want.route, want.value, want.events)
 		}
 		// The window ends at the end of the hour, or now when that is sooner.
@@ -117,7 +119,7 @@ func TestUsageCLI(t *testing.T) {
 	}
 
 	// CSV for scripts, every tenant.
-	code, out, errOut = cli(t, append(base, "--format", "csv", "--window", "month")...)
+	code, out, errOut = meterd(t, append(base, "--format", "csv", "--window", "month")...)
 	if code != 0 {
 		t.Fatalf("csv: exit %d: %s", code, errOut)
 	}
@@ -128,21 +130,21 @@ func TestUsageCLI(t *testing.T) {
 	}
 
 	// A tenant key reads its own tenant; asking for another fails.
-	code, out, _ = cli(t, "usage", "--url", s.base, "--api-key", "acme-key-for-the-cli-test0", "--format", "json")
+	code, out, _ = meterd(t, "usage", "--url", s.base, "--api-key", "acme-key-for-the-cli-test0", "--format", "json")
 	if code != 0 || strings.Contains(out, "globex") || !strings.Contains(out, `"tenant":"acme"`) {
 		t.Errorf("tenant key: exit %d: %s", code, out)
 	}
-	code, _, errOut = cli(t, "usage", "--url", s.base, "--api-key", "acme-key-for-the-cli-test0", "--tenant", "globex")
+	code, _, errOut = meterd(t, "usage", "--url", s.base, "--api-key", "acme-key-for-the-cli-test0", "--tenant", "globex")
 	if code != 1 || !strings.Contains(errOut, "403") || !strings.Contains(errOut, "only its own tenant") {
 		t.Errorf("other tenant: exit %d: %s", code, errOut)
 	}
 
 	// The summary.
-	code, out, errOut = cli(t, "usage", "summary", "--url", s.base, "--api-key", "admin-key-for-the-cli-test")
+	code, out, errOut = meterd(t, "usage", "summary", "--url", s.base, "--api-key", "admin-key-for-the-cli-test")
 	if code != 0 {
 		t.Fatalf("summary: exit %d: %s", code, errOut)
 	}
-	row := regexp.MustCompile(fmt.Sprintf(`(?m)^acme +free +OK +api_calls +%s +1,000 +%.1f%% `, group(acmeA+acmeB), float64(acmeA+acmeB)/10))
+	row := regexp.MustCompile(fmt.Sprintf(`(?m)^acme +free +OK +api_calls +%s +1,000 +%.1f%% `, cli.Group(acmeA+acmeB), float64(acmeA+acmeB)/10))
 	if !strings.Contains(out, "TENANT") || !row.MatchString(out) || !strings.Contains(out, "globex") {
 		t.Errorf("summary table:\n%s", out)
 	}
@@ -164,7 +166,7 @@ func TestUsageCLI(t *testing.T) {
 		{[]string{"--bogus"}, 2, "flag provided but not defined: -bogus"},
 	} {
 		args := append([]string{"usage", "--url", s.base, "--api-key", "admin-key-for-the-cli-test"}, c.args...)
-		code, _, errOut := cli(t, args...)
+		code, _, errOut := meterd(t, args...)
 		if code != c.code || !strings.Contains(errOut, c.msg) {
 			t.Errorf("%q: exit %d, stderr %q; want exit %d and %q", c.args, code, errOut, c.code, c.msg)
 		}
@@ -212,7 +214,7 @@ func closedAddr(t *testing.T) string {
 // equal to the allowed calls, the summary and the reports.
 func TestDemo(t *testing.T) {
 	start := time.Now()
-	code, out, errOut := cli(t, "demo", "--traffic", "5s")
+	code, out, errOut := meterd(t, "demo", "--traffic", "5s")
 	took := time.Since(start)
 	if code != 0 {
 		t.Fatalf("demo: exit %d\nstdout:\n%s\nstderr:\n%s", code, out, errOut)

@@ -39,7 +39,8 @@ import (
 )
 
 const (
-	defaultMaxBytes     = 1 << 30
+	// DefaultMaxBytes is the bound of a spool whose Config.MaxBytes is 0.
+	DefaultMaxBytes     = 1 << 30
 	defaultSegmentBytes = 64 << 20
 
 	headerSize = 16 // length, crc, seq
@@ -93,7 +94,7 @@ type Config struct {
 	// 0 means 64 MiB. A batch is never split across files, so a segment may
 	// exceed it by at most one batch.
 	SegmentBytes int64
-	// Logger receives recovery reports. nil means slog.Default(); the spool
+	// Logger receives recovery reports. nil discards them; the spool
 	// adds the attribute component=spool.
 	Logger *slog.Logger
 }
@@ -183,14 +184,14 @@ func Open(cfg Config) (*Spool, error) {
 		return nil, err
 	}
 	if cfg.MaxBytes == 0 {
-		cfg.MaxBytes = defaultMaxBytes
+		cfg.MaxBytes = DefaultMaxBytes
 	}
 	if cfg.SegmentBytes == 0 {
 		cfg.SegmentBytes = defaultSegmentBytes
 	}
 	logger := cfg.Logger
 	if logger == nil {
-		logger = slog.Default()
+		logger = slog.New(slog.DiscardHandler)
 	}
 	s := &Spool{
 		cfg: cfg,

@@ -93,7 +93,7 @@ type Config struct {
 	StalePolicy Policy
 	// Now is the clock staleness is measured with (default time.Now).
 	Now func() time.Time
-	// Logger (default slog.Default()).
+	// Logger receives the gate's logs; nil discards them.
 	Logger *slog.Logger
 	// Registerer receives the gate's metrics (default: none kept).
 	Registerer prometheus.Registerer
@@ -124,7 +124,7 @@ func (c *Config) Validate() error {
 		c.Now = time.Now
 	}
 	if c.Logger == nil {
-		c.Logger = slog.Default()
+		c.Logger = slog.New(slog.DiscardHandler)
 	}
 	if c.Registerer == nil {
 		c.Registerer = prometheus.NewRegistry()

@@ -78,7 +78,8 @@ type ConnConfig struct {
 	// Optional TLS: CA bundle to verify the server, client certificate and key.
 	TLSCA, TLSCert, TLSKey string
 	Name                   string // connection name shown by the server
-	Logger                 *slog.Logger
+	// Logger receives disconnects and reconnects; nil discards them.
+	Logger *slog.Logger
 	// Options are appended last, e.g. nats.InProcessServer for `meterd dev`.
 	Options []nats.Option
 }
@@ -88,7 +89,7 @@ type ConnConfig struct {
 func Connect(cfg ConnConfig) (*nats.Conn, error) {
 	log := cfg.Logger
 	if log == nil {
-		log = slog.Default()
+		log = slog.New(slog.DiscardHandler)
 	}
 	opts := []nats.Option{
 		nats.Name(cfg.Name),

@@ -1,6 +1,7 @@
-package main
+package cli
 
 import (
+	"cmp"
 	"context"
 	"encoding/csv"
 	"encoding/json"
@@ -52,23 +53,23 @@ type dlqCmd struct {
 	limit   int
 }
 
-// runDLQ runs `meterd dlq list|show|replay`.
-func runDLQ(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+// DLQ runs `meterd dlq list|show|replay`.
+func DLQ(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 || strings.HasPrefix(args[0], "-") {
 		if len(args) > 0 && (args[0] == "-h" || args[0] == "--help" || args[0] == "-help") {
 			fmt.Fprint(stdout, dlqHelp)
 			return nil
 		}
 		fmt.Fprint(stderr, dlqHelp)
-		return usageError{errors.New("dlq: name a command: list, show or replay")}
+		return Mistake(errors.New("dlq: name a command: list, show or replay"))
 	}
 	verb := args[0]
 	var c dlqCmd
 	fs := flag.NewFlagSet("meterd dlq "+verb, flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() { fmt.Fprint(fs.Output(), dlqHelp); fs.PrintDefaults() }
-	natsConnFlags(fs, &c.nats)
-	fs.StringVar(&c.format, "format", "table", "output: table (for people), csv or json (for scripts)")
+	NATSConnFlags(fs, &c.nats)
+	formatFlag(fs, &c.format)
 	fs.DurationVar(&c.timeout, "timeout", 30*time.Second, "give up after this long")
 	var maxArgs int
 	switch verb {
@@ -81,29 +82,27 @@ func runDLQ(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		maxArgs = 1
 		fs.BoolVar(&c.all, "all", false, "replay every message of the DLQ")
 	default:
-		return usageError{fmt.Errorf("dlq: unknown command %q: use list, show or replay", verb)}
+		return Mistakef("dlq: unknown command %q: use list, show or replay", verb)
 	}
-	pos, err := parseArgs(fs, args[1:], maxArgs)
+	pos, err := ParseArgs(fs, args[1:], maxArgs)
 	if err != nil {
 		return err
 	}
-	switch c.format {
-	case "table", "csv", "json":
-	default:
-		return usageError{fmt.Errorf("--format must be table, csv or json, not %q", c.format)}
+	if err := checkFormat(c.format); err != nil {
+		return err
 	}
 	var seq uint64
 	switch {
 	case verb == "list":
 	case verb == "replay" && c.all:
 		if len(pos) > 0 {
-			return usageError{errors.New("dlq replay: give a sequence or --all, not both")}
+			return Mistake(errors.New("dlq replay: give a sequence or --all, not both"))
 		}
 	case len(pos) == 0:
-		return usageError{fmt.Errorf("dlq %s: which message? give its sequence (see meterd dlq list)", verb)}
+		return Mistakef("dlq %s: which message? give its sequence (see meterd dlq list)", verb)
 	default:
 		if seq, err = strconv.ParseUint(pos[0], 10, 64); err != nil || seq == 0 {
-			return usageError{fmt.Errorf("dlq %s: %q is not a DLQ sequence (a positive number, see meterd dlq list)", verb, pos[0])}
+			return Mistakef("dlq %s: %q is not a DLQ sequence (a positive number, see meterd dlq list)", verb, pos[0])
 		}
 	}
 
@@ -145,11 +144,11 @@ func runDLQ(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 			seqs = append(seqs, l.Seq)
 		}
 	}
-	var results []replayResult
+	var results []ReplayResult
 	var failed int
 	for _, s := range seqs {
 		r, err := q.Replay(ctx, s)
-		res := replayResult{Seq: s, BatchID: r.Letter.BatchID, Subject: r.Letter.Subject, MsgID: r.MsgID, UsageSeq: r.UsageSeq, Duplicate: r.Duplicate}
+		res := ReplayResult{Seq: s, BatchID: r.Letter.BatchID, Subject: r.Letter.Subject, MsgID: r.MsgID, UsageSeq: r.UsageSeq, Duplicate: r.Duplicate}
 		if r.Letter.Batch != nil {
 			res.Events = len(r.Letter.Batch.Events)
 		}
@@ -169,31 +168,6 @@ func runDLQ(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		return fmt.Errorf("dlq replay: %d of %d messages not replayed", failed, len(results))
 	}
 	return nil
-}
-
-// parseArgs parses flags anywhere among at most maxArgs positional
-// arguments, which it returns.
-func parseArgs(fs *flag.FlagSet, args []string, maxArgs int) ([]string, error) {
-	if err := config.ApplyEnv(fs); err != nil {
-		return nil, usageError{err}
-	}
-	var pos []string
-	for {
-		if err := fs.Parse(args); err != nil {
-			if errors.Is(err, flag.ErrHelp) {
-				return nil, err
-			}
-			return nil, usageError{err}
-		}
-		if fs.NArg() == 0 {
-			return pos, nil
-		}
-		if len(pos) == maxArgs {
-			return nil, usageError{fmt.Errorf("unexpected argument %q", fs.Arg(0))}
-		}
-		pos = append(pos, fs.Arg(0))
-		args = fs.Args()[1:]
-	}
 }
 
 // connect dials NATS once, without the retries a server keeps up: a
@@ -272,8 +246,8 @@ func printLetters(w io.Writer, format string, letters []dlq.Letter) error {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "SEQ\tDEAD-LETTERED\tSUBJECT\tBATCH\tEVENTS\tBYTES\tREASON")
 	for _, r := range rows {
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Seq, r.Time.Format(time.RFC3339), r.Subject, or(r.BatchID, "-"),
-			group(int64(r.Events)), group(int64(r.Bytes)), shorten(r.Reason, 80))
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Seq, r.Time.Format(time.RFC3339), r.Subject, cmp.Or(r.BatchID, "-"),
+			Group(int64(r.Events)), Group(int64(r.Bytes)), shorten(r.Reason, 80))
 	}
 	return tw.Flush()
 }
@@ -308,7 +282,7 @@ func printLetter(w io.Writer, format string, l dlq.Letter) error {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	for _, kv := range [][2]string{
 		{"Sequence", u64(r.Seq)}, {"Dead-lettered", r.Time.Format(time.RFC3339)}, {"Subject", r.Subject},
-		{"Batch", or(r.BatchID, "-")}, {"Usage seq", or(u64(r.StreamSeq), "-")}, {"Bytes", group(int64(r.Bytes))}, {"Reason", r.Reason},
+		{"Batch", cmp.Or(r.BatchID, "-")}, {"Usage seq", cmp.Or(u64(r.StreamSeq), "-")}, {"Bytes", Group(int64(r.Bytes))}, {"Reason", r.Reason},
 	} {
 		fmt.Fprintf(tw, "%s:\t%s\n", kv[0], kv[1])
 	}
@@ -318,16 +292,17 @@ func printLetter(w io.Writer, format string, l dlq.Letter) error {
 		fmt.Fprintf(w, "\n%s\n", shorten(string(l.Data), 2000))
 		return nil
 	}
-	fmt.Fprintf(tw, "Collector:\t%s\nSealed:\t%s\nEvents:\t%s\n\n", l.Batch.Collector, l.Batch.SealedAt.UTC().Format(time.RFC3339), group(int64(len(l.Batch.Events))))
+	fmt.Fprintf(tw, "Collector:\t%s\nSealed:\t%s\nEvents:\t%s\n\n", l.Batch.Collector, l.Batch.SealedAt.UTC().Format(time.RFC3339), Group(int64(len(l.Batch.Events))))
 	fmt.Fprintln(tw, "TENANT\tID\tMETER\tVALUE\tTIME")
 	for _, e := range l.Batch.Events {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", e.Tenant, e.ID, e.Meter, group(e.Value), e.Time.UTC().Format(time.RFC3339))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", e.Tenant, e.ID, e.Meter, Group(e.Value), e.Time.UTC().Format(time.RFC3339))
 	}
 	return tw.Flush()
 }
 
-// replayResult is the outcome of one replay as printed.
-type replayResult struct {
+// ReplayResult is the outcome of one replay as printed; --format json
+// prints a list of them.
+type ReplayResult struct {
 	Seq       uint64 `json:"seq"`
 	BatchID   string `json:"batch_id"`
 	Subject   string `json:"subject"`
@@ -338,7 +313,7 @@ type replayResult struct {
 	Error     string `json:"error,omitempty"`
 }
 
-func printReplays(w io.Writer, format string, results []replayResult) error {
+func printReplays(w io.Writer, format string, results []ReplayResult) error {
 	switch format {
 	case "json":
 		return writeJSON(w, results)
@@ -363,7 +338,7 @@ func printReplays(w io.Writer, format string, results []replayResult) error {
 			fmt.Fprintf(w, "%d: batch %s had been replayed already (METERD_USAGE seq %d); removed from the DLQ\n", r.Seq, r.BatchID, r.UsageSeq)
 		default:
 			fmt.Fprintf(w, "%d: batch %s (%s events) replayed to %s as METERD_USAGE seq %d; removed from the DLQ\n",
-				r.Seq, r.BatchID, group(int64(r.Events)), r.Subject, r.UsageSeq)
+				r.Seq, r.BatchID, Group(int64(r.Events)), r.Subject, r.UsageSeq)
 		}
 	}
 	return nil

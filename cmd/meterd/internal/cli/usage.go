@@ -1,6 +1,7 @@
-package main
+package cli
 
 import (
+	"cmp"
 	"context"
 	"encoding/csv"
 	"encoding/json"
@@ -17,6 +18,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/meterd/meterd/aggregator/report"
 	"github.com/meterd/meterd/enforcer"
 	"github.com/meterd/meterd/schemas"
 )
@@ -33,29 +35,27 @@ Examples:
 Flags:
 `
 
-// client is what both usage commands share: where meterd is and how to
-// authenticate, and how to print.
-type client struct {
-	url     string
-	apiKey  string
+// clientFlags are the flags both usage commands share: where meterd is and
+// how to authenticate, and how to print.
+type clientFlags struct {
+	Client
 	format  string
 	timeout time.Duration
-	http    *http.Client
 }
 
-func (c *client) flags(fs *flag.FlagSet) {
-	fs.StringVar(&c.url, "url", "http://127.0.0.1:8080", "base URL of meterd (dev, or the aggregator for reports and the enforcer for the summary)")
-	fs.StringVar(&c.apiKey, "api-key", "", "API key: a tenant key reads its own tenant, an admin key every tenant")
-	fs.StringVar(&c.format, "format", "table", "output: table (for people), csv or json (for scripts)")
+func (c *clientFlags) flags(fs *flag.FlagSet) {
+	fs.StringVar(&c.URL, "url", "http://"+DevAddr, "base URL of meterd (dev, or the aggregator for reports and the enforcer for the summary)")
+	fs.StringVar(&c.APIKey, "api-key", "", "API key: a tenant key reads its own tenant, an admin key every tenant")
+	formatFlag(fs, &c.format)
 	fs.DurationVar(&c.timeout, "timeout", time.Minute, "give up after this long")
 }
 
-// runUsage runs `meterd usage` and `meterd usage summary`.
-func runUsage(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+// Usage runs `meterd usage` and `meterd usage summary`.
+func Usage(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if len(args) > 0 && args[0] == "summary" {
-		return runSummary(ctx, args[1:], stdout, stderr)
+		return Summary(ctx, args[1:], stdout, stderr)
 	}
-	var c client
+	var c clientFlags
 	var q struct{ tenant, meter, from, to, window, groupBy string }
 	fs := flag.NewFlagSet("meterd usage", flag.ContinueOnError)
 	fs.SetOutput(stderr)
@@ -65,9 +65,9 @@ func runUsage(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.StringVar(&q.meter, "meter", "", "only this meter")
 	fs.StringVar(&q.from, "from", "", "start, RFC 3339 (default: the start of the current month; of the current period for --window period; of today for --window hour)")
 	fs.StringVar(&q.to, "to", "", "end, exclusive, RFC 3339 (default: now)")
-	fs.StringVar(&q.window, "window", "day", "hour, day, month or period (each tenant's billing periods)")
+	fs.StringVar(&q.window, "window", report.WindowDay, "hour, day, month or period (each tenant's billing periods)")
 	fs.StringVar(&q.groupBy, "group-by", "", "dimensions to split rows by, comma separated")
-	if err := parse(fs, args); err != nil {
+	if err := Parse(fs, args); err != nil {
 		return err
 	}
 	if err := c.check(); err != nil {
@@ -82,7 +82,7 @@ func runUsage(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if c.format == "csv" {
 		v.Set("format", "csv")
 	}
-	body, err := c.get(ctx, "/v1/usage", v)
+	body, err := c.Get(ctx, "/v1/usage", v)
 	if err != nil {
 		return err
 	}
@@ -91,7 +91,7 @@ func runUsage(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		_, err := io.Copy(stdout, body)
 		return err
 	}
-	rep, err := decodeReport(body)
+	rep, err := DecodeReport(body)
 	if err != nil {
 		return err
 	}
@@ -108,16 +108,16 @@ func runUsage(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	for _, r := range rep.Rows {
 		cells := []string{r.Tenant, r.Meter, r.WindowStart.Format(time.RFC3339), r.WindowEnd.Format(time.RFC3339)}
 		for _, d := range rep.GroupBy {
-			cells = append(cells, or(r.Dimensions[d], "-"))
+			cells = append(cells, cmp.Or(r.Dimensions[d], "-"))
 		}
-		cells = append(cells, group(r.Value), group(r.Events))
+		cells = append(cells, Group(r.Value), Group(r.Events))
 		fmt.Fprintln(tw, strings.Join(cells, "\t"))
 	}
 	return tw.Flush()
 }
 
-// usageReport is the JSON answer of GET /v1/usage.
-type usageReport struct {
+// Report is the JSON answer of GET /v1/usage.
+type Report struct {
 	GroupBy []string `json:"group_by"`
 	Rows    []struct {
 		Tenant      string            `json:"tenant"`
@@ -130,24 +130,25 @@ type usageReport struct {
 	} `json:"rows"`
 }
 
-func decodeReport(body io.Reader) (usageReport, error) {
-	var rep usageReport
+// DecodeReport reads a Report from body.
+func DecodeReport(body io.Reader) (Report, error) {
+	var rep Report
 	if err := json.NewDecoder(body).Decode(&rep); err != nil {
 		return rep, fmt.Errorf("reading the report: %w", err)
 	}
 	return rep, nil
 }
 
-// runSummary runs `meterd usage summary`.
-func runSummary(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	var c client
+// Summary runs `meterd usage summary`.
+func Summary(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	var c clientFlags
 	var tenant string
 	fs := flag.NewFlagSet("meterd usage summary", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() { fmt.Fprint(fs.Output(), usageHelp); fs.PrintDefaults() }
 	c.flags(fs)
 	fs.StringVar(&tenant, "tenant", "", "only this tenant (a tenant key implies its own)")
-	if err := parse(fs, args); err != nil {
+	if err := Parse(fs, args); err != nil {
 		return err
 	}
 	if err := c.check(); err != nil {
@@ -157,7 +158,7 @@ func runSummary(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	if tenant != "" {
 		v.Set("tenant", tenant)
 	}
-	body, err := c.get(ctx, "/v1/usage/summary", v)
+	body, err := c.Get(ctx, "/v1/usage/summary", v)
 	if err != nil {
 		return err
 	}
@@ -190,7 +191,7 @@ func runSummary(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	fmt.Fprintln(tw, "TENANT\tPLAN\tSTATUS\tMETER\tUSED\tLIMIT\tUSED %\tPERIOD END\tWHY")
 	for _, t := range s.Tenants {
 		for i, m := range summaryMeters(t) {
-			name, plan, status, end, why := t.Tenant, or(t.Plan, "-"), t.Status, t.PeriodEnd.Format(time.DateOnly), t.Detail
+			name, plan, status, end, why := t.Tenant, cmp.Or(t.Plan, "-"), t.Status, t.PeriodEnd.Format(time.DateOnly), t.Detail
 			if i > 0 {
 				name, plan, status, end, why = "", "", "", "", ""
 			}
@@ -200,9 +201,9 @@ func runSummary(ctx context.Context, args []string, stdout, stderr io.Writer) er
 			}
 			limit, p := "-", "-"
 			if m.Limit != nil {
-				limit, p = group(*m.Limit), pct(m.Percent)+"%"
+				limit, p = Group(*m.Limit), pct(m.Percent)+"%"
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", name, plan, status, or(m.Meter, "-"), group(m.Used), limit, p, end, why)
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", name, plan, status, cmp.Or(m.Meter, "-"), Group(m.Used), limit, p, end, why)
 		}
 	}
 	return tw.Flush()
@@ -231,8 +232,8 @@ func pct(v *float64) string {
 	return strconv.FormatFloat(*v, 'f', 1, 64)
 }
 
-// group formats n with thousands separators: 1234567 → 1,234,567.
-func group(n int64) string {
+// Group formats n with thousands separators: 1234567 → 1,234,567.
+func Group(n int64) string {
 	s := strconv.FormatInt(n, 10)
 	neg := strings.HasPrefix(s, "-")
 	s = strings.TrimPrefix(s, "-")
@@ -249,25 +250,48 @@ func group(n int64) string {
 	return b.String()
 }
 
-func (c *client) check() error {
-	switch c.format {
-	case "table", "csv", "json":
-	default:
-		return usageError{fmt.Errorf("--format must be table, csv or json, not %q", c.format)}
+func (c *clientFlags) check() error {
+	if err := checkFormat(c.format); err != nil {
+		return err
 	}
-	u, err := url.Parse(c.url)
+	u, err := url.Parse(c.URL)
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return usageError{fmt.Errorf("--url must be an http(s) URL such as http://127.0.0.1:8080, not %q", c.url)}
+		return Mistakef("--url must be an http(s) URL such as http://%s, not %q", DevAddr, c.URL)
 	}
-	c.url = strings.TrimRight(c.url, "/")
-	c.http = &http.Client{Timeout: c.timeout}
+	c.URL = strings.TrimRight(c.URL, "/")
+	c.HTTP = &http.Client{Timeout: c.timeout}
 	return nil
 }
 
-// get fetches path with query v and returns the body of a 200 answer; any
-// other answer becomes an error that says what the server said.
-func (c *client) get(ctx context.Context, path string, v url.Values) (io.ReadCloser, error) {
-	u := c.url + path
+// formatFlag defines --format, the output of a client command.
+func formatFlag(fs *flag.FlagSet, p *string) {
+	fs.StringVar(p, "format", "table", "output: table (for people), csv or json (for scripts)")
+}
+
+// checkFormat accepts the values of --format.
+func checkFormat(format string) error {
+	switch format {
+	case "table", "csv", "json":
+		return nil
+	}
+	return Mistakef("--format must be table, csv or json, not %q", format)
+}
+
+// Client reads from a running meterd.
+type Client struct {
+	// URL is the base URL of meterd, without a trailing slash.
+	URL string
+	// APIKey is sent as a bearer token; empty sends none.
+	APIKey string
+	// HTTP sends the requests; its Timeout bounds each.
+	HTTP *http.Client
+}
+
+// Get fetches path with query v and returns the body of a 200 answer,
+// which the caller must close; any other answer becomes an error that says
+// what the server said.
+func (c *Client) Get(ctx context.Context, path string, v url.Values) (io.ReadCloser, error) {
+	u := c.URL + path
 	if len(v) > 0 {
 		u += "?" + v.Encode()
 	}
@@ -275,14 +299,14 @@ func (c *client) get(ctx context.Context, path string, v url.Values) (io.ReadClo
 	if err != nil {
 		return nil, err
 	}
-	if c.apiKey != "" {
-		req.Header.Set("Authorization", "Bearer "+c.apiKey)
+	if c.APIKey != "" {
+		req.Header.Set("Authorization", "Bearer "+c.APIKey)
 	}
-	resp, err := c.http.Do(req)
+	resp, err := c.HTTP.Do(req)
 	if err != nil {
 		var op *net.OpError
 		if errors.As(err, &op) && op.Op == "dial" {
-			return nil, fmt.Errorf("cannot reach meterd at %s (%v); is it running? (start one with: meterd dev)", c.url, op.Err)
+			return nil, fmt.Errorf("cannot reach meterd at %s (%v); is it running? (start one with: meterd dev)", c.URL, op.Err)
 		}
 		return nil, fmt.Errorf("GET %s: %w", path, err)
 	}

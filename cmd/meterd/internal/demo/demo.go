@@ -1,7 +1,11 @@
-package main
+// Package demo is `meterd demo`: the whole pipeline in one process, a
+// simulated gateway and billing provider in front of it, and the reports
+// that show every allowed call counted once.
+package demo
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -19,17 +23,18 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/meterd/meterd/cmd/meterd/internal/cli"
 	"github.com/meterd/meterd/enforcer"
 )
 
 // The demo's catalog: two plans, four tenants, keys and a webhook secret.
 const (
-	demoAdminKey      = "demo-admin-key-0000000000"
-	demoWebhookSecret = "whsec_demo"
-	demoFreeLimit     = 500
+	adminKey      = "demo-admin-key-0000000000"
+	webhookSecret = "whsec_demo"
+	freeLimit     = 500
 )
 
-var demoConfig = fmt.Sprintf(`plans:
+var configYAML = fmt.Sprintf(`plans:
   free: {period: monthly, limits: {api_calls: %d}, on_exceed: block}
   pro:  {period: monthly, limits: {api_calls: 1000000, tokens: 5000000}, on_exceed: overage}
 tenants:
@@ -42,10 +47,10 @@ api_keys:
 enforcer:
   webhook_secret: %s
   heartbeat_every: 1s
-`, demoFreeLimit, demoAdminKey, demoWebhookSecret)
+`, freeLimit, adminKey, webhookSecret)
 
-// demoTenant is a tenant the simulated gateway sends calls for.
-type demoTenant struct {
+// tenant is a tenant the simulated gateway sends calls for.
+type tenant struct {
 	name   string
 	plan   string
 	rate   int // calls per second
@@ -58,19 +63,23 @@ type demoTenant struct {
 	lostTokens atomic.Bool
 }
 
-// runDemo runs `meterd demo`: the whole pipeline in this process on
-// embedded defaults, a simulated gateway and billing provider in front, and
-// the reports at the end.
-func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+// Dev runs `meterd dev` with args and returns its exit code. Once it
+// serves, it prints "listening on http://ADDR" on stdout.
+type Dev func(ctx context.Context, args []string, stdout, stderr io.Writer) int
+
+// Run runs `meterd demo`: the whole pipeline in this process on embedded
+// defaults, started with dev, a simulated gateway and billing provider in
+// front, and the reports at the end.
+func Run(ctx context.Context, args []string, stdout, stderr io.Writer, dev Dev) error {
 	fs := flag.NewFlagSet("meterd demo", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	seconds := fs.Duration("traffic", 6*time.Second, "how long the simulated gateway sends calls")
 	keep := fs.Bool("keep", false, "keep the data directory (and its log) at the end")
-	if err := parse(fs, args); err != nil {
+	if err := cli.Parse(fs, args); err != nil {
 		return err
 	}
 	start := time.Now()
-	out := &demoOut{w: stdout, start: start}
+	out := &printer{w: stdout, start: start}
 
 	dir, err := os.MkdirTemp("", "meterd-demo-")
 	if err != nil {
@@ -86,7 +95,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		os.RemoveAll(dir)
 	}()
 	cfgPath := filepath.Join(dir, "meterd.yaml")
-	if err := os.WriteFile(cfgPath, []byte(demoConfig), 0o600); err != nil {
+	if err := os.WriteFile(cfgPath, []byte(configYAML), 0o600); err != nil {
 		return err
 	}
 	logFile, err := os.Create(logPath)
@@ -97,7 +106,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 
 	out.title("meterd demo: the whole pipeline in this process, on embedded defaults")
 	out.say("embedded JetStream, collector with the gate, aggregator (embedded store), enforcer; logs in %s", logPath)
-	out.say("plans:   free = %d api_calls a month, blocked beyond · pro = 1,000,000 api_calls + 5,000,000 tokens, overage beyond", demoFreeLimit)
+	out.say("plans:   free = %d api_calls a month, blocked beyond · pro = 1,000,000 api_calls + 5,000,000 tokens, overage beyond", freeLimit)
 	out.say("tenants: acme, globex (free) · initech, umbrella (pro; umbrella pays through Stripe as cus_umbrella)")
 
 	devCtx, stopDev := context.WithCancel(context.WithoutCancel(ctx))
@@ -105,7 +114,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	addrs := make(chan string, 1)
 	devDone := make(chan error, 1)
 	go func() {
-		code := run(devCtx, []string{"dev", "--listen", "127.0.0.1:0", "--data-dir", filepath.Join(dir, "data"),
+		code := dev(devCtx, []string{"--listen", "127.0.0.1:0", "--data-dir", filepath.Join(dir, "data"),
 			"--config", cfgPath, "--log-format", "text", "--shutdown-grace", "5s"}, &addrWriter{ch: addrs}, logFile)
 		if code != 0 {
 			devDone <- fmt.Errorf("meterd dev exited with %d; see %s", code, logPath)
@@ -117,17 +126,17 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	case addr := <-addrs:
 		base = "http://" + addr
 	case err := <-devDone:
-		return or(err, errors.New("meterd dev stopped before listening"))
+		return cmp.Or(err, errors.New("meterd dev stopped before listening"))
 	case <-time.After(30 * time.Second):
 		return fmt.Errorf("meterd dev not listening after 30 s; see %s", logPath)
 	}
-	d := &demoClient{base: base, http: &http.Client{Timeout: 10 * time.Second}}
+	d := &client{base: base, http: &http.Client{Timeout: 10 * time.Second}}
 	if err := d.waitReady(ctx, 30*time.Second); err != nil {
 		return err
 	}
 	out.say("meterd dev ready on %s in %s", base, time.Since(start).Round(time.Millisecond))
 
-	tenants := []*demoTenant{
+	tenants := []*tenant{
 		{name: "acme", plan: "free", rate: 150},
 		{name: "globex", plan: "free", rate: 70},
 		{name: "initech", plan: "pro", rate: 100, model: "large"},
@@ -136,10 +145,10 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 
 	// 1. Traffic through /v1/check until a free tenant crosses its quota.
 	out.title(fmt.Sprintf("1. A gateway asks GET /v1/check before every call, for %s", *seconds))
-	out.say("free tenants: acme at 150 calls/s crosses its %d-call quota; globex at 70 calls/s gets close", demoFreeLimit)
+	out.say("free tenants: acme at 150 calls/s crosses its %d-call quota; globex at 70 calls/s gets close", freeLimit)
 	trafficCtx, stopTraffic := context.WithTimeout(ctx, *seconds)
 	defer stopTraffic()
-	firstBlock := make(chan *demoAnswer, 1)
+	firstBlock := make(chan *answer, 1)
 	var wg sync.WaitGroup
 	for _, t := range tenants {
 		wg.Add(1)
@@ -175,10 +184,10 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}
 	acme := tenants[0]
 	if acme.denied.Load() == 0 {
-		return fmt.Errorf("acme was never blocked after %d calls (limit %d); see %s", acme.ok.Load(), demoFreeLimit, logPath)
+		return fmt.Errorf("acme was never blocked after %d calls (limit %d); see %s", acme.ok.Load(), freeLimit, logPath)
 	}
 	out.say("acme: %d calls allowed, %d refused with 402; %d admitted past the %d limit while the block travelled (the overshoot, bounded by rate × freshness)",
-		acme.ok.Load(), acme.denied.Load(), acme.ok.Load()-demoFreeLimit, demoFreeLimit)
+		acme.ok.Load(), acme.denied.Load(), acme.ok.Load()-freeLimit, freeLimit)
 
 	// 2. An unpaid invoice blocks umbrella; paying it restores access.
 	out.title("2. Stripe says umbrella's invoice failed, then that it was paid")
@@ -230,26 +239,30 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		var checks []string
 		for _, t := range tenants {
 			if want, ok := m.want[t.name]; ok {
-				checks = append(checks, fmt.Sprintf("%s %s = %s", t.name, group(got[t.name]), group(want)))
+				checks = append(checks, fmt.Sprintf("%s %s = %s", t.name, cli.Group(got[t.name]), cli.Group(want)))
 			}
 		}
 		out.say("%s counted = %s, exactly: %s", m.meter, m.what, strings.Join(checks, " · "))
 	}
 
-	flags := []string{"--url", base, "--api-key", demoAdminKey}
+	flags := []string{"--url", base, "--api-key", adminKey}
 	out.title("meterd usage summary")
-	if err := runSummary(ctx, flags, stdout, stderr); err != nil {
+	if err := cli.Summary(ctx, flags, stdout, stderr); err != nil {
 		return err
 	}
 	out.title("meterd usage --window period --meter api_calls")
-	if err := runUsage(ctx, append(slices.Clone(flags), "--window", "period", "--meter", "api_calls"), stdout, stderr); err != nil {
+	if err := cli.Usage(ctx, append(slices.Clone(flags), "--window", "period", "--meter", "api_calls"), stdout, stderr); err != nil {
 		return err
 	}
 	out.title("meterd usage --meter tokens --group-by model")
-	if err := runUsage(ctx, append(slices.Clone(flags), "--meter", "tokens", "--group-by", "model"), stdout, stderr); err != nil {
+	if err := cli.Usage(ctx, append(slices.Clone(flags), "--meter", "tokens", "--group-by", "model"), stdout, stderr); err != nil {
 		return err
 	}
 
+	// A connection the client dialed but never sent a request on counts as
+	// active for its first 5 s: closing it lets dev shut down within its
+	// grace instead of failing with "context deadline exceeded".
+	d.http.CloseIdleConnections()
 	stopDev()
 	if err := <-devDone; err != nil {
 		return err
@@ -267,27 +280,27 @@ func short(d time.Duration) string {
 	return d.Round(time.Millisecond).String()
 }
 
-// demoOut prints the demo's progress.
-type demoOut struct {
+// printer prints the demo's progress.
+type printer struct {
 	mu    sync.Mutex
 	w     io.Writer
 	start time.Time
 }
 
-func (o *demoOut) title(s string) {
+func (o *printer) title(s string) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	fmt.Fprintf(o.w, "\n== %s\n", s)
 }
 
-func (o *demoOut) say(format string, args ...any) {
+func (o *printer) say(format string, args ...any) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	fmt.Fprintf(o.w, "[%5.1fs] %s\n", time.Since(o.start).Seconds(), fmt.Sprintf(format, args...))
 }
 
 // block prints an answer as HTTP: status, the headers that matter, body.
-func (o *demoOut) block(a *demoAnswer) {
+func (o *printer) block(a *answer) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	fmt.Fprintf(o.w, "\n    HTTP/1.1 %d %s\n", a.status, http.StatusText(a.status))
@@ -328,20 +341,20 @@ func (w *addrWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// demoClient talks to the demo's meterd dev.
-type demoClient struct {
+// client talks to the demo's meterd dev.
+type client struct {
 	base string
 	http *http.Client
 }
 
-type demoAnswer struct {
+type answer struct {
 	n      int64
 	status int
 	header http.Header
 	body   []byte
 }
 
-func (d *demoClient) do(ctx context.Context, method, path string, header http.Header, body []byte) (*demoAnswer, error) {
+func (d *client) do(ctx context.Context, method, path string, header http.Header, body []byte) (*answer, error) {
 	req, err := http.NewRequestWithContext(ctx, method, d.base+path, bytes.NewReader(body))
 	if err != nil {
 		return nil, err
@@ -358,10 +371,10 @@ func (d *demoClient) do(ctx context.Context, method, path string, header http.He
 	if err != nil {
 		return nil, err
 	}
-	return &demoAnswer{status: resp.StatusCode, header: resp.Header, body: b}, nil
+	return &answer{status: resp.StatusCode, header: resp.Header, body: b}, nil
 }
 
-func (d *demoClient) waitReady(ctx context.Context, within time.Duration) error {
+func (d *client) waitReady(ctx context.Context, within time.Duration) error {
 	deadline := time.Now().Add(within)
 	for {
 		a, err := d.do(ctx, http.MethodGet, "/readyz", nil, nil)
@@ -383,7 +396,7 @@ func (d *demoClient) waitReady(ctx context.Context, within time.Duration) error 
 }
 
 // check asks /v1/check for a call of tenant, as the gateway's forward auth.
-func (d *demoClient) check(ctx context.Context, tenant string) (*demoAnswer, error) {
+func (d *client) check(ctx context.Context, tenant string) (*answer, error) {
 	return d.do(ctx, http.MethodGet, "/v1/check", http.Header{"X-Tenant-Id": {tenant}}, nil)
 }
 
@@ -391,7 +404,7 @@ func (d *demoClient) check(ctx context.Context, tenant string) (*demoAnswer, err
 // goes to firstBlock. A pro tenant's allowed call also reports the tokens it
 // used, as an LLM gateway's sidecar would, through /v1/events: batched every
 // 100 ms by a second goroutine, so the calls keep their pace.
-func (d *demoClient) gateway(ctx context.Context, t *demoTenant, firstBlock chan<- *demoAnswer) {
+func (d *client) gateway(ctx context.Context, t *tenant, firstBlock chan<- *answer) {
 	tokens := make(chan string, 1024)
 	reported := make(chan struct{})
 	go func() {
@@ -435,7 +448,7 @@ func (d *demoClient) gateway(ctx context.Context, t *demoTenant, firstBlock chan
 
 // reportTokens posts the token events of events as NDJSON, every 100 ms and
 // once more when events is closed.
-func (d *demoClient) reportTokens(t *demoTenant, events <-chan string) {
+func (d *client) reportTokens(t *tenant, events <-chan string) {
 	var batch []string
 	flush := func() {
 		if len(batch) == 0 {
@@ -446,7 +459,7 @@ func (d *demoClient) reportTokens(t *demoTenant, events <-chan string) {
 		// A fresh context: the last batch is posted after the traffic ended.
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
-		if a, err := d.do(ctx, http.MethodPost, "/v1/events", http.Header{"Content-Type": {"application/x-ndjson"}, "Authorization": {"Bearer " + demoAdminKey}}, body); err != nil || a.status != http.StatusAccepted {
+		if a, err := d.do(ctx, http.MethodPost, "/v1/events", http.Header{"Content-Type": {"application/x-ndjson"}, "Authorization": {"Bearer " + adminKey}}, body); err != nil || a.status != http.StatusAccepted {
 			t.lostTokens.Store(true)
 		}
 	}
@@ -467,14 +480,14 @@ func (d *demoClient) reportTokens(t *demoTenant, events <-chan string) {
 }
 
 // webhook posts a signed Stripe invoice event for umbrella.
-func (d *demoClient) webhook(ctx context.Context, id, typ string, created time.Time) error {
+func (d *client) webhook(ctx context.Context, id, typ string, created time.Time) error {
 	body, _ := json.Marshal(map[string]any{
 		"id": id, "object": "event", "type": typ, "created": created.Unix(), "livemode": false,
 		"data": map[string]any{"object": map[string]any{"id": "in_demo_1", "object": "invoice", "customer": "cus_umbrella"}},
 	})
 	a, err := d.do(ctx, http.MethodPost, "/v1/billing/webhook", http.Header{
 		"Content-Type":                 {"application/json"},
-		enforcer.StripeSignatureHeader: {enforcer.Sign(body, demoWebhookSecret, time.Now())},
+		enforcer.StripeSignatureHeader: {enforcer.Sign(body, webhookSecret, time.Now())},
 	}, body)
 	if err != nil {
 		return fmt.Errorf("webhook %s: %w", typ, err)
@@ -487,7 +500,7 @@ func (d *demoClient) webhook(ctx context.Context, id, typ string, created time.T
 
 // waitCheck asks /v1/check for tenant until it answers status; passed
 // counts the calls answered 200 before (each one recorded as usage).
-func (d *demoClient) waitCheck(ctx context.Context, tenant string, status int, within time.Duration) (a *demoAnswer, passed int64, err error) {
+func (d *client) waitCheck(ctx context.Context, tenant string, status int, within time.Duration) (a *answer, passed int64, err error) {
 	deadline := time.Now().Add(within)
 	for {
 		a, err := d.check(ctx, tenant)
@@ -510,15 +523,15 @@ func (d *demoClient) waitCheck(ctx context.Context, tenant string, status int, w
 // waitUsage reads the usage of meter of each tenant in its current period,
 // through the CLI's client, until it equals want, and returns the last
 // reading.
-func (d *demoClient) waitUsage(ctx context.Context, meter string, want map[string]int64, within time.Duration) (map[string]int64, error) {
-	c := client{url: d.base, apiKey: demoAdminKey, http: d.http}
+func (d *client) waitUsage(ctx context.Context, meter string, want map[string]int64, within time.Duration) (map[string]int64, error) {
+	c := cli.Client{URL: d.base, APIKey: adminKey, HTTP: d.http}
 	deadline := time.Now().Add(within)
 	for {
 		got := map[string]int64{}
-		body, err := c.get(ctx, "/v1/usage", url.Values{"window": {"period"}, "meter": {meter}})
+		body, err := c.Get(ctx, "/v1/usage", url.Values{"window": {"period"}, "meter": {meter}})
 		if err == nil {
-			var rep usageReport
-			rep, err = decodeReport(body)
+			var rep cli.Report
+			rep, err = cli.DecodeReport(body)
 			body.Close()
 			for _, r := range rep.Rows {
 				got[r.Tenant] += r.Value
