@@ -81,25 +81,23 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/meterd/meterd/aggregator"
 	"github.com/meterd/meterd/internal/auth"
 	"github.com/meterd/meterd/internal/billing"
 	"github.com/meterd/meterd/schemas"
 )
 
 // UsageSource is where the enforcer seeds and reconciles usage totals from:
-// the aggregator's store.
+// the aggregator's store (every aggregator.Store satisfies it; the enforcer
+// needs these three methods only, so it does not import the aggregator).
 type UsageSource interface {
 	// Totals returns the usage per (tenant, meter) with from <= time < to.
-	Totals(ctx context.Context, from, to time.Time) ([]aggregator.Increment, error)
+	Totals(ctx context.Context, from, to time.Time) ([]schemas.Increment, error)
 	// TenantTotals returns the usage per meter of tenant alone: read tenant
 	// by tenant when Totals fails while the store answers.
-	TenantTotals(ctx context.Context, tenant string, from, to time.Time) ([]aggregator.Increment, error)
+	TenantTotals(ctx context.Context, tenant string, from, to time.Time) ([]schemas.Increment, error)
 	// Ping reports whether the store is reachable.
 	Ping(ctx context.Context) error
 }
-
-var _ UsageSource = aggregator.Store(nil)
 
 // KV buckets the enforcer keeps its state in, besides schemas.BlocklistBucket.
 const (

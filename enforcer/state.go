@@ -13,7 +13,6 @@ import (
 
 	"github.com/nats-io/nats.go"
 
-	"github.com/meterd/meterd/aggregator"
 	"github.com/meterd/meterd/internal/billing"
 	"github.com/meterd/meterd/internal/saturating"
 	"github.com/meterd/meterd/schemas"
@@ -364,7 +363,7 @@ func splitTenantPath(path string) (tenant, field string) {
 // onCommitted counts a committed increment of the aggregator.
 func (e *Enforcer) onCommitted(msg *nats.Msg) {
 	arrived := time.Now()
-	var c aggregator.Committed
+	var c schemas.Committed
 	if err := json.Unmarshal(msg.Data, &c); err != nil || c.Tenant == "" || c.Meter == "" {
 		e.log.Warn("malformed committed increment ignored", "subject", msg.Subject, "err", err)
 		return
@@ -458,7 +457,7 @@ type journal struct {
 	adds    map[string]map[string]int64
 }
 
-func (j *journal) add(c aggregator.Committed) {
+func (j *journal) add(c schemas.Committed) {
 	p, ok := j.periods[c.Tenant]
 	if !ok || !p.Contains(c.Hour) {
 		return
@@ -535,7 +534,7 @@ func (e *Enforcer) reconcile(ctx context.Context, tenants []string) error {
 // wait in e.reseed. err is set when the store did not answer at all. It
 // returns how many tenants it set and how many meters it corrected.
 func (e *Enforcer) reconcilePeriod(ctx context.Context, p billing.Period, tenants []string) (set, corrected int, failed []error, err error) {
-	set, corrected, err = e.setFromStore(ctx, p, tenants, func(ctx context.Context) ([]aggregator.Increment, error) {
+	set, corrected, err = e.setFromStore(ctx, p, tenants, func(ctx context.Context) ([]schemas.Increment, error) {
 		return e.cfg.Store.Totals(ctx, p.Start, p.End)
 	})
 	if err == nil || ctx.Err() != nil {
@@ -546,7 +545,7 @@ func (e *Enforcer) reconcilePeriod(ctx context.Context, p billing.Period, tenant
 	}
 	e.log.Warn("reading the usage of all tenants failed while the store answers; reading tenant by tenant", "period", p, "err", err)
 	for _, t := range tenants {
-		n, c, terr := e.setFromStore(ctx, p, []string{t}, func(ctx context.Context) ([]aggregator.Increment, error) {
+		n, c, terr := e.setFromStore(ctx, p, []string{t}, func(ctx context.Context) ([]schemas.Increment, error) {
 			return e.cfg.Store.TenantTotals(ctx, t, p.Start, p.End)
 		})
 		set, corrected = set+n, corrected+c
@@ -569,7 +568,7 @@ func (e *Enforcer) reconcilePeriod(ctx context.Context, p billing.Period, tenant
 // documentation). It returns how many tenants it set and how many meters it
 // corrected.
 func (e *Enforcer) setFromStore(ctx context.Context, p billing.Period, tenants []string,
-	read func(context.Context) ([]aggregator.Increment, error)) (set, corrected int, err error) {
+	read func(context.Context) ([]schemas.Increment, error)) (set, corrected int, err error) {
 	j := &journal{periods: map[string]billing.Period{}, adds: map[string]map[string]int64{}}
 	e.mu.Lock()
 	for _, t := range tenants {
