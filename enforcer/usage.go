@@ -7,8 +7,6 @@ import (
 	"fmt"
 	"maps"
 	"slices"
-	"strconv"
-	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -18,41 +16,18 @@ import (
 	"github.com/meterd/meterd/schemas"
 )
 
-// Derived billing statuses, worst last. A tenant's billing status is the
-// worst of its configured status (billing.Status*), the states of its
-// invoices and the status of its latest subscription (see billingRecord).
-// StatusIncomplete stands for every "a payment method or action is needed"
-// state: Stripe's incomplete and incomplete_expired subscriptions and
-// invoice.payment_action_required.
-const (
-	StatusIncomplete = "incomplete"
-)
-
-// statusRank orders the statuses a tenant can be in; an unknown status
-// ranks with active.
-var statusRank = map[string]int{
-	billing.StatusActive:    0,
-	StatusIncomplete:        1,
-	billing.StatusPastDue:   2,
-	billing.StatusUnpaid:    3,
-	billing.StatusCanceled:  4,
-	billing.StatusSuspended: 5,
+// UsageSource is where the enforcer seeds and reconciles usage totals from:
+// the aggregator's store (every aggregator.Store satisfies it; the enforcer
+// needs these three methods only, so it does not import the aggregator).
+type UsageSource interface {
+	// Totals returns the usage per (tenant, meter) with from <= time < to.
+	Totals(ctx context.Context, from, to time.Time) ([]schemas.Increment, error)
+	// TenantTotals returns the usage per meter of tenant alone: read tenant
+	// by tenant when Totals fails while the store answers.
+	TenantTotals(ctx context.Context, tenant string, from, to time.Time) ([]schemas.Increment, error)
+	// Ping reports whether the store is reachable.
+	Ping(ctx context.Context) error
 }
-
-// statusReason is the reason a tenant blocked for status is given.
-var statusReason = map[string]schemas.Reason{
-	StatusIncomplete:        schemas.ReasonPaymentMethodRequired,
-	billing.StatusPastDue:   schemas.ReasonPaymentOverdue,
-	billing.StatusUnpaid:    schemas.ReasonPaymentOverdue,
-	billing.StatusCanceled:  schemas.ReasonSuspended,
-	billing.StatusSuspended: schemas.ReasonSuspended,
-}
-
-// DefaultBlockOn is the default of Config.BlockOn: every status but active.
-var DefaultBlockOn = []string{billing.StatusPastDue, billing.StatusUnpaid, billing.StatusCanceled, billing.StatusSuspended, StatusIncomplete}
-
-// worse reports whether status a ranks above b.
-func worse(a, b string) bool { return statusRank[a] > statusRank[b] }
 
 // tenantUsage is a tenant's usage in its current billing period.
 type tenantUsage struct {
@@ -101,263 +76,6 @@ func (u *tenantUsage) roll(p billing.Period) (needReseed bool) {
 	}
 	u.period = p
 	return !u.seeded
-}
-
-// thresholdUnits is the usage at which pct percent of limit is reached:
-// ceil(limit·pct/100), exact for every int64 limit (pct is 80 or 100).
-func thresholdUnits(limit int64, pct int) int64 {
-	if pct == 100 {
-		return limit
-	}
-	return limit - limit/5 // ceil(0.8·limit)
-}
-
-// sameBlock reports whether two decisions block for the same thing: a
-// change of reason, meter, limit, period or billing URL is a new decision;
-// a change of usage alone is not (the value keeps the usage at blocking).
-func sameBlock(a, b schemas.Decision) bool {
-	return a.Tenant == b.Tenant && a.Reason == b.Reason && a.Meter == b.Meter && a.Limit == b.Limit &&
-		a.PeriodStart.Equal(b.PeriodStart) && a.PeriodEnd.Equal(b.PeriodEnd) && a.BillingURL == b.BillingURL
-}
-
-// decideQuota returns the quota block of a tenant of plan with limits and
-// usage u, or nil. Among the meters at or over their limit it keeps the one
-// of the current block (prev), so a second meter crossing does not rewrite
-// the decision, else it takes the first by name.
-func decideQuota(tenant string, plan billing.Plan, limits map[string]int64, u *tenantUsage, billingURL string, prev *schemas.Decision) *schemas.Decision {
-	if plan.OnExceed == billing.OnExceedOverage {
-		return nil
-	}
-	meter := ""
-	for _, m := range slices.Sorted(maps.Keys(limits)) {
-		if u.used[m] < limits[m] {
-			continue
-		}
-		if prev != nil && prev.Reason == schemas.ReasonQuotaExceeded && prev.Meter == m {
-			meter = m
-			break
-		}
-		if meter == "" {
-			meter = m
-		}
-	}
-	if meter == "" {
-		return nil
-	}
-	return &schemas.Decision{
-		Tenant: tenant, Reason: schemas.ReasonQuotaExceeded, Meter: meter,
-		Limit: limits[meter], Used: u.used[meter],
-		PeriodStart: u.period.Start, PeriodEnd: u.period.End, BillingURL: billingURL,
-	}
-}
-
-// tenantSpec is a tenant as the admin API sets it: each field given replaces
-// the catalog file's value for the tenant; a field left out (or null) keeps
-// it. It is the body of PUT /v1/tenants/{tenant} and the value of the
-// tenant's key in the meterd-tenants bucket.
-type tenantSpec struct {
-	Plan          *string        `json:"plan,omitempty"`
-	BillingAnchor *string        `json:"billing_anchor,omitempty"`
-	BillingURL    *string        `json:"billing_url,omitempty"`
-	CustomerID    *string        `json:"customer_id,omitempty"`
-	Status        *string        `json:"status,omitempty"`
-	Overrides     *specOverrides `json:"overrides,omitempty"`
-}
-
-type specOverrides struct {
-	Limits map[string]int64 `json:"limits"`
-}
-
-// parseAnchor reads a billing anchor as the catalog file does: a date
-// (2026-01-15, midnight UTC) or an RFC 3339 time.
-func parseAnchor(s string) (time.Time, error) {
-	if s == "" {
-		return time.Time{}, nil
-	}
-	for _, layout := range []string{time.DateOnly, time.RFC3339Nano} {
-		if t, err := time.Parse(layout, s); err == nil {
-			return t, nil
-		}
-	}
-	return time.Time{}, fmt.Errorf("must be a date (2026-01-15) or an RFC 3339 time, not %q", s)
-}
-
-// fieldError is what is wrong with one field of a tenant: the field path
-// as in the catalog file (plan, overrides.limits.api_calls), empty for the
-// tenant itself.
-type fieldError struct{ Field, Message string }
-
-func (e *fieldError) Error() string {
-	if e.Field == "" {
-		return e.Message
-	}
-	return e.Field + ": " + e.Message
-}
-
-// applyTo returns base with the fields of s applied.
-func (s tenantSpec) applyTo(base billing.Tenant) (billing.Tenant, *fieldError) {
-	t := base
-	if s.Plan != nil {
-		t.Plan = *s.Plan
-	}
-	if s.BillingAnchor != nil {
-		a, err := parseAnchor(*s.BillingAnchor)
-		if err != nil {
-			return t, &fieldError{Field: "billing_anchor", Message: err.Error()}
-		}
-		t.BillingAnchor = a
-	}
-	if s.BillingURL != nil {
-		t.BillingURL = *s.BillingURL
-	}
-	if s.CustomerID != nil {
-		t.CustomerID = *s.CustomerID
-	}
-	if s.Status != nil {
-		t.Status = *s.Status
-	}
-	if s.Overrides != nil {
-		t.Overrides.Limits = s.Overrides.Limits
-	}
-	return t, nil
-}
-
-// mergeCatalog builds the catalog the enforcer decides by: the file's
-// tenants with the admin API's specs applied, and the tenants only the API
-// defines. A spec that no longer fits the file (its plan was removed, its
-// customer id now belongs to a file tenant) is left out and returned in
-// dropped with the reasons, so that one stale spec cannot stop a reload.
-// The spec of tenant last, if any, is applied last: of two specs in conflict
-// (the same customer id), that one is dropped.
-func mergeCatalog(file *billing.Catalog, specs map[string]tenantSpec, last string) (cat *billing.Catalog, dropped map[string][]*fieldError) {
-	dropped = map[string][]*fieldError{}
-	for {
-		cat, errs := buildCatalog(file, specs, dropped, last)
-		if len(errs) == 0 {
-			return cat, dropped
-		}
-		progress := false
-		for name, fes := range errs {
-			if _, isSpec := specs[name]; isSpec && dropped[name] == nil {
-				dropped[name] = fes
-				progress = true
-			}
-		}
-		if !progress {
-			// The file catalog itself is valid, so this cannot happen;
-			// fall back to it rather than to nothing.
-			return file, dropped
-		}
-	}
-}
-
-// buildCatalog merges file and the specs not in skip; errs maps a tenant to
-// what is wrong with it.
-func buildCatalog(file *billing.Catalog, specs map[string]tenantSpec, skip map[string][]*fieldError, last string) (*billing.Catalog, map[string][]*fieldError) {
-	errs := map[string][]*fieldError{}
-	// The tenants with a spec go last: NewCatalog blames the later of two
-	// tenants sharing a customer id, and that must be the spec, never a
-	// tenant of the file.
-	var tenants []billing.Tenant
-	for _, name := range file.TenantNames() {
-		if _, ok := specs[name]; !ok || skip[name] != nil {
-			t, _, _ := file.Tenant(name)
-			tenants = append(tenants, t)
-		}
-	}
-	names := slices.Sorted(maps.Keys(specs))
-	if i := slices.Index(names, last); i >= 0 {
-		names = append(slices.Delete(names, i, i+1), last)
-	}
-	for _, name := range names {
-		if skip[name] != nil {
-			continue
-		}
-		base, _, ok := file.Tenant(name)
-		if !ok {
-			base = billing.Tenant{Name: name}
-		}
-		t, fe := specs[name].applyTo(base)
-		if fe != nil {
-			errs[name] = append(errs[name], fe)
-			continue
-		}
-		tenants = append(tenants, t)
-	}
-	if len(errs) > 0 {
-		return nil, errs
-	}
-	// Only the plans tenants name: the catalog offers no list of plans, and
-	// a plan no tenant is on decides nothing. A plan the file lacks is
-	// left out, so NewCatalog reports the tenant naming it.
-	var plans []billing.Plan
-	named := map[string]bool{}
-	for _, t := range tenants {
-		if t.Plan == "" || named[t.Plan] {
-			continue
-		}
-		named[t.Plan] = true
-		if p, ok := file.Plan(t.Plan); ok {
-			plans = append(plans, p)
-		}
-	}
-	cat, err := billing.NewCatalog(plans, tenants)
-	if err != nil {
-		for _, ce := range catalogErrors(err) {
-			name, field := splitTenantPath(ce.Path)
-			errs[name] = append(errs[name], &fieldError{Field: field, Message: ce.Message})
-		}
-		return nil, errs
-	}
-	return cat, nil
-}
-
-// catalogErrors lists the *billing.CatalogError joined in err.
-func catalogErrors(err error) []*billing.CatalogError {
-	var out []*billing.CatalogError
-	var walk func(error)
-	walk = func(err error) {
-		if ce, ok := err.(*billing.CatalogError); ok {
-			out = append(out, ce)
-			return
-		}
-		if j, ok := err.(interface{ Unwrap() []error }); ok {
-			for _, e := range j.Unwrap() {
-				walk(e)
-			}
-			return
-		}
-		if e := errors.Unwrap(err); e != nil {
-			walk(e)
-		}
-	}
-	walk(err)
-	return out
-}
-
-// splitTenantPath splits a CatalogError path tenants.<name>.<field…> into
-// the tenant's name and the field path (empty for the tenant itself). A name
-// with characters other than letters, digits, '_' and '-' is quoted.
-func splitTenantPath(path string) (tenant, field string) {
-	rest, ok := strings.CutPrefix(path, "tenants.")
-	if !ok {
-		return "", path
-	}
-	if strings.HasPrefix(rest, `"`) {
-		q, err := strconv.QuotedPrefix(rest)
-		if err != nil {
-			return "", path
-		}
-		tenant, _ = strconv.Unquote(q)
-		rest = rest[len(q):]
-	} else {
-		i := strings.IndexByte(rest, '.')
-		if i < 0 {
-			return rest, ""
-		}
-		tenant, rest = rest[:i], rest[i:]
-	}
-	return tenant, strings.TrimPrefix(rest, ".")
 }
 
 // onCommitted counts a committed increment of the aggregator.
@@ -410,44 +128,6 @@ func (e *Enforcer) rollLocked(tenant string, u *tenantUsage, now time.Time) {
 	delete(e.notified, tenant)
 	e.markDirtyLocked(tenant, time.Time{})
 	e.checkThresholdsLocked(tenant, u)
-}
-
-// checkThresholdsLocked queues the notifications of every limit of tenant
-// its usage reached.
-func (e *Enforcer) checkThresholdsLocked(tenant string, u *tenantUsage) {
-	for meter, limit := range e.cat.Limits(tenant) {
-		e.checkThresholdLocked(tenant, u, meter, limit)
-	}
-}
-
-// notifyThresholds are the percentages of a limit that are notified.
-var notifyThresholds = []int{WarnPercent, 100}
-
-// checkThresholdLocked queues a notification for each threshold of meter's
-// limit the usage reached and that was not queued this period. A limit of 0
-// has no thresholds worth telling.
-func (e *Enforcer) checkThresholdLocked(tenant string, u *tenantUsage, meter string, limit int64) {
-	if !u.seeded || limit <= 0 {
-		return
-	}
-	used := u.used[meter]
-	for _, pct := range notifyThresholds {
-		if used < thresholdUnits(limit, pct) {
-			return
-		}
-		id := thresholdID(tenant, meter, u.period.Start, pct)
-		if e.notified[tenant][id] {
-			continue
-		}
-		if e.notified[tenant] == nil {
-			e.notified[tenant] = map[string]bool{}
-		}
-		e.notified[tenant][id] = true
-		e.notify.enqueue(Notification{
-			Type: NotifyUsageThreshold, ID: id, Tenant: tenant, Meter: meter, Threshold: pct,
-			Used: used, Limit: limit, PeriodStart: u.period.Start, PeriodEnd: u.period.End, At: e.now(),
-		})
-	}
 }
 
 // journal collects the increments that arrive while a totals query runs,
