@@ -60,4 +60,45 @@
 // The admin API's tenant changes are kept in the KV bucket meterd-tenants and
 // merged over the catalog file; both buckets are watched, so restarts and
 // replicas see the same state.
+//
+// # Files
+//
+// Each file holds one idea; a decision travels usage.go → decide.go →
+// publish.go → notify.go:
+//
+//   - enforcer.go: Config, New, Run (the start-up order), the KV buckets and
+//     their watches, Ready and Close.
+//   - usage.go: usage per tenant and period: committed increments, seeding
+//     and reconciling from the UsageSource, rollover.
+//   - decide.go: billing statuses, the quota check and a tenant's decision;
+//     markDirtyLocked queues a tenant to be decided again.
+//   - publish.go: the writer of the blocklist bucket (one decision per
+//     dirty tenant, versions, the blocked gauge) and the heartbeat.
+//   - catalog.go: the admin API's tenant changes merged over the catalog
+//     file, the switch to a new catalog, the reload of the file.
+//   - webhook.go: Stripe-compatible billing webhooks and billing records.
+//   - notify.go: threshold checks and the notifier that delivers them.
+//   - api.go, summary.go: the admin HTTP API and GET /v1/usage/summary.
+//   - catalogwatch.go: CatalogWatcher, the catalog as the other components
+//     follow it.
+//
+// # Locks
+//
+// Enforcer.mu guards the tenant state: the catalogs (fileCat, specs, cat),
+// usage, billing records, journals, reseed, dirty, written, versions and
+// notified. Every method named …Locked expects it held. No NATS, store or
+// HTTP call is made under it (only logging), so a slow bucket or store never
+// holds up the increments, the webhooks or the admin API.
+//
+// Enforcer.syncMu serialises the writes of decisions (syncTenant), so the
+// blocklist bucket sees them in decision order; it is held across the KV
+// write. Enforcer.reloadMu serialises reloads of the catalog file and
+// guards catalogStamp. notifier.mu guards the notification queue.
+//
+// The order, outermost first: syncMu or reloadMu (never both), then mu,
+// then notifier.mu. syncMu and reloadMu are never taken while holding mu;
+// notifier.mu is taken under mu (enqueue) and takes nothing else. The
+// atomics (buckets, catalog, running, lastHeartbeat, writeFailingSince) are
+// read without a lock; catalog mirrors cat for readers that must not wait
+// on mu.
 package enforcer
