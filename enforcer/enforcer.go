@@ -47,6 +47,9 @@ const (
 	writeRetry = time.Second
 	// failingUnready: /readyz fails once blocklist writes fail this long.
 	failingUnready = 30 * time.Second
+	// subCloseWait bounds how long Run waits for the increments' callback
+	// to return when it stops.
+	subCloseWait = 5 * time.Second
 )
 
 // Config configures an Enforcer.
@@ -300,7 +303,19 @@ func (e *Enforcer) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("enforcer: subscribe to committed increments: %w", err)
 	}
-	defer sub.Unsubscribe()
+	// Unsubscribe does not wait for a callback already under way: Run
+	// returns only once the subscription's delivery goroutine has ended,
+	// so no onCommitted runs after it.
+	subDone := make(chan struct{})
+	sub.SetClosedHandler(func(string) { close(subDone) })
+	defer func() {
+		sub.Unsubscribe()
+		select {
+		case <-subDone:
+		case <-time.After(subCloseWait):
+			e.log.Warn("the committed-increments subscription did not end in time", "wait", subCloseWait)
+		}
+	}()
 
 	e.mu.Lock()
 	e.tracking = true
