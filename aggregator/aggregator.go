@@ -699,21 +699,6 @@ func (a *Aggregator) ack(msgs []jetstream.Msg) {
 	a.lastCommit.Store(time.Now().UnixNano())
 }
 
-// Committed is what the aggregator publishes on meterd.committed.<partition>
-// after a durable commit: usage newly counted in one hour.
-type Committed struct {
-	Tenant string    `json:"tenant"`
-	Meter  string    `json:"meter"`
-	Hour   time.Time `json:"hour"`
-	Value  int64     `json:"value"`
-	Events int64     `json:"events"`
-	// SealedAt is when the oldest batch of the commit was sealed, on its
-	// collector's clock. No event of the increment was accepted earlier
-	// than SealedAt minus the collector's batch wait: freshness measured
-	// from it (by the enforcer and the gates) misses at most that wait.
-	SealedAt time.Time `json:"sealed_at,omitzero"`
-}
-
 func (a *Aggregator) committed(incs []Increment, batches []*schemas.Batch) {
 	var sealed time.Time
 	for _, b := range batches {
@@ -724,7 +709,7 @@ func (a *Aggregator) committed(incs []Increment, batches []*schemas.Batch) {
 	var events int64
 	for _, inc := range incs {
 		events += inc.Events
-		data, _ := json.Marshal(Committed{Tenant: inc.Tenant, Meter: inc.Meter, Hour: inc.Hour, Value: inc.Value, Events: inc.Events, SealedAt: sealed})
+		data, _ := json.Marshal(schemas.Committed{Tenant: inc.Tenant, Meter: inc.Meter, Hour: inc.Hour, Value: inc.Value, Events: inc.Events, SealedAt: sealed})
 		subject := schemas.CommittedSubject(schemas.Partition(inc.Tenant, a.cfg.Partitions))
 		// Core NATS, at most once: the enforcer reconciles from the store.
 		if err := a.cfg.NATS.Publish(subject, data); err != nil {

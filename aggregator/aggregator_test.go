@@ -99,7 +99,7 @@ func newIdleAggEnv(t testing.TB, store aggregator.Store, mutate func(*aggregator
 	}
 	env := &aggEnv{nc: nc, js: js, reg: prometheus.NewRegistry(), store: store, committed: map[string]int64{}}
 	sub, err := nc.Subscribe(schemas.CommittedSubjectPrefix+"*", func(m *nats.Msg) {
-		var c aggregator.Committed
+		var c schemas.Committed
 		if err := json.Unmarshal(m.Data, &c); err != nil {
 			t.Errorf("committed message: %v", err)
 			return

@@ -76,9 +76,9 @@ func TestConsumerLagSeconds(t *testing.T) {
 // flush: the start of freshness.
 func TestCommittedSealedAt(t *testing.T) {
 	env := newIdleAggEnv(t, openStore(t, "sqlite"), nil)
-	got := make(chan aggregator.Committed, 10)
+	got := make(chan schemas.Committed, 10)
 	sub, err := env.nc.Subscribe(schemas.CommittedSubjectPrefix+"*", func(m *nats.Msg) {
-		var c aggregator.Committed
+		var c schemas.Committed
 		if err := json.Unmarshal(m.Data, &c); err != nil {
 			t.Errorf("committed message: %v", err)
 		}

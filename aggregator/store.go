@@ -9,14 +9,10 @@ import (
 	"github.com/meterd/meterd/schemas"
 )
 
-// Increment is usage newly counted by a commit: the sum of values and number
-// of events of Tenant's Meter in the UTC hour starting at Hour. Totals reuses
-// the type for period sums, with Hour set to the start of the period.
-type Increment struct {
-	Tenant, Meter string
-	Hour          time.Time
-	Value, Events int64
-}
+// Increment is schemas.Increment, the store's unit of counted usage. The
+// alias keeps the stores' signatures; the type lives in schemas so the
+// enforcer can read totals without importing the aggregator.
+type Increment = schemas.Increment
 
 // ErrInvalidEvent is returned by Apply, wrapped with the batch and event, for
 // an event no store can hold: one that breaks the rules of schemas.Event or

@@ -307,3 +307,13 @@ func unavailable(w http.ResponseWriter, detail string) {
 	w.Header().Set("Retry-After", "5")
 	schemas.NewProblem(schemas.ProblemUnavailable, detail).Write(w)
 }
+
+// Register adds the enforcer's HTTP API to mux.
+func (e *Enforcer) Register(mux *http.ServeMux) {
+	mux.HandleFunc("POST /v1/billing/webhook", e.handleWebhook)
+	mux.HandleFunc("GET /v1/tenants/{tenant}", e.handleGetTenant)
+	mux.HandleFunc("PUT /v1/tenants/{tenant}", e.handlePutTenant)
+	mux.HandleFunc("DELETE /v1/tenants/{tenant}", e.handleDeleteTenant)
+	mux.HandleFunc("GET /v1/blocklist", e.handleBlocklist)
+	mux.HandleFunc("GET /v1/usage/summary", e.handleSummary)
+}

@@ -17,7 +17,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
-	"github.com/meterd/meterd/aggregator"
 	"github.com/meterd/meterd/internal/billing"
 	"github.com/meterd/meterd/internal/metrictest"
 	"github.com/meterd/meterd/schemas"
@@ -60,7 +59,7 @@ type gatedStore struct {
 	release  chan struct{}
 }
 
-func (g *gatedStore) Totals(ctx context.Context, from, to time.Time) ([]aggregator.Increment, error) {
+func (g *gatedStore) Totals(ctx context.Context, from, to time.Time) ([]schemas.Increment, error) {
 	incs, err := g.UsageSource.Totals(ctx, from, to)
 	if from.Equal(g.period.Start) && to.Equal(g.period.End) {
 		g.once.Do(func() {
@@ -204,7 +203,7 @@ func TestFreshnessMetric(t *testing.T) {
 	v.start()
 	v.usage("acme", "api_calls", p.Start, false, 1000)
 	sealed := time.Now().Add(-300 * time.Millisecond).UTC()
-	data, _ := json.Marshal(aggregator.Committed{Tenant: "acme", Meter: "api_calls", Hour: p.Start, Value: 1000, Events: 1, SealedAt: sealed})
+	data, _ := json.Marshal(schemas.Committed{Tenant: "acme", Meter: "api_calls", Hour: p.Start, Value: 1000, Events: 1, SealedAt: sealed})
 	if err := v.nc.Publish(schemas.CommittedSubject(schemas.Partition("acme", schemas.DefaultPartitions)), data); err != nil {
 		t.Fatal(err)
 	}

@@ -30,7 +30,12 @@ import (
 	"github.com/meterd/meterd/schemas"
 )
 
-var _ UsageSource = (*sqlite.Store)(nil)
+// Every aggregator store serves as the enforcer's UsageSource; the enforcer
+// itself does not import the aggregator.
+var (
+	_ UsageSource = aggregator.Store(nil)
+	_ UsageSource = (*sqlite.Store)(nil)
+)
 
 const (
 	adminKey      = "admin-key-0123456789"
@@ -256,10 +261,10 @@ func (v *env) usage(tenant, meter string, at time.Time, publish bool, values ...
 	}
 }
 
-func (v *env) publish(incs ...aggregator.Increment) {
+func (v *env) publish(incs ...schemas.Increment) {
 	v.t.Helper()
 	for _, inc := range incs {
-		data, _ := json.Marshal(aggregator.Committed{Tenant: inc.Tenant, Meter: inc.Meter, Hour: inc.Hour, Value: inc.Value, Events: inc.Events})
+		data, _ := json.Marshal(schemas.Committed{Tenant: inc.Tenant, Meter: inc.Meter, Hour: inc.Hour, Value: inc.Value, Events: inc.Events})
 		if err := v.nc.Publish(schemas.CommittedSubject(schemas.Partition(inc.Tenant, schemas.DefaultPartitions)), data); err != nil {
 			v.t.Fatal(err)
 		}

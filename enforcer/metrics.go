@@ -3,7 +3,6 @@ package enforcer
 import (
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/meterd/meterd/enforcer/gate"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -60,7 +59,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		freshness: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "meterd_enforcer_freshness_seconds",
 			Help:    "Time from the sealing of the usage that crossed a limit (its batch, at the collector) to the blocklist write of the block it caused.",
-			Buckets: gate.FreshnessBuckets,
+			Buckets: schemas.FreshnessBuckets,
 		}),
 		reloads: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "meterd_enforcer_catalog_reloads_total",

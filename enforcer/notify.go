@@ -241,3 +241,50 @@ func (n *notifier) post(ctx context.Context, u string, body []byte) error {
 		return fmt.Errorf("POST %s: %s", origin, resp.Status)
 	}
 }
+
+// thresholdUnits is the usage at which pct percent of limit is reached:
+// ceil(limit·pct/100), exact for every int64 limit (pct is 80 or 100).
+func thresholdUnits(limit int64, pct int) int64 {
+	if pct == 100 {
+		return limit
+	}
+	return limit - limit/5 // ceil(0.8·limit)
+}
+
+// checkThresholdsLocked queues the notifications of every limit of tenant
+// its usage reached.
+func (e *Enforcer) checkThresholdsLocked(tenant string, u *tenantUsage) {
+	for meter, limit := range e.cat.Limits(tenant) {
+		e.checkThresholdLocked(tenant, u, meter, limit)
+	}
+}
+
+// notifyThresholds are the percentages of a limit that are notified.
+var notifyThresholds = []int{WarnPercent, 100}
+
+// checkThresholdLocked queues a notification for each threshold of meter's
+// limit the usage reached and that was not queued this period. A limit of 0
+// has no thresholds worth telling.
+func (e *Enforcer) checkThresholdLocked(tenant string, u *tenantUsage, meter string, limit int64) {
+	if !u.seeded || limit <= 0 {
+		return
+	}
+	used := u.used[meter]
+	for _, pct := range notifyThresholds {
+		if used < thresholdUnits(limit, pct) {
+			return
+		}
+		id := thresholdID(tenant, meter, u.period.Start, pct)
+		if e.notified[tenant][id] {
+			continue
+		}
+		if e.notified[tenant] == nil {
+			e.notified[tenant] = map[string]bool{}
+		}
+		e.notified[tenant][id] = true
+		e.notify.enqueue(Notification{
+			Type: NotifyUsageThreshold, ID: id, Tenant: tenant, Meter: meter, Threshold: pct,
+			Used: used, Limit: limit, PeriodStart: u.period.Start, PeriodEnd: u.period.End, At: e.now(),
+		})
+	}
+}

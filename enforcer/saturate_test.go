@@ -12,7 +12,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/meterd/meterd/aggregator"
 	"github.com/meterd/meterd/enforcer/gate"
 	"github.com/meterd/meterd/internal/billing"
 	"github.com/meterd/meterd/schemas"
@@ -102,8 +101,8 @@ func TestSeedSurvivesOverflowingTotals(t *testing.T) {
 
 	// Increments keep the saturated totals there instead of wrapping them
 	// negative (which unblocked the tenant).
-	v.publish(aggregator.Increment{Tenant: "daily", Meter: "api_calls", Hour: day.Start, Value: schemas.MaxValue, Events: 1},
-		aggregator.Increment{Tenant: "acme", Meter: "api_calls", Hour: p.Start, Value: 3, Events: 1})
+	v.publish(schemas.Increment{Tenant: "daily", Meter: "api_calls", Hour: day.Start, Value: schemas.MaxValue, Events: 1},
+		schemas.Increment{Tenant: "acme", Meter: "api_calls", Hour: p.Start, Value: 3, Events: 1})
 	v.eventually("acme's increment", 5*time.Second, func() error {
 		if u := v.view("acme").Usage["api_calls"]; u != 1203 {
 			return fmt.Errorf("acme used %d", u)
@@ -127,14 +126,14 @@ type brokenStore struct {
 	brokenTotals error
 }
 
-func (b *brokenStore) Totals(ctx context.Context, from, to time.Time) ([]aggregator.Increment, error) {
+func (b *brokenStore) Totals(ctx context.Context, from, to time.Time) ([]schemas.Increment, error) {
 	if b.broken.Load().(string) != "" {
 		return nil, b.brokenTotals
 	}
 	return b.UsageSource.Totals(ctx, from, to)
 }
 
-func (b *brokenStore) TenantTotals(ctx context.Context, tenant string, from, to time.Time) ([]aggregator.Increment, error) {
+func (b *brokenStore) TenantTotals(ctx context.Context, tenant string, from, to time.Time) ([]schemas.Increment, error) {
 	b.tenantCalls.Add(1)
 	if tenant == b.broken.Load().(string) {
 		return nil, b.brokenTotals

@@ -9,7 +9,6 @@ import (
 	"slices"
 	"time"
 
-	"github.com/meterd/meterd/enforcer/gate"
 	"github.com/meterd/meterd/internal/auth"
 	"github.com/meterd/meterd/internal/billing"
 	"github.com/meterd/meterd/internal/saturating"
@@ -181,7 +180,7 @@ func (e *Enforcer) tenantSummaryLocked(name string, now time.Time) TenantSummary
 	}
 	switch d, blocked := e.written[name]; {
 	case blocked:
-		ts.Status, ts.Reason, ts.Detail = SummaryBlocked, d.Reason, gate.Detail(d)
+		ts.Status, ts.Reason, ts.Detail = SummaryBlocked, d.Reason, d.Detail()
 	case warn != "":
 		ts.Status, ts.Detail = SummaryWarning, warn
 	}

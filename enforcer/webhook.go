@@ -478,3 +478,19 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	w.WriteHeader(status)
 	w.Write(buf.Bytes())
 }
+
+// setBilling makes rec, of revision rev, tenant's billing record.
+func (e *Enforcer) setBilling(tenant string, rec billingRecord, rev uint64) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.putRecordLocked(tenant, rec, rev)
+}
+
+func (e *Enforcer) putRecordLocked(tenant string, rec billingRecord, rev uint64) {
+	if rev <= e.recordRevs[tenant] {
+		return
+	}
+	e.recordRevs[tenant] = rev
+	e.records[tenant] = rec
+	e.markDirtyLocked(tenant, time.Time{})
+}

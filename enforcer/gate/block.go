@@ -159,30 +159,9 @@ func newBlock(d schemas.Decision) (*Block, error) {
 	return b, nil
 }
 
-// Detail is the sentence a person reads: what happened and what to do.
-func Detail(d schemas.Decision) string {
-	at := func(action string) string {
-		if d.BillingURL == "" {
-			return action
-		}
-		return action + " at " + d.BillingURL
-	}
-	switch d.Reason {
-	case schemas.ReasonQuotaExceeded:
-		period := "the current period"
-		if !d.PeriodEnd.IsZero() {
-			period = "the period ending " + d.PeriodEnd.UTC().Format(time.RFC3339)
-		}
-		return fmt.Sprintf("%s used %d of %d %s in %s; upgrade the plan or wait for the next period.",
-			d.Tenant, d.Used, d.Limit, d.Meter, period)
-	case schemas.ReasonPaymentOverdue:
-		return fmt.Sprintf("%s's payment is overdue; %s to restore access.", d.Tenant, at("pay the open invoice"))
-	case schemas.ReasonPaymentMethodRequired:
-		return fmt.Sprintf("%s has no valid payment method; %s to restore access.", d.Tenant, at("add one"))
-	default: // schemas.ReasonSuspended
-		return fmt.Sprintf("%s's account is suspended; %s to restore access.", d.Tenant, at("contact the provider"))
-	}
-}
+// Detail is the sentence a person reads: what happened and what to do. It
+// is schemas.Decision.Detail, which the enforcer's usage summary shows too.
+func Detail(d schemas.Decision) string { return d.Detail() }
 
 // newStaleBlock is the block a stale gate under the Deny policy answers for
 // tenants it holds no decision for: 503, because the gate does not know

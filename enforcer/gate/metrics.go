@@ -1,11 +1,10 @@
 package gate
 
-import "github.com/prometheus/client_golang/prometheus"
+import (
+	"github.com/prometheus/client_golang/prometheus"
 
-// FreshnessBuckets are the buckets of the freshness histograms (seconds),
-// dense around the 1 s freshness target (docs/architecture.md#freshness-and-the-gate) so alerts can ask for the share of
-// blocks slower than it.
-var FreshnessBuckets = []float64{0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 1.5, 2.5, 5, 10, 30}
+	"github.com/meterd/meterd/schemas"
+)
 
 type metrics struct {
 	blocked   prometheus.Gauge
@@ -41,7 +40,7 @@ func newMetrics(reg prometheus.Registerer, g *Gate) (*metrics, error) {
 		freshness: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "meterd_gate_freshness_seconds",
 			Help:    "Freshness: time from the sealing of the usage that crossed a limit (its batch, at the collector) to this gate answering with the block.",
-			Buckets: FreshnessBuckets,
+			Buckets: schemas.FreshnessBuckets,
 		}),
 	}
 	staleness := prometheus.NewGaugeFunc(prometheus.GaugeOpts{

@@ -1,0 +1,104 @@
+// Package enforcer owns plans, quotas and billing status, decides which
+// tenants are blocked, and broadcasts the decisions to every gateway through
+// the JetStream KV bucket meterd-blocklist (docs/architecture.md: NATS names, Decision, Freshness).
+//
+// # Usage
+//
+// The enforcer keeps, per tenant and meter, the usage of the tenant's current
+// billing period in memory. It learns usage from the increments the
+// aggregator publishes on meterd.committed.<partition> after each durable
+// commit, seeds from the store's totals at start, and reconciles with the
+// store every Config.ReconcileEvery; it never scans raw events per decision.
+//
+// Seeding and reconciling race with increments in flight: a total read from
+// the store at instant S already holds the increments committed before S, and
+// some of those may reach the enforcer only after it asked. The enforcer
+// subscribes before it seeds, and while a totals query runs it journals the
+// increments arriving for the tenants queried. When the query returns, a
+// tenant's usage becomes the store's total plus the journaled increments:
+// every increment that arrived before the query started is replaced by the
+// store's count, every one committed after the store's snapshot is added
+// once. The only increments counted twice are those committed before the
+// snapshot but delivered after the query started: the publish latency of a
+// core NATS message, well under a millisecond on a healthy link. The next
+// reconcile replaces the total again, so an error never outlives one
+// ReconcileEvery. Increments are published at most once (core NATS); a lost
+// one is likewise restored by the next reconcile.
+//
+// One tenant's data never holds the others back: when the totals query of a
+// period fails while the store answers a ping, the tenants are read one by
+// one (UsageSource.TenantTotals); a tenant whose own query fails keeps its
+// decision and is retried every second, the others are seeded and decided.
+// Usage sums saturate at math.MaxInt64 (internal/saturating), which is above
+// every limit.
+//
+// An increment counts toward a tenant's current period when its hour lies in
+// it; billing periods are whole UTC days, so an hour never straddles two.
+// Increments for hours after the period (event times may lie up to five
+// minutes ahead) are kept as the start of the next period's usage. When the
+// clock passes a period's end, the tenant rolls over: its usage restarts from
+// those, and a quota block of the old period is lifted.
+//
+// # Decisions
+//
+// A tenant is blocked for billing when its billing status is one of
+// Config.BlockOn (reason payment_overdue for past_due and unpaid,
+// payment_method_required for incomplete, suspended for canceled and
+// suspended), else for quota when its plan's on_exceed is block and its
+// usage of a limited meter reached the limit (quota_exceeded). A decision is
+// written only when it changes (reason, meter, limit, period or billing URL);
+// Used is the usage when the block was decided. Versions only grow per
+// tenant: max(previous + 1, the clock in Unix nanoseconds). An unblock
+// deletes the tenant's key. Every Config.HeartbeatEvery the enforcer writes
+// schemas.HeartbeatKey so gates can tell a quiet enforcer from a dead one.
+//
+// # Billing
+//
+// Billing status comes from the catalog (status), and from Stripe-compatible
+// webhooks, kept per tenant in the KV bucket meterd-billing and derived from
+// event content and timestamps, never from arrival order (see billingRecord).
+// The admin API's tenant changes are kept in the KV bucket meterd-tenants and
+// merged over the catalog file; both buckets are watched, so restarts and
+// replicas see the same state.
+//
+// # Files
+//
+// Each file holds one idea; a decision travels usage.go → decide.go →
+// publish.go → notify.go:
+//
+//   - enforcer.go: Config, New, Run (the start-up order), the KV buckets and
+//     their watches, Ready and Close.
+//   - usage.go: usage per tenant and period: committed increments, seeding
+//     and reconciling from the UsageSource, rollover.
+//   - decide.go: billing statuses, the quota check and a tenant's decision;
+//     markDirtyLocked queues a tenant to be decided again.
+//   - publish.go: the writer of the blocklist bucket (one decision per
+//     dirty tenant, versions, the blocked gauge) and the heartbeat.
+//   - catalog.go: the admin API's tenant changes merged over the catalog
+//     file, the switch to a new catalog, the reload of the file.
+//   - webhook.go: Stripe-compatible billing webhooks and billing records.
+//   - notify.go: threshold checks and the notifier that delivers them.
+//   - api.go, summary.go: the admin HTTP API and GET /v1/usage/summary.
+//   - catalogwatch.go: CatalogWatcher, the catalog as the other components
+//     follow it.
+//
+// # Locks
+//
+// Enforcer.mu guards the tenant state: the catalogs (fileCat, specs, cat),
+// usage, billing records, journals, reseed, dirty, written, versions and
+// notified. Every method named …Locked expects it held. No NATS, store or
+// HTTP call is made under it (only logging), so a slow bucket or store never
+// holds up the increments, the webhooks or the admin API.
+//
+// Enforcer.syncMu serialises the writes of decisions (syncTenant), so the
+// blocklist bucket sees them in decision order; it is held across the KV
+// write. Enforcer.reloadMu serialises reloads of the catalog file and
+// guards catalogStamp. notifier.mu guards the notification queue.
+//
+// The order, outermost first: syncMu or reloadMu (never both), then mu,
+// then notifier.mu. syncMu and reloadMu are never taken while holding mu;
+// notifier.mu is taken under mu (enqueue) and takes nothing else. The
+// atomics (buckets, catalog, running, lastHeartbeat, writeFailingSince) are
+// read without a lock; catalog mirrors cat for readers that must not wait
+// on mu.
+package enforcer
