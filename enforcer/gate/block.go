@@ -139,7 +139,7 @@ func checkBillingURL(s string) error {
 // fails only for times JSON cannot hold (a period end past year 9999 in UTC).
 func newBlock(d schemas.Decision) (*Block, error) {
 	t, _ := schemas.ReasonProblem(d.Reason) // decodeDecision checked the reason
-	p := schemas.NewProblem(t, Detail(d))
+	p := schemas.NewProblem(t, d.Detail())
 	p.Block = &schemas.Block{Reason: d.Reason, Tenant: d.Tenant, Meter: d.Meter, BillingURL: d.BillingURL}
 	if d.Reason == schemas.ReasonQuotaExceeded {
 		p.Block.Limit, p.Block.Used = &d.Limit, &d.Used
@@ -158,10 +158,6 @@ func newBlock(d schemas.Decision) (*Block, error) {
 	}
 	return b, nil
 }
-
-// Detail is the sentence a person reads: what happened and what to do. It
-// is schemas.Decision.Detail, which the enforcer's usage summary shows too.
-func Detail(d schemas.Decision) string { return d.Detail() }
 
 // newStaleBlock is the block a stale gate under the Deny policy answers for
 // tenants it holds no decision for: 503, because the gate does not know
