@@ -109,12 +109,19 @@ func (e *dlqEnv) deadLetter(t *testing.T, id string, data []byte) {
 // METERD_USAGE, and returns acme's total.
 func (e *dlqEnv) settle(t *testing.T) int64 {
 	t.Helper()
+	// The consumer's pending count follows a publish asynchronously, so
+	// wait for its ack floor to reach the stream's last message instead.
+	st, err := e.js.Stream(t.Context(), schemas.UsageStream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	last := st.CachedInfo().State.LastSeq
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		info, err := e.js.Consumer(t.Context(), schemas.UsageStream, aggregator.DefaultDurable)
 		if err == nil {
 			ci := info.CachedInfo()
-			if ci.NumPending == 0 && ci.NumAckPending == 0 {
+			if ci.AckFloor.Stream >= last && ci.NumAckPending == 0 {
 				break
 			}
 		}
