@@ -111,6 +111,11 @@ func TestDecodeEvents(t *testing.T) {
 			}},
 		{"cloudevent data not an object", MediaCloudEvent, ce(`,"data":"hello"`), []Event{ceEvent},
 			[]FieldError{{0, "data", "must be an object"}}},
+		// data_base64 carries binary data (CloudEvents JSON format §3.1):
+		// ignored, {"value":5} in it was billed as 1.
+		{"cloudevent data_base64", MediaCloudEvent, ce(`,"data_base64":"eyJ2YWx1ZSI6NX0="`), []Event{ceEvent},
+			[]FieldError{{0, "data_base64", "is not supported: send the data as a JSON object in data"}}},
+		{"cloudevent data_base64 null", MediaCloudEvent, ce(`,"data_base64":null`), []Event{ceEvent}, nil},
 		{"cloudevent attribute not a string", MediaCloudEvent, `{"specversion":"1.0","id":42,"source":"/gw","type":"api_calls"}`, []Event{{Meter: "api_calls", Value: 1}},
 			[]FieldError{{0, "id", "must be a string"}}},
 		{"cloudevent number dimension over 256 bytes", MediaCloudEvent, ce(`,"data":{"n":1` + strings.Repeat("0", 256) + `}`), []Event{ceEvent},
