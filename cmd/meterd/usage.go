@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -68,6 +69,9 @@ func runUsage(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.StringVar(&q.window, "window", "day", "hour, day, month or period (each tenant's billing periods)")
 	fs.StringVar(&q.groupBy, "group-by", "", "dimensions to split rows by, comma separated")
 	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if err := givenEmpty(fs, "tenant", "meter"); err != nil {
 		return err
 	}
 	if err := c.check(); err != nil {
@@ -138,6 +142,18 @@ func decodeReport(body io.Reader) (usageReport, error) {
 	return rep, nil
 }
 
+// givenEmpty refuses a filter flag set to the empty string: --tenant "$T"
+// with T unset would otherwise ask for every tenant.
+func givenEmpty(fs *flag.FlagSet, names ...string) error {
+	var err error
+	fs.Visit(func(f *flag.Flag) {
+		if err == nil && slices.Contains(names, f.Name) && f.Value.String() == "" {
+			err = usageError{fmt.Errorf("--%s is empty: name one, or leave the flag out for all", f.Name)}
+		}
+	})
+	return err
+}
+
 // runSummary runs `meterd usage summary`.
 func runSummary(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var c client
@@ -148,6 +164,9 @@ func runSummary(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	c.flags(fs)
 	fs.StringVar(&tenant, "tenant", "", "only this tenant (a tenant key implies its own)")
 	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if err := givenEmpty(fs, "tenant"); err != nil {
 		return err
 	}
 	if err := c.check(); err != nil {
