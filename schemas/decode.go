@@ -766,6 +766,12 @@ func decodeBinaryCloudEvent(h http.Header, body []byte) (Decoded, error) {
 		if len(values) == 0 {
 			return "", false
 		}
+		if len(values) > 1 {
+			// Reading one of them would pick an identity (or a tenant)
+			// another reader of the request may not.
+			sh.fail(strings.ToLower(name), "is given in more than one ce- header")
+			return "", true
+		}
 		v, err := url.PathUnescape(values[0])
 		if err != nil || !utf8.ValidString(v) {
 			sh.fail(strings.ToLower(name), "must be percent-encoded UTF-8 in its ce- header")

@@ -536,6 +536,15 @@ func TestDecodeRequestBinaryCloudEvent(t *testing.T) {
 		{"bad percent-encoding and UTF-8", header("ce-specversion", "1.0", "ce-id", "%zz", "ce-source", "gw%ff", "ce-type", "tokens"), ``,
 			[]Event{{Meter: "tokens", Value: 1}},
 			[]FieldError{{0, "id", "must be percent-encoded UTF-8 in its ce- header"}, {0, "source", "must be percent-encoded UTF-8 in its ce- header"}}, nil},
+		// Which of two ids or tenants would be meant? A proxy may keep the
+		// last where meterd read the first.
+		{"attribute header given twice", func() http.Header {
+			h := with()
+			h.Add("ce-id", "43")
+			h.Add("ce-subject", "globex")
+			return h
+		}(), ``, []Event{{Meter: "tokens", Value: 1}},
+			[]FieldError{{0, "id", "is given in more than one ce- header"}, {0, "subject", "is given in more than one ce- header"}}, nil},
 		{"missing id", header("ce-specversion", "1.0", "ce-source", "gw", "ce-type", "tokens"), ``,
 			[]Event{{Meter: "tokens", Value: 1}}, []FieldError{{0, "id", "is required"}}, nil},
 		{"data not an object", with(), `[1]`, []Event{{ID: "ce:4:gw-1:42", Tenant: "acme", Meter: "tokens", Value: 1}},
