@@ -228,3 +228,66 @@ func TestInflightBodyBytesDefault(t *testing.T) {
 		t.Errorf("a bound below the largest body: %v", err)
 	}
 }
+
+// A request shed for the budget after part of its (gzip) body was read is
+// answered at once, while its client is still sending, and keeps none of
+// what it read while its remaining body is discarded: 20 such requests held
+// open cost next to nothing. (net/http consumes a small unread rest of the
+// body before it writes an answer, unless the handler is full duplex: the
+// 503 then waited for the client's last byte or the read timeout, and each
+// request kept its half-read buffer all that time, outside the budget.)
+func TestIngestShedRequestAnsweredAtOnceAndHoldsNothing(t *testing.T) {
+	const maxBody = 1 << 20
+	env := newIngestEnv(t, func(c *Config) {
+		c.MaxBodyBytes = maxBody
+		c.MaxInflightBodyBytes = maxBody
+		c.BatchMaxEvents = 5000
+	})
+	metric := func(name string, labels ...string) float64 {
+		return metricValue(t, env.col.cfg.Registerer.(prometheus.Gatherer), name, labels...)
+	}
+	slowBody, _ := eventsBody("slow", 600<<10)
+	startSlowPost(t, env.srv.URL, len(slowBody), slowBody[:10])
+	for deadline := time.Now().Add(5 * time.Second); metric("meterd_collector_inflight_body_bytes") != float64(len(slowBody)); {
+		if time.Now().After(deadline) {
+			t.Fatalf("in-flight body bytes %v, want the slow request's %d", metric("meterd_collector_inflight_body_bytes"), len(slowBody))
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+
+	plain, _ := eventsBody("zipped", 900<<10)
+	var zipped bytes.Buffer
+	zw := gzip.NewWriter(&zipped)
+	zw.Write(plain)
+	zw.Close()
+	const held = 20
+	runtime.GC()
+	var before runtime.MemStats
+	runtime.ReadMemStats(&before)
+	for i := range held {
+		conn, err := net.Dial("tcp", strings.TrimPrefix(env.srv.URL, "http://"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn.Close() })
+		fmt.Fprintf(conn, "POST /v1/events HTTP/1.1\r\nHost: collector\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\nAuthorization: Bearer %s\r\nContent-Length: %d\r\n\r\n",
+			ingestAdminKey, zipped.Len())
+		// All but the last bytes: the client is still sending.
+		if _, err := conn.Write(zipped.Bytes()[:zipped.Len()-64]); err != nil {
+			t.Fatal(err)
+		}
+		conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+		resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+		if err != nil {
+			t.Fatalf("request %d: no answer while the client is still sending: %v", i, err)
+		}
+		answer, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+		wantOverloaded(t, fmt.Sprintf("request %d", i), resp, answer)
+	}
+	runtime.GC()
+	var after runtime.MemStats
+	runtime.ReadMemStats(&after)
+	if grew := int64(after.HeapAlloc) - int64(before.HeapAlloc); grew > 4<<20 {
+		t.Fatalf("%d shed requests held open keep %d KiB of heap, want next to nothing", held, grew>>10)
+	}
+}

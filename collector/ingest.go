@@ -39,9 +39,11 @@ func (c *Collector) handleEvents(w http.ResponseWriter, r *http.Request) {
 		}
 	}()
 	if p != nil {
-		p.Write(w)
-		release() // the discard below may last until the read timeout; it holds no body bytes
-		discardBody(w, r, c.cfg.MaxBodyBytes)
+		// The discard below may last until the read timeout: it holds no
+		// budget and no body bytes (the deferred put then pools nothing).
+		release()
+		body, *buf = nil, nil
+		discardBody(w, r, p, c.cfg.MaxBodyBytes)
 		return
 	}
 	// The header too: a binary-mode CloudEvent's attributes are ce-* headers.
@@ -153,14 +155,22 @@ func readAll(dst []byte, r io.Reader, size int64) ([]byte, error) {
 	}
 }
 
-// discardBody sends the answer already written and then reads what is left
-// of the body (at most limit bytes, within the server's read timeout)
-// without keeping it. A client still sending a large body then gets the
-// answer instead of a connection reset: net/http closes a connection with
-// more than 256 KiB unread, and the client's pending write fails before it
-// reads the answer.
-func discardBody(w http.ResponseWriter, r *http.Request, limit int64) {
-	http.NewResponseController(w).Flush()
+// discardBody sends p at once and then reads what is left of the body (at
+// most limit bytes, within the server's read timeout) without keeping it. A
+// client still sending a large body then gets the answer instead of a
+// connection reset: net/http closes a connection with more than 256 KiB
+// unread, and the client's pending write fails before it reads the answer.
+// Full duplex, or net/http would first consume a smaller unread rest before
+// writing the answer, so a shed request would wait for its client's last
+// byte (or the read timeout). The connection is not reused: net/http does
+// not support a full-duplex request whose body is left unread on a
+// keep-alive connection (its next read races the body's).
+func discardBody(w http.ResponseWriter, r *http.Request, p *schemas.Problem, limit int64) {
+	rc := http.NewResponseController(w)
+	rc.EnableFullDuplex()
+	w.Header().Set("Connection", "close")
+	p.Write(w)
+	rc.Flush()
 	io.Copy(io.Discard, io.LimitReader(r.Body, limit))
 }
 

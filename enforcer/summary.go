@@ -87,7 +87,8 @@ func (e *Enforcer) handleSummary(w http.ResponseWriter, r *http.Request) {
 	tenant := v.Get("tenant")
 	if len(v["tenant"]) > 1 {
 		bad = append(bad, schemas.InvalidParam{Name: "tenant", Reason: "given more than once"})
-	} else if tenant != "" && !schemas.ValidTenant(tenant) {
+	} else if v.Has("tenant") && !schemas.ValidTenant(tenant) {
+		// Given but empty too: tenant= would read as every tenant.
 		bad = append(bad, schemas.InvalidParam{Name: "tenant", Reason: "must be " + schemas.TenantGrammar})
 	}
 	if len(bad) > 0 {

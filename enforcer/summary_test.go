@@ -101,6 +101,9 @@ func TestUsageSummary(t *testing.T) {
 		{"/v1/usage/summary?tenant=%zz", adminKey, http.StatusBadRequest},
 		{"/v1/usage/summary?tenant=%zz", tenantKey, http.StatusBadRequest},
 		{"/v1/usage/summary?tenant=acme;x=1", adminKey, http.StatusBadRequest},
+		// Given but empty: never every tenant's summary either.
+		{"/v1/usage/summary?tenant=", adminKey, http.StatusBadRequest},
+		{"/v1/usage/summary?tenant=", tenantKey, http.StatusBadRequest},
 	} {
 		var body map[string]any
 		resp := v.do(http.MethodGet, c.path, c.key, nil, &body)

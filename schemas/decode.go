@@ -547,7 +547,7 @@ type cloudEvent struct {
 
 // decodeCloudEvent reads a CloudEvents 1.0 structured-mode event and maps it
 // as cloudEvent.append does. Extension attributes are ignored; an attribute
-// set to null counts as absent.
+// set to null counts as absent; data_base64 is refused.
 func decodeCloudEvent(s *scanner, i int, d *Decoded) error {
 	if s.peek() != '{' {
 		return notObject(s, i, d)
@@ -589,6 +589,13 @@ func decodeCloudEvent(s *scanner, i int, d *Decoded) error {
 				sh.fail("data", "must be an object")
 				err = s.skipValue(0)
 			}
+		case "data_base64":
+			// Binary data: its value is not read, so the event would be
+			// billed the default instead of what it says.
+			if s.peek() != 'n' {
+				sh.fail("data_base64", "is not supported: send the data as a JSON object in data")
+			}
+			err = s.skipValue(0)
 		default:
 			err = s.skipValue(0)
 		}
@@ -758,6 +765,12 @@ func decodeBinaryCloudEvent(h http.Header, body []byte) (Decoded, error) {
 		values := h.Values("Ce-" + name)
 		if len(values) == 0 {
 			return "", false
+		}
+		if len(values) > 1 {
+			// Reading one of them would pick an identity (or a tenant)
+			// another reader of the request may not.
+			sh.fail(strings.ToLower(name), "is given in more than one ce- header")
+			return "", true
 		}
 		v, err := url.PathUnescape(values[0])
 		if err != nil || !utf8.ValidString(v) {

@@ -111,6 +111,11 @@ func TestDecodeEvents(t *testing.T) {
 			}},
 		{"cloudevent data not an object", MediaCloudEvent, ce(`,"data":"hello"`), []Event{ceEvent},
 			[]FieldError{{0, "data", "must be an object"}}},
+		// data_base64 carries binary data (CloudEvents JSON format §3.1):
+		// ignored, {"value":5} in it was billed as 1.
+		{"cloudevent data_base64", MediaCloudEvent, ce(`,"data_base64":"eyJ2YWx1ZSI6NX0="`), []Event{ceEvent},
+			[]FieldError{{0, "data_base64", "is not supported: send the data as a JSON object in data"}}},
+		{"cloudevent data_base64 null", MediaCloudEvent, ce(`,"data_base64":null`), []Event{ceEvent}, nil},
 		{"cloudevent attribute not a string", MediaCloudEvent, `{"specversion":"1.0","id":42,"source":"/gw","type":"api_calls"}`, []Event{{Meter: "api_calls", Value: 1}},
 			[]FieldError{{0, "id", "must be a string"}}},
 		{"cloudevent number dimension over 256 bytes", MediaCloudEvent, ce(`,"data":{"n":1` + strings.Repeat("0", 256) + `}`), []Event{ceEvent},
@@ -531,6 +536,15 @@ func TestDecodeRequestBinaryCloudEvent(t *testing.T) {
 		{"bad percent-encoding and UTF-8", header("ce-specversion", "1.0", "ce-id", "%zz", "ce-source", "gw%ff", "ce-type", "tokens"), ``,
 			[]Event{{Meter: "tokens", Value: 1}},
 			[]FieldError{{0, "id", "must be percent-encoded UTF-8 in its ce- header"}, {0, "source", "must be percent-encoded UTF-8 in its ce- header"}}, nil},
+		// Which of two ids or tenants would be meant? A proxy may keep the
+		// last where meterd read the first.
+		{"attribute header given twice", func() http.Header {
+			h := with()
+			h.Add("ce-id", "43")
+			h.Add("ce-subject", "globex")
+			return h
+		}(), ``, []Event{{Meter: "tokens", Value: 1}},
+			[]FieldError{{0, "id", "is given in more than one ce- header"}, {0, "subject", "is given in more than one ce- header"}}, nil},
 		{"missing id", header("ce-specversion", "1.0", "ce-source", "gw", "ce-type", "tokens"), ``,
 			[]Event{{Meter: "tokens", Value: 1}}, []FieldError{{0, "id", "is required"}}, nil},
 		{"data not an object", with(), `[1]`, []Event{{ID: "ce:4:gw-1:42", Tenant: "acme", Meter: "tokens", Value: 1}},

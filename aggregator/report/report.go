@@ -140,10 +140,12 @@ func ParseQuery(v url.Values, accept string, now time.Time, catalog *billing.Cat
 		}
 	}
 
-	if q.Tenant = one("tenant"); q.Tenant != "" && !schemas.ValidTenant(q.Tenant) {
+	// Given but empty is wrong, not absent: tenant= (a script's unset
+	// variable) would give an admin every tenant's report.
+	if q.Tenant = one("tenant"); v.Has("tenant") && !schemas.ValidTenant(q.Tenant) {
 		invalid("tenant", "must be "+schemas.TenantGrammar)
 	}
-	if q.Meter = one("meter"); q.Meter != "" && !schemas.ValidMeter(q.Meter) {
+	if q.Meter = one("meter"); v.Has("meter") && !schemas.ValidMeter(q.Meter) {
 		invalid("meter", "must match "+schemas.MeterGrammar)
 	}
 

@@ -458,6 +458,9 @@ func TestReportBadParameters(t *testing.T) {
 			{"%zz=1", "%zz"},
 			{"tenant=acme;meter=api_calls", "tenant"},
 			{"tenant=acme&tenant=%zz", "tenant"},
+			// Given but empty, never read as absent (every tenant).
+			{"tenant=", "tenant"},
+			{"tenant=&meter=", "meter,tenant"},
 		} {
 			a := get(t, srv, adminKey, c.query)
 			var p schemas.Problem

@@ -1,9 +1,11 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/csv"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -261,4 +263,27 @@ func fieldStart(line string, n int) int {
 		in = c != ' '
 	}
 	return -1
+}
+
+// A filter flag given empty (--tenant "$T" with T unset) is refused before
+// any request: sent as nothing, it asked an admin key for every tenant.
+func TestUsageCLIRefusesEmptyFilters(t *testing.T) {
+	for _, args := range [][]string{
+		{"--tenant", ""},
+		{"--tenant=", "--window", "month"},
+		{"--meter", ""},
+		{"summary", "--tenant", ""},
+	} {
+		// No server listens there: reaching it would be another error.
+		full := append(args, "--url", "http://127.0.0.1:1", "--api-key", "k")
+		if args[0] == "summary" {
+			full = append([]string{"summary"}, append(args[1:], "--url", "http://127.0.0.1:1", "--api-key", "k")...)
+		}
+		var out, errOut bytes.Buffer
+		err := cli.Usage(context.Background(), full, &out, &errOut)
+		var ue cli.UsageError
+		if !errors.As(err, &ue) || !strings.Contains(err.Error(), "is empty") {
+			t.Errorf("meterd usage %q: %v, want a usage error saying the flag is empty", full, err)
+		}
+	}
 }

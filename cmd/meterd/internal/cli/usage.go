@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -68,6 +69,9 @@ func Usage(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.StringVar(&q.window, "window", report.WindowDay, "hour, day, month or period (each tenant's billing periods)")
 	fs.StringVar(&q.groupBy, "group-by", "", "dimensions to split rows by, comma separated")
 	if err := Parse(fs, args); err != nil {
+		return err
+	}
+	if err := givenEmpty(fs, "tenant", "meter"); err != nil {
 		return err
 	}
 	if err := c.check(); err != nil {
@@ -139,6 +143,18 @@ func DecodeReport(body io.Reader) (Report, error) {
 	return rep, nil
 }
 
+// givenEmpty refuses a filter flag set to the empty string: --tenant "$T"
+// with T unset would otherwise ask for every tenant.
+func givenEmpty(fs *flag.FlagSet, names ...string) error {
+	var err error
+	fs.Visit(func(f *flag.Flag) {
+		if err == nil && slices.Contains(names, f.Name) && f.Value.String() == "" {
+			err = Mistakef("--%s is empty: name one, or leave the flag out for all", f.Name)
+		}
+	})
+	return err
+}
+
 // Summary runs `meterd usage summary`.
 func Summary(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var c clientFlags
@@ -149,6 +165,9 @@ func Summary(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	c.flags(fs)
 	fs.StringVar(&tenant, "tenant", "", "only this tenant (a tenant key implies its own)")
 	if err := Parse(fs, args); err != nil {
+		return err
+	}
+	if err := givenEmpty(fs, "tenant"); err != nil {
 		return err
 	}
 	if err := c.check(); err != nil {
