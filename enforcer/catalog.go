@@ -11,7 +11,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/meterd/meterd/internal/billing"
+	"github.com/meterd/meterd/catalog"
 )
 
 // tenantSpec is a tenant as the admin API sets it: each field given replaces
@@ -58,7 +58,7 @@ func (e *fieldError) Error() string {
 }
 
 // applyTo returns base with the fields of s applied.
-func (s tenantSpec) applyTo(base billing.Tenant) (billing.Tenant, *fieldError) {
+func (s tenantSpec) applyTo(base catalog.Tenant) (catalog.Tenant, *fieldError) {
 	t := base
 	if s.Plan != nil {
 		t.Plan = *s.Plan
@@ -92,7 +92,7 @@ func (s tenantSpec) applyTo(base billing.Tenant) (billing.Tenant, *fieldError) {
 // dropped with the reasons, so that one stale spec cannot stop a reload.
 // The spec of tenant last, if any, is applied last: of two specs in conflict
 // (the same customer id), that one is dropped.
-func mergeCatalog(file *billing.Catalog, specs map[string]tenantSpec, last string) (cat *billing.Catalog, dropped map[string][]*fieldError) {
+func mergeCatalog(file *catalog.Catalog, specs map[string]tenantSpec, last string) (cat *catalog.Catalog, dropped map[string][]*fieldError) {
 	dropped = map[string][]*fieldError{}
 	for {
 		cat, errs := buildCatalog(file, specs, dropped, last)
@@ -116,12 +116,12 @@ func mergeCatalog(file *billing.Catalog, specs map[string]tenantSpec, last strin
 
 // buildCatalog merges file and the specs not in skip; errs maps a tenant to
 // what is wrong with it.
-func buildCatalog(file *billing.Catalog, specs map[string]tenantSpec, skip map[string][]*fieldError, last string) (*billing.Catalog, map[string][]*fieldError) {
+func buildCatalog(file *catalog.Catalog, specs map[string]tenantSpec, skip map[string][]*fieldError, last string) (*catalog.Catalog, map[string][]*fieldError) {
 	errs := map[string][]*fieldError{}
 	// The tenants with a spec go last: NewCatalog blames the later of two
 	// tenants sharing a customer id, and that must be the spec, never a
 	// tenant of the file.
-	var tenants []billing.Tenant
+	var tenants []catalog.Tenant
 	for _, name := range file.TenantNames() {
 		if _, ok := specs[name]; !ok || skip[name] != nil {
 			t, _, _ := file.Tenant(name)
@@ -138,7 +138,7 @@ func buildCatalog(file *billing.Catalog, specs map[string]tenantSpec, skip map[s
 		}
 		base, _, ok := file.Tenant(name)
 		if !ok {
-			base = billing.Tenant{Name: name}
+			base = catalog.Tenant{Name: name}
 		}
 		t, fe := specs[name].applyTo(base)
 		if fe != nil {
@@ -153,7 +153,7 @@ func buildCatalog(file *billing.Catalog, specs map[string]tenantSpec, skip map[s
 	// Only the plans tenants name: the catalog offers no list of plans, and
 	// a plan no tenant is on decides nothing. A plan the file lacks is
 	// left out, so NewCatalog reports the tenant naming it.
-	var plans []billing.Plan
+	var plans []catalog.Plan
 	named := map[string]bool{}
 	for _, t := range tenants {
 		if t.Plan == "" || named[t.Plan] {
@@ -164,7 +164,7 @@ func buildCatalog(file *billing.Catalog, specs map[string]tenantSpec, skip map[s
 			plans = append(plans, p)
 		}
 	}
-	cat, err := billing.NewCatalog(plans, tenants)
+	cat, err := catalog.NewCatalog(plans, tenants)
 	if err != nil {
 		for _, ce := range catalogErrors(err) {
 			name, field := splitTenantPath(ce.Path)
@@ -175,12 +175,12 @@ func buildCatalog(file *billing.Catalog, specs map[string]tenantSpec, skip map[s
 	return cat, nil
 }
 
-// catalogErrors lists the *billing.CatalogError joined in err.
-func catalogErrors(err error) []*billing.CatalogError {
-	var out []*billing.CatalogError
+// catalogErrors lists the *catalog.CatalogError joined in err.
+func catalogErrors(err error) []*catalog.CatalogError {
+	var out []*catalog.CatalogError
 	var walk func(error)
 	walk = func(err error) {
-		if ce, ok := err.(*billing.CatalogError); ok {
+		if ce, ok := err.(*catalog.CatalogError); ok {
 			out = append(out, ce)
 			return
 		}
@@ -244,7 +244,7 @@ func asErrors(fes []*fieldError) []error {
 // setCatalogLocked switches to cat. Tenants new to the catalog, and tenants
 // whose period changed other than by rolling over, are read from the store
 // again; every tenant is decided again.
-func (e *Enforcer) setCatalogLocked(cat *billing.Catalog) {
+func (e *Enforcer) setCatalogLocked(cat *catalog.Catalog) {
 	e.cat = cat
 	e.catalog.Store(cat)
 	if !e.tracking {
@@ -312,7 +312,7 @@ func (e *Enforcer) Reload() error {
 	e.reloadMu.Lock()
 	defer e.reloadMu.Unlock()
 	e.catalogStamp = stampOf(e.cfg.CatalogPath)
-	cat, err := billing.LoadCatalogFile(e.cfg.CatalogPath)
+	cat, err := catalog.LoadCatalogFile(e.cfg.CatalogPath)
 	if err != nil {
 		e.m.reloads.WithLabelValues("error").Inc()
 		e.log.Error("catalog reload failed; keeping the previous catalog", "path", e.cfg.CatalogPath, "err", err)

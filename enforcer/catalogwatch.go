@@ -11,7 +11,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/meterd/meterd/internal/billing"
+	"github.com/meterd/meterd/catalog"
 )
 
 // CatalogWatcher gives another process the catalog the enforcer decides
@@ -23,10 +23,10 @@ import (
 // not "unknown" at the gates.
 type CatalogWatcher struct {
 	nc    *nats.Conn
-	file  *billing.Catalog
+	file  *catalog.Catalog
 	log   *slog.Logger
 	retry time.Duration
-	cat   atomic.Pointer[billing.Catalog]
+	cat   atomic.Pointer[catalog.Catalog]
 	// loaded is set once the bucket has been read to its end, or found
 	// absent: from then on the catalog holds every admin API change.
 	loaded atomic.Bool
@@ -34,7 +34,7 @@ type CatalogWatcher struct {
 
 // NewCatalogWatcher returns a watcher whose catalog is file until Run has
 // read the bucket.
-func NewCatalogWatcher(nc *nats.Conn, file *billing.Catalog, log *slog.Logger) *CatalogWatcher {
+func NewCatalogWatcher(nc *nats.Conn, file *catalog.Catalog, log *slog.Logger) *CatalogWatcher {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
@@ -44,7 +44,7 @@ func NewCatalogWatcher(nc *nats.Conn, file *billing.Catalog, log *slog.Logger) *
 }
 
 // Catalog returns the current catalog; it is immutable.
-func (w *CatalogWatcher) Catalog() *billing.Catalog { return w.cat.Load() }
+func (w *CatalogWatcher) Catalog() *catalog.Catalog { return w.cat.Load() }
 
 // ErrCatalogNotLoaded is Ready's answer until the watcher has read the
 // admin API's changes once.

@@ -17,8 +17,8 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/meterd/meterd/catalog"
 	"github.com/meterd/meterd/internal/auth"
-	"github.com/meterd/meterd/internal/billing"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -61,7 +61,7 @@ type Config struct {
 	Store UsageSource
 	// Catalog holds the plans and tenants. When nil, it is loaded from
 	// CatalogPath, or empty when that is empty too.
-	Catalog *billing.Catalog
+	Catalog *catalog.Catalog
 	// CatalogPath, when set, is the config file the catalog is reloaded
 	// from: when its mtime changes (checked every 2s) and on Reload. A file
 	// that does not parse is logged and the previous catalog stays.
@@ -176,13 +176,13 @@ type Enforcer struct {
 
 	// catalog is cat for readers that must not wait on mu: the gate of
 	// `meterd dev` asks it on every /v1/check.
-	catalog atomic.Pointer[billing.Catalog]
+	catalog atomic.Pointer[catalog.Catalog]
 
 	mu         sync.Mutex
-	fileCat    *billing.Catalog
+	fileCat    *catalog.Catalog
 	specs      map[string]tenantSpec // the admin API's tenant changes
 	specRevs   map[string]uint64
-	cat        *billing.Catalog // fileCat with specs merged
+	cat        *catalog.Catalog // fileCat with specs merged
 	tracking   bool             // usage is tracked: Run has started seeding
 	seeded     bool             // the first seed is done: decisions are written
 	usage      map[string]*tenantUsage
@@ -210,14 +210,14 @@ func New(cfg Config) (*Enforcer, error) {
 	}
 	cat := cfg.Catalog
 	if cat == nil && cfg.CatalogPath != "" {
-		c, err := billing.LoadCatalogFile(cfg.CatalogPath)
+		c, err := catalog.LoadCatalogFile(cfg.CatalogPath)
 		if err != nil {
 			return nil, fmt.Errorf("enforcer: %w", err)
 		}
 		cat = c
 	}
 	if cat == nil {
-		cat = &billing.Catalog{}
+		cat = &catalog.Catalog{}
 	}
 	js, err := jetstream.New(cfg.NATS)
 	if err != nil {

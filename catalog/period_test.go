@@ -1,4 +1,4 @@
-package billing
+package catalog
 
 import (
 	"fmt"
@@ -198,7 +198,7 @@ func TestPeriodPanics(t *testing.T) {
 	} {
 		t.Run(name, func(t *testing.T) {
 			defer func() {
-				if r := recover(); r == nil || !strings.HasPrefix(fmt.Sprint(r), "billing: ") {
+				if r := recover(); r == nil || !strings.HasPrefix(fmt.Sprint(r), "catalog: ") {
 					t.Errorf("recovered %v, want a billing panic", r)
 				}
 			}()

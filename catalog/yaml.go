@@ -1,4 +1,4 @@
-package billing
+package catalog
 
 import (
 	"errors"
@@ -48,18 +48,18 @@ func ParseCatalog(plans, tenants *yaml.Node) (*Catalog, error) {
 func LoadCatalogFile(path string) (*Catalog, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("billing: %w", err)
+		return nil, fmt.Errorf("catalog: %w", err)
 	}
 	var f struct {
 		Plans   yaml.Node `yaml:"plans"`
 		Tenants yaml.Node `yaml:"tenants"`
 	}
 	if err := yaml.Unmarshal(data, &f); err != nil {
-		return nil, fmt.Errorf("billing: %s: %w", path, err)
+		return nil, fmt.Errorf("catalog: %s: %w", path, err)
 	}
 	c, err := ParseCatalog(&f.Plans, &f.Tenants)
 	if err != nil {
-		return nil, fmt.Errorf("billing: %s: %w", path, err)
+		return nil, fmt.Errorf("catalog: %s: %w", path, err)
 	}
 	return c, nil
 }
