@@ -158,17 +158,27 @@ func (d *decoder) str(e entry) string {
 
 // date decodes a date or an RFC 3339 time; null is the zero time.
 func (d *decoder) date(e entry) time.Time {
-	s := d.str(e)
+	t, err := ParseAnchor(d.str(e))
+	if err != nil {
+		d.bad(e.path, err.Error())
+	}
+	return t
+}
+
+// ParseAnchor reads a billing anchor as the catalog file and the admin API
+// take it: a date (2026-01-15, midnight UTC) or an RFC 3339 time; empty is
+// the zero time (no anchor). The error says what is wrong, without the
+// field's name, so that each caller names the field its own way.
+func ParseAnchor(s string) (time.Time, error) {
 	if s == "" {
-		return time.Time{}
+		return time.Time{}, nil
 	}
 	for _, layout := range []string{time.DateOnly, time.RFC3339Nano} {
 		if t, err := time.Parse(layout, s); err == nil {
-			return t
+			return t, nil
 		}
 	}
-	d.bad(e.path, "must be a date (2026-01-15) or an RFC 3339 time, not "+strconv.Quote(s))
-	return time.Time{}
+	return time.Time{}, errors.New("must be a date (2026-01-15) or an RFC 3339 time, not " + strconv.Quote(s))
 }
 
 // entries returns the keys of the mapping n in document order, with aliases

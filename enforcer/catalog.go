@@ -31,20 +31,6 @@ type specOverrides struct {
 	Limits map[string]int64 `json:"limits"`
 }
 
-// parseAnchor reads a billing anchor as the catalog file does: a date
-// (2026-01-15, midnight UTC) or an RFC 3339 time.
-func parseAnchor(s string) (time.Time, error) {
-	if s == "" {
-		return time.Time{}, nil
-	}
-	for _, layout := range []string{time.DateOnly, time.RFC3339Nano} {
-		if t, err := time.Parse(layout, s); err == nil {
-			return t, nil
-		}
-	}
-	return time.Time{}, fmt.Errorf("must be a date (2026-01-15) or an RFC 3339 time, not %q", s)
-}
-
 // fieldError is what is wrong with one field of a tenant: the field path
 // as in the catalog file (plan, overrides.limits.api_calls), empty for the
 // tenant itself.
@@ -64,7 +50,7 @@ func (s tenantSpec) applyTo(base catalog.Tenant) (catalog.Tenant, *fieldError) {
 		t.Plan = *s.Plan
 	}
 	if s.BillingAnchor != nil {
-		a, err := parseAnchor(*s.BillingAnchor)
+		a, err := catalog.ParseAnchor(*s.BillingAnchor)
 		if err != nil {
 			return t, &fieldError{Field: "billing_anchor", Message: err.Error()}
 		}
