@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/meterd/meterd/catalog"
 	"github.com/meterd/meterd/internal/auth"
 	"github.com/meterd/meterd/schemas"
 )
@@ -142,7 +143,7 @@ func (e *Enforcer) handlePutTenant(w http.ResponseWriter, r *http.Request) {
 	e.mu.Lock()
 	specs := maps.Clone(e.specs)
 	specs[name] = spec
-	_, dropped := mergeCatalog(e.fileCat, specs, name)
+	_, dropped := catalog.Merge(e.fileCat, specs, name)
 	e.mu.Unlock()
 	if fes := dropped[name]; fes != nil {
 		p := schemas.NewProblem(schemas.ProblemInvalidTenantSettings, fes[0].Error())
@@ -194,8 +195,8 @@ func (e *Enforcer) decideNow(r *http.Request, tenant string) {
 
 // decodeSpec reads the body of a PUT strictly, or answers 400 naming the
 // offending field.
-func decodeSpec(w http.ResponseWriter, r *http.Request) (tenantSpec, bool) {
-	var spec tenantSpec
+func decodeSpec(w http.ResponseWriter, r *http.Request) (catalog.Change, bool) {
+	var spec catalog.Change
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxTenantBody))
 	if err != nil {
 		schemas.NewProblem(schemas.ProblemBodyTooLarge, "the body exceeds 64 KiB").Write(w)

@@ -26,8 +26,9 @@ import (
 const (
 	// BillingBucket holds each tenant's billing record (key = tenant).
 	BillingBucket = "meterd-billing"
-	// TenantsBucket holds the admin API's tenant changes (key = tenant).
-	TenantsBucket = "meterd-tenants"
+	// TenantsBucket holds the admin API's tenant changes (key = tenant):
+	// catalog.Bucket, which every catalog.Watcher follows.
+	TenantsBucket = catalog.Bucket
 	// NotifyBucket holds a marker per notification sent (key = its id).
 	NotifyBucket = "meterd-notify"
 )
@@ -180,7 +181,7 @@ type Enforcer struct {
 
 	mu         sync.Mutex
 	fileCat    *catalog.Catalog
-	specs      map[string]tenantSpec // the admin API's tenant changes
+	specs      map[string]catalog.Change // the admin API's tenant changes
 	specRevs   map[string]uint64
 	cat        *catalog.Catalog // fileCat with specs merged
 	tracking   bool             // usage is tracked: Run has started seeding
@@ -234,7 +235,7 @@ func New(cfg Config) (*Enforcer, error) {
 		closed:     make(chan struct{}),
 		fileCat:    cat,
 		cat:        cat,
-		specs:      map[string]tenantSpec{},
+		specs:      map[string]catalog.Change{},
 		specRevs:   map[string]uint64{},
 		usage:      map[string]*tenantUsage{},
 		records:    map[string]billingRecord{},
@@ -487,7 +488,7 @@ func (e *Enforcer) applyEntry(en jetstream.KeyValueEntry, loading bool) {
 		if deleted {
 			delete(e.specs, key)
 		} else {
-			var spec tenantSpec
+			var spec catalog.Change
 			if err := json.Unmarshal(en.Value(), &spec); err != nil {
 				e.log.Error("malformed tenant change in the bucket ignored", "tenant", key, "err", err)
 				return

@@ -20,7 +20,6 @@ import (
 	"github.com/meterd/meterd/aggregator/sqlite"
 	"github.com/meterd/meterd/catalog"
 	"github.com/meterd/meterd/cmd/meterd/internal/cli"
-	"github.com/meterd/meterd/enforcer"
 	"github.com/meterd/meterd/internal/broker"
 	"github.com/meterd/meterd/internal/config"
 	"github.com/meterd/meterd/internal/lease"
@@ -61,7 +60,7 @@ func runAggregator(ctx context.Context, args []string, stdout, stderr io.Writer)
 	}
 	// Billing periods of the reports: the config file's catalog with the
 	// enforcer's admin API changes merged, as the enforcer decides by.
-	watch := enforcer.NewCatalogWatcher(nc, f.Catalog, a.log)
+	watch := catalog.NewWatcher(nc, f.Catalog, a.log)
 	a.workers = append(a.workers, watch)
 	if err := a.addReports(store, watch.Catalog); err != nil {
 		return err
