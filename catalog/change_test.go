@@ -3,6 +3,9 @@ package catalog
 import (
 	"slices"
 	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
 )
 
 func ptr[T any](v T) *T { return &v }
@@ -50,5 +53,57 @@ func TestMerge(t *testing.T) {
 	}
 	if tn, _ := cat.TenantByCustomer("cus_1"); tn != "acme" {
 		t.Errorf("cus_1 is %q's, want the file's acme", tn)
+	}
+}
+
+type kvEntry struct {
+	key string
+	val string
+	rev uint64
+	op  jetstream.KeyValueOp
+}
+
+func (e kvEntry) Bucket() string                  { return Bucket }
+func (e kvEntry) Key() string                     { return e.key }
+func (e kvEntry) Value() []byte                   { return []byte(e.val) }
+func (e kvEntry) Revision() uint64                { return e.rev }
+func (e kvEntry) Created() time.Time              { return time.Time{} }
+func (e kvEntry) Delta() uint64                   { return 0 }
+func (e kvEntry) Operation() jetstream.KeyValueOp { return e.op }
+
+// Changes reads the bucket's entries in revision order: an entry older than
+// what is held (the echo of an own write) changes nothing, a delete drops
+// the change, a malformed value is an error and keeps the change before it.
+func TestChanges(t *testing.T) {
+	var c Changes
+	apply := func(en kvEntry, wantChanged, wantErr bool) {
+		t.Helper()
+		changed, err := c.Apply(en)
+		if changed != wantChanged || (err != nil) != wantErr {
+			t.Fatalf("Apply(%+v) = %v, %v; want changed %v, error %v", en, changed, err, wantChanged, wantErr)
+		}
+	}
+	apply(kvEntry{key: "acme", val: `{"plan":"pro"}`, rev: 1}, true, false)
+	if !c.Set("acme", Change{Plan: ptr("free")}, 3) {
+		t.Fatal("Set at a newer revision refused")
+	}
+	apply(kvEntry{key: "acme", val: `{"plan":"pro"}`, rev: 2}, false, false)
+	apply(kvEntry{key: "acme", val: `{"plan":"free"}`, rev: 3}, false, false)
+	apply(kvEntry{key: "acme", val: `{"plan":`, rev: 4}, false, true)
+	if !c.Has("acme") || *c.changes["acme"].Plan != "free" {
+		t.Fatalf("acme's change %+v, want plan free kept", c.changes["acme"])
+	}
+	apply(kvEntry{key: "acme", rev: 5, op: jetstream.KeyValueDelete}, true, false)
+	if c.Has("acme") {
+		t.Fatal("acme's change survives its delete")
+	}
+	if c.Set("acme", Change{}, 5) {
+		t.Fatal("Set at a revision already held accepted")
+	}
+	c.Set("globex", Change{Plan: ptr("pro")}, 6)
+	c.Forget("globex")
+	apply(kvEntry{key: "globex", val: `{"plan":"pro"}`, rev: 6}, false, false)
+	if c.Has("globex") {
+		t.Fatal("the echo of a forgotten change brought it back")
 	}
 }

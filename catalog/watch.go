@@ -2,7 +2,6 @@ package catalog
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"log/slog"
 	"sync/atomic"
@@ -101,34 +100,29 @@ func (w *Watcher) follow(ctx context.Context, js jetstream.JetStream) error {
 		return err
 	}
 	defer watch.Stop()
-	specs := map[string]Change{}
+	var changes Changes
 	loaded := false
 	for en := range watch.Updates() {
 		if en == nil {
 			loaded = true
-			w.rebuild(specs)
+			w.rebuild(&changes)
 			w.loaded.Store(true)
 			continue
 		}
-		if op := en.Operation(); op == jetstream.KeyValueDelete || op == jetstream.KeyValuePurge {
-			delete(specs, en.Key())
-		} else {
-			var spec Change
-			if err := json.Unmarshal(en.Value(), &spec); err != nil {
-				w.log.Error("malformed tenant change in the bucket ignored", "tenant", en.Key(), "err", err)
-				continue
-			}
-			specs[en.Key()] = spec
+		changed, err := changes.Apply(en)
+		if err != nil {
+			w.log.Error("malformed tenant change in the bucket ignored", "tenant", en.Key(), "err", err)
+			continue
 		}
-		if loaded {
-			w.rebuild(specs)
+		if loaded && changed {
+			w.rebuild(&changes)
 		}
 	}
 	return errors.New("the watch of " + Bucket + " ended")
 }
 
-func (w *Watcher) rebuild(specs map[string]Change) {
-	cat, dropped := Merge(w.file, specs, "")
+func (w *Watcher) rebuild(changes *Changes) {
+	cat, dropped := changes.Merge(w.file)
 	for tenant, fes := range dropped {
 		w.log.Warn("a tenant change of the admin API no longer fits the catalog file; left out", "tenant", tenant, "err", JoinFieldErrors(fes))
 	}

@@ -13,7 +13,7 @@ import (
 // rebuildCatalogLocked merges the file catalog and the tenant changes, as
 // every catalog.Watcher does.
 func (e *Enforcer) rebuildCatalogLocked() {
-	cat, dropped := catalog.Merge(e.fileCat, e.specs, "")
+	cat, dropped := e.changes.Merge(e.fileCat)
 	for name, errs := range dropped {
 		e.log.Error("a tenant change of the admin API no longer fits the catalog file; ignoring it",
 			"tenant", name, "err", catalog.JoinFieldErrors(errs))

@@ -83,7 +83,7 @@
 //
 // # Locks
 //
-// Enforcer.mu guards the tenant state: the catalogs (fileCat, specs, cat),
+// Enforcer.mu guards the tenant state: the catalogs (fileCat, changes, cat),
 // usage, billing records, journals, reseed, dirty, written, versions and
 // notified. Every method named …Locked expects it held. No NATS, store or
 // HTTP call is made under it (only logging), so a slow bucket or store never

@@ -181,9 +181,8 @@ type Enforcer struct {
 
 	mu         sync.Mutex
 	fileCat    *catalog.Catalog
-	specs      map[string]catalog.Change // the admin API's tenant changes
-	specRevs   map[string]uint64
-	cat        *catalog.Catalog // fileCat with specs merged
+	changes    catalog.Changes  // the admin API's tenant changes
+	cat        *catalog.Catalog // fileCat with changes merged
 	tracking   bool             // usage is tracked: Run has started seeding
 	seeded     bool             // the first seed is done: decisions are written
 	usage      map[string]*tenantUsage
@@ -235,8 +234,6 @@ func New(cfg Config) (*Enforcer, error) {
 		closed:     make(chan struct{}),
 		fileCat:    cat,
 		cat:        cat,
-		specs:      map[string]catalog.Change{},
-		specRevs:   map[string]uint64{},
 		usage:      map[string]*tenantUsage{},
 		records:    map[string]billingRecord{},
 		recordRevs: map[string]uint64{},
@@ -481,21 +478,12 @@ func (e *Enforcer) applyEntry(en jetstream.KeyValueEntry, loading bool) {
 	defer e.mu.Unlock()
 	switch en.Bucket() {
 	case TenantsBucket:
-		if en.Revision() <= e.specRevs[key] {
+		changed, err := e.changes.Apply(en)
+		if err != nil {
+			e.log.Error("malformed tenant change in the bucket ignored", "tenant", key, "err", err)
 			return
 		}
-		e.specRevs[key] = en.Revision()
-		if deleted {
-			delete(e.specs, key)
-		} else {
-			var spec catalog.Change
-			if err := json.Unmarshal(en.Value(), &spec); err != nil {
-				e.log.Error("malformed tenant change in the bucket ignored", "tenant", key, "err", err)
-				return
-			}
-			e.specs[key] = spec
-		}
-		if !loading {
+		if changed && !loading {
 			e.rebuildCatalogLocked()
 		}
 	case BillingBucket:
