@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/meterd/meterd/catalog"
 	"github.com/meterd/meterd/internal/auth"
 	"github.com/meterd/meterd/schemas"
 )
@@ -140,11 +141,9 @@ func (e *Enforcer) handlePutTenant(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	e.mu.Lock()
-	specs := maps.Clone(e.specs)
-	specs[name] = spec
-	_, dropped := mergeCatalog(e.fileCat, specs, name)
+	fes := e.changes.Check(e.fileCat, name, spec)
 	e.mu.Unlock()
-	if fes := dropped[name]; fes != nil {
+	if fes != nil {
 		p := schemas.NewProblem(schemas.ProblemInvalidTenantSettings, fes[0].Error())
 		for _, fe := range fes {
 			p.Errors = append(p.Errors, schemas.FieldError{Field: fe.Field, Message: fe.Message})
@@ -164,9 +163,7 @@ func (e *Enforcer) handlePutTenant(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	e.mu.Lock()
-	if rev > e.specRevs[name] {
-		e.specRevs[name] = rev
-		e.specs[name] = spec
+	if e.changes.Set(name, spec, rev) {
 		e.rebuildCatalogLocked()
 	}
 	e.mu.Unlock()
@@ -194,8 +191,8 @@ func (e *Enforcer) decideNow(r *http.Request, tenant string) {
 
 // decodeSpec reads the body of a PUT strictly, or answers 400 naming the
 // offending field.
-func decodeSpec(w http.ResponseWriter, r *http.Request) (tenantSpec, bool) {
-	var spec tenantSpec
+func decodeSpec(w http.ResponseWriter, r *http.Request) (catalog.Change, bool) {
+	var spec catalog.Change
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxTenantBody))
 	if err != nil {
 		schemas.NewProblem(schemas.ProblemBodyTooLarge, "the body exceeds 64 KiB").Write(w)
@@ -237,7 +234,7 @@ func (e *Enforcer) handleDeleteTenant(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	e.mu.Lock()
-	_, has := e.specs[name]
+	has := e.changes.Has(name)
 	e.mu.Unlock()
 	if !has {
 		schemas.NewProblem(schemas.ProblemTenantNotFound, "no admin API changes for tenant "+name).Write(w)
@@ -251,7 +248,7 @@ func (e *Enforcer) handleDeleteTenant(w http.ResponseWriter, r *http.Request) {
 	// The delete's revision comes back through the watch; drop the change
 	// now so the answer shows its effect.
 	e.mu.Lock()
-	delete(e.specs, name)
+	e.changes.Forget(name)
 	e.rebuildCatalogLocked()
 	e.mu.Unlock()
 	e.log.Info("tenant change removed through the admin API", "tenant", name)

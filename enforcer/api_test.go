@@ -6,7 +6,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/meterd/meterd/internal/billing"
+	"github.com/meterd/meterd/catalog"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -39,7 +39,7 @@ func TestAdminAuth(t *testing.T) {
 
 func TestAdminPutChangesPlanImmediately(t *testing.T) {
 	v := newEnv(t)
-	p := v.clock.Period(billing.Monthly)
+	p := v.clock.Period(catalog.Monthly)
 	v.usage("acme", "api_calls", p.Start, false, 1200)
 	v.usage("newco", "api_calls", p.Start, false, 1500)
 	v.start()
@@ -133,7 +133,7 @@ func TestAdminPutValidation(t *testing.T) {
 
 func TestBlocklistETag(t *testing.T) {
 	v := newEnv(t)
-	p := v.clock.Period(billing.Monthly)
+	p := v.clock.Period(catalog.Monthly)
 	v.usage("acme", "api_calls", p.Start, false, 1000)
 	v.start()
 	v.waitDecision("acme", time.Second, blockedFor(schemas.ReasonQuotaExceeded))

@@ -7,6 +7,8 @@ import (
 	"net/http"
 	"testing"
 	"time"
+
+	"github.com/meterd/meterd/catalog"
 )
 
 // A watcher in another process follows the admin API: before the enforcer
@@ -14,10 +16,10 @@ import (
 // of a tenant shows in its catalog, merged as the enforcer merges it.
 func TestCatalogWatcher(t *testing.T) {
 	v := newEnv(t)
-	w := NewCatalogWatcher(v.nc, v.cat, nil)
-	w.retry = 50 * time.Millisecond
-	if err := w.Ready(context.Background()); !errors.Is(err, ErrCatalogNotLoaded) {
-		t.Fatalf("Ready before Run = %v, want ErrCatalogNotLoaded", err)
+	w := catalog.NewWatcher(v.nc, v.cat, nil)
+	w.Retry = 50 * time.Millisecond
+	if err := w.Ready(context.Background()); !errors.Is(err, catalog.ErrNotLoaded) {
+		t.Fatalf("Ready before Run = %v, want catalog.ErrNotLoaded", err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)

@@ -5,12 +5,12 @@ import (
 	"slices"
 	"time"
 
-	"github.com/meterd/meterd/internal/billing"
+	"github.com/meterd/meterd/catalog"
 	"github.com/meterd/meterd/schemas"
 )
 
 // Derived billing statuses, worst last. A tenant's billing status is the
-// worst of its configured status (billing.Status*), the states of its
+// worst of its configured status (catalog.Status*), the states of its
 // invoices and the status of its latest subscription (see billingRecord).
 // StatusIncomplete stands for every "a payment method or action is needed"
 // state: Stripe's incomplete and incomplete_expired subscriptions and
@@ -22,25 +22,25 @@ const (
 // statusRank orders the statuses a tenant can be in; an unknown status
 // ranks with active.
 var statusRank = map[string]int{
-	billing.StatusActive:    0,
+	catalog.StatusActive:    0,
 	StatusIncomplete:        1,
-	billing.StatusPastDue:   2,
-	billing.StatusUnpaid:    3,
-	billing.StatusCanceled:  4,
-	billing.StatusSuspended: 5,
+	catalog.StatusPastDue:   2,
+	catalog.StatusUnpaid:    3,
+	catalog.StatusCanceled:  4,
+	catalog.StatusSuspended: 5,
 }
 
 // statusReason is the reason a tenant blocked for status is given.
 var statusReason = map[string]schemas.Reason{
 	StatusIncomplete:        schemas.ReasonPaymentMethodRequired,
-	billing.StatusPastDue:   schemas.ReasonPaymentOverdue,
-	billing.StatusUnpaid:    schemas.ReasonPaymentOverdue,
-	billing.StatusCanceled:  schemas.ReasonSuspended,
-	billing.StatusSuspended: schemas.ReasonSuspended,
+	catalog.StatusPastDue:   schemas.ReasonPaymentOverdue,
+	catalog.StatusUnpaid:    schemas.ReasonPaymentOverdue,
+	catalog.StatusCanceled:  schemas.ReasonSuspended,
+	catalog.StatusSuspended: schemas.ReasonSuspended,
 }
 
 // DefaultBlockOn is the default of Config.BlockOn: every status but active.
-var DefaultBlockOn = []string{billing.StatusPastDue, billing.StatusUnpaid, billing.StatusCanceled, billing.StatusSuspended, StatusIncomplete}
+var DefaultBlockOn = []string{catalog.StatusPastDue, catalog.StatusUnpaid, catalog.StatusCanceled, catalog.StatusSuspended, StatusIncomplete}
 
 // worse reports whether status a ranks above b.
 func worse(a, b string) bool { return statusRank[a] > statusRank[b] }
@@ -63,7 +63,7 @@ func (e *Enforcer) decideLocked(tenant string, prev *schemas.Decision) (d *schem
 	if !ok {
 		return nil, true
 	}
-	if st := e.worstStatusLocked(tenant, t.Status, true); st != billing.StatusActive {
+	if st := e.worstStatusLocked(tenant, t.Status, true); st != catalog.StatusActive {
 		return &schemas.Decision{Tenant: tenant, Reason: statusReason[st], BillingURL: t.BillingURL}, true
 	}
 	u := e.usage[tenant]
@@ -76,7 +76,7 @@ func (e *Enforcer) decideLocked(tenant string, prev *schemas.Decision) (d *schem
 // worstStatusLocked is the worst of tenant's configured status and the
 // statuses of its billing record, among those that block when blocking.
 func (e *Enforcer) worstStatusLocked(tenant, configured string, blocking bool) string {
-	worst := billing.StatusActive
+	worst := catalog.StatusActive
 	rec := e.records[tenant]
 	for _, st := range append([]string{configured}, rec.statuses()...) {
 		if (!blocking || e.blockOn[st]) && worse(st, worst) {
@@ -104,8 +104,8 @@ func sameBlock(a, b schemas.Decision) bool {
 // usage u, or nil. Among the meters at or over their limit it keeps the one
 // of the current block (prev), so a second meter crossing does not rewrite
 // the decision, else it takes the first by name.
-func decideQuota(tenant string, plan billing.Plan, limits map[string]int64, u *tenantUsage, billingURL string, prev *schemas.Decision) *schemas.Decision {
-	if plan.OnExceed == billing.OnExceedOverage {
+func decideQuota(tenant string, plan catalog.Plan, limits map[string]int64, u *tenantUsage, billingURL string, prev *schemas.Decision) *schemas.Decision {
+	if plan.OnExceed == catalog.OnExceedOverage {
 		return nil
 	}
 	meter := ""

@@ -75,16 +75,15 @@
 //   - publish.go: the writer of the blocklist bucket (one decision per
 //     dirty tenant, versions, the blocked gauge) and the heartbeat.
 //   - catalog.go: the admin API's tenant changes merged over the catalog
-//     file, the switch to a new catalog, the reload of the file.
+//     file (by catalog.Merge, as every catalog.Watcher merges them), the
+//     switch to a new catalog, the reload of the file.
 //   - webhook.go: Stripe-compatible billing webhooks and billing records.
 //   - notify.go: threshold checks and the notifier that delivers them.
 //   - api.go, summary.go: the admin HTTP API and GET /v1/usage/summary.
-//   - catalogwatch.go: CatalogWatcher, the catalog as the other components
-//     follow it.
 //
 // # Locks
 //
-// Enforcer.mu guards the tenant state: the catalogs (fileCat, specs, cat),
+// Enforcer.mu guards the tenant state: the catalogs (fileCat, changes, cat),
 // usage, billing records, journals, reseed, dirty, written, versions and
 // notified. Every method named …Locked expects it held. No NATS, store or
 // HTTP call is made under it (only logging), so a slow bucket or store never

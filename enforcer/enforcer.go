@@ -17,8 +17,8 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/meterd/meterd/catalog"
 	"github.com/meterd/meterd/internal/auth"
-	"github.com/meterd/meterd/internal/billing"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -26,8 +26,9 @@ import (
 const (
 	// BillingBucket holds each tenant's billing record (key = tenant).
 	BillingBucket = "meterd-billing"
-	// TenantsBucket holds the admin API's tenant changes (key = tenant).
-	TenantsBucket = "meterd-tenants"
+	// TenantsBucket holds the admin API's tenant changes (key = tenant):
+	// catalog.Bucket, which every catalog.Watcher follows.
+	TenantsBucket = catalog.Bucket
 	// NotifyBucket holds a marker per notification sent (key = its id).
 	NotifyBucket = "meterd-notify"
 )
@@ -61,7 +62,7 @@ type Config struct {
 	Store UsageSource
 	// Catalog holds the plans and tenants. When nil, it is loaded from
 	// CatalogPath, or empty when that is empty too.
-	Catalog *billing.Catalog
+	Catalog *catalog.Catalog
 	// CatalogPath, when set, is the config file the catalog is reloaded
 	// from: when its mtime changes (checked every 2s) and on Reload. A file
 	// that does not parse is logged and the previous catalog stays.
@@ -176,13 +177,12 @@ type Enforcer struct {
 
 	// catalog is cat for readers that must not wait on mu: the gate of
 	// `meterd dev` asks it on every /v1/check.
-	catalog atomic.Pointer[billing.Catalog]
+	catalog atomic.Pointer[catalog.Catalog]
 
 	mu         sync.Mutex
-	fileCat    *billing.Catalog
-	specs      map[string]tenantSpec // the admin API's tenant changes
-	specRevs   map[string]uint64
-	cat        *billing.Catalog // fileCat with specs merged
+	fileCat    *catalog.Catalog
+	changes    catalog.Changes  // the admin API's tenant changes
+	cat        *catalog.Catalog // fileCat with changes merged
 	tracking   bool             // usage is tracked: Run has started seeding
 	seeded     bool             // the first seed is done: decisions are written
 	usage      map[string]*tenantUsage
@@ -210,14 +210,14 @@ func New(cfg Config) (*Enforcer, error) {
 	}
 	cat := cfg.Catalog
 	if cat == nil && cfg.CatalogPath != "" {
-		c, err := billing.LoadCatalogFile(cfg.CatalogPath)
+		c, err := catalog.LoadCatalogFile(cfg.CatalogPath)
 		if err != nil {
 			return nil, fmt.Errorf("enforcer: %w", err)
 		}
 		cat = c
 	}
 	if cat == nil {
-		cat = &billing.Catalog{}
+		cat = &catalog.Catalog{}
 	}
 	js, err := jetstream.New(cfg.NATS)
 	if err != nil {
@@ -234,8 +234,6 @@ func New(cfg Config) (*Enforcer, error) {
 		closed:     make(chan struct{}),
 		fileCat:    cat,
 		cat:        cat,
-		specs:      map[string]tenantSpec{},
-		specRevs:   map[string]uint64{},
 		usage:      map[string]*tenantUsage{},
 		records:    map[string]billingRecord{},
 		recordRevs: map[string]uint64{},
@@ -480,21 +478,12 @@ func (e *Enforcer) applyEntry(en jetstream.KeyValueEntry, loading bool) {
 	defer e.mu.Unlock()
 	switch en.Bucket() {
 	case TenantsBucket:
-		if en.Revision() <= e.specRevs[key] {
+		changed, err := e.changes.Apply(en)
+		if err != nil {
+			e.log.Error("malformed tenant change in the bucket ignored", "tenant", key, "err", err)
 			return
 		}
-		e.specRevs[key] = en.Revision()
-		if deleted {
-			delete(e.specs, key)
-		} else {
-			var spec tenantSpec
-			if err := json.Unmarshal(en.Value(), &spec); err != nil {
-				e.log.Error("malformed tenant change in the bucket ignored", "tenant", key, "err", err)
-				return
-			}
-			e.specs[key] = spec
-		}
-		if !loading {
+		if changed && !loading {
 			e.rebuildCatalogLocked()
 		}
 	case BillingBucket:

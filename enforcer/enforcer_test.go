@@ -17,14 +17,14 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
-	"github.com/meterd/meterd/internal/billing"
+	"github.com/meterd/meterd/catalog"
 	"github.com/meterd/meterd/internal/metrictest"
 	"github.com/meterd/meterd/schemas"
 )
 
 func TestSeedFromStoreBlocksAtStart(t *testing.T) {
 	v := newEnv(t)
-	p := v.clock.Period(billing.Monthly)
+	p := v.clock.Period(catalog.Monthly)
 	v.usage("acme", "api_calls", p.Start, false, 700, 500)             // 1200 of 1000
 	v.usage("acme", "api_calls", p.Start.Add(-time.Hour), false, 5000) // the previous period
 	v.usage("bigco", "api_calls", p.Start, false, 2_000_000)           // overage plan: never blocked
@@ -53,7 +53,7 @@ func TestSeedFromStoreBlocksAtStart(t *testing.T) {
 // increments committed after the store's snapshot reach the enforcer.
 type gatedStore struct {
 	UsageSource
-	period   billing.Period
+	period   catalog.Period
 	once     sync.Once
 	snapshot chan struct{}
 	release  chan struct{}
@@ -75,7 +75,7 @@ func (g *gatedStore) Totals(ctx context.Context, from, to time.Time) ([]schemas.
 
 func TestSeedCountsIncrementsDuringSeedingOnce(t *testing.T) {
 	v := newEnv(t)
-	p := v.clock.Period(billing.Monthly)
+	p := v.clock.Period(catalog.Monthly)
 	v.usage("acme", "api_calls", p.Start, true, 500) // committed (and published) before the start
 	g := &gatedStore{UsageSource: v.store, period: p, snapshot: make(chan struct{}), release: make(chan struct{})}
 	v.mutate = func(c *Config) { c.Store = g }
@@ -101,7 +101,7 @@ func TestSeedCountsIncrementsDuringSeedingOnce(t *testing.T) {
 
 func TestIncrementsCrossLimitAndNotifyOnce(t *testing.T) {
 	v := newEnv(t)
-	p := v.clock.Period(billing.Monthly)
+	p := v.clock.Period(catalog.Monthly)
 	v.usage("acme", "api_calls", p.Start, false, 900)
 	e := v.start()
 
@@ -199,7 +199,7 @@ func TestIncrementsCrossLimitAndNotifyOnce(t *testing.T) {
 // block carries to the gates as crossed_at.
 func TestFreshnessMetric(t *testing.T) {
 	v := newEnv(t)
-	p := v.clock.Period(billing.Monthly)
+	p := v.clock.Period(catalog.Monthly)
 	v.start()
 	v.usage("acme", "api_calls", p.Start, false, 1000)
 	sealed := time.Now().Add(-300 * time.Millisecond).UTC()
@@ -227,7 +227,7 @@ func TestFreshnessMetric(t *testing.T) {
 
 func TestPeriodRolloverUnblocks(t *testing.T) {
 	v := newEnv(t)
-	p := v.clock.Period(billing.Daily)
+	p := v.clock.Period(catalog.Daily)
 	v.usage("daily", "api_calls", p.Start, false, 1000)
 	v.start()
 	d := v.waitDecision("daily", time.Second, blockedFor(schemas.ReasonQuotaExceeded))
@@ -263,7 +263,7 @@ tenants:
 `)
 	v.cat = nil
 	v.mutate = func(c *Config) { c.CatalogPath = path }
-	p := v.clock.Period(billing.Monthly)
+	p := v.clock.Period(catalog.Monthly)
 	v.usage("acme", "api_calls", p.Start, false, 500)
 	e := v.start()
 
@@ -298,7 +298,7 @@ tenants:
 
 func TestVersionsGrowAcrossRestarts(t *testing.T) {
 	v := newEnv(t)
-	p := v.clock.Period(billing.Monthly)
+	p := v.clock.Period(catalog.Monthly)
 	ctx := context.Background()
 
 	// Before the first start the bucket does not exist; create it as the
@@ -380,7 +380,7 @@ func readHeartbeat(t *testing.T, kv jetstream.KeyValue) time.Time {
 func TestRunStopsOnCloseAndJoinsGoroutines(t *testing.T) {
 	v := newEnv(t)
 	e := v.start()
-	p := v.clock.Period(billing.Monthly)
+	p := v.clock.Period(catalog.Monthly)
 	v.usage("acme", "api_calls", p.Start, true, 900) // a notification in flight
 	e.Close()
 	select {

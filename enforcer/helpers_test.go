@@ -24,8 +24,8 @@ import (
 
 	"github.com/meterd/meterd/aggregator"
 	"github.com/meterd/meterd/aggregator/sqlite"
+	"github.com/meterd/meterd/catalog"
 	"github.com/meterd/meterd/internal/auth"
-	"github.com/meterd/meterd/internal/billing"
 	"github.com/meterd/meterd/internal/broker"
 	"github.com/meterd/meterd/schemas"
 )
@@ -49,8 +49,8 @@ type testClock struct{ offset atomic.Int64 }
 
 func (c *testClock) Now() time.Time          { return time.Now().Add(time.Duration(c.offset.Load())) }
 func (c *testClock) Advance(d time.Duration) { c.offset.Add(int64(d)) }
-func (c *testClock) Period(cad billing.Cadence) billing.Period {
-	return billing.PeriodAt(cad, time.Time{}, c.Now())
+func (c *testClock) Period(cad catalog.Cadence) catalog.Period {
+	return catalog.PeriodAt(cad, time.Time{}, c.Now())
 }
 
 // hooks is an HTTP server receiving notifications; it verifies each
@@ -111,7 +111,7 @@ type env struct {
 	clock *testClock
 	hooks *hooks
 	keys  *auth.Keys
-	cat   *billing.Catalog
+	cat   *catalog.Catalog
 	seq   atomic.Int64
 
 	// mutate adjusts the config of every enforcer started.
@@ -125,13 +125,13 @@ type env struct {
 
 // testCatalog: acme (free, 1000 api_calls, block), bigco (pro, overage),
 // daily (1000 api_calls per UTC day, block).
-func testCatalog(t testing.TB) *billing.Catalog {
+func testCatalog(t testing.TB) *catalog.Catalog {
 	t.Helper()
-	cat, err := billing.NewCatalog([]billing.Plan{
-		{Name: "free", Limits: map[string]int64{"api_calls": 1000}, OnExceed: billing.OnExceedBlock},
-		{Name: "pro", Limits: map[string]int64{"api_calls": 1_000_000, "tokens": 5000}, OnExceed: billing.OnExceedOverage},
-		{Name: "day", Period: billing.Daily, Limits: map[string]int64{"api_calls": 1000}},
-	}, []billing.Tenant{
+	cat, err := catalog.NewCatalog([]catalog.Plan{
+		{Name: "free", Limits: map[string]int64{"api_calls": 1000}, OnExceed: catalog.OnExceedBlock},
+		{Name: "pro", Limits: map[string]int64{"api_calls": 1_000_000, "tokens": 5000}, OnExceed: catalog.OnExceedOverage},
+		{Name: "day", Period: catalog.Daily, Limits: map[string]int64{"api_calls": 1000}},
+	}, []catalog.Tenant{
 		{Name: "acme", Plan: "free", CustomerID: "cus_acme", BillingURL: "https://billing.example.com/acme"},
 		{Name: "bigco", Plan: "pro", CustomerID: "cus_bigco"},
 		{Name: "daily", Plan: "day"},

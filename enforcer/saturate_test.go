@@ -12,8 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/meterd/meterd/catalog"
 	"github.com/meterd/meterd/enforcer/gate"
-	"github.com/meterd/meterd/internal/billing"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -43,7 +43,7 @@ func (v *env) rawRollup(tenant, meter string, hour time.Time, value int64) {
 // failed with "integer overflow" and the enforcer seeded no tenant at all.
 func TestSeedSurvivesOverflowingTotals(t *testing.T) {
 	v := newEnv(t)
-	p, day := v.clock.Period(billing.Monthly), v.clock.Period(billing.Daily)
+	p, day := v.clock.Period(catalog.Monthly), v.clock.Period(catalog.Daily)
 	v.start()
 	v.stop()
 
@@ -147,10 +147,10 @@ func (b *brokenStore) TenantTotals(ctx context.Context, tenant string, from, to 
 // decided at once.
 func TestSeedTenantByTenant(t *testing.T) {
 	v := newEnv(t)
-	p := v.clock.Period(billing.Monthly)
+	p := v.clock.Period(catalog.Monthly)
 	v.usage("acme", "api_calls", p.Start, false, 1200)
 	v.usage("bigco", "api_calls", p.Start, false, 5)
-	v.usage("daily", "api_calls", v.clock.Period(billing.Daily).Start, false, 2000)
+	v.usage("daily", "api_calls", v.clock.Period(catalog.Daily).Start, false, 2000)
 	b := &brokenStore{UsageSource: v.store, brokenTotals: errors.New("sqlite: totals: SQL logic error: integer overflow (1)")}
 	b.broken.Store("bigco")
 	v.mutate = func(c *Config) { c.Store = b }

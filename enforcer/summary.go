@@ -9,8 +9,8 @@ import (
 	"slices"
 	"time"
 
+	"github.com/meterd/meterd/catalog"
 	"github.com/meterd/meterd/internal/auth"
-	"github.com/meterd/meterd/internal/billing"
 	"github.com/meterd/meterd/internal/saturating"
 	"github.com/meterd/meterd/schemas"
 )
@@ -115,7 +115,7 @@ func (e *Enforcer) handleSummary(w http.ResponseWriter, r *http.Request) {
 // catalog file with the admin API's changes merged. The catalog is
 // immutable; a later change replaces it. It never waits on the enforcer's
 // lock, so a gate may ask it on every call.
-func (e *Enforcer) Catalog() *billing.Catalog {
+func (e *Enforcer) Catalog() *catalog.Catalog {
 	return e.catalog.Load()
 }
 
@@ -164,7 +164,7 @@ func (e *Enforcer) tenantSummaryLocked(name string, now time.Time) TenantSummary
 			pct := percent(ms.Used, limit)
 			ms.Percent = &pct
 			switch {
-			case ms.Used >= limit && plan.OnExceed != billing.OnExceedOverage:
+			case ms.Used >= limit && plan.OnExceed != catalog.OnExceedOverage:
 				ms.Status = SummaryBlocked
 			case ms.Used >= limit:
 				ms.Status = SummaryWarning
@@ -176,7 +176,7 @@ func (e *Enforcer) tenantSummaryLocked(name string, now time.Time) TenantSummary
 		}
 		ts.Meters = append(ts.Meters, ms)
 	}
-	if st := ts.BillingStatus; st != billing.StatusActive && warn == "" {
+	if st := ts.BillingStatus; st != catalog.StatusActive && warn == "" {
 		warn = fmt.Sprintf("%s's billing status is %s.", name, st)
 	}
 	switch d, blocked := e.written[name]; {
@@ -192,7 +192,7 @@ func (e *Enforcer) tenantSummaryLocked(name string, now time.Time) TenantSummary
 // was read from the store yet, and the usage per meter in that period (what
 // arrived since, while not seeded). used belongs to the enforcer: read it
 // under e.mu only.
-func (e *Enforcer) currentUsageLocked(tenant string, now time.Time) (p billing.Period, seeded bool, used map[string]int64) {
+func (e *Enforcer) currentUsageLocked(tenant string, now time.Time) (p catalog.Period, seeded bool, used map[string]int64) {
 	if u := e.usage[tenant]; u != nil {
 		return u.period, u.seeded, u.used
 	}

@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/meterd/meterd/internal/billing"
+	"github.com/meterd/meterd/catalog"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -26,12 +26,12 @@ func line(ts TenantSummary) string {
 
 func TestUsageSummary(t *testing.T) {
 	v := newEnv(t)
-	p := v.clock.Period(billing.Monthly)
+	p := v.clock.Period(catalog.Monthly)
 	v.usage("acme", "api_calls", p.Start, false, 600, 250)                          // 85 % of 1000: warning
 	v.usage("bigco", "api_calls", p.Start, false, 1_200_000)                        // over, but overage: warning
 	v.usage("bigco", "tokens", p.Start, false, 10)                                  // 0.2 %
-	v.usage("daily", "api_calls", v.clock.Period(billing.Daily).Start, false, 1000) // at the limit: blocked
-	v.usage("daily", "storage_gb", v.clock.Period(billing.Daily).Start, false, 3)   // no limit
+	v.usage("daily", "api_calls", v.clock.Period(catalog.Daily).Start, false, 1000) // at the limit: blocked
+	v.usage("daily", "storage_gb", v.clock.Period(catalog.Daily).Start, false, 3)   // no limit
 	v.start()
 	v.waitDecision("daily", time.Second, blockedFor(schemas.ReasonQuotaExceeded))
 

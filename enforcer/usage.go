@@ -11,7 +11,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 
-	"github.com/meterd/meterd/internal/billing"
+	"github.com/meterd/meterd/catalog"
 	"github.com/meterd/meterd/internal/saturating"
 	"github.com/meterd/meterd/schemas"
 )
@@ -31,7 +31,7 @@ type UsageSource interface {
 
 // tenantUsage is a tenant's usage in its current billing period.
 type tenantUsage struct {
-	period billing.Period
+	period catalog.Period
 	// used is the usage per meter in period; meaningful once seeded.
 	used map[string]int64
 	// next holds increments for hours at or after period.End (event times
@@ -43,7 +43,7 @@ type tenantUsage struct {
 	seeded bool
 }
 
-func newTenantUsage(p billing.Period) *tenantUsage {
+func newTenantUsage(p catalog.Period) *tenantUsage {
 	return &tenantUsage{period: p, used: map[string]int64{}, next: map[string]int64{}}
 }
 
@@ -68,7 +68,7 @@ func (u *tenantUsage) add(meter string, hour time.Time, value int64) (before, af
 // roll moves u to period p. The usage of the period that directly follows
 // is known (next); any other jump needs a reseed from the store, reported
 // by the result.
-func (u *tenantUsage) roll(p billing.Period) (needReseed bool) {
+func (u *tenantUsage) roll(p catalog.Period) (needReseed bool) {
 	if p.Start.Equal(u.period.End) {
 		u.used, u.next = u.next, map[string]int64{}
 	} else {
@@ -133,7 +133,7 @@ func (e *Enforcer) rollLocked(tenant string, u *tenantUsage, now time.Time) {
 // journal collects the increments that arrive while a totals query runs,
 // for the tenants it queries (see the package documentation).
 type journal struct {
-	periods map[string]billing.Period
+	periods map[string]catalog.Period
 	adds    map[string]map[string]int64
 }
 
@@ -163,7 +163,7 @@ func (e *Enforcer) reconcile(ctx context.Context, tenants []string) error {
 		tenants = slices.Collect(maps.Keys(e.usage))
 	}
 	type group struct {
-		period  billing.Period
+		period  catalog.Period
 		tenants []string
 	}
 	groups := map[[2]int64]*group{}
@@ -213,7 +213,7 @@ func (e *Enforcer) reconcile(ctx context.Context, tenants []string) error {
 // tenant whose query fails its seed; failed holds their errors, and they
 // wait in e.reseed. err is set when the store did not answer at all. It
 // returns how many tenants it set and how many meters it corrected.
-func (e *Enforcer) reconcilePeriod(ctx context.Context, p billing.Period, tenants []string) (set, corrected int, failed []error, err error) {
+func (e *Enforcer) reconcilePeriod(ctx context.Context, p catalog.Period, tenants []string) (set, corrected int, failed []error, err error) {
 	set, corrected, err = e.setFromStore(ctx, p, tenants, func(ctx context.Context) ([]schemas.Increment, error) {
 		return e.cfg.Store.Totals(ctx, p.Start, p.End)
 	})
@@ -247,9 +247,9 @@ func (e *Enforcer) reconcilePeriod(ctx context.Context, p billing.Period, tenant
 // flight at that instant can be counted twice (see the package
 // documentation). It returns how many tenants it set and how many meters it
 // corrected.
-func (e *Enforcer) setFromStore(ctx context.Context, p billing.Period, tenants []string,
+func (e *Enforcer) setFromStore(ctx context.Context, p catalog.Period, tenants []string,
 	read func(context.Context) ([]schemas.Increment, error)) (set, corrected int, err error) {
-	j := &journal{periods: map[string]billing.Period{}, adds: map[string]map[string]int64{}}
+	j := &journal{periods: map[string]catalog.Period{}, adds: map[string]map[string]int64{}}
 	e.mu.Lock()
 	for _, t := range tenants {
 		if u := e.usage[t]; u != nil && u.period.Start.Equal(p.Start) && u.period.End.Equal(p.End) {

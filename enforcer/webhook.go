@@ -19,7 +19,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/meterd/meterd/internal/billing"
+	"github.com/meterd/meterd/catalog"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -279,24 +279,24 @@ func statusOf(invoice bool, state string) string {
 	}
 	switch state {
 	case invoiceFailed:
-		return billing.StatusPastDue
+		return catalog.StatusPastDue
 	case invoiceActionRequired:
 		return StatusIncomplete
 	}
-	return billing.StatusActive
+	return catalog.StatusActive
 }
 
 // subscriptionStatus maps a Stripe subscription status to a billing status.
 func subscriptionStatus(s string) string {
 	switch s {
 	case "active", "trialing":
-		return billing.StatusActive
+		return catalog.StatusActive
 	case "incomplete", "incomplete_expired", "paused":
 		return StatusIncomplete
 	case "past_due", "unpaid", "canceled":
 		return s
 	}
-	return billing.StatusActive // unknown to us: not a reason to block
+	return catalog.StatusActive // unknown to us: not a reason to block
 }
 
 // statuses returns the billing statuses the record contributes: one per
@@ -307,7 +307,7 @@ func subscriptionStatus(s string) string {
 func (r *billingRecord) statuses() []string {
 	var out []string
 	for _, inv := range r.Invoices {
-		if st := statusOf(true, inv.State); st != billing.StatusActive {
+		if st := statusOf(true, inv.State); st != catalog.StatusActive {
 			out = append(out, st)
 		}
 	}
@@ -315,7 +315,7 @@ func (r *billingRecord) statuses() []string {
 	found, live := false, false
 	for _, s := range r.Subscriptions {
 		st := subscriptionStatus(s.State)
-		isLive := st != billing.StatusCanceled
+		isLive := st != catalog.StatusCanceled
 		switch {
 		case live && !isLive:
 			continue

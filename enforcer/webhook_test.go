@@ -17,7 +17,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/meterd/meterd/internal/billing"
+	"github.com/meterd/meterd/catalog"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -214,7 +214,7 @@ func TestWebhookBlocksAndUnblocks(t *testing.T) {
 	if d == nil || d.Reason != schemas.ReasonPaymentOverdue || d.BillingURL != "https://billing.example.com/acme" || d.Meter != "" {
 		t.Fatalf("decision after payment_failed = %+v", d)
 	}
-	if st := v.view("acme").BillingStatus; st != billing.StatusPastDue {
+	if st := v.view("acme").BillingStatus; st != catalog.StatusPastDue {
 		t.Errorf("billing status %q, want past_due", st)
 	}
 
@@ -264,7 +264,7 @@ func TestWebhookReorderedPaidBeforeFailed(t *testing.T) {
 	if d, _ := v.decision("acme"); d != nil {
 		t.Fatalf("blocked after paid + a late payment_failed: %+v", *d)
 	}
-	if st := v.view("acme").BillingStatus; st != billing.StatusActive {
+	if st := v.view("acme").BillingStatus; st != catalog.StatusActive {
 		t.Errorf("billing status %q, want active", st)
 	}
 }
@@ -371,7 +371,7 @@ func TestWebhookSubscriptionStatuses(t *testing.T) {
 
 func TestWebhookBillingBeatsQuota(t *testing.T) {
 	v := newEnv(t)
-	p := v.clock.Period(billing.Monthly)
+	p := v.clock.Period(catalog.Monthly)
 	v.usage("acme", "api_calls", p.Start, false, 1500)
 	v.start()
 	v.waitDecision("acme", time.Second, blockedFor(schemas.ReasonQuotaExceeded))
@@ -424,14 +424,14 @@ func TestWebhookConcurrentUpdatesAreNotLost(t *testing.T) {
 
 func TestBlockOnLimitsBillingBlocks(t *testing.T) {
 	v := newEnv(t)
-	v.mutate = func(c *Config) { c.BlockOn = []string{billing.StatusCanceled, billing.StatusSuspended} }
+	v.mutate = func(c *Config) { c.BlockOn = []string{catalog.StatusCanceled, catalog.StatusSuspended} }
 	v.start()
 	now := v.clock.Now()
 	v.webhook(stripeEvent("evt_1", "invoice.payment_failed", "cus_acme", "in_1", "", now), webhookSecret, now)
 	if d, _ := v.decision("acme"); d != nil {
 		t.Fatalf("past_due blocked although not in BlockOn: %+v", *d)
 	}
-	if st := v.view("acme").BillingStatus; st != billing.StatusPastDue {
+	if st := v.view("acme").BillingStatus; st != catalog.StatusPastDue {
 		t.Errorf("billing status %q, want past_due", st)
 	}
 	v.webhook(stripeEvent("evt_2", "customer.subscription.deleted", "cus_acme", "sub_1", "canceled", now), webhookSecret, now)

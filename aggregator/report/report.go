@@ -26,8 +26,8 @@ import (
 	"time"
 
 	"github.com/meterd/meterd/aggregator"
+	"github.com/meterd/meterd/catalog"
 	"github.com/meterd/meterd/internal/auth"
-	"github.com/meterd/meterd/internal/billing"
 	"github.com/meterd/meterd/internal/saturating"
 	"github.com/meterd/meterd/schemas"
 )
@@ -67,7 +67,7 @@ type Config struct {
 	Keys *auth.Keys
 	// Catalog returns the current plans and tenants: the billing periods of
 	// window=period. Nil means every tenant has monthly periods from the 1st.
-	Catalog func() *billing.Catalog
+	Catalog func() *catalog.Catalog
 	Logger  *slog.Logger
 	// Now is the clock of the default range; nil means time.Now.
 	Now func() time.Time
@@ -88,8 +88,8 @@ func New(cfg Config) (*Handler, error) {
 		return nil, errors.New("report: Keys is required (auth.Open() for none)")
 	}
 	if cfg.Catalog == nil {
-		empty, _ := billing.NewCatalog(nil, nil)
-		cfg.Catalog = func() *billing.Catalog { return empty }
+		empty, _ := catalog.NewCatalog(nil, nil)
+		cfg.Catalog = func() *catalog.Catalog { return empty }
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
@@ -117,10 +117,10 @@ type Query struct {
 var params = map[string]bool{"tenant": true, "meter": true, "from": true, "to": true, "window": true, "group_by": true, "format": true}
 
 // ParseQuery reads a report request from its query parameters and Accept
-// header. now is the clock of the default range; catalog gives the billing
+// header. now is the clock of the default range; cat gives the billing
 // periods of the default range of window=period. It returns every wrong
 // parameter.
-func ParseQuery(v url.Values, accept string, now time.Time, catalog *billing.Catalog) (Query, []schemas.InvalidParam) {
+func ParseQuery(v url.Values, accept string, now time.Time, cat *catalog.Catalog) (Query, []schemas.InvalidParam) {
 	var q Query
 	var bad []schemas.InvalidParam
 	invalid := func(name, reason string) { bad = append(bad, schemas.InvalidParam{Name: name, Reason: reason}) }
@@ -205,7 +205,7 @@ func ParseQuery(v url.Values, accept string, now time.Time, catalog *billing.Cat
 		q.To = now.UTC()
 	}
 	if !fromOK {
-		q.From = defaultFrom(q, catalog)
+		q.From = defaultFrom(q, cat)
 	}
 	switch {
 	case !q.From.Before(q.To):
@@ -238,18 +238,18 @@ func parseTime(s, name string, invalid func(name, reason string)) (time.Time, bo
 // of the current billing period of the tenant (of the earliest among all
 // tenants without a tenant) for window=period, of the current UTC day for
 // window=hour, and of the current UTC month otherwise.
-func defaultFrom(q Query, catalog *billing.Catalog) time.Time {
+func defaultFrom(q Query, cat *catalog.Catalog) time.Time {
 	at := q.To.Add(-time.Second)
 	switch q.Window {
 	case WindowHour:
 		return aggregator.Daily.BucketStart(at)
 	case WindowPeriod:
 		if q.Tenant != "" {
-			return catalog.PeriodOf(q.Tenant, at).Start
+			return cat.PeriodOf(q.Tenant, at).Start
 		}
 		from := aggregator.Monthly.BucketStart(at)
-		for _, t := range catalog.TenantNames() {
-			if s := catalog.PeriodOf(t, at).Start; s.Before(from) {
+		for _, t := range cat.TenantNames() {
+			if s := cat.PeriodOf(t, at).Start; s.Before(from) {
 				from = s
 			}
 		}
@@ -280,14 +280,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		auth.Unauthorized(w, err)
 		return
 	}
-	catalog := h.cfg.Catalog()
+	cat := h.cfg.Catalog()
 	// An undecodable pair is a 400 of its own: dropped, tenant=%zz would
 	// read as no tenant and give an admin every tenant's report.
 	v, undecodable := schemas.ParseQuery(r.URL.RawQuery)
 	if !p.Admin && v.Get("tenant") == "" {
 		v.Set("tenant", p.Tenant) // a tenant key reads its own tenant
 	}
-	q, bad := ParseQuery(v, r.Header.Get("Accept"), h.cfg.Now(), catalog)
+	q, bad := ParseQuery(v, r.Header.Get("Accept"), h.cfg.Now(), cat)
 	if bad = append(undecodable, bad...); len(bad) > 0 {
 		schemas.NewInvalidParams(bad).Write(w)
 		return
@@ -296,7 +296,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		schemas.NewProblem(schemas.ProblemForbidden, "this API key may read only its own tenant's usage").Write(w)
 		return
 	}
-	h.stream(w, r.Context(), q, catalog)
+	h.stream(w, r.Context(), q, cat)
 }
 
 // Row is one row of a report.
@@ -317,7 +317,7 @@ func (r *Row) Saturated() bool {
 // are ready, so an error early on is still a problem+json answer; a store
 // error after that aborts the response, which the client sees as a broken
 // transfer rather than a short report.
-func (h *Handler) stream(w http.ResponseWriter, ctx context.Context, q Query, catalog *billing.Catalog) {
+func (h *Handler) stream(w http.ResponseWriter, ctx context.Context, q Query, cat *catalog.Catalog) {
 	out := &lazyWriter{w: w}
 	bw := bufio.NewWriterSize(out, 64<<10)
 	var enc encoder
@@ -330,7 +330,7 @@ func (h *Handler) stream(w http.ResponseWriter, ctx context.Context, q Query, ca
 	}
 	err := enc.begin()
 	if err == nil {
-		err = Run(ctx, h.cfg.Store, q, catalog, enc.row)
+		err = Run(ctx, h.cfg.Store, q, cat, enc.row)
 	}
 	if err == nil {
 		err = enc.end()
@@ -372,7 +372,7 @@ func (l *lazyWriter) Write(p []byte) (int, error) {
 // Run reads q from store and calls fn with each report row, in order of
 // tenant, meter, window start and grouped dimension values. fn must not
 // keep the row.
-func Run(ctx context.Context, store aggregator.Reporter, q Query, catalog *billing.Catalog, fn func(*Row) error) error {
+func Run(ctx context.Context, store aggregator.Reporter, q Query, cat *catalog.Catalog, fn func(*Row) error) error {
 	var row Row
 	if q.Window != WindowPeriod {
 		return store.Usage(ctx, q.UsageQuery, func(u *aggregator.UsageRow) error {
@@ -381,7 +381,7 @@ func Run(ctx context.Context, store aggregator.Reporter, q Query, catalog *billi
 			return fn(&row)
 		})
 	}
-	f := folder{q: q, catalog: catalog, emit: fn}
+	f := folder{q: q, cat: cat, emit: fn}
 	if err := store.Usage(ctx, q.UsageQuery, f.add); err != nil {
 		return err
 	}
@@ -404,14 +404,14 @@ func clip(start, end, from, to time.Time) (time.Time, time.Time) {
 // a time, and its rows leave sorted by dims when a row of a later period,
 // meter or tenant arrives.
 type folder struct {
-	q       Query
-	catalog *billing.Catalog
-	emit    func(*Row) error
+	q    Query
+	cat  *catalog.Catalog
+	emit func(*Row) error
 
 	open   bool
 	tenant string
 	meter  string
-	period billing.Period
+	period catalog.Period
 	sums   map[string]*Row // by dims joined with NUL
 }
 
@@ -421,7 +421,7 @@ func (f *folder) add(u *aggregator.UsageRow) error {
 			return err
 		}
 		f.open, f.tenant, f.meter = true, u.Tenant, u.Meter
-		f.period = f.catalog.PeriodOf(u.Tenant, u.Start)
+		f.period = f.cat.PeriodOf(u.Tenant, u.Start)
 		if f.sums == nil {
 			f.sums = map[string]*Row{}
 		}

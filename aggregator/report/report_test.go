@@ -23,8 +23,8 @@ import (
 	"github.com/meterd/meterd/aggregator/clickhouse"
 	"github.com/meterd/meterd/aggregator/report"
 	"github.com/meterd/meterd/aggregator/sqlite"
+	"github.com/meterd/meterd/catalog"
 	"github.com/meterd/meterd/internal/auth"
-	"github.com/meterd/meterd/internal/billing"
 	"github.com/meterd/meterd/internal/chtest"
 	"github.com/meterd/meterd/schemas"
 )
@@ -83,13 +83,13 @@ tenants:
   globex: {plan: daily}
 `
 
-func catalog(t testing.TB) *billing.Catalog {
+func loadCatalog(t testing.TB) *catalog.Catalog {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "catalog.yaml")
 	if err := writeFile(path, catalogYAML); err != nil {
 		t.Fatal(err)
 	}
-	c, err := billing.LoadCatalogFile(path)
+	c, err := catalog.LoadCatalogFile(path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -166,8 +166,8 @@ func storesWith(t *testing.T, evs []schemas.Event, extra func(add addRollup), fn
 			if err != nil {
 				t.Fatal(err)
 			}
-			cat := catalog(t)
-			h, err := report.New(report.Config{Store: st, Keys: keys, Catalog: func() *billing.Catalog { return cat },
+			cat := loadCatalog(t)
+			h, err := report.New(report.Config{Store: st, Keys: keys, Catalog: func() *catalog.Catalog { return cat },
 				Now: func() time.Time { return at("2026-04-10T12:00:00Z") }})
 			if err != nil {
 				t.Fatal(err)
@@ -486,7 +486,7 @@ func TestReportBadParameters(t *testing.T) {
 }
 
 func TestParseQueryDefaults(t *testing.T) {
-	cat := catalog(t)
+	cat := loadCatalog(t)
 	now := at("2026-04-10T12:34:56Z")
 	for _, c := range []struct{ query, from, to string }{
 		{"", "2026-04-01T00:00:00Z", "2026-04-10T12:34:56Z"},

@@ -18,9 +18,8 @@ import (
 	"github.com/meterd/meterd/aggregator/clickhouse"
 	"github.com/meterd/meterd/aggregator/report"
 	"github.com/meterd/meterd/aggregator/sqlite"
+	"github.com/meterd/meterd/catalog"
 	"github.com/meterd/meterd/cmd/meterd/internal/cli"
-	"github.com/meterd/meterd/enforcer"
-	"github.com/meterd/meterd/internal/billing"
 	"github.com/meterd/meterd/internal/broker"
 	"github.com/meterd/meterd/internal/config"
 	"github.com/meterd/meterd/internal/lease"
@@ -61,9 +60,9 @@ func runAggregator(ctx context.Context, args []string, stdout, stderr io.Writer)
 	}
 	// Billing periods of the reports: the config file's catalog with the
 	// enforcer's admin API changes merged, as the enforcer decides by.
-	catalog := enforcer.NewCatalogWatcher(nc, f.Catalog, a.log)
-	a.workers = append(a.workers, catalog)
-	if err := a.addReports(store, catalog.Catalog); err != nil {
+	watch := catalog.NewWatcher(nc, f.Catalog, a.log)
+	a.workers = append(a.workers, watch)
+	if err := a.addReports(store, watch.Catalog); err != nil {
 		return err
 	}
 	return a.run(ctx)
@@ -172,8 +171,8 @@ func (a *app) addAggregator(ctx context.Context, nc *nats.Conn, store aggregator
 }
 
 // addReports serves GET /v1/usage from store.
-func (a *app) addReports(store aggregator.Store, catalog func() *billing.Catalog) error {
-	h, err := report.New(report.Config{Store: store, Keys: a.keys, Catalog: catalog, Logger: a.log})
+func (a *app) addReports(store aggregator.Store, cat func() *catalog.Catalog) error {
+	h, err := report.New(report.Config{Store: store, Keys: a.keys, Catalog: cat, Logger: a.log})
 	if err != nil {
 		return err
 	}

@@ -18,11 +18,11 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/meterd/meterd/catalog"
 	"github.com/meterd/meterd/cmd/meterd/internal/cli"
 	"github.com/meterd/meterd/collector"
 	"github.com/meterd/meterd/enforcer/gate"
 	"github.com/meterd/meterd/internal/auth"
-	"github.com/meterd/meterd/internal/billing"
 	"github.com/meterd/meterd/internal/broker"
 	"github.com/meterd/meterd/internal/config"
 	"github.com/meterd/meterd/internal/redact"
@@ -54,7 +54,7 @@ type settings struct {
 // newFlags reads the --config file named in args and defines the shared
 // flags on a new FlagSet for cmd.
 func newFlags(cmd string, args []string, stderr io.Writer, listen string) (*flag.FlagSet, *settings, error) {
-	empty, _ := billing.NewCatalog(nil, nil)
+	empty, _ := catalog.NewCatalog(nil, nil)
 	s := &settings{cmd: cmd, file: &config.File{Catalog: empty}, configPath: config.ConfigPath(args)}
 	if s.configPath != "" {
 		f, err := config.Load(s.configPath)
@@ -302,7 +302,7 @@ func (a *app) connect(n config.NATS, opts ...nats.Option) (*nats.Conn, error) {
 // from, on nc and adds both to the app. The tenants of the current catalog
 // have a plan: it must be the merged one (file and admin API, followed
 // live), or a tenant the admin API created is unknown at the gate.
-func (a *app) addCollector(nc *nats.Conn, c config.Collector, catalog func() *billing.Catalog) error {
+func (a *app) addCollector(nc *nats.Conn, c config.Collector, cat func() *catalog.Catalog) error {
 	unknown, err := policy("unknown-tenant-policy", c.UnknownTenantPolicy)
 	if err != nil {
 		return err
@@ -319,7 +319,7 @@ func (a *app) addCollector(nc *nats.Conn, c config.Collector, catalog func() *bi
 	a.workers = append(a.workers, g)
 	col, err := collector.New(collector.Config{
 		Gate: g, TenantHeader: c.TenantHeader, UnknownTenantPolicy: unknown, DontRecordChecks: c.DontRecordChecks,
-		KnownTenant: func(tenant string) bool { return catalog().HasPlan(tenant) },
+		KnownTenant: func(tenant string) bool { return cat().HasPlan(tenant) },
 		Name:        c.Name, NATS: nc, Keys: a.keys,
 		SpoolDir: c.SpoolDir, SpoolMaxBytes: c.SpoolMaxBytes,
 		Partitions: c.Partitions, MaxBodyBytes: c.MaxBodyBytes, MaxInflightBodyBytes: c.MaxInflightBodyBytes,

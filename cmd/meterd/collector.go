@@ -4,7 +4,7 @@ import (
 	"context"
 	"io"
 
-	"github.com/meterd/meterd/enforcer"
+	"github.com/meterd/meterd/catalog"
 )
 
 // runCollector runs the collector against an external NATS.
@@ -33,12 +33,12 @@ func runCollector(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	// Denying unknown tenants, the collector is not ready before it read
 	// the bucket, so a restart never refuses a tenant the admin API
 	// created; allowing them, it has nothing to wait for.
-	catalog := enforcer.NewCatalogWatcher(nc, f.Catalog, a.log)
-	a.workers = append(a.workers, catalog)
+	watch := catalog.NewWatcher(nc, f.Catalog, a.log)
+	a.workers = append(a.workers, watch)
 	if f.Collector.UnknownTenantPolicy == "deny" {
-		a.checks["catalog"] = catalog.Ready
+		a.checks["catalog"] = watch.Ready
 	}
-	if err := a.addCollector(nc, f.Collector, catalog.Catalog); err != nil {
+	if err := a.addCollector(nc, f.Collector, watch.Catalog); err != nil {
 		return err
 	}
 	// Nothing else here needs NATS: the collector's own check says whether

@@ -12,9 +12,9 @@ import (
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/meterd/meterd/catalog"
 	"github.com/meterd/meterd/cmd/meterd/internal/cli"
 	"github.com/meterd/meterd/enforcer"
-	"github.com/meterd/meterd/internal/billing"
 	"github.com/meterd/meterd/internal/broker"
 	"github.com/meterd/meterd/internal/redact"
 )
@@ -83,7 +83,7 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	// The gate knows the tenants of the enforcer's own catalog (file and
 	// admin API merged). enf is set below, before anything serves.
 	var enf *enforcer.Enforcer
-	if err := a.addCollector(nc, f.Collector, func() *billing.Catalog { return enf.Catalog() }); err != nil {
+	if err := a.addCollector(nc, f.Collector, func() *catalog.Catalog { return enf.Catalog() }); err != nil {
 		return err
 	}
 	f.Aggregator.SQLitePath = cmp.Or(f.Aggregator.SQLitePath, filepath.Join(dataDir, "meterd.db"))

@@ -15,8 +15,8 @@ import (
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/meterd/meterd/catalog"
 	"github.com/meterd/meterd/internal/auth"
-	"github.com/meterd/meterd/internal/billing"
 )
 
 // File is the YAML configuration file. Unknown keys are errors, so a typo
@@ -31,7 +31,7 @@ type File struct {
 	// enforcer decides quotas from it, the aggregator reports billing periods.
 	Plans   yaml.Node        `yaml:"plans"`
 	Tenants yaml.Node        `yaml:"tenants"`
-	Catalog *billing.Catalog `yaml:"-"`
+	Catalog *catalog.Catalog `yaml:"-"`
 }
 
 // NATS says how components reach JetStream.
@@ -109,7 +109,7 @@ func Load(path string) (*File, error) {
 	if _, err := auth.NewKeys(f.APIKeys); err != nil {
 		return nil, fmt.Errorf("config %s: %w", path, err)
 	}
-	if f.Catalog, err = billing.ParseCatalog(&f.Plans, &f.Tenants); err != nil {
+	if f.Catalog, err = catalog.ParseCatalog(&f.Plans, &f.Tenants); err != nil {
 		return nil, fmt.Errorf("config %s: %w", path, err)
 	}
 	return &f, nil

@@ -1,4 +1,4 @@
-package billing
+package catalog
 
 import (
 	"fmt"
@@ -198,7 +198,7 @@ func TestPeriodPanics(t *testing.T) {
 	} {
 		t.Run(name, func(t *testing.T) {
 			defer func() {
-				if r := recover(); r == nil || !strings.HasPrefix(fmt.Sprint(r), "billing: ") {
+				if r := recover(); r == nil || !strings.HasPrefix(fmt.Sprint(r), "catalog: ") {
 					t.Errorf("recovered %v, want a billing panic", r)
 				}
 			}()
@@ -314,5 +314,32 @@ func BenchmarkPeriodAt(b *testing.B) {
 				PeriodAt(c, anchor, at)
 			}
 		})
+	}
+}
+
+// ParseAnchor is the one reading of billing_anchor, for the file and the
+// admin API alike.
+func TestParseAnchor(t *testing.T) {
+	for _, c := range []struct {
+		in   string
+		want time.Time
+		bad  bool
+	}{
+		{in: "", want: time.Time{}},
+		{in: "2026-01-15", want: time.Date(2026, 1, 15, 0, 0, 0, 0, time.UTC)},
+		{in: "2026-01-15T10:30:00+02:00", want: time.Date(2026, 1, 15, 8, 30, 0, 0, time.UTC)},
+		{in: "15/01/2026", bad: true},
+		{in: "2026-02-30", bad: true},
+	} {
+		got, err := ParseAnchor(c.in)
+		if c.bad {
+			if want := `must be a date (2026-01-15) or an RFC 3339 time, not "` + c.in + `"`; err == nil || err.Error() != want {
+				t.Errorf("ParseAnchor(%q): err %v, want %q", c.in, err, want)
+			}
+			continue
+		}
+		if err != nil || !got.Equal(c.want) {
+			t.Errorf("ParseAnchor(%q) = %v, %v; want %v", c.in, got, err, c.want)
+		}
 	}
 }

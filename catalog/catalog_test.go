@@ -1,4 +1,4 @@
-package billing
+package catalog
 
 import (
 	"errors"
@@ -505,7 +505,7 @@ tenants:
 
 	bad := write("bad.yaml", "plans: {free: {}}\ntenants: {acme: {plan: gold}}\n")
 	_, err = LoadCatalogFile(bad)
-	if want := "billing: " + bad + `: tenants.acme.plan: unknown plan "gold"`; err == nil || err.Error() != want {
+	if want := "catalog: " + bad + `: tenants.acme.plan: unknown plan "gold"`; err == nil || err.Error() != want {
 		t.Errorf("error = %v, want %s", err, want)
 	}
 	var ce *CatalogError
@@ -514,7 +514,7 @@ tenants:
 	}
 
 	syntax := write("syntax.yaml", "plans: {free: [\n")
-	if _, err := LoadCatalogFile(syntax); err == nil || !strings.HasPrefix(err.Error(), "billing: "+syntax+": yaml: ") {
+	if _, err := LoadCatalogFile(syntax); err == nil || !strings.HasPrefix(err.Error(), "catalog: "+syntax+": yaml: ") {
 		t.Errorf("syntax error = %v", err)
 	}
 	if _, err := LoadCatalogFile(filepath.Join(dir, "missing.yaml")); !errors.Is(err, fs.ErrNotExist) {

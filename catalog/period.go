@@ -1,7 +1,4 @@
-// Package billing holds plans, tenants and billing periods (docs/architecture.md#plans-and-billing-periods): the
-// aggregator reports usage per billing period, the enforcer checks quotas
-// against a tenant's limits in its current period.
-package billing
+package catalog
 
 import (
 	"fmt"
@@ -60,7 +57,7 @@ func PeriodAt(c Cadence, anchor time.Time, at time.Time) Period {
 	case Yearly:
 		_, s.month, s.day = anchor.UTC().Date()
 	default:
-		panic(fmt.Sprintf("billing: unknown cadence %q", string(c)))
+		panic(fmt.Sprintf("catalog: unknown cadence %q", string(c)))
 	}
 	return s.at(at)
 }
@@ -70,7 +67,7 @@ func PeriodAt(c Cadence, anchor time.Time, at time.Time) Period {
 // Periods or Next (a Period literal knows no cadence).
 func (p Period) Next() Period {
 	if p.sched.cadence == "" {
-		panic("billing: Next of a Period not made by PeriodAt")
+		panic("catalog: Next of a Period not made by PeriodAt")
 	}
 	return p.sched.at(p.End)
 }

@@ -1,4 +1,4 @@
-package billing
+package catalog
 
 import (
 	"errors"
@@ -48,18 +48,18 @@ func ParseCatalog(plans, tenants *yaml.Node) (*Catalog, error) {
 func LoadCatalogFile(path string) (*Catalog, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("billing: %w", err)
+		return nil, fmt.Errorf("catalog: %w", err)
 	}
 	var f struct {
 		Plans   yaml.Node `yaml:"plans"`
 		Tenants yaml.Node `yaml:"tenants"`
 	}
 	if err := yaml.Unmarshal(data, &f); err != nil {
-		return nil, fmt.Errorf("billing: %s: %w", path, err)
+		return nil, fmt.Errorf("catalog: %s: %w", path, err)
 	}
 	c, err := ParseCatalog(&f.Plans, &f.Tenants)
 	if err != nil {
-		return nil, fmt.Errorf("billing: %s: %w", path, err)
+		return nil, fmt.Errorf("catalog: %s: %w", path, err)
 	}
 	return c, nil
 }
@@ -158,17 +158,27 @@ func (d *decoder) str(e entry) string {
 
 // date decodes a date or an RFC 3339 time; null is the zero time.
 func (d *decoder) date(e entry) time.Time {
-	s := d.str(e)
+	t, err := ParseAnchor(d.str(e))
+	if err != nil {
+		d.bad(e.path, err.Error())
+	}
+	return t
+}
+
+// ParseAnchor reads a billing anchor as the catalog file and the admin API
+// take it: a date (2026-01-15, midnight UTC) or an RFC 3339 time; empty is
+// the zero time (no anchor). The error says what is wrong, without the
+// field's name, so that each caller names the field its own way.
+func ParseAnchor(s string) (time.Time, error) {
 	if s == "" {
-		return time.Time{}
+		return time.Time{}, nil
 	}
 	for _, layout := range []string{time.DateOnly, time.RFC3339Nano} {
 		if t, err := time.Parse(layout, s); err == nil {
-			return t
+			return t, nil
 		}
 	}
-	d.bad(e.path, "must be a date (2026-01-15) or an RFC 3339 time, not "+strconv.Quote(s))
-	return time.Time{}
+	return time.Time{}, errors.New("must be a date (2026-01-15) or an RFC 3339 time, not " + strconv.Quote(s))
 }
 
 // entries returns the keys of the mapping n in document order, with aliases
