@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/meterd/meterd/enforcer/gate"
+	"github.com/meterd/meterd/gate"
 	"github.com/meterd/meterd/internal/billing"
 	"github.com/meterd/meterd/schemas"
 )

@@ -20,8 +20,8 @@ import (
 
 	"github.com/meterd/meterd/cmd/meterd/internal/cli"
 	"github.com/meterd/meterd/collector"
-	"github.com/meterd/meterd/enforcer/gate"
-	"github.com/meterd/meterd/enforcer/gate/gateprom"
+	"github.com/meterd/meterd/gate"
+	"github.com/meterd/meterd/gate/gateprom"
 	"github.com/meterd/meterd/internal/auth"
 	"github.com/meterd/meterd/internal/billing"
 	"github.com/meterd/meterd/internal/broker"

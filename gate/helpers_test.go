@@ -16,7 +16,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/meterd/meterd/enforcer/gate/gateprom"
+	"github.com/meterd/meterd/gate/gateprom"
 	"github.com/meterd/meterd/internal/broker"
 	"github.com/meterd/meterd/internal/metrictest"
 	"github.com/meterd/meterd/schemas"
