@@ -11,7 +11,7 @@ import (
 
 	"github.com/nats-io/nuid"
 
-	"github.com/meterd/meterd/enforcer/gate"
+	"github.com/meterd/meterd/gate"
 	"github.com/meterd/meterd/schemas"
 )
 

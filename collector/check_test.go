@@ -19,7 +19,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/meterd/meterd/enforcer/gate"
+	"github.com/meterd/meterd/gate"
 	"github.com/meterd/meterd/schemas"
 )
 

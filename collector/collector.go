@@ -28,7 +28,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/meterd/meterd/collector/spool"
-	"github.com/meterd/meterd/enforcer/gate"
+	"github.com/meterd/meterd/gate"
 	"github.com/meterd/meterd/internal/auth"
 	"github.com/meterd/meterd/internal/serve"
 	"github.com/meterd/meterd/schemas"

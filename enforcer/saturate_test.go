@@ -13,7 +13,7 @@ import (
 	"time"
 
 	"github.com/meterd/meterd/catalog"
-	"github.com/meterd/meterd/enforcer/gate"
+	"github.com/meterd/meterd/gate"
 	"github.com/meterd/meterd/schemas"
 )
 

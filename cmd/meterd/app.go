@@ -21,7 +21,8 @@ import (
 	"github.com/meterd/meterd/catalog"
 	"github.com/meterd/meterd/cmd/meterd/internal/cli"
 	"github.com/meterd/meterd/collector"
-	"github.com/meterd/meterd/enforcer/gate"
+	"github.com/meterd/meterd/gate"
+	"github.com/meterd/meterd/gate/gateprom"
 	"github.com/meterd/meterd/internal/auth"
 	"github.com/meterd/meterd/internal/broker"
 	"github.com/meterd/meterd/internal/config"
@@ -311,7 +312,11 @@ func (a *app) addCollector(nc *nats.Conn, c config.Collector, cat func() *catalo
 	if err != nil {
 		return err
 	}
-	g, err := gate.New(gate.Config{NATS: nc, StaleAfter: c.StaleAfter, StalePolicy: stale, Logger: a.log, Registerer: a.reg})
+	obs, err := gateprom.New(a.reg)
+	if err != nil {
+		return err
+	}
+	g, err := gate.New(gate.Config{NATS: nc, StaleAfter: c.StaleAfter, StalePolicy: stale, Logger: a.log, Observer: obs})
 	if err != nil {
 		return err
 	}

@@ -270,9 +270,7 @@ func (a *applier) commit(old *snapshot) {
 	}
 	if a.changes > 0 {
 		g.snap.Store(&snapshot{blocks: next, version: old.version + a.changes})
-		g.metrics.applied.Add(float64(a.changes))
-		g.metrics.blocked.Set(float64(len(next)))
-		g.metrics.snapshots.Inc()
+		g.obs.SnapshotPublished(a.changes, len(next))
 		a.observeFreshness(old)
 	}
 	a.changes = 0
@@ -297,7 +295,7 @@ func (a *applier) observeFreshness(old *snapshot) {
 		if now.IsZero() {
 			now = g.cfg.Now()
 		}
-		g.metrics.freshness.Observe(max(now.Sub(b.Decision.CrossedAt).Seconds(), 0))
+		g.obs.Freshness(max(now.Sub(b.Decision.CrossedAt), 0))
 	}
 }
 
@@ -325,7 +323,7 @@ func (g *Gate) resolve(e jetstream.KeyValueEntry, held *Block) *Block {
 	d, err := decodeDecision(e.Key(), e.Value())
 	if err == nil && held != nil {
 		if d.Version < held.Decision.Version {
-			g.metrics.ignored.Inc()
+			g.obs.DecisionIgnored()
 			g.log.Debug("ignored an older decision", "tenant", d.Tenant, "version", d.Version,
 				"held_version", held.Decision.Version, "revision", e.Revision())
 			return held
@@ -339,7 +337,7 @@ func (g *Gate) resolve(e jetstream.KeyValueEntry, held *Block) *Block {
 		b, err = newBlock(d)
 	}
 	if err != nil {
-		g.metrics.malformed.Inc()
+		g.obs.ValueMalformed()
 		g.log.Warn("ignored a malformed blocklist value", "key", e.Key(), "revision", e.Revision(), "err", err)
 		return held
 	}

@@ -38,7 +38,6 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
-	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/meterd/meterd/schemas"
 )
@@ -95,8 +94,9 @@ type Config struct {
 	Now func() time.Time
 	// Logger receives the gate's logs; nil discards them.
 	Logger *slog.Logger
-	// Registerer receives the gate's metrics (default: none kept).
-	Registerer prometheus.Registerer
+	// Observer receives the gate's measurements (default: none kept);
+	// gateprom.New returns one that exports them to Prometheus.
+	Observer Observer
 }
 
 // Validate checks cfg and fills in defaults.
@@ -126,8 +126,8 @@ func (c *Config) Validate() error {
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
-	if c.Registerer == nil {
-		c.Registerer = prometheus.NewRegistry()
+	if c.Observer == nil {
+		c.Observer = nopObserver{}
 	}
 	return nil
 }
@@ -147,11 +147,11 @@ type Gate struct {
 	staleAfter int64        // ns
 	staleBlock *Block       // nil under the Allow policy
 
-	cfg     Config
-	log     *slog.Logger
-	js      jetstream.JetStream
-	metrics *metrics
-	born    time.Time
+	cfg  Config
+	log  *slog.Logger
+	js   jetstream.JetStream
+	obs  Observer
+	born time.Time
 
 	ready   atomic.Bool
 	running atomic.Bool
@@ -179,6 +179,7 @@ func New(cfg Config) (*Gate, error) {
 		cfg:        cfg,
 		log:        cfg.Logger.With("component", "gate"),
 		js:         js,
+		obs:        cfg.Observer,
 		born:       cfg.Now(),
 	}
 	if cfg.StalePolicy == Deny {
@@ -186,9 +187,7 @@ func New(cfg Config) (*Gate, error) {
 	}
 	g.snap.Store(&snapshot{blocks: map[string]*Block{}})
 	g.lastSeen.Store(never)
-	if g.metrics, err = newMetrics(cfg.Registerer, g); err != nil {
-		return nil, fmt.Errorf("gate: register metrics: %w", err)
-	}
+	g.obs.WatchStaleness(g.staleness)
 	return g, nil
 }
 

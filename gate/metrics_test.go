@@ -2,6 +2,8 @@ package gate
 
 import (
 	"context"
+	"os/exec"
+	"strings"
 	"testing"
 	"time"
 
@@ -23,7 +25,7 @@ func TestFreshnessMetric(t *testing.T) {
 	n.put(old)
 
 	reg := prometheus.NewRegistry()
-	g, run := newGate(t, n, Config{Registerer: reg})
+	g, run := newGate(t, n, Config{Observer: observer(t, reg)})
 	time.Sleep(300 * time.Millisecond)
 	replayed := quota("replayed", 1)
 	replayed.CrossedAt = time.Now().Add(-200 * time.Millisecond) // after New: the gate existed
@@ -72,6 +74,24 @@ func TestFreshnessMetric(t *testing.T) {
 func TestMetricNames(t *testing.T) {
 	n := startNATS(t)
 	reg := prometheus.NewRegistry()
-	newGate(t, n, Config{Registerer: reg})
+	newGate(t, n, Config{Observer: observer(t, reg)})
 	metrictest.Check(t, reg, 7)
+}
+
+// The gate links no metrics client: a gateway embedding it chooses its own
+// through Observer (gateprom is meterd's Prometheus one).
+func TestNoPrometheusDependency(t *testing.T) {
+	goBin, err := exec.LookPath("go")
+	if err != nil {
+		t.Skip("no go command:", err)
+	}
+	out, err := exec.Command(goBin, "list", "-deps", ".").Output()
+	if err != nil {
+		t.Fatalf("go list -deps: %v", err)
+	}
+	for _, pkg := range strings.Fields(string(out)) {
+		if strings.HasPrefix(pkg, "github.com/prometheus/") {
+			t.Errorf("the gate depends on %s", pkg)
+		}
+	}
 }

@@ -61,7 +61,7 @@ func TestInitialValuesBeforeReady(t *testing.T) {
 	}
 	n.heartbeat()
 	reg := prometheus.NewRegistry()
-	g := startGate(t, n, Config{Registerer: reg})
+	g := startGate(t, n, Config{Observer: observer(t, reg)})
 
 	// Whenever Ready says yes, every value must already be there.
 	waitFor(t, 10*time.Second, "ready", func() bool {
@@ -94,10 +94,9 @@ func TestInitialValuesBeforeReady(t *testing.T) {
 	if g.Version() != 3 {
 		t.Errorf("Version = %d, want 3", g.Version())
 	}
-	m := g.metrics
-	if value(t, m.applied) != 3 || value(t, m.blocked) != 3 || value(t, m.snapshots) != 1 || value(t, m.malformed) != 0 {
+	if metric(t, g, "updates_applied_total") != 3 || metric(t, g, "blocked_tenants") != 3 || metric(t, g, "snapshots_total") != 1 || metric(t, g, "updates_malformed_total") != 0 {
 		t.Errorf("applied %v blocked %v snapshots %v malformed %v; want 3 3 1 0",
-			value(t, m.applied), value(t, m.blocked), value(t, m.snapshots), value(t, m.malformed))
+			metric(t, g, "updates_applied_total"), metric(t, g, "blocked_tenants"), metric(t, g, "snapshots_total"), metric(t, g, "updates_malformed_total"))
 	}
 	if s := g.staleness(); s < 0 || s > 5*time.Second {
 		t.Errorf("staleness %s right after a heartbeat", s)
@@ -179,18 +178,18 @@ func TestOlderVersionIgnored(t *testing.T) {
 	waitFor(t, 5*time.Second, "v5", func() bool { return g.Check("acme").Block != nil })
 	old := unpaid("acme", schemas.ReasonPaymentOverdue, "", 3)
 	n.put(old)
-	waitFor(t, 5*time.Second, "v3 ignored", func() bool { return value(t, g.metrics.ignored) == 1 })
+	waitFor(t, 5*time.Second, "v3 ignored", func() bool { return metric(t, g, "updates_ignored_total") == 1 })
 	if d := g.Check("acme").Block.Decision; d.Version != 5 || d.Reason != schemas.ReasonQuotaExceeded {
 		t.Errorf("after v3 the gate holds %+v, want v5", d)
 	}
 
 	// The bucket now holds v3; a gate that saw v5 keeps it through reloads.
-	waitFor(t, 5*time.Second, "v3 ignored on a reload", func() bool { return value(t, g.metrics.ignored) >= 2 })
+	waitFor(t, 5*time.Second, "v3 ignored on a reload", func() bool { return metric(t, g, "updates_ignored_total") >= 2 })
 	if d := g.Check("acme").Block.Decision; d.Version != 5 {
 		t.Errorf("after a reload replaying v3 the gate holds v%d", d.Version)
 	}
-	if g.Version() != 1 || value(t, g.metrics.applied) != 1 {
-		t.Errorf("after reloads Version %d applied %v, want 1 1", g.Version(), value(t, g.metrics.applied))
+	if g.Version() != 1 || metric(t, g, "updates_applied_total") != 1 {
+		t.Errorf("after reloads Version %d applied %v, want 1 1", g.Version(), metric(t, g, "updates_applied_total"))
 	}
 
 	// The same decision again changes nothing.
@@ -228,7 +227,7 @@ func TestMalformedIgnored(t *testing.T) {
 	// part; each value waited for is the last of its key while it is read.
 	for i, b := range bad {
 		n.putRaw(b.key, []byte(b.value))
-		waitFor(t, 5*time.Second, "malformed counted: "+b.value, func() bool { return value(t, g.metrics.malformed) == float64(i+1) })
+		waitFor(t, 5*time.Second, "malformed counted: "+b.value, func() bool { return metric(t, g, "updates_malformed_total") == float64(i+1) })
 	}
 	if v := g.Check("acme"); v.Block == nil || v.Block.Decision != quota("acme", 1) {
 		t.Errorf("acme after malformed values: %+v", v)
@@ -238,8 +237,8 @@ func TestMalformedIgnored(t *testing.T) {
 			t.Errorf("%s blocked by a malformed value: %+v", tenant, v.Block.Decision)
 		}
 	}
-	if g.Version() != 1 || value(t, g.metrics.applied) != 1 {
-		t.Errorf("Version %d applied %v, want 1 1", g.Version(), value(t, g.metrics.applied))
+	if g.Version() != 1 || metric(t, g, "updates_applied_total") != 1 {
+		t.Errorf("Version %d applied %v, want 1 1", g.Version(), metric(t, g, "updates_applied_total"))
 	}
 	n.put(quota("bravo", 1))
 	waitFor(t, 5*time.Second, "a good value after bad ones", func() bool { return g.Check("bravo").Block != nil })
@@ -458,14 +457,14 @@ func TestBurst(t *testing.T) {
 	publishDecisions(t, n, tenants)
 	published := time.Since(start)
 	waitFor(t, 60*time.Second, "10k decisions applied", func() bool { return g.Version() == tenants })
-	snapshots := value(t, g.metrics.snapshots)
+	snapshots := metric(t, g, "snapshots_total")
 	t.Logf("10k decisions published in %s, applied %s later, in %v snapshots",
 		published.Round(time.Millisecond), (time.Since(start) - published).Round(time.Millisecond), snapshots)
 	if got := len(g.Snapshot()); got != tenants {
 		t.Errorf("snapshot holds %d decisions", got)
 	}
-	if value(t, g.metrics.blocked) != tenants || value(t, g.metrics.applied) != tenants {
-		t.Errorf("blocked %v applied %v", value(t, g.metrics.blocked), value(t, g.metrics.applied))
+	if metric(t, g, "blocked_tenants") != tenants || metric(t, g, "updates_applied_total") != tenants {
+		t.Errorf("blocked %v applied %v", metric(t, g, "blocked_tenants"), metric(t, g, "updates_applied_total"))
 	}
 	if snapshots >= tenants/2 {
 		t.Errorf("%v snapshots for %d updates: bursts are not applied together", snapshots, tenants)
@@ -473,8 +472,8 @@ func TestBurst(t *testing.T) {
 
 	late := startGate(t, n, Config{})
 	t.Logf("a gate started on 10k decisions was ready in %s", waitFor(t, time.Minute, "late gate ready", func() bool { return late.Ready(t.Context()) == nil }))
-	if late.Version() != tenants || value(t, late.metrics.snapshots) != 1 {
-		t.Errorf("late gate: Version %d in %v snapshots, want %d in 1", late.Version(), value(t, late.metrics.snapshots), tenants)
+	if late.Version() != tenants || metric(t, late, "snapshots_total") != 1 {
+		t.Errorf("late gate: Version %d in %v snapshots, want %d in 1", late.Version(), metric(t, late, "snapshots_total"), tenants)
 	}
 	if !reflect.DeepEqual(late.Snapshot(), g.Snapshot()) {
 		t.Error("the late gate's snapshot differs")

@@ -15,9 +15,10 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
-	dto "github.com/prometheus/client_model/go"
 
+	"github.com/meterd/meterd/gate/gateprom"
 	"github.com/meterd/meterd/internal/broker"
+	"github.com/meterd/meterd/internal/metrictest"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -193,6 +194,9 @@ func newGate(t testing.TB, n *testNATS, cfg Config) (*Gate, func(context.Context
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
+	if cfg.Observer == nil {
+		cfg.Observer = observer(t, prometheus.NewRegistry())
+	}
 	g, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -219,21 +223,34 @@ func waitFor(t testing.TB, within time.Duration, what string, cond func() bool) 
 	return time.Since(start)
 }
 
-// value reads a counter or gauge.
-func value(t testing.TB, c prometheus.Metric) float64 {
+// registries maps each Prometheus observer built by observer to the
+// registry it registered on, so that metric finds a gate's metrics.
+var registries sync.Map // *gateprom.Observer → *prometheus.Registry
+
+// observer returns a Prometheus observer registered on reg.
+func observer(t testing.TB, reg *prometheus.Registry) *gateprom.Observer {
 	t.Helper()
-	var m dto.Metric
-	if err := c.Write(&m); err != nil {
+	o, err := gateprom.New(reg)
+	if err != nil {
 		t.Fatal(err)
 	}
-	switch {
-	case m.Counter != nil:
-		return m.Counter.GetValue()
-	case m.Gauge != nil:
-		return m.Gauge.GetValue()
+	registries.Store(o, reg)
+	return o
+}
+
+// metric reads the counter or gauge meterd_gate_<name> of g, a gate built
+// by newGate.
+func metric(t testing.TB, g *Gate, name string) float64 {
+	t.Helper()
+	o, ok := g.obs.(*gateprom.Observer)
+	if !ok {
+		t.Fatalf("gate observer %T, want *gateprom.Observer", g.obs)
 	}
-	t.Fatalf("metric %v is neither a counter nor a gauge", c.Desc())
-	return 0
+	reg, ok := registries.Load(o)
+	if !ok {
+		t.Fatal("gate observer not built by observer()")
+	}
+	return metrictest.Value(t, reg.(*prometheus.Registry), "meterd_gate_"+name)
 }
 
 // decodeProblem decodes a problem body keeping numbers exact.
