@@ -50,6 +50,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/meterd/meterd/internal/ctxtime"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -483,7 +484,7 @@ func (a *Aggregator) read(ctx context.Context, out chan<- group) {
 				return
 			}
 			a.fetchFailed(ctx, cons, err)
-			sleep(ctx, 250*time.Millisecond)
+			ctxtime.Sleep(ctx, 250*time.Millisecond)
 			continue
 		}
 		a.fetchErr.Store(nil)
@@ -643,7 +644,7 @@ func (a *Aggregator) apply(ctx context.Context, msgs []jetstream.Msg, batches []
 		wait := bo.NextBackOff()
 		a.log.Warn("store write failed; retrying until it succeeds", "err", err, "batches", len(batches),
 			"failing_for", time.Since(since).Round(time.Millisecond), "retry_in", wait)
-		if !sleep(ctx, wait) {
+		if !ctxtime.Sleep(ctx, wait) {
 			return ctx.Err()
 		}
 	}
@@ -813,15 +814,4 @@ func (a *Aggregator) Ready(ctx context.Context) error {
 		return fmt.Errorf("stalled: %d messages pending, nothing committed for %s", a.pending.Load(), idle.Round(time.Second))
 	}
 	return nil
-}
-
-func sleep(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-		return true
-	}
 }

@@ -11,6 +11,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/meterd/meterd/internal/ctxtime"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -69,7 +70,7 @@ func (g *Gate) watchLoop(ctx context.Context) error {
 				lastLogged = msg
 			}
 		}
-		if !sleep(ctx, bo.NextBackOff()) {
+		if !ctxtime.Sleep(ctx, bo.NextBackOff()) {
 			return nil
 		}
 	}
@@ -342,16 +343,4 @@ func (g *Gate) resolve(e jetstream.KeyValueEntry, held *Block) *Block {
 		return held
 	}
 	return b
-}
-
-// sleep waits d or until ctx ends; it reports whether d passed.
-func sleep(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-		return true
-	}
 }

@@ -70,6 +70,8 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/meterd/meterd/internal/ctxtime"
 )
 
 // Defaults of Config.
@@ -244,7 +246,7 @@ func (l *Lease) Acquire(ctx context.Context) (uint64, error) {
 				l.log.Warn("take over lease; retrying", "err", err)
 			}
 		}
-		if !sleep(ctx, l.poll()) {
+		if !ctxtime.Sleep(ctx, l.poll()) {
 			return 0, ctx.Err()
 		}
 	}
@@ -368,15 +370,4 @@ func (l *Lease) Release(ctx context.Context) error {
 	}
 	l.log.Info("released the lease", "token", l.token)
 	return nil
-}
-
-func sleep(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-		return true
-	}
 }
