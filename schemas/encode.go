@@ -30,20 +30,16 @@ func AppendBatch(dst []byte, b *Batch) ([]byte, error) {
 		return append(dst, "null"...), nil // as json.Marshal
 	}
 	start := len(dst)
-	dst = append(dst, `{"batch_id":`...)
-	dst = appendString(dst, b.ID)
-	dst = append(dst, `,"collector":`...)
-	dst = appendString(dst, b.Collector)
-	dst = append(dst, `,"sealed_at":`...)
-	var tw timeWriter
-	dst, ok := tw.append(dst, b.SealedAt)
-	if !ok {
-		return dst[:start], errors.New("schemas: sealed_at " + msgYearRange)
+	dst, err := appendBatchHead(dst, b)
+	if err != nil {
+		return dst, err
 	}
 	if b.Events == nil {
 		return append(dst, `,"events":null}`...), nil
 	}
 	dst = append(dst, `,"events":[`...)
+	var tw timeWriter
+	ok := true
 	dims := make([]dimension, 0, MaxDimensions)
 	for i := range b.Events {
 		if i > 0 {
@@ -94,11 +90,10 @@ func (enc *EventEncoder) Append(dst []byte, e *Event) ([]byte, error) {
 // Reset makes enc forget the buffer it last wrote to.
 func (enc *EventEncoder) Reset() { enc.tw = timeWriter{} }
 
-// AppendEncodedBatch appends the encoding of b to dst, as AppendBatch does,
-// taking the events from events: their encodings by an EventEncoder joined
-// by commas (b.Events is ignored). AppendBatch(dst, b) and AppendEncodedBatch
-// of b's events so encoded give the same bytes.
-func AppendEncodedBatch(dst []byte, b *Batch, events []byte) ([]byte, error) {
+// appendBatchHead appends a batch's members before its events: the opening
+// brace, batch_id, collector and sealed_at. A sealed_at outside the years
+// 0000 to 9999 fails, and dst is returned with its original length.
+func appendBatchHead(dst []byte, b *Batch) ([]byte, error) {
 	start := len(dst)
 	dst = append(dst, `{"batch_id":`...)
 	dst = appendString(dst, b.ID)
@@ -109,6 +104,18 @@ func AppendEncodedBatch(dst []byte, b *Batch, events []byte) ([]byte, error) {
 	dst, ok := tw.append(dst, b.SealedAt)
 	if !ok {
 		return dst[:start], errors.New("schemas: sealed_at " + msgYearRange)
+	}
+	return dst, nil
+}
+
+// AppendEncodedBatch appends the encoding of b to dst, as AppendBatch does,
+// taking the events from events: their encodings by an EventEncoder joined
+// by commas (b.Events is ignored). AppendBatch(dst, b) and AppendEncodedBatch
+// of b's events so encoded give the same bytes.
+func AppendEncodedBatch(dst []byte, b *Batch, events []byte) ([]byte, error) {
+	dst, err := appendBatchHead(dst, b)
+	if err != nil {
+		return dst, err
 	}
 	dst = append(dst, `,"events":[`...)
 	dst = append(dst, events...)
