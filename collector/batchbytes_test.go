@@ -537,6 +537,9 @@ func TestSpoolFullAllOrNothing(t *testing.T) {
 	if got, max := col.Metric(t, "meterd_collector_spool_bytes"), float64(256<<10); got > max {
 		t.Errorf("spool holds %v bytes, over its bound %v", got, max)
 	}
+	if got := col.Metric(t, "meterd_collector_events_rejected_total", "reason", "spool_full"); got != float64(len(refused)) {
+		t.Errorf("events rejected for a full spool: %v, want the %d events of the requests answered 429", got, len(refused))
+	}
 
 	b.Start()
 	col.WaitSpoolEmpty(t, 60*time.Second)

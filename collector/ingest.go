@@ -58,7 +58,7 @@ func (c *Collector) handleEvents(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if err := c.pipe.add(r.Context(), events); err != nil {
-		c.deliveryProblem(w, err)
+		c.deliveryProblem(w, err, len(events)+duplicates)
 		return
 	}
 	c.metrics.accepted.Add(float64(len(events)))
@@ -292,27 +292,28 @@ func countIndexes(sorted []schemas.FieldError) int {
 	return n
 }
 
-// deliveryProblem answers a request whose events could not be made durable.
+// deliveryProblem answers a request whose events (that many, repeats
+// included) could not be made durable, and counts them as rejected.
 // An event too large for a batch and a full spool refuse the request before
 // any of it is placed; only a failed spool write (503) can have kept some of
 // it: the client retries the same events, and their ids make the retry count
 // once.
-func (c *Collector) deliveryProblem(w http.ResponseWriter, err error) {
+func (c *Collector) deliveryProblem(w http.ResponseWriter, err error, events int) {
 	var tooLarge *EventTooLargeError
 	switch {
 	case errors.As(err, &tooLarge):
-		c.metrics.rejected.WithLabelValues(rejectTooLarge).Inc()
+		c.metrics.rejected.WithLabelValues(rejectTooLarge).Add(float64(events))
 		schemas.NewProblem(schemas.ProblemEventTooLarge,
 			tooLarge.Error()+"; make it smaller (nothing of this request was accepted)").Write(w)
 	case errors.Is(err, ErrSpoolFull):
-		c.metrics.rejected.WithLabelValues(rejectSpoolFull).Inc()
+		c.metrics.rejected.WithLabelValues(rejectSpoolFull).Add(float64(events))
 		w.Header().Set("Retry-After", strconv.Itoa(DefaultSpoolRetryAfterSec))
 		schemas.NewProblem(schemas.ProblemSpoolFull,
 			"NATS is unreachable and the local spool is full; retry the same events later").Write(w)
 	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
 		// The client is gone; its events are still delivered.
 	default:
-		c.metrics.rejected.WithLabelValues(rejectUnavailable).Inc()
+		c.metrics.rejected.WithLabelValues(rejectUnavailable).Add(float64(events))
 		c.log.Error("events not made durable", "err", err)
 		w.Header().Set("Retry-After", "1")
 		schemas.NewProblem(schemas.ProblemUnavailable,
