@@ -51,7 +51,7 @@ type openBatch struct {
 
 // eventBufs recycles the buffers a request's events are encoded into: they
 // are needed only until the events are copied into their batches.
-var eventBufs = sync.Pool{New: func() any { return make([]byte, 0, 64<<10) }}
+var eventBufs = sync.Pool{New: func() any { b := make([]byte, 0, 64<<10); return &b }}
 
 // batchBufs recycles the buffers batches are encoded into.
 var batchBufs = sync.Pool{New: func() any { return make([]byte, 0, 64<<10) }}
@@ -158,7 +158,8 @@ func newPipeline(c *Collector, maxBytes int) *pipeline {
 // a batch.
 type encodedEvents struct {
 	buf    []byte
-	ends   []int // event i is buf[ends[i-1]:ends[i]]
+	pooled *[]byte // buf's holder in eventBufs
+	ends   []int   // event i is buf[ends[i-1]:ends[i]]
 	byPart [][]int
 	need   int64 // spool room to reserve
 }
@@ -166,7 +167,10 @@ type encodedEvents struct {
 // recycle gives ee's buffer back once its events are placed or refused.
 func (ee *encodedEvents) recycle() {
 	if ee.buf != nil && cap(ee.buf) <= maxPooledBatch {
-		eventBufs.Put(ee.buf[:0])
+		// Back through the pointer it came in, so that putting it back
+		// allocates nothing.
+		*ee.pooled = ee.buf[:0]
+		eventBufs.Put(ee.pooled)
 	}
 	ee.buf = nil
 }
@@ -183,7 +187,8 @@ func (ee *encodedEvents) event(i int) []byte {
 // computes the spool room the request needs.
 func (pl *pipeline) encode(events []schemas.Event) (*encodedEvents, error) {
 	parts := pl.c.cfg.Partitions
-	ee := &encodedEvents{buf: eventBufs.Get().([]byte)[:0], ends: make([]int, len(events)), byPart: make([][]int, parts)}
+	pooled := eventBufs.Get().(*[]byte)
+	ee := &encodedEvents{buf: (*pooled)[:0], pooled: pooled, ends: make([]int, len(events)), byPart: make([][]int, parts)}
 	var enc schemas.EventEncoder
 	room := pl.maxBytes - pl.headMax // bytes of events a batch holds
 	for i := range events {
