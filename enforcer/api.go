@@ -140,10 +140,7 @@ func (e *Enforcer) handlePutTenant(w http.ResponseWriter, r *http.Request) {
 		unavailable(w, "the enforcer is starting")
 		return
 	}
-	e.mu.Lock()
-	fes := e.changes.Check(e.fileCat, name, spec)
-	e.mu.Unlock()
-	if fes != nil {
+	if fes := e.watch.Check(name, spec); fes != nil {
 		p := schemas.NewProblem(schemas.ProblemInvalidTenantSettings, fes[0].Error())
 		for _, fe := range fes {
 			p.Errors = append(p.Errors, schemas.FieldError{Field: fe.Field, Message: fe.Message})
@@ -151,22 +148,11 @@ func (e *Enforcer) handlePutTenant(w http.ResponseWriter, r *http.Request) {
 		p.Write(w)
 		return
 	}
-	data, err := json.Marshal(spec)
-	if err != nil {
-		schemas.NewProblem(schemas.ProblemInternal, err.Error()).Write(w)
-		return
-	}
-	rev, err := b.tenants.Put(r.Context(), name, data)
-	if err != nil {
+	if err := e.watch.Put(r.Context(), name, spec); err != nil {
 		e.log.Error("tenant change not stored", "tenant", name, "err", err)
 		unavailable(w, "the tenant change could not be stored; retry")
 		return
 	}
-	e.mu.Lock()
-	if e.changes.Set(name, spec, rev) {
-		e.rebuildCatalogLocked()
-	}
-	e.mu.Unlock()
 	e.log.Info("tenant changed through the admin API", "tenant", name)
 	e.decideNow(r, name)
 	v, _ := e.view(name)
@@ -233,24 +219,16 @@ func (e *Enforcer) handleDeleteTenant(w http.ResponseWriter, r *http.Request) {
 		unavailable(w, "the enforcer is starting")
 		return
 	}
-	e.mu.Lock()
-	has := e.changes.Has(name)
-	e.mu.Unlock()
-	if !has {
-		schemas.NewProblem(schemas.ProblemTenantNotFound, "no admin API changes for tenant "+name).Write(w)
-		return
-	}
-	if err := b.tenants.Delete(r.Context(), name); err != nil {
+	found, err := e.watch.Delete(r.Context(), name)
+	switch {
+	case err != nil:
 		e.log.Error("tenant change not removed", "tenant", name, "err", err)
 		unavailable(w, "the tenant change could not be removed; retry")
 		return
+	case !found:
+		schemas.NewProblem(schemas.ProblemTenantNotFound, "no admin API changes for tenant "+name).Write(w)
+		return
 	}
-	// The delete's revision comes back through the watch; drop the change
-	// now so the answer shows its effect.
-	e.mu.Lock()
-	e.changes.Forget(name)
-	e.rebuildCatalogLocked()
-	e.mu.Unlock()
 	e.log.Info("tenant change removed through the admin API", "tenant", name)
 	e.decideNow(r, name)
 	if v, ok := e.view(name); ok {

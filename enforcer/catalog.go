@@ -1,23 +1,15 @@
 package enforcer
 
 import (
-	"context"
-	"errors"
-	"fmt"
-	"os"
 	"time"
 
 	"github.com/meterd/meterd/catalog"
 )
 
-// rebuildCatalogLocked merges the file catalog and the tenant changes, as
-// every catalog.Watcher does.
-func (e *Enforcer) rebuildCatalogLocked() {
-	cat, dropped := e.changes.Merge(e.fileCat)
-	for name, errs := range dropped {
-		e.log.Error("a tenant change of the admin API no longer fits the catalog file; ignoring it",
-			"tenant", name, "err", catalog.JoinFieldErrors(errs))
-	}
+// onCatalog is the catalog.Watcher's OnChange: it switches to cat.
+func (e *Enforcer) onCatalog(cat *catalog.Catalog) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
 	e.setCatalogLocked(cat)
 }
 
@@ -26,7 +18,6 @@ func (e *Enforcer) rebuildCatalogLocked() {
 // again; every tenant is decided again.
 func (e *Enforcer) setCatalogLocked(cat *catalog.Catalog) {
 	e.cat = cat
-	e.catalog.Store(cat)
 	if !e.tracking {
 		return
 	}
@@ -68,61 +59,9 @@ func (e *Enforcer) setCatalogLocked(cat *catalog.Catalog) {
 	}
 }
 
-// fileStamp identifies a version of a file by size and mtime.
-type fileStamp struct {
-	size, modTime int64
-	missing       bool
-}
-
-func stampOf(path string) fileStamp {
-	fi, err := os.Stat(path)
-	if err != nil {
-		return fileStamp{missing: true}
-	}
-	return fileStamp{size: fi.Size(), modTime: fi.ModTime().UnixNano()}
-}
-
 // Reload reads the catalog file again. When it does not parse, the error is
 // logged and returned and the previous catalog stays. Tenants whose period
 // changed are read from the store again in the background.
 func (e *Enforcer) Reload() error {
-	if e.cfg.CatalogPath == "" {
-		return errors.New("enforcer: no catalog file to reload")
-	}
-	e.reloadMu.Lock()
-	defer e.reloadMu.Unlock()
-	e.catalogStamp = stampOf(e.cfg.CatalogPath)
-	cat, err := catalog.LoadCatalogFile(e.cfg.CatalogPath)
-	if err != nil {
-		e.m.reloads.WithLabelValues("error").Inc()
-		e.log.Error("catalog reload failed; keeping the previous catalog", "path", e.cfg.CatalogPath, "err", err)
-		return fmt.Errorf("enforcer: reload: %w", err)
-	}
-	e.mu.Lock()
-	e.fileCat = cat
-	e.rebuildCatalogLocked()
-	n := len(e.cat.TenantNames())
-	e.mu.Unlock()
-	e.m.reloads.WithLabelValues("ok").Inc()
-	e.log.Info("catalog reloaded", "path", e.cfg.CatalogPath, "tenants", n)
-	return nil
-}
-
-// pollCatalog reloads the catalog file when its size or mtime changes.
-func (e *Enforcer) pollCatalog(ctx context.Context) {
-	tick := time.NewTicker(catalogPollEvery)
-	defer tick.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-tick.C:
-		}
-		e.reloadMu.Lock()
-		changed := stampOf(e.cfg.CatalogPath) != e.catalogStamp
-		e.reloadMu.Unlock()
-		if changed {
-			e.Reload() // logs its own failure
-		}
-	}
+	return e.watch.Reload()
 }

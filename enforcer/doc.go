@@ -58,8 +58,10 @@
 // webhooks, kept per tenant in the KV bucket meterd-billing and derived from
 // event content and timestamps, never from arrival order (see billingRecord).
 // The admin API's tenant changes are kept in the KV bucket meterd-tenants and
-// merged over the catalog file; both buckets are watched, so restarts and
-// replicas see the same state.
+// merged over the catalog file by catalog.Watcher, the same follower every
+// component reads the catalog with; the enforcer writes its admin API's
+// changes through it. Both buckets are watched, so restarts and replicas see
+// the same state.
 //
 // # Files
 //
@@ -74,16 +76,15 @@
 //     markDirtyLocked queues a tenant to be decided again.
 //   - publish.go: the writer of the blocklist bucket (one decision per
 //     dirty tenant, versions, the blocked gauge) and the heartbeat.
-//   - catalog.go: the admin API's tenant changes merged over the catalog
-//     file (by catalog.Merge, as every catalog.Watcher merges them), the
-//     switch to a new catalog, the reload of the file.
+//   - catalog.go: the switch to a new catalog of the catalog.Watcher
+//     (which follows the file and the admin API's changes).
 //   - webhook.go: Stripe-compatible billing webhooks and billing records.
 //   - notify.go: threshold checks and the notifier that delivers them.
 //   - api.go, summary.go: the admin HTTP API and GET /v1/usage/summary.
 //
 // # Locks
 //
-// Enforcer.mu guards the tenant state: the catalogs (fileCat, changes, cat),
+// Enforcer.mu guards the tenant state: the catalog (cat),
 // usage, billing records, journals, reseed, dirty, written, versions and
 // notified. Every method named …Locked expects it held. No NATS, store or
 // HTTP call is made under it (only logging), so a slow bucket or store never
@@ -91,13 +92,12 @@
 //
 // Enforcer.syncMu serialises the writes of decisions (syncTenant), so the
 // blocklist bucket sees them in decision order; it is held across the KV
-// write. Enforcer.reloadMu serialises reloads of the catalog file and
-// guards catalogStamp. notifier.mu guards the notification queue.
+// write. The catalog.Watcher's locks are held while it calls onCatalog.
+// notifier.mu guards the notification queue.
 //
-// The order, outermost first: syncMu or reloadMu (never both), then mu,
-// then notifier.mu. syncMu and reloadMu are never taken while holding mu;
-// notifier.mu is taken under mu (enqueue) and takes nothing else. The
-// atomics (buckets, catalog, running, lastHeartbeat, writeFailingSince) are
-// read without a lock; catalog mirrors cat for readers that must not wait
-// on mu.
+// The order, outermost first: syncMu or the watcher's locks (never both),
+// then mu, then notifier.mu. syncMu and the watcher's locks are never taken
+// while holding mu; notifier.mu is taken under mu (enqueue) and takes
+// nothing else. The atomics (buckets, running, lastHeartbeat,
+// writeFailingSince) and the watcher's catalog are read without a lock.
 package enforcer

@@ -40,8 +40,6 @@ const (
 )
 
 const (
-	// catalogPollEvery is how often the catalog file's mtime is checked.
-	catalogPollEvery = 2 * time.Second
 	// notifyMarkerTTL outlives the longest billing period (a leap year).
 	notifyMarkerTTL = 400 * 24 * time.Hour
 	// writeRetry is how soon a failed blocklist write is tried again.
@@ -152,7 +150,7 @@ func (c *Config) Validate() error {
 
 // buckets are the KV buckets, open once Run has created them.
 type buckets struct {
-	blocklist, billing, tenants, notify jetstream.KeyValue
+	blocklist, billing, notify jetstream.KeyValue
 }
 
 // Enforcer decides which tenants are blocked and tells the gateways.
@@ -169,20 +167,15 @@ type Enforcer struct {
 	closeOnce sync.Once
 	closed    chan struct{}
 
-	reloadMu     sync.Mutex
-	catalogStamp fileStamp // of the catalog file last read
+	// watch follows the catalog file and the admin API's changes; the
+	// catalog it gives is the one the enforcer decides by.
+	watch *catalog.Watcher
 
 	// syncMu serialises the writes of decisions; it is taken before mu.
 	syncMu sync.Mutex
 
-	// catalog is cat for readers that must not wait on mu: the gate of
-	// `meterd dev` asks it on every /v1/check.
-	catalog atomic.Pointer[catalog.Catalog]
-
 	mu         sync.Mutex
-	fileCat    *catalog.Catalog
-	changes    catalog.Changes  // the admin API's tenant changes
-	cat        *catalog.Catalog // fileCat with changes merged
+	cat        *catalog.Catalog // the watch's catalog the state was made for
 	tracking   bool             // usage is tracked: Run has started seeding
 	seeded     bool             // the first seed is done: decisions are written
 	usage      map[string]*tenantUsage
@@ -232,7 +225,6 @@ func New(cfg Config) (*Enforcer, error) {
 		cfg: cfg, log: log, js: js, m: m,
 		blockOn:    map[string]bool{},
 		closed:     make(chan struct{}),
-		fileCat:    cat,
 		cat:        cat,
 		usage:      map[string]*tenantUsage{},
 		records:    map[string]billingRecord{},
@@ -246,14 +238,20 @@ func New(cfg Config) (*Enforcer, error) {
 		wake:       make(chan struct{}, 1),
 		reseedWake: make(chan struct{}, 1),
 	}
-	e.catalog.Store(cat)
+	e.watch = catalog.NewWatcher(cfg.NATS, cat, cfg.Logger)
+	e.watch.Path = cfg.CatalogPath
+	e.watch.OnChange = e.onCatalog
+	e.watch.OnReload = func(err error) {
+		result := "ok"
+		if err != nil {
+			result = "error"
+		}
+		m.reloads.WithLabelValues(result).Inc()
+	}
 	for _, s := range cfg.BlockOn {
 		e.blockOn[s] = true
 	}
 	e.notify = newNotifier(cfg.NATS, cfg.NotifyURLs, cfg.NotifySecret, log, m)
-	if cfg.CatalogPath != "" {
-		e.catalogStamp = stampOf(cfg.CatalogPath)
-	}
 	return e, nil
 }
 
@@ -279,10 +277,10 @@ func (e *Enforcer) Run(ctx context.Context) error {
 	})
 
 	var b *buckets
-	var watchers []jetstream.KeyWatcher
+	var billing jetstream.KeyWatcher
 	err := retry(ctx, func() error {
 		var err error
-		b, watchers, err = e.prepare(ctx)
+		b, billing, err = e.prepare(ctx)
 		if err != nil && ctx.Err() == nil {
 			e.log.Warn("opening the enforcer's buckets failed; retrying", "err", err)
 		}
@@ -291,8 +289,13 @@ func (e *Enforcer) Run(ctx context.Context) error {
 	if err != nil {
 		return nil // ctx ended: retry only gives up then
 	}
-	for _, w := range watchers {
-		wg.Go(func() { e.follow(ctx, w) })
+	wg.Go(func() { e.follow(ctx, billing) })
+	// The tenants bucket exists now: the watch reads it to its end.
+	wg.Go(func() { e.watch.Run(ctx) })
+	select {
+	case <-e.watch.Loaded():
+	case <-ctx.Done():
+		return nil
 	}
 	e.buckets.Store(b)
 	wg.Go(func() { e.notify.run(ctx, b.notify) })
@@ -354,9 +357,6 @@ func (e *Enforcer) Run(ctx context.Context) error {
 	wg.Go(func() { e.heartbeatLoop(ctx, b.blocklist) })
 	wg.Go(func() { e.reconcileLoop(ctx, retrySoon) })
 	wg.Go(func() { e.rolloverLoop(ctx) })
-	if e.cfg.CatalogPath != "" {
-		wg.Go(func() { e.pollCatalog(ctx) })
-	}
 	<-ctx.Done()
 	return nil
 }
@@ -379,17 +379,19 @@ func retry(ctx context.Context, op func() error) error {
 	}, backoff.WithContext(bo, ctx))
 }
 
-// prepare creates the buckets, loads the tenant changes and billing records
-// (returning their watchers, to follow) and reads the blocklist.
-func (e *Enforcer) prepare(ctx context.Context) (*buckets, []jetstream.KeyWatcher, error) {
+// prepare creates the buckets (the tenants bucket too, which the catalog
+// watch follows), loads the billing records (returning their watch, to
+// follow) and reads the blocklist.
+func (e *Enforcer) prepare(ctx context.Context) (*buckets, jetstream.KeyWatcher, error) {
 	var b buckets
+	var tenants jetstream.KeyValue
 	for _, kc := range []struct {
 		kv  *jetstream.KeyValue
 		cfg jetstream.KeyValueConfig
 	}{
 		{&b.blocklist, jetstream.KeyValueConfig{Bucket: schemas.BlocklistBucket, Description: "meterd decisions: key = tenant, a delete unblocks", History: 1, Storage: jetstream.FileStorage}},
 		{&b.billing, jetstream.KeyValueConfig{Bucket: BillingBucket, Description: "meterd billing records from webhooks: key = tenant", History: 1, Storage: jetstream.FileStorage}},
-		{&b.tenants, jetstream.KeyValueConfig{Bucket: TenantsBucket, Description: "meterd tenant changes of the admin API: key = tenant", History: 1, Storage: jetstream.FileStorage}},
+		{&tenants, jetstream.KeyValueConfig{Bucket: TenantsBucket, Description: "meterd tenant changes of the admin API: key = tenant", History: 1, Storage: jetstream.FileStorage}},
 		{&b.notify, jetstream.KeyValueConfig{Bucket: NotifyBucket, Description: "meterd notifications sent: key = notification id", History: 1, Storage: jetstream.FileStorage, TTL: notifyMarkerTTL}},
 	} {
 		kc.cfg.Replicas = e.cfg.Replicas
@@ -399,32 +401,19 @@ func (e *Enforcer) prepare(ctx context.Context) (*buckets, []jetstream.KeyWatche
 		}
 		*kc.kv = kv
 	}
-	var watchers []jetstream.KeyWatcher
-	stopAll := func() {
-		for _, w := range watchers {
-			w.Stop()
-		}
+	w, err := b.billing.WatchAll(ctx)
+	if err != nil {
+		return nil, nil, fmt.Errorf("watch %s: %w", b.billing.Bucket(), err)
 	}
-	for _, kv := range []jetstream.KeyValue{b.tenants, b.billing} {
-		w, err := kv.WatchAll(ctx)
-		if err != nil {
-			stopAll()
-			return nil, nil, fmt.Errorf("watch %s: %w", kv.Bucket(), err)
-		}
-		watchers = append(watchers, w)
-		if err := initial(ctx, w, e.applyEntry); err != nil {
-			stopAll()
-			return nil, nil, fmt.Errorf("load %s: %w", kv.Bucket(), err)
-		}
+	if err := initial(ctx, w, e.applyEntry); err != nil {
+		w.Stop()
+		return nil, nil, fmt.Errorf("load %s: %w", b.billing.Bucket(), err)
 	}
-	e.mu.Lock()
-	e.rebuildCatalogLocked()
-	e.mu.Unlock()
 	if err := e.loadBlocklist(ctx, b.blocklist); err != nil {
-		stopAll()
+		w.Stop()
 		return nil, nil, err
 	}
-	return &b, watchers, nil
+	return &b, w, nil
 }
 
 // initial feeds the current values of a watch to apply, up to the marker
@@ -467,35 +456,20 @@ func (e *Enforcer) follow(ctx context.Context, w jetstream.KeyWatcher) {
 	}
 }
 
-// applyEntry applies an entry of the tenants or billing bucket unless the
-// enforcer already holds that revision or a newer one (its own writes are
-// applied when made). During the initial load the catalog is rebuilt once,
-// after all entries.
-func (e *Enforcer) applyEntry(en jetstream.KeyValueEntry, loading bool) {
+// applyEntry applies an entry of the billing bucket unless the enforcer
+// already holds that revision or a newer one (its own writes are applied
+// when made).
+func (e *Enforcer) applyEntry(en jetstream.KeyValueEntry, _ bool) {
 	deleted := en.Operation() == jetstream.KeyValueDelete || en.Operation() == jetstream.KeyValuePurge
 	key := en.Key()
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	switch en.Bucket() {
-	case TenantsBucket:
-		changed, err := e.changes.Apply(en)
-		if err != nil {
-			e.log.Error("malformed tenant change in the bucket ignored", "tenant", key, "err", err)
+	var rec billingRecord
+	if !deleted {
+		if err := json.Unmarshal(en.Value(), &rec); err != nil {
+			e.log.Error("malformed billing record in the bucket ignored", "tenant", key, "err", err)
 			return
 		}
-		if changed && !loading {
-			e.rebuildCatalogLocked()
-		}
-	case BillingBucket:
-		var rec billingRecord
-		if !deleted {
-			if err := json.Unmarshal(en.Value(), &rec); err != nil {
-				e.log.Error("malformed billing record in the bucket ignored", "tenant", key, "err", err)
-				return
-			}
-		}
-		e.putRecordLocked(key, rec, en.Revision())
 	}
+	e.setBilling(key, rec, en.Revision())
 }
 
 func signal(c chan struct{}) {

@@ -116,7 +116,7 @@ func (e *Enforcer) handleSummary(w http.ResponseWriter, r *http.Request) {
 // immutable; a later change replaces it. It never waits on the enforcer's
 // lock, so a gate may ask it on every call.
 func (e *Enforcer) Catalog() *catalog.Catalog {
-	return e.catalog.Load()
+	return e.watch.Catalog()
 }
 
 // Summary returns the usage summary of tenant, or of every tenant of the
