@@ -7,10 +7,10 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
-	"maps"
+	"log/slog"
 	"net/http"
-	"slices"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/meterd/meterd/catalog"
@@ -51,10 +51,38 @@ type BlocklistView struct {
 	Decisions []schemas.Decision `json:"decisions"`
 }
 
+// api serves the enforcer's HTTP API: the admin API (this file), the usage
+// summary (summary.go) and the billing webhook (webhook.go). It holds no
+// state of its own: it reads and changes that of the enforcer's parts.
+type api struct {
+	keys             *auth.Keys
+	webhookSecret    string
+	webhookTolerance time.Duration
+	now              func() time.Time
+	log              *slog.Logger
+	m                *metrics
+	open             *atomic.Pointer[buckets] // the Enforcer's buckets, once open
+	watch            *catalog.Watcher
+	track            *tracker
+	billing          *billing
+	pub              *publisher
+	rec              *reconciler
+}
+
+// register adds the API to mux.
+func (a *api) register(mux *http.ServeMux) {
+	mux.HandleFunc("POST /v1/billing/webhook", a.handleWebhook)
+	mux.HandleFunc("GET /v1/tenants/{tenant}", a.handleGetTenant)
+	mux.HandleFunc("PUT /v1/tenants/{tenant}", a.handlePutTenant)
+	mux.HandleFunc("DELETE /v1/tenants/{tenant}", a.handleDeleteTenant)
+	mux.HandleFunc("GET /v1/blocklist", a.handleBlocklist)
+	mux.HandleFunc("GET /v1/usage/summary", a.handleSummary)
+}
+
 // admin authenticates r and reports whether it may use the admin API; if
 // not, it has answered 401 or 403.
-func (e *Enforcer) admin(w http.ResponseWriter, r *http.Request) bool {
-	p, err := e.cfg.Keys.Authenticate(r)
+func (a *api) admin(w http.ResponseWriter, r *http.Request) bool {
+	p, err := a.keys.Authenticate(r)
 	if err != nil {
 		auth.Unauthorized(w, err)
 		return false
@@ -76,15 +104,15 @@ func tenantName(w http.ResponseWriter, r *http.Request) (string, bool) {
 	return name, true
 }
 
-func (e *Enforcer) handleGetTenant(w http.ResponseWriter, r *http.Request) {
-	if !e.admin(w, r) {
+func (a *api) handleGetTenant(w http.ResponseWriter, r *http.Request) {
+	if !a.admin(w, r) {
 		return
 	}
 	name, ok := tenantName(w, r)
 	if !ok {
 		return
 	}
-	v, ok := e.view(name)
+	v, ok := a.view(name)
 	if !ok {
 		schemas.NewProblem(schemas.ProblemTenantNotFound, "no tenant "+name+" in the catalog").Write(w)
 		return
@@ -94,17 +122,16 @@ func (e *Enforcer) handleGetTenant(w http.ResponseWriter, r *http.Request) {
 
 // view returns the view of tenant; ok is false for a tenant the catalog
 // does not know.
-func (e *Enforcer) view(tenant string) (TenantView, bool) {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	t, plan, ok := e.cat.Tenant(tenant)
+func (a *api) view(tenant string) (TenantView, bool) {
+	cat := a.watch.Catalog()
+	t, plan, ok := cat.Tenant(tenant)
 	if !ok {
 		return TenantView{}, false
 	}
 	v := TenantView{
 		Tenant: tenant, Plan: t.Plan, OnExceed: plan.OnExceed,
-		Limits: e.cat.Limits(tenant), BillingURL: t.BillingURL, CustomerID: t.CustomerID,
-		Status: t.Status, BillingStatus: e.billingStatusLocked(tenant), Usage: map[string]int64{},
+		Limits: cat.Limits(tenant), BillingURL: t.BillingURL, CustomerID: t.CustomerID,
+		Status: t.Status, BillingStatus: a.billing.status(cat, tenant), Usage: map[string]int64{},
 	}
 	if !t.BillingAnchor.IsZero() {
 		v.BillingAnchor = t.BillingAnchor.Format(time.DateOnly)
@@ -112,19 +139,19 @@ func (e *Enforcer) view(tenant string) (TenantView, bool) {
 	if v.Limits == nil {
 		v.Limits = map[string]int64{}
 	}
-	p, seeded, used := e.currentUsageLocked(tenant, e.now())
+	p, seeded, used := a.track.usageOf(tenant)
 	v.UsageSeeded, v.PeriodStart, v.PeriodEnd = seeded, p.Start, p.End
 	if seeded {
-		v.Usage = maps.Clone(used)
+		v.Usage = used
 	}
-	if d, ok := e.written[tenant]; ok {
+	if d, ok := a.pub.decision(tenant); ok {
 		v.Blocked = &d
 	}
 	return v, true
 }
 
-func (e *Enforcer) handlePutTenant(w http.ResponseWriter, r *http.Request) {
-	if !e.admin(w, r) {
+func (a *api) handlePutTenant(w http.ResponseWriter, r *http.Request) {
+	if !a.admin(w, r) {
 		return
 	}
 	name, ok := tenantName(w, r)
@@ -135,12 +162,12 @@ func (e *Enforcer) handlePutTenant(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	b := e.buckets.Load()
+	b := a.open.Load()
 	if b == nil {
 		unavailable(w, "the enforcer is starting")
 		return
 	}
-	if fes := e.watch.Check(name, spec); fes != nil {
+	if fes := a.watch.Check(name, spec); fes != nil {
 		p := schemas.NewProblem(schemas.ProblemInvalidTenantSettings, fes[0].Error())
 		for _, fe := range fes {
 			p.Errors = append(p.Errors, schemas.FieldError{Field: fe.Field, Message: fe.Message})
@@ -148,30 +175,23 @@ func (e *Enforcer) handlePutTenant(w http.ResponseWriter, r *http.Request) {
 		p.Write(w)
 		return
 	}
-	if err := e.watch.Put(r.Context(), name, spec); err != nil {
-		e.log.Error("tenant change not stored", "tenant", name, "err", err)
+	if err := a.watch.Put(r.Context(), name, spec); err != nil {
+		a.log.Error("tenant change not stored", "tenant", name, "err", err)
 		unavailable(w, "the tenant change could not be stored; retry")
 		return
 	}
-	e.log.Info("tenant changed through the admin API", "tenant", name)
-	e.decideNow(r, name)
-	v, _ := e.view(name)
+	a.log.Info("tenant changed through the admin API", "tenant", name)
+	a.decideNow(r, name)
+	v, _ := a.view(name)
 	writeJSON(w, http.StatusOK, v)
 }
 
 // decideNow reads tenant's usage from the store if its period is new, and
 // writes its decision, before the admin API answers.
-func (e *Enforcer) decideNow(r *http.Request, tenant string) {
-	e.mu.Lock()
-	reseed := e.reseed[tenant]
-	e.mu.Unlock()
-	if reseed {
-		if err := e.reconcile(r.Context(), []string{tenant}); err != nil {
-			e.log.Warn("reading a changed tenant's usage failed; retrying in the background", "tenant", tenant, "err", err)
-		}
-	}
-	if err := e.syncTenant(r.Context(), tenant, time.Time{}); err != nil {
-		e.log.Warn("blocklist write after a tenant change failed; retrying", "tenant", tenant, "err", err)
+func (a *api) decideNow(r *http.Request, tenant string) {
+	a.rec.reseedNow(r.Context(), tenant)
+	if err := a.pub.sync(r.Context(), tenant, time.Time{}); err != nil {
+		a.log.Warn("blocklist write after a tenant change failed; retrying", "tenant", tenant, "err", err)
 	}
 }
 
@@ -206,52 +226,47 @@ func decodeSpec(w http.ResponseWriter, r *http.Request) (catalog.Change, bool) {
 	return spec, false
 }
 
-func (e *Enforcer) handleDeleteTenant(w http.ResponseWriter, r *http.Request) {
-	if !e.admin(w, r) {
+func (a *api) handleDeleteTenant(w http.ResponseWriter, r *http.Request) {
+	if !a.admin(w, r) {
 		return
 	}
 	name, ok := tenantName(w, r)
 	if !ok {
 		return
 	}
-	b := e.buckets.Load()
+	b := a.open.Load()
 	if b == nil {
 		unavailable(w, "the enforcer is starting")
 		return
 	}
-	found, err := e.watch.Delete(r.Context(), name)
+	found, err := a.watch.Delete(r.Context(), name)
 	switch {
 	case err != nil:
-		e.log.Error("tenant change not removed", "tenant", name, "err", err)
+		a.log.Error("tenant change not removed", "tenant", name, "err", err)
 		unavailable(w, "the tenant change could not be removed; retry")
 		return
 	case !found:
 		schemas.NewProblem(schemas.ProblemTenantNotFound, "no admin API changes for tenant "+name).Write(w)
 		return
 	}
-	e.log.Info("tenant change removed through the admin API", "tenant", name)
-	e.decideNow(r, name)
-	if v, ok := e.view(name); ok {
+	a.log.Info("tenant change removed through the admin API", "tenant", name)
+	a.decideNow(r, name)
+	if v, ok := a.view(name); ok {
 		writeJSON(w, http.StatusOK, v)
 		return
 	}
 	w.WriteHeader(http.StatusNoContent)
 }
 
-func (e *Enforcer) handleBlocklist(w http.ResponseWriter, r *http.Request) {
-	if !e.admin(w, r) {
+func (a *api) handleBlocklist(w http.ResponseWriter, r *http.Request) {
+	if !a.admin(w, r) {
 		return
 	}
-	if e.buckets.Load() == nil {
+	if a.open.Load() == nil {
 		unavailable(w, "the enforcer is starting")
 		return
 	}
-	e.mu.Lock()
-	v := BlocklistView{Version: e.setVersion, Decisions: make([]schemas.Decision, 0, len(e.written))}
-	for _, t := range slices.Sorted(maps.Keys(e.written)) {
-		v.Decisions = append(v.Decisions, e.written[t])
-	}
-	e.mu.Unlock()
+	v := a.pub.blocklist()
 	// The tag hashes the decisions (with their versions): equal sets give
 	// equal tags, on every replica and after a restart.
 	set, _ := json.Marshal(v.Decisions)
@@ -281,14 +296,4 @@ func etagMatch(header, etag string) bool {
 func unavailable(w http.ResponseWriter, detail string) {
 	w.Header().Set("Retry-After", "5")
 	schemas.NewProblem(schemas.ProblemUnavailable, detail).Write(w)
-}
-
-// Register adds the enforcer's HTTP API to mux.
-func (e *Enforcer) Register(mux *http.ServeMux) {
-	mux.HandleFunc("POST /v1/billing/webhook", e.handleWebhook)
-	mux.HandleFunc("GET /v1/tenants/{tenant}", e.handleGetTenant)
-	mux.HandleFunc("PUT /v1/tenants/{tenant}", e.handlePutTenant)
-	mux.HandleFunc("DELETE /v1/tenants/{tenant}", e.handleDeleteTenant)
-	mux.HandleFunc("GET /v1/blocklist", e.handleBlocklist)
-	mux.HandleFunc("GET /v1/usage/summary", e.handleSummary)
 }

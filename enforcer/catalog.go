@@ -6,56 +6,64 @@ import (
 	"github.com/meterd/meterd/catalog"
 )
 
-// onCatalog is the catalog.Watcher's OnChange: it switches to cat.
-func (e *Enforcer) onCatalog(cat *catalog.Catalog) {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	e.setCatalogLocked(cat)
-}
-
-// setCatalogLocked switches to cat. Tenants new to the catalog, and tenants
-// whose period changed other than by rolling over, are read from the store
-// again; every tenant is decided again.
-func (e *Enforcer) setCatalogLocked(cat *catalog.Catalog) {
-	e.cat = cat
-	if !e.tracking {
-		return
+// setCatalog switches the tracker to cat, a catalog of the
+// catalog.Watcher; nil applies the current catalog again. While tracking,
+// tenants new to the catalog, and tenants whose period changed other than
+// by rolling over, are read from the store again, and every tenant is
+// decided again. It returns how many tenants are tracked.
+func (t *tracker) setCatalog(cat *catalog.Catalog) int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if cat == nil {
+		cat = t.cat
 	}
-	now := e.now()
+	t.cat = cat
+	if !t.tracking {
+		return 0
+	}
+	now := t.now()
 	in := map[string]bool{}
-	for _, t := range cat.TenantNames() {
-		in[t] = true
-		p := cat.PeriodOf(t, now)
-		u := e.usage[t]
+	for _, name := range cat.TenantNames() {
+		in[name] = true
+		p := cat.PeriodOf(name, now)
+		u := t.usage[name]
 		switch {
 		case u == nil:
 			u = newTenantUsage(p)
-			e.usage[t] = u
-			e.reseed[t] = true
-		case !u.period.Start.Equal(p.Start) || !u.period.End.Equal(p.End):
+			t.usage[name] = u
+			t.reseed[name] = true
+		case !samePeriod(u.period, p):
 			if u.roll(p) {
-				e.reseed[t] = true
+				t.reseed[name] = true
 			}
-			delete(e.notified, t)
+			t.thresholds.forget(name)
 		}
-		e.markDirtyLocked(t, time.Time{})
-		e.checkThresholdsLocked(t, u)
+		t.dirty.mark(name, time.Time{})
+		t.thresholds.checkAll(cat, name, u)
 	}
-	for t := range e.usage {
-		if !in[t] {
-			delete(e.usage, t)
-			delete(e.notified, t)
-			delete(e.reseed, t)
-			e.markDirtyLocked(t, time.Time{})
-		}
-	}
-	for t := range e.written {
-		if !in[t] {
-			e.markDirtyLocked(t, time.Time{})
+	for name := range t.usage {
+		if !in[name] {
+			delete(t.usage, name)
+			delete(t.reseed, name)
+			t.thresholds.forget(name)
+			t.dirty.mark(name, time.Time{})
 		}
 	}
-	if len(e.reseed) > 0 {
-		signal(e.reseedWake)
+	if len(t.reseed) > 0 {
+		signal(t.reseedWake)
+	}
+	return len(t.usage)
+}
+
+// onCatalog is the catalog.Watcher's OnChange: the tracker switches to cat,
+// and a tenant the blocklist holds that left the catalog is decided again
+// (unblocked).
+func (e *Enforcer) onCatalog(cat *catalog.Catalog) {
+	e.track.setCatalog(cat)
+	for _, name := range e.pub.blocked() {
+		if _, _, ok := cat.Tenant(name); !ok {
+			e.dirty.mark(name, time.Time{})
+		}
 	}
 }
 

@@ -2,10 +2,10 @@ package enforcer
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"net/url"
 	"slices"
 	"sync"
@@ -153,47 +153,29 @@ type buckets struct {
 	blocklist, billing, notify jetstream.KeyValue
 }
 
-// Enforcer decides which tenants are blocked and tells the gateways.
+// Enforcer decides which tenants are blocked and tells the gateways. It
+// wires its parts, each owning its state and one job (see the package
+// documentation): the catalog watch, the usage tracker and its reconciler,
+// the billing records, the publisher of decisions, the notifier and the
+// HTTP API.
 type Enforcer struct {
 	cfg     Config
 	log     *slog.Logger
 	js      jetstream.JetStream
-	m       *metrics
-	blockOn map[string]bool
-	notify  *notifier
 	buckets atomic.Pointer[buckets]
+
+	watch   *catalog.Watcher // the catalog file and the admin API's changes
+	dirty   *dirtySet
+	billing *billing
+	track   *tracker
+	rec     *reconciler
+	pub     *publisher
+	notify  *notifier
+	api     *api
 
 	running   atomic.Bool
 	closeOnce sync.Once
 	closed    chan struct{}
-
-	// watch follows the catalog file and the admin API's changes; the
-	// catalog it gives is the one the enforcer decides by.
-	watch *catalog.Watcher
-
-	// syncMu serialises the writes of decisions; it is taken before mu.
-	syncMu sync.Mutex
-
-	mu         sync.Mutex
-	cat        *catalog.Catalog // the watch's catalog the state was made for
-	tracking   bool             // usage is tracked: Run has started seeding
-	seeded     bool             // the first seed is done: decisions are written
-	usage      map[string]*tenantUsage
-	records    map[string]billingRecord
-	recordRevs map[string]uint64
-	journals   map[*journal]struct{}
-	reseed     map[string]bool      // tenants whose usage must be read from the store again
-	dirty      map[string]time.Time // tenants to decide again → arrival of the increment that crossed a limit
-	written    map[string]schemas.Decision
-	versions   map[string]uint64 // last version per tenant, blocks and unblocks
-	setVersion uint64            // grows with every change of the blocklist
-	notified   map[string]map[string]bool
-
-	wake       chan struct{} // dirty tenants wait
-	reseedWake chan struct{}
-
-	lastHeartbeat     atomic.Int64 // unix nanos of the last heartbeat written
-	writeFailingSince atomic.Int64 // unix nanos since blocklist writes fail, 0 when they work
 }
 
 // New builds an Enforcer; Run opens its buckets and starts deciding.
@@ -221,23 +203,15 @@ func New(cfg Config) (*Enforcer, error) {
 		return nil, err
 	}
 	log := cfg.Logger.With("component", "enforcer")
-	e := &Enforcer{
-		cfg: cfg, log: log, js: js, m: m,
-		blockOn:    map[string]bool{},
-		closed:     make(chan struct{}),
-		cat:        cat,
-		usage:      map[string]*tenantUsage{},
-		records:    map[string]billingRecord{},
-		recordRevs: map[string]uint64{},
-		journals:   map[*journal]struct{}{},
-		reseed:     map[string]bool{},
-		dirty:      map[string]time.Time{},
-		written:    map[string]schemas.Decision{},
-		versions:   map[string]uint64{},
-		notified:   map[string]map[string]bool{},
-		wake:       make(chan struct{}, 1),
-		reseedWake: make(chan struct{}, 1),
-	}
+	now := func() time.Time { return cfg.Now().UTC() }
+	e := &Enforcer{cfg: cfg, log: log, js: js, closed: make(chan struct{})}
+	e.dirty = newDirtySet()
+	e.notify = newNotifier(cfg.NATS, cfg.NotifyURLs, cfg.NotifySecret, log, m)
+	e.billing = newBilling(cfg.BlockOn, log, e.dirty)
+	e.track = newTracker(cat, now, log, e.billing, e.dirty, e.notify)
+	e.rec = &reconciler{store: cfg.Store, track: e.track, log: log, m: m, every: cfg.ReconcileEvery}
+	e.pub = &publisher{now: now, log: log, m: m, open: &e.buckets, track: e.track, dirty: e.dirty, notify: e.notify,
+		every: cfg.HeartbeatEvery, written: map[string]schemas.Decision{}, versions: map[string]uint64{}}
 	e.watch = catalog.NewWatcher(cfg.NATS, cat, cfg.Logger)
 	e.watch.Path = cfg.CatalogPath
 	e.watch.OnChange = e.onCatalog
@@ -248,14 +222,11 @@ func New(cfg Config) (*Enforcer, error) {
 		}
 		m.reloads.WithLabelValues(result).Inc()
 	}
-	for _, s := range cfg.BlockOn {
-		e.blockOn[s] = true
-	}
-	e.notify = newNotifier(cfg.NATS, cfg.NotifyURLs, cfg.NotifySecret, log, m)
+	e.api = &api{keys: cfg.Keys, webhookSecret: cfg.WebhookSecret, webhookTolerance: cfg.WebhookTolerance,
+		now: now, log: log, m: m, open: &e.buckets,
+		watch: e.watch, track: e.track, billing: e.billing, pub: e.pub, rec: e.rec}
 	return e, nil
 }
-
-func (e *Enforcer) now() time.Time { return e.cfg.Now().UTC() }
 
 // Run opens the buckets, loads the persisted state, seeds usage from the
 // store and then decides until ctx ends or Close is called. It returns nil
@@ -289,7 +260,7 @@ func (e *Enforcer) Run(ctx context.Context) error {
 	if err != nil {
 		return nil // ctx ended: retry only gives up then
 	}
-	wg.Go(func() { e.follow(ctx, billing) })
+	wg.Go(func() { e.billing.follow(ctx, billing) })
 	// The tenants bucket exists now: the watch reads it to its end.
 	wg.Go(func() { e.watch.Run(ctx) })
 	select {
@@ -301,7 +272,7 @@ func (e *Enforcer) Run(ctx context.Context) error {
 	wg.Go(func() { e.notify.run(ctx, b.notify) })
 
 	// Subscribe before seeding: see the package documentation.
-	sub, err := e.cfg.NATS.Subscribe(schemas.CommittedSubjectPrefix+"*", e.onCommitted)
+	sub, err := e.cfg.NATS.Subscribe(schemas.CommittedSubjectPrefix+"*", e.track.onCommitted)
 	if err != nil {
 		return fmt.Errorf("enforcer: subscribe to committed increments: %w", err)
 	}
@@ -319,13 +290,10 @@ func (e *Enforcer) Run(ctx context.Context) error {
 		}
 	}()
 
-	e.mu.Lock()
-	e.tracking = true
-	e.setCatalogLocked(e.cat)
-	e.mu.Unlock()
+	e.track.track()
 	retrySoon := false
 	err = retry(ctx, func() error {
-		err := e.reconcile(ctx, nil)
+		err := e.rec.reconcile(ctx, nil)
 		if errors.Is(err, errUnseeded) {
 			// One tenant's data must not hold every other tenant's
 			// decisions back: those are seeded, these retried.
@@ -341,22 +309,20 @@ func (e *Enforcer) Run(ctx context.Context) error {
 	if err != nil {
 		return nil
 	}
-	e.mu.Lock()
-	e.seeded = true
-	for t := range e.usage {
-		e.markDirtyLocked(t, time.Time{})
+	e.pub.seeded.Store(true)
+	// Every tenant is decided again, and every block of a tenant gone
+	// from the catalog lifted.
+	tenants := e.track.track()
+	blocked := e.pub.blocked()
+	for _, t := range blocked {
+		e.dirty.mark(t, time.Time{})
 	}
-	for t := range e.written { // stale blocks of tenants gone from the catalog
-		e.markDirtyLocked(t, time.Time{})
-	}
-	tenants, blocked := len(e.usage), len(e.written)
-	e.mu.Unlock()
-	e.log.Info("enforcer seeded from the store; deciding", "tenants", tenants, "blocked_before", blocked)
+	e.log.Info("enforcer seeded from the store; deciding", "tenants", tenants, "blocked_before", len(blocked))
 
-	wg.Go(func() { e.writeLoop(ctx) })
-	wg.Go(func() { e.heartbeatLoop(ctx, b.blocklist) })
-	wg.Go(func() { e.reconcileLoop(ctx, retrySoon) })
-	wg.Go(func() { e.rolloverLoop(ctx) })
+	wg.Go(func() { e.pub.writeLoop(ctx) })
+	wg.Go(func() { e.pub.heartbeatLoop(ctx, b.blocklist) })
+	wg.Go(func() { e.rec.loop(ctx, retrySoon) })
+	wg.Go(func() { e.track.rolloverLoop(ctx) })
 	<-ctx.Done()
 	return nil
 }
@@ -405,11 +371,11 @@ func (e *Enforcer) prepare(ctx context.Context) (*buckets, jetstream.KeyWatcher,
 	if err != nil {
 		return nil, nil, fmt.Errorf("watch %s: %w", b.billing.Bucket(), err)
 	}
-	if err := initial(ctx, w, e.applyEntry); err != nil {
+	if err := initial(ctx, w, e.billing.apply); err != nil {
 		w.Stop()
 		return nil, nil, fmt.Errorf("load %s: %w", b.billing.Bucket(), err)
 	}
-	if err := e.loadBlocklist(ctx, b.blocklist); err != nil {
+	if err := e.pub.load(ctx, b.blocklist); err != nil {
 		w.Stop()
 		return nil, nil, err
 	}
@@ -418,7 +384,7 @@ func (e *Enforcer) prepare(ctx context.Context) (*buckets, jetstream.KeyWatcher,
 
 // initial feeds the current values of a watch to apply, up to the marker
 // that ends them.
-func initial(ctx context.Context, w jetstream.KeyWatcher, apply func(jetstream.KeyValueEntry, bool)) error {
+func initial(ctx context.Context, w jetstream.KeyWatcher, apply func(jetstream.KeyValueEntry)) error {
 	for {
 		select {
 		case <-ctx.Done():
@@ -430,46 +396,9 @@ func initial(ctx context.Context, w jetstream.KeyWatcher, apply func(jetstream.K
 			if en == nil {
 				return nil
 			}
-			apply(en, true)
+			apply(en)
 		}
 	}
-}
-
-// follow applies the updates of a watch until ctx ends.
-func (e *Enforcer) follow(ctx context.Context, w jetstream.KeyWatcher) {
-	defer w.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case en, ok := <-w.Updates():
-			if !ok {
-				if ctx.Err() == nil {
-					e.log.Error("a bucket watch ended; changes by other enforcers are no longer seen")
-				}
-				return
-			}
-			if en != nil {
-				e.applyEntry(en, false)
-			}
-		}
-	}
-}
-
-// applyEntry applies an entry of the billing bucket unless the enforcer
-// already holds that revision or a newer one (its own writes are applied
-// when made).
-func (e *Enforcer) applyEntry(en jetstream.KeyValueEntry, _ bool) {
-	deleted := en.Operation() == jetstream.KeyValueDelete || en.Operation() == jetstream.KeyValuePurge
-	key := en.Key()
-	var rec billingRecord
-	if !deleted {
-		if err := json.Unmarshal(en.Value(), &rec); err != nil {
-			e.log.Error("malformed billing record in the bucket ignored", "tenant", key, "err", err)
-			return
-		}
-	}
-	e.setBilling(key, rec, en.Revision())
 }
 
 func signal(c chan struct{}) {
@@ -479,33 +408,35 @@ func signal(c chan struct{}) {
 	}
 }
 
+// Catalog returns the plans and tenants the enforcer decides with: the
+// catalog file with the admin API's changes merged. The catalog is
+// immutable; a later change replaces it. It never waits on a lock, so a
+// gate may ask it on every call.
+func (e *Enforcer) Catalog() *catalog.Catalog {
+	return e.watch.Catalog()
+}
+
+// Summary returns the usage summary of tenant, or of every tenant of the
+// catalog when tenant is "".
+func (e *Enforcer) Summary(tenant string) Summary { return e.api.summary(tenant) }
+
+// Register adds the enforcer's HTTP API to mux.
+func (e *Enforcer) Register(mux *http.ServeMux) { e.api.register(mux) }
+
 // Ready fails until the enforcer has seeded and written its first
 // heartbeat, when the store is unreachable, and when the blocklist cannot
 // be written (heartbeats or decisions).
 func (e *Enforcer) Ready(ctx context.Context) error {
-	e.mu.Lock()
-	seeded := e.seeded
-	e.mu.Unlock()
 	if e.buckets.Load() == nil {
 		return errors.New("enforcer: buckets not open yet")
 	}
-	if !seeded {
+	if !e.pub.seeded.Load() {
 		return errors.New("enforcer: usage not seeded from the store yet")
 	}
 	if err := e.cfg.Store.Ping(ctx); err != nil {
 		return fmt.Errorf("enforcer: store: %w", err)
 	}
-	last := e.lastHeartbeat.Load()
-	if last == 0 {
-		return errors.New("enforcer: no heartbeat written yet")
-	}
-	if since := time.Since(time.Unix(0, last)); since > 3*e.cfg.HeartbeatEvery {
-		return fmt.Errorf("enforcer: no heartbeat written for %s", since.Round(time.Second))
-	}
-	if f := e.writeFailingSince.Load(); f != 0 && time.Since(time.Unix(0, f)) > failingUnready {
-		return fmt.Errorf("enforcer: blocklist writes failing for %s", time.Since(time.Unix(0, f)).Round(time.Second))
-	}
-	return nil
+	return e.pub.ready()
 }
 
 // Close stops a running Run; it is idempotent.
