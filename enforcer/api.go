@@ -72,46 +72,43 @@ type api struct {
 // register adds the API to mux.
 func (a *api) register(mux *http.ServeMux) {
 	mux.HandleFunc("POST /v1/billing/webhook", a.handleWebhook)
-	mux.HandleFunc("GET /v1/tenants/{tenant}", a.handleGetTenant)
-	mux.HandleFunc("PUT /v1/tenants/{tenant}", a.handlePutTenant)
-	mux.HandleFunc("DELETE /v1/tenants/{tenant}", a.handleDeleteTenant)
-	mux.HandleFunc("GET /v1/blocklist", a.handleBlocklist)
+	mux.HandleFunc("GET /v1/tenants/{tenant}", a.adminOnly(forTenant(a.handleGetTenant)))
+	mux.HandleFunc("PUT /v1/tenants/{tenant}", a.adminOnly(forTenant(a.handlePutTenant)))
+	mux.HandleFunc("DELETE /v1/tenants/{tenant}", a.adminOnly(forTenant(a.handleDeleteTenant)))
+	mux.HandleFunc("GET /v1/blocklist", a.adminOnly(a.handleBlocklist))
 	mux.HandleFunc("GET /v1/usage/summary", a.handleSummary)
 }
 
-// admin authenticates r and reports whether it may use the admin API; if
-// not, it has answered 401 or 403.
-func (a *api) admin(w http.ResponseWriter, r *http.Request) bool {
-	p, err := a.keys.Authenticate(r)
-	if err != nil {
-		auth.Unauthorized(w, err)
-		return false
+// adminOnly serves h to admin API keys only; other requests get 401 or
+// 403.
+func (a *api) adminOnly(h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		p, err := a.keys.Authenticate(r)
+		if err != nil {
+			auth.Unauthorized(w, err)
+			return
+		}
+		if !p.Admin {
+			schemas.NewProblem(schemas.ProblemForbidden, "this endpoint needs an admin API key").Write(w)
+			return
+		}
+		h(w, r)
 	}
-	if !p.Admin {
-		schemas.NewProblem(schemas.ProblemForbidden, "this endpoint needs an admin API key").Write(w)
-		return false
-	}
-	return true
 }
 
-// tenantName returns the {tenant} of the path, or answers 400.
-func tenantName(w http.ResponseWriter, r *http.Request) (string, bool) {
-	name := r.PathValue("tenant")
-	if !schemas.ValidTenant(name) {
-		schemas.NewProblem(schemas.ProblemInvalidTenant, "the tenant name must be "+schemas.TenantGrammar).Write(w)
-		return "", false
+// forTenant serves h with the {tenant} of the path, or answers 400.
+func forTenant(h func(w http.ResponseWriter, r *http.Request, tenant string)) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		name := r.PathValue("tenant")
+		if !schemas.ValidTenant(name) {
+			schemas.NewProblem(schemas.ProblemInvalidTenant, "the tenant name must be "+schemas.TenantGrammar).Write(w)
+			return
+		}
+		h(w, r, name)
 	}
-	return name, true
 }
 
-func (a *api) handleGetTenant(w http.ResponseWriter, r *http.Request) {
-	if !a.admin(w, r) {
-		return
-	}
-	name, ok := tenantName(w, r)
-	if !ok {
-		return
-	}
+func (a *api) handleGetTenant(w http.ResponseWriter, r *http.Request, name string) {
 	v, ok := a.view(name)
 	if !ok {
 		schemas.NewProblem(schemas.ProblemTenantNotFound, "no tenant "+name+" in the catalog").Write(w)
@@ -150,20 +147,12 @@ func (a *api) view(tenant string) (TenantView, bool) {
 	return v, true
 }
 
-func (a *api) handlePutTenant(w http.ResponseWriter, r *http.Request) {
-	if !a.admin(w, r) {
-		return
-	}
-	name, ok := tenantName(w, r)
-	if !ok {
-		return
-	}
+func (a *api) handlePutTenant(w http.ResponseWriter, r *http.Request, name string) {
 	spec, ok := decodeSpec(w, r)
 	if !ok {
 		return
 	}
-	b := a.open.Load()
-	if b == nil {
+	if a.open.Load() == nil {
 		unavailable(w, "the enforcer is starting")
 		return
 	}
@@ -226,16 +215,8 @@ func decodeSpec(w http.ResponseWriter, r *http.Request) (catalog.Change, bool) {
 	return spec, false
 }
 
-func (a *api) handleDeleteTenant(w http.ResponseWriter, r *http.Request) {
-	if !a.admin(w, r) {
-		return
-	}
-	name, ok := tenantName(w, r)
-	if !ok {
-		return
-	}
-	b := a.open.Load()
-	if b == nil {
+func (a *api) handleDeleteTenant(w http.ResponseWriter, r *http.Request, name string) {
+	if a.open.Load() == nil {
 		unavailable(w, "the enforcer is starting")
 		return
 	}
@@ -259,9 +240,6 @@ func (a *api) handleDeleteTenant(w http.ResponseWriter, r *http.Request) {
 }
 
 func (a *api) handleBlocklist(w http.ResponseWriter, r *http.Request) {
-	if !a.admin(w, r) {
-		return
-	}
 	if a.open.Load() == nil {
 		unavailable(w, "the enforcer is starting")
 		return
