@@ -13,6 +13,8 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/meterd/meterd/internal/ctxtime"
 )
 
 // Watcher follows the admin API's tenant changes (the Bucket) and gives
@@ -283,14 +285,7 @@ func (w *Watcher) pollFile(ctx context.Context) {
 		w.stamp = stampOf(w.Path)
 	}
 	w.reloadMu.Unlock()
-	tick := time.NewTicker(w.PollEvery)
-	defer tick.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-tick.C:
-		}
+	for ctxtime.Sleep(ctx, w.PollEvery) {
 		w.reloadMu.Lock()
 		changed := stampOf(w.Path) != w.stamp
 		w.reloadMu.Unlock()

@@ -12,6 +12,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/meterd/meterd/catalog"
+	"github.com/meterd/meterd/internal/ctxtime"
 	"github.com/meterd/meterd/internal/saturating"
 	"github.com/meterd/meterd/schemas"
 )
@@ -168,14 +169,7 @@ func (t *tracker) rollLocked(tenant string, u *tenantUsage, now time.Time) {
 // rolloverLoop rolls tenants over when their period ends, also when no
 // increment arrives to notice.
 func (t *tracker) rolloverLoop(ctx context.Context) {
-	tick := time.NewTicker(time.Second)
-	defer tick.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-tick.C:
-		}
+	for ctxtime.Sleep(ctx, time.Second) {
 		t.mu.Lock()
 		now := t.now()
 		for name, u := range t.usage {
