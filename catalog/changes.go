@@ -10,9 +10,9 @@ import (
 
 // Changes is the admin API's tenant changes as the Bucket holds them, each
 // with the revision it was read or written at: the one reading of the
-// bucket's entries, for every Watcher and for the enforcer, which writes the
-// bucket and applies its own writes at once. It is not safe for concurrent
-// use: its owner locks. The zero Changes holds none.
+// bucket's entries, held by every Watcher, which also applies the writes of
+// Put and Delete at once. It is not safe for concurrent use: its owner
+// locks. The zero Changes holds none.
 type Changes struct {
 	changes map[string]Change
 	revs    map[string]uint64

@@ -7,10 +7,10 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
-	"maps"
+	"log/slog"
 	"net/http"
-	"slices"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/meterd/meterd/catalog"
@@ -51,40 +51,65 @@ type BlocklistView struct {
 	Decisions []schemas.Decision `json:"decisions"`
 }
 
-// admin authenticates r and reports whether it may use the admin API; if
-// not, it has answered 401 or 403.
-func (e *Enforcer) admin(w http.ResponseWriter, r *http.Request) bool {
-	p, err := e.cfg.Keys.Authenticate(r)
-	if err != nil {
-		auth.Unauthorized(w, err)
-		return false
-	}
-	if !p.Admin {
-		schemas.NewProblem(schemas.ProblemForbidden, "this endpoint needs an admin API key").Write(w)
-		return false
-	}
-	return true
+// api serves the enforcer's HTTP API: the admin API (this file), the usage
+// summary (summary.go) and the billing webhook (webhook.go). It holds no
+// state of its own: it reads and changes that of the enforcer's parts.
+type api struct {
+	keys             *auth.Keys
+	webhookSecret    string
+	webhookTolerance time.Duration
+	now              func() time.Time
+	log              *slog.Logger
+	m                *metrics
+	open             *atomic.Pointer[buckets] // the Enforcer's buckets, once open
+	watch            *catalog.Watcher
+	track            *tracker
+	billing          *billing
+	pub              *publisher
+	rec              *reconciler
 }
 
-// tenantName returns the {tenant} of the path, or answers 400.
-func tenantName(w http.ResponseWriter, r *http.Request) (string, bool) {
-	name := r.PathValue("tenant")
-	if !schemas.ValidTenant(name) {
-		schemas.NewProblem(schemas.ProblemInvalidTenant, "the tenant name must be "+schemas.TenantGrammar).Write(w)
-		return "", false
-	}
-	return name, true
+// register adds the API to mux.
+func (a *api) register(mux *http.ServeMux) {
+	mux.HandleFunc("POST /v1/billing/webhook", a.handleWebhook)
+	mux.HandleFunc("GET /v1/tenants/{tenant}", a.adminOnly(forTenant(a.handleGetTenant)))
+	mux.HandleFunc("PUT /v1/tenants/{tenant}", a.adminOnly(forTenant(a.handlePutTenant)))
+	mux.HandleFunc("DELETE /v1/tenants/{tenant}", a.adminOnly(forTenant(a.handleDeleteTenant)))
+	mux.HandleFunc("GET /v1/blocklist", a.adminOnly(a.handleBlocklist))
+	mux.HandleFunc("GET /v1/usage/summary", a.handleSummary)
 }
 
-func (e *Enforcer) handleGetTenant(w http.ResponseWriter, r *http.Request) {
-	if !e.admin(w, r) {
-		return
+// adminOnly serves h to admin API keys only; other requests get 401 or
+// 403.
+func (a *api) adminOnly(h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		p, err := a.keys.Authenticate(r)
+		if err != nil {
+			auth.Unauthorized(w, err)
+			return
+		}
+		if !p.Admin {
+			schemas.NewProblem(schemas.ProblemForbidden, "this endpoint needs an admin API key").Write(w)
+			return
+		}
+		h(w, r)
 	}
-	name, ok := tenantName(w, r)
-	if !ok {
-		return
+}
+
+// forTenant serves h with the {tenant} of the path, or answers 400.
+func forTenant(h func(w http.ResponseWriter, r *http.Request, tenant string)) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		name := r.PathValue("tenant")
+		if !schemas.ValidTenant(name) {
+			schemas.NewProblem(schemas.ProblemInvalidTenant, "the tenant name must be "+schemas.TenantGrammar).Write(w)
+			return
+		}
+		h(w, r, name)
 	}
-	v, ok := e.view(name)
+}
+
+func (a *api) handleGetTenant(w http.ResponseWriter, r *http.Request, name string) {
+	v, ok := a.view(name)
 	if !ok {
 		schemas.NewProblem(schemas.ProblemTenantNotFound, "no tenant "+name+" in the catalog").Write(w)
 		return
@@ -94,17 +119,16 @@ func (e *Enforcer) handleGetTenant(w http.ResponseWriter, r *http.Request) {
 
 // view returns the view of tenant; ok is false for a tenant the catalog
 // does not know.
-func (e *Enforcer) view(tenant string) (TenantView, bool) {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	t, plan, ok := e.cat.Tenant(tenant)
+func (a *api) view(tenant string) (TenantView, bool) {
+	cat := a.watch.Catalog()
+	t, plan, ok := cat.Tenant(tenant)
 	if !ok {
 		return TenantView{}, false
 	}
 	v := TenantView{
 		Tenant: tenant, Plan: t.Plan, OnExceed: plan.OnExceed,
-		Limits: e.cat.Limits(tenant), BillingURL: t.BillingURL, CustomerID: t.CustomerID,
-		Status: t.Status, BillingStatus: e.billingStatusLocked(tenant), Usage: map[string]int64{},
+		Limits: cat.Limits(tenant), BillingURL: t.BillingURL, CustomerID: t.CustomerID,
+		Status: t.Status, BillingStatus: a.billing.status(cat, tenant), Usage: map[string]int64{},
 	}
 	if !t.BillingAnchor.IsZero() {
 		v.BillingAnchor = t.BillingAnchor.Format(time.DateOnly)
@@ -112,38 +136,27 @@ func (e *Enforcer) view(tenant string) (TenantView, bool) {
 	if v.Limits == nil {
 		v.Limits = map[string]int64{}
 	}
-	p, seeded, used := e.currentUsageLocked(tenant, e.now())
+	p, seeded, used := a.track.usageOf(tenant)
 	v.UsageSeeded, v.PeriodStart, v.PeriodEnd = seeded, p.Start, p.End
 	if seeded {
-		v.Usage = maps.Clone(used)
+		v.Usage = used
 	}
-	if d, ok := e.written[tenant]; ok {
+	if d, ok := a.pub.decision(tenant); ok {
 		v.Blocked = &d
 	}
 	return v, true
 }
 
-func (e *Enforcer) handlePutTenant(w http.ResponseWriter, r *http.Request) {
-	if !e.admin(w, r) {
-		return
-	}
-	name, ok := tenantName(w, r)
-	if !ok {
-		return
-	}
+func (a *api) handlePutTenant(w http.ResponseWriter, r *http.Request, name string) {
 	spec, ok := decodeSpec(w, r)
 	if !ok {
 		return
 	}
-	b := e.buckets.Load()
-	if b == nil {
+	if a.open.Load() == nil {
 		unavailable(w, "the enforcer is starting")
 		return
 	}
-	e.mu.Lock()
-	fes := e.changes.Check(e.fileCat, name, spec)
-	e.mu.Unlock()
-	if fes != nil {
+	if fes := a.watch.Check(name, spec); fes != nil {
 		p := schemas.NewProblem(schemas.ProblemInvalidTenantSettings, fes[0].Error())
 		for _, fe := range fes {
 			p.Errors = append(p.Errors, schemas.FieldError{Field: fe.Field, Message: fe.Message})
@@ -151,41 +164,23 @@ func (e *Enforcer) handlePutTenant(w http.ResponseWriter, r *http.Request) {
 		p.Write(w)
 		return
 	}
-	data, err := json.Marshal(spec)
-	if err != nil {
-		schemas.NewProblem(schemas.ProblemInternal, err.Error()).Write(w)
-		return
-	}
-	rev, err := b.tenants.Put(r.Context(), name, data)
-	if err != nil {
-		e.log.Error("tenant change not stored", "tenant", name, "err", err)
+	if err := a.watch.Put(r.Context(), name, spec); err != nil {
+		a.log.Error("tenant change not stored", "tenant", name, "err", err)
 		unavailable(w, "the tenant change could not be stored; retry")
 		return
 	}
-	e.mu.Lock()
-	if e.changes.Set(name, spec, rev) {
-		e.rebuildCatalogLocked()
-	}
-	e.mu.Unlock()
-	e.log.Info("tenant changed through the admin API", "tenant", name)
-	e.decideNow(r, name)
-	v, _ := e.view(name)
+	a.log.Info("tenant changed through the admin API", "tenant", name)
+	a.decideNow(r, name)
+	v, _ := a.view(name)
 	writeJSON(w, http.StatusOK, v)
 }
 
 // decideNow reads tenant's usage from the store if its period is new, and
 // writes its decision, before the admin API answers.
-func (e *Enforcer) decideNow(r *http.Request, tenant string) {
-	e.mu.Lock()
-	reseed := e.reseed[tenant]
-	e.mu.Unlock()
-	if reseed {
-		if err := e.reconcile(r.Context(), []string{tenant}); err != nil {
-			e.log.Warn("reading a changed tenant's usage failed; retrying in the background", "tenant", tenant, "err", err)
-		}
-	}
-	if err := e.syncTenant(r.Context(), tenant, time.Time{}); err != nil {
-		e.log.Warn("blocklist write after a tenant change failed; retrying", "tenant", tenant, "err", err)
+func (a *api) decideNow(r *http.Request, tenant string) {
+	a.rec.reseedNow(r.Context(), tenant)
+	if err := a.pub.sync(r.Context(), tenant, time.Time{}); err != nil {
+		a.log.Warn("blocklist write after a tenant change failed; retrying", "tenant", tenant, "err", err)
 	}
 }
 
@@ -220,60 +215,36 @@ func decodeSpec(w http.ResponseWriter, r *http.Request) (catalog.Change, bool) {
 	return spec, false
 }
 
-func (e *Enforcer) handleDeleteTenant(w http.ResponseWriter, r *http.Request) {
-	if !e.admin(w, r) {
-		return
-	}
-	name, ok := tenantName(w, r)
-	if !ok {
-		return
-	}
-	b := e.buckets.Load()
-	if b == nil {
+func (a *api) handleDeleteTenant(w http.ResponseWriter, r *http.Request, name string) {
+	if a.open.Load() == nil {
 		unavailable(w, "the enforcer is starting")
 		return
 	}
-	e.mu.Lock()
-	has := e.changes.Has(name)
-	e.mu.Unlock()
-	if !has {
+	found, err := a.watch.Delete(r.Context(), name)
+	switch {
+	case err != nil:
+		a.log.Error("tenant change not removed", "tenant", name, "err", err)
+		unavailable(w, "the tenant change could not be removed; retry")
+		return
+	case !found:
 		schemas.NewProblem(schemas.ProblemTenantNotFound, "no admin API changes for tenant "+name).Write(w)
 		return
 	}
-	if err := b.tenants.Delete(r.Context(), name); err != nil {
-		e.log.Error("tenant change not removed", "tenant", name, "err", err)
-		unavailable(w, "the tenant change could not be removed; retry")
-		return
-	}
-	// The delete's revision comes back through the watch; drop the change
-	// now so the answer shows its effect.
-	e.mu.Lock()
-	e.changes.Forget(name)
-	e.rebuildCatalogLocked()
-	e.mu.Unlock()
-	e.log.Info("tenant change removed through the admin API", "tenant", name)
-	e.decideNow(r, name)
-	if v, ok := e.view(name); ok {
+	a.log.Info("tenant change removed through the admin API", "tenant", name)
+	a.decideNow(r, name)
+	if v, ok := a.view(name); ok {
 		writeJSON(w, http.StatusOK, v)
 		return
 	}
 	w.WriteHeader(http.StatusNoContent)
 }
 
-func (e *Enforcer) handleBlocklist(w http.ResponseWriter, r *http.Request) {
-	if !e.admin(w, r) {
-		return
-	}
-	if e.buckets.Load() == nil {
+func (a *api) handleBlocklist(w http.ResponseWriter, r *http.Request) {
+	if a.open.Load() == nil {
 		unavailable(w, "the enforcer is starting")
 		return
 	}
-	e.mu.Lock()
-	v := BlocklistView{Version: e.setVersion, Decisions: make([]schemas.Decision, 0, len(e.written))}
-	for _, t := range slices.Sorted(maps.Keys(e.written)) {
-		v.Decisions = append(v.Decisions, e.written[t])
-	}
-	e.mu.Unlock()
+	v := a.pub.blocklist()
 	// The tag hashes the decisions (with their versions): equal sets give
 	// equal tags, on every replica and after a restart.
 	set, _ := json.Marshal(v.Decisions)
@@ -303,14 +274,4 @@ func etagMatch(header, etag string) bool {
 func unavailable(w http.ResponseWriter, detail string) {
 	w.Header().Set("Retry-After", "5")
 	schemas.NewProblem(schemas.ProblemUnavailable, detail).Write(w)
-}
-
-// Register adds the enforcer's HTTP API to mux.
-func (e *Enforcer) Register(mux *http.ServeMux) {
-	mux.HandleFunc("POST /v1/billing/webhook", e.handleWebhook)
-	mux.HandleFunc("GET /v1/tenants/{tenant}", e.handleGetTenant)
-	mux.HandleFunc("PUT /v1/tenants/{tenant}", e.handlePutTenant)
-	mux.HandleFunc("DELETE /v1/tenants/{tenant}", e.handleDeleteTenant)
-	mux.HandleFunc("GET /v1/blocklist", e.handleBlocklist)
-	mux.HandleFunc("GET /v1/usage/summary", e.handleSummary)
 }

@@ -3,6 +3,7 @@ package enforcer
 import (
 	"maps"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/meterd/meterd/catalog"
@@ -45,51 +46,66 @@ var DefaultBlockOn = []string{catalog.StatusPastDue, catalog.StatusUnpaid, catal
 // worse reports whether status a ranks above b.
 func worse(a, b string) bool { return statusRank[a] > statusRank[b] }
 
-// markDirtyLocked has tenant decided again. cause, when set, is when the
-// usage that crossed a limit was sealed (the increment's arrival when it
-// does not say): the start of the freshness the write of the block is
-// measured by.
-func (e *Enforcer) markDirtyLocked(tenant string, cause time.Time) {
-	if prev, ok := e.dirty[tenant]; !ok || prev.IsZero() || (!cause.IsZero() && cause.Before(prev)) {
-		e.dirty[tenant] = cause
-	}
-	signal(e.wake)
+// dirtySet holds the tenants to decide again, for the publisher's writer.
+// Its lock is taken last: under the tracker's and the billing records'.
+type dirtySet struct {
+	mu      sync.Mutex
+	tenants map[string]time.Time // tenant → arrival of the increment that crossed a limit
+	wake    chan struct{}        // signalled on every mark
 }
 
-// decideLocked returns tenant's decision (nil: not blocked); known is false
-// when it depends on usage not read from the store yet.
-func (e *Enforcer) decideLocked(tenant string, prev *schemas.Decision) (d *schemas.Decision, known bool) {
-	t, plan, ok := e.cat.Tenant(tenant)
+func newDirtySet() *dirtySet {
+	return &dirtySet{tenants: map[string]time.Time{}, wake: make(chan struct{}, 1)}
+}
+
+// mark has tenant decided again. cause, when set, is when the usage that
+// crossed a limit was sealed (the increment's arrival when it does not
+// say): the start of the freshness the write of the block is measured by.
+func (d *dirtySet) mark(tenant string, cause time.Time) {
+	d.mu.Lock()
+	if prev, ok := d.tenants[tenant]; !ok || prev.IsZero() || (!cause.IsZero() && cause.Before(prev)) {
+		d.tenants[tenant] = cause
+	}
+	d.mu.Unlock()
+	signal(d.wake)
+}
+
+// take returns the dirty tenants and empties the set.
+func (d *dirtySet) take() map[string]time.Time {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	taken := d.tenants
+	d.tenants = map[string]time.Time{}
+	return taken
+}
+
+// putBack returns a taken tenant whose write failed, unless it was marked
+// again meanwhile.
+func (d *dirtySet) putBack(tenant string, cause time.Time) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if _, again := d.tenants[tenant]; !again {
+		d.tenants[tenant] = cause
+	}
+}
+
+// decide returns tenant's decision (nil: not blocked); known is false when
+// it depends on usage not read from the store yet.
+func (t *tracker) decide(tenant string, prev *schemas.Decision) (d *schemas.Decision, known bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	ten, plan, ok := t.cat.Tenant(tenant)
 	if !ok {
 		return nil, true
 	}
-	if st := e.worstStatusLocked(tenant, t.Status, true); st != catalog.StatusActive {
-		return &schemas.Decision{Tenant: tenant, Reason: statusReason[st], BillingURL: t.BillingURL}, true
+	if st := t.billing.worstStatus(tenant, ten.Status, true); st != catalog.StatusActive {
+		return &schemas.Decision{Tenant: tenant, Reason: statusReason[st], BillingURL: ten.BillingURL}, true
 	}
-	u := e.usage[tenant]
+	u := t.usage[tenant]
 	if u == nil || !u.seeded {
 		return nil, false
 	}
-	return decideQuota(tenant, plan, e.cat.Limits(tenant), u, t.BillingURL, prev), true
-}
-
-// worstStatusLocked is the worst of tenant's configured status and the
-// statuses of its billing record, among those that block when blocking.
-func (e *Enforcer) worstStatusLocked(tenant, configured string, blocking bool) string {
-	worst := catalog.StatusActive
-	rec := e.records[tenant]
-	for _, st := range append([]string{configured}, rec.statuses()...) {
-		if (!blocking || e.blockOn[st]) && worse(st, worst) {
-			worst = st
-		}
-	}
-	return worst
-}
-
-// billingStatusLocked is tenant's billing status, blocking or not.
-func (e *Enforcer) billingStatusLocked(tenant string) string {
-	t, _, _ := e.cat.Tenant(tenant)
-	return e.worstStatusLocked(tenant, t.Status, false)
+	return decideQuota(tenant, plan, t.cat.Limits(tenant), u, ten.BillingURL, prev), true
 }
 
 // sameBlock reports whether two decisions block for the same thing: a

@@ -58,46 +58,58 @@
 // webhooks, kept per tenant in the KV bucket meterd-billing and derived from
 // event content and timestamps, never from arrival order (see billingRecord).
 // The admin API's tenant changes are kept in the KV bucket meterd-tenants and
-// merged over the catalog file; both buckets are watched, so restarts and
-// replicas see the same state.
+// merged over the catalog file by catalog.Watcher, the same follower every
+// component reads the catalog with; the enforcer writes its admin API's
+// changes through it. Both buckets are watched, so restarts and replicas see
+// the same state.
 //
-// # Files
+// # Parts
 //
-// Each file holds one idea; a decision travels usage.go → decide.go →
-// publish.go → notify.go:
+// The Enforcer wires parts that each own their state and do one job; a
+// decision travels usage.go → decide.go → publish.go → notify.go:
 //
-//   - enforcer.go: Config, New, Run (the start-up order), the KV buckets and
-//     their watches, Ready and Close.
-//   - usage.go: usage per tenant and period: committed increments, seeding
-//     and reconciling from the UsageSource, rollover.
-//   - decide.go: billing statuses, the quota check and a tenant's decision;
-//     markDirtyLocked queues a tenant to be decided again.
-//   - publish.go: the writer of the blocklist bucket (one decision per
-//     dirty tenant, versions, the blocked gauge) and the heartbeat.
-//   - catalog.go: the admin API's tenant changes merged over the catalog
-//     file (by catalog.Merge, as every catalog.Watcher merges them), the
-//     switch to a new catalog, the reload of the file.
-//   - webhook.go: Stripe-compatible billing webhooks and billing records.
-//   - notify.go: threshold checks and the notifier that delivers them.
-//   - api.go, summary.go: the admin HTTP API and GET /v1/usage/summary.
+//   - enforcer.go: Config, New (the wiring), Run (the start-up order), the
+//     KV buckets, Ready and Close.
+//   - usage.go: tracker, the usage per tenant and period in memory:
+//     committed increments, rollover, the journals of the totals queries.
+//     catalog.go: its switch to a new catalog of the catalog.Watcher (which
+//     follows the catalog file and the admin API's changes).
+//   - reconcile.go: reconciler, which seeds and reconciles the tracker
+//     from the UsageSource.
+//   - decide.go: billing statuses, the quota check, a tenant's decision
+//     (tracker.decide) and dirtySet, the tenants to decide again.
+//   - publish.go: publisher, the writer of the blocklist bucket (one
+//     decision per dirty tenant, versions, the blocked gauge) and the
+//     heartbeat.
+//   - webhook.go: billing, the billing records (meterd-billing), and the
+//     Stripe-compatible webhook that changes them.
+//   - notify.go: thresholds, the 80 % and 100 % checks, and notifier, which
+//     delivers the notifications.
+//   - api.go, summary.go: api, the admin HTTP API and GET
+//     /v1/usage/summary; it has no state of its own.
 //
 // # Locks
 //
-// Enforcer.mu guards the tenant state: the catalogs (fileCat, changes, cat),
-// usage, billing records, journals, reseed, dirty, written, versions and
-// notified. Every method named …Locked expects it held. No NATS, store or
-// HTTP call is made under it (only logging), so a slow bucket or store never
-// holds up the increments, the webhooks or the admin API.
-//
-// Enforcer.syncMu serialises the writes of decisions (syncTenant), so the
+// Each part's lock guards its own state: tracker.mu the usage, journals,
+// reseeds, thresholds and the catalog tracked; billing.mu the billing
+// records; publisher.mu the decisions written and their versions;
+// dirtySet.mu the tenants to decide again; notifier.mu the notification
+// queue. publisher.syncMu serialises the writes of decisions, so the
 // blocklist bucket sees them in decision order; it is held across the KV
-// write. Enforcer.reloadMu serialises reloads of the catalog file and
-// guards catalogStamp. notifier.mu guards the notification queue.
+// write. The catalog.Watcher's locks are held while it calls onCatalog.
+// No NATS, store or HTTP call is made under a part's lock (only logging),
+// so a slow bucket or store never holds up the increments, the webhooks or
+// the admin API.
 //
-// The order, outermost first: syncMu or reloadMu (never both), then mu,
-// then notifier.mu. syncMu and reloadMu are never taken while holding mu;
-// notifier.mu is taken under mu (enqueue) and takes nothing else. The
-// atomics (buckets, catalog, running, lastHeartbeat, writeFailingSince) are
-// read without a lock; catalog mirrors cat for readers that must not wait
-// on mu.
+// The order, outermost first:
+//
+//	publisher.syncMu or the watcher's locks (never both)
+//	  → tracker.mu → billing.mu → dirtySet.mu, notifier.mu
+//	the watcher's locks → publisher.mu
+//	publisher.syncMu → publisher.mu
+//
+// publisher.mu and tracker.mu are never held together; dirtySet.mu and
+// notifier.mu take nothing. The atomics (the buckets, running, seeded,
+// lastHeartbeat, writeFailingSince) and the watcher's catalog are read
+// without a lock.
 package enforcer

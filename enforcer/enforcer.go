@@ -2,10 +2,10 @@ package enforcer
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"net/url"
 	"slices"
 	"sync"
@@ -40,8 +40,6 @@ const (
 )
 
 const (
-	// catalogPollEvery is how often the catalog file's mtime is checked.
-	catalogPollEvery = 2 * time.Second
 	// notifyMarkerTTL outlives the longest billing period (a leap year).
 	notifyMarkerTTL = 400 * 24 * time.Hour
 	// writeRetry is how soon a failed blocklist write is tried again.
@@ -152,55 +150,32 @@ func (c *Config) Validate() error {
 
 // buckets are the KV buckets, open once Run has created them.
 type buckets struct {
-	blocklist, billing, tenants, notify jetstream.KeyValue
+	blocklist, billing, notify jetstream.KeyValue
 }
 
-// Enforcer decides which tenants are blocked and tells the gateways.
+// Enforcer decides which tenants are blocked and tells the gateways. It
+// wires its parts, each owning its state and one job (see the package
+// documentation): the catalog watch, the usage tracker and its reconciler,
+// the billing records, the publisher of decisions, the notifier and the
+// HTTP API.
 type Enforcer struct {
 	cfg     Config
 	log     *slog.Logger
 	js      jetstream.JetStream
-	m       *metrics
-	blockOn map[string]bool
-	notify  *notifier
 	buckets atomic.Pointer[buckets]
+
+	watch   *catalog.Watcher // the catalog file and the admin API's changes
+	dirty   *dirtySet
+	billing *billing
+	track   *tracker
+	rec     *reconciler
+	pub     *publisher
+	notify  *notifier
+	api     *api
 
 	running   atomic.Bool
 	closeOnce sync.Once
 	closed    chan struct{}
-
-	reloadMu     sync.Mutex
-	catalogStamp fileStamp // of the catalog file last read
-
-	// syncMu serialises the writes of decisions; it is taken before mu.
-	syncMu sync.Mutex
-
-	// catalog is cat for readers that must not wait on mu: the gate of
-	// `meterd dev` asks it on every /v1/check.
-	catalog atomic.Pointer[catalog.Catalog]
-
-	mu         sync.Mutex
-	fileCat    *catalog.Catalog
-	changes    catalog.Changes  // the admin API's tenant changes
-	cat        *catalog.Catalog // fileCat with changes merged
-	tracking   bool             // usage is tracked: Run has started seeding
-	seeded     bool             // the first seed is done: decisions are written
-	usage      map[string]*tenantUsage
-	records    map[string]billingRecord
-	recordRevs map[string]uint64
-	journals   map[*journal]struct{}
-	reseed     map[string]bool      // tenants whose usage must be read from the store again
-	dirty      map[string]time.Time // tenants to decide again → arrival of the increment that crossed a limit
-	written    map[string]schemas.Decision
-	versions   map[string]uint64 // last version per tenant, blocks and unblocks
-	setVersion uint64            // grows with every change of the blocklist
-	notified   map[string]map[string]bool
-
-	wake       chan struct{} // dirty tenants wait
-	reseedWake chan struct{}
-
-	lastHeartbeat     atomic.Int64 // unix nanos of the last heartbeat written
-	writeFailingSince atomic.Int64 // unix nanos since blocklist writes fail, 0 when they work
 }
 
 // New builds an Enforcer; Run opens its buckets and starts deciding.
@@ -228,36 +203,30 @@ func New(cfg Config) (*Enforcer, error) {
 		return nil, err
 	}
 	log := cfg.Logger.With("component", "enforcer")
-	e := &Enforcer{
-		cfg: cfg, log: log, js: js, m: m,
-		blockOn:    map[string]bool{},
-		closed:     make(chan struct{}),
-		fileCat:    cat,
-		cat:        cat,
-		usage:      map[string]*tenantUsage{},
-		records:    map[string]billingRecord{},
-		recordRevs: map[string]uint64{},
-		journals:   map[*journal]struct{}{},
-		reseed:     map[string]bool{},
-		dirty:      map[string]time.Time{},
-		written:    map[string]schemas.Decision{},
-		versions:   map[string]uint64{},
-		notified:   map[string]map[string]bool{},
-		wake:       make(chan struct{}, 1),
-		reseedWake: make(chan struct{}, 1),
-	}
-	e.catalog.Store(cat)
-	for _, s := range cfg.BlockOn {
-		e.blockOn[s] = true
-	}
+	now := func() time.Time { return cfg.Now().UTC() }
+	e := &Enforcer{cfg: cfg, log: log, js: js, closed: make(chan struct{})}
+	e.dirty = newDirtySet()
 	e.notify = newNotifier(cfg.NATS, cfg.NotifyURLs, cfg.NotifySecret, log, m)
-	if cfg.CatalogPath != "" {
-		e.catalogStamp = stampOf(cfg.CatalogPath)
+	e.billing = newBilling(cfg.BlockOn, log, e.dirty)
+	e.track = newTracker(cat, now, log, e.billing, e.dirty, e.notify)
+	e.rec = &reconciler{store: cfg.Store, track: e.track, log: log, m: m, every: cfg.ReconcileEvery}
+	e.pub = &publisher{now: now, log: log, m: m, open: &e.buckets, track: e.track, dirty: e.dirty, notify: e.notify,
+		every: cfg.HeartbeatEvery, written: map[string]schemas.Decision{}, versions: map[string]uint64{}}
+	e.watch = catalog.NewWatcher(cfg.NATS, cat, cfg.Logger)
+	e.watch.Path = cfg.CatalogPath
+	e.watch.OnChange = e.onCatalog
+	e.watch.OnReload = func(err error) {
+		result := "ok"
+		if err != nil {
+			result = "error"
+		}
+		m.reloads.WithLabelValues(result).Inc()
 	}
+	e.api = &api{keys: cfg.Keys, webhookSecret: cfg.WebhookSecret, webhookTolerance: cfg.WebhookTolerance,
+		now: now, log: log, m: m, open: &e.buckets,
+		watch: e.watch, track: e.track, billing: e.billing, pub: e.pub, rec: e.rec}
 	return e, nil
 }
-
-func (e *Enforcer) now() time.Time { return e.cfg.Now().UTC() }
 
 // Run opens the buckets, loads the persisted state, seeds usage from the
 // store and then decides until ctx ends or Close is called. It returns nil
@@ -279,10 +248,10 @@ func (e *Enforcer) Run(ctx context.Context) error {
 	})
 
 	var b *buckets
-	var watchers []jetstream.KeyWatcher
+	var billing jetstream.KeyWatcher
 	err := retry(ctx, func() error {
 		var err error
-		b, watchers, err = e.prepare(ctx)
+		b, billing, err = e.prepare(ctx)
 		if err != nil && ctx.Err() == nil {
 			e.log.Warn("opening the enforcer's buckets failed; retrying", "err", err)
 		}
@@ -291,14 +260,19 @@ func (e *Enforcer) Run(ctx context.Context) error {
 	if err != nil {
 		return nil // ctx ended: retry only gives up then
 	}
-	for _, w := range watchers {
-		wg.Go(func() { e.follow(ctx, w) })
+	wg.Go(func() { e.billing.follow(ctx, billing) })
+	// The tenants bucket exists now: the watch reads it to its end.
+	wg.Go(func() { e.watch.Run(ctx) })
+	select {
+	case <-e.watch.Loaded():
+	case <-ctx.Done():
+		return nil
 	}
 	e.buckets.Store(b)
 	wg.Go(func() { e.notify.run(ctx, b.notify) })
 
 	// Subscribe before seeding: see the package documentation.
-	sub, err := e.cfg.NATS.Subscribe(schemas.CommittedSubjectPrefix+"*", e.onCommitted)
+	sub, err := e.cfg.NATS.Subscribe(schemas.CommittedSubjectPrefix+"*", e.track.onCommitted)
 	if err != nil {
 		return fmt.Errorf("enforcer: subscribe to committed increments: %w", err)
 	}
@@ -316,13 +290,10 @@ func (e *Enforcer) Run(ctx context.Context) error {
 		}
 	}()
 
-	e.mu.Lock()
-	e.tracking = true
-	e.setCatalogLocked(e.cat)
-	e.mu.Unlock()
+	e.track.track()
 	retrySoon := false
 	err = retry(ctx, func() error {
-		err := e.reconcile(ctx, nil)
+		err := e.rec.reconcile(ctx, nil)
 		if errors.Is(err, errUnseeded) {
 			// One tenant's data must not hold every other tenant's
 			// decisions back: those are seeded, these retried.
@@ -338,25 +309,20 @@ func (e *Enforcer) Run(ctx context.Context) error {
 	if err != nil {
 		return nil
 	}
-	e.mu.Lock()
-	e.seeded = true
-	for t := range e.usage {
-		e.markDirtyLocked(t, time.Time{})
+	e.pub.seeded.Store(true)
+	// Every tenant is decided again, and every block of a tenant gone
+	// from the catalog lifted.
+	tenants := e.track.track()
+	blocked := e.pub.blocked()
+	for _, t := range blocked {
+		e.dirty.mark(t, time.Time{})
 	}
-	for t := range e.written { // stale blocks of tenants gone from the catalog
-		e.markDirtyLocked(t, time.Time{})
-	}
-	tenants, blocked := len(e.usage), len(e.written)
-	e.mu.Unlock()
-	e.log.Info("enforcer seeded from the store; deciding", "tenants", tenants, "blocked_before", blocked)
+	e.log.Info("enforcer seeded from the store; deciding", "tenants", tenants, "blocked_before", len(blocked))
 
-	wg.Go(func() { e.writeLoop(ctx) })
-	wg.Go(func() { e.heartbeatLoop(ctx, b.blocklist) })
-	wg.Go(func() { e.reconcileLoop(ctx, retrySoon) })
-	wg.Go(func() { e.rolloverLoop(ctx) })
-	if e.cfg.CatalogPath != "" {
-		wg.Go(func() { e.pollCatalog(ctx) })
-	}
+	wg.Go(func() { e.pub.writeLoop(ctx) })
+	wg.Go(func() { e.pub.heartbeatLoop(ctx, b.blocklist) })
+	wg.Go(func() { e.rec.loop(ctx, retrySoon) })
+	wg.Go(func() { e.track.rolloverLoop(ctx) })
 	<-ctx.Done()
 	return nil
 }
@@ -379,17 +345,19 @@ func retry(ctx context.Context, op func() error) error {
 	}, backoff.WithContext(bo, ctx))
 }
 
-// prepare creates the buckets, loads the tenant changes and billing records
-// (returning their watchers, to follow) and reads the blocklist.
-func (e *Enforcer) prepare(ctx context.Context) (*buckets, []jetstream.KeyWatcher, error) {
+// prepare creates the buckets (the tenants bucket too, which the catalog
+// watch follows), loads the billing records (returning their watch, to
+// follow) and reads the blocklist.
+func (e *Enforcer) prepare(ctx context.Context) (*buckets, jetstream.KeyWatcher, error) {
 	var b buckets
+	var tenants jetstream.KeyValue
 	for _, kc := range []struct {
 		kv  *jetstream.KeyValue
 		cfg jetstream.KeyValueConfig
 	}{
 		{&b.blocklist, jetstream.KeyValueConfig{Bucket: schemas.BlocklistBucket, Description: "meterd decisions: key = tenant, a delete unblocks", History: 1, Storage: jetstream.FileStorage}},
 		{&b.billing, jetstream.KeyValueConfig{Bucket: BillingBucket, Description: "meterd billing records from webhooks: key = tenant", History: 1, Storage: jetstream.FileStorage}},
-		{&b.tenants, jetstream.KeyValueConfig{Bucket: TenantsBucket, Description: "meterd tenant changes of the admin API: key = tenant", History: 1, Storage: jetstream.FileStorage}},
+		{&tenants, jetstream.KeyValueConfig{Bucket: TenantsBucket, Description: "meterd tenant changes of the admin API: key = tenant", History: 1, Storage: jetstream.FileStorage}},
 		{&b.notify, jetstream.KeyValueConfig{Bucket: NotifyBucket, Description: "meterd notifications sent: key = notification id", History: 1, Storage: jetstream.FileStorage, TTL: notifyMarkerTTL}},
 	} {
 		kc.cfg.Replicas = e.cfg.Replicas
@@ -399,37 +367,24 @@ func (e *Enforcer) prepare(ctx context.Context) (*buckets, []jetstream.KeyWatche
 		}
 		*kc.kv = kv
 	}
-	var watchers []jetstream.KeyWatcher
-	stopAll := func() {
-		for _, w := range watchers {
-			w.Stop()
-		}
+	w, err := b.billing.WatchAll(ctx)
+	if err != nil {
+		return nil, nil, fmt.Errorf("watch %s: %w", b.billing.Bucket(), err)
 	}
-	for _, kv := range []jetstream.KeyValue{b.tenants, b.billing} {
-		w, err := kv.WatchAll(ctx)
-		if err != nil {
-			stopAll()
-			return nil, nil, fmt.Errorf("watch %s: %w", kv.Bucket(), err)
-		}
-		watchers = append(watchers, w)
-		if err := initial(ctx, w, e.applyEntry); err != nil {
-			stopAll()
-			return nil, nil, fmt.Errorf("load %s: %w", kv.Bucket(), err)
-		}
+	if err := initial(ctx, w, e.billing.apply); err != nil {
+		w.Stop()
+		return nil, nil, fmt.Errorf("load %s: %w", b.billing.Bucket(), err)
 	}
-	e.mu.Lock()
-	e.rebuildCatalogLocked()
-	e.mu.Unlock()
-	if err := e.loadBlocklist(ctx, b.blocklist); err != nil {
-		stopAll()
+	if err := e.pub.load(ctx, b.blocklist); err != nil {
+		w.Stop()
 		return nil, nil, err
 	}
-	return &b, watchers, nil
+	return &b, w, nil
 }
 
 // initial feeds the current values of a watch to apply, up to the marker
 // that ends them.
-func initial(ctx context.Context, w jetstream.KeyWatcher, apply func(jetstream.KeyValueEntry, bool)) error {
+func initial(ctx context.Context, w jetstream.KeyWatcher, apply func(jetstream.KeyValueEntry)) error {
 	for {
 		select {
 		case <-ctx.Done():
@@ -441,60 +396,8 @@ func initial(ctx context.Context, w jetstream.KeyWatcher, apply func(jetstream.K
 			if en == nil {
 				return nil
 			}
-			apply(en, true)
+			apply(en)
 		}
-	}
-}
-
-// follow applies the updates of a watch until ctx ends.
-func (e *Enforcer) follow(ctx context.Context, w jetstream.KeyWatcher) {
-	defer w.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case en, ok := <-w.Updates():
-			if !ok {
-				if ctx.Err() == nil {
-					e.log.Error("a bucket watch ended; changes by other enforcers are no longer seen")
-				}
-				return
-			}
-			if en != nil {
-				e.applyEntry(en, false)
-			}
-		}
-	}
-}
-
-// applyEntry applies an entry of the tenants or billing bucket unless the
-// enforcer already holds that revision or a newer one (its own writes are
-// applied when made). During the initial load the catalog is rebuilt once,
-// after all entries.
-func (e *Enforcer) applyEntry(en jetstream.KeyValueEntry, loading bool) {
-	deleted := en.Operation() == jetstream.KeyValueDelete || en.Operation() == jetstream.KeyValuePurge
-	key := en.Key()
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	switch en.Bucket() {
-	case TenantsBucket:
-		changed, err := e.changes.Apply(en)
-		if err != nil {
-			e.log.Error("malformed tenant change in the bucket ignored", "tenant", key, "err", err)
-			return
-		}
-		if changed && !loading {
-			e.rebuildCatalogLocked()
-		}
-	case BillingBucket:
-		var rec billingRecord
-		if !deleted {
-			if err := json.Unmarshal(en.Value(), &rec); err != nil {
-				e.log.Error("malformed billing record in the bucket ignored", "tenant", key, "err", err)
-				return
-			}
-		}
-		e.putRecordLocked(key, rec, en.Revision())
 	}
 }
 
@@ -505,33 +408,35 @@ func signal(c chan struct{}) {
 	}
 }
 
+// Catalog returns the plans and tenants the enforcer decides with: the
+// catalog file with the admin API's changes merged. The catalog is
+// immutable; a later change replaces it. It never waits on a lock, so a
+// gate may ask it on every call.
+func (e *Enforcer) Catalog() *catalog.Catalog {
+	return e.watch.Catalog()
+}
+
+// Summary returns the usage summary of tenant, or of every tenant of the
+// catalog when tenant is "".
+func (e *Enforcer) Summary(tenant string) Summary { return e.api.summary(tenant) }
+
+// Register adds the enforcer's HTTP API to mux.
+func (e *Enforcer) Register(mux *http.ServeMux) { e.api.register(mux) }
+
 // Ready fails until the enforcer has seeded and written its first
 // heartbeat, when the store is unreachable, and when the blocklist cannot
 // be written (heartbeats or decisions).
 func (e *Enforcer) Ready(ctx context.Context) error {
-	e.mu.Lock()
-	seeded := e.seeded
-	e.mu.Unlock()
 	if e.buckets.Load() == nil {
 		return errors.New("enforcer: buckets not open yet")
 	}
-	if !seeded {
+	if !e.pub.seeded.Load() {
 		return errors.New("enforcer: usage not seeded from the store yet")
 	}
 	if err := e.cfg.Store.Ping(ctx); err != nil {
 		return fmt.Errorf("enforcer: store: %w", err)
 	}
-	last := e.lastHeartbeat.Load()
-	if last == 0 {
-		return errors.New("enforcer: no heartbeat written yet")
-	}
-	if since := time.Since(time.Unix(0, last)); since > 3*e.cfg.HeartbeatEvery {
-		return fmt.Errorf("enforcer: no heartbeat written for %s", since.Round(time.Second))
-	}
-	if f := e.writeFailingSince.Load(); f != 0 && time.Since(time.Unix(0, f)) > failingUnready {
-		return fmt.Errorf("enforcer: blocklist writes failing for %s", time.Since(time.Unix(0, f)).Round(time.Second))
-	}
-	return nil
+	return e.pub.ready()
 }
 
 // Close stops a running Run; it is idempotent.

@@ -83,9 +83,9 @@ func TestSeedCountsIncrementsDuringSeedingOnce(t *testing.T) {
 	<-g.snapshot
 	v.usage("acme", "api_calls", p.Start, true, 300) // committed after the snapshot
 	v.eventually("increment journaled", 5*time.Second, func() error {
-		e.mu.Lock()
-		defer e.mu.Unlock()
-		for j := range e.journals {
+		e.track.mu.Lock()
+		defer e.track.mu.Unlock()
+		for j := range e.track.journals {
 			if j.adds["acme"]["api_calls"] == 300 {
 				return nil
 			}
@@ -155,7 +155,7 @@ func TestIncrementsCrossLimitAndNotifyOnce(t *testing.T) {
 	}
 
 	// A reconcile finds what the increments said: nothing counted twice.
-	if err := e.reconcile(context.Background(), nil); err != nil {
+	if err := e.rec.reconcile(context.Background(), nil); err != nil {
 		t.Fatal(err)
 	}
 	if got := v.view("acme").Usage["api_calls"]; got != 1060 {
@@ -398,7 +398,8 @@ func TestRunStopsOnCloseAndJoinsGoroutines(t *testing.T) {
 	buf := make([]byte, 4<<20)
 	stacks := string(buf[:runtime.Stack(buf, true)])
 	for g := range strings.SplitSeq(stacks, "\n\n") {
-		if strings.Contains(g, "enforcer.(*Enforcer)") || strings.Contains(g, "enforcer.(*notifier)") {
+		// Every part of the enforcer, and the catalog watch it runs.
+		if strings.Contains(g, "meterd/enforcer.(*") || strings.Contains(g, "catalog.(*Watcher)") {
 			t.Errorf("goroutine left running:\n%s", g)
 		}
 	}

@@ -18,6 +18,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/meterd/meterd/catalog"
 	"github.com/meterd/meterd/internal/redact"
 	"github.com/meterd/meterd/schemas"
 )
@@ -251,21 +252,31 @@ func thresholdUnits(limit int64, pct int) int64 {
 	return limit - limit/5 // ceil(0.8·limit)
 }
 
-// checkThresholdsLocked queues the notifications of every limit of tenant
-// its usage reached.
-func (e *Enforcer) checkThresholdsLocked(tenant string, u *tenantUsage) {
-	for meter, limit := range e.cat.Limits(tenant) {
-		e.checkThresholdLocked(tenant, u, meter, limit)
-	}
+// thresholds queues the usage.threshold notifications, once per tenant,
+// meter, period and threshold while the enforcer runs (the marker in
+// NotifyBucket makes it once across restarts and replicas). It belongs to
+// the tracker and is used under the tracker's lock.
+type thresholds struct {
+	notify   *notifier
+	now      func() time.Time
+	notified map[string]map[string]bool // tenant → ids queued this period
 }
 
 // notifyThresholds are the percentages of a limit that are notified.
 var notifyThresholds = []int{WarnPercent, 100}
 
-// checkThresholdLocked queues a notification for each threshold of meter's
-// limit the usage reached and that was not queued this period. A limit of 0
-// has no thresholds worth telling.
-func (e *Enforcer) checkThresholdLocked(tenant string, u *tenantUsage, meter string, limit int64) {
+// checkAll queues the notifications of every limit of tenant its usage u
+// reached.
+func (th *thresholds) checkAll(cat *catalog.Catalog, tenant string, u *tenantUsage) {
+	for meter, limit := range cat.Limits(tenant) {
+		th.check(tenant, u, meter, limit)
+	}
+}
+
+// check queues a notification for each threshold of meter's limit the
+// usage reached and that was not queued this period. A limit of 0 has no
+// thresholds worth telling.
+func (th *thresholds) check(tenant string, u *tenantUsage, meter string, limit int64) {
 	if !u.seeded || limit <= 0 {
 		return
 	}
@@ -275,16 +286,20 @@ func (e *Enforcer) checkThresholdLocked(tenant string, u *tenantUsage, meter str
 			return
 		}
 		id := thresholdID(tenant, meter, u.period.Start, pct)
-		if e.notified[tenant][id] {
+		if th.notified[tenant][id] {
 			continue
 		}
-		if e.notified[tenant] == nil {
-			e.notified[tenant] = map[string]bool{}
+		if th.notified[tenant] == nil {
+			th.notified[tenant] = map[string]bool{}
 		}
-		e.notified[tenant][id] = true
-		e.notify.enqueue(Notification{
+		th.notified[tenant][id] = true
+		th.notify.enqueue(Notification{
 			Type: NotifyUsageThreshold, ID: id, Tenant: tenant, Meter: meter, Threshold: pct,
-			Used: used, Limit: limit, PeriodStart: u.period.Start, PeriodEnd: u.period.End, At: e.now(),
+			Used: used, Limit: limit, PeriodStart: u.period.Start, PeriodEnd: u.period.End, At: th.now(),
 		})
 	}
 }
+
+// forget drops what was queued for tenant: its period changed, or it left
+// the catalog.
+func (th *thresholds) forget(tenant string) { delete(th.notified, tenant) }

@@ -5,6 +5,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
+	"maps"
+	"slices"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -12,22 +17,53 @@ import (
 	"github.com/meterd/meterd/schemas"
 )
 
-// loadBlocklist learns the decisions the bucket holds and their versions.
-func (e *Enforcer) loadBlocklist(ctx context.Context, kv jetstream.KeyValue) error {
+// publisher writes the decisions to the blocklist bucket: one per dirty
+// tenant, when it changed, with versions that only grow; it keeps the
+// blocked gauge, queues the billing.unpaid and access.restored
+// notifications, and writes the heartbeat.
+type publisher struct {
+	now    func() time.Time
+	log    *slog.Logger
+	m      *metrics
+	open   *atomic.Pointer[buckets] // the Enforcer's buckets, once open
+	track  *tracker                 // decides
+	dirty  *dirtySet
+	notify *notifier
+	every  time.Duration // of the heartbeat
+
+	// syncMu serialises the writes of decisions, so the bucket sees them
+	// in decision order; it is held across the KV write, and taken before
+	// the tracker's lock and mu.
+	syncMu sync.Mutex
+
+	// mu guards the fields below it; it is taken alone or under the
+	// tracker's lock or the catalog watcher's, and takes nothing.
+	mu         sync.Mutex
+	written    map[string]schemas.Decision
+	versions   map[string]uint64 // last version per tenant, blocks and unblocks
+	setVersion uint64            // grows with every change of the blocklist
+
+	seeded            atomic.Bool  // the first seed is done: decisions are written
+	lastHeartbeat     atomic.Int64 // unix nanos of the last heartbeat written
+	writeFailingSince atomic.Int64 // unix nanos since blocklist writes fail, 0 when they work
+}
+
+// load learns the decisions the bucket holds and their versions.
+func (p *publisher) load(ctx context.Context, kv jetstream.KeyValue) error {
 	w, err := kv.WatchAll(ctx, jetstream.IgnoreDeletes())
 	if err != nil {
 		return fmt.Errorf("read %s: %w", kv.Bucket(), err)
 	}
 	defer w.Stop()
 	written := map[string]schemas.Decision{}
-	err = initial(ctx, w, func(en jetstream.KeyValueEntry, _ bool) {
+	err = initial(ctx, w, func(en jetstream.KeyValueEntry) {
 		if en.Key() == schemas.HeartbeatKey {
 			return
 		}
 		var d schemas.Decision
 		if err := json.Unmarshal(en.Value(), &d); err != nil {
 			// Decided again and replaced (or deleted) once seeded.
-			e.log.Warn("malformed decision in the blocklist", "tenant", en.Key(), "err", err)
+			p.log.Warn("malformed decision in the blocklist", "tenant", en.Key(), "err", err)
 			d = schemas.Decision{Tenant: en.Key(), Reason: "malformed"}
 		}
 		written[en.Key()] = d
@@ -35,95 +71,86 @@ func (e *Enforcer) loadBlocklist(ctx context.Context, kv jetstream.KeyValue) err
 	if err != nil {
 		return fmt.Errorf("read %s: %w", kv.Bucket(), err)
 	}
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	e.written = written
-	e.setVersion = max(e.setVersion, uint64(e.now().UnixNano()))
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.written = written
+	p.setVersion = max(p.setVersion, uint64(p.now().UnixNano()))
 	for t, d := range written {
-		e.versions[t] = max(e.versions[t], d.Version)
-		e.setVersion = max(e.setVersion, d.Version)
+		p.versions[t] = max(p.versions[t], d.Version)
+		p.setVersion = max(p.setVersion, d.Version)
 	}
-	e.updateBlockedLocked()
+	p.updateBlockedLocked()
 	return nil
 }
 
 // writeLoop writes the decisions of dirty tenants.
-func (e *Enforcer) writeLoop(ctx context.Context) {
+func (p *publisher) writeLoop(ctx context.Context) {
 	var retryC <-chan time.Time
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-e.wake:
+		case <-p.dirty.wake:
 		case <-retryC:
 		}
 		retryC = nil
-		if err := e.flushDirty(ctx); err != nil && ctx.Err() == nil {
-			e.log.Warn("writing decisions to the blocklist failed; retrying", "err", err)
+		if err := p.flush(ctx); err != nil && ctx.Err() == nil {
+			p.log.Warn("writing decisions to the blocklist failed; retrying", "err", err)
 			retryC = time.After(writeRetry)
 		}
 	}
 }
 
-// flushDirty decides every dirty tenant and writes what changed; a tenant
-// whose write failed stays dirty.
-func (e *Enforcer) flushDirty(ctx context.Context) error {
-	e.mu.Lock()
-	dirty := e.dirty
-	e.dirty = map[string]time.Time{}
-	e.mu.Unlock()
+// flush decides every dirty tenant and writes what changed; a tenant whose
+// write failed stays dirty.
+func (p *publisher) flush(ctx context.Context) error {
 	var firstErr error
-	for t, cause := range dirty {
-		err := e.syncTenant(ctx, t, cause)
+	for t, cause := range p.dirty.take() {
+		err := p.sync(ctx, t, cause)
 		if err == nil {
 			continue
 		}
 		if firstErr == nil {
 			firstErr = err
 		}
-		e.mu.Lock()
-		if _, again := e.dirty[t]; !again {
-			e.dirty[t] = cause
-		}
-		e.mu.Unlock()
+		p.dirty.putBack(t, cause)
 	}
 	if firstErr == nil {
-		e.writeFailingSince.Store(0)
+		p.writeFailingSince.Store(0)
 	} else {
-		e.writeFailingSince.CompareAndSwap(0, time.Now().UnixNano())
+		p.writeFailingSince.CompareAndSwap(0, time.Now().UnixNano())
 	}
 	return firstErr
 }
 
-// syncTenant makes the blocklist hold tenant's current decision: it writes
-// a changed block, deletes the key of a lifted one, and leaves the key alone
+// sync makes the blocklist hold tenant's current decision: it writes a
+// changed block, deletes the key of a lifted one, and leaves the key alone
 // otherwise. Writes are serialised, so the bucket sees them in decision
 // order.
-func (e *Enforcer) syncTenant(ctx context.Context, tenant string, cause time.Time) error {
-	b := e.buckets.Load()
-	if b == nil {
+func (p *publisher) sync(ctx context.Context, tenant string, cause time.Time) error {
+	b := p.open.Load()
+	if b == nil || !p.seeded.Load() {
 		return nil
 	}
-	e.syncMu.Lock()
-	defer e.syncMu.Unlock()
-	e.mu.Lock()
-	if !e.seeded {
-		e.mu.Unlock()
-		return nil
-	}
-	cur, has := e.written[tenant]
+	p.syncMu.Lock()
+	defer p.syncMu.Unlock()
+	// Only sync changes written, and syncMu is held: cur stays the
+	// tenant's decision in the bucket until the write below.
+	p.mu.Lock()
+	cur, has := p.written[tenant]
+	p.mu.Unlock()
 	var prev *schemas.Decision
 	if has {
 		prev = &cur
 	}
-	want, known := e.decideLocked(tenant, prev)
+	want, known := p.track.decide(tenant, prev)
 	if !known || (want == nil && !has) || (want != nil && has && sameBlock(*want, cur)) {
-		e.mu.Unlock()
 		return nil
 	}
-	now := e.now()
-	version := max(e.versions[tenant]+1, uint64(now.UnixNano()))
-	e.mu.Unlock()
+	now := p.now()
+	p.mu.Lock()
+	version := max(p.versions[tenant]+1, uint64(now.UnixNano()))
+	p.mu.Unlock()
 
 	var err error
 	if want == nil {
@@ -139,79 +166,106 @@ func (e *Enforcer) syncTenant(ctx context.Context, tenant string, cause time.Tim
 	if errors.Is(err, jetstream.ErrInvalidKey) {
 		// Not retried: no write can succeed. A tenant name that starts or
 		// ends with '.' or holds "..": valid for schemas, not as a KV key.
-		e.log.Error("the tenant name cannot be a blocklist key; its decision is not published", "tenant", tenant)
+		p.log.Error("the tenant name cannot be a blocklist key; its decision is not published", "tenant", tenant)
 		return nil
 	}
 	if err != nil {
-		e.m.writeFailures.Inc()
+		p.m.writeFailures.Inc()
 		return fmt.Errorf("blocklist %s: %w", tenant, err)
 	}
 
-	e.mu.Lock()
-	e.versions[tenant] = version
-	e.setVersion = max(e.setVersion+1, version)
+	p.mu.Lock()
+	p.versions[tenant] = version
+	p.setVersion = max(p.setVersion+1, version)
 	if want == nil {
-		delete(e.written, tenant)
+		delete(p.written, tenant)
 	} else {
-		e.written[tenant] = *want
+		p.written[tenant] = *want
 	}
-	e.updateBlockedLocked()
+	p.updateBlockedLocked()
+	p.mu.Unlock()
 	billingBlock := func(d *schemas.Decision) bool { return d != nil && d.Reason != schemas.ReasonQuotaExceeded }
 	switch {
 	case want == nil:
-		e.notify.enqueue(Notification{Type: NotifyAccessRestored, ID: eventID("restored", tenant, cur.Version),
+		p.notify.enqueue(Notification{Type: NotifyAccessRestored, ID: eventID("restored", tenant, cur.Version),
 			Tenant: tenant, Reason: cur.Reason, At: now})
 	case billingBlock(want) && !billingBlock(prev):
-		e.notify.enqueue(Notification{Type: NotifyBillingUnpaid, ID: eventID("unpaid", tenant, version),
+		p.notify.enqueue(Notification{Type: NotifyBillingUnpaid, ID: eventID("unpaid", tenant, version),
 			Tenant: tenant, Reason: want.Reason, At: now})
 	}
-	e.mu.Unlock()
 
 	if want == nil {
-		e.m.decisions.WithLabelValues(reasonUnblocked).Inc()
-		e.log.Info("tenant unblocked", "tenant", tenant, "was", cur.Reason, "version", version)
+		p.m.decisions.WithLabelValues(reasonUnblocked).Inc()
+		p.log.Info("tenant unblocked", "tenant", tenant, "was", cur.Reason, "version", version)
 		return nil
 	}
-	e.m.decisions.WithLabelValues(string(want.Reason)).Inc()
+	p.m.decisions.WithLabelValues(string(want.Reason)).Inc()
 	if want.Reason == schemas.ReasonQuotaExceeded && !cause.IsZero() {
-		e.m.freshness.Observe(max(time.Since(cause).Seconds(), 0)) // clocks of two hosts
+		p.m.freshness.Observe(max(time.Since(cause).Seconds(), 0)) // clocks of two hosts
 	}
 	attrs := []any{"tenant", tenant, "reason", want.Reason, "version", version}
 	if want.Reason == schemas.ReasonQuotaExceeded {
 		attrs = append(attrs, "meter", want.Meter, "limit", want.Limit, "used", want.Used)
 	}
-	e.log.Info("tenant blocked", attrs...)
+	p.log.Info("tenant blocked", attrs...)
 	return nil
 }
 
 // updateBlockedLocked sets the blocked-tenants gauge from the blocklist.
-func (e *Enforcer) updateBlockedLocked() {
+func (p *publisher) updateBlockedLocked() {
 	counts := map[schemas.Reason]int{}
-	for _, d := range e.written {
+	for _, d := range p.written {
 		counts[d.Reason]++
 	}
 	for _, r := range []schemas.Reason{schemas.ReasonQuotaExceeded, schemas.ReasonPaymentOverdue, schemas.ReasonPaymentMethodRequired, schemas.ReasonSuspended} {
-		e.m.blocked.WithLabelValues(string(r)).Set(float64(counts[r]))
+		p.m.blocked.WithLabelValues(string(r)).Set(float64(counts[r]))
 	}
 }
 
-// heartbeatLoop writes the heartbeat key every HeartbeatEvery.
-func (e *Enforcer) heartbeatLoop(ctx context.Context, kv jetstream.KeyValue) {
-	tick := time.NewTicker(e.cfg.HeartbeatEvery)
+// decision returns tenant's decision in the blocklist, if any.
+func (p *publisher) decision(tenant string) (schemas.Decision, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	d, ok := p.written[tenant]
+	return d, ok
+}
+
+// blocked lists the tenants the blocklist holds a decision for.
+func (p *publisher) blocked() []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return slices.Collect(maps.Keys(p.written))
+}
+
+// blocklist returns the decisions of the blocklist, by tenant, and the
+// version of the set.
+func (p *publisher) blocklist() BlocklistView {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	v := BlocklistView{Version: p.setVersion, Decisions: make([]schemas.Decision, 0, len(p.written))}
+	for _, t := range slices.Sorted(maps.Keys(p.written)) {
+		v.Decisions = append(v.Decisions, p.written[t])
+	}
+	return v
+}
+
+// heartbeatLoop writes the heartbeat key every p.every.
+func (p *publisher) heartbeatLoop(ctx context.Context, kv jetstream.KeyValue) {
+	tick := time.NewTicker(p.every)
 	defer tick.Stop()
 	failing := false
 	for {
 		data, _ := json.Marshal(struct {
 			At string `json:"at"`
-		}{e.now().Format(time.RFC3339Nano)})
+		}{p.now().Format(time.RFC3339Nano)})
 		if _, err := kv.Put(ctx, schemas.HeartbeatKey, data); err != nil {
 			if !failing && ctx.Err() == nil {
-				e.log.Warn("heartbeat write failed", "err", err)
+				p.log.Warn("heartbeat write failed", "err", err)
 			}
 			failing = true
 		} else {
 			failing = false
-			e.lastHeartbeat.Store(time.Now().UnixNano())
+			p.lastHeartbeat.Store(time.Now().UnixNano())
 		}
 		select {
 		case <-ctx.Done():
@@ -219,4 +273,20 @@ func (e *Enforcer) heartbeatLoop(ctx context.Context, kv jetstream.KeyValue) {
 		case <-tick.C:
 		}
 	}
+}
+
+// ready fails until the first heartbeat is written, and when heartbeats or
+// decisions cannot be written.
+func (p *publisher) ready() error {
+	last := p.lastHeartbeat.Load()
+	if last == 0 {
+		return errors.New("enforcer: no heartbeat written yet")
+	}
+	if since := time.Since(time.Unix(0, last)); since > 3*p.every {
+		return fmt.Errorf("enforcer: no heartbeat written for %s", since.Round(time.Second))
+	}
+	if f := p.writeFailingSince.Load(); f != 0 && time.Since(time.Unix(0, f)) > failingUnready {
+		return fmt.Errorf("enforcer: blocklist writes failing for %s", time.Since(time.Unix(0, f)).Round(time.Second))
+	}
+	return nil
 }

@@ -70,8 +70,8 @@ type MeterSummary struct {
 
 // handleSummary answers GET /v1/usage/summary[?tenant=]. A tenant key sees
 // its own tenant only.
-func (e *Enforcer) handleSummary(w http.ResponseWriter, r *http.Request) {
-	p, err := e.cfg.Keys.Authenticate(r)
+func (a *api) handleSummary(w http.ResponseWriter, r *http.Request) {
+	p, err := a.keys.Authenticate(r)
 	if err != nil {
 		auth.Unauthorized(w, err)
 		return
@@ -103,7 +103,7 @@ func (e *Enforcer) handleSummary(w http.ResponseWriter, r *http.Request) {
 		}
 		tenant = p.Tenant
 	}
-	s := e.Summary(tenant)
+	s := a.summary(tenant)
 	if tenant != "" && len(s.Tenants) == 0 && p.Admin {
 		schemas.NewProblem(schemas.ProblemTenantNotFound, "no tenant "+tenant+" in the catalog").Write(w)
 		return
@@ -111,42 +111,32 @@ func (e *Enforcer) handleSummary(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, s)
 }
 
-// Catalog returns the plans and tenants the enforcer decides with: the
-// catalog file with the admin API's changes merged. The catalog is
-// immutable; a later change replaces it. It never waits on the enforcer's
-// lock, so a gate may ask it on every call.
-func (e *Enforcer) Catalog() *catalog.Catalog {
-	return e.catalog.Load()
-}
-
-// Summary returns the usage summary of tenant, or of every tenant of the
+// summary returns the usage summary of tenant, or of every tenant of the
 // catalog when tenant is "".
-func (e *Enforcer) Summary(tenant string) Summary {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	now := e.now()
-	s := Summary{GeneratedAt: now, Tenants: []TenantSummary{}}
-	names := e.cat.TenantNames()
+func (a *api) summary(tenant string) Summary {
+	cat := a.watch.Catalog()
+	s := Summary{GeneratedAt: a.now(), Tenants: []TenantSummary{}}
+	names := cat.TenantNames()
 	if tenant != "" {
 		names = nil
-		if _, _, ok := e.cat.Tenant(tenant); ok {
+		if _, _, ok := cat.Tenant(tenant); ok {
 			names = []string{tenant}
 		}
 	}
 	for _, name := range names {
-		s.Tenants = append(s.Tenants, e.tenantSummaryLocked(name, now))
+		s.Tenants = append(s.Tenants, a.tenantSummary(cat, name))
 	}
 	return s
 }
 
-func (e *Enforcer) tenantSummaryLocked(name string, now time.Time) TenantSummary {
-	t, plan, _ := e.cat.Tenant(name)
-	limits := e.cat.Limits(name)
+func (a *api) tenantSummary(cat *catalog.Catalog, name string) TenantSummary {
+	t, plan, _ := cat.Tenant(name)
+	limits := cat.Limits(name)
 	ts := TenantSummary{
 		Tenant: name, Plan: t.Plan, OnExceed: plan.OnExceed,
-		BillingStatus: e.billingStatusLocked(name), Status: SummaryOK, Meters: []MeterSummary{},
+		BillingStatus: a.billing.status(cat, name), Status: SummaryOK, Meters: []MeterSummary{},
 	}
-	period, seeded, used := e.currentUsageLocked(name, now)
+	period, seeded, used := a.track.usageOf(name)
 	ts.UsageSeeded, ts.PeriodStart, ts.PeriodEnd = seeded, period.Start, period.End
 
 	meters := slices.Collect(maps.Keys(limits))
@@ -179,24 +169,13 @@ func (e *Enforcer) tenantSummaryLocked(name string, now time.Time) TenantSummary
 	if st := ts.BillingStatus; st != catalog.StatusActive && warn == "" {
 		warn = fmt.Sprintf("%s's billing status is %s.", name, st)
 	}
-	switch d, blocked := e.written[name]; {
+	switch d, blocked := a.pub.decision(name); {
 	case blocked:
 		ts.Status, ts.Reason, ts.Detail = SummaryBlocked, d.Reason, d.Detail()
 	case warn != "":
 		ts.Status, ts.Detail = SummaryWarning, warn
 	}
 	return ts
-}
-
-// currentUsageLocked returns tenant's current period, whether its usage
-// was read from the store yet, and the usage per meter in that period (what
-// arrived since, while not seeded). used belongs to the enforcer: read it
-// under e.mu only.
-func (e *Enforcer) currentUsageLocked(tenant string, now time.Time) (p catalog.Period, seeded bool, used map[string]int64) {
-	if u := e.usage[tenant]; u != nil {
-		return u.period, u.seeded, u.used
-	}
-	return e.cat.PeriodOf(tenant, now), false, nil
 }
 
 // percent is used/limit in percent, rounded to one decimal.

@@ -3,15 +3,16 @@ package enforcer
 import (
 	"context"
 	"encoding/json"
-	"errors"
-	"fmt"
+	"log/slog"
 	"maps"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
 
 	"github.com/meterd/meterd/catalog"
+	"github.com/meterd/meterd/internal/ctxtime"
 	"github.com/meterd/meterd/internal/saturating"
 	"github.com/meterd/meterd/schemas"
 )
@@ -78,30 +79,65 @@ func (u *tenantUsage) roll(p catalog.Period) (needReseed bool) {
 	return !u.seeded
 }
 
+// tracker keeps every tenant's usage of its current billing period in
+// memory: it counts the committed increments, rolls tenants over when their
+// period ends, switches to a new catalog (catalog.go) and takes the totals
+// the reconciler reads from the store (beginRead, endRead). Every change
+// that may change a decision marks the tenant in dirty; the thresholds it
+// crosses are queued to the notifier.
+type tracker struct {
+	now     func() time.Time
+	log     *slog.Logger
+	billing *billing // the billing statuses decide reads
+	dirty   *dirtySet
+
+	// mu guards the fields below it, and thresholds.
+	mu         sync.Mutex
+	thresholds thresholds
+	cat        *catalog.Catalog // the catalog usage is tracked for
+	tracking   bool             // usage is tracked: Run has started seeding
+	usage      map[string]*tenantUsage
+	journals   map[*journal]struct{}
+	reseed     map[string]bool // tenants whose usage must be read from the store again
+	reseedWake chan struct{}
+}
+
+func newTracker(cat *catalog.Catalog, now func() time.Time, log *slog.Logger, b *billing, dirty *dirtySet, n *notifier) *tracker {
+	return &tracker{
+		now: now, log: log, billing: b, dirty: dirty,
+		thresholds: thresholds{notify: n, now: now, notified: map[string]map[string]bool{}},
+		cat:        cat,
+		usage:      map[string]*tenantUsage{},
+		journals:   map[*journal]struct{}{},
+		reseed:     map[string]bool{},
+		reseedWake: make(chan struct{}, 1),
+	}
+}
+
 // onCommitted counts a committed increment of the aggregator.
-func (e *Enforcer) onCommitted(msg *nats.Msg) {
+func (t *tracker) onCommitted(msg *nats.Msg) {
 	arrived := time.Now()
 	var c schemas.Committed
 	if err := json.Unmarshal(msg.Data, &c); err != nil || c.Tenant == "" || c.Meter == "" {
-		e.log.Warn("malformed committed increment ignored", "subject", msg.Subject, "err", err)
+		t.log.Warn("malformed committed increment ignored", "subject", msg.Subject, "err", err)
 		return
 	}
 	c.Hour = c.Hour.UTC()
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	u := e.usage[c.Tenant]
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	u := t.usage[c.Tenant]
 	if u == nil {
 		return // not a tenant of the catalog (or not tracking yet)
 	}
-	e.rollLocked(c.Tenant, u, e.now())
-	for j := range e.journals {
+	t.rollLocked(c.Tenant, u, t.now())
+	for j := range t.journals {
 		j.add(c)
 	}
 	before, after, counted := u.add(c.Meter, c.Hour, c.Value)
 	if !counted || !u.seeded {
 		return
 	}
-	limit, ok := e.cat.Limit(c.Tenant, c.Meter)
+	limit, ok := t.cat.Limit(c.Tenant, c.Meter)
 	if !ok {
 		return
 	}
@@ -110,24 +146,95 @@ func (e *Enforcer) onCommitted(msg *nats.Msg) {
 		if !c.SealedAt.IsZero() && c.SealedAt.Before(arrived) {
 			cause = c.SealedAt
 		}
-		e.markDirtyLocked(c.Tenant, cause)
+		t.dirty.mark(c.Tenant, cause)
 	}
-	e.checkThresholdLocked(c.Tenant, u, c.Meter, limit)
+	t.thresholds.check(c.Tenant, u, c.Meter, limit)
 }
 
 // rollLocked moves tenant to the period containing now once its period
 // ended.
-func (e *Enforcer) rollLocked(tenant string, u *tenantUsage, now time.Time) {
+func (t *tracker) rollLocked(tenant string, u *tenantUsage, now time.Time) {
 	if now.Before(u.period.End) {
 		return
 	}
-	if u.roll(e.cat.PeriodOf(tenant, now)) {
-		e.reseed[tenant] = true
-		signal(e.reseedWake)
+	if u.roll(t.cat.PeriodOf(tenant, now)) {
+		t.reseed[tenant] = true
+		signal(t.reseedWake)
 	}
-	delete(e.notified, tenant)
-	e.markDirtyLocked(tenant, time.Time{})
-	e.checkThresholdsLocked(tenant, u)
+	t.thresholds.forget(tenant)
+	t.dirty.mark(tenant, time.Time{})
+	t.thresholds.checkAll(t.cat, tenant, u)
+}
+
+// rolloverLoop rolls tenants over when their period ends, also when no
+// increment arrives to notice.
+func (t *tracker) rolloverLoop(ctx context.Context) {
+	for ctxtime.Sleep(ctx, time.Second) {
+		t.mu.Lock()
+		now := t.now()
+		for name, u := range t.usage {
+			t.rollLocked(name, u, now)
+		}
+		t.mu.Unlock()
+	}
+}
+
+// track starts tracking the usage of every tenant of the catalog, or, when
+// tracking already, has every tenant decided again; it returns how many
+// tenants are tracked.
+func (t *tracker) track() int {
+	t.mu.Lock()
+	t.tracking = true
+	t.mu.Unlock()
+	return t.setCatalog(nil) // nil: the newest catalog, also if one came meanwhile
+}
+
+// usageOf returns tenant's current period, whether its usage was read from
+// the store yet, and a copy of its usage per meter in that period (what
+// arrived since, while not seeded).
+func (t *tracker) usageOf(tenant string) (p catalog.Period, seeded bool, used map[string]int64) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if u := t.usage[tenant]; u != nil {
+		return u.period, u.seeded, maps.Clone(u.used)
+	}
+	return t.cat.PeriodOf(tenant, t.now()), false, nil
+}
+
+// group is tenants whose current period is period: one totals query.
+type group struct {
+	period  catalog.Period
+	tenants []string
+}
+
+// groupsOf rolls tenants (nil: all) over where due and groups them by
+// their current period.
+func (t *tracker) groupsOf(tenants []string) []*group {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if tenants == nil {
+		tenants = slices.Collect(maps.Keys(t.usage))
+	}
+	groups := map[[2]int64]*group{}
+	now := t.now()
+	for _, name := range tenants {
+		u := t.usage[name]
+		if u == nil {
+			continue
+		}
+		t.rollLocked(name, u, now)
+		k := [2]int64{u.period.Start.UnixNano(), u.period.End.UnixNano()}
+		if groups[k] == nil {
+			groups[k] = &group{period: u.period}
+		}
+		groups[k].tenants = append(groups[k].tenants, name)
+	}
+	return slices.Collect(maps.Values(groups))
+}
+
+// samePeriod reports whether a and b span the same time.
+func samePeriod(a, b catalog.Period) bool {
+	return a.Start.Equal(b.Start) && a.End.Equal(b.End)
 }
 
 // journal collects the increments that arrive while a totals query runs,
@@ -148,124 +255,32 @@ func (j *journal) add(c schemas.Committed) {
 	j.adds[c.Tenant][c.Meter] = saturating.Add(j.adds[c.Tenant][c.Meter], c.Value)
 }
 
-// errUnseeded is returned by reconcile when the store answered but not for
-// some tenants: every other tenant was set, and those wait in e.reseed for
-// the next try, keeping their decisions meanwhile.
-var errUnseeded = errors.New("enforcer: the usage of some tenants could not be read from the store")
-
-// reconcile recomputes the usage of tenants (nil: all) from the store, with
-// one Totals query per distinct current period, and replaces the in-memory
-// usage by it plus the increments that arrived since that query started.
-func (e *Enforcer) reconcile(ctx context.Context, tenants []string) error {
-	start := time.Now()
-	e.mu.Lock()
-	if tenants == nil {
-		tenants = slices.Collect(maps.Keys(e.usage))
-	}
-	type group struct {
-		period  catalog.Period
-		tenants []string
-	}
-	groups := map[[2]int64]*group{}
-	now := e.now()
-	for _, t := range tenants {
-		u := e.usage[t]
-		if u == nil {
-			continue
-		}
-		e.rollLocked(t, u, now)
-		k := [2]int64{u.period.Start.UnixNano(), u.period.End.UnixNano()}
-		if groups[k] == nil {
-			groups[k] = &group{period: u.period}
-		}
-		groups[k].tenants = append(groups[k].tenants, t)
-	}
-	e.mu.Unlock()
-
-	var errs, unseeded []error
-	queried, corrected := 0, 0
-	for _, g := range groups {
-		n, c, failed, err := e.reconcilePeriod(ctx, g.period, g.tenants)
-		if err != nil {
-			errs = append(errs, err)
-		}
-		unseeded = append(unseeded, failed...)
-		queried, corrected = queried+n, corrected+c
-	}
-	e.m.corrections.Add(float64(corrected))
-	if len(errs) > 0 {
-		e.m.reconciles.WithLabelValues("error").Inc()
-		return errors.Join(errs...)
-	}
-	if len(unseeded) > 0 {
-		e.m.reconciles.WithLabelValues("error").Inc()
-		return fmt.Errorf("%w: %w", errUnseeded, errors.Join(unseeded...))
-	}
-	e.m.reconciles.WithLabelValues("ok").Inc()
-	e.log.Debug("usage reconciled", "tenants", queried, "periods", len(groups), "corrected", corrected, "took", time.Since(start))
-	return nil
-}
-
-// reconcilePeriod reconciles tenants whose current period is p with one
-// Totals query. If that fails while the store answers a ping, something in
-// the data may break the query (as SQLite's overflowing sum once did for
-// every tenant): it reads the tenants one by one, so that it costs only the
-// tenant whose query fails its seed; failed holds their errors, and they
-// wait in e.reseed. err is set when the store did not answer at all. It
-// returns how many tenants it set and how many meters it corrected.
-func (e *Enforcer) reconcilePeriod(ctx context.Context, p catalog.Period, tenants []string) (set, corrected int, failed []error, err error) {
-	set, corrected, err = e.setFromStore(ctx, p, tenants, func(ctx context.Context) ([]schemas.Increment, error) {
-		return e.cfg.Store.Totals(ctx, p.Start, p.End)
-	})
-	if err == nil || ctx.Err() != nil {
-		return set, corrected, nil, err
-	}
-	if perr := e.cfg.Store.Ping(ctx); perr != nil {
-		return 0, 0, nil, err // the store is away: every tenant waits alike
-	}
-	e.log.Warn("reading the usage of all tenants failed while the store answers; reading tenant by tenant", "period", p, "err", err)
-	for _, t := range tenants {
-		n, c, terr := e.setFromStore(ctx, p, []string{t}, func(ctx context.Context) ([]schemas.Increment, error) {
-			return e.cfg.Store.TenantTotals(ctx, t, p.Start, p.End)
-		})
-		set, corrected = set+n, corrected+c
-		if terr != nil {
-			failed = append(failed, fmt.Errorf("tenant %s: %w", t, terr))
-			e.mu.Lock()
-			if e.usage[t] != nil {
-				e.reseed[t] = true
-			}
-			e.mu.Unlock()
-		}
-	}
-	return set, corrected, failed, nil
-}
-
-// setFromStore sets the usage of tenants, whose current period is p, to the
-// totals read plus the increments that arrived since read started. The
-// journal is registered just before the query, so that only increments in
-// flight at that instant can be counted twice (see the package
-// documentation). It returns how many tenants it set and how many meters it
-// corrected.
-func (e *Enforcer) setFromStore(ctx context.Context, p catalog.Period, tenants []string,
-	read func(context.Context) ([]schemas.Increment, error)) (set, corrected int, err error) {
+// beginRead registers the journal of a totals query of tenants, whose
+// current period is p, just before it is sent: only increments in flight
+// at that instant can be counted twice (see the package documentation).
+func (t *tracker) beginRead(p catalog.Period, tenants []string) *journal {
 	j := &journal{periods: map[string]catalog.Period{}, adds: map[string]map[string]int64{}}
-	e.mu.Lock()
-	for _, t := range tenants {
-		if u := e.usage[t]; u != nil && u.period.Start.Equal(p.Start) && u.period.End.Equal(p.End) {
-			j.periods[t] = p
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, name := range tenants {
+		if u := t.usage[name]; u != nil && samePeriod(u.period, p) {
+			j.periods[name] = p
 		}
 	}
-	e.journals[j] = struct{}{}
-	e.mu.Unlock()
+	t.journals[j] = struct{}{}
+	return j
+}
 
-	incs, err := read(ctx)
-
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	delete(e.journals, j)
+// endRead ends the query of j: unless it failed (err), the usage of its
+// tenants becomes the totals read (incs) plus the increments journaled
+// since. It returns how many tenants it set and how many meters it
+// corrected.
+func (t *tracker) endRead(j *journal, incs []schemas.Increment, err error) (set, corrected int) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	delete(t.journals, j)
 	if err != nil {
-		return 0, 0, fmt.Errorf("totals of %s: %w", p, err)
+		return 0, 0
 	}
 	totals := map[string]map[string]int64{}
 	for _, inc := range incs {
@@ -277,21 +292,21 @@ func (e *Enforcer) setFromStore(ctx context.Context, p catalog.Period, tenants [
 		}
 		totals[inc.Tenant][inc.Meter] = saturating.Add(totals[inc.Tenant][inc.Meter], inc.Value)
 	}
-	for t := range j.periods {
-		u := e.usage[t]
-		if u == nil || !u.period.Start.Equal(p.Start) || !u.period.End.Equal(p.End) {
+	for name, p := range j.periods {
+		u := t.usage[name]
+		if u == nil || !samePeriod(u.period, p) {
 			continue // gone or rolled over meanwhile; a reseed follows
 		}
-		used := totals[t]
+		used := totals[name]
 		if used == nil {
 			used = map[string]int64{}
 		}
-		for m, v := range j.adds[t] {
+		for m, v := range j.adds[name] {
 			used[m] = saturating.Add(used[m], v)
 		}
 		for m, v := range used {
 			if saturating.Saturated(v) && !saturating.Saturated(u.used[m]) {
-				e.log.Warn("usage total saturated: its true sum lies beyond int64 (see docs/design-notes.md)", "tenant", t, "meter", m, "used", v)
+				t.log.Warn("usage total saturated: its true sum lies beyond int64 (see docs/design-notes.md)", "tenant", name, "meter", m, "used", v)
 			}
 		}
 		changed := !u.seeded || !maps.Equal(u.used, used)
@@ -306,74 +321,32 @@ func (e *Enforcer) setFromStore(ctx context.Context, p catalog.Period, tenants [
 					corrected++
 				}
 			}
-			e.log.Debug("usage corrected from the store", "tenant", t, "memory", u.used, "store", used)
+			t.log.Debug("usage corrected from the store", "tenant", name, "memory", u.used, "store", used)
 		}
 		u.used, u.seeded = used, true
 		set++
-		delete(e.reseed, t)
+		delete(t.reseed, name)
 		if changed {
-			e.markDirtyLocked(t, time.Time{})
-			e.checkThresholdsLocked(t, u)
+			t.dirty.mark(name, time.Time{})
+			t.thresholds.checkAll(t.cat, name, u)
 		}
 	}
-	return set, corrected, nil
+	return set, corrected
 }
 
-// reconcileLoop reconciles every tenant each ReconcileEvery, and the tenants
-// waiting for a reseed as soon as they wait; retrySoon has those tried again
-// after a short pause, as after a failed reconcile.
-func (e *Enforcer) reconcileLoop(ctx context.Context, retrySoon bool) {
-	tick := time.NewTicker(e.cfg.ReconcileEvery)
-	defer tick.Stop()
-	var retryC <-chan time.Time // nil: no retry pending
-	if retrySoon {
-		retryC = time.After(writeRetry)
-	}
-	for {
-		var tenants []string // nil: all
-		select {
-		case <-ctx.Done():
-			return
-		case <-tick.C:
-		case <-e.reseedWake:
-			tenants = e.waitingReseed()
-		case <-retryC:
-			tenants = e.waitingReseed()
-		}
-		if tenants != nil && len(tenants) == 0 {
-			continue
-		}
-		retryC = nil
-		if err := e.reconcile(ctx, tenants); err != nil && ctx.Err() == nil {
-			e.log.Warn("reconciling usage with the store failed", "err", err)
-			retryC = time.After(writeRetry)
-		}
+// reseedLater has tenant's usage read from the store again at the next
+// try, keeping its decision meanwhile.
+func (t *tracker) reseedLater(tenant string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.usage[tenant] != nil {
+		t.reseed[tenant] = true
 	}
 }
 
 // waitingReseed lists the tenants whose usage must be read again; never nil.
-func (e *Enforcer) waitingReseed() []string {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	return append([]string{}, slices.Collect(maps.Keys(e.reseed))...)
-}
-
-// rolloverLoop rolls tenants over when their period ends, also when no
-// increment arrives to notice.
-func (e *Enforcer) rolloverLoop(ctx context.Context) {
-	tick := time.NewTicker(time.Second)
-	defer tick.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-tick.C:
-		}
-		e.mu.Lock()
-		now := e.now()
-		for t, u := range e.usage {
-			e.rollLocked(t, u, now)
-		}
-		e.mu.Unlock()
-	}
+func (t *tracker) waitingReseed() []string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return append([]string{}, slices.Collect(maps.Keys(t.reseed))...)
 }

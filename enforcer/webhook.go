@@ -10,11 +10,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"maps"
 	"net/http"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -330,15 +332,15 @@ func (r *billingRecord) statuses() []string {
 }
 
 // handleWebhook serves POST /v1/billing/webhook.
-func (e *Enforcer) handleWebhook(w http.ResponseWriter, r *http.Request) {
-	if e.cfg.WebhookSecret == "" {
-		e.m.webhooks.WithLabelValues(webhookDisabled).Inc()
+func (a *api) handleWebhook(w http.ResponseWriter, r *http.Request) {
+	if a.webhookSecret == "" {
+		a.m.webhooks.WithLabelValues(webhookDisabled).Inc()
 		schemas.NewProblem(schemas.ProblemNotFound, "the billing webhook is disabled: no webhook secret is configured").Write(w)
 		return
 	}
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxWebhookBody))
 	if err != nil {
-		e.m.webhooks.WithLabelValues(webhookMalformed).Inc()
+		a.m.webhooks.WithLabelValues(webhookMalformed).Inc()
 		var tooLarge *http.MaxBytesError
 		if errors.As(err, &tooLarge) {
 			schemas.NewProblem(schemas.ProblemBodyTooLarge, "the webhook body exceeds 1 MiB").Write(w)
@@ -347,46 +349,44 @@ func (e *Enforcer) handleWebhook(w http.ResponseWriter, r *http.Request) {
 		schemas.NewProblem(schemas.ProblemMalformedBody, "reading the body: "+err.Error()).Write(w)
 		return
 	}
-	if err := VerifySignature(r.Header.Get(StripeSignatureHeader), body, e.cfg.WebhookSecret, e.now(), e.cfg.WebhookTolerance); err != nil {
-		e.m.webhooks.WithLabelValues(webhookInvalidSignature).Inc()
-		e.log.Warn("billing webhook refused", "err", err, "remote", r.RemoteAddr)
+	if err := VerifySignature(r.Header.Get(StripeSignatureHeader), body, a.webhookSecret, a.now(), a.webhookTolerance); err != nil {
+		a.m.webhooks.WithLabelValues(webhookInvalidSignature).Inc()
+		a.log.Warn("billing webhook refused", "err", err, "remote", r.RemoteAddr)
 		schemas.NewProblem(schemas.ProblemInvalidSignature, "invalid signature: "+strings.TrimPrefix(err.Error(), "enforcer: ")).Write(w)
 		return
 	}
 	ev, eff, known, err := decodeEvent(body)
 	switch {
 	case err != nil:
-		e.m.webhooks.WithLabelValues(webhookMalformed).Inc()
+		a.m.webhooks.WithLabelValues(webhookMalformed).Inc()
 		schemas.NewProblem(schemas.ProblemMalformedBody, err.Error()).Write(w)
 		return
 	case !known:
-		e.m.webhooks.WithLabelValues(webhookIgnored).Inc()
+		a.m.webhooks.WithLabelValues(webhookIgnored).Inc()
 		writeJSON(w, http.StatusOK, webhookAnswer{Status: webhookIgnored, Event: ev.ID, Detail: "event type " + ev.Type + " is not used by meterd"})
 		return
 	}
 	customer := ev.customer()
-	e.mu.Lock()
-	tenant, ok := e.cat.TenantByCustomer(customer)
-	e.mu.Unlock()
+	tenant, ok := a.watch.Catalog().TenantByCustomer(customer)
 	if !ok {
 		// 2xx: Stripe would retry an error for days, and no retry can
 		// make an unknown customer known. Counted, and logged.
-		e.m.webhooks.WithLabelValues(webhookUnknownCustomer).Inc()
-		e.log.Warn("billing webhook for a customer no tenant has", "customer", customer, "event_id", ev.ID, "type", ev.Type)
+		a.m.webhooks.WithLabelValues(webhookUnknownCustomer).Inc()
+		a.log.Warn("billing webhook for a customer no tenant has", "customer", customer, "event_id", ev.ID, "type", ev.Type)
 		writeJSON(w, http.StatusAccepted, webhookAnswer{Status: webhookUnknownCustomer, Event: ev.ID,
 			Detail: fmt.Sprintf("no tenant has customer_id %q; the event was not applied", customer)})
 		return
 	}
-	kv := e.buckets.Load()
+	kv := a.open.Load()
 	if kv == nil {
-		e.m.webhooks.WithLabelValues(webhookUnavailable).Inc()
+		a.m.webhooks.WithLabelValues(webhookUnavailable).Inc()
 		unavailable(w, "the enforcer is starting")
 		return
 	}
-	dup, err := e.recordEvent(r.Context(), kv.billing, tenant, ev, eff)
+	dup, err := a.billing.record(r.Context(), kv.billing, tenant, ev, eff)
 	if err != nil {
-		e.m.webhooks.WithLabelValues(webhookUnavailable).Inc()
-		e.log.Error("billing webhook not stored", "err", err, "tenant", tenant, "event_id", ev.ID)
+		a.m.webhooks.WithLabelValues(webhookUnavailable).Inc()
+		a.log.Error("billing webhook not stored", "err", err, "tenant", tenant, "event_id", ev.ID)
 		unavailable(w, "the billing state could not be stored; retry")
 		return
 	}
@@ -394,16 +394,14 @@ func (e *Enforcer) handleWebhook(w http.ResponseWriter, r *http.Request) {
 	if dup {
 		outcome = webhookDuplicate
 	}
-	e.m.webhooks.WithLabelValues(outcome).Inc()
+	a.m.webhooks.WithLabelValues(outcome).Inc()
 	// The decision is written before the answer, so a 200 means the
 	// gateways are being told; a failure here is retried by the writer.
-	if err := e.syncTenant(r.Context(), tenant, time.Time{}); err != nil {
-		e.log.Warn("blocklist write after a billing webhook failed; retrying", "err", err, "tenant", tenant, "event_id", ev.ID)
+	if err := a.pub.sync(r.Context(), tenant, time.Time{}); err != nil {
+		a.log.Warn("blocklist write after a billing webhook failed; retrying", "err", err, "tenant", tenant, "event_id", ev.ID)
 	}
-	e.mu.Lock()
-	status := e.billingStatusLocked(tenant)
-	e.mu.Unlock()
-	e.log.Info("billing webhook", "outcome", outcome, "event_id", ev.ID, "type", ev.Type, "tenant", tenant, "billing_status", status)
+	status := a.billing.status(a.watch.Catalog(), tenant)
+	a.log.Info("billing webhook", "outcome", outcome, "event_id", ev.ID, "type", ev.Type, "tenant", tenant, "billing_status", status)
 	writeJSON(w, http.StatusOK, webhookAnswer{Status: outcome, Event: ev.ID, Tenant: tenant, BillingStatus: status})
 }
 
@@ -420,11 +418,11 @@ type webhookAnswer struct {
 // of a tenant's billing record.
 const maxUpdateAttempts = 16
 
-// recordEvent applies ev to tenant's billing record in the bucket with
+// record applies ev to tenant's billing record in the bucket with
 // compare-and-set on the record's revision, so concurrent webhooks never
 // lose an update, then to the enforcer's copy. dup reports an event id the
 // record already holds: nothing changes.
-func (e *Enforcer) recordEvent(ctx context.Context, kv jetstream.KeyValue, tenant string, ev *billingEvent, eff eventEffect) (dup bool, err error) {
+func (b *billing) record(ctx context.Context, kv jetstream.KeyValue, tenant string, ev *billingEvent, eff eventEffect) (dup bool, err error) {
 	at := time.Unix(ev.Created, 0).UTC()
 	for range maxUpdateAttempts {
 		var rec billingRecord
@@ -436,7 +434,7 @@ func (e *Enforcer) recordEvent(ctx context.Context, kv jetstream.KeyValue, tenan
 			if err := json.Unmarshal(entry.Value(), &rec); err != nil {
 				// Keep going from an empty record rather than wedge the
 				// tenant; the bad value is replaced.
-				e.log.Error("malformed billing record replaced", "tenant", tenant, "err", err)
+				b.log.Error("malformed billing record replaced", "tenant", tenant, "err", err)
 				rec = billingRecord{}
 			}
 		case errors.Is(err, jetstream.ErrKeyNotFound):
@@ -444,7 +442,7 @@ func (e *Enforcer) recordEvent(ctx context.Context, kv jetstream.KeyValue, tenan
 			return false, fmt.Errorf("read billing record of %s: %w", tenant, err)
 		}
 		if rec.seen(ev.ID) {
-			e.setBilling(tenant, rec, rev)
+			b.set(tenant, rec, rev)
 			return true, nil
 		}
 		rec.apply(ev.ID, eff, ev.Data.Object.ID, at)
@@ -459,7 +457,7 @@ func (e *Enforcer) recordEvent(ctx context.Context, kv jetstream.KeyValue, tenan
 		if err != nil {
 			return false, fmt.Errorf("write billing record of %s: %w", tenant, err)
 		}
-		e.setBilling(tenant, rec, newRev)
+		b.set(tenant, rec, newRev)
 		return false, nil
 	}
 	return false, fmt.Errorf("billing record of %s: still contended after %d attempts", tenant, maxUpdateAttempts)
@@ -479,18 +477,94 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	w.Write(buf.Bytes())
 }
 
-// setBilling makes rec, of revision rev, tenant's billing record.
-func (e *Enforcer) setBilling(tenant string, rec billingRecord, rev uint64) {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	e.putRecordLocked(tenant, rec, rev)
+// billing holds every tenant's billing record, as the KV bucket
+// meterd-billing holds it, for the decisions. Its lock is taken under the
+// tracker's (decide) and takes the dirty set's.
+type billing struct {
+	blockOn map[string]bool // Config.BlockOn
+	log     *slog.Logger
+	dirty   *dirtySet
+
+	mu         sync.Mutex
+	records    map[string]billingRecord
+	recordRevs map[string]uint64
 }
 
-func (e *Enforcer) putRecordLocked(tenant string, rec billingRecord, rev uint64) {
-	if rev <= e.recordRevs[tenant] {
+func newBilling(blockOn []string, log *slog.Logger, dirty *dirtySet) *billing {
+	b := &billing{blockOn: map[string]bool{}, log: log, dirty: dirty,
+		records: map[string]billingRecord{}, recordRevs: map[string]uint64{}}
+	for _, st := range blockOn {
+		b.blockOn[st] = true
+	}
+	return b
+}
+
+// set makes rec, of revision rev, tenant's billing record unless a newer
+// one is held (the enforcer's own writes come back through the watch), and
+// has the tenant decided again.
+func (b *billing) set(tenant string, rec billingRecord, rev uint64) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if rev <= b.recordRevs[tenant] {
 		return
 	}
-	e.recordRevs[tenant] = rev
-	e.records[tenant] = rec
-	e.markDirtyLocked(tenant, time.Time{})
+	b.recordRevs[tenant] = rev
+	b.records[tenant] = rec
+	b.dirty.mark(tenant, time.Time{})
+}
+
+// apply applies an entry of the billing bucket.
+func (b *billing) apply(en jetstream.KeyValueEntry) {
+	deleted := en.Operation() == jetstream.KeyValueDelete || en.Operation() == jetstream.KeyValuePurge
+	var rec billingRecord
+	if !deleted {
+		if err := json.Unmarshal(en.Value(), &rec); err != nil {
+			b.log.Error("malformed billing record in the bucket ignored", "tenant", en.Key(), "err", err)
+			return
+		}
+	}
+	b.set(en.Key(), rec, en.Revision())
+}
+
+// follow applies the updates of the billing bucket's watch, past its
+// initial values, until ctx ends.
+func (b *billing) follow(ctx context.Context, w jetstream.KeyWatcher) {
+	defer w.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case en, ok := <-w.Updates():
+			if !ok {
+				if ctx.Err() == nil {
+					b.log.Error("the billing bucket's watch ended; webhooks received by other enforcers are no longer seen")
+				}
+				return
+			}
+			if en != nil {
+				b.apply(en)
+			}
+		}
+	}
+}
+
+// status is tenant's billing status in cat, blocking or not.
+func (b *billing) status(cat *catalog.Catalog, tenant string) string {
+	t, _, _ := cat.Tenant(tenant)
+	return b.worstStatus(tenant, t.Status, false)
+}
+
+// worstStatus is the worst of tenant's configured status and the statuses
+// of its billing record, among those that block when blocking.
+func (b *billing) worstStatus(tenant, configured string, blocking bool) string {
+	b.mu.Lock()
+	rec := b.records[tenant] // replaced, never changed: read without the lock
+	b.mu.Unlock()
+	worst := catalog.StatusActive
+	for _, st := range append([]string{configured}, rec.statuses()...) {
+		if (!blocking || b.blockOn[st]) && worse(st, worst) {
+			worst = st
+		}
+	}
+	return worst
 }
