@@ -1,9 +1,7 @@
 package cli
 
 import (
-	"cmp"
 	"context"
-	"encoding/csv"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -14,9 +12,7 @@ import (
 	"net/http"
 	"net/url"
 	"slices"
-	"strconv"
 	"strings"
-	"text/tabwriter"
 	"time"
 
 	"github.com/meterd/meterd/aggregator/report"
@@ -99,25 +95,19 @@ func Usage(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	if len(rep.Rows) == 0 {
-		fmt.Fprintln(stdout, "no usage in that range")
-		return nil
-	}
-	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
-	header := []string{"TENANT", "METER", "WINDOW START", "WINDOW END"}
+	t := Table{Columns: []Column{Col("tenant"), Col("meter"), Col("window_start"), Col("window_end")}, Empty: "no usage in that range"}
 	for _, d := range rep.GroupBy {
-		header = append(header, strings.ToUpper(d))
+		t.Columns = append(t.Columns, Col(d))
 	}
-	fmt.Fprintln(tw, strings.Join(append(header, "VALUE", "EVENTS"), "\t"))
+	t.Columns = append(t.Columns, Col("value"), Col("events"))
 	for _, r := range rep.Rows {
-		cells := []string{r.Tenant, r.Meter, r.WindowStart.Format(time.RFC3339), r.WindowEnd.Format(time.RFC3339)}
+		cells := []any{r.Tenant, r.Meter, r.WindowStart, r.WindowEnd}
 		for _, d := range rep.GroupBy {
-			cells = append(cells, cmp.Or(r.Dimensions[d], "-"))
+			cells = append(cells, r.Dimensions[d])
 		}
-		cells = append(cells, Group(r.Value), Group(r.Events))
-		fmt.Fprintln(tw, strings.Join(cells, "\t"))
+		t.Add(append(cells, r.Value, r.Events)...)
 	}
-	return tw.Flush()
+	return t.Print(stdout, c.format)
 }
 
 // Report is the JSON answer of GET /v1/usage.
@@ -182,50 +172,42 @@ func Summary(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return err
 	}
 	defer body.Close()
-	if c.format == "json" {
-		_, err := io.Copy(stdout, body)
-		return err
-	}
 	var s enforcer.Summary
 	if err := json.NewDecoder(body).Decode(&s); err != nil {
 		return fmt.Errorf("reading the summary: %w", err)
 	}
-	if c.format == "csv" {
-		w := csv.NewWriter(stdout)
-		w.Write([]string{"tenant", "plan", "status", "reason", "meter", "used", "limit", "percent", "meter_status", "period_start", "period_end", "billing_status"})
-		for _, t := range s.Tenants {
-			for _, m := range summaryMeters(t) {
-				w.Write([]string{t.Tenant, t.Plan, t.Status, string(t.Reason), m.Meter, num(&m.Used), num(m.Limit), pct(m.Percent), m.Status,
-					t.PeriodStart.Format(time.RFC3339), t.PeriodEnd.Format(time.RFC3339), t.BillingStatus})
-			}
+	t := Table{
+		Columns: []Column{Col("tenant"), Col("plan"), {"status", ""}, {"reason", ""}, {"", "STATUS"}, Col("meter"), Col("used"), Col("limit"),
+			{"percent", "USED %"}, {"meter_status", ""}, {"period_start", ""}, {"period_end", ""}, {"", "PERIOD END"}, {"billing_status", ""}, {"", "WHY"}},
+		JSON:  s,
+		Empty: "no tenants in the catalog",
+	}
+	for _, ts := range s.Tenants {
+		status := strings.ToUpper(ts.Status)
+		if ts.Reason != "" {
+			status += " (" + string(ts.Reason) + ")"
 		}
-		w.Flush()
-		return w.Error()
-	}
-	if len(s.Tenants) == 0 {
-		fmt.Fprintln(stdout, "no tenants in the catalog")
-		return nil
-	}
-	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "TENANT\tPLAN\tSTATUS\tMETER\tUSED\tLIMIT\tUSED %\tPERIOD END\tWHY")
-	for _, t := range s.Tenants {
-		for i, m := range summaryMeters(t) {
-			name, plan, status, end, why := t.Tenant, cmp.Or(t.Plan, "-"), t.Status, t.PeriodEnd.Format(time.DateOnly), t.Detail
+		for i, m := range summaryMeters(ts) {
+			// A tenant's first line names it; the next ones are its other meters.
+			rec := []any{ts.Tenant, ts.Plan, ts.Status, string(ts.Reason), status}
 			if i > 0 {
-				name, plan, status, end, why = "", "", "", "", ""
+				for j, v := range rec {
+					rec[j] = Repeat{v}
+				}
 			}
-			status = strings.ToUpper(status)
-			if status != "" && t.Reason != "" {
-				status += " (" + string(t.Reason) + ")"
-			}
-			limit, p := "-", "-"
-			if m.Limit != nil {
-				limit, p = Group(*m.Limit), pct(m.Percent)+"%"
-			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", name, plan, status, cmp.Or(m.Meter, "-"), Group(m.Used), limit, p, end, why)
+			t.Add(append(rec, m.Meter, m.Used, m.Limit, Percent(m.Percent), m.Status, ts.PeriodStart, ts.PeriodEnd,
+				firstOf(i, ts.PeriodEnd.Format(time.DateOnly)), ts.BillingStatus, firstOf(i, ts.Detail))...)
 		}
 	}
-	return tw.Flush()
+	return t.Print(stdout, c.format)
+}
+
+// firstOf is v on a record's first line (i == 0), a Repeat of it after.
+func firstOf(i int, v any) any {
+	if i > 0 {
+		return Repeat{v}
+	}
+	return v
 }
 
 // summaryMeters returns t's meters, or one empty line for a tenant without
@@ -235,38 +217,6 @@ func summaryMeters(t enforcer.TenantSummary) []enforcer.MeterSummary {
 		return []enforcer.MeterSummary{{}}
 	}
 	return t.Meters
-}
-
-func num(v *int64) string {
-	if v == nil {
-		return ""
-	}
-	return strconv.FormatInt(*v, 10)
-}
-
-func pct(v *float64) string {
-	if v == nil {
-		return ""
-	}
-	return strconv.FormatFloat(*v, 'f', 1, 64)
-}
-
-// Group formats n with thousands separators: 1234567 → 1,234,567.
-func Group(n int64) string {
-	s := strconv.FormatInt(n, 10)
-	neg := strings.HasPrefix(s, "-")
-	s = strings.TrimPrefix(s, "-")
-	var b strings.Builder
-	if neg {
-		b.WriteByte('-')
-	}
-	for i, c := range s {
-		if i > 0 && (len(s)-i)%3 == 0 {
-			b.WriteByte(',')
-		}
-		b.WriteRune(c)
-	}
-	return b.String()
 }
 
 func (c *clientFlags) check() error {
@@ -280,20 +230,6 @@ func (c *clientFlags) check() error {
 	c.URL = strings.TrimRight(c.URL, "/")
 	c.HTTP = &http.Client{Timeout: c.timeout}
 	return nil
-}
-
-// formatFlag defines --format, the output of a client command.
-func formatFlag(fs *flag.FlagSet, p *string) {
-	fs.StringVar(p, "format", "table", "output: table (for people), csv or json (for scripts)")
-}
-
-// checkFormat accepts the values of --format.
-func checkFormat(format string) error {
-	switch format {
-	case "table", "csv", "json":
-		return nil
-	}
-	return Mistakef("--format must be table, csv or json, not %q", format)
 }
 
 // Client reads from a running meterd.
