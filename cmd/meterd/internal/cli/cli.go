@@ -1,6 +1,7 @@
 // Package cli is meterd's command line: flags read from the environment,
 // usage errors and exit codes shared by every subcommand, and the client
-// commands (usage, usage summary, dlq) that read from a running meterd.
+// commands (usage, usage summary, dlq, tenants, blocklist) that talk to a
+// running meterd, all printing through one output layer (Table).
 package cli
 
 import (
@@ -76,6 +77,12 @@ func ParseArgs(fs *flag.FlagSet, args []string, maxArgs int) ([]string, error) {
 	if err := config.ApplyEnv(fs); err != nil {
 		return nil, Mistake(err)
 	}
+	return parseArgs(fs, args, maxArgs)
+}
+
+// parseArgs is ParseArgs without the environment: for the flags defined
+// after ApplyEnv ran, which only the command line may set.
+func parseArgs(fs *flag.FlagSet, args []string, maxArgs int) ([]string, error) {
 	var pos []string
 	for {
 		if err := fs.Parse(args); err != nil {

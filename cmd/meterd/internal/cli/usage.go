@@ -3,13 +3,9 @@ package cli
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
-	"mime"
-	"net"
-	"net/http"
 	"net/url"
 	"slices"
 	"strings"
@@ -17,7 +13,6 @@ import (
 
 	"github.com/meterd/meterd/aggregator/report"
 	"github.com/meterd/meterd/enforcer"
-	"github.com/meterd/meterd/schemas"
 )
 
 const usageHelp = `Usage:
@@ -32,21 +27,6 @@ Examples:
 Flags:
 `
 
-// clientFlags are the flags both usage commands share: where meterd is and
-// how to authenticate, and how to print.
-type clientFlags struct {
-	Client
-	format  string
-	timeout time.Duration
-}
-
-func (c *clientFlags) flags(fs *flag.FlagSet) {
-	fs.StringVar(&c.URL, "url", "http://"+DevAddr, "base URL of meterd (dev, or the aggregator for reports and the enforcer for the summary)")
-	fs.StringVar(&c.APIKey, "api-key", "", "API key: a tenant key reads its own tenant, an admin key every tenant")
-	formatFlag(fs, &c.format)
-	fs.DurationVar(&c.timeout, "timeout", time.Minute, "give up after this long")
-}
-
 // Usage runs `meterd usage` and `meterd usage summary`.
 func Usage(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if len(args) > 0 && args[0] == "summary" {
@@ -57,7 +37,7 @@ func Usage(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("meterd usage", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() { fmt.Fprint(fs.Output(), usageHelp); fs.PrintDefaults() }
-	c.flags(fs)
+	c.flags(fs, "dev, or the aggregator for reports and the enforcer for the summary")
 	fs.StringVar(&q.tenant, "tenant", "", "only this tenant (a tenant key implies its own)")
 	fs.StringVar(&q.meter, "meter", "", "only this meter")
 	fs.StringVar(&q.from, "from", "", "start, RFC 3339 (default: the start of the current month; of the current period for --window period; of today for --window hour)")
@@ -152,7 +132,7 @@ func Summary(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	fs := flag.NewFlagSet("meterd usage summary", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() { fmt.Fprint(fs.Output(), usageHelp); fs.PrintDefaults() }
-	c.flags(fs)
+	c.flags(fs, "dev, or the aggregator for reports and the enforcer for the summary")
 	fs.StringVar(&tenant, "tenant", "", "only this tenant (a tenant key implies its own)")
 	if err := Parse(fs, args); err != nil {
 		return err
@@ -217,80 +197,4 @@ func summaryMeters(t enforcer.TenantSummary) []enforcer.MeterSummary {
 		return []enforcer.MeterSummary{{}}
 	}
 	return t.Meters
-}
-
-func (c *clientFlags) check() error {
-	if err := checkFormat(c.format); err != nil {
-		return err
-	}
-	u, err := url.Parse(c.URL)
-	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return Mistakef("--url must be an http(s) URL such as http://%s, not %q", DevAddr, c.URL)
-	}
-	c.URL = strings.TrimRight(c.URL, "/")
-	c.HTTP = &http.Client{Timeout: c.timeout}
-	return nil
-}
-
-// Client reads from a running meterd.
-type Client struct {
-	// URL is the base URL of meterd, without a trailing slash.
-	URL string
-	// APIKey is sent as a bearer token; empty sends none.
-	APIKey string
-	// HTTP sends the requests; its Timeout bounds each.
-	HTTP *http.Client
-}
-
-// Get fetches path with query v and returns the body of a 200 answer,
-// which the caller must close; any other answer becomes an error that says
-// what the server said.
-func (c *Client) Get(ctx context.Context, path string, v url.Values) (io.ReadCloser, error) {
-	u := c.URL + path
-	if len(v) > 0 {
-		u += "?" + v.Encode()
-	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
-	if err != nil {
-		return nil, err
-	}
-	if c.APIKey != "" {
-		req.Header.Set("Authorization", "Bearer "+c.APIKey)
-	}
-	resp, err := c.HTTP.Do(req)
-	if err != nil {
-		var op *net.OpError
-		if errors.As(err, &op) && op.Op == "dial" {
-			return nil, fmt.Errorf("cannot reach meterd at %s (%v); is it running? (start one with: meterd dev)", c.URL, op.Err)
-		}
-		return nil, fmt.Errorf("GET %s: %w", path, err)
-	}
-	if resp.StatusCode == http.StatusOK {
-		return resp.Body, nil
-	}
-	defer resp.Body.Close()
-	return nil, problemError(path, resp)
-}
-
-// problemError turns a non-200 answer into an error: the problem's detail
-// and each invalid parameter, or the status and the start of the body.
-func problemError(path string, resp *http.Response) error {
-	raw, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
-	media, _, _ := mime.ParseMediaType(resp.Header.Get("Content-Type"))
-	var p schemas.Problem
-	if media == schemas.MediaProblem && json.Unmarshal(raw, &p) == nil && p.Status != 0 {
-		msg := fmt.Sprintf("%s: %d %s", path, p.Status, p.Title)
-		if p.Detail != "" {
-			msg += ": " + p.Detail
-		}
-		if resp.StatusCode == http.StatusUnauthorized {
-			msg += " (pass --api-key or set METERD_API_KEY)"
-		}
-		return errors.New(msg)
-	}
-	body := strings.TrimSpace(string(raw))
-	if len(body) > 200 {
-		body = body[:200] + "…"
-	}
-	return fmt.Errorf("%s: %s: %s", path, resp.Status, body)
 }
