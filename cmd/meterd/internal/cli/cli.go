@@ -10,6 +10,8 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"slices"
+	"strings"
 
 	"github.com/nats-io/nats.go"
 
@@ -51,6 +53,26 @@ func ExitCode(err error, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "meterd:", redact.Userinfo(err.Error()))
 		return 1
 	}
+}
+
+// verbOf reads the command of a command group (`meterd dlq list`) from
+// args, one of verbs. -h prints help on stdout and returns flag.ErrHelp;
+// no command, or one not in verbs, is a usage error (with help on stderr
+// when none was named).
+func verbOf(args []string, group, help string, verbs []string, stdout, stderr io.Writer) (string, error) {
+	if len(args) > 0 && slices.Contains(verbs, args[0]) {
+		return args[0], nil
+	}
+	if len(args) > 0 && (args[0] == "-h" || args[0] == "--help" || args[0] == "-help") {
+		fmt.Fprint(stdout, help)
+		return "", flag.ErrHelp
+	}
+	list := strings.Join(verbs[:len(verbs)-1], ", ") + " or " + verbs[len(verbs)-1]
+	if len(args) == 0 || strings.HasPrefix(args[0], "-") {
+		fmt.Fprint(stderr, help)
+		return "", Mistakef("%s: name a command: %s", group, list)
+	}
+	return "", Mistakef("%s: unknown command %q: use %s", group, args[0], list)
 }
 
 // Parse applies the environment and then the command line to fs, which

@@ -9,7 +9,6 @@ import (
 	"io"
 	"log/slog"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -52,15 +51,10 @@ type dlqCmd struct {
 
 // DLQ runs `meterd dlq list|show|replay`.
 func DLQ(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	if len(args) == 0 || strings.HasPrefix(args[0], "-") {
-		if len(args) > 0 && (args[0] == "-h" || args[0] == "--help" || args[0] == "-help") {
-			fmt.Fprint(stdout, dlqHelp)
-			return nil
-		}
-		fmt.Fprint(stderr, dlqHelp)
-		return Mistake(errors.New("dlq: name a command: list, show or replay"))
+	verb, err := verbOf(args, "dlq", dlqHelp, []string{"list", "show", "replay"}, stdout, stderr)
+	if err != nil {
+		return err
 	}
-	verb := args[0]
 	var c dlqCmd
 	fs := flag.NewFlagSet("meterd dlq "+verb, flag.ContinueOnError)
 	fs.SetOutput(stderr)
@@ -78,8 +72,6 @@ func DLQ(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	case "replay":
 		maxArgs = 1
 		fs.BoolVar(&c.all, "all", false, "replay every message of the DLQ")
-	default:
-		return Mistakef("dlq: unknown command %q: use list, show or replay", verb)
 	}
 	pos, err := ParseArgs(fs, args[1:], maxArgs)
 	if err != nil {

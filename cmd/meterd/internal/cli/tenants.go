@@ -65,19 +65,11 @@ the admin API defined is gone.`},
 
 // Tenants runs `meterd tenants list|get|set|delete`.
 func Tenants(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	if len(args) == 0 || strings.HasPrefix(args[0], "-") {
-		if len(args) > 0 && (args[0] == "-h" || args[0] == "--help" || args[0] == "-help") {
-			fmt.Fprint(stdout, tenantsHelp)
-			return nil
-		}
-		fmt.Fprint(stderr, tenantsHelp)
-		return Mistake(errors.New("tenants: name a command: list, get, set or delete"))
+	verb, err := verbOf(args, "tenants", tenantsHelp, []string{"list", "get", "set", "delete"}, stdout, stderr)
+	if err != nil {
+		return err
 	}
-	verb := args[0]
-	v, ok := tenantsVerbs[verb]
-	if !ok {
-		return Mistakef("tenants: unknown command %q: use list, get, set or delete", verb)
-	}
+	v := tenantsVerbs[verb]
 	var c clientFlags
 	fs := flag.NewFlagSet("meterd tenants "+verb, flag.ContinueOnError)
 	fs.SetOutput(stderr)

@@ -8,7 +8,6 @@ import (
 	"io"
 	"net/url"
 	"slices"
-	"strings"
 	"time"
 
 	"github.com/meterd/meterd/aggregator/report"
@@ -163,10 +162,7 @@ func Summary(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		Empty: "no tenants in the catalog",
 	}
 	for _, ts := range s.Tenants {
-		status := strings.ToUpper(ts.Status)
-		if ts.Reason != "" {
-			status += " (" + string(ts.Reason) + ")"
-		}
+		status := statusText(ts.Status, ts.Reason)
 		for i, m := range summaryMeters(ts) {
 			// A tenant's first line names it; the next ones are its other meters.
 			rec := []any{ts.Tenant, ts.Plan, ts.Status, string(ts.Reason), status}
