@@ -169,6 +169,8 @@ func tableCell(v any) string {
 	switch v := v.(type) {
 	case Repeat:
 		return ""
+	case string:
+		s = v // as it is: csvSafe is for spreadsheets
 	case Long:
 		s = shorten(string(v), 80)
 	case int:
