@@ -166,8 +166,11 @@ func sendWithCloudEventsSDK(t *testing.T, s *e2eDev) int64 {
 	}
 	eu1a := event("https://gw.example.com/eu-1", "sdk-1", 101, map[string]any{"route": "/a", "status": 200})
 	eu1b := event("https://gw.example.com/eu-1", "sdk-2", 103, nil)
+	// Not ASCII: the SDK sends the header as raw UTF-8, which reads the
+	// same percent-decoded (it has no "%").
+	zurich := event("urn:gw:zürich", "sdk-4", 127, nil)
 	binary := []cloudevents.Event{
-		eu1a, eu1b,
+		eu1a, eu1b, zurich,
 		event("https://gw.example.com/us-1", "sdk-1", 107, nil), // same id, another source
 		event("gw-1", "42", 3, nil),                             // sent in structured mode before: counted there
 	}
@@ -177,7 +180,8 @@ func sendWithCloudEventsSDK(t *testing.T, s *e2eDev) int64 {
 	}
 	structured := []cloudevents.Event{
 		event("https://gw.example.com/eu-1", "sdk-3", 109, map[string]any{"route": "/b"}),
-		eu1a, // sent in binary mode before
+		eu1a,   // sent in binary mode before
+		zurich, // likewise
 	}
 	for _, e := range structured {
 		send(cloudevents.WithEncodingStructured(ctx), e, 1)
@@ -209,7 +213,7 @@ func sendWithCloudEventsSDK(t *testing.T, s *e2eDev) int64 {
 	if want := 3*len(binary) + 2*len(structured) + 2; accepted != want || len(seen) != len(binary)+len(structured)+1 {
 		t.Errorf("meterd accepted %d requests (%d distinct), want %d (%d)", accepted, len(seen), want, len(binary)+len(structured)+1)
 	}
-	return 101 + 103 + 107 + 109 + 113
+	return 101 + 103 + 107 + 109 + 113 + 127
 }
 
 // e2eCloudEvent is a structured-mode CloudEvent of globex's api_calls.
