@@ -151,6 +151,10 @@ func Summary(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return err
 	}
 	defer body.Close()
+	if c.format == "json" { // as the API has it, like meterd usage's
+		_, err := io.Copy(stdout, body)
+		return err
+	}
 	var s enforcer.Summary
 	if err := json.NewDecoder(body).Decode(&s); err != nil {
 		return fmt.Errorf("reading the summary: %w", err)
@@ -158,7 +162,6 @@ func Summary(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	t := Table{
 		Columns: []Column{Col("tenant"), Col("plan"), {"status", ""}, {"reason", ""}, {"", "STATUS"}, Col("meter"), Col("used"), Col("limit"),
 			{"percent", "USED %"}, {"meter_status", ""}, {"period_start", ""}, {"period_end", ""}, {"", "PERIOD END"}, {"billing_status", ""}, {"", "WHY"}},
-		JSON:  s,
 		Empty: "no tenants in the catalog",
 	}
 	for _, ts := range s.Tenants {
