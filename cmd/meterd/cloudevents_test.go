@@ -178,7 +178,14 @@ func sendWithCloudEventsSDK(t *testing.T, s *e2eDev) int64 {
 		send(ctx, e, 1)
 		send(ctx, e, 0) // the client's own retry, later: counted once
 	}
+	// Data given to the SDK as bytes goes out as data_base64 in
+	// structured mode: read as data, its value counts.
+	raw := event("https://gw.example.com/eu-1", "sdk-5", 0, nil)
+	if err := raw.SetData(cloudevents.ApplicationJSON, []byte(`{"value":131,"route":"/c"}`)); err != nil {
+		t.Fatal(err)
+	}
 	structured := []cloudevents.Event{
+		raw,
 		event("https://gw.example.com/eu-1", "sdk-3", 109, map[string]any{"route": "/b"}),
 		eu1a,   // sent in binary mode before
 		zurich, // likewise
@@ -213,7 +220,7 @@ func sendWithCloudEventsSDK(t *testing.T, s *e2eDev) int64 {
 	if want := 3*len(binary) + 2*len(structured) + 2; accepted != want || len(seen) != len(binary)+len(structured)+1 {
 		t.Errorf("meterd accepted %d requests (%d distinct), want %d (%d)", accepted, len(seen), want, len(binary)+len(structured)+1)
 	}
-	return 101 + 103 + 107 + 109 + 113 + 127
+	return 101 + 103 + 107 + 109 + 113 + 127 + 131
 }
 
 // e2eCloudEvent is a structured-mode CloudEvent of globex's api_calls.
