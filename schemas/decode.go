@@ -3,6 +3,7 @@ package schemas
 import (
 	"bytes"
 	"crypto/sha256"
+	"encoding/base64"
 	"encoding/binary"
 	"encoding/hex"
 	"errors"
@@ -543,11 +544,14 @@ type cloudEvent struct {
 	specVersion, id, source, typ, subject, time, dataContentType string
 	hasSubject, hasTime                                          bool
 	data                                                         []byte // a well-formed JSON object; nil: none
+	// dataBase64 is the data_base64 member, read as data by append.
+	dataBase64    string
+	hasDataBase64 bool
 }
 
 // decodeCloudEvent reads a CloudEvents 1.0 structured-mode event and maps it
 // as cloudEvent.append does. Extension attributes are ignored; an attribute
-// set to null counts as absent; data_base64 is refused.
+// set to null counts as absent; data_base64 is read as data.
 func decodeCloudEvent(s *scanner, i int, d *Decoded) error {
 	if s.peek() != '{' {
 		return notObject(s, i, d)
@@ -590,12 +594,23 @@ func decodeCloudEvent(s *scanner, i int, d *Decoded) error {
 				err = s.skipValue(0)
 			}
 		case "data_base64":
-			// Binary data: its value is not read, so the event would be
+			// Data as bytes (CloudEvents JSON format §3.1): the official
+			// SDKs send data given to them as bytes this way, JSON
+			// included. append reads it; skipped, the event would be
 			// billed the default instead of what it says.
-			if s.peek() != 'n' {
-				sh.fail("data_base64", "is not supported: send the data as a JSON object in data")
+			if s.peek() == 'n' {
+				err = s.skipValue(0)
+				break
 			}
-			err = s.skipValue(0)
+			var st strStatus
+			ce.dataBase64, st, err = s.stringValue(notInterned)
+			switch {
+			case err != nil:
+			case st != strOK:
+				sh.fail("data_base64", st.problem())
+			default:
+				ce.hasDataBase64 = true
+			}
 		default:
 			err = s.skipValue(0)
 		}
@@ -655,6 +670,9 @@ func (ce *cloudEvent) append(sh *shape, d *Decoded) {
 			sh.fail("time", "must be an RFC 3339 timestamp")
 		}
 	}
+	if ce.hasDataBase64 {
+		ce.readDataBase64(sh)
+	}
 	if ce.data != nil {
 		ds := &scanner{data: ce.data, pos: 1} // a well-formed object
 		for first := true; ; first = false {
@@ -691,6 +709,29 @@ func (ce *cloudEvent) append(sh *shape, d *Decoded) {
 	}
 	d.Errors = append(d.Errors, sh.errs...)
 	d.Events = append(d.Events, e)
+}
+
+// readDataBase64 sets the data from data_base64, which must hold a JSON
+// object as data does (datacontenttype, checked by append, says JSON), and
+// must not come with data: one event has one data.
+func (ce *cloudEvent) readDataBase64(sh *shape) {
+	if ce.data != nil {
+		sh.fail("data_base64", "must not be given with data")
+		return
+	}
+	data, err := base64.StdEncoding.DecodeString(ce.dataBase64)
+	if err != nil {
+		sh.fail("data_base64", "must be base64 (RFC 4648)")
+		return
+	}
+	ds := &scanner{data: data}
+	if ds.peek() == '{' {
+		if obj, err := ds.rawValue(); err == nil && ds.expectEnd() == nil {
+			ce.data = obj
+			return
+		}
+	}
+	sh.fail("data_base64", "must hold a JSON object, base64-encoded")
 }
 
 // dimensionValue renders a well-formed CloudEvents data value as a dimension

@@ -111,11 +111,22 @@ func TestDecodeEvents(t *testing.T) {
 			}},
 		{"cloudevent data not an object", MediaCloudEvent, ce(`,"data":"hello"`), []Event{ceEvent},
 			[]FieldError{{0, "data", "must be an object"}}},
-		// data_base64 carries binary data (CloudEvents JSON format §3.1):
-		// ignored, {"value":5} in it was billed as 1.
-		{"cloudevent data_base64", MediaCloudEvent, ce(`,"data_base64":"eyJ2YWx1ZSI6NX0="`), []Event{ceEvent},
-			[]FieldError{{0, "data_base64", "is not supported: send the data as a JSON object in data"}}},
+		// data_base64 carries data as bytes (CloudEvents JSON format §3.1);
+		// the Go SDK sends JSON data given to it as []byte this way. Its
+		// {"value":5,"route":"/a"} is read as data (once ignored: billed 1).
+		{"cloudevent data_base64", MediaCloudEvent, ce(`,"datacontenttype":"application/json","data_base64":"eyJ2YWx1ZSI6NSwicm91dGUiOiIvYSJ9"`),
+			[]Event{{ID: "ce:8:/gw/eu-1:ce-1", Tenant: "acme", Meter: "api_calls", Value: 5, Dimensions: map[string]string{"route": "/a"}}}, nil},
 		{"cloudevent data_base64 null", MediaCloudEvent, ce(`,"data_base64":null`), []Event{ceEvent}, nil},
+		{"cloudevent data_base64 not base64", MediaCloudEvent, ce(`,"data_base64":"eyJ2YWx1ZSI6NX0"`), []Event{ceEvent},
+			[]FieldError{{0, "data_base64", "must be base64 (RFC 4648)"}}},
+		{"cloudevent data_base64 not an object", MediaCloudEvent, ce(`,"data_base64":"WzVd"`), []Event{ceEvent}, // [5]
+			[]FieldError{{0, "data_base64", "must hold a JSON object, base64-encoded"}}},
+		{"cloudevent data_base64 not JSON", MediaCloudEvent, ce(`,"datacontenttype":"image/png","data_base64":"iVBORw=="`), []Event{ceEvent},
+			[]FieldError{{0, "datacontenttype", "must be application/json"}, {0, "data_base64", "must hold a JSON object, base64-encoded"}}},
+		{"cloudevent data and data_base64", MediaCloudEvent, ce(`,"data":{"value":5},"data_base64":"eyJ2YWx1ZSI6NX0="`), []Event{{ID: "ce:8:/gw/eu-1:ce-1", Tenant: "acme", Meter: "api_calls", Value: 5}},
+			[]FieldError{{0, "data_base64", "must not be given with data"}}},
+		{"cloudevent data_base64 not a string", MediaCloudEvent, ce(`,"data_base64":5`), []Event{ceEvent},
+			[]FieldError{{0, "data_base64", "must be a string"}}},
 		{"cloudevent attribute not a string", MediaCloudEvent, `{"specversion":"1.0","id":42,"source":"/gw","type":"api_calls"}`, []Event{{Meter: "api_calls", Value: 1}},
 			[]FieldError{{0, "id", "must be a string"}}},
 		{"cloudevent number dimension over 256 bytes", MediaCloudEvent, ce(`,"data":{"n":1` + strings.Repeat("0", 256) + `}`), []Event{ceEvent},

@@ -24,6 +24,9 @@ Usage:
   meterd enforcer   [flags]   quotas and billing status pushed to every gateway
   meterd usage      [flags]   usage reports from a running meterd (table, CSV, JSON)
   meterd usage summary        each tenant's current period against its limits
+  meterd tenants list|get|set|delete
+                              tenants, their plans, limits and billing status (admin API)
+  meterd blocklist            the tenants blocked now, and why
   meterd dlq list|show|replay the batches that could never be processed, and their replay
   meterd version
 
@@ -61,6 +64,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		err = cli.Usage(ctx, rest, stdout, stderr)
 	case "dlq":
 		err = cli.DLQ(ctx, rest, stdout, stderr)
+	case "tenants":
+		err = cli.Tenants(ctx, rest, stdout, stderr)
+	case "blocklist":
+		err = cli.Blocklist(ctx, rest, stdout, stderr)
 	case "demo":
 		err = demo.Run(ctx, rest, stdout, stderr, func(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			return run(ctx, append([]string{"dev"}, args...), stdout, stderr)

@@ -1,6 +1,7 @@
 // Package cli is meterd's command line: flags read from the environment,
 // usage errors and exit codes shared by every subcommand, and the client
-// commands (usage, usage summary, dlq) that read from a running meterd.
+// commands (usage, usage summary, dlq, tenants, blocklist) that talk to a
+// running meterd, all printing through one output layer (Table).
 package cli
 
 import (
@@ -9,6 +10,8 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"slices"
+	"strings"
 
 	"github.com/nats-io/nats.go"
 
@@ -52,6 +55,26 @@ func ExitCode(err error, stderr io.Writer) int {
 	}
 }
 
+// verbOf reads the command of a command group (`meterd dlq list`) from
+// args, one of verbs. -h prints help on stdout and returns flag.ErrHelp;
+// no command, or one not in verbs, is a usage error (with help on stderr
+// when none was named).
+func verbOf(args []string, group, help string, verbs []string, stdout, stderr io.Writer) (string, error) {
+	if len(args) > 0 && slices.Contains(verbs, args[0]) {
+		return args[0], nil
+	}
+	if len(args) > 0 && (args[0] == "-h" || args[0] == "--help" || args[0] == "-help") {
+		fmt.Fprint(stdout, help)
+		return "", flag.ErrHelp
+	}
+	list := strings.Join(verbs[:len(verbs)-1], ", ") + " or " + verbs[len(verbs)-1]
+	if len(args) == 0 || strings.HasPrefix(args[0], "-") {
+		fmt.Fprint(stderr, help)
+		return "", Mistakef("%s: name a command: %s", group, list)
+	}
+	return "", Mistakef("%s: unknown command %q: use %s", group, args[0], list)
+}
+
 // Parse applies the environment and then the command line to fs, which
 // takes no positional argument.
 func Parse(fs *flag.FlagSet, args []string) error {
@@ -76,6 +99,12 @@ func ParseArgs(fs *flag.FlagSet, args []string, maxArgs int) ([]string, error) {
 	if err := config.ApplyEnv(fs); err != nil {
 		return nil, Mistake(err)
 	}
+	return parseArgs(fs, args, maxArgs)
+}
+
+// parseArgs is ParseArgs without the environment: for the flags defined
+// after ApplyEnv ran, which only the command line may set.
+func parseArgs(fs *flag.FlagSet, args []string, maxArgs int) ([]string, error) {
 	var pos []string
 	for {
 		if err := fs.Parse(args); err != nil {

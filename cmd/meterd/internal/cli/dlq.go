@@ -1,9 +1,7 @@
 package cli
 
 import (
-	"cmp"
 	"context"
-	"encoding/csv"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -11,8 +9,6 @@ import (
 	"io"
 	"log/slog"
 	"strconv"
-	"strings"
-	"text/tabwriter"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -55,15 +51,10 @@ type dlqCmd struct {
 
 // DLQ runs `meterd dlq list|show|replay`.
 func DLQ(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	if len(args) == 0 || strings.HasPrefix(args[0], "-") {
-		if len(args) > 0 && (args[0] == "-h" || args[0] == "--help" || args[0] == "-help") {
-			fmt.Fprint(stdout, dlqHelp)
-			return nil
-		}
-		fmt.Fprint(stderr, dlqHelp)
-		return Mistake(errors.New("dlq: name a command: list, show or replay"))
+	verb, err := verbOf(args, "dlq", dlqHelp, []string{"list", "show", "replay"}, stdout, stderr)
+	if err != nil {
+		return err
 	}
-	verb := args[0]
 	var c dlqCmd
 	fs := flag.NewFlagSet("meterd dlq "+verb, flag.ContinueOnError)
 	fs.SetOutput(stderr)
@@ -81,8 +72,6 @@ func DLQ(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	case "replay":
 		maxArgs = 1
 		fs.BoolVar(&c.all, "all", false, "replay every message of the DLQ")
-	default:
-		return Mistakef("dlq: unknown command %q: use list, show or replay", verb)
 	}
 	pos, err := ParseArgs(fs, args[1:], maxArgs)
 	if err != nil {
@@ -223,81 +212,62 @@ func rowOf(l dlq.Letter) letterRow {
 }
 
 func printLetters(w io.Writer, format string, letters []dlq.Letter) error {
+	t := Table{
+		Columns: []Column{Col("seq"), {"time", "DEAD-LETTERED"}, Col("subject"), {"batch_id", "BATCH"}, {"stream_seq", ""},
+			Col("events"), Col("bytes"), Col("reason")},
+		Empty: "the DLQ is empty",
+	}
 	rows := make([]letterRow, 0, len(letters))
 	for _, l := range letters {
-		rows = append(rows, rowOf(l))
+		r := rowOf(l)
+		rows = append(rows, r)
+		t.Add(r.Seq, r.Time, r.Subject, r.BatchID, r.StreamSeq, r.Events, r.Bytes, Long(r.Reason))
 	}
-	switch format {
-	case "json":
-		return writeJSON(w, rows)
-	case "csv":
-		cw := csv.NewWriter(w)
-		cw.Write([]string{"seq", "time", "subject", "batch_id", "stream_seq", "events", "bytes", "reason"})
-		for _, r := range rows {
-			cw.Write([]string{u64(r.Seq), r.Time.Format(time.RFC3339), r.Subject, r.BatchID, u64(r.StreamSeq), strconv.Itoa(r.Events), strconv.Itoa(r.Bytes), csvSafe(r.Reason)})
-		}
-		cw.Flush()
-		return cw.Error()
-	}
-	if len(rows) == 0 {
-		fmt.Fprintln(w, "the DLQ is empty")
-		return nil
-	}
-	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "SEQ\tDEAD-LETTERED\tSUBJECT\tBATCH\tEVENTS\tBYTES\tREASON")
-	for _, r := range rows {
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Seq, r.Time.Format(time.RFC3339), r.Subject, cmp.Or(r.BatchID, "-"),
-			Group(int64(r.Events)), Group(int64(r.Bytes)), shorten(r.Reason, 80))
-	}
-	return tw.Flush()
+	t.JSON = rows
+	return t.Print(w, format)
 }
 
 func printLetter(w io.Writer, format string, l dlq.Letter) error {
-	switch format {
-	case "json":
+	r := rowOf(l)
+	if format == "json" {
 		v := struct {
 			letterRow
 			Headers     nats.Header    `json:"headers"`
 			Batch       *schemas.Batch `json:"batch,omitempty"`
 			Data        string         `json:"data,omitempty"`
 			DecodeError string         `json:"decode_error,omitempty"`
-		}{letterRow: rowOf(l), Headers: l.Header, Batch: l.Batch}
+		}{letterRow: r, Headers: l.Header, Batch: l.Batch}
 		if l.DecodeErr != nil {
 			v.Data, v.DecodeError = string(l.Data), l.DecodeErr.Error()
 		}
 		return writeJSON(w, v)
-	case "csv": // the events, for a spreadsheet
-		cw := csv.NewWriter(w)
-		cw.Write([]string{"tenant", "id", "meter", "value", "time", "dimensions"})
-		if l.Batch != nil {
-			for _, e := range l.Batch.Events {
-				dims, _ := json.Marshal(e.Dimensions)
-				cw.Write([]string{csvSafe(e.Tenant), csvSafe(e.ID), csvSafe(e.Meter), strconv.FormatInt(e.Value, 10), e.Time.UTC().Format(time.RFC3339Nano), csvSafe(string(dims))})
-			}
+	}
+	// The events, in CSV for a spreadsheet.
+	events := Table{Columns: []Column{Col("tenant"), Col("id"), Col("meter"), Col("value"), Col("time"), {"dimensions", ""}}}
+	if l.Batch != nil {
+		for _, e := range l.Batch.Events {
+			dims, _ := json.Marshal(e.Dimensions)
+			events.Add(e.Tenant, e.ID, e.Meter, e.Value, e.Time, string(dims))
 		}
-		cw.Flush()
-		return cw.Error()
 	}
-	r := rowOf(l)
-	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	for _, kv := range [][2]string{
-		{"Sequence", u64(r.Seq)}, {"Dead-lettered", r.Time.Format(time.RFC3339)}, {"Subject", r.Subject},
-		{"Batch", cmp.Or(r.BatchID, "-")}, {"Usage seq", cmp.Or(u64(r.StreamSeq), "-")}, {"Bytes", Group(int64(r.Bytes))}, {"Reason", r.Reason},
-	} {
-		fmt.Fprintf(tw, "%s:\t%s\n", kv[0], kv[1])
+	if format == "csv" {
+		return events.Print(w, format)
 	}
+	fields := []Field{{"Sequence", r.Seq}, {"Dead-lettered", r.Time}, {"Subject", r.Subject}, {"Batch", r.BatchID},
+		{"Usage seq", r.StreamSeq}, {"Bytes", r.Bytes}, {"Reason", r.Reason}}
 	if l.DecodeErr != nil {
-		fmt.Fprintf(tw, "Undecodable:\t%v\n", l.DecodeErr)
-		tw.Flush()
-		fmt.Fprintf(w, "\n%s\n", shorten(string(l.Data), 2000))
-		return nil
+		if err := PrintFields(w, append(fields, Field{"Undecodable", l.DecodeErr.Error()})); err != nil {
+			return err
+		}
+		_, err := fmt.Fprintf(w, "\n%s\n", shorten(string(l.Data), 2000))
+		return err
 	}
-	fmt.Fprintf(tw, "Collector:\t%s\nSealed:\t%s\nEvents:\t%s\n\n", l.Batch.Collector, l.Batch.SealedAt.UTC().Format(time.RFC3339), Group(int64(len(l.Batch.Events))))
-	fmt.Fprintln(tw, "TENANT\tID\tMETER\tVALUE\tTIME")
-	for _, e := range l.Batch.Events {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", e.Tenant, e.ID, e.Meter, Group(e.Value), e.Time.UTC().Format(time.RFC3339))
+	fields = append(fields, Field{"Collector", l.Batch.Collector}, Field{"Sealed", l.Batch.SealedAt}, Field{"Events", len(l.Batch.Events)})
+	if err := PrintFields(w, fields); err != nil {
+		return err
 	}
-	return tw.Flush()
+	fmt.Fprintln(w)
+	return events.Print(w, format)
 }
 
 // ReplayResult is the outcome of one replay as printed; --format json
@@ -314,18 +284,14 @@ type ReplayResult struct {
 }
 
 func printReplays(w io.Writer, format string, results []ReplayResult) error {
-	switch format {
-	case "json":
-		return writeJSON(w, results)
-	case "csv":
-		cw := csv.NewWriter(w)
-		cw.Write([]string{"seq", "batch_id", "subject", "events", "msg_id", "usage_seq", "duplicate", "error"})
+	if format != "table" {
+		t := Table{Columns: []Column{Col("seq"), Col("batch_id"), Col("subject"), Col("events"), Col("msg_id"), Col("usage_seq"), Col("duplicate"), Col("error")}, JSON: results}
 		for _, r := range results {
-			cw.Write([]string{u64(r.Seq), r.BatchID, r.Subject, strconv.Itoa(r.Events), r.MsgID, u64(r.UsageSeq), strconv.FormatBool(r.Duplicate), csvSafe(r.Error)})
+			t.Add(r.Seq, r.BatchID, r.Subject, r.Events, r.MsgID, r.UsageSeq, r.Duplicate, r.Error)
 		}
-		cw.Flush()
-		return cw.Error()
+		return t.Print(w, format)
 	}
+	// For people, a replay is an action: a sentence says what it did.
 	if len(results) == 0 {
 		fmt.Fprintln(w, "the DLQ is empty: nothing to replay")
 		return nil
@@ -342,35 +308,4 @@ func printReplays(w io.Writer, format string, results []ReplayResult) error {
 		}
 	}
 	return nil
-}
-
-func writeJSON(w io.Writer, v any) error {
-	enc := json.NewEncoder(w)
-	enc.SetIndent("", "  ")
-	return enc.Encode(v)
-}
-
-func u64(v uint64) string {
-	if v == 0 {
-		return ""
-	}
-	return strconv.FormatUint(v, 10)
-}
-
-// shorten cuts s to n bytes on a character boundary, on one line.
-func shorten(s string, n int) string {
-	s = strings.Join(strings.Fields(s), " ")
-	if len(s) <= n {
-		return s
-	}
-	return strings.ToValidUTF8(s[:n], "") + "…"
-}
-
-// csvSafe keeps a spreadsheet from reading a cell as a formula (OWASP CSV
-// injection): a cell starting with = + - @ tab or CR gets a leading quote.
-func csvSafe(s string) string {
-	if s != "" && strings.ContainsRune("=+-@\t\r", rune(s[0])) {
-		return "'" + s
-	}
-	return s
 }
