@@ -26,6 +26,7 @@ import (
 
 	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+	"go.uber.org/goleak"
 
 	"github.com/meterd/meterd/internal/proctest"
 )
@@ -86,9 +87,20 @@ func DSN(t testing.TB) string {
 	return "clickhouse://" + shared.addr + "/" + name
 }
 
-// Main runs the tests and then stops the private server, if one was started.
-func Main(m *testing.M) {
-	code := m.Run()
+// Main runs the tests, stops the private server, if one was started, and
+// then fails the run if a goroutine is left (goleak, with opts ignoring the
+// ones the package's tests name): a test package using DSN has its
+// goroutine-leak check here.
+func Main(m *testing.M, opts ...goleak.Option) {
+	goleak.VerifyTestMain(teardown{m}, opts...)
+}
+
+// teardown runs the tests and then closes what DSN opened, so that goleak
+// does not count the server's watcher or the admin connection.
+type teardown struct{ m *testing.M }
+
+func (t teardown) Run() int {
+	code := t.m.Run()
 	if shared.admin != nil {
 		shared.admin.Close()
 	}
@@ -97,7 +109,7 @@ func Main(m *testing.M) {
 			fmt.Fprintf(os.Stderr, "chtest: stop clickhouse-server: %v\n", err)
 		}
 	}
-	os.Exit(code)
+	return code
 }
 
 func setup() {
