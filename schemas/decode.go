@@ -161,16 +161,21 @@ func (s *scanner) elements(d *Decoded, el elementDecoder) error {
 			n := (len(s.data) - s.pos) / max(s.pos-start, minElementLen)
 			d.Events = slices.Grow(d.Events, n+n/8)
 		}
-		switch s.peek() {
-		case ',':
-			s.pos++
-		case ']':
-			s.pos++
-			return nil
-		default:
-			return s.unexpected("after array element")
+		if end, err := s.afterElement(); end || err != nil {
+			return err
 		}
 	}
+}
+
+// afterElement reads what follows an array element: ',' (more follow) or
+// the closing ']' (end).
+func (s *scanner) afterElement() (end bool, err error) {
+	c := s.peek()
+	if c != ',' && c != ']' {
+		return false, s.unexpected("after array element")
+	}
+	s.pos++
+	return c == ']', nil
 }
 
 // decodeStream reads newline-delimited (or any whitespace-separated) values.
@@ -1172,14 +1177,8 @@ func (s *scanner) skipValue(depth int) error {
 			if err := s.skipValue(depth + 1); err != nil {
 				return err
 			}
-			switch s.peek() {
-			case ',':
-				s.pos++
-			case ']':
-				s.pos++
-				return nil
-			default:
-				return s.unexpected("after array element")
+			if end, err := s.afterElement(); end || err != nil {
+				return err
 			}
 		}
 	case 't':
