@@ -227,17 +227,10 @@ func printLetters(w io.Writer, format string, letters []dlq.Letter) error {
 	for _, l := range letters {
 		rows = append(rows, rowOf(l))
 	}
-	switch format {
-	case "json":
-		return writeJSON(w, rows)
-	case "csv":
-		cw := csv.NewWriter(w)
-		cw.Write([]string{"seq", "time", "subject", "batch_id", "stream_seq", "events", "bytes", "reason"})
-		for _, r := range rows {
-			cw.Write([]string{u64(r.Seq), r.Time.Format(time.RFC3339), r.Subject, r.BatchID, u64(r.StreamSeq), strconv.Itoa(r.Events), strconv.Itoa(r.Bytes), csvSafe(r.Reason)})
-		}
-		cw.Flush()
-		return cw.Error()
+	if done, err := printList(w, format, rows, []string{"seq", "time", "subject", "batch_id", "stream_seq", "events", "bytes", "reason"}, func(r letterRow) []string {
+		return []string{u64(r.Seq), r.Time.Format(time.RFC3339), r.Subject, r.BatchID, u64(r.StreamSeq), strconv.Itoa(r.Events), strconv.Itoa(r.Bytes), csvSafe(r.Reason)}
+	}); done {
+		return err
 	}
 	if len(rows) == 0 {
 		fmt.Fprintln(w, "the DLQ is empty")
@@ -267,16 +260,15 @@ func printLetter(w io.Writer, format string, l dlq.Letter) error {
 		}
 		return writeJSON(w, v)
 	case "csv": // the events, for a spreadsheet
-		cw := csv.NewWriter(w)
-		cw.Write([]string{"tenant", "id", "meter", "value", "time", "dimensions"})
-		if l.Batch != nil {
+		return writeCSV(w, []string{"tenant", "id", "meter", "value", "time", "dimensions"}, func(write func(...string)) {
+			if l.Batch == nil {
+				return
+			}
 			for _, e := range l.Batch.Events {
 				dims, _ := json.Marshal(e.Dimensions)
-				cw.Write([]string{csvSafe(e.Tenant), csvSafe(e.ID), csvSafe(e.Meter), strconv.FormatInt(e.Value, 10), e.Time.UTC().Format(time.RFC3339Nano), csvSafe(string(dims))})
+				write(csvSafe(e.Tenant), csvSafe(e.ID), csvSafe(e.Meter), strconv.FormatInt(e.Value, 10), e.Time.UTC().Format(time.RFC3339Nano), csvSafe(string(dims)))
 			}
-		}
-		cw.Flush()
-		return cw.Error()
+		})
 	}
 	r := rowOf(l)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
@@ -314,17 +306,10 @@ type ReplayResult struct {
 }
 
 func printReplays(w io.Writer, format string, results []ReplayResult) error {
-	switch format {
-	case "json":
-		return writeJSON(w, results)
-	case "csv":
-		cw := csv.NewWriter(w)
-		cw.Write([]string{"seq", "batch_id", "subject", "events", "msg_id", "usage_seq", "duplicate", "error"})
-		for _, r := range results {
-			cw.Write([]string{u64(r.Seq), r.BatchID, r.Subject, strconv.Itoa(r.Events), r.MsgID, u64(r.UsageSeq), strconv.FormatBool(r.Duplicate), csvSafe(r.Error)})
-		}
-		cw.Flush()
-		return cw.Error()
+	if done, err := printList(w, format, results, []string{"seq", "batch_id", "subject", "events", "msg_id", "usage_seq", "duplicate", "error"}, func(r ReplayResult) []string {
+		return []string{u64(r.Seq), r.BatchID, r.Subject, strconv.Itoa(r.Events), r.MsgID, u64(r.UsageSeq), strconv.FormatBool(r.Duplicate), csvSafe(r.Error)}
+	}); done {
+		return err
 	}
 	if len(results) == 0 {
 		fmt.Fprintln(w, "the DLQ is empty: nothing to replay")
@@ -342,6 +327,33 @@ func printReplays(w io.Writer, format string, results []ReplayResult) error {
 		}
 	}
 	return nil
+}
+
+// printList prints rows as JSON, or as CSV (header, then the record of each
+// row), when format names one of them; done is false for the table format,
+// which the caller prints.
+func printList[T any](w io.Writer, format string, rows []T, header []string, record func(T) []string) (done bool, err error) {
+	switch format {
+	case "json":
+		return true, writeJSON(w, rows)
+	case "csv":
+		return true, writeCSV(w, header, func(write func(...string)) {
+			for _, r := range rows {
+				write(record(r)...)
+			}
+		})
+	}
+	return false, nil
+}
+
+// writeCSV writes the record header and then those rows writes, and
+// returns the first error of writing.
+func writeCSV(w io.Writer, header []string, rows func(write func(record ...string))) error {
+	cw := csv.NewWriter(w)
+	cw.Write(header)
+	rows(func(record ...string) { cw.Write(record) })
+	cw.Flush()
+	return cw.Error()
 }
 
 func writeJSON(w io.Writer, v any) error {

@@ -3,7 +3,6 @@ package cli
 import (
 	"cmp"
 	"context"
-	"encoding/csv"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -191,16 +190,15 @@ func Summary(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return fmt.Errorf("reading the summary: %w", err)
 	}
 	if c.format == "csv" {
-		w := csv.NewWriter(stdout)
-		w.Write([]string{"tenant", "plan", "status", "reason", "meter", "used", "limit", "percent", "meter_status", "period_start", "period_end", "billing_status"})
-		for _, t := range s.Tenants {
-			for _, m := range summaryMeters(t) {
-				w.Write([]string{t.Tenant, t.Plan, t.Status, string(t.Reason), m.Meter, num(&m.Used), num(m.Limit), pct(m.Percent), m.Status,
-					t.PeriodStart.Format(time.RFC3339), t.PeriodEnd.Format(time.RFC3339), t.BillingStatus})
+		header := []string{"tenant", "plan", "status", "reason", "meter", "used", "limit", "percent", "meter_status", "period_start", "period_end", "billing_status"}
+		return writeCSV(stdout, header, func(write func(...string)) {
+			for _, t := range s.Tenants {
+				for _, m := range summaryMeters(t) {
+					write(t.Tenant, t.Plan, t.Status, string(t.Reason), m.Meter, num(&m.Used), num(m.Limit), pct(m.Percent), m.Status,
+						t.PeriodStart.Format(time.RFC3339), t.PeriodEnd.Format(time.RFC3339), t.BillingStatus)
+				}
 			}
-		}
-		w.Flush()
-		return w.Error()
+		})
 	}
 	if len(s.Tenants) == 0 {
 		fmt.Fprintln(stdout, "no tenants in the catalog")
