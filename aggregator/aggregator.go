@@ -34,6 +34,7 @@
 package aggregator
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -112,35 +113,37 @@ func (c *Config) Validate() error {
 	if c.Store == nil {
 		return errors.New("aggregator: store is required")
 	}
-	if c.Durable == "" {
-		c.Durable = DefaultDurable
-	}
-	if c.Partitions <= 0 {
-		c.Partitions = schemas.DefaultPartitions
-	}
-	if c.FetchBatch <= 0 {
-		c.FetchBatch = DefaultFetchBatch
-	}
+	c.Durable = cmp.Or(c.Durable, DefaultDurable)
+	orDefault(&c.Partitions, schemas.DefaultPartitions)
+	orDefault(&c.FetchBatch, DefaultFetchBatch)
 	if c.CatchUpBatch == 0 {
 		c.CatchUpBatch = CatchUpFactor * c.FetchBatch
 	}
 	c.CatchUpBatch = max(c.CatchUpBatch, c.FetchBatch)
-	if c.FetchWait <= 0 {
-		c.FetchWait = DefaultFetchWait
-	}
-	if c.AckWait <= 0 {
-		c.AckWait = DefaultAckWait
-	}
-	if c.StallAfter <= 0 {
-		c.StallAfter = DefaultStallAfter
-	}
-	if c.Logger == nil {
-		c.Logger = slog.New(slog.DiscardHandler)
-	}
-	if c.Registerer == nil {
-		c.Registerer = prometheus.NewRegistry()
-	}
+	orDefault(&c.FetchWait, DefaultFetchWait)
+	orDefault(&c.AckWait, DefaultAckWait)
+	orDefault(&c.StallAfter, DefaultStallAfter)
+	quietDefaults(&c.Logger, &c.Registerer)
 	return nil
+}
+
+// orDefault sets *v to def unless it is positive: a zero or negative
+// setting of the components' configs means the default.
+func orDefault[T int | int64 | time.Duration](v *T, def T) {
+	if *v <= 0 {
+		*v = def
+	}
+}
+
+// quietDefaults gives a component configured without a logger one that
+// discards, and without a registerer a registry of its own.
+func quietDefaults(log **slog.Logger, reg *prometheus.Registerer) {
+	if *log == nil {
+		*log = slog.New(slog.DiscardHandler)
+	}
+	if *reg == nil {
+		*reg = prometheus.NewRegistry()
+	}
 }
 
 // Lease is a single-writer lease with a fencing token (internal/lease).

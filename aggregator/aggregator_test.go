@@ -17,8 +17,8 @@ import (
 	"github.com/meterd/meterd/aggregator"
 	"github.com/meterd/meterd/aggregator/clickhouse"
 	"github.com/meterd/meterd/aggregator/sqlite"
-	"github.com/meterd/meterd/internal/broker"
 	"github.com/meterd/meterd/internal/chtest"
+	"github.com/meterd/meterd/internal/jstest"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -80,23 +80,8 @@ func newAggEnv(t testing.TB, store aggregator.Store, mutate func(*aggregator.Con
 // newIdleAggEnv is newAggEnv without starting the aggregator: call start.
 func newIdleAggEnv(t testing.TB, store aggregator.Store, mutate func(*aggregator.Config)) *aggEnv {
 	t.Helper()
-	ns, err := broker.StartEmbedded(broker.EmbeddedConfig{Dir: t.TempDir(), Port: -1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(ns.Shutdown)
-	nc, err := broker.Connect(broker.ConnConfig{URL: ns.ClientURL(), Name: "agg-test"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := broker.EnsureStreams(context.Background(), js, broker.StreamsConfig{Replicas: 1}); err != nil {
-		t.Fatal(err)
-	}
+	ns := jstest.Start(t, jstest.Config{Streams: true})
+	nc, js := ns.Conn(), ns.JetStream()
 	env := &aggEnv{nc: nc, js: js, reg: prometheus.NewRegistry(), store: store, committed: map[string]int64{}}
 	sub, err := nc.Subscribe(schemas.CommittedSubjectPrefix+"*", func(m *nats.Msg) {
 		var c schemas.Committed

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/meterd/meterd/internal/ctxtime"
 )
 
 // ReconcilerConfig configures a Reconciler.
@@ -42,24 +44,13 @@ func NewReconciler(cfg ReconcilerConfig) (*Reconciler, error) {
 	if cfg.Store == nil {
 		return nil, errors.New("aggregator: reconciler needs a store")
 	}
-	if cfg.Lookback <= 0 {
-		cfg.Lookback = 6 * time.Hour
-	}
-	if cfg.Every <= 0 {
-		cfg.Every = 10 * time.Minute
-	}
-	if cfg.Settle <= 0 {
-		cfg.Settle = 5 * time.Minute
-	}
+	orDefault(&cfg.Lookback, 6*time.Hour)
+	orDefault(&cfg.Every, 10*time.Minute)
+	orDefault(&cfg.Settle, 5*time.Minute)
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	if cfg.Logger == nil {
-		cfg.Logger = slog.New(slog.DiscardHandler)
-	}
-	if cfg.Registerer == nil {
-		cfg.Registerer = prometheus.NewRegistry()
-	}
+	quietDefaults(&cfg.Logger, &cfg.Registerer)
 	r := &Reconciler{cfg: cfg, log: cfg.Logger.With("component", "reconciler")}
 	r.repairs = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "meterd_aggregator_rollup_repairs_total",
@@ -73,9 +64,7 @@ func NewReconciler(cfg ReconcilerConfig) (*Reconciler, error) {
 
 // Run verifies hours until ctx ends.
 func (r *Reconciler) Run(ctx context.Context) error {
-	t := time.NewTicker(r.cfg.Every)
-	defer t.Stop()
-	for {
+	ctxtime.Every(ctx, r.cfg.Every, func() {
 		switch err := r.Once(ctx); {
 		case err == nil || ctx.Err() != nil:
 		case errors.Is(err, ErrNotWriter):
@@ -84,12 +73,8 @@ func (r *Reconciler) Run(ctx context.Context) error {
 		default:
 			r.log.Warn("reconcile failed; retrying at the next round", "err", err)
 		}
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-t.C:
-		}
-	}
+	})
+	return nil
 }
 
 // Once verifies every settled hour not verified yet (the Lookback window on

@@ -1,6 +1,7 @@
 package aggregator
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -11,6 +12,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/meterd/meterd/internal/ctxtime"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -54,18 +56,9 @@ func NewTrimmer(cfg TrimmerConfig) (*Trimmer, error) {
 	if cfg.NATS == nil {
 		return nil, errors.New("aggregator: trimmer needs a NATS connection")
 	}
-	if cfg.Durable == "" {
-		cfg.Durable = DefaultDurable
-	}
-	if cfg.Every <= 0 {
-		cfg.Every = DefaultTrimEvery
-	}
-	if cfg.Logger == nil {
-		cfg.Logger = slog.New(slog.DiscardHandler)
-	}
-	if cfg.Registerer == nil {
-		cfg.Registerer = prometheus.NewRegistry()
-	}
+	cfg.Durable = cmp.Or(cfg.Durable, DefaultDurable)
+	orDefault(&cfg.Every, DefaultTrimEvery)
+	quietDefaults(&cfg.Logger, &cfg.Registerer)
 	js, err := jetstream.New(cfg.NATS)
 	if err != nil {
 		return nil, fmt.Errorf("aggregator: jetstream: %w", err)
@@ -99,20 +92,14 @@ func NewTrimmer(cfg TrimmerConfig) (*Trimmer, error) {
 // Run trims and measures every Every until ctx ends; it returns nil then.
 // Failures are logged and retried at the next round.
 func (t *Trimmer) Run(ctx context.Context) error {
-	tick := time.NewTicker(t.cfg.Every)
-	defer tick.Stop()
-	for {
+	ctxtime.Every(ctx, t.cfg.Every, func() {
 		rctx, cancel := context.WithTimeout(ctx, t.cfg.Every)
+		defer cancel()
 		if err := t.Trim(rctx); err != nil && ctx.Err() == nil {
 			t.log.Warn("trim the usage stream", "err", err)
 		}
-		cancel()
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-tick.C:
-		}
-	}
+	})
+	return nil
 }
 
 // Trim purges the committed batches of METERD_USAGE once and updates the

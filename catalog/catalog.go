@@ -126,14 +126,25 @@ func newCatalog(plans []Plan, tenants []Tenant) (*Catalog, []error) {
 	return c, nil
 }
 
-func (c *Catalog) addPlan(p Plan, bad func(path, msg string)) {
-	path := "plans." + pathKey(p.Name)
-	if _, dup := c.plans[p.Name]; dup {
+// checkName returns the path of the entry name of section (kind names it
+// in messages) and reports its name when it is not a valid one; ok is false,
+// and the entry must be skipped, when name is already in m.
+func checkName[V any](m map[string]V, section, kind, name string, bad func(path, msg string)) (path string, ok bool) {
+	path = section + "." + pathKey(name)
+	if _, dup := m[name]; dup {
 		bad(path, "defined more than once")
-		return
+		return path, false
 	}
-	if !schemas.ValidTenant(p.Name) {
-		bad(path, "plan name must be "+schemas.TenantGrammar)
+	if !schemas.ValidTenant(name) {
+		bad(path, kind+" name must be "+schemas.TenantGrammar)
+	}
+	return path, true
+}
+
+func (c *Catalog) addPlan(p Plan, bad func(path, msg string)) {
+	path, ok := checkName(c.plans, "plans", "plan", p.Name, bad)
+	if !ok {
+		return
 	}
 	switch {
 	case p.Period == "":
@@ -155,13 +166,9 @@ func (c *Catalog) addPlan(p Plan, bad func(path, msg string)) {
 }
 
 func (c *Catalog) addTenant(t Tenant, bad func(path, msg string)) {
-	path := "tenants." + pathKey(t.Name)
-	if _, dup := c.tenants[t.Name]; dup {
-		bad(path, "defined more than once")
+	path, ok := checkName(c.tenants, "tenants", "tenant", t.Name, bad)
+	if !ok {
 		return
-	}
-	if !schemas.ValidTenant(t.Name) {
-		bad(path, "tenant name must be "+schemas.TenantGrammar)
 	}
 	plan, ok := c.plans[t.Plan]
 	if t.Plan != "" && !ok {

@@ -347,7 +347,7 @@ func BenchmarkCheck(b *testing.B) {
 func TestCheckSpoolFull(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	env := newCheckEnv(t, func(c *Config) { c.SpoolMaxBytes = 2000; c.Registerer = reg })
-	env.ns.Shutdown()
+	env.ns.Stop()
 	deadline := time.Now().Add(5 * time.Second)
 	for env.nc.IsConnected() && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)

@@ -4,38 +4,29 @@ import (
 	"context"
 	"errors"
 	"log/slog"
-	"net"
 	"net/http"
 	"net/http/httptest"
-	"strconv"
 	"sync"
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/meterd/meterd/internal/auth"
 	"github.com/meterd/meterd/internal/broker"
+	"github.com/meterd/meterd/internal/jstest"
 	"github.com/meterd/meterd/schemas"
 )
 
-// testBroker is a real embedded JetStream server on a fixed port and store
-// directory, so a test can stop it and start it again where its clients
-// reconnect, with the data it held. It creates the streams of docs/architecture.md#nats-names-and-stores.
+// testBroker is the shared restartable JetStream of internal/jstest, with
+// the streams of docs/architecture.md#nats-names-and-stores, and what the
+// collector's tests ask of it.
 type testBroker struct {
-	t    testing.TB
-	dir  string
-	port int
-
-	mu  sync.Mutex
-	srv *server.Server
-
-	// nc and js are the test's own connection (the oracle's), never the
-	// collector's.
-	nc *nats.Conn
+	*jstest.Server
+	t testing.TB
+	// js is the test's own connection (the oracle's), never the collector's.
 	js jetstream.JetStream
 }
 
@@ -43,62 +34,8 @@ type testBroker struct {
 // (1 replica). The server stops at the end of the test.
 func startTestBroker(t testing.TB) *testBroker {
 	t.Helper()
-	b := &testBroker{t: t, dir: t.TempDir(), port: freePort(t)}
-	b.Start()
-	t.Cleanup(b.Stop)
-	nc := connectTestNATS(t, b.URL(), "oracle")
-	b.nc = nc
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
-	defer cancel()
-	if err := broker.EnsureStreams(ctx, js, broker.StreamsConfig{Replicas: 1}); err != nil {
-		t.Fatal(err)
-	}
-	b.js = js
-	return b
-}
-
-// Addr is host:port of the server, URL its nats:// URL.
-func (b *testBroker) Addr() string { return net.JoinHostPort("127.0.0.1", strconv.Itoa(b.port)) }
-func (b *testBroker) URL() string  { return "nats://" + b.Addr() }
-
-// Start starts the server on the broker's port and store directory and
-// waits until the test's own connection, if any, is back: it does not
-// buffer requests while reconnecting.
-func (b *testBroker) Start() {
-	b.t.Helper()
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if b.srv != nil {
-		b.t.Fatal("testBroker: already running")
-	}
-	srv, err := broker.StartEmbedded(broker.EmbeddedConfig{Dir: b.dir, Port: b.port})
-	if err != nil {
-		b.t.Fatal(err)
-	}
-	b.srv = srv
-	for deadline := time.Now().Add(10 * time.Second); b.nc != nil && !b.nc.IsConnected(); {
-		if time.Now().After(deadline) {
-			b.t.Fatal("testBroker: the test's connection did not come back after 10s")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
-// Stop shuts the server down and waits until it is gone. It is a no-op when
-// the server is not running.
-func (b *testBroker) Stop() {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if b.srv == nil {
-		return
-	}
-	b.srv.Shutdown()
-	b.srv.WaitForShutdown()
-	b.srv = nil
+	s := jstest.Start(t, jstest.Config{Streams: true})
+	return &testBroker{Server: s, t: t, js: s.JetStream()}
 }
 
 // StreamMsgs is the number of messages (batches) in METERD_USAGE.
@@ -121,17 +58,6 @@ func (b *testBroker) StreamMsgs() uint64 {
 // warnings on purpose and assert the metrics instead.
 func testLogger(t testing.TB) *slog.Logger {
 	return slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelError}))
-}
-
-// freePort returns a TCP port of 127.0.0.1 that was free a moment ago.
-func freePort(t testing.TB) int {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
 }
 
 // connectTestNATS dials url with broker.Connect (reconnecting forever) and

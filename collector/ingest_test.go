@@ -14,12 +14,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/meterd/meterd/internal/auth"
-	"github.com/meterd/meterd/internal/broker"
+	"github.com/meterd/meterd/internal/jstest"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -32,7 +31,7 @@ const (
 // ingestEnv is a collector on a real embedded JetStream behind a real HTTP
 // server.
 type ingestEnv struct {
-	ns  *server.Server
+	ns  *jstest.Server
 	nc  *nats.Conn
 	js  jetstream.JetStream
 	col *Collector
@@ -47,24 +46,9 @@ func newIngestEnv(t testing.TB, mutate func(*Config)) *ingestEnv {
 // (fsync) or on its default interval.
 func newIngestEnvSync(t testing.TB, fsync bool, mutate func(*Config)) *ingestEnv {
 	t.Helper()
-	ns, err := broker.StartEmbedded(broker.EmbeddedConfig{Dir: t.TempDir(), Port: -1, NoSync: !fsync})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(ns.Shutdown)
+	ns := jstest.Start(t, jstest.Config{NoSync: !fsync, Streams: true})
 	// In-process, as `meterd dev` connects.
-	nc, err := broker.Connect(broker.ConnConfig{URL: ns.ClientURL(), Name: "ingest-test", Options: []nats.Option{nats.InProcessServer(ns)}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := broker.EnsureStreams(context.Background(), js, broker.StreamsConfig{Replicas: 1}); err != nil {
-		t.Fatal(err)
-	}
+	nc := ns.Connect("ingest-test", nats.InProcessServer(ns.Embedded()))
 	keys, err := auth.NewKeys([]auth.Key{{Key: ingestAdminKey, Admin: true}, {Key: ingestAcmeKey, Tenant: "acme"}})
 	if err != nil {
 		t.Fatal(err)
@@ -95,7 +79,7 @@ func newIngestEnvSync(t testing.TB, fsync bool, mutate func(*Config)) *ingestEnv
 		}
 		col.Close()
 	})
-	return &ingestEnv{ns: ns, nc: nc, js: js, col: col, srv: srv}
+	return &ingestEnv{ns: ns, nc: nc, js: ns.JetStream(), col: col, srv: srv}
 }
 
 type ingestReq struct {
@@ -306,7 +290,7 @@ func TestIngestCloudEventMapping(t *testing.T) {
 // and a request that fits in the spool gets 202.
 func TestIngestSpoolFull(t *testing.T) {
 	env := newIngestEnv(t, func(c *Config) { c.SpoolMaxBytes = 600 })
-	env.ns.Shutdown()
+	env.ns.Stop()
 	deadline := time.Now().Add(5 * time.Second)
 	for env.nc.IsConnected() && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)

@@ -347,7 +347,7 @@ func TestNATSRestart(t *testing.T) {
 	waitReady(t, g)
 	version := g.Version()
 
-	n.stop()
+	n.Stop()
 	deadline := time.Now().Add(time.Second)
 	for time.Now().Before(deadline) {
 		if v := g.Check("acme"); v.Block == nil || v.Stale {
@@ -359,7 +359,7 @@ func TestNATSRestart(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 
-	n.start()
+	n.Start()
 	start := time.Now()
 	n.put(quota("charlie", 1))
 	n.del("acme", false)
@@ -384,7 +384,7 @@ func TestReloadDropsTenantsGoneFromBucket(t *testing.T) {
 	n.put(quota("acme", 1))
 	n.put(quota("bravo", 1))
 	n.heartbeat()
-	proxy, err := tcpproxy.New(fmt.Sprintf("127.0.0.1:%d", n.port))
+	proxy, err := tcpproxy.New(n.Addr())
 	if err != nil {
 		t.Fatal(err)
 	}

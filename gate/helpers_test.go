@@ -6,34 +6,24 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
-	"net"
 	"sync"
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats-server/v2/server"
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/meterd/meterd/gate/gateprom"
-	"github.com/meterd/meterd/internal/broker"
+	"github.com/meterd/meterd/internal/jstest"
 	"github.com/meterd/meterd/internal/metrictest"
 	"github.com/meterd/meterd/schemas"
 )
 
-// testNATS is a real embedded JetStream server that a test can stop and
-// start again on the same port and store directory, and the test's own
-// connection to it, which plays the enforcer.
+// testNATS is the shared restartable JetStream of internal/jstest and the
+// test's own connection to it, which plays the enforcer.
 type testNATS struct {
-	t    testing.TB
-	dir  string
-	port int
-
-	mu  sync.Mutex
-	srv *server.Server
-
-	nc *nats.Conn
+	*jstest.Server
+	t  testing.TB
 	js jetstream.JetStream
 	kv jetstream.KeyValue // nil until createBucket
 }
@@ -41,57 +31,9 @@ type testNATS struct {
 // startNATS starts a server on a free port; it stops at the end of the test.
 func startNATS(t testing.TB) *testNATS {
 	t.Helper()
-	n := &testNATS{t: t, dir: t.TempDir(), port: -1}
-	n.start()
-	t.Cleanup(n.stop)
-	n.nc = n.connect("enforcer")
-	js, err := jetstream.New(n.nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	n.js = js
-	return n
-}
-
-// start starts the server, on the port of the previous start if any.
-func (n *testNATS) start() {
-	n.t.Helper()
-	n.mu.Lock()
-	defer n.mu.Unlock()
 	// The tests are not about durability: skip the fsync per write.
-	srv, err := broker.StartEmbedded(broker.EmbeddedConfig{Dir: n.dir, Port: n.port, NoSync: true})
-	if err != nil {
-		n.t.Fatal(err)
-	}
-	n.srv = srv
-	n.port = srv.Addr().(*net.TCPAddr).Port
-}
-
-// stop shuts the server down and waits until it is gone.
-func (n *testNATS) stop() {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	if n.srv == nil {
-		return
-	}
-	n.srv.Shutdown()
-	n.srv.WaitForShutdown()
-	n.srv = nil
-}
-
-func (n *testNATS) url() string { return fmt.Sprintf("nats://127.0.0.1:%d", n.port) }
-
-// connect opens a connection that reconnects forever, closed at the end of
-// the test.
-func (n *testNATS) connect(name string) *nats.Conn {
-	n.t.Helper()
-	// The connection's handlers may log after the test ended: discard them.
-	nc, err := broker.Connect(broker.ConnConfig{URL: n.url(), Name: name, Logger: slog.New(slog.DiscardHandler)})
-	if err != nil {
-		n.t.Fatal(err)
-	}
-	n.t.Cleanup(nc.Close)
-	return nc
+	s := jstest.Start(t, jstest.Config{NoSync: true})
+	return &testNATS{Server: s, t: t, js: s.JetStream()}
 }
 
 // createBucket creates the blocklist bucket the way the enforcer does.
@@ -189,7 +131,7 @@ func startGate(t testing.TB, n *testNATS, cfg Config) *Gate {
 func newGate(t testing.TB, n *testNATS, cfg Config) (*Gate, func(context.Context) error) {
 	t.Helper()
 	if cfg.NATS == nil {
-		cfg.NATS = n.connect("gate")
+		cfg.NATS = n.Connect("gate")
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelDebug}))

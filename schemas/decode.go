@@ -162,16 +162,26 @@ func (s *scanner) elements(d *Decoded, el elementDecoder) error {
 			n := (len(s.data) - s.pos) / max(s.pos-start, minElementLen)
 			d.Events = slices.Grow(d.Events, n+n/8)
 		}
-		switch s.peek() {
-		case ',':
-			s.pos++
-		case ']':
-			s.pos++
-			return nil
-		default:
+		switch end, ok := s.afterElement(); {
+		case !ok:
 			return s.unexpected("after array element")
+		case end:
+			return nil
 		}
 	}
+}
+
+// afterElement reads what follows an array element: ',' (more follow) or
+// the closing ']' (end); ok is false, and nothing is read, for anything
+// else. It leaves the error to the caller so that it inlines: it runs once
+// per event.
+func (s *scanner) afterElement() (end, ok bool) {
+	c := s.peek()
+	if c != ',' && c != ']' {
+		return false, false
+	}
+	s.pos++
+	return c == ']', true
 }
 
 // decodeStream reads newline-delimited (or any whitespace-separated) values.
@@ -1213,14 +1223,11 @@ func (s *scanner) skipValue(depth int) error {
 			if err := s.skipValue(depth + 1); err != nil {
 				return err
 			}
-			switch s.peek() {
-			case ',':
-				s.pos++
-			case ']':
-				s.pos++
-				return nil
-			default:
+			switch end, ok := s.afterElement(); {
+			case !ok:
 				return s.unexpected("after array element")
+			case end:
+				return nil
 			}
 		}
 	case 't':

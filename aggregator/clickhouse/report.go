@@ -6,6 +6,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+
 	"github.com/meterd/meterd/aggregator"
 	"github.com/meterd/meterd/aggregator/rollup"
 )
@@ -17,32 +19,28 @@ var _ aggregator.Reporter = (*Store)(nil)
 // united, summed per (tenant, meter, bucket, dimensions) and sorted by the
 // server, whose blocks reach fn row by row as they arrive.
 func (s *Store) Usage(ctx context.Context, q aggregator.UsageQuery, fn func(*aggregator.UsageRow) error) error {
-	if err := rollup.CheckUsage(q); err != nil {
-		return fmt.Errorf("clickhouse: %w", err)
-	}
-	sp := rollup.Split(q.From, q.To)
-	if sp.Hours.Empty() && len(sp.Edges) == 0 {
-		return nil
-	}
-	query, args := usageQuery(q, sp)
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	rows, err := s.conn.Query(ctx, query, args...)
-	if err != nil {
-		return fmt.Errorf("clickhouse: usage: %w", err)
-	}
-	defer rows.Close()
-	// Close reads the rest of the result; when fn stops early, the query is
-	// cancelled first (deferred calls run last in, first out).
-	defer cancel()
-	stop, err := rollup.ScanUsage(rows, len(q.GroupBy), fn)
-	if stop != nil {
-		return stop
-	}
-	if err != nil {
-		return fmt.Errorf("clickhouse: usage: %w", err)
-	}
-	return nil
+	return rollup.Usage("clickhouse", q, fn, func(sp rollup.Span) (rollup.UsageRows, error) {
+		query, args := usageQuery(q, sp)
+		ctx, cancel := context.WithCancel(ctx)
+		rows, err := s.conn.Query(ctx, query, args...)
+		if err != nil {
+			cancel()
+			return nil, err
+		}
+		return cancelRows{rows, cancel}, nil
+	})
+}
+
+// cancelRows cancels its query before it closes: Close reads the rest of
+// the result, which a caller that stopped early does not want.
+type cancelRows struct {
+	driver.Rows
+	cancel context.CancelFunc
+}
+
+func (r cancelRows) Close() error {
+	r.cancel()
+	return r.Rows.Close()
 }
 
 // usageQuery returns the query of q over sp and its arguments, bound by

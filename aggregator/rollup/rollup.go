@@ -269,15 +269,38 @@ type UsageRows interface {
 	Next() bool
 	Scan(dest ...any) error
 	Err() error
+	Close() error
+}
+
+// Usage answers q the way every store does: it checks q, splits its range
+// into whole hours and partial edges, runs query over the split (not at all
+// when the range is empty) and passes fn each row as ScanUsage reads it,
+// closing the rows before it returns. The error of fn comes back unchanged;
+// the others name the store.
+func Usage(store string, q aggregator.UsageQuery, fn func(*aggregator.UsageRow) error, query func(Span) (UsageRows, error)) error {
+	if err := CheckUsage(q); err != nil {
+		return fmt.Errorf("%s: %w", store, err)
+	}
+	sp := Split(q.From, q.To)
+	if sp.Hours.Empty() && len(sp.Edges) == 0 {
+		return nil
+	}
+	rows, err := query(sp)
+	if err != nil {
+		return fmt.Errorf("%s: usage: %w", store, err)
+	}
+	defer rows.Close()
+	stop, err := ScanUsage(rows, len(q.GroupBy), fn)
+	if stop != nil {
+		return stop
+	}
+	if err != nil {
+		return fmt.Errorf("%s: usage: %w", store, err)
+	}
+	return nil
 }
 
 // ScanUsage calls fn with each row of rows, read as it comes, whose columns
-// are tenant, meter, the start of the bucket (Unix seconds, int64), the
-// values of the groups grouped dimensions and the Parts of the sums of
-// values and events; a row of no events (corrections that cancel out) is
-// left out. It passes fn one UsageRow, overwritten for every row. It returns
-// the error of fn unchanged as stop and stops there, or the error of rows as
-// err.
 func ScanUsage(rows UsageRows, groups int, fn func(*aggregator.UsageRow) error) (stop, err error) {
 	row := aggregator.UsageRow{Dims: make([]string, groups)}
 	var start int64

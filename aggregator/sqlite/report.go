@@ -17,27 +17,10 @@ var _ aggregator.Reporter = (*Store)(nil)
 // united, summed per (tenant, meter, bucket, dimensions) and sorted by
 // SQLite, whose rows go to fn as the cursor yields them.
 func (s *Store) Usage(ctx context.Context, q aggregator.UsageQuery, fn func(*aggregator.UsageRow) error) error {
-	if err := rollup.CheckUsage(q); err != nil {
-		return fmt.Errorf("sqlite: %w", err)
-	}
-	sp := rollup.Split(q.From, q.To)
-	if sp.Hours.Empty() && len(sp.Edges) == 0 {
-		return nil
-	}
-	query, args := usageQuery(q, sp)
-	rows, err := s.db.QueryContext(ctx, query, args...)
-	if err != nil {
-		return fmt.Errorf("sqlite: usage: %w", err)
-	}
-	defer rows.Close()
-	stop, err := rollup.ScanUsage(rows, len(q.GroupBy), fn)
-	if stop != nil {
-		return stop
-	}
-	if err != nil {
-		return fmt.Errorf("sqlite: usage: %w", err)
-	}
-	return nil
+	return rollup.Usage("sqlite", q, fn, func(sp rollup.Span) (rollup.UsageRows, error) {
+		query, args := usageQuery(q, sp)
+		return s.db.QueryContext(ctx, query, args...)
+	})
 }
 
 // params collects the arguments of a query and names each ?N.

@@ -18,6 +18,7 @@ import (
 	"github.com/meterd/meterd/aggregator/clickhouse"
 	"github.com/meterd/meterd/aggregator/sqlite"
 	"github.com/meterd/meterd/internal/chtest"
+	"github.com/meterd/meterd/internal/jstest"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -91,7 +92,7 @@ func TestKillAggregator(t *testing.T) {
 					"--log-format", "text", "--insecure", "--fetch-batch", "10", "--fetch-wait", "20ms", "--ack-wait", "2s",
 					"--lease-duration", "2s"}, storeFlag...)
 			}
-			addr := "127.0.0.1:" + strconv.Itoa(killFreePort(t))
+			addr := "127.0.0.1:" + strconv.Itoa(jstest.FreePort(t))
 			p := startKillProc(t, bin, addr, args(addr)...)
 			deadline := time.Now().Add(30 * time.Second)
 			for p.metric(t, "meterd_aggregator_batches_committed_total") < 30 {
@@ -102,7 +103,7 @@ func TestKillAggregator(t *testing.T) {
 			}
 			p.kill(t)
 
-			addr = "127.0.0.1:" + strconv.Itoa(killFreePort(t))
+			addr = "127.0.0.1:" + strconv.Itoa(jstest.FreePort(t))
 			p = startKillProc(t, bin, addr, args(addr)...)
 			cons, err := b.js.Consumer(t.Context(), schemas.UsageStream, aggregator.DefaultDurable)
 			if err != nil {
@@ -234,7 +235,7 @@ func TestAggregatorZombie(t *testing.T) {
 			defer func() { stopLoad(); <-loadDone }()
 
 			start := func() *killProc {
-				addr := "127.0.0.1:" + strconv.Itoa(killFreePort(t))
+				addr := "127.0.0.1:" + strconv.Itoa(jstest.FreePort(t))
 				return startKillProc(t, bin, addr, append([]string{"aggregator", "--nats-url", b.URL(), "--nats-replicas", "1",
 					"--listen", addr, "--log-format", "text", "--insecure", "--fetch-batch", "5", "--fetch-wait", "20ms",
 					"--ack-wait", "2s", "--lease-duration", leaseDuration.String()}, storeFlag...)...)

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -26,28 +25,16 @@ import (
 	"github.com/meterd/meterd/internal/redact"
 )
 
-// runAggregator runs the aggregator against an external NATS and store.
-func runAggregator(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs, s, err := newFlags("aggregator", args, stderr, ":8081")
-	if err != nil {
-		return err
-	}
-	f := s.file
-	natsFlags(fs, &f.NATS)
-	streamFlags(fs, &f.NATS)
+// aggregatorCmdFlags defines the flags of `meterd aggregator` beyond the shared ones.
+func aggregatorCmdFlags(fs *flag.FlagSet, s *settings) {
+	streamFlags(fs, &s.file.NATS)
 	storeFlags(fs, s)
-	aggregatorFlags(fs, &f.Aggregator)
-	keysFlag(fs, s)
-	fs.BoolVar(&s.insecure, "insecure", false, "run without API keys (usage reports are open)")
-	a, err := s.start(fs, args, stderr)
-	if err != nil {
-		return err
-	}
-	defer a.close()
-	nc, err := a.connect(f.NATS)
-	if err != nil {
-		return err
-	}
+	aggregatorFlags(fs, &s.file.Aggregator)
+}
+
+// aggregatorComponents adds the components of `meterd aggregator` to a.
+func aggregatorComponents(ctx context.Context, a *app, nc *nats.Conn) error {
+	f := a.s.file
 	if err := ensureStreams(ctx, nc, f.NATS, f.NATS.Replicas); err != nil {
 		return err
 	}
@@ -62,10 +49,7 @@ func runAggregator(ctx context.Context, args []string, stdout, stderr io.Writer)
 	// enforcer's admin API changes merged, as the enforcer decides by.
 	watch := catalog.NewWatcher(nc, f.Catalog, a.log)
 	a.workers = append(a.workers, watch)
-	if err := a.addReports(store, watch.Catalog); err != nil {
-		return err
-	}
-	return a.run(ctx)
+	return a.addReports(store, watch.Catalog)
 }
 
 // storeFlags define the store of the aggregator and the enforcer, which

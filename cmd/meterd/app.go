@@ -244,6 +244,52 @@ func (s *settings) start(fs *flag.FlagSet, args []string, stderr io.Writer) (*ap
 	return &app{s: s, log: log, keys: keys, reg: serve.NewRegistry(), checks: map[string]serve.ReadyFunc{}}, nil
 }
 
+// component is a serving subcommand that runs one part of meterd against
+// an external NATS.
+type component struct {
+	listen string // default of --listen
+	open   string // what --insecure leaves open, for its help
+	// flags defines the subcommand's own flags on fs.
+	flags func(fs *flag.FlagSet, s *settings)
+	// add adds the subcommand's components to a, on the connection nc.
+	add func(ctx context.Context, a *app, nc *nats.Conn) error
+}
+
+// components are the subcommands that run one part of meterd each.
+var components = map[string]component{
+	"collector":  {listen: ":8080", open: "every request acts as admin", flags: collectorCmdFlags, add: collectorComponents},
+	"aggregator": {listen: ":8081", open: "usage reports are open", flags: aggregatorCmdFlags, add: aggregatorComponents},
+	"enforcer":   {listen: ":8082", open: "the admin API is open", flags: enforcerCmdFlags, add: enforcerComponents},
+}
+
+// runComponent is the start-up the subcommands of components share: the
+// shared flags and c's own, the logger and keys, the NATS connection, c's
+// components, then the app until ctx ends.
+func runComponent(ctx context.Context, cmd string, args []string, stderr io.Writer) error {
+	c := components[cmd]
+	fs, s, err := newFlags(cmd, args, stderr, c.listen)
+	if err != nil {
+		return err
+	}
+	natsFlags(fs, &s.file.NATS)
+	c.flags(fs, s)
+	keysFlag(fs, s)
+	fs.BoolVar(&s.insecure, "insecure", false, "run without API keys ("+c.open+")")
+	a, err := s.start(fs, args, stderr)
+	if err != nil {
+		return err
+	}
+	defer a.close()
+	nc, err := a.connect(s.file.NATS)
+	if err != nil {
+		return err
+	}
+	if err := c.add(ctx, a, nc); err != nil {
+		return err
+	}
+	return a.run(ctx)
+}
+
 // worker is a long-running component.
 type worker interface {
 	Run(ctx context.Context) error

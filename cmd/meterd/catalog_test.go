@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/meterd/meterd/internal/jstest"
 )
 
 // A tenant the admin API creates has a plan at every gate: a separate
@@ -60,7 +62,7 @@ func TestAdminTenantAtTheGateDev(t *testing.T) {
 // ends and must then exit with 0.
 func startComponent(t *testing.T, name string, args ...string) (base string) {
 	t.Helper()
-	addr := "127.0.0.1:" + strconv.Itoa(killFreePort(t))
+	addr := "127.0.0.1:" + strconv.Itoa(jstest.FreePort(t))
 	base = "http://" + addr
 	stderr := &e2eBuffer{}
 	ctx, cancel := context.WithCancel(context.Background())

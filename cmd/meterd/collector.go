@@ -2,32 +2,22 @@ package main
 
 import (
 	"context"
-	"io"
+	"flag"
+
+	"github.com/nats-io/nats.go"
 
 	"github.com/meterd/meterd/catalog"
 )
 
-// runCollector runs the collector against an external NATS.
-func runCollector(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs, s, err := newFlags("collector", args, stderr, ":8080")
-	if err != nil {
-		return err
-	}
-	f := s.file
-	natsFlags(fs, &f.NATS)
+// collectorCmdFlags defines the flags of `meterd collector` beyond the shared ones.
+func collectorCmdFlags(fs *flag.FlagSet, s *settings) {
 	refuseStreamFlags(fs, "collector")
-	collectorFlags(fs, &f.Collector, "./meterd-spool")
-	keysFlag(fs, s)
-	fs.BoolVar(&s.insecure, "insecure", false, "run without API keys (every request acts as admin)")
-	a, err := s.start(fs, args, stderr)
-	if err != nil {
-		return err
-	}
-	defer a.close()
-	nc, err := a.connect(f.NATS)
-	if err != nil {
-		return err
-	}
+	collectorFlags(fs, &s.file.Collector, "./meterd-spool")
+}
+
+// collectorComponents adds the components of `meterd collector` to a.
+func collectorComponents(_ context.Context, a *app, nc *nats.Conn) error {
+	f := a.s.file
 	// The tenants with a plan: the config file's catalog with the admin
 	// API's changes, followed in the enforcer's meterd-tenants bucket.
 	// Denying unknown tenants, the collector is not ready before it read
@@ -44,5 +34,5 @@ func runCollector(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	// Nothing else here needs NATS: the collector's own check says whether
 	// it spools while NATS is away (ready, degraded) or cannot take events.
 	delete(a.checks, "nats")
-	return a.run(ctx)
+	return nil
 }

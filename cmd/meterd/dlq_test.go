@@ -16,7 +16,7 @@ import (
 	"github.com/meterd/meterd/aggregator"
 	"github.com/meterd/meterd/aggregator/sqlite"
 	"github.com/meterd/meterd/cmd/meterd/internal/cli"
-	"github.com/meterd/meterd/internal/broker"
+	"github.com/meterd/meterd/internal/jstest"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -31,23 +31,8 @@ type dlqEnv struct {
 
 func newDLQEnv(t *testing.T) *dlqEnv {
 	t.Helper()
-	ns, err := broker.StartEmbedded(broker.EmbeddedConfig{Dir: t.TempDir(), Port: -1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(ns.Shutdown)
-	nc, err := nats.Connect(ns.ClientURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := broker.EnsureStreams(t.Context(), js, broker.StreamsConfig{Replicas: 1}); err != nil {
-		t.Fatal(err)
-	}
+	ns := jstest.Start(t, jstest.Config{Streams: true})
+	nc, js := ns.Conn(), ns.JetStream()
 	store, err := sqlite.New(sqlite.Config{Path: filepath.Join(t.TempDir(), "meterd.db")})
 	if err != nil {
 		t.Fatal(err)
@@ -66,7 +51,7 @@ func newDLQEnv(t *testing.T) *dlqEnv {
 			t.Errorf("aggregator: %v", err)
 		}
 	})
-	return &dlqEnv{url: ns.ClientURL(), js: js, store: store, t0: time.Now().UTC().Truncate(time.Hour)}
+	return &dlqEnv{url: ns.URL(), js: js, store: store, t0: time.Now().UTC().Truncate(time.Hour)}
 }
 
 func (e *dlqEnv) batch(t *testing.T, id string, events ...schemas.Event) []byte {

@@ -4,7 +4,6 @@ import (
 	"cmp"
 	"context"
 	"flag"
-	"io"
 	"os"
 	"os/signal"
 	"strings"
@@ -18,36 +17,21 @@ import (
 	"github.com/meterd/meterd/internal/config"
 )
 
-// runEnforcer runs the enforcer against an external NATS and store.
-func runEnforcer(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs, s, err := newFlags("enforcer", args, stderr, ":8082")
-	if err != nil {
-		return err
-	}
-	f := s.file
-	natsFlags(fs, &f.NATS)
+// enforcerCmdFlags defines the flags of `meterd enforcer` beyond the shared ones.
+func enforcerCmdFlags(fs *flag.FlagSet, s *settings) {
 	refuseStreamFlags(fs, "enforcer")
 	storeFlags(fs, s)
-	enforcerFlags(fs, &f.Enforcer)
-	keysFlag(fs, s)
-	fs.BoolVar(&s.insecure, "insecure", false, "run without API keys (the admin API is open)")
-	a, err := s.start(fs, args, stderr)
+	enforcerFlags(fs, &s.file.Enforcer)
+}
+
+// enforcerComponents adds the components of `meterd enforcer` to a.
+func enforcerComponents(ctx context.Context, a *app, nc *nats.Conn) error {
+	store, err := a.openStore(ctx, a.s.file.Aggregator)
 	if err != nil {
 		return err
 	}
-	defer a.close()
-	nc, err := a.connect(f.NATS)
-	if err != nil {
-		return err
-	}
-	store, err := a.openStore(ctx, f.Aggregator)
-	if err != nil {
-		return err
-	}
-	if _, err := a.addEnforcer(nc, store); err != nil {
-		return err
-	}
-	return a.run(ctx)
+	_, err = a.addEnforcer(nc, store)
+	return err
 }
 
 func enforcerFlags(fs *flag.FlagSet, c *config.Enforcer) {

@@ -8,8 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math/rand/v2"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -22,11 +20,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats-server/v2/server"
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/meterd/meterd/internal/broker"
+	"github.com/meterd/meterd/internal/jstest"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -107,84 +103,18 @@ func buildMeterd(t *testing.T) string {
 	return bin
 }
 
-// killBroker is an embedded JetStream the test stops and starts again on
-// the same port and store directory.
+// killBroker is the shared restartable JetStream of internal/jstest, with
+// the streams created: the collector subcommand does not create them; an
+// operator (here the test) does.
 type killBroker struct {
-	t    *testing.T
-	dir  string
-	port int
-	srv  *server.Server
-	nc   *nats.Conn // the test's own connection
-	js   jetstream.JetStream
+	*jstest.Server
+	js jetstream.JetStream // the test's own connection
 }
 
 func startKillBroker(t *testing.T) *killBroker {
 	t.Helper()
-	b := &killBroker{t: t, dir: t.TempDir(), port: killFreePort(t)}
-	b.Start()
-	t.Cleanup(b.Stop)
-	nc, err := broker.Connect(broker.ConnConfig{URL: b.URL(), Name: "oracle"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	b.nc = nc
-	if b.js, err = jetstream.New(nc); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
-	defer cancel()
-	// The collector subcommand does not create streams; an operator (here
-	// the test) does.
-	if err := broker.EnsureStreams(ctx, b.js, broker.StreamsConfig{Replicas: 1}); err != nil {
-		t.Fatal(err)
-	}
-	return b
-}
-
-func (b *killBroker) URL() string { return "nats://127.0.0.1:" + strconv.Itoa(b.port) }
-
-// Start starts the server and waits until the test's connection, if any,
-// is back (it does not buffer while reconnecting).
-func (b *killBroker) Start() {
-	b.t.Helper()
-	srv, err := broker.StartEmbedded(broker.EmbeddedConfig{Dir: b.dir, Port: b.port})
-	if err != nil {
-		b.t.Fatal(err)
-	}
-	b.srv = srv
-	for deadline := time.Now().Add(10 * time.Second); b.nc != nil && !b.nc.IsConnected(); {
-		if time.Now().After(deadline) {
-			b.t.Fatal("the test's NATS connection did not come back after 10s")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
-func (b *killBroker) Stop() {
-	if b.srv != nil {
-		b.srv.Shutdown()
-		b.srv.WaitForShutdown()
-		b.srv = nil
-	}
-}
-
-func killFreePort(t *testing.T) int {
-	t.Helper()
-	// Below Linux's ephemeral range (32768-60999): a port taken from that
-	// range and closed again may become the source port of any outgoing
-	// connection (to NATS, ClickHouse) before the child binds it.
-	for range 100 {
-		port := 20000 + rand.IntN(12000)
-		ln, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(port))
-		if err != nil {
-			continue
-		}
-		ln.Close()
-		return port
-	}
-	t.Fatal("no free port below the ephemeral range")
-	return 0
+	s := jstest.Start(t, jstest.Config{Streams: true})
+	return &killBroker{Server: s, js: s.JetStream()}
 }
 
 // killProc is a running `meterd collector`.
@@ -198,7 +128,7 @@ type killProc struct {
 
 func startKillCollector(t *testing.T, bin, natsURL, spoolDir string) *killProc {
 	t.Helper()
-	addr := "127.0.0.1:" + strconv.Itoa(killFreePort(t))
+	addr := "127.0.0.1:" + strconv.Itoa(jstest.FreePort(t))
 	return startKillProc(t, bin, addr, "collector", "--insecure", "--nats-url", natsURL,
 		"--spool-dir", spoolDir, "--listen", addr, "--log-format", "text")
 }

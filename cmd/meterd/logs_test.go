@@ -19,7 +19,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/meterd/meterd/enforcer"
-	"github.com/meterd/meterd/internal/broker"
+	"github.com/meterd/meterd/internal/jstest"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -117,7 +117,7 @@ enforcer:
   notify_urls: %s
   heartbeat_every: 1s
 `, logAdminKey, logAcmeKey, logWebhookKey, logNotifyKey, hookURL)
-	natsPort := killFreePort(t)
+	natsPort := jstest.FreePort(t)
 	s := startE2EDev(t, config, "--log-format", "json", "--log-level", "debug",
 		"--nats-listen", "127.0.0.1:"+strconv.Itoa(natsPort))
 	auth := func(key string) http.Header {
@@ -214,12 +214,8 @@ enforcer:
 // logs, its exit error nor its -h or usage output shows a secret of the
 // config file, the environment or the command line.
 func TestSubcommandsLogJSONWithoutSecrets(t *testing.T) {
-	ns, err := broker.StartEmbedded(broker.EmbeddedConfig{Dir: t.TempDir(), Port: -1, NoSync: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ns.Shutdown()
-	natsURL := strings.Replace(ns.ClientURL(), "nats://", "nats://meterd:"+logNATSPass+"@", 1)
+	ns := jstest.Start(t, jstest.Config{NoSync: true})
+	natsURL := strings.Replace(ns.URL(), "nats://", "nats://meterd:"+logNATSPass+"@", 1)
 	dir := t.TempDir()
 	cfgPath := filepath.Join(dir, "meterd.yaml")
 	config := fmt.Sprintf(`api_keys:

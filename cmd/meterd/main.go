@@ -54,12 +54,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	switch cmd, rest := args[0], args[1:]; cmd {
 	case "dev":
 		err = runDev(ctx, rest, stdout, stderr)
-	case "collector":
-		err = runCollector(ctx, rest, stdout, stderr)
-	case "aggregator":
-		err = runAggregator(ctx, rest, stdout, stderr)
-	case "enforcer":
-		err = runEnforcer(ctx, rest, stdout, stderr)
+	case "collector", "aggregator", "enforcer":
+		err = runComponent(ctx, cmd, rest, stderr)
 	case "usage":
 		err = cli.Usage(ctx, rest, stdout, stderr)
 	case "dlq":

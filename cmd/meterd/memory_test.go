@@ -13,6 +13,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/meterd/meterd/internal/jstest"
 )
 
 // memLimit is the memory limit of the collector sidecar in deploy/ (its
@@ -36,7 +38,7 @@ func TestCollectorMemoryUnderAbuse(t *testing.T) {
 	bin := buildMeterd(t)
 	ns := startKillBroker(t)
 	t.Setenv("GOMEMLIMIT", "256MiB") // the child's; this process read its own at start
-	addr := "127.0.0.1:" + strconv.Itoa(killFreePort(t))
+	addr := "127.0.0.1:" + strconv.Itoa(jstest.FreePort(t))
 	const readTimeout = 10 * time.Second
 	col := startKillProc(t, bin, addr, "collector", "--insecure", "--nats-url", ns.URL(), "--spool-dir", t.TempDir(),
 		"--listen", addr, "--log-format", "text", "--read-timeout", readTimeout.String())

@@ -15,6 +15,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/meterd/meterd/internal/jstest"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -64,7 +65,7 @@ func TestCollectorReadyWhileNATSAway(t *testing.T) {
 	if _, err := ns.js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: schemas.BlocklistBucket, History: 1}); err != nil {
 		t.Fatal(err)
 	}
-	addr := "127.0.0.1:" + strconv.Itoa(killFreePort(t))
+	addr := "127.0.0.1:" + strconv.Itoa(jstest.FreePort(t))
 	const spoolMax, maxBody = 256 << 10, 64 << 10
 	col := startKillProc(t, bin, addr, "collector", "--insecure", "--nats-url", ns.URL(), "--max-body-bytes", strconv.Itoa(maxBody),
 		"--spool-dir", t.TempDir(), "--spool-max-bytes", strconv.Itoa(spoolMax), "--listen", addr, "--log-format", "text")
@@ -152,7 +153,7 @@ func TestDuplicateWindow(t *testing.T) {
 		defer cancel()
 		var stderr lockedBuffer
 		code := make(chan int, 1)
-		addr := "127.0.0.1:" + strconv.Itoa(killFreePort(t))
+		addr := "127.0.0.1:" + strconv.Itoa(jstest.FreePort(t))
 		go func() {
 			code <- run(ctx, []string{"aggregator", "--insecure", "--nats-url", ns.URL(), "--nats-replicas", "1",
 				"--sqlite-path", filepath.Join(t.TempDir(), "meterd.db"), "--listen", addr, "--duplicate-window", "17m"}, io.Discard, &stderr)

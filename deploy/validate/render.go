@@ -102,23 +102,20 @@ func (s *Set) add(y []byte) error {
 }
 
 // configMap returns the ConfigMap called name, or nil.
-func (s *Set) configMap(name string) *corev1.ConfigMap {
-	for _, c := range s.ConfigMaps {
-		if c.Name == name {
-			return c
-		}
-	}
-	return nil
-}
+func (s *Set) configMap(name string) *corev1.ConfigMap { return byName(s.ConfigMaps, name) }
 
 // secret returns the Secret called name, or nil.
-func (s *Set) secret(name string) *corev1.Secret {
-	for _, c := range s.Secrets {
-		if c.Name == name {
-			return c
+func (s *Set) secret(name string) *corev1.Secret { return byName(s.Secrets, name) }
+
+// byName returns the object of objs called name, or nil.
+func byName[T interface{ GetName() string }](objs []T, name string) T {
+	for _, o := range objs {
+		if o.GetName() == name {
+			return o
 		}
 	}
-	return nil
+	var none T
+	return none
 }
 
 // secretValue returns a Secret's key from data or stringData.

@@ -148,7 +148,8 @@ func TestEnsureStreamsNeverAgeOut(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(ns.Shutdown)
+	// Shutdown returns before the file store's goroutines end: wait for them.
+	t.Cleanup(func() { ns.Shutdown(); ns.WaitForShutdown() })
 	nc, err := nats.Connect(ns.ClientURL())
 	if err != nil {
 		t.Fatal(err)

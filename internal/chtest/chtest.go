@@ -20,12 +20,12 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+	"go.uber.org/goleak"
 
 	"github.com/meterd/meterd/internal/proctest"
 )
@@ -86,9 +86,20 @@ func DSN(t testing.TB) string {
 	return "clickhouse://" + shared.addr + "/" + name
 }
 
-// Main runs the tests and then stops the private server, if one was started.
-func Main(m *testing.M) {
-	code := m.Run()
+// Main runs the tests, stops the private server, if one was started, and
+// then fails the run if a goroutine is left (goleak, with opts ignoring the
+// ones the package's tests name): a test package using DSN has its
+// goroutine-leak check here.
+func Main(m *testing.M, opts ...goleak.Option) {
+	goleak.VerifyTestMain(teardown{m}, opts...)
+}
+
+// teardown runs the tests and then closes what DSN opened, so that goleak
+// does not count the server's watcher or the admin connection.
+type teardown struct{ m *testing.M }
+
+func (t teardown) Run() int {
+	code := t.m.Run()
 	if shared.admin != nil {
 		shared.admin.Close()
 	}
@@ -97,7 +108,7 @@ func Main(m *testing.M) {
 			fmt.Fprintf(os.Stderr, "chtest: stop clickhouse-server: %v\n", err)
 		}
 	}
-	os.Exit(code)
+	return code
 }
 
 func setup() {
@@ -140,14 +151,6 @@ func databaseName(test string) string {
 	var suffix [4]byte
 	rand.Read(suffix[:])
 	return b.String() + "_" + hex.EncodeToString(suffix[:])
-}
-
-// server is a private clickhouse-server in a temporary directory.
-type server struct {
-	addr   string
-	dir    string
-	cmd    *exec.Cmd
-	exited chan struct{}
 }
 
 // startServer starts clickhouse-server on free ports with all its files in a
@@ -226,11 +229,6 @@ func tryStart(bin string) (*server, error) {
 // launch runs clickhouse-server on ports with its files in dir and waits
 // until it answers; on failure the process is gone and dir is left.
 func launch(bin string, ports []int, dir string) (*server, error) {
-	out, err := os.OpenFile(filepath.Join(dir, "stdout"), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
-	if err != nil {
-		return nil, err
-	}
-	defer out.Close()
 	// Options after "--" override the configuration file. As root, 18.16
 	// runs as is; newer releases refuse only data owned by another user,
 	// and this directory is the process's own.
@@ -247,74 +245,40 @@ func launch(bin string, ports []int, dir string) (*server, error) {
 		"--logger.errorlog="+dir+"/err",
 	)
 	cmd.Dir = dir
-	cmd.Stdout, cmd.Stderr = out, out
-	cmd.SysProcAttr = proctest.SysProcAttr()
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start %s: %w", bin, err)
-	}
-	s := &server{addr: fmt.Sprintf("127.0.0.1:%d", ports[0]), dir: dir, cmd: cmd, exited: make(chan struct{})}
-	go func() { cmd.Wait(); close(s.exited) }()
-	if err := s.waitReady(); err != nil {
-		s.halt()
+	addr := fmt.Sprintf("127.0.0.1:%d", ports[0])
+	conn, err := clickhouse.Open(&clickhouse.Options{Addr: []string{addr}, DialTimeout: time.Second})
+	if err != nil {
 		return nil, err
 	}
-	return s, nil
-}
-
-// waitReady waits until the server answers a ping.
-func (s *server) waitReady() error {
-	conn, err := clickhouse.Open(&clickhouse.Options{Addr: []string{s.addr}, DialTimeout: time.Second})
-	if err != nil {
-		return err
-	}
 	defer conn.Close()
-	deadline := time.Now().Add(startTimeout)
-	for {
+	ping := func() error {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		err := conn.Ping(ctx)
-		cancel()
-		if err == nil {
-			return nil
-		}
-		select {
-		case <-s.exited:
-			return fmt.Errorf("clickhouse-server exited at start: %s", s.logTail())
-		case <-time.After(50 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("clickhouse-server did not answer within %s: %v; %s", startTimeout, err, s.logTail())
-		}
+		defer cancel()
+		return conn.Ping(ctx)
 	}
-}
-
-func (s *server) logTail() string {
-	var b strings.Builder
-	for _, f := range []string{"stdout", "err"} {
-		data, _ := os.ReadFile(filepath.Join(s.dir, f))
+	p, err := proctest.Launch(cmd, filepath.Join(dir, "stdout"), ping, startTimeout)
+	if err != nil {
+		// The server writes why it failed to its error log, not stdout.
+		data, _ := os.ReadFile(filepath.Join(dir, "err"))
 		if len(data) > 2000 {
 			data = data[len(data)-2000:]
 		}
-		fmt.Fprintf(&b, "%s: %s\n", f, data)
+		return nil, fmt.Errorf("clickhouse-server: %w; err: %s", err, data)
 	}
-	return b.String()
+	return &server{Process: p, addr: addr, dir: dir}, nil
+}
+
+// server is a private clickhouse-server with its files in dir.
+type server struct {
+	*proctest.Process
+	addr string
+	dir  string
 }
 
 // stop terminates the server and removes its directory.
 func (s *server) stop() error {
-	s.halt()
+	s.Stop()
 	return os.RemoveAll(s.dir)
-}
-
-// halt terminates the server, killing it if it does not exit in time, and
-// keeps its directory.
-func (s *server) halt() {
-	s.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-s.exited:
-	case <-time.After(15 * time.Second):
-		s.cmd.Process.Kill()
-		<-s.exited
-	}
 }
 
 // Server is a private clickhouse-server a fault test owns: it can be stopped
@@ -357,7 +321,7 @@ func (s *Server) DSN(db string) string { return "clickhouse://" + s.Addr() + "/"
 // Stop terminates the server, keeping its data; it is a no-op when stopped.
 func (s *Server) Stop() {
 	if s.cur != nil {
-		s.cur.halt()
+		s.cur.Stop()
 		s.cur = nil
 	}
 }

@@ -20,7 +20,7 @@ func ServerCPU() (cpu time.Duration, ok bool) {
 	if shared.srv == nil {
 		return 0, false
 	}
-	d, err := processCPU(shared.srv.cmd.Process.Pid)
+	d, err := processCPU(shared.srv.Pid())
 	return d, err == nil
 }
 

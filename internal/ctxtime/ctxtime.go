@@ -1,5 +1,5 @@
 // Package ctxtime holds the waits every long-running component shares:
-// a sleep that a cancelled context cuts short.
+// a sleep that a cancelled context cuts short, and a periodic round.
 package ctxtime
 
 import (
@@ -17,5 +17,21 @@ func Sleep(ctx context.Context, d time.Duration) bool {
 		return false
 	case <-t.C:
 		return true
+	}
+}
+
+// Every calls fn at once and then every d until ctx ends; it returns when
+// ctx ends, never while fn runs. A call that overruns d delays the next one
+// rather than piling them up.
+func Every(ctx context.Context, d time.Duration, fn func()) {
+	t := time.NewTicker(d)
+	defer t.Stop()
+	for {
+		fn()
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
 	}
 }

@@ -20,3 +20,26 @@ func TestSleep(t *testing.T) {
 		t.Fatalf("Sleep with a cancelled context took %s", d)
 	}
 }
+
+// Every calls at once, then once per period, and returns once the context
+// ends.
+func TestEvery(t *testing.T) {
+	ctx, cancel := context.WithCancel(t.Context())
+	calls := 0
+	start := time.Now()
+	Every(ctx, 20*time.Millisecond, func() {
+		calls++
+		if calls == 1 && time.Since(start) > 10*time.Millisecond {
+			t.Errorf("first call after %s, want at once", time.Since(start))
+		}
+		if calls == 3 {
+			cancel()
+		}
+	})
+	if calls != 3 {
+		t.Errorf("fn called %d times, want 3: Every must return once the context ended", calls)
+	}
+	if d := time.Since(start); d < 40*time.Millisecond {
+		t.Errorf("3 calls took %s, want at least 2 periods (40ms)", d)
+	}
+}

@@ -9,27 +9,13 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/meterd/meterd/internal/broker"
+	"github.com/meterd/meterd/internal/jstest"
 	"github.com/meterd/meterd/internal/lease"
 )
 
 func newJS(t *testing.T) jetstream.JetStream {
 	t.Helper()
-	ns, err := broker.StartEmbedded(broker.EmbeddedConfig{Dir: t.TempDir(), Port: -1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(ns.Shutdown)
-	nc, err := broker.Connect(broker.ConnConfig{URL: ns.ClientURL(), Name: "lease-test"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return js
+	return jstest.Start(t, jstest.Config{}).JetStream()
 }
 
 const d = time.Second

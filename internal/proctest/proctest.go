@@ -87,14 +87,9 @@ type Spec struct {
 
 // Server is a process started by Start.
 type Server struct {
+	*Process
 	// Addr is the loopback host:port the server listens on.
 	Addr string
-
-	name     string
-	cmd      *exec.Cmd
-	log      string // file with the process's stdout and stderr
-	exited   chan struct{}
-	stopOnce sync.Once
 }
 
 // attempts is how often Start tries a port: another process may take the
@@ -124,7 +119,7 @@ func Start(t testing.TB, spec Spec) *Server {
 			t.Cleanup(func() {
 				s.Stop()
 				if t.Failed() {
-					t.Logf("%s output (end):\n%s", s.name, s.Log(16<<10))
+					t.Logf("%s output (end):\n%s", spec.Name, s.Log(16<<10))
 				}
 			})
 			return s
@@ -145,25 +140,44 @@ var (
 )
 
 func launch(spec Spec, addr, logPath string) (*Server, error) {
-	out, err := os.Create(logPath)
+	p, err := Launch(spec.Command(addr), logPath, func() error { return spec.Ready(addr) }, spec.Timeout)
+	if err != nil {
+		return nil, fmt.Errorf("on %s: %w", addr, err)
+	}
+	return &Server{Process: p, Addr: addr}, nil
+}
+
+// Process is a server process started by Launch.
+type Process struct {
+	cmd      *exec.Cmd
+	log      string // file with the process's stdout and stderr
+	exited   chan struct{}
+	stopOnce sync.Once
+}
+
+// Launch starts cmd, its stdout and stderr appended to the file logPath,
+// and waits until ready returns nil. If the process exits first (an error
+// wrapping errAddrInUse when its port was taken) or timeout passes, it
+// returns an error with the end of the output, and the process is gone.
+func Launch(cmd *exec.Cmd, logPath string, ready func() error, timeout time.Duration) (*Process, error) {
+	out, err := os.OpenFile(logPath, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
 	if err != nil {
 		return nil, err
 	}
 	defer out.Close()
-	cmd := spec.Command(addr)
 	cmd.Stdout, cmd.Stderr = out, out
 	cmd.SysProcAttr = SysProcAttr()
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start %s: %w", cmd.Path, err)
 	}
-	s := &Server{Addr: addr, name: spec.Name, cmd: cmd, log: logPath, exited: make(chan struct{})}
-	go func() { cmd.Wait(); close(s.exited) }()
-	deadline := time.Now().Add(spec.Timeout)
+	p := &Process{cmd: cmd, log: logPath, exited: make(chan struct{})}
+	go func() { cmd.Wait(); close(p.exited) }()
+	deadline := time.Now().Add(timeout)
 	for {
-		err := spec.Ready(addr)
+		err := ready()
 		select {
-		case <-s.exited:
-			out := s.Log(4 << 10)
+		case <-p.exited:
+			out := p.Log(4 << 10)
 			err := fmt.Errorf("%s %w (%s): %s", strings.Join(cmd.Args, " "), errExited, cmd.ProcessState, out)
 			if strings.Contains(out, "address already in use") {
 				err = fmt.Errorf("%w: %w", errAddrInUse, err)
@@ -172,11 +186,11 @@ func launch(spec Spec, addr, logPath string) (*Server, error) {
 		default:
 		}
 		if err == nil {
-			return s, nil
+			return p, nil
 		}
 		if time.Now().After(deadline) {
-			s.Stop()
-			return nil, fmt.Errorf("%s not ready on %s within %s: %v; output: %s", strings.Join(cmd.Args, " "), addr, spec.Timeout, err, s.Log(4<<10))
+			p.Stop()
+			return nil, fmt.Errorf("%s not ready within %s: %v; output: %s", strings.Join(cmd.Args, " "), timeout, err, p.Log(4<<10))
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -190,23 +204,26 @@ func dial(addr string) error {
 	return c.Close()
 }
 
-// Stop sends the server SIGTERM and kills it if it has not exited 10 s
-// later. It is idempotent.
-func (s *Server) Stop() {
-	s.stopOnce.Do(func() {
-		s.cmd.Process.Signal(syscall.SIGTERM)
+// Stop sends the process SIGTERM and kills it if it has not exited 15 s
+// later (a server may flush its data first). It is idempotent.
+func (p *Process) Stop() {
+	p.stopOnce.Do(func() {
+		p.cmd.Process.Signal(syscall.SIGTERM)
 		select {
-		case <-s.exited:
-		case <-time.After(10 * time.Second):
-			s.cmd.Process.Kill()
-			<-s.exited
+		case <-p.exited:
+		case <-time.After(15 * time.Second):
+			p.cmd.Process.Kill()
+			<-p.exited
 		}
 	})
 }
 
-// Log returns the last n bytes of the server's stdout and stderr.
-func (s *Server) Log(n int) string {
-	data, err := os.ReadFile(s.log)
+// Pid is the process's id.
+func (p *Process) Pid() int { return p.cmd.Process.Pid }
+
+// Log returns the last n bytes of the process's stdout and stderr.
+func (p *Process) Log(n int) string {
+	data, err := os.ReadFile(p.log)
 	if err != nil {
 		return err.Error()
 	}

@@ -10,6 +10,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"go.uber.org/goleak"
 )
 
 // envServe makes the test binary a server for these tests: it listens on
@@ -22,7 +24,8 @@ func TestMain(m *testing.M) {
 		serve(addr)
 		return
 	}
-	os.Exit(m.Run())
+	// Fail the tests if a goroutine outlives them.
+	goleak.VerifyTestMain(m)
 }
 
 func serve(addr string) {
