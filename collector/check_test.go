@@ -260,11 +260,10 @@ func TestCheckUnusableRequestIDIsHashed(t *testing.T) {
 	}
 }
 
-// A stale gate under the deny policy answers 503 with Retry-After (the time
-// in which it usually hears from the enforcer again), so gateways and their
-// clients retry instead of giving up.
-func TestCheckStaleDenyRetryAfter(t *testing.T) {
-	env := newIngestEnv(t, func(c *Config) {
+// newStaleDenyEnv is a collector whose gate is stale (the enforcer's last
+// heartbeat an hour before the gate's clock) under the deny policy.
+func newStaleDenyEnv(t testing.TB) *ingestEnv {
+	return newIngestEnv(t, func(c *Config) {
 		kv, err := createBlocklist(c)
 		if err != nil {
 			t.Fatal(err)
@@ -290,6 +289,13 @@ func TestCheckStaleDenyRetryAfter(t *testing.T) {
 		}
 		c.Gate = g
 	})
+}
+
+// A stale gate under the deny policy answers 503 with Retry-After (the time
+// in which it usually hears from the enforcer again), so gateways and their
+// clients retry instead of giving up.
+func TestCheckStaleDenyRetryAfter(t *testing.T) {
+	env := newStaleDenyEnv(t)
 	req, _ := http.NewRequest(http.MethodGet, env.srv.URL+"/v1/check", nil)
 	req.Header.Set("X-Tenant-ID", "initech")
 	resp, err := http.DefaultClient.Do(req)
