@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"maps"
 	"net/http"
 	"net/http/httptest"
 	"strconv"
@@ -246,18 +245,7 @@ func TestCheckUnusableRequestIDIsHashed(t *testing.T) {
 		sum := sha256.Sum256([]byte(s))
 		return "initech/sha256:" + hex.EncodeToString(sum[:])
 	}
-	want := map[string]int{hashed(long): 2, hashed(other): 1, hashed("call-\xff"): 2, hashed("call-\xfe"): 1, "initech/" + exact: 2}
-	deadline := time.Now().Add(3 * time.Second)
-	for {
-		seen := env.streamEvents(t)
-		if maps.Equal(seen, want) {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("recorded ids %v, want %v", seen, want)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	env.waitStreamEvents(t, map[string]int{hashed(long): 2, hashed(other): 1, hashed("call-\xff"): 2, hashed("call-\xfe"): 1, "initech/" + exact: 2})
 }
 
 // newStaleDenyEnv is a collector whose gate is stale (the enforcer's last

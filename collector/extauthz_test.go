@@ -283,19 +283,10 @@ func TestExtAuthzAllowedCountedOnce(t *testing.T) {
 	if denied != wantDenied || len(okIDs)+denied != workers*perWorker {
 		t.Fatalf("%d answered OK and %d denied, want %d and %d", len(okIDs), denied, workers*perWorker-wantDenied, wantDenied)
 	}
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		seen := env.streamEvents(t)
-		if maps.Equal(seen, okIDs) {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the stream holds %d events, want exactly the %d ids answered OK, once each", len(seen), len(okIDs))
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	env.waitStreamEvents(t, okIDs) // the ids answered OK, once each
 	// Each event carries the meter and value of its call's headers.
-	got := streamValues(t, env)
+	got := map[string]string{}
+	env.eachStreamEvent(t, func(e schemas.Event) { got[e.Tenant+"/"+e.ID] = fmt.Sprintf("%s=%d", e.Meter, e.Value) })
 	for w := range workers {
 		for i := range perWorker {
 			tenant := []string{"initech", "hooli", "acme"}[(w+i)%3]
@@ -307,35 +298,6 @@ func TestExtAuthzAllowedCountedOnce(t *testing.T) {
 			}
 		}
 	}
-}
-
-// streamValues maps tenant/id of every event in the stream to meter=value.
-func streamValues(t testing.TB, env *checkEnv) map[string]string {
-	t.Helper()
-	ctx := t.Context()
-	s, err := env.js.Stream(ctx, schemas.UsageStream)
-	if err != nil {
-		t.Fatal(err)
-	}
-	info, err := s.Info(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	out := map[string]string{}
-	for seq := info.State.FirstSeq; seq <= info.State.LastSeq && info.State.Msgs > 0; seq++ {
-		m, err := s.GetMsg(ctx, seq)
-		if err != nil {
-			t.Fatal(err)
-		}
-		b, err := schemas.DecodeBatch(m.Header.Get(schemas.HeaderContentType), m.Data)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, e := range b.Events {
-			out[e.Tenant+"/"+e.ID] = fmt.Sprintf("%s=%d", e.Meter, e.Value)
-		}
-	}
-	return out
 }
 
 // A CheckRequest without X-Request-ID gets an id of the collector's own,
@@ -393,17 +355,7 @@ func TestExtAuthzLimits(t *testing.T) {
 	if err != nil || resp.GetStatus().GetCode() != int32(codes.OK) {
 		t.Fatalf("the second connection once the first closed: %v %v", resp, err)
 	}
-	deadline := time.Now().Add(3 * time.Second)
-	for {
-		seen := env.streamEvents(t)
-		if maps.Equal(seen, map[string]int{"initech/small": 1, "initech/second": 1}) {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("stream holds %v, want the two allowed checks", seen)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	env.waitStreamEvents(t, map[string]int{"initech/small": 1, "initech/second": 1})
 }
 
 // Shutdown: with a client still connected, ServeGRPC returns promptly once
