@@ -97,7 +97,7 @@ func (l *GRPCLimits) validate() error {
 // /v1/check would send, which Envoy passes to the client.
 //
 // Once ctx ends, the server stops accepting and waits up to grace for the
-// checks in flight, then closes every connection. Stop it before the
+// checks in flight, then closes every connection and returns an error. Stop it before the
 // collector's Run (as the HTTP server): an allowed call is recorded into
 // the pipeline Run flushes. ServeGRPC closes ln.
 func (c *Collector) ServeGRPC(ctx context.Context, ln net.Listener, grace time.Duration) error {
@@ -129,9 +129,11 @@ func (c *Collector) ServeGRPC(ctx context.Context, ln net.Listener, grace time.D
 	select {
 	case <-stopped:
 	case <-timer.C:
-		c.log.Warn("gRPC ext_authz checks still in flight after the shutdown grace; closing their connections", "grace", grace)
-		srv.Stop()
-		<-stopped
+		// As http.Server.Shutdown past its context: the connections are
+		// closed and their checks' clients told, without waiting for the
+		// handlers (a check never blocks, so they end at once).
+		go srv.Stop()
+		return fmt.Errorf("collector: gRPC ext_authz checks still in flight after the shutdown grace of %s; their connections are closed", grace)
 	}
 	if err := <-errc; err != nil && !errors.Is(err, grpc.ErrServerStopped) {
 		return fmt.Errorf("collector: gRPC ext_authz server: %w", err)

@@ -34,11 +34,18 @@ type grpcEnv struct {
 	conn   *grpc.ClientConn
 	stop   context.CancelFunc
 	done   chan error
+	// graceExpected: the test makes ServeGRPC outlast its grace.
+	graceExpected bool
 }
 
 // startGRPC serves col's ext_authz on a free loopback port until the end of
-// the test (or until stop) and dials it.
+// the test (or until stop) with a shutdown grace of 10 s, and dials it.
 func startGRPC(t testing.TB, col *Collector) *grpcEnv {
+	t.Helper()
+	return startGRPCGrace(t, col, 10*time.Second)
+}
+
+func startGRPCGrace(t testing.TB, col *Collector, grace time.Duration) *grpcEnv {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -46,12 +53,12 @@ func startGRPC(t testing.TB, col *Collector) *grpcEnv {
 	}
 	ctx, stop := context.WithCancel(context.Background())
 	g := &grpcEnv{stop: stop, done: make(chan error, 1)}
-	go func() { g.done <- col.ServeGRPC(ctx, ln, 10*time.Second) }()
+	go func() { g.done <- col.ServeGRPC(ctx, ln, grace) }()
 	g.conn = dialGRPC(t, ln.Addr().String())
 	g.client = authv3.NewAuthorizationClient(g.conn)
 	t.Cleanup(func() {
 		g.conn.Close()
-		if err := g.shutdown(); err != nil {
+		if err := g.shutdown(); err != nil && !g.graceExpected {
 			t.Errorf("ServeGRPC: %v", err)
 		}
 	})
@@ -364,7 +371,6 @@ func TestExtAuthzLimits(t *testing.T) {
 // server, its connections or its listener is left.
 func TestExtAuthzShutdownLeaksNothing(t *testing.T) {
 	env := newCheckEnv(t, nil)
-	before := grpcGoroutines()
 	g := startGRPC(t, env.col)
 	for i := range 20 {
 		if resp := g.check(t, map[string]string{"X-Tenant-ID": "initech", "X-Request-ID": fmt.Sprintf("c%d", i)}, false); resp.GetStatus().GetCode() != int32(codes.OK) {
@@ -385,18 +391,19 @@ func TestExtAuthzShutdownLeaksNothing(t *testing.T) {
 	deadline := time.Now().Add(5 * time.Second)
 	for {
 		left := grpcGoroutines()
-		if len(left) <= len(before) {
+		if len(left) == 0 {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("%d gRPC goroutines left after shutdown (%d before):\n%s", len(left), len(before), strings.Join(left, "\n\n"))
+			t.Fatalf("%d goroutines of the gRPC server left after shutdown:\n%s", len(left), strings.Join(left, "\n\n"))
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
 }
 
-// grpcGoroutines are the stacks of the goroutines running gRPC's code or
-// the connection-limiting listener.
+// grpcGoroutines are the stacks of the goroutines of a gRPC server: its
+// Serve loop, its connections' transports and stream handlers, the
+// connection-limiting listener and ServeGRPC itself (a client's are not).
 func grpcGoroutines() []string {
 	buf := make([]byte, 1<<20)
 	for {
@@ -409,10 +416,79 @@ func grpcGoroutines() []string {
 	}
 	var out []string
 	for _, g := range strings.Split(string(buf), "\n\n") {
-		if strings.Contains(g, "google.golang.org/grpc") || strings.Contains(g, "golang.org/x/net/netutil") ||
-			strings.Contains(g, "collector.(*Collector).ServeGRPC") {
+		if strings.Contains(g, "grpc.(*Server)") || strings.Contains(g, "transport.(*http2Server)") ||
+			strings.Contains(g, "transport.NewServerTransport") || strings.Contains(g, "golang.org/x/net/netutil") ||
+			strings.Contains(g, "collector.(*Collector).ServeGRPC") || strings.Contains(g, "collector.(*extAuthz)") {
 			out = append(out, g)
 		}
 	}
 	return out
+}
+
+// heldGate allows every tenant, but only once the test releases the check:
+// a check in flight for as long as the test wants.
+type heldGate struct {
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (g *heldGate) Check(string) gate.Verdict {
+	g.entered <- struct{}{}
+	<-g.release
+	return gate.Verdict{}
+}
+
+// A check in flight when the collector stops is answered (and recorded)
+// within the grace; past the grace its connection is closed, and ServeGRPC
+// returns then, not when the check would have ended.
+func TestExtAuthzGracefulStop(t *testing.T) {
+	held := &heldGate{entered: make(chan struct{}, 1), release: make(chan struct{})}
+	env := newIngestEnv(t, func(c *Config) { c.Gate = held })
+	call := func(g *grpcEnv, id string) chan error {
+		res := make(chan error, 1)
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			resp, err := g.client.Check(ctx, checkRequest(map[string]string{"X-Tenant-ID": "initech", "X-Request-ID": id}, false))
+			if err == nil && resp.GetStatus().GetCode() != int32(codes.OK) {
+				err = fmt.Errorf("not allowed: %v", resp)
+			}
+			res <- err
+		}()
+		<-held.entered
+		return res
+	}
+
+	g := startGRPCGrace(t, env.col, 5*time.Second)
+	res := call(g, "in-flight")
+	g.stop()
+	select {
+	case err := <-g.done:
+		t.Fatalf("ServeGRPC returned (%v) with a check in flight, within the grace", err)
+	case <-time.After(200 * time.Millisecond):
+	}
+	close(held.release)
+	if err := <-res; err != nil {
+		t.Fatalf("the check in flight at shutdown: %v, want it answered OK", err)
+	}
+	if err := g.shutdown(); err != nil {
+		t.Fatal(err)
+	}
+	env.waitStreamEvents(t, map[string]int{"initech/in-flight": 1})
+
+	held.release = make(chan struct{})
+	defer close(held.release)
+	g2 := startGRPCGrace(t, env.col, 300*time.Millisecond)
+	g2.graceExpected = true
+	res = call(g2, "past-grace")
+	start := time.Now()
+	if err := g2.shutdown(); err == nil || !strings.Contains(err.Error(), "after the shutdown grace") {
+		t.Fatalf("ServeGRPC past its grace: %v, want the error that says so", err)
+	}
+	if d := time.Since(start); d < 250*time.Millisecond || d > 3*time.Second {
+		t.Errorf("ServeGRPC returned %v after its context ended, want about its 300 ms grace", d)
+	}
+	if err := <-res; status.Code(err) != codes.Unavailable {
+		t.Errorf("the check held past the grace: %v, want Unavailable (its connection closed)", err)
+	}
 }
