@@ -13,7 +13,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -492,33 +491,4 @@ func TestExtAuthzGracefulStop(t *testing.T) {
 	if err := <-res; status.Code(err) != codes.Unavailable {
 		t.Errorf("the check held past the grace: %v, want Unavailable (its connection closed)", err)
 	}
-}
-
-// BenchmarkExtAuthzCheck is BenchmarkCheck over gRPC: Envoy's Check over
-// loopback for an allowed tenant, the call recorded as an event; each op
-// is one check, parallel clients on one connection (as one Envoy worker).
-func BenchmarkExtAuthzCheck(b *testing.B) {
-	env := newCheckEnv(b, func(c *Config) {
-		c.Now = time.Now
-		c.BatchMaxWait = DefaultBatchMaxWait
-		c.GRPC.MaxConcurrentStreams = 256
-	})
-	g := startGRPC(b, env.col)
-	var n atomic.Int64
-	b.ReportAllocs()
-	b.SetParallelism(4)
-	b.ResetTimer()
-	b.RunParallel(func(pb *testing.PB) {
-		for pb.Next() {
-			req := checkRequest(map[string]string{"X-Tenant-ID": "tenant-" + strconv.FormatInt(n.Add(1)%100, 10)}, false)
-			resp, err := g.client.Check(context.Background(), req)
-			if err != nil {
-				b.Fatal(err)
-			}
-			if resp.GetStatus().GetCode() != int32(codes.OK) {
-				b.Fatalf("not allowed: %v", resp)
-			}
-		}
-	})
-	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "req/s")
 }
