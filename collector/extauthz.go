@@ -97,9 +97,10 @@ func (l *GRPCLimits) validate() error {
 // /v1/check would send, which Envoy passes to the client.
 //
 // Once ctx ends, the server stops accepting and waits up to grace for the
-// checks in flight, then closes every connection and returns an error. Stop it before the
-// collector's Run (as the HTTP server): an allowed call is recorded into
-// the pipeline Run flushes. ServeGRPC closes ln.
+// checks in flight; past it, it closes every connection and returns an
+// error. Stop it before the collector's Run (as the HTTP server): an
+// allowed call is recorded into the pipeline Run flushes. ServeGRPC closes
+// ln.
 func (c *Collector) ServeGRPC(ctx context.Context, ln net.Listener, grace time.Duration) error {
 	if c.cfg.Gate == nil {
 		ln.Close()
@@ -119,6 +120,7 @@ func (c *Collector) ServeGRPC(ctx context.Context, ln net.Listener, grace time.D
 	go func() { errc <- srv.Serve(netutil.LimitListener(ln, l.MaxConnections)) }()
 	select {
 	case err := <-errc:
+		srv.Stop() // the connections the listener had accepted
 		return fmt.Errorf("collector: gRPC ext_authz server: %w", err)
 	case <-ctx.Done():
 	}
