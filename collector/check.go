@@ -34,7 +34,9 @@ var _ Gate = (*gate.Gate)(nil)
 // Traefik ForwardAuth, Caddy forward_auth and nginx auth_request: any method,
 // any path under /v1/check. It answers from the gate in memory — never
 // waiting on NATS, the enforcer or the store — 200 when the call may pass
-// (and records it as a usage event), or the block's 402 problem.
+// (and records it as a usage event), or the block's 402 problem. It is the
+// one decision of both transports: Envoy's gRPC Check (ServeGRPC) calls it
+// too, with the request Envoy describes, and sends what it writes.
 func (c *Collector) handleCheck(w http.ResponseWriter, r *http.Request) {
 	tenant, p := c.checkTenant(r)
 	if p != nil {

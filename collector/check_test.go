@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"maps"
 	"net/http"
 	"net/http/httptest"
 	"strconv"
@@ -246,25 +245,13 @@ func TestCheckUnusableRequestIDIsHashed(t *testing.T) {
 		sum := sha256.Sum256([]byte(s))
 		return "initech/sha256:" + hex.EncodeToString(sum[:])
 	}
-	want := map[string]int{hashed(long): 2, hashed(other): 1, hashed("call-\xff"): 2, hashed("call-\xfe"): 1, "initech/" + exact: 2}
-	deadline := time.Now().Add(3 * time.Second)
-	for {
-		seen := env.streamEvents(t)
-		if maps.Equal(seen, want) {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("recorded ids %v, want %v", seen, want)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	env.waitStreamEvents(t, map[string]int{hashed(long): 2, hashed(other): 1, hashed("call-\xff"): 2, hashed("call-\xfe"): 1, "initech/" + exact: 2})
 }
 
-// A stale gate under the deny policy answers 503 with Retry-After (the time
-// in which it usually hears from the enforcer again), so gateways and their
-// clients retry instead of giving up.
-func TestCheckStaleDenyRetryAfter(t *testing.T) {
-	env := newIngestEnv(t, func(c *Config) {
+// newStaleDenyEnv is a collector whose gate is stale (the enforcer's last
+// heartbeat an hour before the gate's clock) under the deny policy.
+func newStaleDenyEnv(t testing.TB) *ingestEnv {
+	return newIngestEnv(t, func(c *Config) {
 		kv, err := createBlocklist(c)
 		if err != nil {
 			t.Fatal(err)
@@ -290,6 +277,13 @@ func TestCheckStaleDenyRetryAfter(t *testing.T) {
 		}
 		c.Gate = g
 	})
+}
+
+// A stale gate under the deny policy answers 503 with Retry-After (the time
+// in which it usually hears from the enforcer again), so gateways and their
+// clients retry instead of giving up.
+func TestCheckStaleDenyRetryAfter(t *testing.T) {
+	env := newStaleDenyEnv(t)
 	req, _ := http.NewRequest(http.MethodGet, env.srv.URL+"/v1/check", nil)
 	req.Header.Set("X-Tenant-ID", "initech")
 	resp, err := http.DefaultClient.Do(req)
@@ -307,37 +301,57 @@ func TestCheckStaleDenyRetryAfter(t *testing.T) {
 }
 
 // BenchmarkCheck compares /v1/check over loopback (allowed tenant, the call
-// recorded as an event) with an empty Go handler in the same run. Each op is
-// one request; parallel clients keep both cores busy.
+// recorded as an event) with an empty Go handler in the same run, and with
+// the same check over Envoy's gRPC ext_authz (grpc: one connection, as one
+// Envoy worker). Each op is one request; parallel clients keep both cores
+// busy.
 func BenchmarkCheck(b *testing.B) {
 	env := newCheckEnv(b, func(c *Config) { c.Now = time.Now; c.BatchMaxWait = DefaultBatchMaxWait })
 	empty := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(200) }))
 	b.Cleanup(empty.Close)
-	run := func(b *testing.B, url string) {
-		client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
+	run := func(b *testing.B, check func(tenant string) error) {
 		var n atomic.Int64
 		b.ReportAllocs()
 		b.SetParallelism(4)
 		b.ResetTimer()
 		b.RunParallel(func(pb *testing.PB) {
 			for pb.Next() {
-				req, _ := http.NewRequest(http.MethodGet, url, nil)
-				req.Header.Set("X-Tenant-ID", "tenant-"+strconv.FormatInt(n.Add(1)%100, 10))
-				resp, err := client.Do(req)
-				if err != nil {
+				if err := check("tenant-" + strconv.FormatInt(n.Add(1)%100, 10)); err != nil {
 					b.Fatal(err)
-				}
-				io.Copy(io.Discard, resp.Body)
-				resp.Body.Close()
-				if resp.StatusCode != 200 {
-					b.Fatalf("status %d", resp.StatusCode)
 				}
 			}
 		})
 		b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "req/s")
 	}
-	b.Run("empty-handler", func(b *testing.B) { run(b, empty.URL+"/") })
-	b.Run("check", func(b *testing.B) { run(b, env.srv.URL+"/v1/check") })
+	overHTTP := func(url string) func(string) error {
+		client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
+		return func(tenant string) error {
+			req, _ := http.NewRequest(http.MethodGet, url, nil)
+			req.Header.Set("X-Tenant-ID", tenant)
+			resp, err := client.Do(req)
+			if err != nil {
+				return err
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != 200 {
+				return fmt.Errorf("status %d", resp.StatusCode)
+			}
+			return nil
+		}
+	}
+	b.Run("empty-handler", func(b *testing.B) { run(b, overHTTP(empty.URL+"/")) })
+	b.Run("check", func(b *testing.B) { run(b, overHTTP(env.srv.URL+"/v1/check")) })
+	b.Run("grpc", func(b *testing.B) {
+		g := startGRPC(b, env.col)
+		run(b, func(tenant string) error {
+			resp, err := g.client.Check(context.Background(), checkRequest(map[string]string{"X-Tenant-ID": tenant}, false))
+			if err == nil && resp.GetStatus().GetCode() != 0 {
+				err = fmt.Errorf("not allowed: %v", resp)
+			}
+			return err
+		})
+	})
 }
 
 // With NATS away and the spool full, an allowed check is still answered 200

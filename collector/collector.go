@@ -107,6 +107,9 @@ type Config struct {
 	// DontRecordChecks stops /v1/check from recording allowed calls as
 	// usage events (by default each is one event of X-Meter, X-Meter-Value).
 	DontRecordChecks bool
+	// GRPC bounds the Envoy ext_authz gRPC server (ServeGRPC), which
+	// answers as /v1/check does.
+	GRPC GRPCLimits
 	// MaxEventAge is the late-event bound (default 35 days).
 	MaxEventAge time.Duration
 	// Now is the clock (default time.Now).
@@ -134,6 +137,9 @@ func (c *Config) Validate() error {
 	}
 	if c.BatchMaxBytes > 0 && c.BatchMaxBytes < MinBatchMaxBytes {
 		errs = append(errs, fmt.Errorf("collector: BatchMaxBytes %d is below %d: a batch would hold hardly an event", c.BatchMaxBytes, MinBatchMaxBytes))
+	}
+	if err := c.GRPC.validate(); err != nil {
+		errs = append(errs, err)
 	}
 	if len(errs) > 0 {
 		return errors.Join(errs...)

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -122,6 +123,13 @@ func (env *ingestEnv) post(t testing.TB, r ingestReq) (*http.Response, []byte) {
 // streamEvents returns every event in METERD_USAGE, keyed tenant/id, with
 // how often each appears.
 func (env *ingestEnv) streamEvents(t testing.TB) map[string]int {
+	seen := map[string]int{}
+	env.eachStreamEvent(t, func(e schemas.Event) { seen[e.Tenant+"/"+e.ID]++ })
+	return seen
+}
+
+// eachStreamEvent calls fn with every event in METERD_USAGE, in order.
+func (env *ingestEnv) eachStreamEvent(t testing.TB, fn func(schemas.Event)) {
 	t.Helper()
 	ctx := context.Background()
 	s, err := env.js.Stream(ctx, schemas.UsageStream)
@@ -132,7 +140,6 @@ func (env *ingestEnv) streamEvents(t testing.TB) map[string]int {
 	if err != nil {
 		t.Fatal(err)
 	}
-	seen := map[string]int{}
 	for seq := info.State.FirstSeq; seq <= info.State.LastSeq && info.State.Msgs > 0; seq++ {
 		m, err := s.GetMsg(ctx, seq)
 		if err != nil {
@@ -143,10 +150,27 @@ func (env *ingestEnv) streamEvents(t testing.TB) map[string]int {
 			t.Fatalf("message %d: %v", seq, err)
 		}
 		for _, e := range b.Events {
-			seen[e.Tenant+"/"+e.ID]++
+			fn(e)
 		}
 	}
-	return seen
+}
+
+// waitStreamEvents waits, up to 5 s, until the events in METERD_USAGE are
+// exactly want (tenant/id → how often), and fails with what is there
+// otherwise.
+func (env *ingestEnv) waitStreamEvents(t testing.TB, want map[string]int) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		seen := env.streamEvents(t)
+		if maps.Equal(seen, want) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the stream holds %d events %v, want exactly %d: %v", len(seen), seen, len(want), want)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 func TestIngestStatusCodes(t *testing.T) {

@@ -140,6 +140,7 @@ func collectorFlags(fs *flag.FlagSet, c *config.Collector, spoolDir string) {
 	fs.DurationVar(&c.StaleAfter, "stale-after", cmp.Or(c.StaleAfter, gate.DefaultStaleAfter), "the blocklist is stale after this long without an update or heartbeat")
 	fs.StringVar(&c.StalePolicy, "stale-policy", cmp.Or(c.StalePolicy, gate.Allow.String()), "/v1/check for tenants without a decision while the blocklist is stale: allow or deny (503)")
 	fs.BoolVar(&c.DontRecordChecks, "dont-record-checks", c.DontRecordChecks, "do not record allowed /v1/check calls as usage events")
+	fs.StringVar(&c.GRPCListen, "grpc-listen", c.GRPCListen, "address (host:port) of Envoy's gRPC ext_authz (envoy.service.auth.v3.Authorization), answered as /v1/check; empty serves none")
 }
 
 // policy parses an allow|deny flag.
@@ -310,6 +311,9 @@ type app struct {
 	routes  []func(*http.ServeMux)
 	workers []worker
 	closers []func() error
+	// servers serve besides the HTTP server (the collector's gRPC
+	// ext_authz) until their context ends, then stop within the grace.
+	servers []func(ctx context.Context, grace time.Duration) error
 }
 
 // onClose registers fn to run at shutdown; closers run in reverse order.
@@ -385,6 +389,17 @@ func (a *app) addCollector(nc *nats.Conn, c config.Collector, cat func() *catalo
 	a.checks["collector"] = col.Ready
 	a.routes = append(a.routes, col.Register)
 	a.workers = append(a.workers, col)
+	if c.GRPCListen != "" {
+		ln, err := net.Listen("tcp", c.GRPCListen)
+		if err != nil {
+			return fmt.Errorf("grpc-listen %s: %w", c.GRPCListen, err)
+		}
+		a.log.Info("serving Envoy gRPC ext_authz (envoy.service.auth.v3.Authorization)", "addr", ln.Addr().String())
+		a.onClose(func() error { ln.Close(); return nil }) // if run never starts; ServeGRPC closes it too
+		a.servers = append(a.servers, func(ctx context.Context, grace time.Duration) error {
+			return col.ServeGRPC(ctx, ln, grace)
+		})
+	}
 	return nil
 }
 
@@ -405,7 +420,7 @@ func (a *app) run(ctx context.Context) error {
 	wctx, stopWorkers := context.WithCancel(context.Background())
 	defer stopWorkers()
 	var wg sync.WaitGroup
-	errc := make(chan error, len(a.workers)+1)
+	errc := make(chan error, len(a.workers)+len(a.servers)+1)
 	for _, w := range a.workers {
 		wg.Add(1)
 		go func() {
@@ -426,12 +441,27 @@ func (a *app) run(ctx context.Context) error {
 		case <-sctx.Done():
 		}
 	}()
+	// The other servers stop with the HTTP server, before the workers: an
+	// allowed gRPC check is recorded into the collector's pipeline, which
+	// the workers flush.
+	var servers sync.WaitGroup
+	for _, srv := range a.servers {
+		servers.Add(1)
+		go func() {
+			defer servers.Done()
+			if err := srv(sctx, s.grace); err != nil {
+				errc <- err
+			}
+		}()
+	}
 	if a.ready != nil {
 		a.ready(ln.Addr().String())
 	} else {
 		a.log.Info(s.cmd+" listening", "addr", ln.Addr().String(), "nats", a.nc.ConnectedUrlRedacted())
 	}
 	err = serve.Server(sctx, ln, serve.NotFound(mux), s.timeouts, s.grace, a.log)
+	stopServer() // the HTTP server may have stopped by itself
+	servers.Wait()
 	a.log.Info("shutting down: HTTP stopped, flushing")
 	stopWorkers()
 	wg.Wait()

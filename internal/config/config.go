@@ -66,6 +66,10 @@ type Collector struct {
 	StaleAfter          time.Duration `yaml:"stale_after"`
 	StalePolicy         string        `yaml:"stale_policy"` // allow | deny
 	DontRecordChecks    bool          `yaml:"dont_record_checks"`
+	// GRPCListen is the address of Envoy's gRPC ext_authz
+	// (envoy.service.auth.v3.Authorization), answered as /v1/check; empty
+	// serves none.
+	GRPCListen string `yaml:"grpc_listen"`
 }
 
 // Aggregator holds the aggregator's settings. ClickHouse, when set, is the
