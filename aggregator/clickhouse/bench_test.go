@@ -73,7 +73,7 @@ func BenchmarkLookup(b *testing.B) {
 			b.Run(fmt.Sprintf("events=%d/new=%d", n, k*storetest.BatchEvents), func(b *testing.B) {
 				b.ReportAllocs()
 				for b.Loop() {
-					cands, index, _ := candidates(calls[:k])
+					cands, index, _ := candidates(calls[:k], false)
 					held, err := s.lookUp(b.Context(), cands, index)
 					if err != nil {
 						b.Fatal(err)

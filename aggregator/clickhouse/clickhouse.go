@@ -117,6 +117,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"log/slog"
 	"maps"
@@ -132,6 +133,7 @@ import (
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 
 	"github.com/meterd/meterd/aggregator"
+	"github.com/meterd/meterd/aggregator/keyindex"
 	"github.com/meterd/meterd/aggregator/rollup"
 	"github.com/meterd/meterd/internal/saturating"
 	"github.com/meterd/meterd/schemas"
@@ -148,6 +150,17 @@ type Config struct {
 	DSN string
 	// Logger receives the store's few log lines; nil discards them.
 	Logger *slog.Logger
+	// IndexDir, if set, is the directory of the writer's local dedup index
+	// (aggregator/keyindex): Apply looks events up there rather than in
+	// events, at a cost that does not grow with history. Only a writer
+	// (the aggregator) sets it; readers leave it empty.
+	IndexDir string
+	// Horizon is how long the index holds an event's key after its first
+	// copy was written (keyindex.DefaultHorizon if 0).
+	Horizon time.Duration
+	// IndexCacheBytes is the index's block cache, which must hold its Bloom
+	// filters: 1.2 GiB per billion keys (keyindex.DefaultCacheBytes if 0).
+	IndexCacheBytes int64
 }
 
 var databaseName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
@@ -190,6 +203,15 @@ type Store struct {
 	// closes; nil when none is open or pending is set.
 	open *intent
 
+	// index is the local dedup index, nil without Config.IndexDir; id is
+	// the store's identity and clockOffset how far the server's clock is
+	// ahead of this process's.
+	index       *keyindex.Index
+	id          string
+	clockOffset time.Duration
+	// stop ends the index's expiry, which closes expired when it is done.
+	stop, expired chan struct{}
+
 	closeOnce sync.Once
 	closeErr  error
 }
@@ -217,7 +239,34 @@ func New(ctx context.Context, cfg Config) (*Store, error) {
 		conn.Close()
 		return nil, fmt.Errorf("clickhouse: %w", err)
 	}
+	if cfg.IndexDir != "" {
+		if err := s.openIndex(ctx, cfg); err != nil {
+			conn.Close()
+			return nil, fmt.Errorf("clickhouse: %w", err)
+		}
+	}
 	return s, nil
+}
+
+// openIndex opens the dedup index and starts its expiry. The index is
+// brought up to date with the store before the first lookup
+// (recoverIntents).
+func (s *Store) openIndex(ctx context.Context, cfg Config) error {
+	var err error
+	if s.id, err = s.storeID(ctx); err != nil {
+		return fmt.Errorf("store identity: %w", err)
+	}
+	if err := s.measureClock(ctx); err != nil {
+		return fmt.Errorf("server clock: %w", err)
+	}
+	s.index, err = keyindex.Open(keyindex.Options{Dir: cfg.IndexDir, Horizon: cfg.Horizon,
+		CacheBytes: cfg.IndexCacheBytes, Logger: s.log})
+	if err != nil {
+		return err
+	}
+	s.stop, s.expired = make(chan struct{}), make(chan struct{})
+	go s.expireIndex(s.stop)
+	return nil
 }
 
 // createDatabase creates the DSN's database from a connection to the
@@ -322,7 +371,8 @@ type candidate struct {
 	e     *schemas.Event
 	batch string
 	hash  uint64
-	dims  string // DimsKey of e.Dimensions, once the lookup is done
+	key   keyindex.Key // with an index only
+	dims  string       // DimsKey of e.Dimensions, once the lookup is done
 }
 
 // Apply implements aggregator.Store; see the package documentation.
@@ -330,7 +380,7 @@ func (s *Store) Apply(ctx context.Context, batches []*schemas.Batch) ([]aggregat
 	if err := rollup.Check(batches); err != nil {
 		return nil, err
 	}
-	cands, index, in := candidates(batches)
+	cands, index, in := candidates(batches, s.index != nil)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err := s.recoverIntents(ctx); err != nil {
@@ -350,8 +400,9 @@ func (s *Store) Apply(ctx context.Context, batches []*schemas.Batch) ([]aggregat
 }
 
 // candidates returns the events of batches without repetitions, an index of
-// their keys to their positions, and the intent of writing all of them.
-func candidates(batches []*schemas.Batch) ([]candidate, map[rollup.EventID]int, intent) {
+// their keys to their positions, and the intent of writing all of them;
+// withKeys computes their keyindex keys too.
+func candidates(batches []*schemas.Batch, withKeys bool) ([]candidate, map[rollup.EventID]int, intent) {
 	n := 0
 	for _, b := range batches {
 		n += len(b.Events)
@@ -368,7 +419,11 @@ func candidates(batches []*schemas.Batch) ([]candidate, map[rollup.EventID]int, 
 				continue
 			}
 			index[k] = len(cands)
-			cands = append(cands, candidate{e: e, batch: b.ID, hash: keyHash(e.Tenant, e.ID)})
+			c := candidate{e: e, batch: b.ID, hash: keyHash(e.Tenant, e.ID)}
+			if withKeys {
+				c.key = keyindex.KeyOf(e.Tenant, e.ID)
+			}
+			cands = append(cands, c)
 			tenants[e.Tenant] = struct{}{}
 			h := rollup.Hour(rollup.Second(e.Time))
 			in.hours.From, in.hours.To = min(in.hours.From, h), max(in.hours.To, h+rollup.HourSeconds)
@@ -479,13 +534,18 @@ func (s *Store) write(ctx context.Context, cands []candidate, index map[rollup.E
 		dims []string
 		rows rollup.Rows
 		held []int
+		mark = keyindex.Mark{Store: s.id, Through: s.serverNow()}
 	)
 	err := parallel(
 		func() error { dims, rows = sumAll(cands); return nil },
 		func() error { return s.openIntent(ctx, in) },
 		func() error {
 			var err error
-			held, err = s.lookUp(ctx, cands, index)
+			if s.index != nil {
+				held, err = s.held(cands, mark.Through)
+			} else {
+				held, err = s.lookUp(ctx, cands, index)
+			}
 			return err
 		},
 	)
@@ -513,6 +573,11 @@ func (s *Store) write(ctx context.Context, cands []candidate, index map[rollup.E
 		func() error { return s.insertRollups(ctx, in.id+"-rollups", rows) })
 	if err != nil {
 		return nil, err
+	}
+	if s.index != nil {
+		if err := s.indexWritten(news, mark); err != nil {
+			return nil, err
+		}
 	}
 	return rows, nil
 }
@@ -727,6 +792,11 @@ func (s *Store) recoverIntents(ctx context.Context) error {
 			log = s.log.Warn
 		}
 		log("repaired the rollups of an open intent", "apply_id", in.id, "started_at", in.startedAt, "rows", len(deltas))
+	}
+	if s.index != nil {
+		if err := s.syncIndex(ctx); err != nil {
+			return err
+		}
 	}
 	s.pending = false
 	s.open = nil
@@ -964,6 +1034,11 @@ func (s *Store) Close() error {
 			s.open = nil
 		}
 		s.closeErr = s.conn.Close()
+		if s.index != nil {
+			close(s.stop)
+			<-s.expired
+			s.closeErr = errors.Join(s.closeErr, s.index.Close())
+		}
 	})
 	return s.closeErr
 }
