@@ -40,7 +40,7 @@ func runEnforcer(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	if err != nil {
 		return err
 	}
-	store, err := a.openStore(ctx, f.Aggregator)
+	store, err := a.openStore(ctx, f.Aggregator, false)
 	if err != nil {
 		return err
 	}
