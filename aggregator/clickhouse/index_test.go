@@ -2,10 +2,12 @@ package clickhouse
 
 import (
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/meterd/meterd/aggregator"
+	"github.com/meterd/meterd/aggregator/keyindex"
 	"github.com/meterd/meterd/internal/chtest"
 	"github.com/meterd/meterd/schemas"
 )
@@ -90,5 +92,22 @@ func TestIndexLoadsEventsWrittenWithoutIt(t *testing.T) {
 	s := newStore(t, dsn)
 	if n := applied(t, s, eventBatch("b", 0, 100, indexT0)); n != 20 {
 		t.Fatalf("with a new index: counted %d, want the 20 new", n)
+	}
+}
+
+// The index's load reads keys computed by the server: they must be
+// keyindex.KeyOf's, byte for byte, or a loaded index would miss every event.
+func TestServerComputesIndexKeys(t *testing.T) {
+	s := newStore(t, chtest.DSN(t))
+	for _, c := range []struct{ tenant, id string }{
+		{"acme", "e1"}, {"a", "bc"}, {"ab", "c"}, {"t-1.x_y", "ce:6:/s/src:héllo 🙂"}, {"t", strings.Repeat("x", 1000)},
+	} {
+		var got string
+		if err := s.conn.QueryRow(t.Context(), `SELECT substring(SHA256(concat(?, '\0', ?)), 1, 16)`, c.tenant, c.id).Scan(&got); err != nil {
+			t.Fatal(err)
+		}
+		if want := keyindex.KeyOf(c.tenant, c.id); got != string(want[:]) {
+			t.Errorf("(%q, %q): server key %x, KeyOf %x", c.tenant, c.id, got, want)
+		}
 	}
 }

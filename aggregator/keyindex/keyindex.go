@@ -245,12 +245,16 @@ func (ix *Index) Add(keys []Key, at time.Time, m Mark) error {
 	if err != nil {
 		return err
 	}
+	// In key order, the memtable inserts each key next to the one before
+	// instead of searching its skiplist from the top: a third of the cost.
+	sorted := slices.Clone(keys)
+	slices.SortFunc(sorted, func(a, b Key) int { return compareKeys(&a, &b) })
 	b := ix.db.NewBatchWithSize(len(keys)*30 + 64)
 	defer b.Close()
 	var v [4]byte
 	binary.BigEndian.PutUint32(v[:], minuteOf(at))
-	for i := range keys {
-		if err := b.Set(keys[i][:], v[:], nil); err != nil {
+	for i := range sorted {
+		if err := b.Set(sorted[i][:], v[:], nil); err != nil {
 			return fmt.Errorf("keyindex: add: %w", err)
 		}
 	}
