@@ -40,6 +40,7 @@
 package keyindex
 
 import (
+	"cmp"
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/json"
@@ -227,13 +228,10 @@ func (ix *Index) Held(keys []Key, now time.Time) ([]bool, error) {
 	return held, nil
 }
 
+// compareKeys orders keys as bytes, compared as two big-endian integers.
 func compareKeys(a, b *Key) int {
-	for i := range a {
-		if a[i] != b[i] {
-			return int(a[i]) - int(b[i])
-		}
-	}
-	return 0
+	be := binary.BigEndian
+	return cmp.Or(cmp.Compare(be.Uint64(a[:8]), be.Uint64(b[:8])), cmp.Compare(be.Uint64(a[8:]), be.Uint64(b[8:])))
 }
 
 // Add records keys as added at at, and the mark m, in one atomic write. The

@@ -2,14 +2,18 @@ package keyindex
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
@@ -83,20 +87,32 @@ func (l *Loader) Finish(ctx context.Context, m Mark) error {
 	if l.err != nil {
 		return l.err
 	}
-	var tables []string
-	for i := range l.files {
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		ts, err := l.writeBucket(i, len(tables))
-		if err != nil {
-			return fmt.Errorf("keyindex: load: %w", err)
-		}
-		tables = append(tables, ts...)
+	// Two buckets at a time: sorting and writing tables is most of a
+	// load's CPU.
+	var (
+		tables [256][]string
+		errs   [256]error
+		next   atomic.Int32
+		wg     sync.WaitGroup
+	)
+	for range 2 {
+		wg.Go(func() {
+			for i := int(next.Add(1) - 1); i < len(l.files) && ctx.Err() == nil; i = int(next.Add(1) - 1) {
+				tables[i], errs[i] = l.writeBucket(i)
+			}
+		})
 	}
-	if len(tables) > 0 {
+	wg.Wait()
+	if err := cmp.Or(errors.Join(errs[:]...), ctx.Err()); err != nil {
+		return fmt.Errorf("keyindex: load: %w", err)
+	}
+	var all []string
+	for _, ts := range tables {
+		all = append(all, ts...)
+	}
+	if len(all) > 0 {
 		l.ix.mu.Lock()
-		err := l.ix.db.Ingest(ctx, tables)
+		err := l.ix.db.Ingest(ctx, all)
 		l.ix.mu.Unlock()
 		if err != nil {
 			return fmt.Errorf("keyindex: load: ingest: %w", err)
@@ -105,8 +121,8 @@ func (l *Loader) Finish(ctx context.Context, m Mark) error {
 	return l.ix.Add(nil, time.Time{}, m)
 }
 
-// writeBucket sorts bucket i and writes it as tables numbered from seq on.
-func (l *Loader) writeBucket(i, seq int) ([]string, error) {
+// writeBucket sorts bucket i and writes it as tables.
+func (l *Loader) writeBucket(i int) ([]string, error) {
 	if err := l.writers[i].Flush(); err != nil {
 		return nil, err
 	}
@@ -128,12 +144,12 @@ func (l *Loader) writeBucket(i, seq int) ([]string, error) {
 		copy(recs[j][:], data[j*recordSize:])
 	}
 	data = nil
-	// Key order, and the latest minute first among equal keys.
+	// Key order, and the latest minute first among equal keys: the
+	// records compared as three big-endian integers.
 	slices.SortFunc(recs, func(a, b [recordSize]byte) int {
-		if c := compareKeys((*Key)(a[:16]), (*Key)(b[:16])); c != 0 {
-			return c
-		}
-		return -compareBytes(a[16:], b[16:])
+		be := binary.BigEndian
+		return cmp.Or(cmp.Compare(be.Uint64(a[:8]), be.Uint64(b[:8])), cmp.Compare(be.Uint64(a[8:16]), be.Uint64(b[8:16])),
+			cmp.Compare(be.Uint32(b[16:]), be.Uint32(a[16:])))
 	})
 	var (
 		tables []string
@@ -147,7 +163,7 @@ func (l *Loader) writeBucket(i, seq int) ([]string, error) {
 		}
 		last = r[:16]
 		if w == nil {
-			path := filepath.Join(l.dir, fmt.Sprintf("table-%06d.sst", seq+len(tables)))
+			path := filepath.Join(l.dir, fmt.Sprintf("table-%03d-%06d.sst", i, len(tables)))
 			if w, err = l.newTable(path); err != nil {
 				return nil, err
 			}
@@ -169,15 +185,6 @@ func (l *Loader) writeBucket(i, seq int) ([]string, error) {
 		}
 	}
 	return tables, nil
-}
-
-func compareBytes(a, b []byte) int {
-	for i := range min(len(a), len(b)) {
-		if a[i] != b[i] {
-			return int(a[i]) - int(b[i])
-		}
-	}
-	return len(a) - len(b)
 }
 
 // newTable creates a table the index can ingest into its last level.
