@@ -12,14 +12,16 @@
 // partition of a block), so the store builds exactly-once from lookups and an
 // intent log:
 //
-//   - The raw table events, ORDER BY (tenant, id), is the source of truth and
-//     the dedup index. Apply drops events that appear earlier in the call,
-//     looks up which of the rest events already holds (one query; the
-//     candidates travel as an external table and are matched on key_hash, a
-//     64-bit hash of (tenant, id), then compared exactly; a call of few
-//     candidates also narrows the granules read through the primary key), and
-//     inserts only the new ones. A retried event counts once however long ago
-//     the first copy came, and so does every event of a redelivered batch.
+//   - The raw table events, ORDER BY (tenant, id), is the source of truth.
+//     Apply drops events that appear earlier in the call, looks up which of
+//     the rest the store holds already, and inserts only the new ones. With
+//     a dedup index (Config.IndexDir, next section) the lookup is local;
+//     without one it is a query of events (the candidates travel as an
+//     external table and are matched on key_hash, a 64-bit hash of (tenant,
+//     id), then compared exactly; a call of few candidates also narrows the
+//     granules read through the primary key). A retried event counts once
+//     however long ago the first copy came (with an index: within its
+//     horizon), and so does every event of a redelivered batch.
 //   - The hourly rollups are inserted by Apply, summed from exactly the events
 //     it inserted, at the same time as them. That is chosen over a
 //     materialized view: a view is no more atomic with its source insert on
@@ -58,6 +60,45 @@
 // dimensions. Reconcile
 // is safe because it holds the store's write lock, so no Apply adds between
 // its comparison and its correction.
+//
+// # The dedup index
+//
+// A query of events reads in proportion to the table (see Cost), so a
+// writer keeps a local index of the keys of the events the store holds
+// (aggregator/keyindex: 128-bit keys in an LSM with Bloom filters, whose
+// cost per lookup does not grow with history). ClickHouse stays the source
+// of truth: the index is only ever a copy of what events holds, and Apply
+// trusts an answer of "not held" only because of this invariant:
+//
+// Before every lookup, the index holds the key of every event the store
+// holds that was inserted within the horizon.
+//
+//   - Apply adds the keys of the events it inserted after ClickHouse
+//     acknowledged them, with a mark (the store's identity and the time the
+//     write began, on the server's clock), in one atomic write of the index.
+//     A key added for an insert that did not land costs nothing but a
+//     wrongly kept horizon: the lookup only ever answers for keys the store
+//     may hold.
+//   - Whenever the index may lack keys the store holds (at the first write
+//     after New, after a failed write, after WriterChanged), the store first
+//     waits for the queries of open intents (as for the rollups' repair), so
+//     every insert of this or an earlier writer has landed or will never
+//     land, then adds the key of every event inserted since the index's mark
+//     less a margin. A crash between an insert and the index's write, a lost
+//     write of the index (it is not synced: after a machine crash it holds a
+//     prefix of its writes, whose mark describes it) and the writes of
+//     another holder of the lease are all caught up this way.
+//   - An index with no mark (new, or its disk lost) or the mark of another
+//     store (the table store_identity) is emptied and loaded from all the
+//     events inserted within the horizon.
+//
+// The horizon (Config.Horizon, by default the late-event bound and five
+// minutes) bounds the index's disk: a copy of an event that arrives later
+// than the horizon after its first copy was written counts again. An event
+// that carries its own time cannot be accepted later than the late-event
+// bound, so for it the guarantee is absolute. Keys are compared by their
+// 128 bits (keyindex's package documentation gives the odds of a collision
+// and why the hash is cryptographic).
 //
 // # One writer
 //
@@ -102,15 +143,17 @@
 //
 // # Cost
 //
-// The dedup lookup of a call of K new events reads, per partition of events,
-// every granule (8192 rows) that may hold one of them: the whole key_hash
-// column while a partition has fewer than K granules, about K granules
-// beyond. It grows with the table (65-270 ms for 50 000 events against 10
-// million on the shared 2-core test machine) and caps at K granules per partition,
-// which for K = 50 000 is still 400 million key hashes a call: exact dedup
-// against all history does not sustain full ingest speed on tables of
-// hundreds of millions of events per partition. aggregator/BENCHMARKS.md
-// has the figures.
+// Without an index, the lookup of a call of K new events reads, per
+// partition of events, every granule (8192 rows) that may hold one of them:
+// the whole key_hash column while a partition has fewer than K granules,
+// about K granules beyond. It grows with the table (65-270 ms for 50 000
+// events against 10 million on the shared 2-core test machine) and caps at
+// K granules per partition, which for K = 50 000 is still 400 million key
+// hashes a call: it does not sustain full ingest speed on tables of
+// hundreds of millions of events. With the index, a lookup costs a few
+// in-memory filter probes per event whatever the table holds; loading the
+// index from events (its rebuild) reads every event inserted within the
+// horizon once. aggregator/BENCHMARKS.md has the figures.
 package clickhouse
 
 import (
