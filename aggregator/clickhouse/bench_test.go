@@ -3,6 +3,8 @@ package clickhouse
 import (
 	"fmt"
 	"math/rand/v2"
+	"os"
+	"strconv"
 	"testing"
 	"time"
 
@@ -73,7 +75,7 @@ func BenchmarkLookup(b *testing.B) {
 			b.Run(fmt.Sprintf("events=%d/new=%d", n, k*storetest.BatchEvents), func(b *testing.B) {
 				b.ReportAllocs()
 				for b.Loop() {
-					cands, index, _ := candidates(calls[:k])
+					cands, index, _ := candidates(calls[:k], false)
 					held, err := s.lookUp(b.Context(), cands, index)
 					if err != nil {
 						b.Fatal(err)
@@ -85,4 +87,36 @@ func BenchmarkLookup(b *testing.B) {
 			})
 		}
 	}
+}
+
+// BenchmarkIndexLoad measures the dedup index's load from events (its
+// rebuild after the index was lost), of METERD_BENCH_LOAD events (default
+// 2 000 000); keys/s is the figure.
+func BenchmarkIndexLoad(b *testing.B) {
+	n := 2_000_000
+	if v := os.Getenv("METERD_BENCH_LOAD"); v != "" {
+		var err error
+		if n, err = strconv.Atoi(v); err != nil {
+			b.Fatal(err)
+		}
+	}
+	s := newStore(b, chtest.DSN(b))
+	err := s.conn.Exec(b.Context(), fmt.Sprintf(`
+		INSERT INTO events (tenant, id, meter, value, time, dims_key, batch_id, key_hash)
+		SELECT concat('tenant-', toString(number %% 1000)), lower(hex(sipHash128(toString(number)))), 'api_calls', 1,
+			toDateTime(%d + number %% 2678400), '', 'fill', 0
+		FROM system.numbers LIMIT %d`, storetest.MonthStart, n))
+	if err != nil {
+		b.Fatal(err)
+	}
+	for b.Loop() {
+		if err := s.index.Reset(); err != nil {
+			b.Fatal(err)
+		}
+		s.pending = true
+		if _, err := s.Apply(b.Context(), nil); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.ReportMetric(float64(n*b.N)/b.Elapsed().Seconds(), "keys/s")
 }

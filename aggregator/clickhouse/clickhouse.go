@@ -12,14 +12,16 @@
 // partition of a block), so the store builds exactly-once from lookups and an
 // intent log:
 //
-//   - The raw table events, ORDER BY (tenant, id), is the source of truth and
-//     the dedup index. Apply drops events that appear earlier in the call,
-//     looks up which of the rest events already holds (one query; the
-//     candidates travel as an external table and are matched on key_hash, a
-//     64-bit hash of (tenant, id), then compared exactly; a call of few
-//     candidates also narrows the granules read through the primary key), and
-//     inserts only the new ones. A retried event counts once however long ago
-//     the first copy came, and so does every event of a redelivered batch.
+//   - The raw table events, ORDER BY (tenant, id), is the source of truth.
+//     Apply drops events that appear earlier in the call, looks up which of
+//     the rest the store holds already, and inserts only the new ones. With
+//     a dedup index (Config.IndexDir, next section) the lookup is local;
+//     without one it is a query of events (the candidates travel as an
+//     external table and are matched on key_hash, a 64-bit hash of (tenant,
+//     id), then compared exactly; a call of few candidates also narrows the
+//     granules read through the primary key). A retried event counts once
+//     however long ago the first copy came (with an index: within its
+//     horizon), and so does every event of a redelivered batch.
 //   - The hourly rollups are inserted by Apply, summed from exactly the events
 //     it inserted, at the same time as them. That is chosen over a
 //     materialized view: a view is no more atomic with its source insert on
@@ -58,6 +60,45 @@
 // dimensions. Reconcile
 // is safe because it holds the store's write lock, so no Apply adds between
 // its comparison and its correction.
+//
+// # The dedup index
+//
+// A query of events reads in proportion to the table (see Cost), so a
+// writer keeps a local index of the keys of the events the store holds
+// (aggregator/keyindex: 128-bit keys in an LSM with Bloom filters, whose
+// cost per lookup does not grow with history). ClickHouse stays the source
+// of truth: the index is only ever a copy of what events holds, and Apply
+// trusts an answer of "not held" only because of this invariant:
+//
+// Before every lookup, the index holds the key of every event the store
+// holds that was inserted within the horizon.
+//
+//   - Apply adds the keys of the events it inserted after ClickHouse
+//     acknowledged them, with a mark (the store's identity and the time the
+//     write began, on the server's clock), in one atomic write of the index.
+//     A key added for an insert that did not land costs nothing but a
+//     wrongly kept horizon: the lookup only ever answers for keys the store
+//     may hold.
+//   - Whenever the index may lack keys the store holds (at the first write
+//     after New, after a failed write, after WriterChanged), the store first
+//     waits for the queries of open intents (as for the rollups' repair), so
+//     every insert of this or an earlier writer has landed or will never
+//     land, then adds the key of every event inserted since the index's mark
+//     less a margin. A crash between an insert and the index's write, a lost
+//     write of the index (it is not synced: after a machine crash it holds a
+//     prefix of its writes, whose mark describes it) and the writes of
+//     another holder of the lease are all caught up this way.
+//   - An index with no mark (new, or its disk lost) or the mark of another
+//     store (the table store_identity) is emptied and loaded from all the
+//     events inserted within the horizon.
+//
+// The horizon (Config.Horizon, by default the late-event bound and five
+// minutes) bounds the index's disk: a copy of an event that arrives later
+// than the horizon after its first copy was written counts again. An event
+// that carries its own time cannot be accepted later than the late-event
+// bound, so for it the guarantee is absolute. Keys are compared by their
+// 128 bits (keyindex's package documentation gives the odds of a collision
+// and why the hash is cryptographic).
 //
 // # One writer
 //
@@ -102,21 +143,24 @@
 //
 // # Cost
 //
-// The dedup lookup of a call of K new events reads, per partition of events,
-// every granule (8192 rows) that may hold one of them: the whole key_hash
-// column while a partition has fewer than K granules, about K granules
-// beyond. It grows with the table (65-270 ms for 50 000 events against 10
-// million on the shared 2-core test machine) and caps at K granules per partition,
-// which for K = 50 000 is still 400 million key hashes a call: exact dedup
-// against all history does not sustain full ingest speed on tables of
-// hundreds of millions of events per partition. aggregator/BENCHMARKS.md
-// has the figures.
+// Without an index, the lookup of a call of K new events reads, per
+// partition of events, every granule (8192 rows) that may hold one of them:
+// the whole key_hash column while a partition has fewer than K granules,
+// about K granules beyond. It grows with the table (65-270 ms for 50 000
+// events against 10 million on the shared 2-core test machine) and caps at
+// K granules per partition, which for K = 50 000 is still 400 million key
+// hashes a call: it does not sustain full ingest speed on tables of
+// hundreds of millions of events. With the index, a lookup costs a few
+// in-memory filter probes per event whatever the table holds; loading the
+// index from events (its rebuild) reads every event inserted within the
+// horizon once. aggregator/BENCHMARKS.md has the figures.
 package clickhouse
 
 import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"log/slog"
 	"maps"
@@ -132,6 +176,7 @@ import (
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 
 	"github.com/meterd/meterd/aggregator"
+	"github.com/meterd/meterd/aggregator/keyindex"
 	"github.com/meterd/meterd/aggregator/rollup"
 	"github.com/meterd/meterd/internal/saturating"
 	"github.com/meterd/meterd/schemas"
@@ -148,6 +193,17 @@ type Config struct {
 	DSN string
 	// Logger receives the store's few log lines; nil discards them.
 	Logger *slog.Logger
+	// IndexDir, if set, is the directory of the writer's local dedup index
+	// (aggregator/keyindex): Apply looks events up there rather than in
+	// events, at a cost that does not grow with history. Only a writer
+	// (the aggregator) sets it; readers leave it empty.
+	IndexDir string
+	// Horizon is how long the index holds an event's key after its first
+	// copy was written (keyindex.DefaultHorizon if 0).
+	Horizon time.Duration
+	// IndexCacheBytes is the index's block cache, which must hold its Bloom
+	// filters: 1.2 GiB per billion keys (keyindex.DefaultCacheBytes if 0).
+	IndexCacheBytes int64
 }
 
 var databaseName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
@@ -190,6 +246,15 @@ type Store struct {
 	// closes; nil when none is open or pending is set.
 	open *intent
 
+	// index is the local dedup index, nil without Config.IndexDir; id is
+	// the store's identity and clockOffset how far the server's clock is
+	// ahead of this process's.
+	index       *keyindex.Index
+	id          string
+	clockOffset time.Duration
+	// stop ends the index's expiry, which closes expired when it is done.
+	stop, expired chan struct{}
+
 	closeOnce sync.Once
 	closeErr  error
 }
@@ -217,7 +282,34 @@ func New(ctx context.Context, cfg Config) (*Store, error) {
 		conn.Close()
 		return nil, fmt.Errorf("clickhouse: %w", err)
 	}
+	if cfg.IndexDir != "" {
+		if err := s.openIndex(ctx, cfg); err != nil {
+			conn.Close()
+			return nil, fmt.Errorf("clickhouse: %w", err)
+		}
+	}
 	return s, nil
+}
+
+// openIndex opens the dedup index and starts its expiry. The index is
+// brought up to date with the store before the first lookup
+// (recoverIntents).
+func (s *Store) openIndex(ctx context.Context, cfg Config) error {
+	var err error
+	if s.id, err = s.storeID(ctx); err != nil {
+		return fmt.Errorf("store identity: %w", err)
+	}
+	if err := s.measureClock(ctx); err != nil {
+		return fmt.Errorf("server clock: %w", err)
+	}
+	s.index, err = keyindex.Open(keyindex.Options{Dir: cfg.IndexDir, Horizon: cfg.Horizon,
+		CacheBytes: cfg.IndexCacheBytes, Logger: s.log})
+	if err != nil {
+		return err
+	}
+	s.stop, s.expired = make(chan struct{}), make(chan struct{})
+	go s.expireIndex(s.stop)
+	return nil
 }
 
 // createDatabase creates the DSN's database from a connection to the
@@ -322,7 +414,8 @@ type candidate struct {
 	e     *schemas.Event
 	batch string
 	hash  uint64
-	dims  string // DimsKey of e.Dimensions, once the lookup is done
+	key   keyindex.Key // with an index only
+	dims  string       // DimsKey of e.Dimensions, once the lookup is done
 }
 
 // Apply implements aggregator.Store; see the package documentation.
@@ -330,7 +423,7 @@ func (s *Store) Apply(ctx context.Context, batches []*schemas.Batch) ([]aggregat
 	if err := rollup.Check(batches); err != nil {
 		return nil, err
 	}
-	cands, index, in := candidates(batches)
+	cands, index, in := candidates(batches, s.index != nil)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err := s.recoverIntents(ctx); err != nil {
@@ -350,8 +443,9 @@ func (s *Store) Apply(ctx context.Context, batches []*schemas.Batch) ([]aggregat
 }
 
 // candidates returns the events of batches without repetitions, an index of
-// their keys to their positions, and the intent of writing all of them.
-func candidates(batches []*schemas.Batch) ([]candidate, map[rollup.EventID]int, intent) {
+// their keys to their positions, and the intent of writing all of them;
+// withKeys computes their keyindex keys too.
+func candidates(batches []*schemas.Batch, withKeys bool) ([]candidate, map[rollup.EventID]int, intent) {
 	n := 0
 	for _, b := range batches {
 		n += len(b.Events)
@@ -368,7 +462,11 @@ func candidates(batches []*schemas.Batch) ([]candidate, map[rollup.EventID]int, 
 				continue
 			}
 			index[k] = len(cands)
-			cands = append(cands, candidate{e: e, batch: b.ID, hash: keyHash(e.Tenant, e.ID)})
+			c := candidate{e: e, batch: b.ID, hash: keyHash(e.Tenant, e.ID)}
+			if withKeys {
+				c.key = keyindex.KeyOf(e.Tenant, e.ID)
+			}
+			cands = append(cands, c)
 			tenants[e.Tenant] = struct{}{}
 			h := rollup.Hour(rollup.Second(e.Time))
 			in.hours.From, in.hours.To = min(in.hours.From, h), max(in.hours.To, h+rollup.HourSeconds)
@@ -479,13 +577,18 @@ func (s *Store) write(ctx context.Context, cands []candidate, index map[rollup.E
 		dims []string
 		rows rollup.Rows
 		held []int
+		mark = keyindex.Mark{Store: s.id, Through: s.serverNow()}
 	)
 	err := parallel(
 		func() error { dims, rows = sumAll(cands); return nil },
 		func() error { return s.openIntent(ctx, in) },
 		func() error {
 			var err error
-			held, err = s.lookUp(ctx, cands, index)
+			if s.index != nil {
+				held, err = s.held(cands, mark.Through)
+			} else {
+				held, err = s.lookUp(ctx, cands, index)
+			}
 			return err
 		},
 	)
@@ -513,6 +616,11 @@ func (s *Store) write(ctx context.Context, cands []candidate, index map[rollup.E
 		func() error { return s.insertRollups(ctx, in.id+"-rollups", rows) })
 	if err != nil {
 		return nil, err
+	}
+	if s.index != nil {
+		if err := s.indexWritten(news, mark); err != nil {
+			return nil, err
+		}
 	}
 	return rows, nil
 }
@@ -727,6 +835,11 @@ func (s *Store) recoverIntents(ctx context.Context) error {
 			log = s.log.Warn
 		}
 		log("repaired the rollups of an open intent", "apply_id", in.id, "started_at", in.startedAt, "rows", len(deltas))
+	}
+	if s.index != nil {
+		if err := s.syncIndex(ctx); err != nil {
+			return err
+		}
 	}
 	s.pending = false
 	s.open = nil
@@ -964,6 +1077,11 @@ func (s *Store) Close() error {
 			s.open = nil
 		}
 		s.closeErr = s.conn.Close()
+		if s.index != nil {
+			close(s.stop)
+			<-s.expired
+			s.closeErr = errors.Join(s.closeErr, s.index.Close())
+		}
 	})
 	return s.closeErr
 }

@@ -30,9 +30,16 @@ func (c corruptible) AddToRollup(t *testing.T, tenant, meter string, hour time.T
 	}
 }
 
+// newStore opens a store of dsn with a dedup index of its own, as the
+// aggregator runs it.
 func newStore(t testing.TB, dsn string) *Store {
 	t.Helper()
-	s, err := New(t.Context(), Config{DSN: dsn})
+	return openStore(t, Config{DSN: dsn, IndexDir: t.TempDir()})
+}
+
+func openStore(t testing.TB, cfg Config) *Store {
+	t.Helper()
+	s, err := New(t.Context(), cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -42,6 +49,13 @@ func newStore(t testing.TB, dsn string) *Store {
 
 func TestConformance(t *testing.T) {
 	storetest.Run(t, func(t *testing.T) aggregator.Store { return corruptible{newStore(t, chtest.DSN(t))} })
+}
+
+// Without a dedup index, Apply looks events up in ClickHouse.
+func TestConformanceWithoutIndex(t *testing.T) {
+	storetest.Run(t, func(t *testing.T) aggregator.Store {
+		return corruptible{openStore(t, Config{DSN: chtest.DSN(t)})}
+	})
 }
 
 // crashBatches are the batches of TestInterruptedApply: usage of two tenants
@@ -88,79 +102,91 @@ func TestInterruptedApply(t *testing.T) {
 		// reseeds from Totals).
 		{name: "after the rollups", events: 4, rollups: true, want: nil},
 	} {
-		t.Run(tc.name, func(t *testing.T) {
-			dsn := chtest.DSN(t)
-			ctx := t.Context()
-			s := newStore(t, dsn)
-			batches := crashBatches()
-			// What write does, stopped part of the way.
-			news, index, in := candidates(batches)
-			dims, rows := sumAll(news)
-			for i := range news {
-				news[i].dims = dims[i]
-			}
-			if held, err := s.lookUp(ctx, news, index); err != nil || len(news) != 4 || len(held) != 0 {
-				t.Fatalf("lookup of %d candidates: %d held, %v; want 4 new", len(news), len(held), err)
-			}
-			if err := s.openIntent(ctx, in); err != nil {
-				t.Fatal(err)
-			}
-			if tc.events > 0 {
-				if err := s.insertEvents(ctx, in.id, news[:tc.events]); err != nil {
+		// The events written and not in the dedup index are found again by
+		// the index's catch-up (the index kept) or its rebuild (the index lost
+		// with the process), or by the lookup in events (no index).
+		for _, ix := range []string{"kept", "lost", "none"} {
+			t.Run(tc.name+"/index "+ix, func(t *testing.T) {
+				dsn := chtest.DSN(t)
+				ctx := t.Context()
+				cfg := Config{DSN: dsn}
+				if ix != "none" {
+					cfg.IndexDir = t.TempDir()
+				}
+				s := openStore(t, cfg)
+				batches := crashBatches()
+				// What write does, stopped part of the way.
+				news, index, in := candidates(batches, s.index != nil)
+				dims, rows := sumAll(news)
+				for i := range news {
+					news[i].dims = dims[i]
+				}
+				if held, err := s.lookUp(ctx, news, index); err != nil || len(news) != 4 || len(held) != 0 {
+					t.Fatalf("lookup of %d candidates: %d held, %v; want 4 new", len(news), len(held), err)
+				}
+				if err := s.openIntent(ctx, in); err != nil {
 					t.Fatal(err)
 				}
-			}
-			if tc.rollups {
-				if err := s.insertRollups(ctx, in.id+"-rollups", rows); err != nil {
-					t.Fatal(err)
+				if tc.events > 0 {
+					if err := s.insertEvents(ctx, in.id, news[:tc.events]); err != nil {
+						t.Fatal(err)
+					}
 				}
-			}
-			if tc.sameProc {
-				s.pending = true // as a failed Apply leaves it
-			} else {
-				s.Close()
-				s = newStore(t, dsn)
-			}
+				if tc.rollups {
+					if err := s.insertRollups(ctx, in.id+"-rollups", rows); err != nil {
+						t.Fatal(err)
+					}
+				}
+				if tc.sameProc {
+					s.pending = true // as a failed Apply leaves it
+				} else {
+					s.Close()
+					if ix == "lost" {
+						cfg.IndexDir = t.TempDir()
+					}
+					s = openStore(t, cfg)
+				}
 
-			incs, err := s.Apply(ctx, batches)
-			if err != nil {
-				t.Fatal(err)
-			}
-			var got []string
-			for _, i := range incs {
-				got = append(got, fmt.Sprintf("%s %s %s value=%d events=%d", i.Tenant, i.Meter, i.Hour.Format(time.RFC3339), i.Value, i.Events))
-			}
-			if !slices.Equal(got, tc.want) {
-				t.Errorf("increments after the interruption:\n got  %q\n want %q", got, tc.want)
-			}
-			if incs, err := s.Apply(ctx, batches); err != nil || len(incs) != 0 {
-				t.Errorf("second Apply = %v, %v; want nothing", incs, err)
-			}
-			totals, err := s.Totals(ctx, t0, t0.Add(2*time.Hour))
-			if err != nil {
-				t.Fatal(err)
-			}
-			want := []aggregator.Increment{
-				{Tenant: "acme", Meter: "api_calls", Hour: t0, Value: 1011, Events: 3},
-				{Tenant: "globex", Meter: "tokens", Hour: t0, Value: 100, Events: 1},
-			}
-			if !slices.EqualFunc(totals, want, func(a, b aggregator.Increment) bool {
-				return a.Tenant == b.Tenant && a.Meter == b.Meter && a.Hour.Equal(b.Hour) && a.Value == b.Value && a.Events == b.Events
-			}) {
-				t.Errorf("Totals = %v, want %v", totals, want)
-			}
-			if n, err := s.Reconcile(ctx, t0, t0.Add(2*time.Hour)); err != nil || n != 0 {
-				t.Errorf("Reconcile = %d, %v; want 0", n, err)
-			}
-			// The last Apply's intent stays open until Close.
-			if got := openIntents(t, s); len(got) != 1 || got[0] != s.open.id {
-				t.Errorf("open intents %q, want the last Apply's", got)
-			}
-			s.Close()
-			if got := openIntents(t, newStore(t, dsn)); len(got) != 0 {
-				t.Errorf("open intents after Close: %q", got)
-			}
-		})
+				incs, err := s.Apply(ctx, batches)
+				if err != nil {
+					t.Fatal(err)
+				}
+				var got []string
+				for _, i := range incs {
+					got = append(got, fmt.Sprintf("%s %s %s value=%d events=%d", i.Tenant, i.Meter, i.Hour.Format(time.RFC3339), i.Value, i.Events))
+				}
+				if !slices.Equal(got, tc.want) {
+					t.Errorf("increments after the interruption:\n got  %q\n want %q", got, tc.want)
+				}
+				if incs, err := s.Apply(ctx, batches); err != nil || len(incs) != 0 {
+					t.Errorf("second Apply = %v, %v; want nothing", incs, err)
+				}
+				totals, err := s.Totals(ctx, t0, t0.Add(2*time.Hour))
+				if err != nil {
+					t.Fatal(err)
+				}
+				want := []aggregator.Increment{
+					{Tenant: "acme", Meter: "api_calls", Hour: t0, Value: 1011, Events: 3},
+					{Tenant: "globex", Meter: "tokens", Hour: t0, Value: 100, Events: 1},
+				}
+				if !slices.EqualFunc(totals, want, func(a, b aggregator.Increment) bool {
+					return a.Tenant == b.Tenant && a.Meter == b.Meter && a.Hour.Equal(b.Hour) && a.Value == b.Value && a.Events == b.Events
+				}) {
+					t.Errorf("Totals = %v, want %v", totals, want)
+				}
+				if n, err := s.Reconcile(ctx, t0, t0.Add(2*time.Hour)); err != nil || n != 0 {
+					t.Errorf("Reconcile = %d, %v; want 0", n, err)
+				}
+				// The last Apply's intent stays open until Close.
+				if got := openIntents(t, s); len(got) != 1 || got[0] != s.open.id {
+					t.Errorf("open intents %q, want the last Apply's", got)
+				}
+				s.Close()
+				if got := openIntents(t, openStore(t, cfg)); len(got) != 0 {
+					t.Errorf("open intents after Close: %q", got)
+				}
+			})
+		}
 	}
 }
 
@@ -211,7 +237,7 @@ func TestMigrationsAreAppliedOnce(t *testing.T) {
 		r.Scan(&name)
 		tables = append(tables, name)
 	}
-	if want := []string{"applies", "events", "rollups_hourly", "schema_migrations"}; !slices.Equal(tables, want) {
+	if want := []string{"applies", "events", "rollups_hourly", "schema_migrations", "store_identity"}; !slices.Equal(tables, want) {
 		t.Errorf("tables = %v, want %v", tables, want)
 	}
 }
@@ -275,7 +301,8 @@ func TestKeyHashIsFNV1a(t *testing.T) {
 // events of the call count once.
 func TestApplyWithEventStoredTwice(t *testing.T) {
 	ctx := t.Context()
-	s := newStore(t, chtest.DSN(t))
+	s := openStore(t, Config{DSN: chtest.DSN(t)}) // the lookup in events
+
 	t0 := time.Date(2026, 11, 21, 10, 0, 0, 0, time.UTC)
 	first := []*schemas.Batch{{ID: "b1", Events: []schemas.Event{
 		{ID: "e1", Tenant: "acme", Meter: "api_calls", Value: 5, Time: t0},
@@ -285,7 +312,7 @@ func TestApplyWithEventStoredTwice(t *testing.T) {
 	}
 	// The second copy of e1, written directly as a writer beside this one
 	// would have.
-	dup, _, _ := candidates(first)
+	dup, _, _ := candidates(first, false)
 	dup[0].dims = rollup.DimsKey(nil)
 	if err := s.insertEvents(ctx, "duplicate", dup); err != nil {
 		t.Fatal(err)

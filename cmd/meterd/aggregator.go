@@ -15,6 +15,7 @@ import (
 
 	"github.com/meterd/meterd/aggregator"
 	"github.com/meterd/meterd/aggregator/clickhouse"
+	"github.com/meterd/meterd/aggregator/keyindex"
 	"github.com/meterd/meterd/aggregator/report"
 	"github.com/meterd/meterd/aggregator/sqlite"
 	"github.com/meterd/meterd/catalog"
@@ -38,7 +39,7 @@ func aggregatorComponents(ctx context.Context, a *app, nc *nats.Conn) error {
 	if err := ensureStreams(ctx, nc, f.NATS, f.NATS.Replicas); err != nil {
 		return err
 	}
-	store, err := a.openStore(ctx, f.Aggregator)
+	store, err := a.openStore(ctx, f.Aggregator, true)
 	if err != nil {
 		return err
 	}
@@ -78,6 +79,12 @@ func aggregatorFlags(fs *flag.FlagSet, c *config.Aggregator) {
 	fs.DurationVar(&c.AckWait, "ack-wait", cmp.Or(c.AckWait, aggregator.DefaultAckWait), "JetStream redelivery timer")
 	fs.DurationVar(&c.LeaseDuration, "lease-duration", cmp.Or(c.LeaseDuration, lease.DefaultDuration),
 		"writer lease: a second aggregator of the same durable stands by and replaces one that stopped renewing within this; every store write must end within 4/5 of it (at least 1s)")
+	fs.StringVar(&c.DedupIndexDir, "dedup-index-dir", c.DedupIndexDir,
+		"directory of the local dedup index on ClickHouse, rebuilt from ClickHouse when lost (empty: look events up in ClickHouse, slower as history grows)")
+	fs.DurationVar(&c.DedupHorizon, "dedup-horizon", cmp.Or(c.DedupHorizon, keyindex.DefaultHorizon),
+		"how long after its first copy the dedup index drops a copy of an event (events that carry their own time can arrive no later than the late-event bound)")
+	fs.Int64Var(&c.DedupIndexCacheBytes, "dedup-index-cache-bytes", cmp.Or(c.DedupIndexCacheBytes, keyindex.DefaultCacheBytes),
+		"block cache of the dedup index: it must hold the index's Bloom filters, 1.2 GiB per billion events within the horizon")
 }
 
 // ensureStreams declares METERD_USAGE and METERD_DLQ.
@@ -90,11 +97,19 @@ func ensureStreams(ctx context.Context, nc *nats.Conn, n config.NATS, replicas i
 		UsageMaxBytes: n.UsageMaxBytes, DLQMaxBytes: n.DLQMaxBytes})
 }
 
-// openStore opens ClickHouse when a DSN is set, else the embedded store.
-func (a *app) openStore(ctx context.Context, c config.Aggregator) (aggregator.Store, error) {
+// openStore opens ClickHouse when a DSN is set, else the embedded store. A
+// writer (the aggregator) opens ClickHouse with its dedup index.
+func (a *app) openStore(ctx context.Context, c config.Aggregator, writer bool) (aggregator.Store, error) {
 	var store aggregator.Store
 	if c.ClickHouse != "" {
-		st, err := clickhouse.New(ctx, clickhouse.Config{DSN: c.ClickHouse, Logger: a.log})
+		cfg := clickhouse.Config{DSN: c.ClickHouse, Logger: a.log}
+		if writer {
+			cfg.IndexDir, cfg.Horizon, cfg.IndexCacheBytes = c.DedupIndexDir, c.DedupHorizon, c.DedupIndexCacheBytes
+			if c.DedupIndexDir == "" {
+				a.log.Warn("no --dedup-index-dir: every write looks its events up in ClickHouse, which slows down as history grows")
+			}
+		}
+		st, err := clickhouse.New(ctx, cfg)
 		if err != nil {
 			return nil, err
 		}

@@ -87,7 +87,8 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		return err
 	}
 	f.Aggregator.SQLitePath = cmp.Or(f.Aggregator.SQLitePath, filepath.Join(dataDir, "meterd.db"))
-	store, err := a.openStore(ctx, f.Aggregator)
+	f.Aggregator.DedupIndexDir = cmp.Or(f.Aggregator.DedupIndexDir, filepath.Join(dataDir, "dedup-index"))
+	store, err := a.openStore(ctx, f.Aggregator, true)
 	if err != nil {
 		return err
 	}

@@ -26,7 +26,7 @@ func enforcerCmdFlags(fs *flag.FlagSet, s *settings) {
 
 // enforcerComponents adds the components of `meterd enforcer` to a.
 func enforcerComponents(ctx context.Context, a *app, nc *nats.Conn) error {
-	store, err := a.openStore(ctx, a.s.file.Aggregator)
+	store, err := a.openStore(ctx, a.s.file.Aggregator, false)
 	if err != nil {
 		return err
 	}

@@ -85,6 +85,15 @@ type Aggregator struct {
 	// LeaseDuration is the writer lease's duration: the longest a standby
 	// aggregator waits before replacing a holder that stopped renewing.
 	LeaseDuration time.Duration `yaml:"lease_duration"`
+	// DedupIndexDir is the directory of the aggregator's local dedup index
+	// on ClickHouse (aggregator/keyindex); empty looks events up in
+	// ClickHouse, at a cost that grows with history.
+	DedupIndexDir string `yaml:"dedup_index_dir"`
+	// DedupHorizon is how long after its first copy an event is
+	// deduplicated by the index.
+	DedupHorizon time.Duration `yaml:"dedup_horizon"`
+	// DedupIndexCacheBytes is the index's block cache.
+	DedupIndexCacheBytes int64 `yaml:"dedup_index_cache_bytes"`
 }
 
 // Enforcer holds the enforcer's settings; its store is the aggregator's.

@@ -1,0 +1,113 @@
+package clickhouse
+
+import (
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/meterd/meterd/aggregator"
+	"github.com/meterd/meterd/aggregator/keyindex"
+	"github.com/meterd/meterd/internal/chtest"
+	"github.com/meterd/meterd/schemas"
+)
+
+// eventBatch returns one batch of the events id-from .. id-(to-1) of acme,
+// each of value 1, in the hour t0.
+func eventBatch(name string, from, to int, t0 time.Time) []*schemas.Batch {
+	b := &schemas.Batch{ID: name}
+	for i := from; i < to; i++ {
+		b.Events = append(b.Events, schemas.Event{ID: fmt.Sprintf("id-%d", i), Tenant: "acme", Meter: "api_calls", Value: 1, Time: t0})
+	}
+	return []*schemas.Batch{b}
+}
+
+func applied(t *testing.T, s aggregator.Store, batches []*schemas.Batch) int64 {
+	t.Helper()
+	incs, err := s.Apply(t.Context(), batches)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n int64
+	for _, i := range incs {
+		n += i.Events
+	}
+	return n
+}
+
+var indexT0 = time.Date(2026, 11, 20, 10, 0, 0, 0, time.UTC)
+
+// An index left beside another store (or this store's database dropped and
+// created again) must not answer for the new one: its keys would drop the
+// new store's events, unbilled. The store's identity tells them apart.
+func TestIndexOfAnotherStoreIsRebuilt(t *testing.T) {
+	dir := t.TempDir()
+	first := openStore(t, Config{DSN: chtest.DSN(t), IndexDir: dir})
+	if n := applied(t, first, eventBatch("b", 0, 100, indexT0)); n != 100 {
+		t.Fatalf("first store counted %d of 100", n)
+	}
+	first.Close()
+	second := openStore(t, Config{DSN: chtest.DSN(t), IndexDir: dir})
+	if n := applied(t, second, eventBatch("b", 0, 100, indexT0)); n != 100 {
+		t.Fatalf("a new store with the index of another counted %d of 100 new events", n)
+	}
+	if n := applied(t, second, eventBatch("b", 0, 100, indexT0)); n != 0 {
+		t.Fatalf("the same events again counted %d", n)
+	}
+}
+
+// A writer whose index missed what another writer wrote while it stood by
+// (a failover and back) catches up from the store when told the writer
+// changed: nothing the other wrote counts twice.
+func TestIndexCatchesUpAfterWriterChanged(t *testing.T) {
+	dsn := chtest.DSN(t)
+	a := newStore(t, dsn)
+	b := newStore(t, dsn)
+	if n := applied(t, a, eventBatch("a1", 0, 50, indexT0)); n != 50 {
+		t.Fatalf("a counted %d of 50", n)
+	}
+	b.WriterChanged()
+	if n := applied(t, b, eventBatch("b1", 0, 120, indexT0)); n != 70 {
+		t.Fatalf("b counted %d, want the 70 that a had not written", n)
+	}
+	a.WriterChanged()
+	if n := applied(t, a, eventBatch("a2", 0, 150, indexT0)); n != 30 {
+		t.Fatalf("a counted %d after the writer changed, want the 30 new", n)
+	}
+	total, err := a.Total(t.Context(), "acme", "api_calls", indexT0, indexT0.Add(time.Hour))
+	if err != nil || total != 150 {
+		t.Fatalf("total %d, %v; want 150", total, err)
+	}
+}
+
+// Events written before the store had an index (by a version without one,
+// or with the index turned off) are found by the index's first load.
+func TestIndexLoadsEventsWrittenWithoutIt(t *testing.T) {
+	dsn := chtest.DSN(t)
+	plain := openStore(t, Config{DSN: dsn})
+	if n := applied(t, plain, eventBatch("b", 0, 80, indexT0)); n != 80 {
+		t.Fatalf("counted %d of 80", n)
+	}
+	plain.Close()
+	s := newStore(t, dsn)
+	if n := applied(t, s, eventBatch("b", 0, 100, indexT0)); n != 20 {
+		t.Fatalf("with a new index: counted %d, want the 20 new", n)
+	}
+}
+
+// The index's load reads keys computed by the server: they must be
+// keyindex.KeyOf's, byte for byte, or a loaded index would miss every event.
+func TestServerComputesIndexKeys(t *testing.T) {
+	s := newStore(t, chtest.DSN(t))
+	for _, c := range []struct{ tenant, id string }{
+		{"acme", "e1"}, {"a", "bc"}, {"ab", "c"}, {"t-1.x_y", "ce:6:/s/src:héllo 🙂"}, {"t", strings.Repeat("x", 1000)},
+	} {
+		var got string
+		if err := s.conn.QueryRow(t.Context(), `SELECT substring(SHA256(concat(?, '\0', ?)), 1, 16)`, c.tenant, c.id).Scan(&got); err != nil {
+			t.Fatal(err)
+		}
+		if want := keyindex.KeyOf(c.tenant, c.id); got != string(want[:]) {
+			t.Errorf("(%q, %q): server key %x, KeyOf %x", c.tenant, c.id, got, want)
+		}
+	}
+}

@@ -1,0 +1,259 @@
+package aggregator_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	ch "github.com/ClickHouse/clickhouse-go/v2"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/meterd/meterd/aggregator"
+	"github.com/meterd/meterd/aggregator/clickhouse"
+	"github.com/meterd/meterd/internal/chtest"
+	"github.com/meterd/meterd/schemas"
+)
+
+// BenchmarkHistory measures the aggregator (JetStream → ClickHouse) with
+// history in the store: for each size it fills events with that many
+// events of the past (one month, 1000 tenants, by INSERT … SELECT on the
+// server), then, for each way of looking events up (the local dedup index,
+// and the lookup in ClickHouse), publishes a backlog of new events and
+// drains it. It reports events/s over the whole drain and over its first
+// and last quarter (a drain whose last quarter is slower than its first is
+// not sustained), the CPU per 50 000 events of this process (aggregator and
+// embedded NATS) and of the ClickHouse server, and for the index the time
+// its first load from the history took.
+//
+// Sizes and the backlog come from the environment, for the long runs of
+// BENCHMARKS.md:
+//
+//	METERD_BENCH_HISTORY   sizes, comma-separated (default 0,10000000)
+//	METERD_BENCH_EVENTS    new events per run (default 2000000)
+//	METERD_BENCH_MODES     index,lookup (default both)
+//	METERD_BENCH_LIMIT     longest drain (default 10m)
+//
+// Run it with -benchtime 1x: b.N does not scale anything.
+func BenchmarkHistory(b *testing.B) {
+	sizes := envInts(b, "METERD_BENCH_HISTORY", "0,10000000")
+	events := envInts(b, "METERD_BENCH_EVENTS", "2000000")[0]
+	modes := strings.Split(envOr("METERD_BENCH_MODES", "index,lookup"), ",")
+	limit, err := time.ParseDuration(envOr("METERD_BENCH_LIMIT", "10m"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	dsn := chtest.DSN(b)
+	filled := int64(0)
+	for _, size := range sizes {
+		fillHistory(b, dsn, filled, size)
+		filled = size
+		for run, mode := range modes {
+			b.Run(fmt.Sprintf("history=%d/%s", size, mode), func(b *testing.B) {
+				benchmarkHistory(b, dsn, mode, fmt.Sprintf("h%d-%d-", size, run), events, limit)
+			})
+		}
+	}
+}
+
+func envOr(name, def string) string {
+	if v := os.Getenv(name); v != "" {
+		return v
+	}
+	return def
+}
+
+func envInts(b *testing.B, name, def string) []int64 {
+	var out []int64
+	for _, f := range strings.Split(envOr(name, def), ",") {
+		n, err := strconv.ParseInt(strings.TrimSpace(f), 10, 64)
+		if err != nil {
+			b.Fatalf("%s: %v", name, err)
+		}
+		out = append(out, n)
+	}
+	return out
+}
+
+// fillHistory adds the events from .. to-1 of the history to the store of
+// dsn, in inserts of 20 million, and waits for the server's merges.
+func fillHistory(b *testing.B, dsn string, from, to int64) {
+	if to <= from {
+		return
+	}
+	st, err := clickhouse.New(b.Context(), clickhouse.Config{DSN: dsn}) // creates the tables
+	if err != nil {
+		b.Fatal(err)
+	}
+	st.Close()
+	opts, err := ch.ParseDSN(dsn)
+	if err != nil {
+		b.Fatal(err)
+	}
+	conn, err := ch.Open(opts)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer conn.Close()
+	start := time.Now()
+	ctx := ch.Context(b.Context(), ch.WithSettings(ch.Settings{
+		"min_insert_block_size_rows": 20_000_000, "min_insert_block_size_bytes": 4 << 30, "max_execution_time": 3600,
+	}))
+	const chunk = 20_000_000
+	for n := from; n < to; n += chunk {
+		err := conn.Exec(ctx, fmt.Sprintf(`
+			INSERT INTO events (tenant, id, meter, value, time, dims_key, batch_id, key_hash)
+			SELECT concat('tenant-', toString(number %% 1000)), lower(hex(sipHash128(toString(number)))), 'api_calls', 1,
+				toDateTime(1767225600 + number %% 2678400), '{"method":"GET"}', 'history', 0
+			FROM system.numbers WHERE number >= %d LIMIT %d`, n, min(chunk, to-n)))
+		if err != nil {
+			b.Fatal(err)
+		}
+	}
+	filledIn := time.Since(start)
+	for deadline := time.Now().Add(30 * time.Minute); time.Now().Before(deadline); time.Sleep(time.Second) {
+		var merges uint64
+		if err := conn.QueryRow(b.Context(), `SELECT count() FROM system.merges WHERE database = currentDatabase()`).Scan(&merges); err != nil {
+			b.Fatal(err)
+		}
+		if merges == 0 {
+			break
+		}
+	}
+	var rows, bytes, parts uint64
+	if err := conn.QueryRow(b.Context(), `SELECT sum(rows), sum(bytes_on_disk), count() FROM system.parts
+		WHERE database = currentDatabase() AND table = 'events' AND active`).Scan(&rows, &bytes, &parts); err != nil {
+		b.Fatal(err)
+	}
+	b.Logf("history: %d events (%d added in %s, merged after %s), %d parts, %.2f GiB on disk",
+		rows, to-from, filledIn.Round(time.Second), time.Since(start).Round(time.Second), parts, float64(bytes)/(1<<30))
+}
+
+func benchmarkHistory(b *testing.B, dsn, mode, prefix string, events int64, limit time.Duration) {
+	cfg := clickhouse.Config{DSN: dsn}
+	if mode == "index" {
+		cfg.IndexDir = filepath.Join(b.TempDir(), "index")
+	}
+	store, err := clickhouse.New(b.Context(), cfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { store.Close() })
+	if mode == "index" {
+		// The first write loads the index from the history.
+		start := time.Now()
+		if _, err := store.Apply(b.Context(), nil); err != nil {
+			b.Fatal(err)
+		}
+		load := time.Since(start)
+		b.ReportMetric(load.Seconds(), "index-load-s")
+		b.Logf("index: loaded in %s, %.2f GiB on disk", load.Round(time.Millisecond), float64(dirBytes(b, cfg.IndexDir))/(1<<30))
+	}
+	env := newIdleAggEnv(b, store, nil)
+	const perBatch = 500
+	batches := int(events / perBatch)
+	publishBacklog(b, env.js, prefix, batches, perBatch)
+	b.ResetTimer()
+	client, server, serverOK := processCPU(b), time.Duration(0), false
+	server, serverOK = chtest.ServerCPU()
+	start := time.Now()
+	env.start()
+	var quarters [4]time.Duration
+	deadline := start.Add(limit)
+	committed := func() float64 { return metric(b, env.reg, "meterd_aggregator_batches_committed_total") }
+	for q := range quarters {
+		want := float64(batches * (q + 1) / 4)
+		for committed() < want && time.Now().Before(deadline) {
+			time.Sleep(5 * time.Millisecond)
+		}
+		if committed() < want {
+			// Too slow to drain within the limit: the rate so far is the
+			// figure, and the store is not checked.
+			done := committed() * perBatch
+			b.ReportMetric(done/time.Since(start).Seconds(), "events/s")
+			b.ReportMetric((processCPU(b)-client).Seconds()*50_000/done, "client-cpu-s/50k")
+			if now, ok := chtest.ServerCPU(); serverOK && ok {
+				b.ReportMetric((now-server).Seconds()*50_000/done, "server-cpu-s/50k")
+			}
+			b.Logf("%s: drained only %.0f of %d events within %s", mode, done, batches*perBatch, limit)
+			return
+		}
+		quarters[q] = time.Since(start)
+	}
+	b.StopTimer()
+	n := float64(batches * perBatch)
+	b.ReportMetric(n/quarters[3].Seconds(), "events/s")
+	b.ReportMetric(n/4/quarters[0].Seconds(), "first-quarter-events/s")
+	b.ReportMetric(n/4/(quarters[3]-quarters[2]).Seconds(), "last-quarter-events/s")
+	b.ReportMetric((processCPU(b)-client).Seconds()*50_000/n, "client-cpu-s/50k")
+	if now, ok := chtest.ServerCPU(); serverOK && ok {
+		b.ReportMetric((now-server).Seconds()*50_000/n, "server-cpu-s/50k")
+	}
+	// Every event is new: the store counted each once.
+	var total int64
+	incs, err := store.Totals(context.Background(), t0.Add(-time.Hour), t0.Add(2*time.Hour))
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, i := range incs {
+		if strings.HasPrefix(i.Tenant, "tenant-") {
+			total += i.Events
+		}
+	}
+	if total < int64(n) {
+		b.Fatalf("%s: the store counts %d events of the %v new", mode, total, n)
+	}
+}
+
+// publishBacklog publishes batches of new events whose ids start with
+// prefix: the payload of benchmarkAggregator.
+func publishBacklog(b *testing.B, js jetstream.JetStream, prefix string, batches, perBatch int) {
+	meters := []string{"api_calls", "tokens", "bytes_out"}
+	events := make([]schemas.Event, perBatch)
+	for i := range batches {
+		for j := range events {
+			n := i*perBatch + j
+			events[j] = schemas.Event{
+				ID: fmt.Sprintf("%s%012d", prefix, n), Tenant: fmt.Sprintf("tenant-%04d", n%1000),
+				Meter: meters[n%3], Value: int64(n%7 + 1), Time: t0.Add(time.Duration(n%3600) * time.Second),
+				Dimensions: map[string]string{"route": fmt.Sprintf("/v1/r%d", n%20), "method": "GET", "status": "200"},
+			}
+		}
+		id := fmt.Sprintf("%sbatch-%d", prefix, i)
+		data, err := schemas.EncodeBatch(&schemas.Batch{ID: id, Collector: "bench", SealedAt: t0, Events: events})
+		if err != nil {
+			b.Fatal(err)
+		}
+		msg := &nats.Msg{Subject: schemas.UsageSubject(i % 16), Data: data, Header: nats.Header{}}
+		msg.Header.Set(schemas.HeaderContentType, schemas.BatchContentType)
+		if _, err := js.PublishMsgAsync(msg, jetstream.WithMsgID(id)); err != nil {
+			b.Fatal(err)
+		}
+	}
+	select {
+	case <-js.PublishAsyncComplete():
+	case <-time.After(5 * time.Minute):
+		b.Fatal("the backlog was not published within 5 minutes")
+	}
+}
+
+func dirBytes(b *testing.B, dir string) int64 {
+	var n int64
+	err := filepath.Walk(dir, func(_ string, fi os.FileInfo, err error) error {
+		if err == nil && !fi.IsDir() {
+			n += fi.Size()
+		}
+		return err
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	return n
+}
+
+var _ aggregator.Store = (*clickhouse.Store)(nil)

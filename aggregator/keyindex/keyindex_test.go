@@ -1,0 +1,257 @@
+package keyindex
+
+import (
+	"context"
+	"encoding/binary"
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+)
+
+func open(t testing.TB, dir string, horizon time.Duration) *Index {
+	t.Helper()
+	ix, err := Open(Options{Dir: dir, Horizon: horizon})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ix.Close() })
+	return ix
+}
+
+func keys(prefix string, n int) []Key {
+	ks := make([]Key, n)
+	for i := range ks {
+		ks[i] = KeyOf("tenant-a", fmt.Sprintf("%s-%d", prefix, i))
+	}
+	return ks
+}
+
+func countHeld(t testing.TB, ix *Index, ks []Key, now time.Time) int {
+	t.Helper()
+	held, err := ix.Held(ks, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, h := range held {
+		if h {
+			n++
+		}
+	}
+	return n
+}
+
+func TestKeyOfSeparatesTenantAndID(t *testing.T) {
+	if KeyOf("a", "bc") == KeyOf("ab", "c") {
+		t.Fatal("(a, bc) and (ab, c) share a key")
+	}
+	if KeyOf("a", "b") != KeyOf("a", "b") {
+		t.Fatal("KeyOf is not deterministic")
+	}
+	long := string(make([]byte, 1000)) // longer than the stack buffer
+	if KeyOf("a", long) == KeyOf("a", long+"x") {
+		t.Fatal("long ids share a key")
+	}
+}
+
+func TestAddHeldMarkAndReopen(t *testing.T) {
+	dir := t.TempDir()
+	now := time.Date(2026, 12, 6, 10, 0, 0, 0, time.UTC)
+	ix := open(t, dir, time.Hour)
+	if _, ok, err := ix.Mark(); err != nil || ok {
+		t.Fatalf("a new index has a mark: ok=%v err=%v", ok, err)
+	}
+	in, out := keys("in", 1000), keys("out", 1000)
+	mark := Mark{Store: "s1", Through: now}
+	if err := ix.Add(in, now, mark); err != nil {
+		t.Fatal(err)
+	}
+	held, err := ix.Held(append(append([]Key{}, in[:10]...), out[:10]...), now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, h := range held {
+		if h != (i < 10) {
+			t.Fatalf("key %d: held %v", i, h)
+		}
+	}
+	if n := countHeld(t, ix, in, now); n != 1000 {
+		t.Fatalf("held %d of the 1000 added", n)
+	}
+	if n := countHeld(t, ix, out, now); n != 0 {
+		t.Fatalf("held %d of 1000 never added", n)
+	}
+	if err := ix.Close(); err != nil {
+		t.Fatal(err)
+	}
+	ix = open(t, dir, time.Hour)
+	if n := countHeld(t, ix, in, now); n != 1000 {
+		t.Fatalf("after reopening: held %d of 1000", n)
+	}
+	m, ok, err := ix.Mark()
+	if err != nil || !ok || m.Store != "s1" || !m.Through.Equal(now) {
+		t.Fatalf("mark after reopening: %+v ok=%v err=%v", m, ok, err)
+	}
+	if err := ix.Reset(); err != nil {
+		t.Fatal(err)
+	}
+	if n := countHeld(t, ix, in, now); n != 0 {
+		t.Fatalf("after Reset: held %d", n)
+	}
+	if _, ok, _ := ix.Mark(); ok {
+		t.Fatal("after Reset: a mark is left")
+	}
+}
+
+// A key is held until the horizon after the end of the minute it was added
+// in, whether or not Expire ran; Expire deletes exactly the expired keys and
+// a key added again is held again.
+func TestHorizon(t *testing.T) {
+	ix := open(t, t.TempDir(), time.Hour)
+	t0 := time.Date(2026, 12, 6, 10, 0, 30, 0, time.UTC)
+	old, recent := keys("old", 500), keys("recent", 500)
+	if err := ix.Add(old, t0, Mark{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := ix.Add(recent, t0.Add(30*time.Minute), Mark{}); err != nil {
+		t.Fatal(err)
+	}
+	end := time.Date(2026, 12, 6, 11, 1, 0, 0, time.UTC) // minute 10:00 + 1 min + 1 h
+	if n := countHeld(t, ix, old, end.Add(-time.Nanosecond)); n != 500 {
+		t.Fatalf("just inside the horizon: held %d of 500", n)
+	}
+	if n := countHeld(t, ix, old, end); n != 0 {
+		t.Fatalf("at the horizon: held %d of 500", n)
+	}
+	deleted, err := ix.Expire(context.Background(), end, 77) // chunks that do not divide 1000
+	if err != nil {
+		t.Fatal(err)
+	}
+	if deleted != 500 {
+		t.Fatalf("Expire deleted %d, want the 500 expired", deleted)
+	}
+	if n := countHeld(t, ix, recent, end); n != 500 {
+		t.Fatalf("Expire removed recent keys: held %d of 500", n)
+	}
+	if err := ix.Add(old[:100], end, Mark{}); err != nil {
+		t.Fatal(err)
+	}
+	if n := countHeld(t, ix, old, end); n != 100 {
+		t.Fatalf("re-added: held %d, want 100", n)
+	}
+}
+
+// A bulk load holds exactly the keys loaded, keeps the latest minute of a
+// key loaded twice, adds to what the index held and records its mark.
+func TestLoader(t *testing.T) {
+	dir := t.TempDir()
+	ix := open(t, dir, time.Hour)
+	now := time.Date(2026, 12, 6, 10, 0, 0, 0, time.UTC)
+	before := keys("before", 300)
+	if err := ix.Add(before, now, Mark{Store: "x"}); err != nil {
+		t.Fatal(err)
+	}
+	l, err := ix.NewLoader()
+	if err != nil {
+		t.Fatal(err)
+	}
+	loaded := keys("loaded", 20_000)
+	for _, k := range loaded {
+		l.Add(k, now.Add(-2*time.Hour)) // expired at now
+	}
+	for _, k := range loaded[:5000] {
+		l.Add(k, now) // again, later: held
+	}
+	if l.Len() != 25_000 {
+		t.Fatalf("Len %d", l.Len())
+	}
+	if err := l.Finish(context.Background(), Mark{Store: "s2", Through: now}); err != nil {
+		t.Fatal(err)
+	}
+	if n := countHeld(t, ix, loaded, now); n != 5000 {
+		t.Fatalf("held %d of the loaded keys, want the 5000 loaded with a live minute", n)
+	}
+	if n := countHeld(t, ix, loaded, now.Add(-time.Hour)); n != 20_000 {
+		t.Fatalf("an hour earlier: held %d, want 20000", n)
+	}
+	if n := countHeld(t, ix, before, now); n != 300 {
+		t.Fatalf("keys added before the load: held %d of 300", n)
+	}
+	if m, _, _ := ix.Mark(); m.Store != "s2" {
+		t.Fatalf("mark %+v", m)
+	}
+	left, _ := filepath.Glob(filepath.Join(dir, "load-*"))
+	if len(left) != 0 {
+		t.Fatalf("loader files left: %v", left)
+	}
+}
+
+func TestLoaderAbortLeavesNothing(t *testing.T) {
+	dir := t.TempDir()
+	ix := open(t, dir, time.Hour)
+	l, err := ix.NewLoader()
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.Add(KeyOf("t", "1"), time.Now())
+	l.Abort()
+	entries, _ := os.ReadDir(dir)
+	for _, e := range entries {
+		if e.IsDir() {
+			t.Fatalf("left %s", e.Name())
+		}
+	}
+	if n := countHeld(t, ix, []Key{KeyOf("t", "1")}, time.Now()); n != 0 {
+		t.Fatal("an aborted load added a key")
+	}
+}
+
+// loadRandom fills ix with n distinct keys in bulk.
+func loadRandom(b testing.TB, ix *Index, n int, at time.Time) {
+	l, err := ix.NewLoader()
+	if err != nil {
+		b.Fatal(err)
+	}
+	var k Key
+	for i := range n {
+		binary.BigEndian.PutUint64(k[:], uint64(i))
+		l.Add(KeyOf("bench", string(k[:8])), at)
+	}
+	if err := l.Finish(context.Background(), Mark{Store: "bench"}); err != nil {
+		b.Fatal(err)
+	}
+}
+
+// BenchmarkHeld looks up batches of 50 000 keys (absent, as new events are,
+// or present, as a redelivered batch is) in indexes of 1 and 10 million
+// keys. ns/op is per batch; ns/key is per key.
+func BenchmarkHeld(b *testing.B) {
+	for _, size := range []int{1_000_000, 10_000_000} {
+		ix := open(b, b.TempDir(), time.Hour)
+		now := time.Now()
+		loadRandom(b, ix, size, now)
+		absent := keys("absent", 50_000)
+		var present []Key
+		var k Key
+		for i := range 50_000 {
+			binary.BigEndian.PutUint64(k[:], uint64(i*(size/50_000)))
+			present = append(present, KeyOf("bench", string(k[:8])))
+		}
+		for _, c := range []struct {
+			name string
+			ks   []Key
+			want int
+		}{{"absent", absent, 0}, {"present", present, 50_000}} {
+			b.Run(fmt.Sprintf("%s/keys=%d", c.name, size), func(b *testing.B) {
+				for b.Loop() {
+					if n := countHeld(b, ix, c.ks, now); n != c.want {
+						b.Fatalf("held %d, want %d", n, c.want)
+					}
+				}
+				b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*len(c.ks)), "ns/key")
+			})
+		}
+	}
+}

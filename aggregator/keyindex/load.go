@@ -1,0 +1,280 @@
+package keyindex
+
+import (
+	"bufio"
+	"cmp"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/cockroachdb/pebble/v2"
+	"github.com/cockroachdb/pebble/v2/objstorage/objstorageprovider"
+	"github.com/cockroachdb/pebble/v2/sstable"
+	"github.com/cockroachdb/pebble/v2/vfs"
+)
+
+// recordSize is a key and its minute in a Loader's bucket files.
+const recordSize = len(Key{}) + 4
+
+// loadTableBytes is the size of the tables a Loader writes.
+const loadTableBytes = 64 << 20
+
+// Loader fills an index in bulk from keys in any order: it spreads them over
+// 256 bucket files by their first byte (keys are uniform, so each bucket is
+// about 1/256 of them and a contiguous range of keys), then sorts one bucket
+// at a time in memory and writes it as sorted tables, which the index
+// ingests at once, below everything else. Loading a billion keys holds about
+// 80 MB of one bucket in memory and twice the keys' size on disk while it
+// runs. The index may be used while a Loader runs; what it adds shows only
+// after Finish.
+type Loader struct {
+	ix      *Index
+	dir     string
+	files   [256]*os.File
+	writers [256]*bufio.Writer
+	n       int64
+	err     error
+}
+
+// NewLoader starts a bulk load.
+func (ix *Index) NewLoader() (*Loader, error) {
+	dir, err := os.MkdirTemp(ix.dir, "load-")
+	if err != nil {
+		return nil, fmt.Errorf("keyindex: load: %w", err)
+	}
+	l := &Loader{ix: ix, dir: dir}
+	for i := range l.files {
+		f, err := os.Create(filepath.Join(dir, "bucket-"+strconv.Itoa(i)))
+		if err != nil {
+			l.Abort()
+			return nil, fmt.Errorf("keyindex: load: %w", err)
+		}
+		l.files[i], l.writers[i] = f, bufio.NewWriterSize(f, 32<<10)
+	}
+	return l, nil
+}
+
+// Add adds k, first written at at.
+func (l *Loader) Add(k Key, at time.Time) {
+	if l.err != nil {
+		return
+	}
+	var rec [recordSize]byte
+	copy(rec[:], k[:])
+	binary.BigEndian.PutUint32(rec[len(k):], minuteOf(at))
+	if _, err := l.writers[k[0]].Write(rec[:]); err != nil {
+		l.err = fmt.Errorf("keyindex: load: %w", err)
+	}
+	l.n++
+}
+
+// Len returns how many keys were added.
+func (l *Loader) Len() int64 { return l.n }
+
+// Finish writes the keys into the index, records m and removes the
+// loader's files. A key added more than once keeps its latest minute.
+func (l *Loader) Finish(ctx context.Context, m Mark) error {
+	defer l.Abort()
+	if l.err != nil {
+		return l.err
+	}
+	// Two buckets at a time: sorting and writing tables is most of a
+	// load's CPU.
+	var (
+		tables [256][]string
+		errs   [256]error
+		next   atomic.Int32
+		wg     sync.WaitGroup
+	)
+	for range 2 {
+		wg.Go(func() {
+			for i := int(next.Add(1) - 1); i < len(l.files) && ctx.Err() == nil; i = int(next.Add(1) - 1) {
+				tables[i], errs[i] = l.writeBucket(i)
+			}
+		})
+	}
+	wg.Wait()
+	if err := cmp.Or(errors.Join(errs[:]...), ctx.Err()); err != nil {
+		return fmt.Errorf("keyindex: load: %w", err)
+	}
+	var all []string
+	for _, ts := range tables {
+		all = append(all, ts...)
+	}
+	if len(all) > 0 {
+		l.ix.mu.Lock()
+		err := l.ix.db.Ingest(ctx, all)
+		l.ix.mu.Unlock()
+		if err != nil {
+			return fmt.Errorf("keyindex: load: ingest: %w", err)
+		}
+	}
+	return l.ix.Add(nil, time.Time{}, m)
+}
+
+// writeBucket sorts bucket i and writes it as tables.
+func (l *Loader) writeBucket(i int) ([]string, error) {
+	if err := l.writers[i].Flush(); err != nil {
+		return nil, err
+	}
+	f := l.files[i]
+	size, err := f.Seek(0, io.SeekCurrent)
+	if err != nil || size == 0 {
+		return nil, err
+	}
+	data := make([]byte, size)
+	if _, err := f.ReadAt(data, 0); err != nil {
+		return nil, err
+	}
+	l.files[i], l.writers[i] = nil, nil
+	f.Close()
+	os.Remove(f.Name())
+	n := len(data) / recordSize
+	recs := make([][recordSize]byte, n)
+	for j := range recs {
+		copy(recs[j][:], data[j*recordSize:])
+	}
+	data = nil
+	// Key order, and the latest minute first among equal keys: the
+	// records compared as three big-endian integers.
+	slices.SortFunc(recs, func(a, b [recordSize]byte) int {
+		be := binary.BigEndian
+		return cmp.Or(cmp.Compare(be.Uint64(a[:8]), be.Uint64(b[:8])), cmp.Compare(be.Uint64(a[8:16]), be.Uint64(b[8:16])),
+			cmp.Compare(be.Uint32(b[16:]), be.Uint32(a[16:])))
+	})
+	var (
+		tables []string
+		w      *sstable.Writer
+		last   []byte
+	)
+	for j := range recs {
+		r := recs[j][:]
+		if last != nil && string(last) == string(r[:16]) {
+			continue
+		}
+		last = r[:16]
+		if w == nil {
+			path := filepath.Join(l.dir, fmt.Sprintf("table-%03d-%06d.sst", i, len(tables)))
+			if w, err = l.newTable(path); err != nil {
+				return nil, err
+			}
+			tables = append(tables, path)
+		}
+		if err := w.Set(r[:16], r[16:]); err != nil {
+			return nil, err
+		}
+		if w.Raw().EstimatedSize() >= loadTableBytes {
+			if err := w.Close(); err != nil {
+				return nil, err
+			}
+			w = nil
+		}
+	}
+	if w != nil {
+		if err := w.Close(); err != nil {
+			return nil, err
+		}
+	}
+	return tables, nil
+}
+
+// newTable creates a table the index can ingest into its last level.
+func (l *Loader) newTable(path string) (*sstable.Writer, error) {
+	f, err := vfs.Default.Create(path, vfs.WriteCategoryUnspecified)
+	if err != nil {
+		return nil, err
+	}
+	l.ix.mu.Lock()
+	format := l.ix.db.TableFormat()
+	l.ix.mu.Unlock()
+	o := l.ix.opts.MakeWriterOptions(len(l.ix.opts.Levels)-1, format)
+	return sstable.NewWriter(objstorageprovider.NewFileWritable(f), o), nil
+}
+
+// Abort removes the loader's files; after Finish it does nothing.
+func (l *Loader) Abort() {
+	for i, f := range l.files {
+		if f != nil {
+			f.Close()
+			l.files[i], l.writers[i] = nil, nil
+		}
+	}
+	os.RemoveAll(l.dir)
+}
+
+// Expire deletes the keys that are no longer held at now, in rounds of at
+// most chunk keys during which Add waits, and returns how many it deleted.
+// It reads every key once.
+func (ix *Index) Expire(ctx context.Context, now time.Time, chunk int) (int, error) {
+	if chunk <= 0 {
+		chunk = 100_000
+	}
+	var (
+		from    []byte
+		deleted int
+	)
+	for {
+		if err := ctx.Err(); err != nil {
+			return deleted, err
+		}
+		next, n, err := ix.expireChunk(from, now, chunk)
+		deleted += n
+		if err != nil || next == nil {
+			return deleted, err
+		}
+		from = next
+	}
+}
+
+// expireChunk deletes the expired keys among the chunk keys from from on
+// and returns the key to continue from (nil at the end).
+func (ix *Index) expireChunk(from []byte, now time.Time, chunk int) (next []byte, deleted int, err error) {
+	ix.mu.Lock()
+	defer ix.mu.Unlock()
+	it, err := ix.db.NewIter(&pebble.IterOptions{LowerBound: from})
+	if err != nil {
+		return nil, 0, fmt.Errorf("keyindex: expire: %w", err)
+	}
+	defer it.Close()
+	b := ix.db.NewBatch()
+	defer b.Close()
+	seen := 0
+	for valid := it.First(); valid; valid = it.Next() {
+		if seen == chunk {
+			next = slices.Clone(it.Key())
+			break
+		}
+		seen++
+		k := it.Key()
+		if len(k) != len(Key{}) {
+			continue
+		}
+		v, err := it.ValueAndErr()
+		if err != nil {
+			return nil, deleted, fmt.Errorf("keyindex: expire: %w", err)
+		}
+		if len(v) == 4 && ix.live(binary.BigEndian.Uint32(v), now) {
+			continue
+		}
+		if err := b.Delete(k, nil); err != nil {
+			return nil, deleted, fmt.Errorf("keyindex: expire: %w", err)
+		}
+		deleted++
+	}
+	if err := it.Error(); err != nil {
+		return nil, 0, fmt.Errorf("keyindex: expire: %w", err)
+	}
+	if err := b.Commit(pebble.NoSync); err != nil {
+		return nil, 0, fmt.Errorf("keyindex: expire: %w", err)
+	}
+	return next, deleted, nil
+}
