@@ -1037,20 +1037,7 @@ func (s *Store) query(ctx context.Context, q string, from time.Time, args ...any
 		return nil, err
 	}
 	defer rows.Close()
-	var out []aggregator.Increment
-	var parts rollup.Parts
-	inc := aggregator.Increment{Hour: from}
-	dest := append([]any{&inc.Tenant, &inc.Meter}, parts.Dest()...)
-	for rows.Next() {
-		if err := rows.Scan(dest...); err != nil {
-			return nil, err
-		}
-		if sum := parts.Sum(); sum != (rollup.Sum{}) {
-			inc.Value, inc.Events = sum.Value, sum.Events
-			out = append(out, inc)
-		}
-	}
-	return out, rows.Err()
+	return rollup.ScanIncrements(rows, from)
 }
 
 // Ping implements aggregator.Store.

@@ -81,6 +81,33 @@ func (p Parts) Sum() Sum {
 	return Sum{Value: saturating.Join(p.ValueHi, p.ValueLo), Events: saturating.Join(p.EventsHi, p.EventsLo)}
 }
 
+// Scanner is a query's result as both stores' drivers give it
+// (database/sql's Rows, clickhouse-go's driver.Rows).
+type Scanner interface {
+	Next() bool
+	Scan(dest ...any) error
+	Err() error
+}
+
+// ScanIncrements reads rows of tenant, meter and the Parts of their sums and
+// returns the sums that are not zero as increments of the hour from.
+func ScanIncrements(rows Scanner, from time.Time) ([]aggregator.Increment, error) {
+	var out []aggregator.Increment
+	var parts Parts
+	inc := aggregator.Increment{Hour: from}
+	dest := append([]any{&inc.Tenant, &inc.Meter}, parts.Dest()...)
+	for rows.Next() {
+		if err := rows.Scan(dest...); err != nil {
+			return nil, err
+		}
+		if sum := parts.Sum(); sum != (Sum{}) {
+			inc.Value, inc.Events = sum.Value, sum.Events
+			out = append(out, inc)
+		}
+	}
+	return out, rows.Err()
+}
+
 // Rows sums usage per rollup row. The zero value is not usable; make one.
 type Rows map[Key]Sum
 

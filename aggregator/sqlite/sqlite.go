@@ -407,20 +407,7 @@ func (s *Store) sums(ctx context.Context, query string, from time.Time, args ...
 		return nil, err
 	}
 	defer rows.Close()
-	var out []aggregator.Increment
-	var parts rollup.Parts
-	inc := aggregator.Increment{Hour: from}
-	dest := append([]any{&inc.Tenant, &inc.Meter}, parts.Dest()...)
-	for rows.Next() {
-		if err := rows.Scan(dest...); err != nil {
-			return nil, err
-		}
-		if sum := parts.Sum(); sum != (rollup.Sum{}) {
-			inc.Value, inc.Events = sum.Value, sum.Events
-			out = append(out, inc)
-		}
-	}
-	return out, rows.Err()
+	return rollup.ScanIncrements(rows, from)
 }
 
 // rollupDiff selects, per rollup row of the hours [?1, ?2), the Parts of the
