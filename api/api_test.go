@@ -271,3 +271,37 @@ func operationsOf(pattern string) []string {
 	}
 	return ops
 }
+
+// The limits the document states are the code's (the Event schema's are
+// checked with schemas/event.schema.json by TestEventSchema).
+func TestLimits(t *testing.T) {
+	doc := raw(t)
+	s := func(path ...string) any { return get(t, doc, append([]string{"components"}, path...)...) }
+	for _, c := range []struct {
+		what string
+		got  any
+		want int
+	}{
+		{"X-Meter-Value maximum", s("parameters", "CheckValue", "schema", "maximum"), schemas.MaxValue},
+		{"CloudEvent data.value maximum", s("schemas", "CloudEventData", "properties", "value", "maximum"), schemas.MaxValue},
+		{"CloudEvent data members (value and the dimensions)", s("schemas", "CloudEventData", "maxProperties"), schemas.MaxDimensions + 1},
+		{"CloudEvent dimension value length", s("schemas", "CloudEventData", "additionalProperties", "oneOf").([]any)[0].(map[string]any)["maxLength"], schemas.MaxDimensionValueLen},
+		{"tenant name length", s("schemas", "TenantName", "maxLength"), schemas.MaxTenantLen},
+		{"group_by dimensions", groupBy(t, doc)["maxItems"], schemas.MaxDimensions},
+	} {
+		if c.got != c.want {
+			t.Errorf("%s: the document says %v, the code %d", c.what, c.got, c.want)
+		}
+	}
+}
+
+// groupBy returns the schema of GET /v1/usage's group_by parameter.
+func groupBy(t *testing.T, doc map[string]any) map[string]any {
+	for _, p := range get(t, doc, "paths", "/v1/usage", "get", "parameters").([]any) {
+		if p := p.(map[string]any); p["name"] == "group_by" {
+			return p["schema"].(map[string]any)
+		}
+	}
+	t.Fatal("GET /v1/usage has no group_by parameter")
+	return nil
+}

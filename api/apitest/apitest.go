@@ -164,8 +164,8 @@ func (v *Validator) Check(t testing.TB, x Exchange, a Answer) {
 	if x.Problem != "" {
 		var p struct{ Type string }
 		json.Unmarshal(a.Body, &p)
-		if want := schemas.ProblemBase + x.Problem; p.Type != want {
-			t.Errorf("%s: problem type %q, want %q", x.Name, p.Type, want)
+		if got := slugOf(p.Type); got != x.Problem {
+			t.Errorf("%s: problem type %q, want %q", x.Name, p.Type, x.Problem)
 		}
 	}
 	req, err := x.request(t)
@@ -213,9 +213,19 @@ func (v *Validator) record(req *http.Request, a Answer) {
 	if strings.HasPrefix(a.Header.Get("Content-Type"), schemas.MediaProblem) {
 		var p struct{ Type string }
 		if json.Unmarshal(a.Body, &p) == nil {
-			v.problems[strings.TrimPrefix(p.Type, schemas.ProblemBase)] = true
+			v.problems[slugOf(p.Type)] = true
 		}
 	}
+}
+
+// slugOf returns the slug of the problem type whose URI is uri, or "".
+func slugOf(uri string) string {
+	for _, t := range schemas.ProblemTypes() {
+		if t.URI() == uri {
+			return t.Slug()
+		}
+	}
+	return ""
 }
 
 // match finds the document's path template of req.
@@ -271,7 +281,7 @@ func (v *Validator) ValidateComponentResponse(t testing.TB, name string, a Answe
 	v.mu.Lock()
 	var p struct{ Type string }
 	if json.Unmarshal(a.Body, &p) == nil {
-		v.problems[strings.TrimPrefix(p.Type, schemas.ProblemBase)] = true
+		v.problems[slugOf(p.Type)] = true
 	}
 	v.mu.Unlock()
 }
