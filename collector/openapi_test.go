@@ -1,8 +1,6 @@
 package collector
 
 import (
-	"context"
-	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -11,7 +9,6 @@ import (
 
 	"github.com/meterd/meterd/api/apitest"
 	"github.com/meterd/meterd/gate"
-	"github.com/meterd/meterd/schemas"
 )
 
 // The collector's answers `meterd dev` cannot be brought to give (cmd/meterd's
@@ -82,30 +79,7 @@ func TestOpenAPICollectorAnswers(t *testing.T) {
 	})
 
 	t.Run("blocklist-stale", func(t *testing.T) {
-		env := newIngestEnv(t, func(c *Config) {
-			kv, err := createBlocklist(c)
-			if err != nil {
-				t.Fatal(err)
-			}
-			hb := fmt.Appendf(nil, `{"at":%q}`, time.Now().UTC().Format(time.RFC3339Nano))
-			if _, err := kv.Put(t.Context(), schemas.HeartbeatKey, hb); err != nil {
-				t.Fatal(err)
-			}
-			g, err := gate.New(gate.Config{NATS: c.NATS, StalePolicy: gate.Deny, Now: func() time.Time { return time.Now().Add(time.Hour) }})
-			if err != nil {
-				t.Fatal(err)
-			}
-			ctx, cancel := context.WithCancel(context.Background())
-			done := make(chan struct{})
-			go func() { defer close(done); g.Run(ctx) }()
-			t.Cleanup(func() { cancel(); <-done })
-			for deadline := time.Now().Add(5 * time.Second); g.Ready(ctx) != nil; time.Sleep(5 * time.Millisecond) {
-				if time.Now().After(deadline) {
-					t.Fatal(g.Ready(ctx))
-				}
-			}
-			c.Gate = g
-		})
+		env := newStaleDenyEnv(t)
 		v.Do(t, http.DefaultClient, apitest.Exchange{Name: "stale, deny", Method: "GET", URL: env.srv.URL + "/v1/check",
 			Header: http.Header{"X-Tenant-Id": {"initech"}}, Status: 503, Problem: "blocklist-stale", Conforms: true})
 
@@ -118,20 +92,7 @@ func TestOpenAPICollectorAnswers(t *testing.T) {
 		if _, err := createBlocklist(&cfg); err != nil {
 			t.Fatal(err)
 		}
-		g, err := gate.New(gate.Config{NATS: nc})
-		if err != nil {
-			t.Fatal(err)
-		}
-		ctx, cancel := context.WithCancel(context.Background())
-		done := make(chan struct{})
-		go func() { defer close(done); g.Run(ctx) }()
-		t.Cleanup(func() { cancel(); <-done })
-		for deadline := time.Now().Add(5 * time.Second); g.Ready(ctx) != nil; time.Sleep(5 * time.Millisecond) {
-			if time.Now().After(deadline) {
-				t.Fatal(g.Ready(ctx))
-			}
-		}
-		cfg.Gate = g
+		cfg.Gate = runGate(t, gate.Config{NATS: nc})
 		tc := startTestCollector(t, cfg)
 		// Run stops while the server still answers: the check cannot
 		// record the call.

@@ -174,11 +174,7 @@ func storesWith(t *testing.T, evs []schemas.Event, extra func(add addRollup), fn
 			if err != nil {
 				t.Fatal(err)
 			}
-			mux := http.NewServeMux()
-			h.Register(mux)
-			srv := httptest.NewServer(mux)
-			t.Cleanup(srv.Close)
-			fn(t, srv)
+			fn(t, serveReport(t, h))
 		})
 	}
 }
@@ -600,10 +596,17 @@ func TestOpenAPIReportStoreDown(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	srv := serveReport(t, h)
+	apitest.New(t).Do(t, srv.Client(), apitest.Exchange{Name: "store down", Method: http.MethodGet, URL: srv.URL + "/v1/usage?window=day",
+		Header: http.Header{"Authorization": {"Bearer " + adminKey}}, Status: 503, Problem: "store-unavailable", Conforms: true})
+}
+
+// serveReport serves h's routes until the test ends.
+func serveReport(t *testing.T, h *report.Handler) *httptest.Server {
+	t.Helper()
 	mux := http.NewServeMux()
 	h.Register(mux)
 	srv := httptest.NewServer(mux)
 	t.Cleanup(srv.Close)
-	apitest.New(t).Do(t, srv.Client(), apitest.Exchange{Name: "store down", Method: http.MethodGet, URL: srv.URL + "/v1/usage?window=day",
-		Header: http.Header{"Authorization": {"Bearer " + adminKey}}, Status: 503, Problem: "store-unavailable", Conforms: true})
+	return srv
 }
