@@ -163,6 +163,8 @@ func TestOpenAPIExchanges(t *testing.T) {
 	for _, x := range []apitest.Exchange{
 		{Name: "report", URL: "/v1/usage?tenant=acme&window=day", Header: admin, Status: 200, Conforms: true},
 		{Name: "report by period, grouped", URL: "/v1/usage?window=period&group_by=route,method,status", Header: admin, Status: 200, Conforms: true},
+		{Name: "report grouped, repeated", URL: "/v1/usage?group_by=route&group_by=status", Header: admin, Status: 200, Conforms: true},
+		{Name: "report, group_by twice", URL: "/v1/usage?group_by=route,route", Header: admin, Status: 400, Problem: "invalid-parameter"},
 		{Name: "report as CSV", URL: "/v1/usage?format=csv&window=month", Header: admin, Status: 200, Conforms: true},
 		{Name: "report, Accept CSV", URL: "/v1/usage?window=hour", Header: with(tenantKey, "Accept", "text/csv"), Status: 200, Conforms: true},
 		{Name: "report, bad window", URL: "/v1/usage?window=week", Header: admin, Status: 400, Problem: "invalid-parameter"},
