@@ -37,21 +37,7 @@ func newCheckEnv(t testing.TB, mutate func(*Config)) *checkEnv {
 		if err != nil {
 			t.Fatal(err)
 		}
-		g, err := gate.New(gate.Config{NATS: c.NATS})
-		if err != nil {
-			t.Fatal(err)
-		}
-		ctx, cancel := context.WithCancel(context.Background())
-		done := make(chan struct{})
-		go func() { defer close(done); g.Run(ctx) }()
-		t.Cleanup(func() { cancel(); <-done })
-		deadline := time.Now().Add(5 * time.Second)
-		for g.Ready(ctx) != nil && time.Now().Before(deadline) {
-			time.Sleep(5 * time.Millisecond)
-		}
-		if err := g.Ready(ctx); err != nil {
-			t.Fatal(err)
-		}
+		g := runGate(t, gate.Config{NATS: c.NATS})
 		c.Gate, env.kv, env.gate = g, kv, g
 		c.KnownTenant = func(tenant string) bool { return tenant != "stranger" }
 		if mutate != nil {
@@ -248,37 +234,6 @@ func TestCheckUnusableRequestIDIsHashed(t *testing.T) {
 	env.waitStreamEvents(t, map[string]int{hashed(long): 2, hashed(other): 1, hashed("call-\xff"): 2, hashed("call-\xfe"): 1, "initech/" + exact: 2})
 }
 
-// newStaleDenyEnv is a collector whose gate is stale (the enforcer's last
-// heartbeat an hour before the gate's clock) under the deny policy.
-func newStaleDenyEnv(t testing.TB) *ingestEnv {
-	return newIngestEnv(t, func(c *Config) {
-		kv, err := createBlocklist(c)
-		if err != nil {
-			t.Fatal(err)
-		}
-		// The enforcer's last heartbeat, an hour before the gate's clock:
-		// the gate is stale once loaded.
-		hb := fmt.Appendf(nil, `{"at":%q}`, time.Now().UTC().Format(time.RFC3339Nano))
-		if _, err := kv.Put(t.Context(), schemas.HeartbeatKey, hb); err != nil {
-			t.Fatal(err)
-		}
-		g, err := gate.New(gate.Config{NATS: c.NATS, StalePolicy: gate.Deny, Now: func() time.Time { return time.Now().Add(time.Hour) }})
-		if err != nil {
-			t.Fatal(err)
-		}
-		ctx, cancel := context.WithCancel(context.Background())
-		done := make(chan struct{})
-		go func() { defer close(done); g.Run(ctx) }()
-		t.Cleanup(func() { cancel(); <-done })
-		for deadline := time.Now().Add(5 * time.Second); g.Ready(ctx) != nil; time.Sleep(5 * time.Millisecond) {
-			if time.Now().After(deadline) {
-				t.Fatal(g.Ready(ctx))
-			}
-		}
-		c.Gate = g
-	})
-}
-
 // A stale gate under the deny policy answers 503 with Retry-After (the time
 // in which it usually hears from the enforcer again), so gateways and their
 // clients retry instead of giving up.
@@ -386,4 +341,42 @@ func TestCheckSpoolFull(t *testing.T) {
 	if b := env.col.spool.Bytes(); b > 2000 {
 		t.Fatalf("spool holds %d bytes, over its bound 2000", b)
 	}
+}
+
+// newStaleDenyEnv is an ingest environment whose gate is stale once loaded
+// (the enforcer's last heartbeat lies an hour before the gate's clock) and
+// denies under the stale policy.
+func newStaleDenyEnv(t testing.TB) *ingestEnv {
+	t.Helper()
+	return newIngestEnv(t, func(c *Config) {
+		kv, err := createBlocklist(c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		hb := fmt.Appendf(nil, `{"at":%q}`, time.Now().UTC().Format(time.RFC3339Nano))
+		if _, err := kv.Put(t.Context(), schemas.HeartbeatKey, hb); err != nil {
+			t.Fatal(err)
+		}
+		c.Gate = runGate(t, gate.Config{NATS: c.NATS, StalePolicy: gate.Deny, Now: func() time.Time { return time.Now().Add(time.Hour) }})
+	})
+}
+
+// runGate runs a gate of cfg until the test ends and waits until it is
+// ready (its KV watch delivered the initial values).
+func runGate(t testing.TB, cfg gate.Config) *gate.Gate {
+	t.Helper()
+	g, err := gate.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); g.Run(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+	for deadline := time.Now().Add(5 * time.Second); g.Ready(ctx) != nil; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal(g.Ready(ctx))
+		}
+	}
+	return g
 }

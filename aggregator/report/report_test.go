@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"encoding/json"
+	"errors"
 	"io"
 	"math"
 	"net/http"
@@ -23,6 +24,7 @@ import (
 	"github.com/meterd/meterd/aggregator/clickhouse"
 	"github.com/meterd/meterd/aggregator/report"
 	"github.com/meterd/meterd/aggregator/sqlite"
+	"github.com/meterd/meterd/api/apitest"
 	"github.com/meterd/meterd/catalog"
 	"github.com/meterd/meterd/internal/auth"
 	"github.com/meterd/meterd/internal/chtest"
@@ -172,11 +174,7 @@ func storesWith(t *testing.T, evs []schemas.Event, extra func(add addRollup), fn
 			if err != nil {
 				t.Fatal(err)
 			}
-			mux := http.NewServeMux()
-			h.Register(mux)
-			srv := httptest.NewServer(mux)
-			t.Cleanup(srv.Close)
-			fn(t, srv)
+			fn(t, serveReport(t, h))
 		})
 	}
 }
@@ -578,4 +576,37 @@ func TestReportCSVInjection(t *testing.T) {
 			"acme api_calls 2026-02-01T00:00:00Z 64 1 route=a=b+c",
 		)
 	})
+}
+
+// downStore is a store that cannot answer.
+type downStore struct{}
+
+func (downStore) Usage(context.Context, aggregator.UsageQuery, func(*aggregator.UsageRow) error) error {
+	return errors.New("clickhouse: connection refused")
+}
+
+// A store that cannot answer gives 503 store-unavailable, as
+// api/openapi.yaml says.
+func TestOpenAPIReportStoreDown(t *testing.T) {
+	keys, err := auth.NewKeys([]auth.Key{{Key: adminKey, Admin: true}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := report.New(report.Config{Store: downStore{}, Keys: keys})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := serveReport(t, h)
+	apitest.New(t).Do(t, srv.Client(), apitest.Exchange{Name: "store down", Method: http.MethodGet, URL: srv.URL + "/v1/usage?window=day",
+		Header: http.Header{"Authorization": {"Bearer " + adminKey}}, Status: 503, Problem: "store-unavailable", Conforms: true})
+}
+
+// serveReport serves h's routes until the test ends.
+func serveReport(t *testing.T, h *report.Handler) *httptest.Server {
+	t.Helper()
+	mux := http.NewServeMux()
+	h.Register(mux)
+	srv := httptest.NewServer(mux)
+	t.Cleanup(srv.Close)
+	return srv
 }

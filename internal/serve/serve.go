@@ -1,6 +1,6 @@
 // Package serve is the HTTP plumbing every meterd process shares: the
-// /healthz, /readyz and /metrics endpoints and a server that shuts down
-// gracefully.
+// /healthz, /readyz, /metrics and /openapi.yaml endpoints and a server that
+// shuts down gracefully.
 package serve
 
 import (
@@ -17,6 +17,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/meterd/meterd/api"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -44,8 +45,9 @@ func NewRegistry() *prometheus.Registry {
 
 // NewMux returns a mux serving GET /healthz (the process is alive), GET
 // /readyz (every check passes or is degraded; the body lists each check's
-// state: "ok", the degraded state, or why it is not ready) and GET /metrics
-// from reg. Components add their own routes to it.
+// state: "ok", the degraded state, or why it is not ready), GET /metrics
+// from reg and GET /openapi.yaml (the description of every meterd HTTP API,
+// package api). Components add their own routes to it.
 func NewMux(reg *prometheus.Registry, checks map[string]ReadyFunc) *http.ServeMux {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
@@ -86,6 +88,7 @@ func NewMux(reg *prometheus.Registry, checks map[string]ReadyFunc) *http.ServeMu
 		json.NewEncoder(w).Encode(status)
 	})
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	mux.Handle("GET /openapi.yaml", api.Handler())
 	return mux
 }
 
