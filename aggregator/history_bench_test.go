@@ -55,7 +55,7 @@ func BenchmarkHistory(b *testing.B) {
 		filled = size
 		for run, mode := range modes {
 			b.Run(fmt.Sprintf("history=%d/%s", size, mode), func(b *testing.B) {
-				benchmarkHistory(b, dsn, mode, fmt.Sprintf("h%d-%d-", size, run), events, limit)
+				benchmarkHistory(b, dsn, mode, fmt.Sprintf("h%d-%d-", size, run), size, events, limit)
 			})
 		}
 	}
@@ -134,10 +134,12 @@ func fillHistory(b *testing.B, dsn string, from, to int64) {
 		rows, to-from, filledIn.Round(time.Second), time.Since(start).Round(time.Second), parts, float64(bytes)/(1<<30))
 }
 
-func benchmarkHistory(b *testing.B, dsn, mode, prefix string, events int64, limit time.Duration) {
+func benchmarkHistory(b *testing.B, dsn, mode, prefix string, history, events int64, limit time.Duration) {
 	cfg := clickhouse.Config{DSN: dsn}
 	if mode == "index" {
 		cfg.IndexDir = filepath.Join(b.TempDir(), "index")
+		// As the README sizes it: the Bloom filters (10 bits a key) fit.
+		cfg.IndexCacheBytes = 256<<20 + (history+events)*3/2
 	}
 	store, err := clickhouse.New(b.Context(), cfg)
 	if err != nil {
