@@ -42,7 +42,7 @@ func openStore(tb testing.TB, name string) aggregator.Store {
 	case "sqlite":
 		st, err = sqlite.New(sqlite.Config{Path: filepath.Join(tb.TempDir(), "meterd.db")})
 	case "clickhouse":
-		st, err = clickhouse.New(context.Background(), clickhouse.Config{DSN: chtest.DSN(tb)})
+		st, err = clickhouse.New(context.Background(), clickhouse.Config{DSN: chtest.DSN(tb), IndexDir: tb.TempDir()}) // as the aggregator runs it
 	default:
 		tb.Fatalf("unknown store %q", name)
 	}

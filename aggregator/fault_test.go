@@ -21,7 +21,7 @@ func TestAggregatorClickHouseOutage(t *testing.T) {
 		t.Skip("a 30 s outage")
 	}
 	srv := chtest.NewServer(t)
-	store, err := clickhouse.New(t.Context(), clickhouse.Config{DSN: srv.DSN("outage")})
+	store, err := clickhouse.New(t.Context(), clickhouse.Config{DSN: srv.DSN("outage"), IndexDir: t.TempDir()})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -213,7 +213,7 @@ func openPair(t *testing.T, kind string) (aggregator.Store, aggregator.Store, ag
 	case "clickhouse":
 		dsn := chtest.DSN(t)
 		open = func() aggregator.Store {
-			st, err := clickhouse.New(t.Context(), clickhouse.Config{DSN: dsn})
+			st, err := clickhouse.New(t.Context(), clickhouse.Config{DSN: dsn, IndexDir: t.TempDir()}) // an index of its own, as a pod has
 			if err != nil {
 				t.Fatal(err)
 			}
