@@ -128,23 +128,8 @@ func TestBinaryMissing(t *testing.T) {
 		Binary(t, "meterd-no-such-program", "meterd-no-such-package")
 		t.Fatal("Binary returned without the program")
 	}
-	for _, tc := range []struct {
-		ci   string
-		fail bool
-		want string
-	}{
-		{"", false, "--- SKIP: TestBinaryMissing"},
-		{"false", false, "--- SKIP: TestBinaryMissing"},
-		{"true", true, "--- FAIL: TestBinaryMissing"},
-	} {
-		cmd := exec.Command(os.Args[0], "-test.run=^TestBinaryMissing$", "-test.v")
-		cmd.Env = append(os.Environ(), "PROCTEST_MISSING=1", "CI="+tc.ci)
-		out, err := cmd.CombinedOutput()
-		if (err != nil) != tc.fail || !strings.Contains(string(out), tc.want) ||
-			!strings.Contains(string(out), "meterd-no-such-program not installed (apt-get install meterd-no-such-package") {
-			t.Errorf("CI=%q: %v, output:\n%s\nwant %q and the install hint", tc.ci, err, out, tc.want)
-		}
-	}
+	wantSkipOrFail(t, "TestBinaryMissing", "PROCTEST_MISSING=1",
+		"meterd-no-such-program not installed (apt-get install meterd-no-such-package")
 }
 
 // GoBinary finds a program that go install put in GOBIN, which the PATH
@@ -165,20 +150,32 @@ func TestGoBinary(t *testing.T) {
 	if got := GoBinary(t, "meterd-fake-server", "example.com/fake", "v1.2.3"); got != bin {
 		t.Fatalf("GoBinary = %q, want %q from GOBIN", got, bin)
 	}
+	wantSkipOrFail(t, "TestGoBinary", "PROCTEST_GOBIN=1", "is not v9.9.9", "go install example.com/fake@v9.9.9")
+}
+
+// wantSkipOrFail runs test again in a process with env set, where it
+// looks for a missing program: it must be skipped, unless CI=true, where
+// it must fail; either way its output must hold each of hints.
+func wantSkipOrFail(t *testing.T, test, env string, hints ...string) {
+	t.Helper()
 	for _, tc := range []struct {
 		ci   string
 		fail bool
 		want string
 	}{
-		{"", false, "--- SKIP: TestGoBinary"},
-		{"true", true, "--- FAIL: TestGoBinary"},
+		{"", false, "--- SKIP: " + test},
+		{"false", false, "--- SKIP: " + test},
+		{"true", true, "--- FAIL: " + test},
 	} {
-		cmd := exec.Command(os.Args[0], "-test.run=^TestGoBinary$", "-test.v")
-		cmd.Env = append(os.Environ(), "PROCTEST_GOBIN=1", "CI="+tc.ci)
+		cmd := exec.Command(os.Args[0], "-test.run=^"+test+"$", "-test.v")
+		cmd.Env = append(os.Environ(), env, "CI="+tc.ci)
 		out, err := cmd.CombinedOutput()
-		if (err != nil) != tc.fail || !strings.Contains(string(out), tc.want) ||
-			!strings.Contains(string(out), "is not v9.9.9") || !strings.Contains(string(out), "go install example.com/fake@v9.9.9") {
-			t.Errorf("CI=%q: %v, output:\n%s\nwant %q and the install hint", tc.ci, err, out, tc.want)
+		ok := (err != nil) == tc.fail && strings.Contains(string(out), tc.want)
+		for _, h := range hints {
+			ok = ok && strings.Contains(string(out), h)
+		}
+		if !ok {
+			t.Errorf("CI=%q: %v, output:\n%s\nwant %q and %q", tc.ci, err, out, tc.want, hints)
 		}
 	}
 }
