@@ -189,7 +189,14 @@ func (p *killProc) eventsURL() string { return "http://" + p.addr + "/v1/events"
 // the exposition format (name or name{label="value",…}).
 func (p *killProc) metric(t *testing.T, series string) float64 {
 	t.Helper()
-	resp, err := http.Get("http://" + p.addr + "/metrics")
+	return metricAt(t, "http://"+p.addr, series)
+}
+
+// metricAt scrapes base/metrics (base is http://host:port) and returns the
+// value of series, as killProc.metric.
+func metricAt(t *testing.T, base, series string) float64 {
+	t.Helper()
+	resp, err := http.Get(base + "/metrics")
 	if err != nil {
 		t.Fatalf("scrape: %v", err)
 	}

@@ -1,8 +1,10 @@
 // Package jstest gives tests a real embedded JetStream server (the one
 // `meterd dev` runs, from internal/broker) that a test can stop and start
 // again on the same port and store directory: clients that reconnect find
-// it where it was, with the data it held. It is the one test harness of
-// JetStream; a test needing a server uses it rather than its own.
+// it where it was, with the data it held; and a Cluster of separate
+// nats-server processes, for what only a real cluster shows (replicas, a
+// server killed under load). It is the one test harness of JetStream; a
+// test needing a server uses it rather than its own.
 package jstest
 
 import (
@@ -139,11 +141,16 @@ func (s *Server) JetStream() jetstream.JetStream { return s.js }
 // handlers may log after the test ended, so their lines are discarded.
 func (s *Server) Connect(name string, opts ...nats.Option) *nats.Conn {
 	s.t.Helper()
-	nc, err := broker.Connect(broker.ConnConfig{URL: s.URL(), Name: name, Logger: slog.New(slog.DiscardHandler), Options: opts})
+	return connect(s.t, s.URL(), name, opts)
+}
+
+func connect(t testing.TB, url, name string, opts []nats.Option) *nats.Conn {
+	t.Helper()
+	nc, err := broker.Connect(broker.ConnConfig{URL: url, Name: name, Logger: slog.New(slog.DiscardHandler), Options: opts})
 	if err != nil {
-		s.t.Fatal(err)
+		t.Fatal(err)
 	}
-	s.t.Cleanup(nc.Close)
+	t.Cleanup(nc.Close)
 	return nc
 }
 

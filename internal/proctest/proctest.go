@@ -1,5 +1,5 @@
 // Package proctest runs real servers of other projects (Caddy, nginx,
-// Prometheus, ClickHouse) for tests: it finds the program, starts it on a
+// Prometheus, ClickHouse, nats-server) for tests: it finds the program, starts it on a
 // free loopback port, waits until it is ready and stops it when the test
 // ends.
 //
@@ -16,6 +16,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -31,12 +32,70 @@ func Binary(t testing.TB, program, pkg string) string {
 	if bin := Find(program); bin != "" {
 		return bin
 	}
-	msg := fmt.Sprintf("%s not installed (apt-get install %s, or scripts/test-deps)", program, pkg)
+	missing(t, fmt.Sprintf("%s not installed (apt-get install %s, or scripts/test-deps)", program, pkg))
+	return ""
+}
+
+// GoBinary returns the path of program, which `go install module@version`
+// installs: on the PATH, else in the go command's GOBIN or GOPATH/bin,
+// which a PATH often lacks. version pins it: the first of these whose
+// --version names version, so a test never runs against a server other
+// than the one it was written for. Without one, it skips t, or fails t
+// when CI is "true".
+func GoBinary(t testing.TB, program, module, version string) string {
+	t.Helper()
+	var others []string
+	for _, bin := range goCandidates(program) {
+		out, err := exec.Command(bin, "--version").CombinedOutput()
+		if err == nil && strings.Contains(string(out), version) {
+			return bin
+		}
+		others = append(others, fmt.Sprintf("%s says %q (%v)", bin, strings.TrimSpace(string(out)), err))
+	}
+	msg := fmt.Sprintf("%s not installed", program)
+	if len(others) > 0 {
+		msg = fmt.Sprintf("%s is not %s: %s", program, version, strings.Join(others, "; "))
+	}
+	missing(t, fmt.Sprintf("%s (go install %s@%s, or scripts/test-deps)", msg, module, version))
+	return ""
+}
+
+// goCandidates returns the paths of program on the PATH and in the go
+// command's GOBIN and GOPATH/bin, in that order.
+func goCandidates(program string) []string {
+	var bins []string
+	if bin, err := exec.LookPath(program); err == nil {
+		bins = append(bins, bin)
+	}
+	var dirs []string
+	if out, err := exec.Command("go", "env", "GOBIN", "GOPATH").Output(); err == nil {
+		lines := strings.Split(string(out), "\n")
+		if gobin := strings.TrimSpace(lines[0]); gobin != "" {
+			dirs = append(dirs, gobin)
+		}
+		if len(lines) > 1 {
+			for _, p := range filepath.SplitList(strings.TrimSpace(lines[1])) {
+				dirs = append(dirs, filepath.Join(p, "bin"))
+			}
+		}
+	}
+	for _, dir := range dirs {
+		bin := filepath.Join(dir, program)
+		if fi, err := os.Stat(bin); err == nil && !fi.IsDir() && fi.Mode()&0o111 != 0 && !slices.Contains(bins, bin) {
+			bins = append(bins, bin)
+		}
+	}
+	return bins
+}
+
+// missing skips t for a missing program, or fails it when CI is "true":
+// CI must run every test.
+func missing(t testing.TB, msg string) {
+	t.Helper()
 	if os.Getenv("CI") == "true" {
 		t.Fatalf("%s; CI must run every test", msg)
 	}
 	t.Skip(msg)
-	return ""
 }
 
 // Find returns the path of program, also where the PATH lacks /usr/sbin,
@@ -102,7 +161,7 @@ const attempts = 3
 func Start(t testing.TB, spec Spec) *Server {
 	t.Helper()
 	if spec.Ready == nil {
-		spec.Ready = dial
+		spec.Ready = Dial
 	}
 	if spec.Timeout == 0 {
 		spec.Timeout = 30 * time.Second
@@ -196,7 +255,9 @@ func Launch(cmd *exec.Cmd, logPath string, ready func() error, timeout time.Dura
 	}
 }
 
-func dial(addr string) error {
+// Dial returns nil once addr accepts a TCP connection: the readiness of a
+// server that serves as soon as it listens.
+func Dial(addr string) error {
 	c, err := net.DialTimeout("tcp", addr, time.Second)
 	if err != nil {
 		return err
@@ -215,6 +276,15 @@ func (p *Process) Stop() {
 			p.cmd.Process.Kill()
 			<-p.exited
 		}
+	})
+}
+
+// Kill sends the process SIGKILL and waits until it is gone: a crash, with
+// no chance to flush or say goodbye. Stop afterwards is a no-op.
+func (p *Process) Kill() {
+	p.stopOnce.Do(func() {
+		p.cmd.Process.Kill()
+		<-p.exited
 	})
 }
 

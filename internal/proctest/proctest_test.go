@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -63,7 +64,7 @@ func helper(addr string) *exec.Cmd {
 // Start waits until the server accepts connections; Stop terminates it.
 func TestStartAndStop(t *testing.T) {
 	s := Start(t, Spec{Name: "helper", Command: helper})
-	if err := dial(s.Addr); err != nil {
+	if err := Dial(s.Addr); err != nil {
 		t.Fatalf("not serving on %s after Start: %v", s.Addr, err)
 	}
 	if out := s.Log(1 << 10); !strings.Contains(out, "serving on "+s.Addr) {
@@ -71,7 +72,7 @@ func TestStartAndStop(t *testing.T) {
 	}
 	s.Stop()
 	s.Stop() // idempotent
-	if err := dial(s.Addr); err == nil {
+	if err := Dial(s.Addr); err == nil {
 		t.Errorf("%s still accepts connections after Stop", s.Addr)
 	}
 	if out := s.Log(1 << 10); !strings.Contains(out, "terminated") {
@@ -92,7 +93,7 @@ func TestStartRetriesATakenPort(t *testing.T) {
 	if len(addrs) != 2 || s.Addr != addrs[1] {
 		t.Fatalf("Command called with %v, server on %s; want two calls and the second address", addrs, s.Addr)
 	}
-	if err := dial(s.Addr); err != nil {
+	if err := Dial(s.Addr); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -105,7 +106,7 @@ func TestStartWaitsForReady(t *testing.T) {
 		if time.Now().Before(readyAt) {
 			return fmt.Errorf("not yet")
 		}
-		return dial(addr)
+		return Dial(addr)
 	}})
 	if time.Now().Before(readyAt) {
 		t.Errorf("Start returned before Ready said so")
@@ -127,21 +128,54 @@ func TestBinaryMissing(t *testing.T) {
 		Binary(t, "meterd-no-such-program", "meterd-no-such-package")
 		t.Fatal("Binary returned without the program")
 	}
+	wantSkipOrFail(t, "TestBinaryMissing", "PROCTEST_MISSING=1",
+		"meterd-no-such-program not installed (apt-get install meterd-no-such-package")
+}
+
+// GoBinary finds a program that go install put in GOBIN, which the PATH
+// lacks, at the pinned version only: another version counts as missing
+// (a skip, or a failure under CI=true) and the message says how to install
+// the right one.
+func TestGoBinary(t *testing.T) {
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "meterd-fake-server")
+	if err := os.WriteFile(bin, []byte("#!/bin/sh\necho 'meterd-fake-server: v1.2.3'\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if os.Getenv("PROCTEST_GOBIN") != "" {
+		GoBinary(t, "meterd-fake-server", "example.com/fake", "v9.9.9")
+		t.Fatal("GoBinary returned a program of another version")
+	}
+	t.Setenv("GOBIN", dir)
+	if got := GoBinary(t, "meterd-fake-server", "example.com/fake", "v1.2.3"); got != bin {
+		t.Fatalf("GoBinary = %q, want %q from GOBIN", got, bin)
+	}
+	wantSkipOrFail(t, "TestGoBinary", "PROCTEST_GOBIN=1", "is not v9.9.9", "go install example.com/fake@v9.9.9")
+}
+
+// wantSkipOrFail runs test again in a process with env set, where it
+// looks for a missing program: it must be skipped, unless CI=true, where
+// it must fail; either way its output must hold each of hints.
+func wantSkipOrFail(t *testing.T, test, env string, hints ...string) {
+	t.Helper()
 	for _, tc := range []struct {
 		ci   string
 		fail bool
 		want string
 	}{
-		{"", false, "--- SKIP: TestBinaryMissing"},
-		{"false", false, "--- SKIP: TestBinaryMissing"},
-		{"true", true, "--- FAIL: TestBinaryMissing"},
+		{"", false, "--- SKIP: " + test},
+		{"false", false, "--- SKIP: " + test},
+		{"true", true, "--- FAIL: " + test},
 	} {
-		cmd := exec.Command(os.Args[0], "-test.run=^TestBinaryMissing$", "-test.v")
-		cmd.Env = append(os.Environ(), "PROCTEST_MISSING=1", "CI="+tc.ci)
+		cmd := exec.Command(os.Args[0], "-test.run=^"+test+"$", "-test.v")
+		cmd.Env = append(os.Environ(), env, "CI="+tc.ci)
 		out, err := cmd.CombinedOutput()
-		if (err != nil) != tc.fail || !strings.Contains(string(out), tc.want) ||
-			!strings.Contains(string(out), "meterd-no-such-program not installed (apt-get install meterd-no-such-package") {
-			t.Errorf("CI=%q: %v, output:\n%s\nwant %q and the install hint", tc.ci, err, out, tc.want)
+		ok := (err != nil) == tc.fail && strings.Contains(string(out), tc.want)
+		for _, h := range hints {
+			ok = ok && strings.Contains(string(out), h)
+		}
+		if !ok {
+			t.Errorf("CI=%q: %v, output:\n%s\nwant %q and %q", tc.ci, err, out, tc.want, hints)
 		}
 	}
 }
