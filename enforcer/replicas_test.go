@@ -467,3 +467,37 @@ func TestReplicasZombieWriteRefused(t *testing.T) {
 	}
 	v.waitDecision("acme", 5*time.Second, blockedFor(schemas.ReasonPaymentOverdue))
 }
+
+// A write into the blocklist by anyone but the active replica (a zombie's
+// that slipped in before the new replica's first write) fails the active
+// replica's next write: it gives the lease up, takes over again, reads the
+// bucket again and corrects the foreign decision.
+func TestReplicasForeignWriteCorrected(t *testing.T) {
+	v := newEnv(t)
+	a := v.replica("a", time.Second)
+	v.eventually("a active", 5*time.Second, func() error {
+		if a.active() != 1 {
+			return errors.New("a stands by")
+		}
+		return nil
+	})
+	data, _ := json.Marshal(schemas.Decision{Tenant: "bigco", Reason: schemas.ReasonSuspended, Version: 1})
+	if _, err := v.kv(schemas.BlocklistBucket).Put(context.Background(), "bigco", data); err != nil {
+		t.Fatal(err)
+	}
+	v.eventually("a fenced", 5*time.Second, func() error {
+		if n := value(a.e.m.leaseLost); n != 1 {
+			return fmt.Errorf("lease lost %v times", n)
+		}
+		return nil
+	})
+	v.waitDecision("bigco", 5*time.Second, unblocked)
+	v.eventually("a active again", 5*time.Second, func() error {
+		if a.active() != 1 {
+			return errors.New("a stands by")
+		}
+		return nil
+	})
+	// The first heartbeat of the new term may be a few ms away.
+	v.eventually("a ready", time.Second, func() error { return a.e.Ready(context.Background()) })
+}
