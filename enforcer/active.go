@@ -64,14 +64,18 @@ type blockWriter struct {
 	js     jetstream.JetStream
 	fenced bool // a lease is configured
 
-	// mu serialises the writes (held across the publish) and guards the
-	// fields below.
-	mu      sync.Mutex
-	kv      jetstream.KeyValue
-	active  bool
-	until   time.Time               // the lease's safe end, with a lease
-	lastSeq uint64                  // the stream's last sequence as of this replica's last write
-	stop    context.CancelCauseFunc // ends the term when a write is fenced
+	// writeMu serialises the writes (held across the publish) and guards
+	// lastSeq: each write expects the one before.
+	writeMu sync.Mutex
+	lastSeq uint64 // the stream's last sequence as of this replica's last write
+
+	// mu guards the term's state, never held across a call, so isActive
+	// answers at once while a write waits on NATS.
+	mu     sync.Mutex
+	kv     jetstream.KeyValue
+	active bool
+	until  time.Time               // the lease's safe end, with a lease
+	stop   context.CancelCauseFunc // ends the term when a write is fenced
 }
 
 // begin makes the writer active for a term of the lease: it reads the
@@ -83,9 +87,13 @@ func (w *blockWriter) begin(ctx context.Context, kv jetstream.KeyValue, until ti
 	if err != nil {
 		return fmt.Errorf("stream of %s: %w", kv.Bucket(), err)
 	}
+	w.writeMu.Lock()
+	w.lastSeq = info.CachedInfo().State.LastSeq
+	w.writeMu.Unlock()
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	w.kv, w.active, w.until, w.lastSeq, w.stop = kv, true, until, info.CachedInfo().State.LastSeq, stop
+	w.kv, w.active, w.stop = kv, true, stop
+	w.later(until)
 	return nil
 }
 
@@ -99,14 +107,21 @@ func (w *blockWriter) always(kv jetstream.KeyValue) {
 // renewed moves the end of the writes to until.
 func (w *blockWriter) renewed(until time.Time) {
 	w.mu.Lock()
-	w.until = until
+	w.later(until)
 	w.mu.Unlock()
+}
+
+// later moves until forward to t; the caller holds mu.
+func (w *blockWriter) later(t time.Time) {
+	if t.After(w.until) {
+		w.until = t
+	}
 }
 
 // end stops the writes of the term.
 func (w *blockWriter) end() {
 	w.mu.Lock()
-	w.active, w.stop = false, nil
+	w.active, w.stop, w.until = false, nil, time.Time{}
 	w.mu.Unlock()
 }
 
@@ -158,23 +173,28 @@ func (w *blockWriter) publish(ctx context.Context, m *nats.Msg) error {
 	if !validKey(m.Subject) {
 		return jetstream.ErrInvalidKey
 	}
+	w.writeMu.Lock()
+	defer w.writeMu.Unlock()
 	w.mu.Lock()
-	defer w.mu.Unlock()
-	if !w.active {
+	active, until, stop := w.active, w.until, w.stop
+	w.mu.Unlock()
+	if !active {
 		return ErrNotActive
 	}
-	if !time.Now().Before(w.until) {
+	if !time.Now().Before(until) {
 		return fmt.Errorf("%w: the lease was not renewed in time", ErrNotActive)
 	}
-	ctx, cancel := context.WithDeadline(ctx, w.until)
+	ctx, cancel := context.WithDeadline(ctx, until)
 	defer cancel()
 	ack, err := w.js.PublishMsg(ctx, m, jetstream.WithExpectLastSequence(w.lastSeq))
 	var apiErr *jetstream.APIError
 	if errors.As(err, &apiErr) && (apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence ||
 		apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant) {
+		w.mu.Lock()
 		w.active = false
-		if w.stop != nil {
-			w.stop(errFenced)
+		w.mu.Unlock()
+		if stop != nil {
+			stop(errFenced)
 		}
 		return fmt.Errorf("%w: %w", ErrNotActive, errFenced)
 	}
@@ -249,15 +269,48 @@ func (e *Enforcer) term(ctx context.Context, b *buckets, token uint64) {
 			e.log.Warn("release the enforcer lease; it expires by itself", "err", err)
 		}
 	}
-	until, err := e.cfg.Lease.Renew(tctx)
-	if err == nil {
+	// Renew from the start: reading the bucket may take a while, and a
+	// lease that stood still for its duration is taken over.
+	var wg sync.WaitGroup
+	renewed := make(chan time.Time, 1)
+	wg.Go(func() {
+		t := time.NewTicker(e.cfg.Lease.Duration() / 3)
+		defer t.Stop()
+		for first := true; ; first = false {
+			if !first {
+				select {
+				case <-tctx.Done():
+					return
+				case <-t.C:
+				}
+			}
+			until, err := e.cfg.Lease.Renew(tctx)
+			if err != nil {
+				if tctx.Err() == nil {
+					stop(err)
+				}
+				return
+			}
+			if first {
+				renewed <- until
+			}
+			e.writer.renewed(until)
+		}
+	})
+	var err error
+	select {
+	case until := <-renewed:
 		err = e.writer.begin(tctx, b.blocklist, until, stop)
+	case <-tctx.Done():
+		err = context.Cause(tctx)
 	}
 	if err == nil {
 		// What the previous replica wrote, up to its last write.
 		err = e.pub.load(tctx, b.blocklist)
 	}
 	if err != nil {
+		stop(err)
+		wg.Wait()
 		e.writer.end()
 		if ctx.Err() == nil {
 			e.log.Warn("taking over as the active enforcer failed; standing by", "token", token, "err", err)
@@ -266,26 +319,6 @@ func (e *Enforcer) term(ctx context.Context, b *buckets, token uint64) {
 		return
 	}
 	e.log.Info("enforcer lease held; active", "token", token)
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		t := time.NewTicker(e.cfg.Lease.Duration() / 3)
-		defer t.Stop()
-		for {
-			select {
-			case <-tctx.Done():
-				return
-			case <-t.C:
-				until, err := e.cfg.Lease.Renew(tctx)
-				if err != nil {
-					if tctx.Err() == nil {
-						stop(err)
-					}
-					return
-				}
-				e.writer.renewed(until)
-			}
-		}
-	})
 	wg.Go(func() { e.activate(tctx, b) })
 	<-tctx.Done()
 	e.writer.end()
