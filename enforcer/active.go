@@ -10,6 +10,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/meterd/meterd/internal/lease"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -25,21 +26,7 @@ const DefaultLeaseDuration = 6 * time.Second
 const LeaseKey = "enforcer." + schemas.BlocklistBucket
 
 // Lease is a single-holder lease with a fencing token (internal/lease).
-type Lease interface {
-	// Acquire blocks until the lease is held and returns its fencing token,
-	// or returns ctx's error.
-	Acquire(ctx context.Context) (uint64, error)
-	// Renew extends the lease and returns the time every write must end
-	// before; an error means the lease is lost.
-	Renew(ctx context.Context) (time.Time, error)
-	// Release gives the lease up for another process to take at once.
-	Release(ctx context.Context) error
-	// Duration is the lease duration: a holder that stops renewing is
-	// replaced within it.
-	Duration() time.Duration
-	// Answered is when the lease's bucket last answered.
-	Answered() time.Time
-}
+type Lease = lease.Holder
 
 // ErrNotActive is returned by the blocklist writes of an enforcer that is
 // not the active replica (it stands by, or its lease ran out).

@@ -171,6 +171,28 @@ func (v *env) heartbeatRev() uint64 {
 	return en.Revision()
 }
 
+// waitActive waits until r's meterd_enforcer_active_leases is want.
+func (v *env) waitActive(r *replica, want float64, within time.Duration) {
+	v.t.Helper()
+	v.eventually(fmt.Sprintf("%s active = %v", r.name, want), within, func() error {
+		if got := r.active(); got != want {
+			return fmt.Errorf("active = %v", got)
+		}
+		return nil
+	})
+}
+
+// waitHeartbeat waits until the heartbeat key moves past revision hb.
+func (v *env) waitHeartbeat(hb uint64, within time.Duration) {
+	v.t.Helper()
+	v.eventually("a heartbeat after revision "+fmt.Sprint(hb), within, func() error {
+		if v.heartbeatRev() == hb {
+			return errors.New("heartbeat not rewritten")
+		}
+		return nil
+	})
+}
+
 // notified counts the notifications published on NATS, by id.
 type notified struct {
 	mu  sync.Mutex
@@ -223,12 +245,7 @@ func TestReplicasFailover(t *testing.T) {
 	notes := v.countNotifications()
 	const d = 2 * time.Second
 	a := v.replica("a", d)
-	v.eventually("a active", 5*time.Second, func() error {
-		if a.active() != 1 {
-			return errors.New("a stands by")
-		}
-		return nil
-	})
+	v.waitActive(a, 1, 5*time.Second)
 	b := v.replica("b", d)
 	if a.active()+b.active() != 1 || b.active() != 0 {
 		t.Fatalf("active: a %v, b %v; want a alone", a.active(), b.active())
@@ -269,12 +286,7 @@ func TestReplicasFailover(t *testing.T) {
 		return nil
 	})
 	v.usage("daily", "api_calls", time.Now(), true, 150)
-	v.eventually("b active", 2*d, func() error {
-		if b.active() != 1 {
-			return errors.New("b stands by")
-		}
-		return nil
-	})
+	v.waitActive(b, 1, 2*d)
 	failover := time.Since(frozenAt)
 	t.Logf("failover after a freeze: %s (lease %s)", failover.Round(time.Millisecond), d)
 	if bound := d + 2*(d/10) + 500*time.Millisecond; failover > bound {
@@ -285,21 +297,11 @@ func TestReplicasFailover(t *testing.T) {
 		t.Errorf("acme's decision was rewritten by the takeover: revision %d → %d, version %d → %d", acmeRev, rev, blockedAcme.Version, got.Version)
 	}
 	hb := v.heartbeatRev()
-	v.eventually("b's heartbeat", 2*time.Second, func() error {
-		if v.heartbeatRev() == hb {
-			return errors.New("heartbeat not rewritten")
-		}
-		return nil
-	})
+	v.waitHeartbeat(hb, 2*time.Second)
 
 	// Thawed, a finds its lease taken and stands by.
 	a.lease.unfreeze()
-	v.eventually("a stands by", 5*time.Second, func() error {
-		if a.active() != 0 {
-			return errors.New("a still active")
-		}
-		return nil
-	})
+	v.waitActive(a, 0, 5*time.Second)
 	if b.active() != 1 {
 		t.Fatalf("b active %v after a thawed", b.active())
 	}
@@ -326,12 +328,7 @@ func TestReplicasFailover(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("b's Run did not return 5s after Close")
 	}
-	v.eventually("a active again", 2*time.Second, func() error {
-		if a.active() != 1 {
-			return errors.New("a stands by")
-		}
-		return nil
-	})
+	v.waitActive(a, 1, 2*time.Second)
 	t.Logf("failover after a clean stop: %s", time.Since(stoppedAt).Round(time.Millisecond))
 	time.Sleep(500 * time.Millisecond) // room for a flap or a second notification
 	if _, rev := v.decision("acme"); rev != acmeRev {
@@ -363,30 +360,15 @@ func TestReplicasDefaultLeaseFailover(t *testing.T) {
 	v := newEnv(t)
 	v.mutate = func(c *Config) { c.HeartbeatEvery = DefaultHeartbeatEvery }
 	a := v.replica("a", 0)
-	v.eventually("a active", 5*time.Second, func() error {
-		if a.active() != 1 {
-			return errors.New("a stands by")
-		}
-		return nil
-	})
+	v.waitActive(a, 1, 5*time.Second)
 	b := v.replica("b", 0)
 	hb := v.heartbeatRev()
-	v.eventually("a's next heartbeat", 2*DefaultHeartbeatEvery, func() error {
-		if v.heartbeatRev() == hb {
-			return errors.New("heartbeat not rewritten")
-		}
-		return nil
-	})
+	v.waitHeartbeat(hb, 2*DefaultHeartbeatEvery)
 	// Frozen right after a heartbeat: the worst case for the gates.
 	lastBeat := time.Now()
 	a.lease.freeze()
 	hb = v.heartbeatRev()
-	v.eventually("b's heartbeat", 15*time.Second, func() error {
-		if v.heartbeatRev() == hb {
-			return errors.New("heartbeat not rewritten")
-		}
-		return nil
-	})
+	v.waitHeartbeat(hb, 15*time.Second)
 	gap := time.Since(lastBeat)
 	t.Logf("failover after a freeze with the default lease: heartbeat gap %s", gap.Round(time.Millisecond))
 	if b.active() != 1 {
@@ -405,27 +387,12 @@ func TestReplicasZombieWriteRefused(t *testing.T) {
 	v := newEnv(t)
 	const d = time.Second
 	a := v.replica("a", d)
-	v.eventually("a active", 5*time.Second, func() error {
-		if a.active() != 1 {
-			return errors.New("a stands by")
-		}
-		return nil
-	})
+	v.waitActive(a, 1, 5*time.Second)
 	b := v.replica("b", d)
 	a.lease.freeze()
-	v.eventually("b active", 3*d, func() error {
-		if b.active() != 1 {
-			return errors.New("b stands by")
-		}
-		return nil
-	})
+	v.waitActive(b, 1, 3*d)
 	hb := v.heartbeatRev()
-	v.eventually("b's heartbeat", time.Second, func() error {
-		if v.heartbeatRev() == hb {
-			return errors.New("heartbeat not rewritten")
-		}
-		return nil
-	})
+	v.waitHeartbeat(hb, time.Second)
 
 	// a wakes thinking it is active with time left.
 	a.e.writer.mu.Lock()
@@ -443,12 +410,7 @@ func TestReplicasZombieWriteRefused(t *testing.T) {
 		t.Error("the refused zombie still counts itself active")
 	}
 	a.lease.unfreeze()
-	v.eventually("a stands by", 5*time.Second, func() error {
-		if a.active() != 0 {
-			return errors.New("a still active")
-		}
-		return nil
-	})
+	v.waitActive(a, 0, 5*time.Second)
 	if b.active() != 1 {
 		t.Errorf("b active %v, want 1", b.active())
 	}
@@ -475,12 +437,7 @@ func TestReplicasZombieWriteRefused(t *testing.T) {
 func TestReplicasForeignWriteCorrected(t *testing.T) {
 	v := newEnv(t)
 	a := v.replica("a", time.Second)
-	v.eventually("a active", 5*time.Second, func() error {
-		if a.active() != 1 {
-			return errors.New("a stands by")
-		}
-		return nil
-	})
+	v.waitActive(a, 1, 5*time.Second)
 	data, _ := json.Marshal(schemas.Decision{Tenant: "bigco", Reason: schemas.ReasonSuspended, Version: 1})
 	if _, err := v.kv(schemas.BlocklistBucket).Put(context.Background(), "bigco", data); err != nil {
 		t.Fatal(err)
@@ -492,12 +449,7 @@ func TestReplicasForeignWriteCorrected(t *testing.T) {
 		return nil
 	})
 	v.waitDecision("bigco", 5*time.Second, unblocked)
-	v.eventually("a active again", 5*time.Second, func() error {
-		if a.active() != 1 {
-			return errors.New("a stands by")
-		}
-		return nil
-	})
+	v.waitActive(a, 1, 5*time.Second)
 	// The first heartbeat of the new term may be a few ms away.
 	v.eventually("a ready", time.Second, func() error { return a.e.Ready(context.Background()) })
 }
