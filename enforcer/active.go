@@ -324,13 +324,32 @@ func (e *Enforcer) term(ctx context.Context, b *buckets, token uint64) {
 	}
 }
 
+// takeoverReconcileWait bounds the reconcile a replica runs when it takes
+// over before it decides.
+const takeoverReconcileWait = 10 * time.Second
+
 // activate writes decisions, heartbeats and notifications until ctx ends:
 // every tenant is decided again (a decision that did not change is not
 // written, so a takeover does not flap the blocklist), and the thresholds
 // reached are queued again (their markers keep them from being sent twice).
+// A replica that takes over first reads usage from the store again: it may
+// have missed a committed increment the previous replica counted (they are
+// published at most once), and deciding without it could lift a block
+// only to set it again at the next reconcile. The heartbeat starts at once.
 func (e *Enforcer) activate(ctx context.Context, b *buckets) {
 	e.m.active.Set(1)
 	defer e.m.active.Set(0)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wg.Go(func() { e.pub.heartbeatLoop(ctx) })
+	if e.cfg.Lease != nil {
+		rctx, cancel := context.WithTimeout(ctx, takeoverReconcileWait)
+		err := e.rec.reconcile(rctx, nil)
+		cancel()
+		if err != nil && ctx.Err() == nil {
+			e.log.Warn("reading usage from the store on takeover failed; deciding from the usage followed", "err", err)
+		}
+	}
 	e.track.setNotifying(true)
 	defer func() {
 		e.track.setNotifying(false)
@@ -340,8 +359,6 @@ func (e *Enforcer) activate(ctx context.Context, b *buckets) {
 	for _, t := range e.pub.blocked() {
 		e.dirty.mark(t, time.Time{})
 	}
-	var wg sync.WaitGroup
 	wg.Go(func() { e.pub.writeLoop(ctx) })
-	wg.Go(func() { e.pub.heartbeatLoop(ctx) })
-	wg.Wait()
+	<-ctx.Done()
 }

@@ -76,10 +76,13 @@
 // buckets, which the active replica follows and decides. They are ready
 // (active.go).
 //
-// Taking over, a replica reads the blocklist again and decides every tenant
-// again; a decision that did not change is not written (see Decisions), so
-// the gates see no flap. It forgets which thresholds it had queued and
-// queues every threshold reached again.
+// Taking over, a replica starts its heartbeat, reads the blocklist and the
+// usage totals of the store again (within 10 s; it may have missed a
+// committed increment the previous replica counted, since increments are
+// published at most once), then decides every tenant again; a decision
+// that did not change is not written (see Decisions), so the gates see no
+// flap. It forgets which thresholds it had queued and queues every
+// threshold reached again.
 //
 // A stood-down replica must not write. Two fences hold its writes back:
 //

@@ -453,3 +453,56 @@ func TestReplicasForeignWriteCorrected(t *testing.T) {
 	// The first heartbeat of the new term may be a few ms away.
 	v.eventually("a ready", time.Second, func() error { return a.e.Ready(context.Background()) })
 }
+
+// The fenced writer refuses the keys JetStream's key-value store refuses,
+// as the plain one does: a tenant name valid for schemas but not as a key
+// is reported, not retried.
+func TestBlocklistKeyValid(t *testing.T) {
+	for key, want := range map[string]bool{
+		"acme": true, "a-b_c/d=e.f": true, schemas.HeartbeatKey: true, "A9": true,
+		"": false, ".acme": false, "acme.": false, "a..b": false, "a b": false, "a*b": false, "a>b": false, "ü": false,
+	} {
+		if got := validKey("$KV." + schemas.BlocklistBucket + "." + key); got != want {
+			t.Errorf("validKey(%q) = %v, want %v", key, got, want)
+		}
+	}
+}
+
+// Increments are published at most once, so a standby may miss one the
+// active replica counted. Taking over, it reads usage from the store before
+// it decides: the block the missed increment caused stays as written,
+// instead of being lifted until the next reconcile.
+func TestReplicasTakeoverMissedIncrement(t *testing.T) {
+	v := newEnv(t)
+	const d = time.Second
+	a := v.replica("a", d)
+	v.waitActive(a, 1, 5*time.Second)
+	b := v.replica("b", d)
+	// Committed to the store; the increment reaches a alone.
+	b0 := &schemas.Batch{ID: "missed", Collector: "test", SealedAt: time.Now(),
+		Events: []schemas.Event{{ID: "m1", Tenant: "acme", Meter: "api_calls", Value: 1000, Time: time.Now()}}}
+	incs, err := v.store.Apply(context.Background(), []*schemas.Batch{b0})
+	if err != nil || len(incs) != 1 {
+		t.Fatalf("apply: %v %v", incs, err)
+	}
+	data, _ := json.Marshal(schemas.Committed{Tenant: "acme", Meter: "api_calls", Hour: incs[0].Hour, Value: incs[0].Value, Events: incs[0].Events})
+	a.e.track.onCommitted(&nats.Msg{Subject: schemas.CommittedSubject(0), Data: data})
+	v.waitDecision("acme", 5*time.Second, blockedFor(schemas.ReasonQuotaExceeded))
+	_, rev := v.decision("acme")
+	if _, _, used := b.e.track.usageOf("acme"); used["api_calls"] != 0 {
+		t.Fatalf("b counted %d api_calls, want 0: it must have missed the increment", used["api_calls"])
+	}
+
+	a.lease.freeze()
+	defer a.lease.unfreeze()
+	v.waitActive(b, 1, 3*d)
+	hb := v.heartbeatRev()
+	v.waitHeartbeat(hb, time.Second)
+	time.Sleep(300 * time.Millisecond) // room for a flap
+	if got, r := v.decision("acme"); got == nil || r != rev {
+		t.Errorf("acme after the takeover: %+v at revision %d, want the block at revision %d", got, r, rev)
+	}
+	if _, _, used := b.e.track.usageOf("acme"); used["api_calls"] != 1000 {
+		t.Errorf("b's usage of acme after the takeover: %d, want 1000 from the store", used["api_calls"])
+	}
+}
