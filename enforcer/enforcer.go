@@ -434,7 +434,7 @@ func (e *Enforcer) Register(mux *http.ServeMux) { e.api.register(mux) }
 // A standby replica is ready once seeded while its store and the lease
 // bucket answer: it serves the read API like the active one and takes over
 // from warm state. That exactly one replica is active is what the
-// meterd_enforcer_active metric and its alert tell.
+// meterd_enforcer_active_leases metric and its alert tell.
 func (e *Enforcer) Ready(ctx context.Context) error {
 	if e.buckets.Load() == nil {
 		return errors.New("enforcer: buckets not open yet")
