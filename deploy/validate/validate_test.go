@@ -186,6 +186,7 @@ func TestBroken(t *testing.T) {
 		{"short-grace", "terminationGracePeriodSeconds 30s < shutdown grace 20s + 10s to flush + 5s preStop"},
 		{"unpinned", "is not pinned to a release"},
 		{"two-images", "meterd containers use 2 images, want one"},
+		{"lease-too-long", "--stale-after 15s, but a takeover of the enforcer (Deployment/enforcer: lease, two polls and a heartbeat period) leaves the gates without a heartbeat for up to 17s"},
 		// caddy's own parser (skipped where caddy is not installed, outside CI)
 		{"caddy-syntax", "caddy adapt: "},
 		{"service-port", "Service/enforcer: port http targets htp, which no container of Deployment/enforcer has"},
