@@ -52,6 +52,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/meterd/meterd/internal/ctxtime"
+	"github.com/meterd/meterd/internal/lease"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -147,21 +148,7 @@ func quietDefaults(log **slog.Logger, reg *prometheus.Registerer) {
 }
 
 // Lease is a single-writer lease with a fencing token (internal/lease).
-type Lease interface {
-	// Acquire blocks until the lease is held and returns its fencing token,
-	// or returns ctx's error.
-	Acquire(ctx context.Context) (uint64, error)
-	// Renew extends the lease and returns the time every write must end
-	// before; an error means the lease is lost.
-	Renew(ctx context.Context) (time.Time, error)
-	// Release gives the lease up for another process to take at once.
-	Release(ctx context.Context) error
-	// Duration is the lease duration: a holder that stops renewing is
-	// replaced within it.
-	Duration() time.Duration
-	// Answered is when the lease's bucket last answered.
-	Answered() time.Time
-}
+type Lease = lease.Holder
 
 // writerChange is implemented by stores that keep state about their own
 // writes between calls (aggregator/clickhouse: its open intent). It is

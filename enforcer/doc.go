@@ -63,6 +63,56 @@
 // changes through it. Both buckets are watched, so restarts and replicas see
 // the same state.
 //
+// # Replicas
+//
+// With Config.Lease set (meterd enforcer always sets it), enforcers started
+// with the same flags are replicas, and the one holding the lease (key
+// LeaseKey in the internal/lease bucket) is active: only it writes
+// decisions and the heartbeat and sends notifications. The others stand by
+// from warm state: they seed, follow the committed increments and the
+// catalog and reconcile like the active one, follow the blocklist bucket
+// (so GET /v1/blocklist and the tenant views answer alike), and store the
+// admin API's tenant changes and billing webhooks they receive in their
+// buckets, which the active replica follows and decides. They are ready
+// (active.go).
+//
+// Taking over, a replica starts its heartbeat, reads the blocklist and the
+// usage totals of the store again (within 10 s; it may have missed a
+// committed increment the previous replica counted, since increments are
+// published at most once), then decides every tenant again; a decision
+// that did not change is not written (see Decisions), so the gates see no
+// flap. It forgets which thresholds it had queued and queues every
+// threshold reached again.
+//
+// A stood-down replica must not write. Two fences hold its writes back:
+//
+//   - Time: each blocklist write ends before the lease this replica last
+//     renewed can be taken over (internal/lease explains why no other
+//     process holds it before then), and none starts after. A replica
+//     frozen past its lease (SIGSTOP, a long pause) finds that time gone
+//     when it wakes, and its next renewal refused.
+//   - The bucket: only the active replica writes the blocklist bucket, so
+//     each write expects the bucket's stream to end at this replica's own
+//     last write (Nats-Expected-Last-Sequence). A zombie whose write
+//     escaped the clock check (frozen between the check and the write) is
+//     refused once the new active replica wrote, which it does at once (its
+//     heartbeat); a zombie write that lands before that fails the new
+//     replica's first write instead, and it gives the lease up and takes
+//     over again, reading the bucket again and correcting the write.
+//
+// Notifications are claimed before they are sent: a Create of the
+// notification's marker in NotifyBucket, which succeeds for one process
+// only; a replica that is not active claims none. So none is sent twice
+// across a takeover, and a threshold the old replica queued but never
+// claimed is sent by the new one. A notification claimed by a replica that
+// dies before sending it is not sent (at most once, as a lost core NATS
+// publish).
+//
+// The lease lasts DefaultLeaseDuration (6 s): a standby takes over within
+// that plus two polls of a tenth of it (7.2 s), and the heartbeat lapses
+// for at most a heartbeat period more (12.2 s), within the gates' default
+// StaleAfter of 15 s.
+//
 // # Parts
 //
 // The Enforcer wires parts that each own their state and do one job; a
@@ -70,6 +120,8 @@
 //
 //   - enforcer.go: Config, New (the wiring), Run (the start-up order), the
 //     KV buckets, Ready and Close.
+//   - active.go: the lease, standing by and taking over, and blockWriter,
+//     the only writer of the blocklist bucket, fenced by the lease.
 //   - usage.go: tracker, the usage per tenant and period in memory:
 //     committed increments, rollover, the journals of the totals queries.
 //     catalog.go: its switch to a new catalog of the catalog.Watcher (which
@@ -96,10 +148,12 @@
 // dirtySet.mu the tenants to decide again; notifier.mu the notification
 // queue. publisher.syncMu serialises the writes of decisions, so the
 // blocklist bucket sees them in decision order; it is held across the KV
-// write. The catalog.Watcher's locks are held while it calls onCatalog.
-// No NATS, store or HTTP call is made under a part's lock (only logging),
-// so a slow bucket or store never holds up the increments, the webhooks or
-// the admin API.
+// write. blockWriter.mu guards the term's fencing state and is held across
+// each blocklist write too (decisions and heartbeats), since each write
+// expects the stream to end at the one before. The catalog.Watcher's locks
+// are held while it calls onCatalog. No other NATS, store or HTTP call is
+// made under a part's lock (only logging), so a slow bucket or store never
+// holds up the increments, the webhooks or the admin API.
 //
 // The order, outermost first:
 //
@@ -107,9 +161,10 @@
 //	  → tracker.mu → billing.mu → dirtySet.mu, notifier.mu
 //	the watcher's locks → publisher.mu
 //	publisher.syncMu → publisher.mu
+//	publisher.syncMu → blockWriter.mu
 //
-// publisher.mu and tracker.mu are never held together; dirtySet.mu and
-// notifier.mu take nothing. The atomics (the buckets, running, seeded,
+// publisher.mu and tracker.mu are never held together; dirtySet.mu,
+// notifier.mu and blockWriter.mu take nothing. The atomics (the buckets, running, seeded,
 // lastHeartbeat, writeFailingSince) and the watcher's catalog are read
 // without a lock.
 package enforcer

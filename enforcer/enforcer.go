@@ -91,6 +91,13 @@ type Config struct {
 	// Replicas of the KV buckets the enforcer creates (default 1; 3 on a
 	// production cluster).
 	Replicas int
+	// Lease, if set, makes this enforcer one of several replicas: it writes
+	// decisions and heartbeats and sends notifications only while it holds
+	// the lease (key LeaseKey), and stands by, following the committed
+	// increments, the catalog and the blocklist, while another replica
+	// does (see the package documentation). Without a lease the enforcer
+	// assumes it is the only one.
+	Lease Lease
 	// Now is the clock of periods and decisions (default time.Now).
 	Now func() time.Time
 	// Logger receives the enforcer's logs; nil discards them.
@@ -172,6 +179,8 @@ type Enforcer struct {
 	pub     *publisher
 	notify  *notifier
 	api     *api
+	writer  *blockWriter // the blocklist's writer, fenced by the lease
+	m       *metrics
 
 	running   atomic.Bool
 	closeOnce sync.Once
@@ -204,13 +213,15 @@ func New(cfg Config) (*Enforcer, error) {
 	}
 	log := cfg.Logger.With("component", "enforcer")
 	now := func() time.Time { return cfg.Now().UTC() }
-	e := &Enforcer{cfg: cfg, log: log, js: js, closed: make(chan struct{})}
+	e := &Enforcer{cfg: cfg, log: log, js: js, m: m, closed: make(chan struct{})}
+	e.writer = &blockWriter{js: js, fenced: cfg.Lease != nil}
 	e.dirty = newDirtySet()
 	e.notify = newNotifier(cfg.NATS, cfg.NotifyURLs, cfg.NotifySecret, log, m)
+	e.notify.active = e.writer.isActive
 	e.billing = newBilling(cfg.BlockOn, log, e.dirty)
 	e.track = newTracker(cat, now, log, e.billing, e.dirty, e.notify)
 	e.rec = &reconciler{store: cfg.Store, track: e.track, log: log, m: m, every: cfg.ReconcileEvery}
-	e.pub = &publisher{now: now, log: log, m: m, open: &e.buckets, track: e.track, dirty: e.dirty, notify: e.notify,
+	e.pub = &publisher{now: now, log: log, m: m, open: &e.buckets, track: e.track, dirty: e.dirty, notify: e.notify, writer: e.writer,
 		every: cfg.HeartbeatEvery, written: map[string]schemas.Decision{}, versions: map[string]uint64{}}
 	e.watch = catalog.NewWatcher(cfg.NATS, cat, cfg.Logger)
 	e.watch.Path = cfg.CatalogPath
@@ -310,20 +321,13 @@ func (e *Enforcer) Run(ctx context.Context) error {
 		return nil
 	}
 	e.pub.seeded.Store(true)
-	// Every tenant is decided again, and every block of a tenant gone
-	// from the catalog lifted.
-	tenants := e.track.track()
-	blocked := e.pub.blocked()
-	for _, t := range blocked {
-		e.dirty.mark(t, time.Time{})
-	}
-	e.log.Info("enforcer seeded from the store; deciding", "tenants", tenants, "blocked_before", len(blocked))
+	e.log.Info("enforcer seeded from the store", "tenants", e.track.track(), "blocked_before", len(e.pub.blocked()))
 
-	wg.Go(func() { e.pub.writeLoop(ctx) })
-	wg.Go(func() { e.pub.heartbeatLoop(ctx, b.blocklist) })
 	wg.Go(func() { e.rec.loop(ctx, retrySoon) })
 	wg.Go(func() { e.track.rolloverLoop(ctx) })
-	<-ctx.Done()
+	// Every tenant is decided again once active, and every block of a
+	// tenant gone from the catalog lifted.
+	e.replicate(ctx, b)
 	return nil
 }
 
@@ -426,6 +430,11 @@ func (e *Enforcer) Register(mux *http.ServeMux) { e.api.register(mux) }
 // Ready fails until the enforcer has seeded and written its first
 // heartbeat, when the store is unreachable, and when the blocklist cannot
 // be written (heartbeats or decisions).
+//
+// A standby replica is ready once seeded while its store and the lease
+// bucket answer: it serves the read API like the active one and takes over
+// from warm state. That exactly one replica is active is what the
+// meterd_enforcer_active_leases metric and its alert tell.
 func (e *Enforcer) Ready(ctx context.Context) error {
 	if e.buckets.Load() == nil {
 		return errors.New("enforcer: buckets not open yet")
@@ -435,6 +444,12 @@ func (e *Enforcer) Ready(ctx context.Context) error {
 	}
 	if err := e.cfg.Store.Ping(ctx); err != nil {
 		return fmt.Errorf("enforcer: store: %w", err)
+	}
+	if l := e.cfg.Lease; l != nil && !e.writer.isActive() {
+		if since := time.Since(l.Answered()); since > l.Duration() {
+			return fmt.Errorf("enforcer: standby: the lease bucket has not answered for %s", since.Round(time.Second))
+		}
+		return nil
 	}
 	return e.pub.ready()
 }

@@ -32,6 +32,8 @@ type metrics struct {
 	reconciles    *prometheus.CounterVec
 	corrections   prometheus.Counter
 	writeFailures prometheus.Counter
+	active        prometheus.Gauge
+	leaseLost     prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -77,9 +79,17 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "meterd_enforcer_blocklist_write_errors_total",
 			Help: "Failed writes to the blocklist bucket (retried).",
 		}),
+		active: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "meterd_enforcer_active_leases",
+			Help: "1 while this enforcer is the active replica (it holds the enforcer lease and writes the blocklist), 0 while it stands by.",
+		}),
+		leaseLost: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "meterd_enforcer_lease_lost_total",
+			Help: "Times this enforcer lost the enforcer lease while active (it was replaced, or a write of another replica fenced it) and stood by.",
+		}),
 	}
 	for _, c := range []prometheus.Collector{m.decisions, m.blocked, m.webhooks, m.notifySent, m.notifyFailed,
-		m.freshness, m.reloads, m.reconciles, m.corrections, m.writeFailures} {
+		m.freshness, m.reloads, m.reconciles, m.corrections, m.writeFailures, m.active, m.leaseLost} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

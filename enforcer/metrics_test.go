@@ -14,5 +14,5 @@ func TestMetricNames(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	v.mutate = func(c *Config) { c.Registerer = reg }
 	v.start()
-	metrictest.Check(t, reg, 10)
+	metrictest.Check(t, reg, 12)
 }

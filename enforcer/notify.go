@@ -83,6 +83,9 @@ type notifier struct {
 	m      *metrics
 	// newBackOff paces the retries of one delivery; bounded.
 	newBackOff func() backoff.BackOff
+	// active reports whether this replica may claim notifications (it is
+	// the active one); a claimed notification is delivered to its end.
+	active func() bool
 
 	mu    sync.Mutex
 	queue []Notification
@@ -110,6 +113,14 @@ func (n *notifier) enqueue(x Notification) {
 	n.queue = append(n.queue, x)
 	n.mu.Unlock()
 	signal(n.wake)
+}
+
+// drop empties the queue: this replica stood down, and the next active one
+// queues every threshold reached again.
+func (n *notifier) drop() {
+	n.mu.Lock()
+	n.queue = nil
+	n.mu.Unlock()
 }
 
 func (n *notifier) pop() (Notification, bool) {
@@ -160,6 +171,9 @@ func (n *notifier) deliver(ctx context.Context, kv jetstream.KeyValue, x Notific
 	}
 	claimed := false
 	err = backoff.Retry(func() error {
+		if n.active != nil && !n.active() {
+			return backoff.Permanent(ErrNotActive)
+		}
 		_, err := kv.Create(ctx, x.ID, body)
 		switch {
 		case err == nil:
@@ -172,6 +186,9 @@ func (n *notifier) deliver(ctx context.Context, kv jetstream.KeyValue, x Notific
 		}
 		return err
 	}, backoff.WithContext(n.newBackOff(), ctx))
+	if errors.Is(err, ErrNotActive) {
+		return // the active replica sends it
+	}
 	if err != nil {
 		if ctx.Err() == nil {
 			n.m.notifyFailed.WithLabelValues(x.Type).Inc()
@@ -257,6 +274,9 @@ func thresholdUnits(limit int64, pct int) int64 {
 // NotifyBucket makes it once across restarts and replicas). It belongs to
 // the tracker and is used under the tracker's lock.
 type thresholds struct {
+	// active: queue notifications (this replica is the active one); a
+	// standby tracks usage but queues nothing.
+	active   bool
 	notify   *notifier
 	now      func() time.Time
 	notified map[string]map[string]bool // tenant → ids queued this period
@@ -277,7 +297,7 @@ func (th *thresholds) checkAll(cat *catalog.Catalog, tenant string, u *tenantUsa
 // usage reached and that was not queued this period. A limit of 0 has no
 // thresholds worth telling.
 func (th *thresholds) check(tenant string, u *tenantUsage, meter string, limit int64) {
-	if !u.seeded || limit <= 0 {
+	if !th.active || !u.seeded || limit <= 0 {
 		return
 	}
 	used := u.used[meter]

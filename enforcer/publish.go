@@ -14,6 +14,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/meterd/meterd/internal/ctxtime"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -29,6 +30,7 @@ type publisher struct {
 	track  *tracker                 // decides
 	dirty  *dirtySet
 	notify *notifier
+	writer *blockWriter  // writes the bucket, while active
 	every  time.Duration // of the heartbeat
 
 	// syncMu serialises the writes of decisions, so the bucket sees them
@@ -55,21 +57,33 @@ func (p *publisher) load(ctx context.Context, kv jetstream.KeyValue) error {
 		return fmt.Errorf("read %s: %w", kv.Bucket(), err)
 	}
 	defer w.Stop()
+	return p.loadFrom(ctx, w, kv.Bucket())
+}
+
+// decoded returns the decision of a put entry of the bucket; ok is false
+// for the heartbeat and for deletes.
+func (p *publisher) decoded(en jetstream.KeyValueEntry) (d schemas.Decision, ok bool) {
+	if en.Key() == schemas.HeartbeatKey || en.Operation() != jetstream.KeyValuePut {
+		return d, false
+	}
+	if err := json.Unmarshal(en.Value(), &d); err != nil {
+		// Decided again and replaced (or deleted) once seeded.
+		p.log.Warn("malformed decision in the blocklist", "tenant", en.Key(), "err", err)
+		d = schemas.Decision{Tenant: en.Key(), Reason: "malformed"}
+	}
+	return d, true
+}
+
+// loadFrom replaces the decisions known by the current values of w.
+func (p *publisher) loadFrom(ctx context.Context, w jetstream.KeyWatcher, bucket string) error {
 	written := map[string]schemas.Decision{}
-	err = initial(ctx, w, func(en jetstream.KeyValueEntry) {
-		if en.Key() == schemas.HeartbeatKey {
-			return
+	err := initial(ctx, w, func(en jetstream.KeyValueEntry) {
+		if d, ok := p.decoded(en); ok {
+			written[en.Key()] = d
 		}
-		var d schemas.Decision
-		if err := json.Unmarshal(en.Value(), &d); err != nil {
-			// Decided again and replaced (or deleted) once seeded.
-			p.log.Warn("malformed decision in the blocklist", "tenant", en.Key(), "err", err)
-			d = schemas.Decision{Tenant: en.Key(), Reason: "malformed"}
-		}
-		written[en.Key()] = d
 	})
 	if err != nil {
-		return fmt.Errorf("read %s: %w", kv.Bucket(), err)
+		return fmt.Errorf("read %s: %w", bucket, err)
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -128,9 +142,8 @@ func (p *publisher) flush(ctx context.Context) error {
 // otherwise. Writes are serialised, so the bucket sees them in decision
 // order.
 func (p *publisher) sync(ctx context.Context, tenant string, cause time.Time) error {
-	b := p.open.Load()
-	if b == nil || !p.seeded.Load() {
-		return nil
+	if p.open.Load() == nil || !p.seeded.Load() || !p.writer.isActive() {
+		return nil // a standby: the active replica decides
 	}
 	p.syncMu.Lock()
 	defer p.syncMu.Unlock()
@@ -154,14 +167,14 @@ func (p *publisher) sync(ctx context.Context, tenant string, cause time.Time) er
 
 	var err error
 	if want == nil {
-		err = b.blocklist.Delete(ctx, tenant)
+		err = p.writer.del(ctx, tenant)
 	} else {
 		want.Version, want.DecidedAt = version, now
 		if want.Reason == schemas.ReasonQuotaExceeded {
 			want.CrossedAt = cause.UTC()
 		}
 		data, _ := json.Marshal(want)
-		_, err = b.blocklist.Put(ctx, tenant, data)
+		err = p.writer.put(ctx, tenant, data)
 	}
 	if errors.Is(err, jetstream.ErrInvalidKey) {
 		// Not retried: no write can succeed. A tenant name that starts or
@@ -249,8 +262,61 @@ func (p *publisher) blocklist() BlocklistView {
 	return v
 }
 
-// heartbeatLoop writes the heartbeat key every p.every.
-func (p *publisher) heartbeatLoop(ctx context.Context, kv jetstream.KeyValue) {
+// follow keeps the decisions known equal to the bucket's while this
+// replica stands by, until ctx ends: the read API answers like the active
+// replica's, and a takeover starts from them.
+func (p *publisher) follow(ctx context.Context, kv jetstream.KeyValue) {
+	for {
+		w, err := kv.WatchAll(ctx)
+		if err == nil {
+			err = p.loadFrom(ctx, w, kv.Bucket())
+		}
+		if err == nil {
+			err = p.followUpdates(ctx, w)
+		}
+		if w != nil {
+			w.Stop()
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		p.log.Warn("following the blocklist failed; retrying", "err", err)
+		if !ctxtime.Sleep(ctx, writeRetry) {
+			return
+		}
+	}
+}
+
+// followUpdates applies the changes w delivers until ctx ends or w closes.
+func (p *publisher) followUpdates(ctx context.Context, w jetstream.KeyWatcher) error {
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case en, ok := <-w.Updates():
+			if !ok {
+				return errors.New("watch closed")
+			}
+			if en == nil || en.Key() == schemas.HeartbeatKey {
+				continue
+			}
+			d, put := p.decoded(en)
+			p.mu.Lock()
+			if put {
+				p.written[en.Key()] = d
+				p.versions[en.Key()] = max(p.versions[en.Key()], d.Version)
+			} else {
+				delete(p.written, en.Key())
+			}
+			p.setVersion = max(p.setVersion+1, d.Version)
+			p.updateBlockedLocked()
+			p.mu.Unlock()
+		}
+	}
+}
+
+// heartbeatLoop writes the heartbeat key every p.every, while active.
+func (p *publisher) heartbeatLoop(ctx context.Context) {
 	tick := time.NewTicker(p.every)
 	defer tick.Stop()
 	failing := false
@@ -258,7 +324,7 @@ func (p *publisher) heartbeatLoop(ctx context.Context, kv jetstream.KeyValue) {
 		data, _ := json.Marshal(struct {
 			At string `json:"at"`
 		}{p.now().Format(time.RFC3339Nano)})
-		if _, err := kv.Put(ctx, schemas.HeartbeatKey, data); err != nil {
+		if err := p.writer.put(ctx, schemas.HeartbeatKey, data); err != nil {
 			if !failing && ctx.Err() == nil {
 				p.log.Warn("heartbeat write failed", "err", err)
 			}

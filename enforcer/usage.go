@@ -189,6 +189,22 @@ func (t *tracker) track() int {
 	return t.setCatalog(nil) // nil: the newest catalog, also if one came meanwhile
 }
 
+// setNotifying has the thresholds reached queued (active) or not. A replica
+// that becomes active forgets what it queued before and queues every
+// threshold reached again: the markers of NotifyBucket drop those another
+// replica (or this one) already sent.
+func (t *tracker) setNotifying(active bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.thresholds.active = active
+	t.thresholds.notified = map[string]map[string]bool{}
+	if active {
+		for name, u := range t.usage {
+			t.thresholds.checkAll(t.cat, name, u)
+		}
+	}
+}
+
 // usageOf returns tenant's current period, whether its usage was read from
 // the store yet, and a copy of its usage per meter in that period (what
 // arrived since, while not seeded).

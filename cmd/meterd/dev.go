@@ -96,7 +96,7 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		return err
 	}
 	f.NATS.Replicas = 1
-	enf, err = a.addEnforcer(nc, store)
+	enf, err = a.addEnforcer(ctx, nc, store, 0)
 	if err != nil {
 		return err
 	}

@@ -10,11 +10,13 @@ import (
 	"syscall"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/meterd/meterd/aggregator"
 	"github.com/meterd/meterd/cmd/meterd/internal/cli"
 	"github.com/meterd/meterd/enforcer"
 	"github.com/meterd/meterd/internal/config"
+	"github.com/meterd/meterd/internal/lease"
 )
 
 // enforcerCmdFlags defines the flags of `meterd enforcer` beyond the shared ones.
@@ -30,7 +32,7 @@ func enforcerComponents(ctx context.Context, a *app, nc *nats.Conn) error {
 	if err != nil {
 		return err
 	}
-	_, err = a.addEnforcer(nc, store)
+	_, err = a.addEnforcer(ctx, nc, store, max(a.s.file.NATS.Replicas, 1))
 	return err
 }
 
@@ -42,6 +44,8 @@ func enforcerFlags(fs *flag.FlagSet, c *config.Enforcer) {
 	cli.SecretVar(fs, &c.NotifySecret, "notify-secret", c.NotifySecret, "`secret` signing the notifications (Meterd-Signature)", masked)
 	fs.DurationVar(&c.HeartbeatEvery, "heartbeat-every", cmp.Or(c.HeartbeatEvery, enforcer.DefaultHeartbeatEvery), "period of the blocklist heartbeat")
 	fs.DurationVar(&c.ReconcileEvery, "reconcile-every", cmp.Or(c.ReconcileEvery, enforcer.DefaultReconcileEvery), "period of recomputing usage from the store")
+	fs.DurationVar(&c.LeaseDuration, "lease-duration", cmp.Or(c.LeaseDuration, enforcer.DefaultLeaseDuration),
+		"enforcer lease: a second enforcer stands by and replaces an active one that stopped renewing within this (at least 1s; the gates' --stale-after should exceed it by a heartbeat period)")
 }
 
 func splitList(s string) []string {
@@ -55,12 +59,29 @@ func splitList(s string) []string {
 }
 
 // addEnforcer adds the enforcer, reloading the catalog from the config file
-// on change and on SIGHUP.
-func (a *app) addEnforcer(nc *nats.Conn, store aggregator.Store) (*enforcer.Enforcer, error) {
+// on change and on SIGHUP. With leaseReplicas > 0 it is active only while it
+// holds the enforcer lease (in a bucket of that many replicas), so replicas
+// can run side by side; 0 runs it without a lease, for meterd dev, whose
+// embedded NATS makes it the only enforcer by construction.
+func (a *app) addEnforcer(ctx context.Context, nc *nats.Conn, store aggregator.Store, leaseReplicas int) (*enforcer.Enforcer, error) {
 	s := a.s
 	e := s.file.Enforcer
+	var l enforcer.Lease
+	if leaseReplicas > 0 {
+		js, err := jetstream.New(nc)
+		if err != nil {
+			return nil, err
+		}
+		ll, err := lease.New(ctx, lease.Config{JS: js, Replicas: leaseReplicas, Key: enforcer.LeaseKey,
+			Duration: e.LeaseDuration, Logger: a.log.With("component", "enforcer")})
+		if err != nil {
+			return nil, err
+		}
+		l = ll
+	}
 	enf, err := enforcer.New(enforcer.Config{
-		NATS: nc, Store: store, Catalog: s.file.Catalog, CatalogPath: s.configPath, Keys: a.keys,
+		Lease: l,
+		NATS:  nc, Store: store, Catalog: s.file.Catalog, CatalogPath: s.configPath, Keys: a.keys,
 		WebhookSecret: e.WebhookSecret, WebhookTolerance: e.WebhookTolerance, BlockOn: splitList(e.BlockOn),
 		NotifyURLs: splitList(e.NotifyURLs), NotifySecret: e.NotifySecret,
 		HeartbeatEvery: e.HeartbeatEvery, ReconcileEvery: e.ReconcileEvery,

@@ -111,6 +111,7 @@ func Check(s *Set, o Options) []error {
 	c.gateway()
 	c.nats()
 	c.clickhouse()
+	c.failover()
 	if o.Complete {
 		c.references()
 	}
@@ -118,9 +119,10 @@ func Check(s *Set, o Options) []error {
 }
 
 type checker struct {
-	s    *Set
-	o    Options
-	errs []error
+	s     *Set
+	o     Options
+	errs  []error
+	files map[*corev1.Container]*config.File // the config file of each meterd container that has one
 }
 
 func (c *checker) errorf(format string, args ...any) {
@@ -393,6 +395,10 @@ func (c *checker) configFile(w workload, id string, ct *corev1.Container, env ma
 				c.errorf("%s: %v", id, err)
 			}
 			file = f
+			if c.files == nil {
+				c.files = map[*corev1.Container]*config.File{}
+			}
+			c.files[ct] = f
 		}
 	}
 	if p := setting(ct, env, "api-keys-file", ""); p != "" {

@@ -105,6 +105,10 @@ type Enforcer struct {
 	NotifySecret     string        `yaml:"notify_secret"`
 	HeartbeatEvery   time.Duration `yaml:"heartbeat_every"`
 	ReconcileEvery   time.Duration `yaml:"reconcile_every"`
+	// LeaseDuration is the enforcer lease's duration: the longest a
+	// standby enforcer waits before replacing an active one that stopped
+	// renewing.
+	LeaseDuration time.Duration `yaml:"lease_duration"`
 }
 
 // Load reads and strictly decodes the YAML file at path.

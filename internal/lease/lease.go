@@ -84,6 +84,26 @@ const (
 // process took it over, or it could not be renewed in time.
 var ErrLost = errors.New("lease: lost")
 
+// Holder is what a single writer needs of its lease; *Lease implements it,
+// and tests wrap it (to freeze renewals, for one).
+type Holder interface {
+	// Acquire blocks until the lease is held and returns its fencing token,
+	// or returns ctx's error.
+	Acquire(ctx context.Context) (uint64, error)
+	// Renew extends the lease and returns the time every write must end
+	// before; an error means the lease is lost.
+	Renew(ctx context.Context) (time.Time, error)
+	// Release gives the lease up for another process to take at once.
+	Release(ctx context.Context) error
+	// Duration is the lease duration: a holder that stops renewing is
+	// replaced within it.
+	Duration() time.Duration
+	// Answered is when the lease's bucket last answered.
+	Answered() time.Time
+}
+
+var _ Holder = (*Lease)(nil)
+
 // Config configures a Lease.
 type Config struct {
 	// JS is the JetStream context of the bucket. Required.
