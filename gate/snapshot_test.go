@@ -1,0 +1,140 @@
+package gate
+
+import (
+	"fmt"
+	"hash/maphash"
+	"math/rand/v2"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"testing"
+)
+
+// A snapshot built by a sequence of changes holds exactly what a plain map
+// given the same changes holds, through growths of its shards.
+func TestSnapshotWithMatchesMap(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	blocks := make([]*Block, 8)
+	for i := range blocks {
+		blocks[i] = &Block{Status: 402 + i}
+	}
+	s := newSnapshot(maphash.MakeSeed())
+	model := map[string]*Block{}
+	for step := range 400 {
+		changes := map[string]*Block{}
+		for range rng.IntN(64) + 1 {
+			t := fmt.Sprintf("t%d", rng.IntN(5000))
+			var b *Block
+			if rng.IntN(4) > 0 || step < 150 { // grow first, then churn
+				b = blocks[rng.IntN(len(blocks))]
+			}
+			changes[t] = b
+		}
+		for t, b := range changes {
+			if b == nil {
+				delete(model, t)
+			} else {
+				model[t] = b
+			}
+		}
+		prev := s
+		s = s.with(changes, uint64(step))
+		if s.blocked != len(model) {
+			t.Fatalf("step %d: snapshot holds %d blocks, the model %d", step, s.blocked, len(model))
+		}
+		for tenant, b := range model {
+			if got := s.get(tenant); got != b {
+				t.Fatalf("step %d: get(%s) = %p, want %p", step, tenant, got, b)
+			}
+		}
+		for tenant := range changes {
+			if model[tenant] == nil && s.get(tenant) != nil {
+				t.Fatalf("step %d: %s still blocked", step, tenant)
+			}
+		}
+		if prev.blocked > 0 && s == prev {
+			t.Fatal("with modified the snapshot in place")
+		}
+	}
+	if n := len(s.shards); n < len(model)/shardMax || n > 2*len(model)/shardTarget+1 {
+		t.Errorf("%d shards for %d blocks", n, len(model))
+	}
+	got := 0
+	s.each(func(string, *Block) { got++ })
+	if got != len(model) {
+		t.Errorf("each visits %d blocks, want %d", got, len(model))
+	}
+}
+
+// An update copies only the shard it touches: every other shard of the new
+// snapshot is the old one's map, and the old snapshot is unchanged.
+func TestSnapshotWithCopiesOneShard(t *testing.T) {
+	all := map[string]*Block{}
+	b := &Block{Status: 402}
+	for i := range 100_000 {
+		all[fmt.Sprintf("tenant-%06d", i)] = b
+	}
+	s := built(maphash.MakeSeed(), all, 1)
+	if len(s.shards) != shardsFor(100_000) || len(s.shards) < 512 {
+		t.Fatalf("%d shards for 100k blocks", len(s.shards))
+	}
+	for _, change := range []struct {
+		tenant string
+		b      *Block
+	}{{"newcomer", b}, {"tenant-000042", nil}, {"tenant-000043", &Block{Status: 403}}} {
+		next := s.with(map[string]*Block{change.tenant: change.b}, 2)
+		copied := 0
+		for i := range s.shards {
+			if fmt.Sprintf("%p", s.shards[i]) != fmt.Sprintf("%p", next.shards[i]) {
+				copied++
+				if i != s.shard(change.tenant) {
+					t.Errorf("%s: shard %d copied, the change is in shard %d", change.tenant, i, s.shard(change.tenant))
+				}
+			}
+		}
+		if copied != 1 || next.get(change.tenant) != change.b {
+			t.Errorf("%s: %d shards copied, get = %p; want 1, %p", change.tenant, copied, next.get(change.tenant), change.b)
+		}
+		if s.blocked != 100_000 || s.get("tenant-000042") != b || s.get("newcomer") != nil {
+			t.Fatalf("%s: the old snapshot changed", change.tenant)
+		}
+	}
+	// Unblocking a tenant not held copies nothing.
+	if next := s.with(map[string]*Block{"nobody": nil}, 2); next.blocked != s.blocked {
+		t.Errorf("unblocking nobody: %d blocks", next.blocked)
+	}
+}
+
+func TestShardsFor(t *testing.T) {
+	for _, c := range []struct{ n, want int }{{0, 1}, {1, 1}, {128, 1}, {129, 2}, {256, 2}, {257, 4}, {100_000, 1024}, {1_000_000, 8192}} {
+		if got := shardsFor(c.n); got != c.want {
+			t.Errorf("shardsFor(%d) = %d, want %d", c.n, got, c.want)
+		}
+	}
+}
+
+// Applying live entries through the applier keeps the snapshot and its
+// version exact: a put blocks, an older version is ignored, a delete
+// unblocks.
+func TestApplierLive(t *testing.T) {
+	g := offlineGate(t)
+	a := &applier{g: g, replaying: true, overlay: map[string]*Block{}}
+	var replay []jetstream.KeyValueEntry
+	for i := range 1000 {
+		replay = append(replay, putEntry(t, fmt.Sprintf("tenant-%04d", i), 10))
+	}
+	a.apply(append(replay, nil))
+	if s := g.snap.Load(); s.blocked != 1000 || s.version != 1000 || len(s.shards) != shardsFor(1000) {
+		t.Fatalf("after the replay: %d blocks, version %d, %d shards", s.blocked, s.version, len(s.shards))
+	}
+	a.apply([]jetstream.KeyValueEntry{putEntry(t, "tenant-0007", 9), delEntry("tenant-0008", 11), putEntry(t, "newcomer", 12)})
+	s := g.snap.Load()
+	if s.blocked != 1000 || s.version != 1002 {
+		t.Errorf("after 2 changes: %d blocks, version %d; want 1000, 1002", s.blocked, s.version)
+	}
+	if g.Check("tenant-0007").Block.Decision.Version != 10 || g.Check("tenant-0008").Block != nil || g.Check("newcomer").Block == nil {
+		t.Errorf("verdicts after the changes: %+v %+v %+v", g.Check("tenant-0007"), g.Check("tenant-0008"), g.Check("newcomer"))
+	}
+	if got := g.Snapshot(); len(got) != 1000 || got[0].Tenant != "newcomer" || got[999].Tenant != "tenant-0999" {
+		t.Errorf("Snapshot: %d decisions, first %s", len(got), got[0].Tenant)
+	}
+}
