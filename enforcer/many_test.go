@@ -1,11 +1,14 @@
 package enforcer
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"runtime"
+	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -162,6 +165,22 @@ func TestManyTenantsSeedAndGauge(t *testing.T) {
 	}
 	if kv.len() != 1000 || len(e.pub.blocklist().Decisions) != 1000 || gauge() != 1000 {
 		t.Fatalf("blocked %d in the bucket, %d in the blocklist, gauge %v; want 1000", kv.len(), len(e.pub.blocklist().Decisions), gauge())
+	}
+	// GET /v1/blocklist answers the blocklist, as JSON of a BlocklistView.
+	mux := http.NewServeMux()
+	e.Register(mux)
+	req := httptest.NewRequest(http.MethodGet, "/v1/blocklist", nil)
+	req.Header.Set("Authorization", "Bearer "+adminKey)
+	rec := httptest.NewRecorder()
+	mux.ServeHTTP(rec, req)
+	var got BlocklistView
+	if err := json.Unmarshal(rec.Body.Bytes(), &got); err != nil || rec.Code != http.StatusOK {
+		t.Fatalf("GET /v1/blocklist: %d, %v", rec.Code, err)
+	}
+	gotJSON, _ := json.Marshal(got)
+	wantJSON, _ := json.Marshal(e.pub.blocklist())
+	if !bytes.Equal(gotJSON, wantJSON) || rec.Header().Get("Content-Length") != strconv.Itoa(rec.Body.Len()) {
+		t.Errorf("GET /v1/blocklist answered %d bytes (Content-Length %s) unlike the blocklist", rec.Body.Len(), rec.Header().Get("Content-Length"))
 	}
 	// The store now says 100 of the blocked used half their limit.
 	for i := range store.incs {
