@@ -122,8 +122,35 @@ func newCatalog(plans []Plan, tenants []Tenant) (*Catalog, []error) {
 	if len(errs) > 0 {
 		return nil, errs
 	}
-	slices.Sort(c.names)
+	sortNames(c.names)
 	return c, nil
+}
+
+// sortNames sorts names in O(n + k log k) when all but the last k are in
+// order already, as when Merge appends the admin API's tenants to those of
+// the file catalog: one admin change to a catalog of a million tenants must
+// not sort them all again. Other input costs what slices.Sort costs.
+func sortNames(names []string) {
+	i := 1
+	for i < len(names) && names[i-1] <= names[i] {
+		i++
+	}
+	if i >= len(names) {
+		return
+	}
+	tail := slices.Clone(names[i:])
+	slices.Sort(tail)
+	// Merge the sorted head names[:i] and tail into names, from the back.
+	a, b := i-1, len(tail)-1
+	for k := len(names) - 1; b >= 0; k-- {
+		if a >= 0 && names[a] > tail[b] {
+			names[k] = names[a]
+			a--
+		} else {
+			names[k] = tail[b]
+			b--
+		}
+	}
 }
 
 // checkName returns the path of the entry name of section (kind names it
