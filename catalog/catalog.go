@@ -296,6 +296,34 @@ func (c *Catalog) Tenant(name string) (t Tenant, p Plan, ok bool) {
 	return t, p, true
 }
 
+// Has reports whether the catalog lists tenant, without copying anything.
+func (c *Catalog) Has(tenant string) bool {
+	_, ok := c.tenants[tenant]
+	return ok
+}
+
+// Same reports whether tenant is configured alike in c and other: listed in
+// both with the same settings and overrides, on plans of the same cadence,
+// limits and on_exceed; or listed in neither. What is decided about a
+// tenant from the catalog stands while Same holds, so a component switching
+// catalogs need only look again at the tenants it does not hold for.
+func (c *Catalog) Same(other *Catalog, tenant string) bool {
+	if c == other {
+		return true
+	}
+	a, inC := c.tenants[tenant]
+	b, inOther := other.tenants[tenant]
+	if !inC || !inOther {
+		return inC == inOther
+	}
+	if a.Plan != b.Plan || !a.BillingAnchor.Equal(b.BillingAnchor) || a.BillingURL != b.BillingURL ||
+		a.CustomerID != b.CustomerID || a.Status != b.Status || !maps.Equal(a.Overrides.Limits, b.Overrides.Limits) {
+		return false
+	}
+	pa, pb := c.plans[a.Plan], other.plans[b.Plan]
+	return pa.Period == pb.Period && pa.OnExceed == pb.OnExceed && maps.Equal(pa.Limits, pb.Limits)
+}
+
 // HasPlan reports whether tenant is listed with a plan, without copying
 // anything (the forward-auth check asks it on every call).
 func (c *Catalog) HasPlan(tenant string) bool {

@@ -5,6 +5,7 @@ import (
 	"math/rand/v2"
 	"slices"
 	"testing"
+	"time"
 )
 
 // sortNames sorts any input, with or without a sorted head.
@@ -104,5 +105,52 @@ func TestMergeManyNamesSorted(t *testing.T) {
 	}
 	if _, p, _ := cat.Tenant("t-0000200"); p.Name != "pro" {
 		t.Errorf("t-0000200 on plan %q, want pro", p.Name)
+	}
+}
+
+// Same tells apart every setting a decision about a tenant depends on.
+func TestSame(t *testing.T) {
+	plans := []Plan{{Name: "free", Limits: map[string]int64{"api_calls": 1000}}, {Name: "pro", Limits: map[string]int64{"api_calls": 5000}}}
+	base := Tenant{Name: "acme", Plan: "free", BillingURL: "https://b.example.com/acme", CustomerID: "cus_1"}
+	mk := func(ps []Plan, ts ...Tenant) *Catalog {
+		c, err := NewCatalog(ps, ts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	orig := mk(plans, base)
+	with := func(f func(*Tenant)) *Catalog {
+		tn := base
+		f(&tn)
+		return mk(plans, tn)
+	}
+	morePlan := []Plan{{Name: "free", Limits: map[string]int64{"api_calls": 2000}}, plans[1]}
+	dailyPlan := []Plan{{Name: "free", Period: Daily, Limits: map[string]int64{"api_calls": 1000}}, plans[1]}
+	overagePlan := []Plan{{Name: "free", OnExceed: OnExceedOverage, Limits: map[string]int64{"api_calls": 1000}}, plans[1]}
+	for _, c := range []struct {
+		name  string
+		other *Catalog
+		same  bool
+	}{
+		{"itself", orig, true},
+		{"rebuilt alike", mk(plans, base), true},
+		{"plan", with(func(t *Tenant) { t.Plan = "pro" }), false},
+		{"anchor", with(func(t *Tenant) { t.BillingAnchor = time.Date(2026, 1, 15, 0, 0, 0, 0, time.UTC) }), false},
+		{"billing url", with(func(t *Tenant) { t.BillingURL = "https://b.example.com/other" }), false},
+		{"customer", with(func(t *Tenant) { t.CustomerID = "cus_2" }), false},
+		{"status", with(func(t *Tenant) { t.Status = StatusPastDue }), false},
+		{"override", with(func(t *Tenant) { t.Overrides.Limits = map[string]int64{"api_calls": 10} }), false},
+		{"plan limits", mk(morePlan, base), false},
+		{"plan period", mk(dailyPlan, base), false},
+		{"plan on_exceed", mk(overagePlan, base), false},
+		{"gone", mk(plans), false},
+	} {
+		if got := orig.Same(c.other, "acme"); got != c.same {
+			t.Errorf("%s: Same = %v, want %v", c.name, got, c.same)
+		}
+	}
+	if !orig.Same(mk(plans), "nobody") || !orig.Has("acme") || orig.Has("nobody") {
+		t.Error("a tenant in neither catalog is not the same, or Has is wrong")
 	}
 }

@@ -290,3 +290,65 @@ func heapInUse() uint64 {
 	runtime.ReadMemStats(&ms)
 	return ms.HeapAlloc
 }
+
+// A catalog change has only the tenants it changes or drops decided again,
+// however many the catalog holds.
+func TestManyTenantsCatalogChange(t *testing.T) {
+	cat, store := manyTenants(t, 10_000, 10)
+	e, kv, _ := offlineEnforcer(t, cat, store)
+	seed(t, e)
+	publish(t, e)
+	if n := len(e.dirty.take()); n != 0 || kv.len() != 1000 {
+		t.Fatalf("after the first round: %d dirty, %d blocked", n, kv.len())
+	}
+	suspended, pro := catalog.StatusSuspended, "pro"
+	changed, _ := catalog.Merge(cat, map[string]catalog.Change{
+		"t-0000001": {Status: &suspended}, // blocked for its status
+		"t-0000010": {Plan: &pro},         // was over free's limit; within pro's
+		"t-0000013": {Plan: &pro},         // the same plan again: nothing changes
+		"newcomer":  {Plan: &pro},
+	}, "")
+	e.onCatalog(changed)
+	dirty := e.dirty.take()
+	if len(dirty) != 3 {
+		t.Fatalf("dirty after the change: %v, want t-0000001, t-0000010 and newcomer", dirty)
+	}
+	for _, name := range []string{"t-0000001", "t-0000010", "newcomer"} {
+		e.dirty.mark(name, time.Time{})
+	}
+	if err := e.rec.reconcile(context.Background(), e.track.waitingReseed()); err != nil {
+		t.Fatal(err)
+	}
+	publish(t, e)
+	if _, ok := e.pub.decision("t-0000010"); ok || kv.len() != 1000 {
+		t.Errorf("after the change: %d blocked, t-0000010 blocked %v; want 1000, false", kv.len(), ok)
+	}
+	if d, _ := e.pub.decision("t-0000001"); d.Reason != schemas.ReasonSuspended {
+		t.Errorf("t-0000001: %+v, want suspended", d)
+	}
+	// A file without t-0000020 (nor the changes): those four are decided
+	// again.
+	var tenants []catalog.Tenant
+	for _, name := range cat.TenantNames() {
+		if name != "t-0000020" {
+			tn, _, _ := cat.Tenant(name)
+			tenants = append(tenants, tn)
+		}
+	}
+	p1, _ := cat.Plan("free")
+	p2, _ := cat.Plan("pro")
+	smaller, err := catalog.NewCatalog([]catalog.Plan{p1, p2}, tenants)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.onCatalog(smaller)
+	dirty = e.dirty.take()
+	for _, name := range []string{"t-0000020", "t-0000001", "t-0000010", "newcomer"} {
+		if _, ok := dirty[name]; !ok {
+			t.Errorf("%s not decided again", name)
+		}
+	}
+	if len(dirty) != 4 {
+		t.Errorf("dirty after the file change: %v, want 4 tenants", dirty)
+	}
+}
