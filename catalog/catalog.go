@@ -117,7 +117,9 @@ func newCatalog(plans []Plan, tenants []Tenant) (*Catalog, []error) {
 		c.addPlan(p, bad)
 	}
 	for _, t := range tenants {
-		c.addTenant(t, bad)
+		if c.addTenant(t, bad) {
+			c.names = append(c.names, t.Name)
+		}
 	}
 	if len(errs) > 0 {
 		return nil, errs
@@ -192,10 +194,13 @@ func (c *Catalog) addPlan(p Plan, bad func(path, msg string)) {
 	c.plans[p.Name] = p
 }
 
-func (c *Catalog) addTenant(t Tenant, bad func(path, msg string)) {
+// addTenant checks t and adds it, also when invalid (bad is told, and the
+// catalog is not used); it reports whether it added t, which it does not
+// when t's name is taken. The caller lists the names.
+func (c *Catalog) addTenant(t Tenant, bad func(path, msg string)) bool {
 	path, ok := checkName(c.tenants, "tenants", "tenant", t.Name, bad)
 	if !ok {
-		return
+		return false
 	}
 	plan, ok := c.plans[t.Plan]
 	if t.Plan != "" && !ok {
@@ -226,13 +231,13 @@ func (c *Catalog) addTenant(t Tenant, bad func(path, msg string)) {
 	}
 	t.Overrides.Limits = checkLimits(path+".overrides.limits", t.Overrides.Limits, bad)
 	c.tenants[t.Name] = t
-	c.names = append(c.names, t.Name)
 	if len(plan.Limits)+len(t.Overrides.Limits) > 0 {
 		eff := make(map[string]int64, len(plan.Limits)+len(t.Overrides.Limits))
 		maps.Copy(eff, plan.Limits)
 		maps.Copy(eff, t.Overrides.Limits)
 		c.limits[t.Name] = eff
 	}
+	return true
 }
 
 // checkLimits reports every bad meter name and negative limit of limits, in

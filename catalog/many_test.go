@@ -2,6 +2,7 @@ package catalog
 
 import (
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"slices"
 	"testing"
@@ -24,73 +25,6 @@ func TestSortNames(t *testing.T) {
 		if !slices.Equal(names, want) {
 			t.Errorf("head %d tail %d: %v, want %v", c.head, c.tail, names, want)
 		}
-	}
-}
-
-// manyFile is a file catalog of n tenants (t-0000000 …) on two plans, in
-// shuffled order as a file may list them, and changes of the admin API for
-// k of them plus k new tenants.
-func manyFile(tb testing.TB, n, k int) (*Catalog, map[string]Change) {
-	tb.Helper()
-	plans := []Plan{{Name: "free", Limits: map[string]int64{"api_calls": 1000}}, {Name: "pro", Limits: map[string]int64{"api_calls": 100_000, "tokens": 50_000}}}
-	tenants := make([]Tenant, n)
-	for i := range tenants {
-		tenants[i] = Tenant{Name: fmt.Sprintf("t-%07d", i), Plan: plans[i%2].Name, CustomerID: fmt.Sprintf("cus_%07d", i)}
-	}
-	rand.New(rand.NewPCG(5, 6)).Shuffle(len(tenants), func(i, j int) { tenants[i], tenants[j] = tenants[j], tenants[i] })
-	file, err := NewCatalog(plans, tenants)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	pro, free := "pro", "free"
-	changes := map[string]Change{}
-	for i := range k {
-		changes[fmt.Sprintf("t-%07d", i*(n/k))] = Change{Plan: &pro}
-		changes[fmt.Sprintf("new-%05d", i)] = Change{Plan: &free}
-	}
-	return file, changes
-}
-
-var catalogSizes = []int{10_000, 100_000, 1_000_000}
-
-// BenchmarkNewCatalog builds (validates and indexes) a catalog of n tenants,
-// as loading the catalog file does after parsing it.
-func BenchmarkNewCatalog(b *testing.B) {
-	for _, n := range catalogSizes {
-		file, _ := manyFile(b, n, 1)
-		plans := []Plan{file.plans["free"], file.plans["pro"]}
-		tenants := make([]Tenant, 0, n)
-		for _, t := range file.tenants {
-			tenants = append(tenants, t)
-		}
-		b.Run(fmt.Sprintf("tenants=%d", n), func(b *testing.B) {
-			b.ReportAllocs()
-			for b.Loop() {
-				if _, err := NewCatalog(plans, tenants); err != nil {
-					b.Fatal(err)
-				}
-			}
-			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/float64(n), "ns/tenant")
-		})
-	}
-}
-
-// BenchmarkMerge merges 100 admin API changes (50 tenants of the file, 50
-// new) over a file catalog of n tenants: what every admin change costs
-// every component following the changes.
-func BenchmarkMerge(b *testing.B) {
-	for _, n := range catalogSizes {
-		file, changes := manyFile(b, n, 50)
-		b.Run(fmt.Sprintf("tenants=%d", n), func(b *testing.B) {
-			b.ReportAllocs()
-			for b.Loop() {
-				cat, dropped := Merge(file, changes, "")
-				if len(dropped) != 0 || len(cat.names) != n+50 {
-					b.Fatalf("merged %d tenants, dropped %v", len(cat.names), dropped)
-				}
-			}
-			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/float64(n), "ns/tenant")
-		})
 	}
 }
 
@@ -152,5 +86,73 @@ func TestSame(t *testing.T) {
 	}
 	if !orig.Same(mk(plans), "nobody") || !orig.Has("acme") || orig.Has("nobody") {
 		t.Error("a tenant in neither catalog is not the same, or Has is wrong")
+	}
+}
+
+// Merge, which validates only the changed tenants over a copy of the file's
+// indexes, gives the catalog NewCatalog builds from the merged tenants:
+// plans switched, limits dropped and added, customer ids moved from one
+// tenant to another, tenants added.
+func TestMergeMatchesNewCatalog(t *testing.T) {
+	rng := rand.New(rand.NewPCG(7, 8))
+	plans := []Plan{{Name: "free", Limits: map[string]int64{"api_calls": 1000}}, {Name: "pro", Limits: map[string]int64{"tokens": 5}}, {Name: "open"}}
+	var tenants []Tenant
+	for i := range 200 {
+		tenants = append(tenants, Tenant{Name: fmt.Sprintf("t%03d", i), Plan: plans[i%3].Name, CustomerID: fmt.Sprintf("cus_%03d", i)})
+	}
+	file, err := NewCatalog(plans, tenants)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for round := range 50 {
+		specs := map[string]Change{}
+		for range rng.IntN(20) + 1 {
+			name := fmt.Sprintf("t%03d", rng.IntN(230)) // some new
+			ch := Change{}
+			switch rng.IntN(4) {
+			case 0:
+				ch.Plan = ptr(plans[rng.IntN(3)].Name)
+			case 1:
+				ch.Overrides = &ChangeOverrides{Limits: map[string]int64{"api_calls": int64(rng.IntN(50))}}
+			case 2:
+				ch.Plan = ptr("")
+			case 3:
+				ch.Status = ptr(StatusSuspended)
+			}
+			specs[name] = ch
+		}
+		// Move a customer id: the spec'd tenant a gives it up, b takes it.
+		a, b := fmt.Sprintf("t%03d", rng.IntN(200)), fmt.Sprintf("t%03d", 200+rng.IntN(30))
+		specs[a] = Change{CustomerID: ptr("cus_moved_" + a)}
+		specs[b] = Change{CustomerID: ptr("cus_" + a[1:])}
+		got, dropped := Merge(file, specs, "")
+		if len(dropped) != 0 {
+			t.Fatalf("round %d: dropped %v", round, dropped)
+		}
+		var merged []Tenant
+		for _, tn := range tenants {
+			if _, ok := specs[tn.Name]; !ok {
+				merged = append(merged, tn)
+			}
+		}
+		for _, name := range slices.Sorted(maps.Keys(specs)) {
+			base, _, ok := file.Tenant(name)
+			if !ok {
+				base = Tenant{Name: name}
+			}
+			tn, fe := specs[name].ApplyTo(base)
+			if fe != nil {
+				t.Fatal(fe)
+			}
+			merged = append(merged, tn)
+		}
+		want, err := NewCatalog(plans, merged)
+		if err != nil {
+			t.Fatalf("round %d: %v", round, err)
+		}
+		if !slices.Equal(got.names, want.names) || !maps.EqualFunc(got.tenants, want.tenants, func(x, y Tenant) bool { return want.Same(got, x.Name) && x.Name == y.Name }) ||
+			!maps.EqualFunc(got.limits, want.limits, func(x, y map[string]int64) bool { return maps.Equal(x, y) }) || !maps.Equal(got.customers, want.customers) {
+			t.Fatalf("round %d: Merge differs from NewCatalog of the merged tenants:\n%v\n%v\n%v\n%v", round, got.names, want.names, got.customers, want.customers)
+		}
 	}
 }
