@@ -55,7 +55,7 @@ func TestSnapshotWithMatchesMap(t *testing.T) {
 			t.Fatal("with modified the snapshot in place")
 		}
 	}
-	if n := len(s.shards); n < len(model)/shardMax || n > 2*len(model)/shardTarget+1 {
+	if n := len(s.pages); n < len(model)/shardMax || n > 2*len(model)/shardTarget+1 {
 		t.Errorf("%d shards for %d blocks", n, len(model))
 	}
 	got := 0
@@ -65,8 +65,8 @@ func TestSnapshotWithMatchesMap(t *testing.T) {
 	}
 }
 
-// An update copies only the shard it touches: every other shard of the new
-// snapshot is the old one's map, and the old snapshot is unchanged.
+// An update copies only the page it touches: every other page of the new
+// snapshot is the old one's, and the old snapshot is unchanged.
 func TestSnapshotWithCopiesOneShard(t *testing.T) {
 	all := map[string]*Block{}
 	b := &Block{Status: 402}
@@ -74,8 +74,8 @@ func TestSnapshotWithCopiesOneShard(t *testing.T) {
 		all[fmt.Sprintf("tenant-%06d", i)] = b
 	}
 	s := built(maphash.MakeSeed(), all, 1)
-	if len(s.shards) != shardsFor(100_000) || len(s.shards) < 512 {
-		t.Fatalf("%d shards for 100k blocks", len(s.shards))
+	if len(s.pages) != shardsFor(100_000) || len(s.pages) < 512 {
+		t.Fatalf("%d shards for 100k blocks", len(s.pages))
 	}
 	for _, change := range []struct {
 		tenant string
@@ -83,11 +83,12 @@ func TestSnapshotWithCopiesOneShard(t *testing.T) {
 	}{{"newcomer", b}, {"tenant-000042", nil}, {"tenant-000043", &Block{Status: 403}}} {
 		next := s.with(map[string]*Block{change.tenant: change.b}, 2)
 		copied := 0
-		for i := range s.shards {
-			if fmt.Sprintf("%p", s.shards[i]) != fmt.Sprintf("%p", next.shards[i]) {
+		at := s.pageOf(s.hash(change.tenant))
+		for i := range s.pages {
+			if s.pages[i] != next.pages[i] {
 				copied++
-				if i != s.shard(change.tenant) {
-					t.Errorf("%s: shard %d copied, the change is in shard %d", change.tenant, i, s.shard(change.tenant))
+				if i != at {
+					t.Errorf("%s: page %d copied, the change is in page %d", change.tenant, i, at)
 				}
 			}
 		}
@@ -98,9 +99,15 @@ func TestSnapshotWithCopiesOneShard(t *testing.T) {
 			t.Fatalf("%s: the old snapshot changed", change.tenant)
 		}
 	}
-	// Unblocking a tenant not held copies nothing.
-	if next := s.with(map[string]*Block{"nobody": nil}, 2); next.blocked != s.blocked {
-		t.Errorf("unblocking nobody: %d blocks", next.blocked)
+	// Unblocking a tenant not held, or blocking one with the block it
+	// holds, copies nothing.
+	for tenant, blk := range map[string]*Block{"nobody": nil, "tenant-000044": b} {
+		next := s.with(map[string]*Block{tenant: blk}, 2)
+		for i := range s.pages {
+			if s.pages[i] != next.pages[i] || next.blocked != s.blocked {
+				t.Errorf("%s → %p: page %d copied, %d blocks", tenant, blk, i, next.blocked)
+			}
+		}
 	}
 }
 
@@ -123,8 +130,8 @@ func TestApplierLive(t *testing.T) {
 		replay = append(replay, putEntry(t, fmt.Sprintf("tenant-%04d", i), 10))
 	}
 	a.apply(append(replay, nil))
-	if s := g.snap.Load(); s.blocked != 1000 || s.version != 1000 || len(s.shards) != shardsFor(1000) {
-		t.Fatalf("after the replay: %d blocks, version %d, %d shards", s.blocked, s.version, len(s.shards))
+	if s := g.snap.Load(); s.blocked != 1000 || s.version != 1000 || len(s.pages) != shardsFor(1000) {
+		t.Fatalf("after the replay: %d blocks, version %d, %d shards", s.blocked, s.version, len(s.pages))
 	}
 	a.apply([]jetstream.KeyValueEntry{putEntry(t, "tenant-0007", 9), delEntry("tenant-0008", 11), putEntry(t, "newcomer", 12)})
 	s := g.snap.Load()
