@@ -107,8 +107,7 @@ func Merge(file *Catalog, specs map[string]Change, last string) (cat *Catalog, d
 // what is wrong with it. It copies the file's indexes and validates only the
 // tenants with a spec (the file's were validated when it loaded), so an
 // admin change costs a copy of the maps, not a validation and sort of every
-// tenant: a few tens of ms at a million tenants (BENCHMARKS.md "Many
-// tenants").
+// tenant ("Many tenants" in the root BENCHMARKS.md).
 func build(file *Catalog, specs map[string]Change, skip map[string][]*FieldError, last string) (*Catalog, map[string][]*FieldError) {
 	errs := map[string][]*FieldError{}
 	names := slices.Sorted(maps.Keys(specs))

@@ -20,7 +20,7 @@ const (
 // pages by a hash of the tenant, so that a change copies only the pages it
 // touches and the pointers to the others, never every block (with 100k
 // blocked tenants, copying them all for every update cost milliseconds
-// each; see BENCHMARKS.md "Many tenants").
+// each; see "Many tenants" in the root BENCHMARKS.md).
 //
 // Each page is an open-addressing hash table probed linearly from the same
 // hash that chose the page, so Check hashes the tenant once: one hash, one
