@@ -231,7 +231,11 @@ func (c *Catalog) addTenant(t Tenant, bad func(path, msg string)) bool {
 	}
 	t.Overrides.Limits = checkLimits(path+".overrides.limits", t.Overrides.Limits, bad)
 	c.tenants[t.Name] = t
-	if len(plan.Limits)+len(t.Overrides.Limits) > 0 {
+	if len(t.Overrides.Limits) == 0 && len(plan.Limits) > 0 {
+		// Shared with the plan (neither is ever modified): a million tenants
+		// on a few plans hold a few limit maps, not a million.
+		c.limits[t.Name] = plan.Limits
+	} else if len(plan.Limits)+len(t.Overrides.Limits) > 0 {
 		eff := make(map[string]int64, len(plan.Limits)+len(t.Overrides.Limits))
 		maps.Copy(eff, plan.Limits)
 		maps.Copy(eff, t.Overrides.Limits)
