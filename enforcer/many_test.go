@@ -397,3 +397,57 @@ func TestManyTenantsCatalogChange(t *testing.T) {
 		t.Errorf("dirty after the file change: %v, want 4 tenants", dirty)
 	}
 }
+
+// Increments arriving while a seed reads the store and while it sets the
+// tenants chunk by chunk (releasing the tracker's lock in between) are each
+// counted once: every tenant ends at its total in the store plus what
+// arrived since the query started.
+func TestManyTenantsSeedWithIncrements(t *testing.T) {
+	const n = 3*endReadChunk + 100
+	cat, mem := manyTenants(t, n, 10)
+	period := cat.PeriodOf("t-0000000", time.Now())
+	store := &gatedStore{UsageSource: mem, period: period, snapshot: make(chan struct{}), release: make(chan struct{})}
+	e, _, _ := offlineEnforcer(t, cat, store)
+	e.track.track()
+	done := make(chan error, 1)
+	go func() { done <- e.rec.reconcile(context.Background(), nil) }()
+	<-store.snapshot
+	names := cat.TenantNames()
+	sent := map[string]int64{}
+	hour := time.Now().UTC().Truncate(time.Hour)
+	send := func(i int) {
+		name := names[i%len(names)]
+		data, _ := json.Marshal(schemas.Committed{Tenant: name, Meter: "api_calls", Hour: hour, Value: 3, Events: 3})
+		e.track.onCommitted(&nats.Msg{Subject: schemas.CommittedSubjectPrefix + "0", Data: data})
+		sent[name] += 3
+	}
+	i := 0
+	for ; i < n/2; i++ { // while the query runs
+		send(i * 7)
+	}
+	close(store.release)
+	for running := true; running; i++ { // while the tenants are set
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatal(err)
+			}
+			running = false
+		default:
+		}
+		send(i * 7)
+	}
+	want := map[string]int64{}
+	for _, inc := range mem.incs {
+		if inc.Meter == "api_calls" {
+			want[inc.Tenant] += inc.Value
+		}
+	}
+	for _, name := range names {
+		_, seeded, used := e.track.usageOf(name)
+		if !seeded || used["api_calls"] != want[name]+sent[name] {
+			t.Fatalf("%s: seeded %v, used %d, want %d in the store + %d arrived", name, seeded, used["api_calls"], want[name], sent[name])
+		}
+	}
+	t.Logf("%d increments sent, %d after the query returned", i, i-n/2)
+}
