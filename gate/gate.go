@@ -4,8 +4,9 @@
 //
 // A Gate watches the blocklist KV bucket the enforcer writes (key = tenant,
 // value = schemas.Decision JSON; a delete or purge unblocks the tenant) and
-// keeps an immutable snapshot of the blocks behind an atomic pointer,
-// sharded so that an update copies one small shard, not every block. Each
+// keeps an immutable snapshot of the blocks behind an atomic pointer, in
+// pages of about 128 blocks so that an update copies one page, not every
+// block (snapshot.go). Each
 // block's 402 answer is rendered once, when its decision arrives, so Check
 // allocates nothing and a caller writes the answer without encoding.
 //
@@ -13,7 +14,7 @@
 // one held for its tenant is ignored (a reload or a restored bucket may
 // replay older values); a value that is not a valid decision for its key is
 // logged, counted and ignored, so it neither unblocks nor blocks anyone.
-// Whatever arrives at once is applied to one copy of the snapshot. After a
+// Whatever arrives at once makes one new snapshot. After a
 // reconnect, a failed watch, or a watch silent for 2×StaleAfter, the gate
 // watches anew and, once the replay is complete, swaps in exactly what the
 // bucket holds; until then it answers from the previous snapshot.
