@@ -195,7 +195,7 @@ func (g *Gate) stopWatch(w jetstream.KeyWatcher, cancel context.CancelFunc) {
 // replays the bucket (until its nil marker) entries collect in overlay and
 // the previous snapshot keeps answering; at the marker the bucket's state
 // replaces it at once. After that, each burst of entries is applied to one
-// copy of the snapshot, which copies only the shards the burst touches.
+// new snapshot, which copies only the pages the burst touches.
 type applier struct {
 	g         *Gate
 	replaying bool
