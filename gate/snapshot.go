@@ -7,13 +7,13 @@ import (
 
 // Sizing of the pages of a snapshot.
 const (
-	// shardTarget is the mean number of blocks per page a snapshot is
+	// pageTarget is the mean number of blocks per page a snapshot is
 	// built for: a change copies one page, so this bounds its cost.
-	shardTarget = 128
-	// shardMax is the mean above which a change builds the snapshot anew
+	pageTarget = 128
+	// pageMax is the mean above which a change builds the snapshot anew
 	// with twice (or more) the pages: the rebuild costs O(blocked) and
 	// happens once per doubling of the blocks, so it adds O(1) per change.
-	shardMax = 4 * shardTarget
+	pageMax = 4 * pageTarget
 )
 
 // snapshot is one immutable state of the blocklist: the blocks, split into
@@ -62,13 +62,13 @@ func newSnapshot(seed maphash.Seed) *snapshot {
 	return &snapshot{seed: seed, pages: []*page{emptyPage}, shift: 64}
 }
 
-// shardsFor returns the number of pages to build for n blocks: a power of
-// 2 giving about shardTarget blocks each.
-func shardsFor(n int) int {
-	if n <= shardTarget {
+// pagesFor returns the number of pages to build for n blocks: a power of
+// 2 giving about pageTarget blocks each.
+func pagesFor(n int) int {
+	if n <= pageTarget {
 		return 1
 	}
-	return 1 << bits.Len(uint((n-1)/shardTarget))
+	return 1 << bits.Len(uint((n-1)/pageTarget))
 }
 
 // hash returns tenant's hash.
@@ -184,7 +184,7 @@ func built(seed maphash.Seed, blocks map[string]*Block, version uint64) *snapsho
 			n++
 		}
 	}
-	pages := shardsFor(n)
+	pages := pagesFor(n)
 	s := &snapshot{seed: seed, pages: make([]*page, pages), shift: uint8(64 - bits.TrailingZeros(uint(pages))), blocked: n, version: version}
 	byPage := make([][]entry, pages)
 	for t, b := range blocks {
@@ -203,7 +203,7 @@ func built(seed maphash.Seed, blocks map[string]*Block, version uint64) *snapsho
 
 // with returns a copy of s with changes applied (tenant → block to hold;
 // nil = none) at version. It copies the pages changes touch and shares the
-// others: O(len(s.pages) + len(changes)·shardTarget) rather than
+// others: O(len(s.pages) + len(changes)·pageTarget) rather than
 // O(blocked), unless the blocks outgrow the pages, when it builds anew.
 func (s *snapshot) with(changes map[string]*Block, version uint64) *snapshot {
 	next := &snapshot{seed: s.seed, pages: make([]*page, len(s.pages)), shift: s.shift, blocked: s.blocked, version: version}
@@ -219,7 +219,7 @@ func (s *snapshot) with(changes map[string]*Block, version uint64) *snapshot {
 		next.pages[i] = p
 		next.blocked += p.n - s.pages[i].n
 	}
-	if next.blocked > shardMax*len(next.pages) {
+	if next.blocked > pageMax*len(next.pages) {
 		all := make(map[string]*Block, next.blocked)
 		next.each(func(t string, b *Block) { all[t] = b })
 		return built(s.seed, all, version)

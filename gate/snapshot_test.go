@@ -10,7 +10,7 @@ import (
 )
 
 // A snapshot built by a sequence of changes holds exactly what a plain map
-// given the same changes holds, through growths of its shards.
+// given the same changes holds, through growths of its pages.
 func TestSnapshotWithMatchesMap(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 2))
 	blocks := make([]*Block, 8)
@@ -55,8 +55,8 @@ func TestSnapshotWithMatchesMap(t *testing.T) {
 			t.Fatal("with modified the snapshot in place")
 		}
 	}
-	if n := len(s.pages); n < len(model)/shardMax || n > 2*len(model)/shardTarget+1 {
-		t.Errorf("%d shards for %d blocks", n, len(model))
+	if n := len(s.pages); n < len(model)/pageMax || n > 2*len(model)/pageTarget+1 {
+		t.Errorf("%d pages for %d blocks", n, len(model))
 	}
 	got := 0
 	s.each(func(string, *Block) { got++ })
@@ -67,15 +67,15 @@ func TestSnapshotWithMatchesMap(t *testing.T) {
 
 // An update copies only the page it touches: every other page of the new
 // snapshot is the old one's, and the old snapshot is unchanged.
-func TestSnapshotWithCopiesOneShard(t *testing.T) {
+func TestSnapshotWithCopiesOnePage(t *testing.T) {
 	all := map[string]*Block{}
 	b := &Block{Status: 402}
 	for i := range 100_000 {
 		all[fmt.Sprintf("tenant-%06d", i)] = b
 	}
 	s := built(maphash.MakeSeed(), all, 1)
-	if len(s.pages) != shardsFor(100_000) || len(s.pages) < 512 {
-		t.Fatalf("%d shards for 100k blocks", len(s.pages))
+	if len(s.pages) != pagesFor(100_000) || len(s.pages) < 512 {
+		t.Fatalf("%d pages for 100k blocks", len(s.pages))
 	}
 	for _, change := range []struct {
 		tenant string
@@ -93,7 +93,7 @@ func TestSnapshotWithCopiesOneShard(t *testing.T) {
 			}
 		}
 		if copied != 1 || next.get(change.tenant) != change.b {
-			t.Errorf("%s: %d shards copied, get = %p; want 1, %p", change.tenant, copied, next.get(change.tenant), change.b)
+			t.Errorf("%s: %d pages copied, get = %p; want 1, %p", change.tenant, copied, next.get(change.tenant), change.b)
 		}
 		if s.blocked != 100_000 || s.get("tenant-000042") != b || s.get("newcomer") != nil {
 			t.Fatalf("%s: the old snapshot changed", change.tenant)
@@ -111,10 +111,10 @@ func TestSnapshotWithCopiesOneShard(t *testing.T) {
 	}
 }
 
-func TestShardsFor(t *testing.T) {
+func TestPagesFor(t *testing.T) {
 	for _, c := range []struct{ n, want int }{{0, 1}, {1, 1}, {128, 1}, {129, 2}, {256, 2}, {257, 4}, {100_000, 1024}, {1_000_000, 8192}} {
-		if got := shardsFor(c.n); got != c.want {
-			t.Errorf("shardsFor(%d) = %d, want %d", c.n, got, c.want)
+		if got := pagesFor(c.n); got != c.want {
+			t.Errorf("pagesFor(%d) = %d, want %d", c.n, got, c.want)
 		}
 	}
 }
@@ -130,8 +130,8 @@ func TestApplierLive(t *testing.T) {
 		replay = append(replay, putEntry(t, fmt.Sprintf("tenant-%04d", i), 10))
 	}
 	a.apply(append(replay, nil))
-	if s := g.snap.Load(); s.blocked != 1000 || s.version != 1000 || len(s.pages) != shardsFor(1000) {
-		t.Fatalf("after the replay: %d blocks, version %d, %d shards", s.blocked, s.version, len(s.pages))
+	if s := g.snap.Load(); s.blocked != 1000 || s.version != 1000 || len(s.pages) != pagesFor(1000) {
+		t.Fatalf("after the replay: %d blocks, version %d, %d pages", s.blocked, s.version, len(s.pages))
 	}
 	a.apply([]jetstream.KeyValueEntry{putEntry(t, "tenant-0007", 9), delEntry("tenant-0008", 11), putEntry(t, "newcomer", 12)})
 	s := g.snap.Load()
