@@ -117,13 +117,42 @@ func newCatalog(plans []Plan, tenants []Tenant) (*Catalog, []error) {
 		c.addPlan(p, bad)
 	}
 	for _, t := range tenants {
-		c.addTenant(t, bad)
+		if c.addTenant(t, bad) {
+			c.names = append(c.names, t.Name)
+		}
 	}
 	if len(errs) > 0 {
 		return nil, errs
 	}
-	slices.Sort(c.names)
+	sortNames(c.names)
 	return c, nil
+}
+
+// sortNames sorts names in O(n + k log k) when all but the last k are in
+// order already, as when Merge appends the admin API's tenants to those of
+// the file catalog: one admin change to a catalog of a million tenants must
+// not sort them all again. Other input costs what slices.Sort costs.
+func sortNames(names []string) {
+	i := 1
+	for i < len(names) && names[i-1] <= names[i] {
+		i++
+	}
+	if i >= len(names) {
+		return
+	}
+	tail := slices.Clone(names[i:])
+	slices.Sort(tail)
+	// Merge the sorted head names[:i] and tail into names, from the back.
+	a, b := i-1, len(tail)-1
+	for k := len(names) - 1; b >= 0; k-- {
+		if a >= 0 && names[a] > tail[b] {
+			names[k] = names[a]
+			a--
+		} else {
+			names[k] = tail[b]
+			b--
+		}
+	}
 }
 
 // checkName returns the path of the entry name of section (kind names it
@@ -165,10 +194,13 @@ func (c *Catalog) addPlan(p Plan, bad func(path, msg string)) {
 	c.plans[p.Name] = p
 }
 
-func (c *Catalog) addTenant(t Tenant, bad func(path, msg string)) {
+// addTenant checks t and adds it, also when invalid (bad is told, and the
+// catalog is not used); it reports whether it added t, which it does not
+// when t's name is taken. The caller lists the names.
+func (c *Catalog) addTenant(t Tenant, bad func(path, msg string)) bool {
 	path, ok := checkName(c.tenants, "tenants", "tenant", t.Name, bad)
 	if !ok {
-		return
+		return false
 	}
 	plan, ok := c.plans[t.Plan]
 	if t.Plan != "" && !ok {
@@ -199,13 +231,17 @@ func (c *Catalog) addTenant(t Tenant, bad func(path, msg string)) {
 	}
 	t.Overrides.Limits = checkLimits(path+".overrides.limits", t.Overrides.Limits, bad)
 	c.tenants[t.Name] = t
-	c.names = append(c.names, t.Name)
-	if len(plan.Limits)+len(t.Overrides.Limits) > 0 {
+	if len(t.Overrides.Limits) == 0 && len(plan.Limits) > 0 {
+		// Shared with the plan (neither is ever modified): a million tenants
+		// on a few plans hold a few limit maps, not a million.
+		c.limits[t.Name] = plan.Limits
+	} else if len(plan.Limits)+len(t.Overrides.Limits) > 0 {
 		eff := make(map[string]int64, len(plan.Limits)+len(t.Overrides.Limits))
 		maps.Copy(eff, plan.Limits)
 		maps.Copy(eff, t.Overrides.Limits)
 		c.limits[t.Name] = eff
 	}
+	return true
 }
 
 // checkLimits reports every bad meter name and negative limit of limits, in
@@ -267,6 +303,34 @@ func (c *Catalog) Tenant(name string) (t Tenant, p Plan, ok bool) {
 		p, _ = c.Plan(t.Plan)
 	}
 	return t, p, true
+}
+
+// Has reports whether the catalog lists tenant, without copying anything.
+func (c *Catalog) Has(tenant string) bool {
+	_, ok := c.tenants[tenant]
+	return ok
+}
+
+// Same reports whether tenant is configured alike in c and other: listed in
+// both with the same settings and overrides, on plans of the same cadence,
+// limits and on_exceed; or listed in neither. What is decided about a
+// tenant from the catalog stands while Same holds, so a component switching
+// catalogs need only look again at the tenants it does not hold for.
+func (c *Catalog) Same(other *Catalog, tenant string) bool {
+	if c == other {
+		return true
+	}
+	a, inC := c.tenants[tenant]
+	b, inOther := other.tenants[tenant]
+	if !inC || !inOther {
+		return inC == inOther
+	}
+	if a.Plan != b.Plan || !a.BillingAnchor.Equal(b.BillingAnchor) || a.BillingURL != b.BillingURL ||
+		a.CustomerID != b.CustomerID || a.Status != b.Status || !maps.Equal(a.Overrides.Limits, b.Overrides.Limits) {
+		return false
+	}
+	pa, pb := c.plans[a.Plan], other.plans[b.Plan]
+	return pa.Period == pb.Period && pa.OnExceed == pb.OnExceed && maps.Equal(pa.Limits, pb.Limits)
 }
 
 // HasPlan reports whether tenant is listed with a plan, without copying

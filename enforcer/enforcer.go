@@ -222,7 +222,7 @@ func New(cfg Config) (*Enforcer, error) {
 	e.track = newTracker(cat, now, log, e.billing, e.dirty, e.notify)
 	e.rec = &reconciler{store: cfg.Store, track: e.track, log: log, m: m, every: cfg.ReconcileEvery}
 	e.pub = &publisher{now: now, log: log, m: m, open: &e.buckets, track: e.track, dirty: e.dirty, notify: e.notify, writer: e.writer,
-		every: cfg.HeartbeatEvery, written: map[string]schemas.Decision{}, versions: map[string]uint64{}}
+		every: cfg.HeartbeatEvery, written: map[string]schemas.Decision{}, byReason: map[schemas.Reason]int{}, versions: map[string]uint64{}}
 	e.watch = catalog.NewWatcher(cfg.NATS, cat, cfg.Logger)
 	e.watch.Path = cfg.CatalogPath
 	e.watch.OnChange = e.onCatalog

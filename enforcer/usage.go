@@ -287,17 +287,28 @@ func (t *tracker) beginRead(p catalog.Period, tenants []string) *journal {
 	return j
 }
 
+// endReadChunk is how many tenants endRead sets per hold of the tracker's
+// lock: with a million tenants, setting them all at once would hold up the
+// committed increments (and so every new block) for about a second.
+const endReadChunk = 4096
+
 // endRead ends the query of j: unless it failed (err), the usage of its
 // tenants becomes the totals read (incs) plus the increments journaled
-// since. It returns how many tenants it set and how many meters it
-// corrected.
+// since. It sums the totals without the lock, then sets the tenants
+// endReadChunk at a time, releasing the lock in between: j journals a
+// tenant's increments until it is set, so each tenant still gets the totals
+// plus what arrived since the query started. It returns how many tenants it
+// set and how many meters it corrected.
 func (t *tracker) endRead(j *journal, incs []schemas.Increment, err error) (set, corrected int) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	delete(t.journals, j)
+	defer func() {
+		t.mu.Lock()
+		delete(t.journals, j)
+		t.mu.Unlock()
+	}()
 	if err != nil {
 		return 0, 0
 	}
+	// j.periods is only written by beginRead: read without the lock.
 	totals := map[string]map[string]int64{}
 	for _, inc := range incs {
 		if _, ok := j.periods[inc.Tenant]; !ok {
@@ -308,7 +319,22 @@ func (t *tracker) endRead(j *journal, incs []schemas.Increment, err error) (set,
 		}
 		totals[inc.Tenant][inc.Meter] = saturating.Add(totals[inc.Tenant][inc.Meter], inc.Value)
 	}
-	for name, p := range j.periods {
+	names := slices.Collect(maps.Keys(j.periods))
+	for len(names) > 0 {
+		n := min(len(names), endReadChunk)
+		s, c := t.setRead(j, names[:n], totals)
+		set, corrected, names = set+s, corrected+c, names[n:]
+	}
+	return set, corrected
+}
+
+// setRead sets the usage of tenants of j to their totals plus the
+// increments j journaled for them.
+func (t *tracker) setRead(j *journal, tenants []string, totals map[string]map[string]int64) (set, corrected int) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, name := range tenants {
+		p := j.periods[name]
 		u := t.usage[name]
 		if u == nil || !samePeriod(u.period, p) {
 			continue // gone or rolled over meanwhile; a reseed follows

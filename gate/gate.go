@@ -4,7 +4,9 @@
 //
 // A Gate watches the blocklist KV bucket the enforcer writes (key = tenant,
 // value = schemas.Decision JSON; a delete or purge unblocks the tenant) and
-// keeps an immutable snapshot of the blocks behind an atomic pointer. Each
+// keeps an immutable snapshot of the blocks behind an atomic pointer, in
+// pages of about 128 blocks so that an update copies one page, not every
+// block (snapshot.go). Each
 // block's 402 answer is rendered once, when its decision arrives, so Check
 // allocates nothing and a caller writes the answer without encoding.
 //
@@ -12,7 +14,7 @@
 // one held for its tenant is ignored (a reload or a restored bucket may
 // replay older values); a value that is not a valid decision for its key is
 // logged, counted and ignored, so it neither unblocks nor blocks anyone.
-// Whatever arrives at once is applied to one copy of the snapshot. After a
+// Whatever arrives at once makes one new snapshot. After a
 // reconnect, a failed watch, or a watch silent for 2×StaleAfter, the gate
 // watches anew and, once the replay is complete, swaps in exactly what the
 // bucket holds; until then it answers from the previous snapshot.
@@ -29,6 +31,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"log/slog"
 	"math"
 	"slices"
@@ -158,12 +161,6 @@ type Gate struct {
 	lastErr atomic.Pointer[error] // why the last watch failed, for Ready
 }
 
-// snapshot is one immutable state of the blocklist.
-type snapshot struct {
-	blocks  map[string]*Block // tenant → block; never modified once stored
-	version uint64
-}
-
 // New builds a gate. It holds no decision and is stale until Run loaded the
 // bucket.
 func New(cfg Config) (*Gate, error) {
@@ -185,7 +182,7 @@ func New(cfg Config) (*Gate, error) {
 	if cfg.StalePolicy == Deny {
 		g.staleBlock = newStaleBlock(cfg.StaleAfter)
 	}
-	g.snap.Store(&snapshot{blocks: map[string]*Block{}})
+	g.snap.Store(newSnapshot(maphash.MakeSeed()))
 	g.lastSeen.Store(never)
 	g.obs.WatchStaleness(g.staleness)
 	return g, nil
@@ -200,7 +197,7 @@ func New(cfg Config) (*Gate, error) {
 // advances every 100 ms (StaleAfter/10 when shorter); a gate whose Run has
 // not loaded the bucket yet, or has returned, is stale.
 func (g *Gate) Check(tenant string) Verdict {
-	b := g.snap.Load().blocks[tenant]
+	b := g.snap.Load().get(tenant)
 	if g.clock.Load()-g.lastSeen.Load() <= g.staleAfter {
 		return Verdict{Block: b}
 	}
@@ -227,11 +224,9 @@ func (g *Gate) Ready(context.Context) error {
 // Snapshot returns the decisions the gate holds, sorted by tenant. The
 // slice is the caller's.
 func (g *Gate) Snapshot() []schemas.Decision {
-	blocks := g.snap.Load().blocks
-	out := make([]schemas.Decision, 0, len(blocks))
-	for _, b := range blocks {
-		out = append(out, b.Decision)
-	}
+	s := g.snap.Load()
+	out := make([]schemas.Decision, 0, s.blocked)
+	s.each(func(_ string, b *Block) { out = append(out, b.Decision) })
 	slices.SortFunc(out, func(a, b schemas.Decision) int { return cmp.Compare(a.Tenant, b.Tenant) })
 	return out
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"maps"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
@@ -196,7 +195,7 @@ func (g *Gate) stopWatch(w jetstream.KeyWatcher, cancel context.CancelFunc) {
 // replays the bucket (until its nil marker) entries collect in overlay and
 // the previous snapshot keeps answering; at the marker the bucket's state
 // replaces it at once. After that, each burst of entries is applied to one
-// copy of the snapshot.
+// new snapshot, which copies only the pages the burst touches.
 type applier struct {
 	g         *Gate
 	replaying bool
@@ -225,7 +224,7 @@ func (a *applier) apply(burst []jetstream.KeyValueEntry) {
 		}
 		held, ok := a.overlay[key]
 		if !ok {
-			held = old.blocks[key]
+			held = old.get(key)
 		}
 		b := g.resolve(e, held)
 		if b != held {
@@ -243,35 +242,23 @@ func (a *applier) apply(burst []jetstream.KeyValueEntry) {
 // missing from it (their delete markers gone) are unblocked too.
 func (a *applier) commit(old *snapshot) {
 	g := a.g
-	var next map[string]*Block
 	if a.replaying {
-		for tenant := range old.blocks {
+		old.each(func(tenant string, _ *Block) {
 			if _, ok := a.overlay[tenant]; !ok {
 				a.changes++
 				g.log.Info("tenant no longer in the bucket on reload; unblocked", "tenant", tenant)
 			}
-		}
-		if a.changes > 0 {
-			next = make(map[string]*Block, len(a.overlay))
-			for tenant, b := range a.overlay {
-				if b != nil {
-					next[tenant] = b
-				}
-			}
-		}
-	} else if a.changes > 0 {
-		next = maps.Clone(old.blocks)
-		for tenant, b := range a.overlay {
-			if b == nil {
-				delete(next, tenant)
-			} else {
-				next[tenant] = b
-			}
-		}
+		})
 	}
 	if a.changes > 0 {
-		g.snap.Store(&snapshot{blocks: next, version: old.version + a.changes})
-		g.obs.SnapshotPublished(a.changes, len(next))
+		var next *snapshot
+		if a.replaying {
+			next = built(old.seed, a.overlay, old.version+a.changes)
+		} else {
+			next = old.with(a.overlay, old.version+a.changes)
+		}
+		g.snap.Store(next)
+		g.obs.SnapshotPublished(a.changes, next.blocked)
 		a.observeFreshness(old)
 	}
 	a.changes = 0
@@ -290,7 +277,7 @@ func (a *applier) observeFreshness(old *snapshot) {
 		if b == nil || b.Decision.CrossedAt.IsZero() || !b.Decision.CrossedAt.After(g.born) {
 			continue
 		}
-		if held := old.blocks[tenant]; held != nil && held.Decision.CrossedAt.Equal(b.Decision.CrossedAt) {
+		if held := old.get(tenant); held != nil && held.Decision.CrossedAt.Equal(b.Decision.CrossedAt) {
 			continue
 		}
 		if now.IsZero() {
