@@ -211,7 +211,12 @@ func TestFreshnessMetric(t *testing.T) {
 	if !d.CrossedAt.Equal(sealed) {
 		t.Errorf("crossed_at = %s, want the seal of the crossing usage %s", d.CrossedAt, sealed)
 	}
+	// The writer observes the freshness once its write is acknowledged,
+	// which may be just after a watcher of the bucket saw the block.
 	count, sum := metrictest.Histogram(t, v.e.cfg.Registerer.(*prometheus.Registry), "meterd_enforcer_freshness_seconds")
+	for deadline := time.Now().Add(time.Second); count == 0 && time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+		count, sum = metrictest.Histogram(t, v.e.cfg.Registerer.(*prometheus.Registry), "meterd_enforcer_freshness_seconds")
+	}
 	if count != 1 || sum < 0.3 || sum > 5 {
 		t.Errorf("freshness: %d observations summing to %.3f s, want 1 of 0.3 s or a little more", count, sum)
 	}
