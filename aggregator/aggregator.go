@@ -712,8 +712,13 @@ func (a *Aggregator) committed(incs []Increment, batches []*schemas.Batch) {
 		received += int64(len(b.Events))
 	}
 	a.metrics.batches.Add(float64(len(batches)))
-	a.metrics.events.Add(float64(events))
-	a.metrics.duplicates.Add(float64(received - events))
+	// The increments may carry usage a store repaired from an earlier,
+	// interrupted write (positive, or negative where that write's rollups
+	// landed without its events), so they need not be the count of these
+	// batches' new events: the counters take what can be told apart and
+	// never go down (Add of a negative value panics).
+	a.metrics.events.Add(float64(max(events, 0)))
+	a.metrics.duplicates.Add(float64(max(received-events, 0)))
 }
 
 // maxReason bounds the reason header of a dead letter, so that the copy of a

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"sync"
 	"testing"
 	"time"
 
@@ -106,5 +107,49 @@ func TestCommittedSealedAt(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("no committed increment")
+	}
+}
+
+// carryStore returns, with its first Apply, usage repaired from an earlier
+// interrupted write: more events than the call holds, and a negative
+// correction, as the ClickHouse store's carry does.
+type carryStore struct {
+	aggregator.Store
+	once sync.Once
+}
+
+func (s *carryStore) Apply(ctx context.Context, batches []*schemas.Batch) ([]aggregator.Increment, error) {
+	incs, err := s.Store.Apply(ctx, batches)
+	s.once.Do(func() {
+		incs = append(incs,
+			aggregator.Increment{Tenant: "initech", Meter: "api_calls", Hour: t0, Value: 50, Events: 50},
+			aggregator.Increment{Tenant: "globex", Meter: "api_calls", Hour: t0, Value: -7, Events: -7})
+	})
+	return incs, err
+}
+
+// Increments that carry repaired usage are published as they are, and the
+// counters, which cannot go down, take what they can (a negative Add
+// panicked the aggregator in the zombie test).
+func TestCommittedCarriedRepairs(t *testing.T) {
+	env := newIdleAggEnv(t, &carryStore{Store: openStore(t, "sqlite")}, nil)
+	env.publish(t, "b1", ev("acme", "e1", 1, 0))
+	env.start()
+	env.waitCommitted(t, 1, 0)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		env.mu.Lock()
+		got := map[string]int64{"acme": env.committed["acme/api_calls"], "initech": env.committed["initech/api_calls"], "globex": env.committed["globex/api_calls"]}
+		env.mu.Unlock()
+		if got["acme"] == 1 && got["initech"] == 50 && got["globex"] == -7 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("committed %v, want acme 1, initech 50, globex -7", got)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if d := metric(t, env.reg, "meterd_aggregator_events_duplicate_total"); d != 0 {
+		t.Errorf("duplicates %v, want 0", d)
 	}
 }
