@@ -252,8 +252,9 @@ type Store struct {
 	index       *keyindex.Index
 	id          string
 	clockOffset time.Duration
-	// stop ends the index's expiry, which closes expired when it is done.
-	stop, expired chan struct{}
+	// stopExpiry ends the index's expiry, which closes expired when done.
+	stopExpiry context.CancelFunc
+	expired    chan struct{}
 
 	closeOnce sync.Once
 	closeErr  error
@@ -307,8 +308,9 @@ func (s *Store) openIndex(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return err
 	}
-	s.stop, s.expired = make(chan struct{}), make(chan struct{})
-	go s.expireIndex(s.stop)
+	expiry, stop := context.WithCancel(context.Background())
+	s.stopExpiry, s.expired = stop, make(chan struct{})
+	go s.expireIndex(expiry)
 	return nil
 }
 
@@ -1065,7 +1067,7 @@ func (s *Store) Close() error {
 		}
 		s.closeErr = s.conn.Close()
 		if s.index != nil {
-			close(s.stop)
+			s.stopExpiry()
 			<-s.expired
 			s.closeErr = errors.Join(s.closeErr, s.index.Close())
 		}

@@ -165,21 +165,15 @@ func (s *Store) indexWritten(news []candidate, m keyindex.Mark) error {
 	return nil
 }
 
-// expireIndex deletes the index's expired keys every expireEvery until
-// done is closed.
-func (s *Store) expireIndex(done <-chan struct{}) {
+// expireIndex deletes the index's expired keys every expireEvery until ctx
+// ends.
+func (s *Store) expireIndex(ctx context.Context) {
 	defer close(s.expired)
 	tick := time.NewTicker(expireEvery)
 	defer tick.Stop()
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	go func() {
-		<-done
-		cancel()
-	}()
 	for {
 		select {
-		case <-done:
+		case <-ctx.Done():
 			return
 		case <-tick.C:
 		}
