@@ -88,16 +88,31 @@ func (p *publisher) loadFrom(ctx context.Context, w jetstream.KeyWatcher, bucket
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	p.written = written
-	p.byReason = map[schemas.Reason]int{}
+	p.written, p.byReason = map[string]schemas.Decision{}, map[schemas.Reason]int{}
 	p.setVersion = max(p.setVersion, uint64(p.now().UnixNano()))
 	for t, d := range written {
-		p.versions[t] = max(p.versions[t], d.Version)
-		p.setVersion = max(p.setVersion, d.Version)
-		p.byReason[d.Reason]++
+		p.setWrittenLocked(t, &d)
 	}
 	p.updateBlockedLocked()
 	return nil
+}
+
+// setWrittenLocked records d (nil: none) as the decision the bucket holds
+// for tenant, with the counts by reason that the blocked-tenants gauge
+// shows and the version the next write of tenant must exceed. The caller
+// holds p.mu and updates the gauge.
+func (p *publisher) setWrittenLocked(tenant string, d *schemas.Decision) {
+	if cur, ok := p.written[tenant]; ok {
+		p.byReason[cur.Reason]--
+	}
+	if d == nil {
+		delete(p.written, tenant)
+		return
+	}
+	p.written[tenant] = *d
+	p.byReason[d.Reason]++
+	p.versions[tenant] = max(p.versions[tenant], d.Version)
+	p.setVersion = max(p.setVersion, d.Version)
 }
 
 // writeLoop writes the decisions of dirty tenants.
@@ -193,15 +208,7 @@ func (p *publisher) sync(ctx context.Context, tenant string, cause time.Time) er
 	p.mu.Lock()
 	p.versions[tenant] = version
 	p.setVersion = max(p.setVersion+1, version)
-	if has {
-		p.byReason[cur.Reason]--
-	}
-	if want == nil {
-		delete(p.written, tenant)
-	} else {
-		p.written[tenant] = *want
-		p.byReason[want.Reason]++
-	}
+	p.setWrittenLocked(tenant, want)
 	p.updateBlockedLocked()
 	p.mu.Unlock()
 	billingBlock := func(d *schemas.Decision) bool { return d != nil && d.Reason != schemas.ReasonQuotaExceeded }
@@ -308,10 +315,9 @@ func (p *publisher) followUpdates(ctx context.Context, w jetstream.KeyWatcher) e
 			d, put := p.decoded(en)
 			p.mu.Lock()
 			if put {
-				p.written[en.Key()] = d
-				p.versions[en.Key()] = max(p.versions[en.Key()], d.Version)
+				p.setWrittenLocked(en.Key(), &d)
 			} else {
-				delete(p.written, en.Key())
+				p.setWrittenLocked(en.Key(), nil)
 			}
 			p.setVersion = max(p.setVersion+1, d.Version)
 			p.updateBlockedLocked()

@@ -261,6 +261,10 @@ func TestReplicasFailover(t *testing.T) {
 		if bl := v.blocklistOf(b); len(bl.Decisions) != 1 || bl.Decisions[0].Version != blockedAcme.Version {
 			return fmt.Errorf("b's blocklist %+v", bl)
 		}
+		// b's blocked-tenants gauge follows the bucket too.
+		if n := value(b.e.m.blocked.WithLabelValues(string(schemas.ReasonQuotaExceeded))); n != 1 {
+			return fmt.Errorf("b's gauge of tenants blocked over quota: %v, want 1", n)
+		}
 		return nil
 	})
 	// daily passes 80 % while a is active.
