@@ -101,9 +101,17 @@ func TestChanges(t *testing.T) {
 		t.Fatal("Set at a revision already held accepted")
 	}
 	c.Set("globex", Change{Plan: ptr("pro")}, 6)
-	c.Forget("globex")
+	c.Forget("globex", c.Rev("globex"))
 	apply(kvEntry{key: "globex", val: `{"plan":"pro"}`, rev: 6}, false, false)
 	if c.Has("globex") {
 		t.Fatal("the echo of a forgotten change brought it back")
+	}
+	// A put applied between a delete's send and its Forget stays.
+	c.Set("initech", Change{Plan: ptr("pro")}, 7)
+	rev := c.Rev("initech")
+	c.Set("initech", Change{Plan: ptr("free")}, 9) // newer, from another replica
+	c.Forget("initech", rev)
+	if !c.Has("initech") || *c.changes["initech"].Plan != "free" {
+		t.Fatalf("Forget dropped a newer change: %+v", c.changes["initech"])
 	}
 }

@@ -59,15 +59,24 @@ func (c *Changes) Set(tenant string, ch Change, rev uint64) bool {
 }
 
 // Forget drops tenant's change at once, before the delete comes back
-// through the watch; the revision held stays, so an older put read later
-// does not bring the change back.
-func (c *Changes) Forget(tenant string) { delete(c.changes, tenant) }
+// through the watch, unless a revision other than rev (the one held when
+// the delete was sent) is held by now: a newer put, applied meanwhile, must
+// stay. The revision held stays, so an older put read later does not bring
+// the change back.
+func (c *Changes) Forget(tenant string, rev uint64) {
+	if c.revs[tenant] == rev {
+		delete(c.changes, tenant)
+	}
+}
 
 // Has reports whether tenant has a change.
 func (c *Changes) Has(tenant string) bool {
 	_, ok := c.changes[tenant]
 	return ok
 }
+
+// Rev returns the revision of tenant's latest entry read or written.
+func (c *Changes) Rev(tenant string) uint64 { return c.revs[tenant] }
 
 // Merge is Merge(file, the changes, "").
 func (c *Changes) Merge(file *Catalog) (*Catalog, map[string][]*FieldError) {

@@ -129,10 +129,7 @@ func (w *Watcher) Run(ctx context.Context) error {
 		default:
 			w.log.Warn("following the admin API's tenant changes; the last catalog holds", "err", err)
 		}
-		select {
-		case <-ctx.Done():
-		case <-time.After(w.Retry):
-		}
+		ctxtime.Sleep(ctx, w.Retry)
 	}
 	return nil
 }
@@ -234,7 +231,7 @@ func (w *Watcher) Delete(ctx context.Context, tenant string) (found bool, err er
 		return false, ErrNotFollowing
 	}
 	w.mu.Lock()
-	found = w.changes.Has(tenant)
+	found, rev := w.changes.Has(tenant), w.changes.Rev(tenant)
 	w.mu.Unlock()
 	if !found {
 		return false, nil
@@ -243,10 +240,11 @@ func (w *Watcher) Delete(ctx context.Context, tenant string) (found bool, err er
 		return true, fmt.Errorf("catalog: delete the change of %s: %w", tenant, err)
 	}
 	// The delete's revision comes back through the watch; drop the change
-	// now so the caller sees its effect.
+	// now so the caller sees its effect, unless a newer put was applied
+	// meanwhile.
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	w.changes.Forget(tenant)
+	w.changes.Forget(tenant, rev)
 	w.rebuildLocked()
 	return true, nil
 }
