@@ -11,6 +11,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/meterd/meterd/internal/lease"
+	"github.com/meterd/meterd/internal/ctxtime"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -70,13 +71,18 @@ type blockWriter struct {
 // the bucket's content after begin, so a write that slipped in between is
 // seen there or fails the first write.
 func (w *blockWriter) begin(ctx context.Context, kv jetstream.KeyValue, until time.Time, stop context.CancelCauseFunc) error {
+	// Under writeMu, as a write is: one still in flight from the last term
+	// lands before the sequence is read, not after it (which would make the
+	// next write expect an old end and fence this replica).
+	w.writeMu.Lock()
 	info, err := w.js.Stream(ctx, "KV_"+kv.Bucket())
+	if err == nil {
+		w.lastSeq = info.CachedInfo().State.LastSeq
+	}
+	w.writeMu.Unlock()
 	if err != nil {
 		return fmt.Errorf("stream of %s: %w", kv.Bucket(), err)
 	}
-	w.writeMu.Lock()
-	w.lastSeq = info.CachedInfo().State.LastSeq
-	w.writeMu.Unlock()
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	w.kv, w.active, w.stop = kv, true, stop
@@ -292,8 +298,12 @@ func (e *Enforcer) term(ctx context.Context, b *buckets, token uint64) {
 		err = context.Cause(tctx)
 	}
 	if err == nil {
-		// What the previous replica wrote, up to its last write.
-		err = e.pub.load(tctx, b.blocklist)
+		// What the previous replica wrote, up to its last write: bounded
+		// by the lease's duration, for the lease is renewed meanwhile and
+		// no heartbeat is written until it is read.
+		lctx, cancel := context.WithTimeout(tctx, e.cfg.Lease.Duration())
+		err = e.pub.load(lctx, b.blocklist)
+		cancel()
 	}
 	if err != nil {
 		stop(err)
@@ -303,6 +313,9 @@ func (e *Enforcer) term(ctx context.Context, b *buckets, token uint64) {
 			e.log.Warn("taking over as the active enforcer failed; standing by", "token", token, "err", err)
 		}
 		release()
+		// Not at once again: a failure that lasts would otherwise take and
+		// release the lease in a tight loop; another replica may take it.
+		ctxtime.Sleep(ctx, e.cfg.Lease.Duration()/3)
 		return
 	}
 	e.log.Info("enforcer lease held; active", "token", token)

@@ -148,9 +148,10 @@
 // dirtySet.mu the tenants to decide again; notifier.mu the notification
 // queue. publisher.syncMu serialises the writes of decisions, so the
 // blocklist bucket sees them in decision order; it is held across the KV
-// write. blockWriter.mu guards the term's fencing state and is held across
-// each blocklist write too (decisions and heartbeats), since each write
-// expects the stream to end at the one before. The catalog.Watcher's locks
+// write. blockWriter.writeMu is held across each blocklist write too
+// (decisions and heartbeats), since each write expects the stream to end at
+// the one before; blockWriter.mu guards the term's fencing state and is
+// held only to read or change it, never across a write. The catalog.Watcher's locks
 // are held while it calls onCatalog. No other NATS, store or HTTP call is
 // made under a part's lock (only logging), so a slow bucket or store never
 // holds up the increments, the webhooks or the admin API.
@@ -161,7 +162,7 @@
 //	  → tracker.mu → billing.mu → dirtySet.mu, notifier.mu
 //	the watcher's locks → publisher.mu
 //	publisher.syncMu → publisher.mu
-//	publisher.syncMu → blockWriter.mu
+//	publisher.syncMu → blockWriter.writeMu → blockWriter.mu
 //
 // publisher.mu and tracker.mu are never held together; dirtySet.mu,
 // notifier.mu and blockWriter.mu take nothing. The atomics (the buckets, running, seeded,

@@ -38,8 +38,9 @@ type publisher struct {
 	// the tracker's lock and mu.
 	syncMu sync.Mutex
 
-	// mu guards the fields below it; it is taken alone or under the
-	// tracker's lock or the catalog watcher's, and takes nothing.
+	// mu guards the fields below it; it is taken alone, under syncMu or
+	// under the catalog watcher's locks (never with the tracker's), and
+	// takes nothing.
 	mu         sync.Mutex
 	written    map[string]schemas.Decision
 	byReason   map[schemas.Reason]int // blocks in written per reason, for the gauge
