@@ -25,19 +25,22 @@ import (
 
 // Defaults of GRPCLimits. Together they bound the memory the gRPC server's
 // requests can hold: MaxConnections × MaxConcurrentStreams ×
-// MaxRecvMsgBytes = 16 × 32 × 128 KiB = 64 MiB at worst, a quarter of the
-// sidecar's 256 MiB.
+// MaxRecvMsgBytes = 128 × 4 × 128 KiB = 64 MiB at worst, a quarter of the
+// sidecar's 256 MiB. The bytes are spread over many connections and few
+// streams each, since connections are what gateways hold open (Envoy one
+// per worker thread, and each of a gateway's replicas its own).
 const (
 	// DefaultGRPCMaxRecvMsgBytes bounds one CheckRequest: Envoy's headers
 	// (60 KiB by default, max_request_headers_kb) and their envelope fit.
 	DefaultGRPCMaxRecvMsgBytes = 128 << 10
 	// DefaultGRPCMaxConcurrentStreams bounds the checks one connection has
 	// in flight; Envoy opens another connection past it. A check takes
-	// microseconds, so 32 at once carry far more than a gateway sends.
-	DefaultGRPCMaxConcurrentStreams = 32
+	// microseconds, so 4 at once carry more than a worker thread sends.
+	DefaultGRPCMaxConcurrentStreams = 4
 	// DefaultGRPCMaxConnections bounds the open connections; further ones
-	// wait in the listen backlog. Envoy opens about one per worker thread.
-	DefaultGRPCMaxConnections = 16
+	// wait in the listen backlog until one closes (grpcMaxConnectionIdle,
+	// grpcMaxConnectionAge).
+	DefaultGRPCMaxConnections = 128
 	// DefaultGRPCKeepaliveMinTime is the shortest interval between a
 	// client's keepalive pings; a client pinging more often is sent GOAWAY.
 	// Envoy's http2 connection_keepalive interval must be at least this.
@@ -48,6 +51,14 @@ const (
 	// not hold a connection slot.
 	grpcKeepaliveTime    = time.Minute
 	grpcKeepaliveTimeout = 20 * time.Second
+	// grpcMaxConnectionIdle and grpcMaxConnectionAge close connections
+	// without calls for a while, and every connection after a while
+	// (GOAWAY, its calls finish within grpcMaxConnectionAgeGrace): a
+	// connection slot held by a gateway that keeps idle connections open
+	// comes free for one waiting, and load spreads again after a scale-up.
+	grpcMaxConnectionIdle     = 5 * time.Minute
+	grpcMaxConnectionAge      = 30 * time.Minute
+	grpcMaxConnectionAgeGrace = 30 * time.Second
 	// grpcMaxHeaderListBytes bounds the HTTP/2 headers (gRPC metadata) of
 	// one call; Envoy sends a few hundred bytes.
 	grpcMaxHeaderListBytes = 16 << 10
@@ -63,9 +74,9 @@ type GRPCLimits struct {
 	// failed check (403 unless failure_mode_allow).
 	MaxRecvMsgBytes int
 	// MaxConcurrentStreams bounds the checks in flight on one connection
-	// (default 32).
+	// (default 4).
 	MaxConcurrentStreams uint32
-	// MaxConnections bounds the open connections (default 16).
+	// MaxConnections bounds the open connections (default 128).
 	MaxConnections int
 	// KeepaliveMinTime is the shortest interval between a client's
 	// keepalive pings (default 10s); pings are allowed without calls in
@@ -113,7 +124,8 @@ func (c *Collector) ServeGRPC(ctx context.Context, ln net.Listener, grace time.D
 		grpc.MaxHeaderListSize(grpcMaxHeaderListBytes),
 		grpc.ConnectionTimeout(grpcHandshakeTimeout),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: l.KeepaliveMinTime, PermitWithoutStream: true}),
-		grpc.KeepaliveParams(keepalive.ServerParameters{Time: grpcKeepaliveTime, Timeout: grpcKeepaliveTimeout}),
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: grpcKeepaliveTime, Timeout: grpcKeepaliveTimeout,
+			MaxConnectionIdle: grpcMaxConnectionIdle, MaxConnectionAge: grpcMaxConnectionAge, MaxConnectionAgeGrace: grpcMaxConnectionAgeGrace}),
 	)
 	authv3.RegisterAuthorizationServer(srv, &extAuthz{c: c})
 	errc := make(chan error, 1)
