@@ -90,6 +90,12 @@ func TestAdminCLI(t *testing.T) {
 		strings.Join(append(recs[1][:5:5], recs[1][7:]...), ",") != "newco,free,active,active,quota_exceeded,api_calls,5,7" {
 		t.Fatalf("tenants get --format csv: %q", recs)
 	}
+	// A tenant without limits or usage still has its line in CSV.
+	ok("tenants", "set", "bareco", "--plan", "open")
+	recs = readCSV(t, ok("tenants", "get", "bareco", "--format", "csv"))
+	if len(recs) != 2 || strings.Join(recs[1][:4], ",") != "bareco,open,active,active" || recs[1][7] != "" {
+		t.Fatalf("tenants get --format csv of a tenant without meters: %q", recs)
+	}
 
 	// A suspended tenant is blocked without a quota.
 	ok("tenants", "set", "acme", "--status", "suspended")

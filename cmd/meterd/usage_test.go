@@ -19,6 +19,7 @@ import (
 
 const usageCLIConfig = `plans:
   free: {period: monthly, limits: {api_calls: 1000}, on_exceed: block}
+  open: {period: monthly}
 tenants:
   acme:   {plan: free}
   globex: {plan: free}

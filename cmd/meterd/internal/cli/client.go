@@ -137,3 +137,21 @@ func problemError(path string, resp *http.Response) error {
 	}
 	return fmt.Errorf("%s: %s: %s", path, resp.Status, body)
 }
+
+// maxAnswerBytes bounds an answer the CLI decodes into memory: the summary
+// of a million tenants fits, a runaway server does not exhaust the shell's
+// machine.
+const maxAnswerBytes = 512 << 20
+
+// decodeAnswer decodes the JSON answer r into v, reading at most
+// maxAnswerBytes; what says what the answer is, for the error.
+func decodeAnswer(r io.Reader, what string, v any) error {
+	lr := &io.LimitedReader{R: r, N: maxAnswerBytes + 1}
+	if err := json.NewDecoder(lr).Decode(v); err != nil {
+		if lr.N <= 0 {
+			return fmt.Errorf("reading %s: the answer exceeds %d MiB", what, maxAnswerBytes>>20)
+		}
+		return fmt.Errorf("reading %s: %w", what, err)
+	}
+	return nil
+}

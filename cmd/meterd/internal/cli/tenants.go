@@ -159,8 +159,8 @@ func (c *clientFlags) doJSON(ctx context.Context, method, path string, body []by
 	if status == http.StatusNoContent {
 		return status, nil
 	}
-	if err := json.NewDecoder(io.LimitReader(rc, 16<<20)).Decode(v); err != nil {
-		return status, fmt.Errorf("%s %s: reading the answer: %w", method, path, err)
+	if err := decodeAnswer(rc, "the answer", v); err != nil {
+		return status, fmt.Errorf("%s %s: %w", method, path, err)
 	}
 	return status, nil
 }
@@ -206,11 +206,18 @@ func printTenant(w io.Writer, format string, v enforcer.TenantView) error {
 			{"period_start", ""}, {"period_end", ""}, Col("meter"), Col("limit"), Col("used")},
 		JSON: v,
 	}
+	// Every meter with a limit or usage, in order; in CSV a tenant with
+	// neither still gets its line, with no meter, or the file would not
+	// name it at all.
 	names := slices.Sorted(maps.Keys(v.Limits))
 	for m := range v.Usage {
 		if _, ok := v.Limits[m]; !ok {
 			names = append(names, m)
 		}
+	}
+	slices.Sort(names)
+	if len(names) == 0 && format == "csv" {
+		names = []string{""}
 	}
 	for _, m := range names {
 		var limit *int64

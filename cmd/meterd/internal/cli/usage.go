@@ -2,7 +2,6 @@ package cli
 
 import (
 	"context"
-	"encoding/json"
 	"flag"
 	"fmt"
 	"io"
@@ -106,10 +105,8 @@ type Report struct {
 // DecodeReport reads a Report from body.
 func DecodeReport(body io.Reader) (Report, error) {
 	var rep Report
-	if err := json.NewDecoder(body).Decode(&rep); err != nil {
-		return rep, fmt.Errorf("reading the report: %w", err)
-	}
-	return rep, nil
+	err := decodeAnswer(body, "the report", &rep)
+	return rep, err
 }
 
 // givenEmpty refuses a filter flag set to the empty string: --tenant "$T"
@@ -156,8 +153,8 @@ func Summary(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return err
 	}
 	var s enforcer.Summary
-	if err := json.NewDecoder(body).Decode(&s); err != nil {
-		return fmt.Errorf("reading the summary: %w", err)
+	if err := decodeAnswer(body, "the summary", &s); err != nil {
+		return err
 	}
 	t := Table{
 		Columns: []Column{Col("tenant"), Col("plan"), {"status", ""}, {"reason", ""}, {"", "STATUS"}, Col("meter"), Col("used"), Col("limit"),
