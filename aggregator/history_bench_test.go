@@ -38,6 +38,11 @@ import (
 //	METERD_BENCH_EVENTS    new events per run (default 2000000)
 //	METERD_BENCH_MODES     index,lookup (default both)
 //	METERD_BENCH_LIMIT     longest drain (default 10m)
+//	METERD_BENCH_SUSTAIN   if set (a duration, e.g. 5m), each run is a
+//	                       sustained one instead of a backlog's drain: new
+//	                       events are published for that long, as fast as
+//	                       the aggregator commits them (at most 200 000
+//	                       ahead), and it reports events/s minute by minute
 //
 // Run it with -benchtime 1x: b.N does not scale anything.
 func BenchmarkHistory(b *testing.B) {
@@ -48,6 +53,10 @@ func BenchmarkHistory(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
+	sustain, err := time.ParseDuration(envOr("METERD_BENCH_SUSTAIN", "0s"))
+	if err != nil {
+		b.Fatal(err)
+	}
 	dsn := chtest.DSN(b)
 	filled := int64(0)
 	for _, size := range sizes {
@@ -55,7 +64,7 @@ func BenchmarkHistory(b *testing.B) {
 		filled = size
 		for run, mode := range modes {
 			b.Run(fmt.Sprintf("history=%d/%s", size, mode), func(b *testing.B) {
-				benchmarkHistory(b, dsn, mode, fmt.Sprintf("h%d-%d-", size, run), size, events, limit)
+				benchmarkHistory(b, dsn, mode, fmt.Sprintf("h%d-%d-", size, run), size, events, limit, sustain)
 			})
 		}
 	}
@@ -134,7 +143,7 @@ func fillHistory(b *testing.B, dsn string, from, to int64) {
 		rows, to-from, filledIn.Round(time.Second), time.Since(start).Round(time.Second), parts, float64(bytes)/(1<<30))
 }
 
-func benchmarkHistory(b *testing.B, dsn, mode, prefix string, history, events int64, limit time.Duration) {
+func benchmarkHistory(b *testing.B, dsn, mode, prefix string, history, events int64, limit, sustain time.Duration) {
 	cfg := clickhouse.Config{DSN: dsn}
 	if mode == "index" {
 		cfg.IndexDir = filepath.Join(b.TempDir(), "index")
@@ -157,6 +166,10 @@ func benchmarkHistory(b *testing.B, dsn, mode, prefix string, history, events in
 		b.Logf("index: loaded in %s, %.2f GiB on disk", load.Round(time.Millisecond), float64(dirBytes(b, cfg.IndexDir))/(1<<30))
 	}
 	env := newIdleAggEnv(b, store, nil)
+	if sustain > 0 {
+		benchmarkSustained(b, env, mode, prefix, sustain)
+		return
+	}
 	const perBatch = 500
 	batches := int(events / perBatch)
 	publishBacklog(b, env.js, prefix, batches, perBatch)
@@ -199,7 +212,13 @@ func benchmarkHistory(b *testing.B, dsn, mode, prefix string, history, events in
 	if now, ok := chtest.ServerCPU(); serverOK && ok {
 		b.ReportMetric((now-server).Seconds()*50_000/n, "server-cpu-s/50k")
 	}
-	// Every event is new: the store counted each once.
+	checkCounted(b, store, mode, int64(n))
+}
+
+// checkCounted fails b unless the store counts at least n events of the
+// benchmark's hour (every event is new: the store counted each once; the
+// hour also holds the events of earlier runs).
+func checkCounted(b *testing.B, store aggregator.Store, mode string, n int64) {
 	var total int64
 	incs, err := store.Totals(context.Background(), t0.Add(-time.Hour), t0.Add(2*time.Hour))
 	if err != nil {
@@ -210,40 +229,106 @@ func benchmarkHistory(b *testing.B, dsn, mode, prefix string, history, events in
 			total += i.Events
 		}
 	}
-	if total < int64(n) {
-		b.Fatalf("%s: the store counts %d events of the %v new", mode, total, n)
+	if total < n {
+		b.Fatalf("%s: the store counts %d events of the %d new", mode, total, n)
 	}
+}
+
+// benchmarkSustained publishes new events for d, keeping at most 400
+// batches (200 000 events) ahead of the aggregator's commits, and reports
+// the events committed per second over the whole run and in its first and
+// last minute (logging every minute's), with the CPU per 50 000 events.
+// Publishing runs in this process too, so its CPU is in the client's.
+func benchmarkSustained(b *testing.B, env *aggEnv, mode, prefix string, d time.Duration) {
+	const perBatch, ahead = 500, 400
+	committed := func() int { return int(metric(b, env.reg, "meterd_aggregator_batches_committed_total")) }
+	client := processCPU(b)
+	server, serverOK := chtest.ServerCPU()
+	b.ResetTimer()
+	start := time.Now()
+	env.start()
+	events := make([]schemas.Event, perBatch)
+	published, minute := 0, 0
+	var perMinute []float64
+	for time.Since(start) < d {
+		if m := int(time.Since(start) / time.Minute); m > minute {
+			minute = m
+			perMinute = append(perMinute, float64(committed()*perBatch))
+			n := len(perMinute)
+			rate := perMinute[n-1]
+			if n > 1 {
+				rate -= perMinute[n-2]
+			}
+			b.Logf("%s: minute %d: %.0f events/s", mode, n, rate/60)
+		}
+		if published-committed() >= ahead {
+			time.Sleep(2 * time.Millisecond)
+			continue
+		}
+		msgs := make([]*nats.Msg, 0, 64)
+		for range 64 {
+			msgs = append(msgs, batchMsg(b, prefix, published, events))
+			published++
+		}
+		publishAll(b, env.js, msgs)
+	}
+	for deadline := time.Now().Add(5 * time.Minute); committed() < published; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			b.Fatalf("%s: %d of %d batches committed 5 minutes after the last publish", mode, committed(), published)
+		}
+	}
+	elapsed := time.Since(start)
+	b.StopTimer()
+	n := float64(published * perBatch)
+	b.ReportMetric(n/elapsed.Seconds(), "events/s")
+	if len(perMinute) >= 2 {
+		last := len(perMinute) - 1
+		b.ReportMetric(perMinute[0]/60, "first-minute-events/s")
+		b.ReportMetric((perMinute[last]-perMinute[last-1])/60, "last-minute-events/s")
+	}
+	b.ReportMetric((processCPU(b)-client).Seconds()*50_000/n, "client-cpu-s/50k")
+	if now, ok := chtest.ServerCPU(); serverOK && ok {
+		b.ReportMetric((now-server).Seconds()*50_000/n, "server-cpu-s/50k")
+	}
+	checkCounted(b, env.store, mode, int64(n))
 }
 
 // publishBacklog publishes batches of new events whose ids start with
 // prefix: the payload of benchmarkAggregator.
 func publishBacklog(b *testing.B, js jetstream.JetStream, prefix string, batches, perBatch int) {
-	meters := []string{"api_calls", "tokens", "bytes_out"}
 	events := make([]schemas.Event, perBatch)
 	var pending []*nats.Msg
 	for i := range batches {
-		for j := range events {
-			n := i*perBatch + j
-			events[j] = schemas.Event{
-				ID: fmt.Sprintf("%s%012d", prefix, n), Tenant: fmt.Sprintf("tenant-%04d", n%1000),
-				Meter: meters[n%3], Value: int64(n%7 + 1), Time: t0.Add(time.Duration(n%3600) * time.Second),
-				Dimensions: map[string]string{"route": fmt.Sprintf("/v1/r%d", n%20), "method": "GET", "status": "200"},
-			}
-		}
-		id := fmt.Sprintf("%sbatch-%d", prefix, i)
-		data, err := schemas.EncodeBatch(&schemas.Batch{ID: id, Collector: "bench", SealedAt: t0, Events: events})
-		if err != nil {
-			b.Fatal(err)
-		}
-		msg := &nats.Msg{Subject: schemas.UsageSubject(i % 16), Data: data, Header: nats.Header{}}
-		msg.Header.Set(schemas.HeaderContentType, schemas.BatchContentType)
-		msg.Header.Set("Batch-Id", id) // the Nats-Msg-Id of publishAll
-		pending = append(pending, msg)
+		pending = append(pending, batchMsg(b, prefix, i, events))
 		if len(pending) == 256 || i == batches-1 {
 			publishAll(b, js, pending)
 			pending = pending[:0]
 		}
 	}
+}
+
+// batchMsg is batch i of len(events) new events (events is its scratch
+// space), on the subject of partition i % 16.
+func batchMsg(b *testing.B, prefix string, i int, events []schemas.Event) *nats.Msg {
+	meters := []string{"api_calls", "tokens", "bytes_out"}
+	perBatch := len(events)
+	for j := range events {
+		n := i*perBatch + j
+		events[j] = schemas.Event{
+			ID: fmt.Sprintf("%s%012d", prefix, n), Tenant: fmt.Sprintf("tenant-%04d", n%1000),
+			Meter: meters[n%3], Value: int64(n%7 + 1), Time: t0.Add(time.Duration(n%3600) * time.Second),
+			Dimensions: map[string]string{"route": fmt.Sprintf("/v1/r%d", n%20), "method": "GET", "status": "200"},
+		}
+	}
+	id := fmt.Sprintf("%sbatch-%d", prefix, i)
+	data, err := schemas.EncodeBatch(&schemas.Batch{ID: id, Collector: "bench", SealedAt: t0, Events: events})
+	if err != nil {
+		b.Fatal(err)
+	}
+	msg := &nats.Msg{Subject: schemas.UsageSubject(i % 16), Data: data, Header: nats.Header{}}
+	msg.Header.Set(schemas.HeaderContentType, schemas.BatchContentType)
+	msg.Header.Set("Batch-Id", id) // the Nats-Msg-Id of publishAll
+	return msg
 }
 
 // publishAll publishes msgs asynchronously and again, one by one, those
