@@ -5,8 +5,12 @@ import (
 	"math/rand/v2"
 	"os"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/ClickHouse/clickhouse-go/v2"
+	"github.com/ClickHouse/clickhouse-go/v2/ext"
 
 	"github.com/meterd/meterd/aggregator/storetest"
 	"github.com/meterd/meterd/internal/chtest"
@@ -119,4 +123,83 @@ func BenchmarkIndexLoad(b *testing.B) {
 		}
 	}
 	b.ReportMetric(float64(n*b.N)/b.Elapsed().Seconds(), "keys/s")
+}
+
+// BenchmarkNarrowKeyTable weighs a design the dedup index was chosen over: a
+// narrow table of the events' keys ordered by key_hash with small granules
+// (index_granularity 256), so that a lookup of K keys reads about K granules
+// of 256 keys instead of the events table's 8 192-row granules. It fills the
+// table with METERD_BENCH_NARROW keys (sizes, comma-separated; default
+// 10000000) and measures a lookup of 50 000 absent keys (a call of new
+// events) through the primary key, as Apply would make it, and the rows the
+// server read for it (system.query_log is not on every server, so the
+// figure is the query's own read_rows from its progress).
+func BenchmarkNarrowKeyTable(b *testing.B) {
+	sizes := []int{10_000_000}
+	if v := os.Getenv("METERD_BENCH_NARROW"); v != "" {
+		sizes = sizes[:0]
+		for _, f := range strings.Split(v, ",") {
+			n, err := strconv.Atoi(f)
+			if err != nil {
+				b.Fatal(err)
+			}
+			sizes = append(sizes, n)
+		}
+	}
+	s := newStore(b, chtest.DSN(b))
+	err := s.conn.Exec(b.Context(), `CREATE TABLE bench_keys (key_hash UInt64, tenant String, id String)
+		ENGINE = MergeTree ORDER BY key_hash SETTINGS index_granularity = 256`)
+	if err != nil {
+		b.Fatal(err)
+	}
+	rng := rand.New(rand.NewPCG(3, 4))
+	filled := 0
+	for _, n := range sizes {
+		ctx := clickhouse.Context(b.Context(), clickhouse.WithSettings(clickhouse.Settings{"max_execution_time": 3600}))
+		start := time.Now()
+		err := s.conn.Exec(ctx, fmt.Sprintf(`INSERT INTO bench_keys (key_hash, tenant, id)
+			SELECT sipHash64(number), concat('tenant-', toString(number %% 1000)), lower(hex(sipHash128(toString(number))))
+			FROM system.numbers WHERE number >= %d LIMIT %d`, filled, n-filled))
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Logf("narrow key table: %d keys added in %s", n-filled, time.Since(start).Round(time.Second))
+		filled = n
+		b.Run(fmt.Sprintf("keys=%d/new=50000", n), func(b *testing.B) {
+			var read uint64
+			for b.Loop() {
+				hashes := make([]uint64, 50_000)
+				for i := range hashes {
+					hashes[i] = rng.Uint64() // absent: the table's keys are sipHash64 of 0..n-1
+				}
+				tbl, err := ext.NewTable("incoming_events", ext.Column("key_hash", "UInt64"))
+				if err == nil {
+					_, err = tbl.Block().Columns[0].Append(hashes)
+				}
+				if err != nil {
+					b.Fatal(err)
+				}
+				read = 0
+				ctx := clickhouse.Context(b.Context(), clickhouse.WithExternalTable(tbl),
+					clickhouse.WithProgress(func(p *clickhouse.Progress) { read += p.Rows }))
+				rows, err := s.conn.Query(ctx, `SELECT tenant, id FROM bench_keys PREWHERE key_hash IN incoming_events`)
+				if err != nil {
+					b.Fatal(err)
+				}
+				found := 0
+				for rows.Next() {
+					found++
+				}
+				if err := rows.Err(); err != nil {
+					b.Fatal(err)
+				}
+				rows.Close()
+				if found > 1 { // 50 000 random 64-bit keys among at most 10^9: a collision is 1 in 10^5
+					b.Fatalf("found %d of 50 000 absent keys", found)
+				}
+			}
+			b.ReportMetric(float64(read), "rows-read")
+			b.ReportMetric(float64(read)/50_000, "rows-read/key")
+		})
+	}
 }
