@@ -208,6 +208,29 @@ func TestHelmChart(t *testing.T) {
 	}
 }
 
+// A change of the Secret the chart creates, or of the config file, renames
+// the object, so the pods that read it roll (Check's references rule sees
+// that they refer to the new name).
+func TestHelmChangeRenames(t *testing.T) {
+	names := func(args ...string) (secret, config string) {
+		s := renderHelm(t, append(slices.Clone(completeValues), args...)...)
+		if len(s.Secrets) != 1 {
+			t.Fatalf("%d Secrets, want 1", len(s.Secrets))
+		}
+		for _, cm := range s.ConfigMaps {
+			if strings.HasPrefix(cm.Name, "meterd-config-") {
+				config = cm.Name
+			}
+		}
+		return s.Secrets[0].Name, config
+	}
+	sec, cfg := names()
+	sec2, cfg2 := names("--set", "secret.natsUrl=nats://meterd:another-password@nats:4222", "--set-file", "config=../base/config/meterd.yaml")
+	if !strings.HasPrefix(sec, "meterd-secrets-") || sec == sec2 || cfg == "" || cfg == cfg2 {
+		t.Errorf("Secret %s then %s, ConfigMap %s then %s: want new names", sec, sec2, cfg, cfg2)
+	}
+}
+
 // A bad value fails: in helm itself where the chart requires a value, else
 // in the rules of Check, with that mistake's error and no other (as
 // TestBroken does for the kustomize trees). Each case is a whole

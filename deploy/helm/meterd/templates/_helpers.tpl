@@ -43,7 +43,9 @@ empty name (sigs.k8s.io/kustomize/api/hasher: json.Marshal of those fields;
 it looks the name up by a path it never finds), the first ten hex digits
 with 0, 1, 3, a and e replaced by g, h, k, m and t. A change of content
 changes the name, which rolls the pods that mount it; with the default
-values the names equal the base's.
+values the ConfigMaps' names equal the base's. (A Secret's name differs
+from the one kustomize would give the same content: kustomize hashes its
+base64 wrapped in lines of 70, the chart unwrapped.)
 Argument: dict "kind" KIND "name" NAME "data" DATA (and "type" for a Secret).
 */}}
 {{- define "meterd.hashedName" -}}
