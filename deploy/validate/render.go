@@ -8,14 +8,21 @@
 package validate
 
 import (
+	"bufio"
+	"bytes"
 	"errors"
 	"fmt"
+	"io"
+	"os/exec"
+	"strings"
 
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	policyv1 "k8s.io/api/policy/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/serializer"
+	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"sigs.k8s.io/kustomize/api/krusty"
 	"sigs.k8s.io/kustomize/kyaml/filesys"
 )
@@ -72,6 +79,71 @@ func Render(dir string) (*Set, error) {
 	return s, nil
 }
 
+// RenderHelm renders the Helm chart in chart with `helm template` (the
+// program helm), as `helm install` would install it under the release
+// name meterd, and strictly decodes every object. args go to helm after
+// the chart: values files (-f) and --set.
+func RenderHelm(helm, chart string, args ...string) (*Set, error) {
+	cmd := exec.Command(helm, append([]string{"template", "meterd", chart}, args...)...)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return nil, fmt.Errorf("helm template %s: %v: %s", chart, err, strings.TrimSpace(stderr.String()))
+	}
+	return Decode(out)
+}
+
+// Decode strictly decodes a stream of YAML documents (as `helm template`
+// or `kubectl kustomize` print them) into a Set. Documents holding only
+// comments are skipped.
+func Decode(data []byte) (*Set, error) {
+	r := utilyaml.NewYAMLReader(bufio.NewReader(bytes.NewReader(data)))
+	s := &Set{}
+	var errs []error
+	for n := 1; ; n++ {
+		doc, err := r.Read()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return nil, fmt.Errorf("document %d: %w", n, err)
+		}
+		if empty(doc) {
+			continue
+		}
+		if err := s.add(doc); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", where(doc, n), err))
+		}
+	}
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	return s, nil
+}
+
+// empty reports whether a YAML document holds only blank lines, comments
+// and document markers.
+func empty(doc []byte) bool {
+	for _, line := range strings.Split(string(doc), "\n") {
+		if l := strings.TrimSpace(line); l != "" && l != "---" && !strings.HasPrefix(l, "#") {
+			return false
+		}
+	}
+	return true
+}
+
+// where names the n-th document of a stream: by the template it came from
+// when helm said so in a "# Source:" comment.
+func where(doc []byte, n int) string {
+	for _, line := range strings.Split(string(doc), "\n") {
+		if src, ok := strings.CutPrefix(strings.TrimSpace(line), "# Source: "); ok {
+			return src
+		}
+	}
+	return fmt.Sprintf("document %d", n)
+}
+
 // add decodes one object into its typed struct.
 func (s *Set) add(y []byte) error {
 	obj, gvk, err := decoder.Decode(y, nil, nil)
@@ -99,6 +171,31 @@ func (s *Set) add(y []byte) error {
 		return fmt.Errorf("kind %s is not one deploy/ uses", gvk)
 	}
 	return nil
+}
+
+// object is one object of a Set, with its kind.
+type object struct {
+	kind string
+	metav1.Object
+}
+
+// all lists every object of s, kind by kind.
+func (s *Set) all() []object {
+	var objs []object
+	objs = appendKind(objs, "Namespace", s.Namespaces)
+	objs = appendKind(objs, "ConfigMap", s.ConfigMaps)
+	objs = appendKind(objs, "Secret", s.Secrets)
+	objs = appendKind(objs, "Service", s.Services)
+	objs = appendKind(objs, "Deployment", s.Deployments)
+	objs = appendKind(objs, "StatefulSet", s.StatefulSets)
+	return appendKind(objs, "PodDisruptionBudget", s.PDBs)
+}
+
+func appendKind[T metav1.Object](objs []object, kind string, of []T) []object {
+	for _, o := range of {
+		objs = append(objs, object{kind, o})
+	}
+	return objs
 }
 
 // configMap returns the ConfigMap called name, or nil.

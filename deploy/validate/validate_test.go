@@ -114,18 +114,9 @@ func TestTrees(t *testing.T) {
 
 func kinds(s *Set) map[string]int {
 	m := map[string]int{}
-	add := func(kind string, n int) {
-		if n > 0 {
-			m[kind] = n
-		}
+	for _, o := range s.all() {
+		m[o.kind]++
 	}
-	add("Namespace", len(s.Namespaces))
-	add("ConfigMap", len(s.ConfigMaps))
-	add("Secret", len(s.Secrets))
-	add("Service", len(s.Services))
-	add("Deployment", len(s.Deployments))
-	add("StatefulSet", len(s.StatefulSets))
-	add("PodDisruptionBudget", len(s.PDBs))
 	return m
 }
 
@@ -196,20 +187,28 @@ func TestBroken(t *testing.T) {
 				t.Skip("caddy is not installed")
 			}
 			s, err := Render(filepath.Join("testdata/broken", tc.dir))
-			var errs []error
-			if err != nil {
-				errs = []error{err}
-			} else {
-				errs = check(t, s, true)
-			}
-			if len(errs) == 0 {
-				t.Fatalf("no error; want one mentioning %q", tc.want)
-			}
-			for _, err := range errs {
-				if !strings.Contains(err.Error(), tc.want) {
-					t.Errorf("error %v\nwant only errors mentioning %q", err, tc.want)
-				}
-			}
+			failsWith(t, s, err, tc.want)
 		})
+	}
+}
+
+// failsWith checks that a whole installation fails with the error want
+// and no other: its render's error err, or else the errors Check finds in
+// s.
+func failsWith(t *testing.T, s *Set, err error, want string) {
+	t.Helper()
+	var errs []error
+	if err != nil {
+		errs = []error{err}
+	} else {
+		errs = check(t, s, true)
+	}
+	if len(errs) == 0 {
+		t.Fatalf("no error; want one mentioning %q", want)
+	}
+	for _, err := range errs {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %v\nwant only errors mentioning %q", err, want)
+		}
 	}
 }
