@@ -57,6 +57,8 @@ func (c Config) Validate() error {
 
 // Store is the embedded store. Its methods are safe for concurrent use.
 type Store struct {
+	rollup.Totaler // Total, Totals and TenantTotals
+
 	db  *sql.DB
 	log *slog.Logger
 
@@ -133,6 +135,7 @@ func New(cfg Config) (*Store, error) {
 	db.SetMaxOpenConns(4)
 	db.SetConnMaxIdleTime(0)
 	s := &Store{db: db, log: log.With("component", "store", "store", "sqlite")}
+	s.Totaler = rollup.NewTotaler("sqlite", s.sumsOf)
 	if err := s.init(); err != nil {
 		db.Close()
 		return nil, fmt.Errorf("sqlite: %s: %w", cfg.Path, err)
@@ -355,11 +358,12 @@ func sumQuery(filter string) string {
 	) GROUP BY tenant, meter ORDER BY tenant, meter`
 }
 
-var (
-	totalQuery        = sumQuery(" AND tenant = ?7 AND meter = ?8")
-	totalsQuery       = sumQuery("")
-	tenantTotalsQuery = sumQuery(" AND tenant = ?7")
-)
+// sumQueries are sumQuery narrowed to nothing, to a meter, to a tenant
+// and to both, by [tenant given][meter given]; the names are ?7 and ?8.
+var sumQueries = [2][2]string{
+	{sumQuery(""), sumQuery(" AND meter = ?7")},
+	{sumQuery(" AND tenant = ?7"), sumQuery(" AND tenant = ?7 AND meter = ?8")},
+}
 
 // spanArgs returns the six range arguments of sumQuery.
 func spanArgs(from, to time.Time) []any {
@@ -369,45 +373,28 @@ func spanArgs(from, to time.Time) []any {
 	return []any{sp.Hours.From, sp.Hours.To, e[0].From, e[0].To, e[1].From, e[1].To}
 }
 
-// Total implements aggregator.Store.
-func (s *Store) Total(ctx context.Context, tenant, meter string, from, to time.Time) (int64, error) {
-	totals, err := s.sums(ctx, totalQuery, from, append(spanArgs(from, to), tenant, meter)...)
-	if err != nil {
-		return 0, fmt.Errorf("sqlite: total %s %s: %w", tenant, meter, err)
+// sumsOf is the rollup.SumsFunc of the store.
+func (s *Store) sumsOf(ctx context.Context, from, to time.Time, tenant, meter string) ([]aggregator.Increment, error) {
+	args := spanArgs(from, to)
+	if tenant != "" {
+		args = append(args, tenant)
 	}
-	if len(totals) == 0 {
-		return 0, nil
+	if meter != "" {
+		args = append(args, meter)
 	}
-	return totals[0].Value, nil
-}
-
-// Totals implements aggregator.Store.
-func (s *Store) Totals(ctx context.Context, from, to time.Time) ([]aggregator.Increment, error) {
-	totals, err := s.sums(ctx, totalsQuery, from, spanArgs(from, to)...)
-	if err != nil {
-		return nil, fmt.Errorf("sqlite: totals: %w", err)
-	}
-	return totals, nil
-}
-
-// TenantTotals implements aggregator.Store.
-func (s *Store) TenantTotals(ctx context.Context, tenant string, from, to time.Time) ([]aggregator.Increment, error) {
-	totals, err := s.sums(ctx, tenantTotalsQuery, from, append(spanArgs(from, to), tenant)...)
-	if err != nil {
-		return nil, fmt.Errorf("sqlite: totals of %s: %w", tenant, err)
-	}
-	return totals, nil
-}
-
-// sums runs a sumQuery and returns its non-zero sums as increments of hour
-// from.
-func (s *Store) sums(ctx context.Context, query string, from time.Time, args ...any) ([]aggregator.Increment, error) {
-	rows, err := s.db.QueryContext(ctx, query, args...)
+	rows, err := s.db.QueryContext(ctx, sumQueries[b2i(tenant != "")][b2i(meter != "")], args...)
 	if err != nil {
 		return nil, err
 	}
 	defer rows.Close()
 	return rollup.ScanIncrements(rows, from)
+}
+
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // rollupDiff selects, per rollup row of the hours [?1, ?2), the Parts of the
