@@ -349,23 +349,11 @@ func (s *Store) migrate(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("read schema_migrations: %w", err)
 	}
-	applied := map[uint32]bool{}
-	for rows.Next() {
-		var v uint32
-		if err := rows.Scan(&v); err != nil {
-			rows.Close()
-			return err
-		}
-		applied[v] = true
+	pending, err := migrations.Pending(ms, rows)
+	if err != nil {
+		return fmt.Errorf("read schema_migrations: %w", err)
 	}
-	rows.Close()
-	if err := rows.Err(); err != nil {
-		return err
-	}
-	for _, m := range ms {
-		if applied[uint32(m.Version)] {
-			continue
-		}
+	for _, m := range pending {
 		done, err := s.migrationDone(ctx, m)
 		if err != nil {
 			return fmt.Errorf("migration %s: guard: %w", m.Name, err)

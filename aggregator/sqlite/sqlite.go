@@ -171,26 +171,15 @@ func (s *Store) migrate(ctx context.Context) error {
 		version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)`); err != nil {
 		return fmt.Errorf("create schema_migrations: %w", err)
 	}
-	applied := map[int]bool{}
 	rows, err := s.db.QueryContext(ctx, `SELECT version FROM schema_migrations`)
 	if err != nil {
 		return fmt.Errorf("read schema_migrations: %w", err)
 	}
-	for rows.Next() {
-		var v int
-		if err := rows.Scan(&v); err != nil {
-			rows.Close()
-			return err
-		}
-		applied[v] = true
+	pending, err := migrations.Pending(ms, rows)
+	if err != nil {
+		return fmt.Errorf("read schema_migrations: %w", err)
 	}
-	if err := rows.Close(); err != nil {
-		return err
-	}
-	for _, m := range ms {
-		if applied[m.Version] {
-			continue
-		}
+	for _, m := range pending {
 		if m.DoneWhen != "" {
 			return fmt.Errorf("migration %s: a guard (done when) is for ClickHouse; SQLite migrations run in one transaction", m.Name)
 		}
