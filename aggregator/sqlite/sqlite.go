@@ -104,13 +104,31 @@ func addRollupsSQL(n int) string {
 // would fail every total and report covering the row, of every tenant.
 var sumParts = fmt.Sprintf(`SUM(v / %[1]d), SUM(v %% %[1]d), SUM(n / %[1]d), SUM(n %% %[1]d)`, saturating.PartDivisor)
 
-// stmtFor returns full, the statement for rowsPerInsert rows, or for fewer
-// rows a statement prepared in tx (closed with tx).
-func stmtFor(tx *sql.Tx, full *sql.Stmt, n int, sqlFor func(int) string) (*sql.Stmt, error) {
-	if n == rowsPerInsert {
-		return full, nil
+// inserts runs a multi-row statement over items, rowsPerInsert at a time,
+// in order: full is the statement of a whole chunk, sqlFor(n) that of the
+// last chunk's n rows (prepared in tx, closed with it). row appends an
+// item's cols arguments; run executes the statement on a chunk's.
+func inserts[T any](tx *sql.Tx, full *sql.Stmt, sqlFor func(n int) string, cols int, items []T,
+	row func(args []any, item T) []any, run func(stmt *sql.Stmt, args []any) error) error {
+	args := make([]any, 0, cols*rowsPerInsert)
+	for start := 0; start < len(items); start += rowsPerInsert {
+		chunk := items[start:min(start+rowsPerInsert, len(items))]
+		stmt := full
+		if len(chunk) < rowsPerInsert {
+			var err error
+			if stmt, err = tx.Prepare(sqlFor(len(chunk))); err != nil {
+				return err
+			}
+		}
+		args = args[:0]
+		for _, it := range chunk {
+			args = row(args, it)
+		}
+		if err := run(stmt, args); err != nil {
+			return err
+		}
 	}
-	return tx.Prepare(sqlFor(n))
+	return nil
 }
 
 // New opens (creating if needed) the database at cfg.Path and migrates it.
@@ -267,37 +285,30 @@ func (s *Store) Apply(ctx context.Context, batches []*schemas.Batch) ([]aggregat
 		for i, p := range events {
 			index[rollup.EventID{Tenant: p.e.Tenant, ID: p.e.ID}] = i
 		}
-		args := make([]any, 0, 8*rowsPerInsert)
-		for start := 0; start < len(events); start += rowsPerInsert {
+		err := inserts(tx, insEvents, insertEventsSQL, 8, events, func(args []any, p pending) []any {
+			e := p.e
+			return append(args, e.Tenant, e.ID, e.Meter, e.Value, rollup.Second(e.Time), p.dims, p.batch, now)
+		}, func(stmt *sql.Stmt, args []any) error {
 			if err := ctx.Err(); err != nil {
 				return err
 			}
-			chunk := events[start:min(start+rowsPerInsert, len(events))]
-			stmt, err := stmtFor(tx, insEvents, len(chunk), insertEventsSQL)
-			if err != nil {
-				return fmt.Errorf("insert events: %w", err)
-			}
-			args = args[:0]
-			for _, p := range chunk {
-				e := p.e
-				args = append(args, e.Tenant, e.ID, e.Meter, e.Value, rollup.Second(e.Time), p.dims, p.batch, now)
-			}
 			inserted, err := stmt.Query(args...)
 			if err != nil {
-				return fmt.Errorf("insert events: %w", err)
+				return err
 			}
+			defer inserted.Close()
 			for inserted.Next() {
 				var k rollup.EventID
 				if err := inserted.Scan(&k.Tenant, &k.ID); err != nil {
-					inserted.Close()
-					return fmt.Errorf("insert events: %w", err)
+					return err
 				}
 				p := &events[index[k]]
 				rows.AddEvent(p.e, p.dims)
 			}
-			if err := inserted.Close(); err != nil {
-				return fmt.Errorf("insert events: %w", err)
-			}
+			return inserted.Close()
+		})
+		if err != nil {
+			return fmt.Errorf("insert events: %w", err)
 		}
 		return s.addRollups(tx, rows)
 	})
@@ -313,22 +324,15 @@ func (s *Store) addRollups(tx *sql.Tx, rows rollup.Rows) error {
 		return cmp.Or(strings.Compare(a.Tenant, b.Tenant), strings.Compare(a.Meter, b.Meter),
 			cmp.Compare(a.Hour, b.Hour), strings.Compare(a.Dims, b.Dims))
 	})
-	full := tx.Stmt(s.addRollup)
-	args := make([]any, 0, 6*rowsPerInsert)
-	for start := 0; start < len(keys); start += rowsPerInsert {
-		chunk := keys[start:min(start+rowsPerInsert, len(keys))]
-		stmt, err := stmtFor(tx, full, len(chunk), addRollupsSQL)
-		if err != nil {
-			return fmt.Errorf("update rollups: %w", err)
-		}
-		args = args[:0]
-		for _, k := range chunk {
-			sum := rows[k]
-			args = append(args, k.Tenant, k.Meter, k.Hour, k.Dims, sum.Value, sum.Events)
-		}
-		if _, err := stmt.Exec(args...); err != nil {
-			return fmt.Errorf("update rollups: %w", err)
-		}
+	err := inserts(tx, tx.Stmt(s.addRollup), addRollupsSQL, 6, keys, func(args []any, k rollup.Key) []any {
+		sum := rows[k]
+		return append(args, k.Tenant, k.Meter, k.Hour, k.Dims, sum.Value, sum.Events)
+	}, func(stmt *sql.Stmt, args []any) error {
+		_, err := stmt.Exec(args...)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("update rollups: %w", err)
 	}
 	return nil
 }
