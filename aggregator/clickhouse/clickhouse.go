@@ -345,11 +345,9 @@ func (s *Store) migrate(ctx context.Context) error {
 	) ENGINE = MergeTree ORDER BY version`); err != nil {
 		return fmt.Errorf("create schema_migrations: %w", err)
 	}
-	rows, err := s.conn.Query(ctx, `SELECT DISTINCT version FROM schema_migrations`)
-	if err != nil {
-		return fmt.Errorf("read schema_migrations: %w", err)
-	}
-	pending, err := migrations.Pending(ms, rows)
+	pending, err := migrations.Pending(ms, func() (migrations.Rows, error) {
+		return s.conn.Query(ctx, `SELECT DISTINCT version FROM schema_migrations`)
+	})
 	if err != nil {
 		return fmt.Errorf("read schema_migrations: %w", err)
 	}

@@ -189,11 +189,9 @@ func (s *Store) migrate(ctx context.Context) error {
 		version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)`); err != nil {
 		return fmt.Errorf("create schema_migrations: %w", err)
 	}
-	rows, err := s.db.QueryContext(ctx, `SELECT version FROM schema_migrations`)
-	if err != nil {
-		return fmt.Errorf("read schema_migrations: %w", err)
-	}
-	pending, err := migrations.Pending(ms, rows)
+	pending, err := migrations.Pending(ms, func() (migrations.Rows, error) {
+		return s.db.QueryContext(ctx, `SELECT version FROM schema_migrations`)
+	})
 	if err != nil {
 		return fmt.Errorf("read schema_migrations: %w", err)
 	}

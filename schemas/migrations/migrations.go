@@ -103,9 +103,14 @@ type Rows interface {
 	Close() error
 }
 
-// Pending returns the migrations of ms whose version rows does not hold,
-// in the order of ms, and closes rows.
-func Pending(ms []Migration, rows Rows) ([]Migration, error) {
+// Pending returns the migrations of ms whose version the rows of query
+// (the store's query of the versions in its schema_migrations) do not
+// hold, in the order of ms.
+func Pending(ms []Migration, query func() (Rows, error)) ([]Migration, error) {
+	rows, err := query()
+	if err != nil {
+		return nil, err
+	}
 	applied, err := versions(rows)
 	if cerr := rows.Close(); err == nil {
 		err = cerr

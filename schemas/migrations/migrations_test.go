@@ -104,7 +104,7 @@ func (r *versionRows) Close() error { r.closed = true; return nil }
 func TestPending(t *testing.T) {
 	ms := []Migration{{Version: 1, Name: "0001_a"}, {Version: 2, Name: "0002_b"}, {Version: 3, Name: "0003_c"}, {Version: 4, Name: "0004_d"}}
 	rows := &versionRows{vs: []uint32{3, 1, 1}} // ClickHouse may hold a version twice
-	pending, err := Pending(ms, rows)
+	pending, err := Pending(ms, func() (Rows, error) { return rows, nil })
 	if err != nil {
 		t.Fatal(err)
 	}
