@@ -397,6 +397,7 @@ func TestRunStopsOnCloseAndJoinsGoroutines(t *testing.T) {
 		t.Fatal("Run did not return after Close")
 	}
 	e.Close() // idempotent
+	v.api.Close()
 	v.e = nil
 	// The broker and the NATS client keep their own goroutines; none may
 	// run the enforcer's code once Run returned.
