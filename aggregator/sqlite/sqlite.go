@@ -350,7 +350,8 @@ func sumQuery(filter string) string {
 }
 
 // sumQueries are sumQuery narrowed to nothing, to a meter, to a tenant
-// and to both, by [tenant given][meter given]; the names are ?7 and ?8.
+// and to both, by [tenant given][meter given]: the tenant is ?7 and the
+// meter the argument after it.
 var sumQueries = [2][2]string{
 	{sumQuery(""), sumQuery(" AND meter = ?7")},
 	{sumQuery(" AND tenant = ?7"), sumQuery(" AND tenant = ?7 AND meter = ?8")},
