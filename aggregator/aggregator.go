@@ -593,11 +593,7 @@ func (a *Aggregator) flush(ctx context.Context, g group) error {
 // group: each message is applied on its own and the invalid ones are
 // dead-lettered. The caller keeps msgs alive.
 func (a *Aggregator) apply(ctx context.Context, msgs []jetstream.Msg, batches []*schemas.Batch) error {
-	bo := backoff.NewExponentialBackOff(
-		backoff.WithInitialInterval(100*time.Millisecond),
-		backoff.WithMaxInterval(5*time.Second),
-		backoff.WithMaxElapsedTime(0),
-	)
+	bo := ctxtime.Backoff()
 	for {
 		start := time.Now()
 		incs, err := a.cfg.Store.Apply(ctx, batches)

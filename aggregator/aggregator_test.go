@@ -19,6 +19,7 @@ import (
 	"github.com/meterd/meterd/aggregator/sqlite"
 	"github.com/meterd/meterd/internal/chtest"
 	"github.com/meterd/meterd/internal/jstest"
+	"github.com/meterd/meterd/internal/metrictest"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -155,8 +156,8 @@ func (env *aggEnv) waitCommitted(t testing.TB, batches, deadLettered float64) {
 	t.Helper()
 	deadline := time.Now().Add(20*time.Second + time.Duration(batches+deadLettered)*20*time.Millisecond)
 	for time.Now().Before(deadline) {
-		b := metric(t, env.reg, "meterd_aggregator_batches_committed_total")
-		d := metric(t, env.reg, "meterd_aggregator_dead_lettered_total")
+		b := metrictest.Value(t, env.reg, "meterd_aggregator_batches_committed_total")
+		d := metrictest.Value(t, env.reg, "meterd_aggregator_dead_lettered_total")
 		if b >= batches && d >= deadLettered {
 			if b != batches || d != deadLettered {
 				t.Fatalf("committed %v batches and dead-lettered %v, want %v and %v", b, d, batches, deadLettered)
@@ -166,26 +167,7 @@ func (env *aggEnv) waitCommitted(t testing.TB, batches, deadLettered float64) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	t.Fatalf("timed out: committed %v batches, dead-lettered %v; want %v and %v",
-		metric(t, env.reg, "meterd_aggregator_batches_committed_total"), metric(t, env.reg, "meterd_aggregator_dead_lettered_total"), batches, deadLettered)
-}
-
-func metric(t testing.TB, reg *prometheus.Registry, name string) float64 {
-	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() == name {
-			var sum float64
-			for _, m := range mf.GetMetric() {
-				sum += m.GetCounter().GetValue() + m.GetGauge().GetValue()
-			}
-			return sum
-		}
-	}
-	t.Fatalf("metric %s not found", name)
-	return 0
+		metrictest.Value(t, env.reg, "meterd_aggregator_batches_committed_total"), metrictest.Value(t, env.reg, "meterd_aggregator_dead_lettered_total"), batches, deadLettered)
 }
 
 func (env *aggEnv) total(t *testing.T, tenant string) int64 {
@@ -213,7 +195,7 @@ func TestAggregatorExactlyOnce(t *testing.T) {
 		if got := env.total(t, "globex"); got != 100 {
 			t.Fatalf("globex total %d, want 100", got)
 		}
-		if got := metric(t, env.reg, "meterd_aggregator_events_duplicate_total"); got != 4 {
+		if got := metrictest.Value(t, env.reg, "meterd_aggregator_events_duplicate_total"); got != 4 {
 			t.Fatalf("duplicates %v, want 4", got)
 		}
 		waitFor(t, func() bool {

@@ -10,6 +10,7 @@ import (
 	"github.com/meterd/meterd/aggregator"
 	"github.com/meterd/meterd/aggregator/clickhouse"
 	"github.com/meterd/meterd/internal/chtest"
+	"github.com/meterd/meterd/internal/metrictest"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -62,7 +63,7 @@ func TestAggregatorClickHouseOutage(t *testing.T) {
 			time.Sleep(20 * time.Millisecond)
 		}
 	}()
-	waitFor(t, func() bool { return metric(t, env.reg, "meterd_aggregator_batches_committed_total") >= 20 }, "no batch committed before the outage")
+	waitFor(t, func() bool { return metrictest.Value(t, env.reg, "meterd_aggregator_batches_committed_total") >= 20 }, "no batch committed before the outage")
 
 	srv.Stop()
 	outageStart := time.Now()
@@ -70,7 +71,7 @@ func TestAggregatorClickHouseOutage(t *testing.T) {
 	for time.Since(outageStart) < 30*time.Second {
 		time.Sleep(500 * time.Millisecond)
 	}
-	committedDuringOutage := metric(t, env.reg, "meterd_aggregator_batches_committed_total")
+	committedDuringOutage := metrictest.Value(t, env.reg, "meterd_aggregator_batches_committed_total")
 	srv.Start()
 	time.Sleep(2 * time.Second) // load goes on after the restart
 	stopLoad()
@@ -80,16 +81,16 @@ func TestAggregatorClickHouseOutage(t *testing.T) {
 	total := float64(published)
 	mu.Unlock()
 	deadline := time.Now().Add(60 * time.Second)
-	for metric(t, env.reg, "meterd_aggregator_batches_committed_total") < total {
+	for metrictest.Value(t, env.reg, "meterd_aggregator_batches_committed_total") < total {
 		if time.Now().After(deadline) {
-			t.Fatalf("committed %v of %v batches after the outage", metric(t, env.reg, "meterd_aggregator_batches_committed_total"), total)
+			t.Fatalf("committed %v of %v batches after the outage", metrictest.Value(t, env.reg, "meterd_aggregator_batches_committed_total"), total)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	if got := metric(t, env.reg, "meterd_aggregator_batches_committed_total"); got != total {
+	if got := metrictest.Value(t, env.reg, "meterd_aggregator_batches_committed_total"); got != total {
 		t.Fatalf("committed %v batches, published %v", got, total)
 	}
-	if d := metric(t, env.reg, "meterd_aggregator_dead_lettered_total"); d != 0 {
+	if d := metrictest.Value(t, env.reg, "meterd_aggregator_dead_lettered_total"); d != 0 {
 		t.Fatalf("%v batches dead-lettered by an outage", d)
 	}
 	if committedDuringOutage >= total {

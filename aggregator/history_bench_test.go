@@ -17,6 +17,7 @@ import (
 	"github.com/meterd/meterd/aggregator"
 	"github.com/meterd/meterd/aggregator/clickhouse"
 	"github.com/meterd/meterd/internal/chtest"
+	"github.com/meterd/meterd/internal/metrictest"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -180,7 +181,7 @@ func benchmarkHistory(b *testing.B, dsn, mode, prefix string, history, events in
 	env.start()
 	var quarters [4]time.Duration
 	deadline := start.Add(limit)
-	committed := func() float64 { return metric(b, env.reg, "meterd_aggregator_batches_committed_total") }
+	committed := func() float64 { return metrictest.Value(b, env.reg, "meterd_aggregator_batches_committed_total") }
 	for q := range quarters {
 		want := float64(batches * (q + 1) / 4)
 		for last := time.Now(); committed() < want && time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {

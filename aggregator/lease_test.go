@@ -18,6 +18,7 @@ import (
 	"github.com/meterd/meterd/aggregator/sqlite"
 	"github.com/meterd/meterd/internal/chtest"
 	"github.com/meterd/meterd/internal/lease"
+	"github.com/meterd/meterd/internal/metrictest"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -133,12 +134,12 @@ func TestAggregatorRecreatesDeletedConsumer(t *testing.T) {
 			}
 			time.Sleep(5 * time.Millisecond)
 		}
-		committed := metric(t, env.reg, "meterd_aggregator_batches_committed_total")
+		committed := metrictest.Value(t, env.reg, "meterd_aggregator_batches_committed_total")
 		env.waitCommittedAtLeast(t, committed+20) // progress after the recreation
 		stop()
 		env.waitDrained(t, 30*time.Second)
 		load.check(t, env.store)
-		if n := metric(t, env.reg, "meterd_aggregator_fetch_errors_total"); n < 1 {
+		if n := metrictest.Value(t, env.reg, "meterd_aggregator_fetch_errors_total"); n < 1 {
 			t.Errorf("fetch errors %v, want at least 1", n)
 		}
 		if err := env.agg.Ready(t.Context()); err != nil {
@@ -152,7 +153,7 @@ func TestAggregatorRecreatesDeletedConsumer(t *testing.T) {
 func (env *aggEnv) waitCommittedAtLeast(t testing.TB, n float64) {
 	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
-	for metric(t, env.reg, "meterd_aggregator_batches_committed_total") < n {
+	for metrictest.Value(t, env.reg, "meterd_aggregator_batches_committed_total") < n {
 		if time.Now().After(deadline) {
 			t.Fatalf("fewer than %v batches committed within 30 s", n)
 		}
@@ -190,7 +191,7 @@ func TestAggregatorUnreadyWhileFetchFails(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	if n := metric(t, env.reg, "meterd_aggregator_fetch_errors_total"); n < 1 {
+	if n := metrictest.Value(t, env.reg, "meterd_aggregator_fetch_errors_total"); n < 1 {
 		t.Errorf("fetch errors %v, want at least 1", n)
 	}
 }
@@ -269,7 +270,7 @@ func (env *aggEnv) startPeer(t *testing.T, holder string, store aggregator.Store
 }
 
 func (p *peer) writer(t testing.TB) bool {
-	return metric(t, p.reg, "meterd_aggregator_writer_leases") == 1
+	return metrictest.Value(t, p.reg, "meterd_aggregator_writer_leases") == 1
 }
 
 // writeLog records when each successful Apply of a store returned.
@@ -334,7 +335,7 @@ func TestTwoAggregatorsOneWriter(t *testing.T) {
 			if err := b.agg.Ready(t.Context()); err != nil {
 				t.Errorf("the standby is not ready: %v", err)
 			}
-			if n := metric(t, a.reg, "meterd_aggregator_batches_committed_total"); n < 10 {
+			if n := metrictest.Value(t, a.reg, "meterd_aggregator_batches_committed_total"); n < 10 {
 				t.Fatalf("a committed %v batches", n)
 			}
 			a.stop()
@@ -447,15 +448,15 @@ func TestZombieAggregatorCannotWrite(t *testing.T) {
 			if takeover > testLeaseDuration+testLeaseDuration/2 {
 				t.Errorf("b took over %s after a froze, want within the lease (%s) and a poll", takeover, testLeaseDuration)
 			}
-			committedB := metric(t, b.reg, "meterd_aggregator_batches_committed_total")
-			for metric(t, b.reg, "meterd_aggregator_batches_committed_total") < committedB+10 {
+			committedB := metrictest.Value(t, b.reg, "meterd_aggregator_batches_committed_total")
+			for metrictest.Value(t, b.reg, "meterd_aggregator_batches_committed_total") < committedB+10 {
 				time.Sleep(5 * time.Millisecond)
 			}
 			close(z.wake) // SIGCONT
 			deadline := time.Now().Add(10 * time.Second)
-			for z.woke.Load() == 0 || a.writer(t) || metric(t, a.reg, "meterd_aggregator_lease_lost_total") != 1 {
+			for z.woke.Load() == 0 || a.writer(t) || metrictest.Value(t, a.reg, "meterd_aggregator_lease_lost_total") != 1 {
 				if time.Now().After(deadline) {
-					t.Fatalf("a after waking: %d writes, writer %v, lost %v", z.woke.Load(), a.writer(t), metric(t, a.reg, "meterd_aggregator_lease_lost_total"))
+					t.Fatalf("a after waking: %d writes, writer %v, lost %v", z.woke.Load(), a.writer(t), metrictest.Value(t, a.reg, "meterd_aggregator_lease_lost_total"))
 				}
 				time.Sleep(5 * time.Millisecond)
 			}
@@ -559,10 +560,10 @@ func TestAggregatorLagWhileFetchFails(t *testing.T) {
 		t.Errorf("readiness error %q does not name the failing fetch", err)
 	}
 	// b0 to b2 were fetched; the 10 behind them were not.
-	if lag := metric(t, env.reg, "meterd_aggregator_consumer_lag_messages"); lag != 10 {
+	if lag := metrictest.Value(t, env.reg, "meterd_aggregator_consumer_lag_messages"); lag != 10 {
 		t.Errorf("consumer lag %v messages while fetches fail, want 10", lag)
 	}
-	if n := metric(t, env.reg, "meterd_aggregator_fetch_errors_total"); n < 1 {
+	if n := metrictest.Value(t, env.reg, "meterd_aggregator_fetch_errors_total"); n < 1 {
 		t.Errorf("fetch errors %v, want at least 1", n)
 	}
 }

@@ -51,7 +51,7 @@ func TestConsumerLagSeconds(t *testing.T) {
 	env.publish(t, "b1", ev("acme", "e1", 1, 0))
 	time.Sleep(300 * time.Millisecond)
 	env.start()
-	lag := func() float64 { return metric(t, env.reg, "meterd_aggregator_consumer_lag_seconds") }
+	lag := func() float64 { return metrictest.Value(t, env.reg, "meterd_aggregator_consumer_lag_seconds") }
 	deadline := time.Now().Add(10 * time.Second)
 	for lag() == 0 {
 		if time.Now().After(deadline) {
@@ -149,7 +149,7 @@ func TestCommittedCarriedRepairs(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	if d := metric(t, env.reg, "meterd_aggregator_events_duplicate_total"); d != 0 {
+	if d := metrictest.Value(t, env.reg, "meterd_aggregator_events_duplicate_total"); d != 0 {
 		t.Errorf("duplicates %v, want 0", d)
 	}
 }

@@ -15,6 +15,7 @@ import (
 	chstore "github.com/meterd/meterd/aggregator/clickhouse"
 	"github.com/meterd/meterd/aggregator/sqlite"
 	"github.com/meterd/meterd/internal/chtest"
+	"github.com/meterd/meterd/internal/metrictest"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -84,7 +85,7 @@ func (l *load) check(t *testing.T) {
 		t.Fatalf("DLQ holds %d messages after a store outage", n)
 	}
 	waitFor(t, func() bool { return env.agg.Ready(t.Context()) == nil }, "not ready after the store came back")
-	if got := metric(t, env.reg, "meterd_aggregator_store_failing_seconds"); got != 0 {
+	if got := metrictest.Value(t, env.reg, "meterd_aggregator_store_failing_seconds"); got != 0 {
 		t.Fatalf("store_failing_seconds %v after the store came back", got)
 	}
 }
@@ -112,14 +113,14 @@ func TestAggregatorClickHouseTableDetached(t *testing.T) {
 	t.Cleanup(func() { admin.Close() })
 	env := newAggEnv(t, store, nil)
 	l := startLoad(t, env, "detach")
-	waitFor(t, func() bool { return metric(t, env.reg, "meterd_aggregator_batches_committed_total") >= 10 }, "nothing committed before the outage")
+	waitFor(t, func() bool { return metrictest.Value(t, env.reg, "meterd_aggregator_batches_committed_total") >= 10 }, "nothing committed before the outage")
 
 	if err := admin.Exec(t.Context(), "DETACH TABLE events"); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, func() bool { return env.agg.Ready(t.Context()) != nil }, "ready while the events table is detached")
 	time.Sleep(4 * time.Second)
-	if f := metric(t, env.reg, "meterd_aggregator_store_failing_seconds"); f < 1 {
+	if f := metrictest.Value(t, env.reg, "meterd_aggregator_store_failing_seconds"); f < 1 {
 		t.Errorf("store_failing_seconds %v during the outage", f)
 	}
 	if err := admin.Exec(t.Context(), "ATTACH TABLE events"); err != nil {
@@ -127,7 +128,7 @@ func TestAggregatorClickHouseTableDetached(t *testing.T) {
 	}
 	time.Sleep(time.Second) // load goes on after the table is back
 	l.check(t)
-	if errs := metric(t, env.reg, "meterd_aggregator_store_write_errors_total"); errs < 3 {
+	if errs := metrictest.Value(t, env.reg, "meterd_aggregator_store_write_errors_total"); errs < 3 {
 		t.Fatalf("%v store errors: the outage did not bite", errs)
 	}
 }
@@ -150,7 +151,7 @@ func TestAggregatorSQLiteWriteLocked(t *testing.T) {
 	t.Cleanup(func() { store.Close() })
 	env := newAggEnv(t, store, nil)
 	l := startLoad(t, env, "lock")
-	waitFor(t, func() bool { return metric(t, env.reg, "meterd_aggregator_batches_committed_total") >= 10 }, "nothing committed before the lock")
+	waitFor(t, func() bool { return metrictest.Value(t, env.reg, "meterd_aggregator_batches_committed_total") >= 10 }, "nothing committed before the lock")
 
 	// The aggregator writes all the while: wait for its transaction to end
 	// instead of failing on SQLITE_BUSY ourselves.
@@ -175,7 +176,7 @@ func TestAggregatorSQLiteWriteLocked(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	time.Sleep(35*time.Second - time.Since(locked))
-	if errs := metric(t, env.reg, "meterd_aggregator_store_write_errors_total"); errs < 3 {
+	if errs := metrictest.Value(t, env.reg, "meterd_aggregator_store_write_errors_total"); errs < 3 {
 		t.Fatalf("%v store errors in 35 s: the lock did not bite", errs)
 	}
 	if _, err := conn.ExecContext(t.Context(), "ROLLBACK"); err != nil {

@@ -8,6 +8,7 @@ import (
 
 	"github.com/meterd/meterd/aggregator"
 	"github.com/meterd/meterd/internal/broker"
+	"github.com/meterd/meterd/internal/metrictest"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -37,7 +38,7 @@ func TestTrimmerRemovesOnlyAcknowledged(t *testing.T) {
 	if n := msgs(); n != 3 {
 		t.Fatalf("no consumer yet: %d messages left, want 3", n)
 	}
-	if b, l := metric(t, env.reg, "meterd_aggregator_usage_stream_bytes"), metric(t, env.reg, "meterd_aggregator_usage_stream_limit_bytes"); b <= 0 || l != float64(broker.DefaultUsageMaxBytes) {
+	if b, l := metrictest.Value(t, env.reg, "meterd_aggregator_usage_stream_bytes"), metrictest.Value(t, env.reg, "meterd_aggregator_usage_stream_limit_bytes"); b <= 0 || l != float64(broker.DefaultUsageMaxBytes) {
 		t.Fatalf("usage stream %v of %v bytes, want > 0 of %d", b, l, broker.DefaultUsageMaxBytes)
 	}
 	cons, err := env.js.CreateOrUpdateConsumer(t.Context(), schemas.UsageStream, env.agg.ConsumerConfig())
@@ -60,14 +61,14 @@ func TestTrimmerRemovesOnlyAcknowledged(t *testing.T) {
 	if n := msgs(); n != 2 {
 		t.Fatalf("one of 3 acknowledged: %d messages left, want 2", n)
 	}
-	if got := metric(t, env.reg, "meterd_aggregator_batches_committed_total"); got != 0 {
+	if got := metrictest.Value(t, env.reg, "meterd_aggregator_batches_committed_total"); got != 0 {
 		t.Fatal(got)
 	}
 	// The aggregator commits the rest; the trimmer then empties the stream.
 	env.start()
 	env.waitCommitted(t, 2, 0)
 	waitFor(t, func() bool { return trim.Trim(t.Context()) == nil && msgs() == 0 }, "committed batches not trimmed: %d left", msgs())
-	if b, d := metric(t, env.reg, "meterd_aggregator_usage_stream_bytes"), metric(t, env.reg, "meterd_aggregator_dlq_messages"); b != 0 || d != 0 {
+	if b, d := metrictest.Value(t, env.reg, "meterd_aggregator_usage_stream_bytes"), metrictest.Value(t, env.reg, "meterd_aggregator_dlq_messages"); b != 0 || d != 0 {
 		t.Fatalf("after the trim: usage stream %v bytes, DLQ %v messages; want 0 and 0", b, d)
 	}
 	if got := env.total(t, "acme"); got != 2 {

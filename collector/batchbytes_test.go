@@ -21,6 +21,7 @@ import (
 
 	"github.com/meterd/meterd/collector/spool"
 	"github.com/meterd/meterd/internal/auth"
+	"github.com/meterd/meterd/internal/jstest"
 	"github.com/meterd/meterd/internal/serve"
 	"github.com/meterd/meterd/schemas"
 )
@@ -92,45 +93,16 @@ func postJSONBody(t testing.TB, client *http.Client, url string, body []byte) (i
 // METERD_USAGE.
 func streamMsgSizes(t testing.TB, js jetstream.JetStream) []int {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
-	defer cancel()
-	s, err := js.Stream(ctx, schemas.UsageStream)
-	if err != nil {
-		t.Fatal(err)
-	}
-	info, err := s.Info(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	want := int(info.State.Msgs)
-	if want == 0 {
-		return nil
-	}
-	cons, err := s.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{})
-	if err != nil {
-		t.Fatal(err)
-	}
 	var sizes []int
-	for len(sizes) < want {
-		msgs, err := cons.Fetch(want-len(sizes), jetstream.FetchMaxWait(5*time.Second))
-		if err != nil {
-			t.Fatal(err)
-		}
-		n := 0
-		for m := range msgs.Messages() {
-			n++
-			hdr := 0
-			for k, vs := range m.Headers() {
-				for _, v := range vs {
-					hdr += len(k) + len(v) + 4
-				}
+	jstest.Messages(t, js, schemas.UsageStream, func(m jetstream.Msg) {
+		hdr := 0
+		for k, vs := range m.Headers() {
+			for _, v := range vs {
+				hdr += len(k) + len(v) + 4
 			}
-			sizes = append(sizes, len(m.Data())+hdr)
 		}
-		if n == 0 {
-			t.Fatalf("read %d of %d messages", len(sizes), want)
-		}
-	}
+		sizes = append(sizes, len(m.Data())+hdr)
+	})
 	return sizes
 }
 
@@ -264,17 +236,7 @@ func TestBatchBytesConcurrentLargeRequests(t *testing.T) {
 // batch alone refuses its whole request with 413 naming it.
 func TestBatchBytesStreamLimit(t *testing.T) {
 	b := startTestBroker(t)
-	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
-	defer cancel()
-	s, err := b.js.Stream(ctx, schemas.UsageStream)
-	if err != nil {
-		t.Fatal(err)
-	}
-	sc := s.CachedInfo().Config
-	sc.MaxMsgSize = 256 << 10
-	if _, err := b.js.UpdateStream(ctx, sc); err != nil {
-		t.Fatal(err)
-	}
+	b.SetMaxMsgSize(256 << 10)
 	nc := connectTestNATS(t, b.URL(), "collector")
 	// A larger BatchMaxBytes does not raise the server's bound.
 	col := startTestCollector(t, bigConfig(Config{NATS: nc, BatchMaxBytes: 1 << 20}))
@@ -334,17 +296,7 @@ func mustJSON(t testing.TB, v any) string {
 // keeps accepting; the set-aside batches' events, sent again, are counted.
 func TestSpoolSetAside(t *testing.T) {
 	b := startTestBroker(t)
-	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
-	defer cancel()
-	s, err := b.js.Stream(ctx, schemas.UsageStream)
-	if err != nil {
-		t.Fatal(err)
-	}
-	sc := s.CachedInfo().Config
-	sc.MaxMsgSize = 4 << 20
-	if _, err := b.js.UpdateStream(ctx, sc); err != nil {
-		t.Fatal(err)
-	}
+	b.SetMaxMsgSize(4 << 20)
 
 	dir := t.TempDir()
 	sp, err := spool.Open(spool.Config{Dir: dir, Logger: testLogger(t)})
@@ -407,7 +359,7 @@ func TestSpoolSetAside(t *testing.T) {
 		t.Errorf("set_aside_batches = %v, want 3", n)
 	}
 	var degraded *serve.DegradedError
-	if err := col.Ready(ctx); !errors.As(err, &degraded) {
+	if err := col.Ready(t.Context()); !errors.As(err, &degraded) {
 		t.Errorf("Ready = %v, want degraded (set-aside batches) but in service", err)
 	}
 	for id, want := range map[string][]byte{hugeID: huge, largeID: large} {
@@ -456,7 +408,7 @@ func TestSpoolSetAside(t *testing.T) {
 	if err := os.RemoveAll(filepath.Join(dir, spool.SetAsideDir)); err != nil {
 		t.Fatal(err)
 	}
-	if err := col.Ready(ctx); err != nil {
+	if err := col.Ready(t.Context()); err != nil {
 		t.Errorf("Ready after the set-aside files were removed: %v", err)
 	}
 }

@@ -19,6 +19,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/meterd/meterd/gate"
+	"github.com/meterd/meterd/internal/metrictest"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -333,8 +334,8 @@ func TestCheckSpoolFull(t *testing.T) {
 	for env.col.pipe.Reserved() > 0 && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
 	}
-	accepted := metricValue(t, reg, "meterd_collector_events_accepted_total")
-	refused := metricValue(t, reg, "meterd_collector_events_rejected_total", "reason", rejectSpoolFull)
+	accepted := metrictest.Value(t, reg, "meterd_collector_events_accepted_total")
+	refused := metrictest.Value(t, reg, "meterd_collector_events_rejected_total", "reason", rejectSpoolFull)
 	if accepted == 0 || refused == 0 || accepted+refused != checks {
 		t.Fatalf("%v calls recorded and %v refused for a full spool; want both, %d in all", accepted, refused, checks)
 	}

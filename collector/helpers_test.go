@@ -17,6 +17,7 @@ import (
 	"github.com/meterd/meterd/internal/auth"
 	"github.com/meterd/meterd/internal/broker"
 	"github.com/meterd/meterd/internal/jstest"
+	"github.com/meterd/meterd/internal/metrictest"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -52,6 +53,23 @@ func (b *testBroker) StreamMsgs() uint64 {
 		b.t.Fatalf("stream %s info: %v", schemas.UsageStream, err)
 	}
 	return info.State.Msgs
+}
+
+// SetMaxMsgSize sets METERD_USAGE's MaxMsgSize, the bound a collector
+// reads from the server, to n bytes.
+func (b *testBroker) SetMaxMsgSize(n int32) {
+	b.t.Helper()
+	ctx, cancel := context.WithTimeout(b.t.Context(), 10*time.Second)
+	defer cancel()
+	s, err := b.js.Stream(ctx, schemas.UsageStream)
+	if err != nil {
+		b.t.Fatal(err)
+	}
+	sc := s.CachedInfo().Config
+	sc.MaxMsgSize = n
+	if _, err := b.js.UpdateStream(ctx, sc); err != nil {
+		b.t.Fatal(err)
+	}
 }
 
 // testLogger logs errors to the test's output. Fault tests provoke the
@@ -153,7 +171,7 @@ func (tc *testCollector) Shutdown() error {
 // pairs (name, value, …); see metricValue.
 func (tc *testCollector) Metric(t testing.TB, name string, labels ...string) float64 {
 	t.Helper()
-	return metricValue(t, tc.reg, name, labels...)
+	return metrictest.Value(t, tc.reg, name, labels...)
 }
 
 // WaitSpoolEmpty waits until meterd_collector_spool_batches is 0.
@@ -168,45 +186,6 @@ func (tc *testCollector) WaitSpoolEmpty(t testing.TB, timeout time.Duration) {
 	}
 }
 
-// metricValue gathers g and returns the value of the counter or gauge name
-// whose labels include the given pairs (name, value, …). It fails the test
-// when there is no such series.
-func metricValue(t testing.TB, g prometheus.Gatherer, name string, labels ...string) float64 {
-	t.Helper()
-	families, err := g.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, f := range families {
-		if f.GetName() != name {
-			continue
-		}
-	series:
-		for _, m := range f.GetMetric() {
-			for i := 0; i+1 < len(labels); i += 2 {
-				found := false
-				for _, lp := range m.GetLabel() {
-					if lp.GetName() == labels[i] && lp.GetValue() == labels[i+1] {
-						found = true
-						break
-					}
-				}
-				if !found {
-					continue series
-				}
-			}
-			switch {
-			case m.Counter != nil:
-				return m.Counter.GetValue()
-			case m.Gauge != nil:
-				return m.Gauge.GetValue()
-			}
-		}
-	}
-	t.Fatalf("no metric %s%v", name, labels)
-	return 0
-}
-
 // eventKey is the idempotency key of a usage event.
 type eventKey struct{ tenant, id string }
 
@@ -216,61 +195,29 @@ type eventKey struct{ tenant, id string }
 // stored twice (JetStream dedups publishes by Nats-Msg-Id).
 func readUsageStream(t testing.TB, js jetstream.JetStream) (map[eventKey]int, int) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
-	defer cancel()
-	s, err := js.Stream(ctx, schemas.UsageStream)
-	if err != nil {
-		t.Fatalf("stream %s: %v", schemas.UsageStream, err)
-	}
-	info, err := s.Info(ctx)
-	if err != nil {
-		t.Fatalf("stream %s info: %v", schemas.UsageStream, err)
-	}
 	events := make(map[eventKey]int)
-	want := int(info.State.Msgs)
-	if want == 0 {
-		return events, 0
-	}
-	cons, err := s.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{})
-	if err != nil {
-		t.Fatalf("ordered consumer: %v", err)
-	}
-	batchIDs := make(map[string]uint64, want)
+	batchIDs := map[string]uint64{}
 	read := 0
-	for read < want {
-		msgs, err := cons.Fetch(min(want-read, 500), jetstream.FetchMaxWait(5*time.Second))
+	jstest.Messages(t, js, schemas.UsageStream, func(m jetstream.Msg) {
+		read++
+		meta, err := m.Metadata()
 		if err != nil {
-			t.Fatalf("fetch: %v", err)
+			t.Fatal(err)
 		}
-		n := 0
-		for m := range msgs.Messages() {
-			n++
-			meta, err := m.Metadata()
-			if err != nil {
-				t.Fatal(err)
-			}
-			b, err := schemas.DecodeBatch(m.Headers().Get(schemas.HeaderContentType), m.Data())
-			if err != nil {
-				t.Fatalf("stream seq %d: %v", meta.Sequence.Stream, err)
-			}
-			if seq, dup := batchIDs[b.ID]; dup {
-				t.Errorf("batch %s is stored twice: stream seq %d and %d", b.ID, seq, meta.Sequence.Stream)
-			}
-			batchIDs[b.ID] = meta.Sequence.Stream
-			if got := m.Headers().Get(jetstream.MsgIDHeader); got != b.ID {
-				t.Errorf("stream seq %d: Nats-Msg-Id %q, batch_id %q", meta.Sequence.Stream, got, b.ID)
-			}
-			for _, e := range b.Events {
-				events[eventKey{e.Tenant, e.ID}]++
-			}
+		b, err := schemas.DecodeBatch(m.Headers().Get(schemas.HeaderContentType), m.Data())
+		if err != nil {
+			t.Fatalf("stream seq %d: %v", meta.Sequence.Stream, err)
 		}
-		if err := msgs.Error(); err != nil {
-			t.Fatalf("fetch: %v", err)
+		if seq, dup := batchIDs[b.ID]; dup {
+			t.Errorf("batch %s is stored twice: stream seq %d and %d", b.ID, seq, meta.Sequence.Stream)
 		}
-		if n == 0 {
-			t.Fatalf("read %d of %d batches; the stream gave no more", read, want)
+		batchIDs[b.ID] = meta.Sequence.Stream
+		if got := m.Headers().Get(jetstream.MsgIDHeader); got != b.ID {
+			t.Errorf("stream seq %d: Nats-Msg-Id %q, batch_id %q", meta.Sequence.Stream, got, b.ID)
 		}
-		read += n
-	}
+		for _, e := range b.Events {
+			events[eventKey{e.Tenant, e.ID}]++
+		}
+	})
 	return events, read
 }

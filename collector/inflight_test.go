@@ -20,6 +20,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/meterd/meterd/internal/auth"
+	"github.com/meterd/meterd/internal/metrictest"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -119,6 +120,40 @@ func wantOverloaded(t testing.TB, what string, resp *http.Response, body []byte)
 	}
 }
 
+// budgetMaxBody is the largest body and the in-flight budget of
+// newBudgetEnv's collector: one body fills it.
+const budgetMaxBody = 1 << 20
+
+// newBudgetEnv is an ingest env whose in-flight budget is one largest body,
+// and a reader of its collector's metrics.
+func newBudgetEnv(t *testing.T) (*ingestEnv, func(name string, labels ...string) float64) {
+	t.Helper()
+	env := newIngestEnv(t, func(c *Config) {
+		c.MaxBodyBytes = budgetMaxBody
+		c.MaxInflightBodyBytes = budgetMaxBody
+		c.BatchMaxEvents = 5000
+	})
+	return env, func(name string, labels ...string) float64 {
+		return metrictest.Value(t, env.col.cfg.Registerer.(prometheus.Gatherer), name, labels...)
+	}
+}
+
+// startBudgetHog starts a request of about 600 KiB of events (n of them)
+// that sends 10 bytes of body and then waits, and waits until its whole
+// declared body is counted in flight.
+func startBudgetHog(t *testing.T, env *ingestEnv, metric func(string, ...string) float64) (slow *slowPost, body []byte, n int) {
+	t.Helper()
+	body, n = eventsBody("slow", 600<<10)
+	slow = startSlowPost(t, env.srv.URL, len(body), body[:10])
+	for deadline := time.Now().Add(5 * time.Second); metric("meterd_collector_inflight_body_bytes") != float64(len(body)); {
+		if time.Now().After(deadline) {
+			t.Fatalf("in-flight body bytes %v, want the slow request's %d", metric("meterd_collector_inflight_body_bytes"), len(body))
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	return slow, body, n
+}
+
 // The body bytes of requests in flight are bounded: a request that does not
 // fit beside those being read is answered 503 + Retry-After before its body
 // is read (identity with Content-Length), or as soon as its decompressed
@@ -126,24 +161,9 @@ func wantOverloaded(t testing.TB, what string, resp *http.Response, body []byte)
 // once the bytes are given back the same requests are accepted. Oracle: the
 // stream holds exactly the events answered 202.
 func TestIngestInflightBudget(t *testing.T) {
-	const maxBody = 1 << 20
-	env := newIngestEnv(t, func(c *Config) {
-		c.MaxBodyBytes = maxBody
-		c.MaxInflightBodyBytes = maxBody
-		c.BatchMaxEvents = 5000
-	})
-	metric := func(name string, labels ...string) float64 {
-		return metricValue(t, env.col.cfg.Registerer.(prometheus.Gatherer), name, labels...)
-	}
+	env, metric := newBudgetEnv(t)
 
-	slowBody, nSlow := eventsBody("slow", 600<<10)
-	slow := startSlowPost(t, env.srv.URL, len(slowBody), slowBody[:10])
-	for deadline := time.Now().Add(5 * time.Second); metric("meterd_collector_inflight_body_bytes") != float64(len(slowBody)); {
-		if time.Now().After(deadline) {
-			t.Fatalf("in-flight body bytes %v, want the slow request's %d", metric("meterd_collector_inflight_body_bytes"), len(slowBody))
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	slow, slowBody, nSlow := startBudgetHog(t, env, metric)
 
 	plain, nPlain := eventsBody("plain", 500<<10)
 	resp, body := postBody(t, env.srv.URL+"/v1/events", plain, false)
@@ -188,7 +208,9 @@ func TestIngestInflightBudget(t *testing.T) {
 // (on a collector that grew its buffer to the declared length, 100 MiB).
 func TestIngestDeclaredLengthIsNotAllocated(t *testing.T) {
 	env := newIngestEnv(t, func(c *Config) { c.MaxInflightBodyBytes = 1 << 30 })
-	metric := func(name string) float64 { return metricValue(t, env.col.cfg.Registerer.(prometheus.Gatherer), name) }
+	metric := func(name string) float64 {
+		return metrictest.Value(t, env.col.cfg.Registerer.(prometheus.Gatherer), name)
+	}
 	var before runtime.MemStats
 	runtime.ReadMemStats(&before)
 	const conns = 20
@@ -237,23 +259,8 @@ func TestInflightBodyBytesDefault(t *testing.T) {
 // 503 then waited for the client's last byte or the read timeout, and each
 // request kept its half-read buffer all that time, outside the budget.)
 func TestIngestShedRequestAnsweredAtOnceAndHoldsNothing(t *testing.T) {
-	const maxBody = 1 << 20
-	env := newIngestEnv(t, func(c *Config) {
-		c.MaxBodyBytes = maxBody
-		c.MaxInflightBodyBytes = maxBody
-		c.BatchMaxEvents = 5000
-	})
-	metric := func(name string, labels ...string) float64 {
-		return metricValue(t, env.col.cfg.Registerer.(prometheus.Gatherer), name, labels...)
-	}
-	slowBody, _ := eventsBody("slow", 600<<10)
-	startSlowPost(t, env.srv.URL, len(slowBody), slowBody[:10])
-	for deadline := time.Now().Add(5 * time.Second); metric("meterd_collector_inflight_body_bytes") != float64(len(slowBody)); {
-		if time.Now().After(deadline) {
-			t.Fatalf("in-flight body bytes %v, want the slow request's %d", metric("meterd_collector_inflight_body_bytes"), len(slowBody))
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	env, metric := newBudgetEnv(t)
+	startBudgetHog(t, env, metric)
 
 	plain, _ := eventsBody("zipped", 900<<10)
 	var zipped bytes.Buffer

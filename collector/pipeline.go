@@ -15,6 +15,7 @@ import (
 	"github.com/nats-io/nuid"
 
 	"github.com/meterd/meterd/collector/spool"
+	"github.com/meterd/meterd/internal/ctxtime"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -595,11 +596,7 @@ func (pl *pipeline) wakeReplay() {
 // replayLoop publishes spooled batches, oldest first, whenever NATS is
 // connected, until ctx ends.
 func (pl *pipeline) replayLoop(ctx context.Context) {
-	bo := backoff.NewExponentialBackOff(
-		backoff.WithInitialInterval(100*time.Millisecond),
-		backoff.WithMaxInterval(5*time.Second),
-		backoff.WithMaxElapsedTime(0),
-	)
+	bo := ctxtime.Backoff()
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	backlog := false // the spool held batches when last looked at

@@ -10,8 +10,8 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/meterd/meterd/internal/lease"
 	"github.com/meterd/meterd/internal/ctxtime"
+	"github.com/meterd/meterd/internal/lease"
 	"github.com/meterd/meterd/schemas"
 )
 

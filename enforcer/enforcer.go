@@ -19,6 +19,7 @@ import (
 
 	"github.com/meterd/meterd/catalog"
 	"github.com/meterd/meterd/internal/auth"
+	"github.com/meterd/meterd/internal/ctxtime"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -333,11 +334,7 @@ func (e *Enforcer) Run(ctx context.Context) error {
 
 // retry runs op with exponential backoff until it succeeds or ctx ends.
 func retry(ctx context.Context, op func() error) error {
-	bo := backoff.NewExponentialBackOff(
-		backoff.WithInitialInterval(100*time.Millisecond),
-		backoff.WithMaxInterval(5*time.Second),
-		backoff.WithMaxElapsedTime(0),
-	)
+	bo := ctxtime.Backoff()
 	return backoff.Retry(func() error {
 		if err := op(); err != nil {
 			if ctx.Err() != nil {

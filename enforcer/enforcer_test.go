@@ -15,7 +15,6 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
-	dto "github.com/prometheus/client_model/go"
 
 	"github.com/meterd/meterd/catalog"
 	"github.com/meterd/meterd/internal/metrictest"
@@ -190,7 +189,7 @@ func TestIncrementsCrossLimitAndNotifyOnce(t *testing.T) {
 	if n := len(v.hooks.of(NotifyBillingUnpaid)) + len(v.hooks.of(NotifyAccessRestored)); n != 0 {
 		t.Errorf("%d billing notifications for a quota block", n)
 	}
-	if c := histogramCount(t, v.e.cfg.Registerer.(*prometheus.Registry), "meterd_enforcer_freshness_seconds"); c != 0 {
+	if c, _ := metrictest.Histogram(t, v.e.cfg.Registerer.(*prometheus.Registry), "meterd_enforcer_freshness_seconds"); c != 0 {
 		t.Errorf("freshness observed %d times for a block from the seed, want 0", c)
 	}
 }
@@ -397,6 +396,7 @@ func TestRunStopsOnCloseAndJoinsGoroutines(t *testing.T) {
 		t.Fatal("Run did not return after Close")
 	}
 	e.Close() // idempotent
+	v.api.Close()
 	v.e = nil
 	// The broker and the NATS client keep their own goroutines; none may
 	// run the enforcer's code once Run returned.
@@ -439,46 +439,4 @@ func TestConfigValidate(t *testing.T) {
 		cfg.ReconcileEvery != DefaultReconcileEvery || len(cfg.BlockOn) != len(DefaultBlockOn) {
 		t.Errorf("defaults not applied: %+v", cfg)
 	}
-}
-
-func histogramCount(t *testing.T, reg *prometheus.Registry, name string) uint64 {
-	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() == name {
-			return mf.GetMetric()[0].GetHistogram().GetSampleCount()
-		}
-	}
-	return 0
-}
-
-func counterValue(t *testing.T, reg *prometheus.Registry, name, label, value string) float64 {
-	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			if hasLabel(m, label, value) {
-				return m.GetCounter().GetValue()
-			}
-		}
-	}
-	return 0
-}
-
-func hasLabel(m *dto.Metric, name, value string) bool {
-	for _, l := range m.GetLabel() {
-		if l.GetName() == name && l.GetValue() == value {
-			return true
-		}
-	}
-	return false
 }

@@ -26,7 +26,7 @@ import (
 	"github.com/meterd/meterd/aggregator/sqlite"
 	"github.com/meterd/meterd/catalog"
 	"github.com/meterd/meterd/internal/auth"
-	"github.com/meterd/meterd/internal/broker"
+	"github.com/meterd/meterd/internal/jstest"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -101,9 +101,13 @@ func (h *hooks) of(typ string) []Notification {
 	return out
 }
 
-// env is an enforcer on a real embedded JetStream and a real embedded store.
+// env is an enforcer on the shared embedded JetStream of internal/jstest
+// and a real embedded store.
 type env struct {
-	t     *testing.T
+	t  *testing.T
+	ns *jstest.Server
+	// nc is the enforcer's connection, on which the tests also publish what
+	// the aggregator would; js is the test's own, which reads the buckets.
 	nc    *nats.Conn
 	js    jetstream.JetStream
 	store *sqlite.Store
@@ -144,20 +148,8 @@ func testCatalog(t testing.TB) *catalog.Catalog {
 
 func newEnv(t *testing.T) *env {
 	t.Helper()
-	ns, err := broker.StartEmbedded(broker.EmbeddedConfig{Dir: t.TempDir(), Port: -1, NoSync: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ns.Shutdown(); ns.WaitForShutdown() })
-	nc, err := nats.Connect(ns.ClientURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
+	// The tests are not about durability: skip the fsync per write.
+	ns := jstest.Start(t, jstest.Config{NoSync: true})
 	db := filepath.Join(t.TempDir(), "meterd.db")
 	st, err := sqlite.New(sqlite.Config{Path: db})
 	if err != nil {
@@ -168,7 +160,7 @@ func newEnv(t *testing.T) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &env{t: t, nc: nc, js: js, store: st, db: db, clock: &testClock{}, hooks: newHooks(t), keys: keys, cat: testCatalog(t)}
+	return &env{t: t, ns: ns, nc: ns.Connect("enforcer"), js: ns.JetStream(), store: st, db: db, clock: &testClock{}, hooks: newHooks(t), keys: keys, cat: testCatalog(t)}
 }
 
 func (v *env) config() Config {

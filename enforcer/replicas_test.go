@@ -73,11 +73,7 @@ type replica struct {
 // default) and waits until it is ready.
 func (v *env) replica(name string, d time.Duration) *replica {
 	v.t.Helper()
-	nc, err := nats.Connect(v.nc.ConnectedUrl())
-	if err != nil {
-		v.t.Fatal(err)
-	}
-	v.t.Cleanup(nc.Close)
+	nc := v.ns.Connect("enforcer " + name)
 	js, err := jetstream.New(nc)
 	if err != nil {
 		v.t.Fatal(err)

@@ -18,6 +18,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/meterd/meterd/catalog"
+	"github.com/meterd/meterd/internal/metrictest"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -225,7 +226,7 @@ func TestWebhookBlocksAndUnblocks(t *testing.T) {
 	if _, r := v.decision("acme"); r != rev {
 		t.Errorf("replay rewrote the decision: revision %d → %d", rev, r)
 	}
-	if n := counterValue(t, reg, "meterd_enforcer_webhooks_total", "outcome", webhookDuplicate); n != 1 {
+	if n := metrictest.Value(t, reg, "meterd_enforcer_webhooks_total", "outcome", webhookDuplicate); n != 1 {
 		t.Errorf("duplicates counted %v, want 1", n)
 	}
 
@@ -326,7 +327,7 @@ func TestWebhookOutcomes(t *testing.T) {
 		})
 	}
 	reg := v.e.cfg.Registerer.(*prometheus.Registry)
-	if n := counterValue(t, reg, "meterd_enforcer_webhooks_total", "outcome", webhookUnknownCustomer); n != 1 {
+	if n := metrictest.Value(t, reg, "meterd_enforcer_webhooks_total", "outcome", webhookUnknownCustomer); n != 1 {
 		t.Errorf("unknown customers counted %v, want 1", n)
 	}
 }

@@ -233,6 +233,8 @@ func (c Config) options() (*clickhouse.Options, error) {
 
 // Store is the ClickHouse store. Its methods are safe for concurrent use.
 type Store struct {
+	rollup.Totaler // Total, Totals and TenantTotals
+
 	conn driver.Conn
 	log  *slog.Logger
 
@@ -279,6 +281,7 @@ func New(ctx context.Context, cfg Config) (*Store, error) {
 		return nil, fmt.Errorf("clickhouse: open: %w", err)
 	}
 	s := &Store{conn: conn, log: log.With("component", "store", "store", "clickhouse"), pending: true, carry: rollup.Rows{}}
+	s.Totaler = rollup.NewTotaler("clickhouse", s.sumsOf)
 	if err := s.migrate(ctx); err != nil {
 		conn.Close()
 		return nil, fmt.Errorf("clickhouse: %w", err)
@@ -342,27 +345,13 @@ func (s *Store) migrate(ctx context.Context) error {
 	) ENGINE = MergeTree ORDER BY version`); err != nil {
 		return fmt.Errorf("create schema_migrations: %w", err)
 	}
-	rows, err := s.conn.Query(ctx, `SELECT DISTINCT version FROM schema_migrations`)
+	pending, err := migrations.Pending(ms, func() (migrations.Rows, error) {
+		return s.conn.Query(ctx, `SELECT DISTINCT version FROM schema_migrations`)
+	})
 	if err != nil {
 		return fmt.Errorf("read schema_migrations: %w", err)
 	}
-	applied := map[uint32]bool{}
-	for rows.Next() {
-		var v uint32
-		if err := rows.Scan(&v); err != nil {
-			rows.Close()
-			return err
-		}
-		applied[v] = true
-	}
-	rows.Close()
-	if err := rows.Err(); err != nil {
-		return err
-	}
-	for _, m := range ms {
-		if applied[uint32(m.Version)] {
-			continue
-		}
+	for _, m := range pending {
 		done, err := s.migrationDone(ctx, m)
 		if err != nil {
 			return fmt.Errorf("migration %s: guard: %w", m.Name, err)
@@ -983,58 +972,24 @@ var sumParts = "sum(" + hiPart("v") + ") AS vh, sum(" + loPart("v") + ") AS vl, 
 // means both sums are); the caller drops the rest once joined.
 const partsNonZero = "(vh != 0 OR vl != 0 OR nh != 0 OR nl != 0)"
 
-// Total implements aggregator.Store.
-func (s *Store) Total(ctx context.Context, tenant, meter string, from, to time.Time) (int64, error) {
-	q, n := sums(from, to, " AND tenant = ? AND meter = ?")
-	if n == 0 {
-		return 0, nil
-	}
+// sumsOf is the rollup.SumsFunc of the store.
+func (s *Store) sumsOf(ctx context.Context, from, to time.Time, tenant, meter string) ([]aggregator.Increment, error) {
+	var filter string
 	var args []any
-	for range n {
-		args = append(args, tenant, meter)
+	if tenant != "" {
+		filter += " AND tenant = ?"
+		args = append(args, tenant)
 	}
-	totals, err := s.query(ctx, q, from, args...)
-	if err != nil {
-		return 0, fmt.Errorf("clickhouse: total %s %s: %w", tenant, meter, err)
+	if meter != "" {
+		filter += " AND meter = ?"
+		args = append(args, meter)
 	}
-	if len(totals) == 0 {
-		return 0, nil
-	}
-	return totals[0].Value, nil
-}
-
-// Totals implements aggregator.Store.
-func (s *Store) Totals(ctx context.Context, from, to time.Time) ([]aggregator.Increment, error) {
-	q, n := sums(from, to, "")
+	q, n := sums(from, to, filter)
 	if n == 0 {
 		return nil, nil
 	}
-	totals, err := s.query(ctx, q, from)
-	if err != nil {
-		return nil, fmt.Errorf("clickhouse: totals: %w", err)
-	}
-	return totals, nil
-}
-
-// TenantTotals implements aggregator.Store.
-func (s *Store) TenantTotals(ctx context.Context, tenant string, from, to time.Time) ([]aggregator.Increment, error) {
-	q, n := sums(from, to, " AND tenant = ?")
-	if n == 0 {
-		return nil, nil
-	}
-	args := make([]any, n)
-	for i := range args {
-		args[i] = tenant
-	}
-	totals, err := s.query(ctx, q, from, args...)
-	if err != nil {
-		return nil, fmt.Errorf("clickhouse: totals of %s: %w", tenant, err)
-	}
-	return totals, nil
-}
-
-func (s *Store) query(ctx context.Context, q string, from time.Time, args ...any) ([]aggregator.Increment, error) {
-	rows, err := s.conn.Query(ctx, q, args...)
+	// Each part of the query holds the filter's placeholders.
+	rows, err := s.conn.Query(ctx, q, slices.Repeat(args, n)...)
 	if err != nil {
 		return nil, err
 	}

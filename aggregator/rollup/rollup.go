@@ -7,6 +7,7 @@ package rollup
 
 import (
 	"cmp"
+	"context"
 	"fmt"
 	"slices"
 	"time"
@@ -106,6 +107,60 @@ func ScanIncrements(rows Scanner, from time.Time) ([]aggregator.Increment, error
 		}
 	}
 	return out, rows.Err()
+}
+
+// SumsFunc runs a store's query of the sums per tenant and meter of
+// [from, to), narrowed to tenant and to meter where they are not empty, and
+// returns those that are not zero as increments of the hour from
+// (ScanIncrements).
+type SumsFunc func(ctx context.Context, from, to time.Time, tenant, meter string) ([]aggregator.Increment, error)
+
+// Totaler is aggregator.Store's Total, Totals and TenantTotals over a
+// store's SumsFunc, so that both stores answer them alike; a store embeds
+// it.
+type Totaler struct {
+	store string // prefixes errors
+	sums  SumsFunc
+}
+
+// NewTotaler returns the Totaler of the store named store, whose errors it
+// prefixes with that name.
+func NewTotaler(store string, sums SumsFunc) Totaler { return Totaler{store: store, sums: sums} }
+
+// Total implements aggregator.Store.
+func (t Totaler) Total(ctx context.Context, tenant, meter string, from, to time.Time) (int64, error) {
+	if tenant == "" || meter == "" {
+		return 0, nil // no event has an empty tenant or meter
+	}
+	totals, err := t.sums(ctx, from, to, tenant, meter)
+	if err != nil {
+		return 0, fmt.Errorf("%s: total %s %s: %w", t.store, tenant, meter, err)
+	}
+	if len(totals) == 0 {
+		return 0, nil
+	}
+	return totals[0].Value, nil
+}
+
+// Totals implements aggregator.Store.
+func (t Totaler) Totals(ctx context.Context, from, to time.Time) ([]aggregator.Increment, error) {
+	totals, err := t.sums(ctx, from, to, "", "")
+	if err != nil {
+		return nil, fmt.Errorf("%s: totals: %w", t.store, err)
+	}
+	return totals, nil
+}
+
+// TenantTotals implements aggregator.Store.
+func (t Totaler) TenantTotals(ctx context.Context, tenant string, from, to time.Time) ([]aggregator.Increment, error) {
+	if tenant == "" {
+		return nil, nil // no event has an empty tenant
+	}
+	totals, err := t.sums(ctx, from, to, tenant, "")
+	if err != nil {
+		return nil, fmt.Errorf("%s: totals of %s: %w", t.store, tenant, err)
+	}
+	return totals, nil
 }
 
 // Rows sums usage per rollup row. The zero value is not usable; make one.

@@ -57,6 +57,8 @@ func (c Config) Validate() error {
 
 // Store is the embedded store. Its methods are safe for concurrent use.
 type Store struct {
+	rollup.Totaler // Total, Totals and TenantTotals
+
 	db  *sql.DB
 	log *slog.Logger
 
@@ -102,13 +104,31 @@ func addRollupsSQL(n int) string {
 // would fail every total and report covering the row, of every tenant.
 var sumParts = fmt.Sprintf(`SUM(v / %[1]d), SUM(v %% %[1]d), SUM(n / %[1]d), SUM(n %% %[1]d)`, saturating.PartDivisor)
 
-// stmtFor returns full, the statement for rowsPerInsert rows, or for fewer
-// rows a statement prepared in tx (closed with tx).
-func stmtFor(tx *sql.Tx, full *sql.Stmt, n int, sqlFor func(int) string) (*sql.Stmt, error) {
-	if n == rowsPerInsert {
-		return full, nil
+// inserts runs a multi-row statement over items, rowsPerInsert at a time,
+// in order: full is the statement of a whole chunk, sqlFor(n) that of the
+// last chunk's n rows (prepared in tx, closed with it). row appends an
+// item's cols arguments; run executes the statement on a chunk's.
+func inserts[T any](tx *sql.Tx, full *sql.Stmt, sqlFor func(n int) string, cols int, items []T,
+	row func(args []any, item T) []any, run func(stmt *sql.Stmt, args []any) error) error {
+	args := make([]any, 0, cols*rowsPerInsert)
+	for start := 0; start < len(items); start += rowsPerInsert {
+		chunk := items[start:min(start+rowsPerInsert, len(items))]
+		stmt := full
+		if len(chunk) < rowsPerInsert {
+			var err error
+			if stmt, err = tx.Prepare(sqlFor(len(chunk))); err != nil {
+				return err
+			}
+		}
+		args = args[:0]
+		for _, it := range chunk {
+			args = row(args, it)
+		}
+		if err := run(stmt, args); err != nil {
+			return err
+		}
 	}
-	return tx.Prepare(sqlFor(n))
+	return nil
 }
 
 // New opens (creating if needed) the database at cfg.Path and migrates it.
@@ -133,6 +153,7 @@ func New(cfg Config) (*Store, error) {
 	db.SetMaxOpenConns(4)
 	db.SetConnMaxIdleTime(0)
 	s := &Store{db: db, log: log.With("component", "store", "store", "sqlite")}
+	s.Totaler = rollup.NewTotaler("sqlite", s.sumsOf)
 	if err := s.init(); err != nil {
 		db.Close()
 		return nil, fmt.Errorf("sqlite: %s: %w", cfg.Path, err)
@@ -168,26 +189,13 @@ func (s *Store) migrate(ctx context.Context) error {
 		version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)`); err != nil {
 		return fmt.Errorf("create schema_migrations: %w", err)
 	}
-	applied := map[int]bool{}
-	rows, err := s.db.QueryContext(ctx, `SELECT version FROM schema_migrations`)
+	pending, err := migrations.Pending(ms, func() (migrations.Rows, error) {
+		return s.db.QueryContext(ctx, `SELECT version FROM schema_migrations`)
+	})
 	if err != nil {
 		return fmt.Errorf("read schema_migrations: %w", err)
 	}
-	for rows.Next() {
-		var v int
-		if err := rows.Scan(&v); err != nil {
-			rows.Close()
-			return err
-		}
-		applied[v] = true
-	}
-	if err := rows.Close(); err != nil {
-		return err
-	}
-	for _, m := range ms {
-		if applied[m.Version] {
-			continue
-		}
+	for _, m := range pending {
 		if m.DoneWhen != "" {
 			return fmt.Errorf("migration %s: a guard (done when) is for ClickHouse; SQLite migrations run in one transaction", m.Name)
 		}
@@ -275,37 +283,30 @@ func (s *Store) Apply(ctx context.Context, batches []*schemas.Batch) ([]aggregat
 		for i, p := range events {
 			index[rollup.EventID{Tenant: p.e.Tenant, ID: p.e.ID}] = i
 		}
-		args := make([]any, 0, 8*rowsPerInsert)
-		for start := 0; start < len(events); start += rowsPerInsert {
+		err := inserts(tx, insEvents, insertEventsSQL, 8, events, func(args []any, p pending) []any {
+			e := p.e
+			return append(args, e.Tenant, e.ID, e.Meter, e.Value, rollup.Second(e.Time), p.dims, p.batch, now)
+		}, func(stmt *sql.Stmt, args []any) error {
 			if err := ctx.Err(); err != nil {
 				return err
 			}
-			chunk := events[start:min(start+rowsPerInsert, len(events))]
-			stmt, err := stmtFor(tx, insEvents, len(chunk), insertEventsSQL)
-			if err != nil {
-				return fmt.Errorf("insert events: %w", err)
-			}
-			args = args[:0]
-			for _, p := range chunk {
-				e := p.e
-				args = append(args, e.Tenant, e.ID, e.Meter, e.Value, rollup.Second(e.Time), p.dims, p.batch, now)
-			}
 			inserted, err := stmt.Query(args...)
 			if err != nil {
-				return fmt.Errorf("insert events: %w", err)
+				return err
 			}
+			defer inserted.Close()
 			for inserted.Next() {
 				var k rollup.EventID
 				if err := inserted.Scan(&k.Tenant, &k.ID); err != nil {
-					inserted.Close()
-					return fmt.Errorf("insert events: %w", err)
+					return err
 				}
 				p := &events[index[k]]
 				rows.AddEvent(p.e, p.dims)
 			}
-			if err := inserted.Close(); err != nil {
-				return fmt.Errorf("insert events: %w", err)
-			}
+			return inserted.Close()
+		})
+		if err != nil {
+			return fmt.Errorf("insert events: %w", err)
 		}
 		return s.addRollups(tx, rows)
 	})
@@ -321,22 +322,15 @@ func (s *Store) addRollups(tx *sql.Tx, rows rollup.Rows) error {
 		return cmp.Or(strings.Compare(a.Tenant, b.Tenant), strings.Compare(a.Meter, b.Meter),
 			cmp.Compare(a.Hour, b.Hour), strings.Compare(a.Dims, b.Dims))
 	})
-	full := tx.Stmt(s.addRollup)
-	args := make([]any, 0, 6*rowsPerInsert)
-	for start := 0; start < len(keys); start += rowsPerInsert {
-		chunk := keys[start:min(start+rowsPerInsert, len(keys))]
-		stmt, err := stmtFor(tx, full, len(chunk), addRollupsSQL)
-		if err != nil {
-			return fmt.Errorf("update rollups: %w", err)
-		}
-		args = args[:0]
-		for _, k := range chunk {
-			sum := rows[k]
-			args = append(args, k.Tenant, k.Meter, k.Hour, k.Dims, sum.Value, sum.Events)
-		}
-		if _, err := stmt.Exec(args...); err != nil {
-			return fmt.Errorf("update rollups: %w", err)
-		}
+	err := inserts(tx, tx.Stmt(s.addRollup), addRollupsSQL, 6, keys, func(args []any, k rollup.Key) []any {
+		sum := rows[k]
+		return append(args, k.Tenant, k.Meter, k.Hour, k.Dims, sum.Value, sum.Events)
+	}, func(stmt *sql.Stmt, args []any) error {
+		_, err := stmt.Exec(args...)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("update rollups: %w", err)
 	}
 	return nil
 }
@@ -355,11 +349,13 @@ func sumQuery(filter string) string {
 	) GROUP BY tenant, meter ORDER BY tenant, meter`
 }
 
-var (
-	totalQuery        = sumQuery(" AND tenant = ?7 AND meter = ?8")
-	totalsQuery       = sumQuery("")
-	tenantTotalsQuery = sumQuery(" AND tenant = ?7")
-)
+// sumQueries are sumQuery narrowed to nothing, to a meter, to a tenant
+// and to both, by [tenant given][meter given]: the tenant is ?7 and the
+// meter the argument after it.
+var sumQueries = [2][2]string{
+	{sumQuery(""), sumQuery(" AND meter = ?7")},
+	{sumQuery(" AND tenant = ?7"), sumQuery(" AND tenant = ?7 AND meter = ?8")},
+}
 
 // spanArgs returns the six range arguments of sumQuery.
 func spanArgs(from, to time.Time) []any {
@@ -369,45 +365,28 @@ func spanArgs(from, to time.Time) []any {
 	return []any{sp.Hours.From, sp.Hours.To, e[0].From, e[0].To, e[1].From, e[1].To}
 }
 
-// Total implements aggregator.Store.
-func (s *Store) Total(ctx context.Context, tenant, meter string, from, to time.Time) (int64, error) {
-	totals, err := s.sums(ctx, totalQuery, from, append(spanArgs(from, to), tenant, meter)...)
-	if err != nil {
-		return 0, fmt.Errorf("sqlite: total %s %s: %w", tenant, meter, err)
+// sumsOf is the rollup.SumsFunc of the store.
+func (s *Store) sumsOf(ctx context.Context, from, to time.Time, tenant, meter string) ([]aggregator.Increment, error) {
+	args := spanArgs(from, to)
+	if tenant != "" {
+		args = append(args, tenant)
 	}
-	if len(totals) == 0 {
-		return 0, nil
+	if meter != "" {
+		args = append(args, meter)
 	}
-	return totals[0].Value, nil
-}
-
-// Totals implements aggregator.Store.
-func (s *Store) Totals(ctx context.Context, from, to time.Time) ([]aggregator.Increment, error) {
-	totals, err := s.sums(ctx, totalsQuery, from, spanArgs(from, to)...)
-	if err != nil {
-		return nil, fmt.Errorf("sqlite: totals: %w", err)
-	}
-	return totals, nil
-}
-
-// TenantTotals implements aggregator.Store.
-func (s *Store) TenantTotals(ctx context.Context, tenant string, from, to time.Time) ([]aggregator.Increment, error) {
-	totals, err := s.sums(ctx, tenantTotalsQuery, from, append(spanArgs(from, to), tenant)...)
-	if err != nil {
-		return nil, fmt.Errorf("sqlite: totals of %s: %w", tenant, err)
-	}
-	return totals, nil
-}
-
-// sums runs a sumQuery and returns its non-zero sums as increments of hour
-// from.
-func (s *Store) sums(ctx context.Context, query string, from time.Time, args ...any) ([]aggregator.Increment, error) {
-	rows, err := s.db.QueryContext(ctx, query, args...)
+	rows, err := s.db.QueryContext(ctx, sumQueries[b2i(tenant != "")][b2i(meter != "")], args...)
 	if err != nil {
 		return nil, err
 	}
 	defer rows.Close()
 	return rollup.ScanIncrements(rows, from)
+}
+
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // rollupDiff selects, per rollup row of the hours [?1, ?2), the Parts of the

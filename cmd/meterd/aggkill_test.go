@@ -2,8 +2,8 @@ package main
 
 import (
 	"context"
-	"fmt"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -32,71 +32,26 @@ func TestKillAggregator(t *testing.T) {
 	for _, kind := range []string{"sqlite", "clickhouse"} {
 		t.Run(kind, func(t *testing.T) {
 			b := startKillBroker(t)
-			var storeFlag []string
-			var open func() aggregator.Store
-			switch kind {
-			case "sqlite":
-				path := filepath.Join(t.TempDir(), "meterd.db")
-				storeFlag = []string{"--sqlite-path", path}
-				open = func() aggregator.Store {
-					st, err := sqlite.New(sqlite.Config{Path: path})
-					if err != nil {
-						t.Fatal(err)
-					}
-					return st
-				}
-			case "clickhouse":
-				dsn := chtest.DSN(t)
+			storeFlag, open := killStore(t, kind)
+			if kind == "clickhouse" {
 				// The process restarted after the kill keeps its dedup
 				// index: the events of the killed write are in ClickHouse
 				// and not in the index, which catches up.
-				storeFlag = []string{"--clickhouse", dsn, "--dedup-index-dir", t.TempDir()}
-				open = func() aggregator.Store {
-					st, err := clickhouse.New(t.Context(), clickhouse.Config{DSN: dsn})
-					if err != nil {
-						t.Fatal(err)
-					}
-					return st
-				}
+				storeFlag = append(storeFlag, "--dedup-index-dir", t.TempDir())
 			}
 
 			// The oracle: 300 batches of 200 events whose ids repeat across
 			// batches, as client retries do.
-			const batches, perBatch = 300, 200
-			t0 := time.Date(2026, 11, 21, 8, 0, 0, 0, time.UTC)
-			want := map[string]int64{}
-			seen := map[string]bool{}
-			for i := range batches {
-				events := make([]schemas.Event, perBatch)
-				for j := range events {
-					n := i*perBatch + j
-					e := schemas.Event{ID: "e" + strconv.Itoa(n%41000), Tenant: "t" + strconv.Itoa(n%9), Meter: "api_calls",
-						Value: int64(n%5 + 1), Time: t0.Add(time.Duration(n%7200) * time.Second)}
-					if k := e.Tenant + "/" + e.ID; !seen[k] {
-						seen[k] = true
-						want[e.Tenant] += e.Value
-					}
-					events[j] = e
-				}
-				data, err := schemas.EncodeBatch(&schemas.Batch{ID: fmt.Sprintf("k%d", i), Collector: "test", SealedAt: t0, Events: events})
-				if err != nil {
-					t.Fatal(err)
-				}
-				msg := &nats.Msg{Subject: schemas.UsageSubject(i % 16), Data: data, Header: nats.Header{}}
-				msg.Header.Set(schemas.HeaderContentType, schemas.BatchContentType)
-				if _, err := b.js.PublishMsgAsync(msg, jetstream.WithMsgID(fmt.Sprintf("k%d", i))); err != nil {
+			o := newAggOracle(200, 41000, 9)
+			for i := range 300 {
+				msg, id := o.batch(t, "k", i)
+				if _, err := b.js.PublishMsgAsync(msg, jetstream.WithMsgID(id)); err != nil {
 					t.Fatal(err)
 				}
 			}
 			<-b.js.PublishAsyncComplete()
 
-			args := func(addr string) []string {
-				return append([]string{"aggregator", "--nats-url", b.URL(), "--nats-replicas", "1", "--listen", addr,
-					"--log-format", "text", "--insecure", "--fetch-batch", "10", "--fetch-wait", "20ms", "--ack-wait", "2s",
-					"--lease-duration", "2s"}, storeFlag...)
-			}
-			addr := "127.0.0.1:" + strconv.Itoa(jstest.FreePort(t))
-			p := startKillProc(t, bin, addr, args(addr)...)
+			p := startKillAggregator(t, bin, b, 10, 2*time.Second, storeFlag...)
 			deadline := time.Now().Add(30 * time.Second)
 			for p.metric(t, "meterd_aggregator_batches_committed_total") < 30 {
 				if time.Now().After(deadline) {
@@ -106,23 +61,8 @@ func TestKillAggregator(t *testing.T) {
 			}
 			p.kill(t)
 
-			addr = "127.0.0.1:" + strconv.Itoa(jstest.FreePort(t))
-			p = startKillProc(t, bin, addr, args(addr)...)
-			cons, err := b.js.Consumer(t.Context(), schemas.UsageStream, aggregator.DefaultDurable)
-			if err != nil {
-				t.Fatal(err)
-			}
-			deadline = time.Now().Add(90 * time.Second)
-			for {
-				info, err := cons.Info(t.Context())
-				if err == nil && info.NumPending == 0 && info.NumAckPending == 0 {
-					break
-				}
-				if time.Now().After(deadline) {
-					t.Fatalf("consumer not drained after restart: %+v %v", info, err)
-				}
-				time.Sleep(50 * time.Millisecond)
-			}
+			p = startKillAggregator(t, bin, b, 10, 2*time.Second, storeFlag...)
+			waitDrained(t, b.js, 90*time.Second)
 			if d := p.metric(t, "meterd_aggregator_dead_lettered_total"); d != 0 {
 				t.Fatalf("%v batches dead-lettered", d)
 			}
@@ -130,24 +70,20 @@ func TestKillAggregator(t *testing.T) {
 				t.Fatalf("SIGTERM: %v", err)
 			}
 
-			store := open()
-			defer store.Close()
-			ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
-			defer cancel()
-			for tenant, v := range want {
-				got, err := store.Total(ctx, tenant, "api_calls", t0, t0.Add(3*time.Hour))
-				if err != nil {
-					t.Fatal(err)
-				}
-				if got != v {
-					t.Errorf("%s: total %d, want %d", tenant, got, v)
-				}
-			}
-			if n, err := store.Reconcile(ctx, t0, t0.Add(3*time.Hour)); err != nil || n != 0 {
-				t.Errorf("rollups differ from raw events after the kill: %d rows (%v)", n, err)
-			}
+			o.check(t, open())
 		})
 	}
+}
+
+// startKillAggregator starts `meterd aggregator` on b's NATS and the store
+// of storeFlag, on a port of its own, fetching fetchBatch batches at most
+// per write, under a writer lease of duration lease.
+func startKillAggregator(t *testing.T, bin string, b *killBroker, fetchBatch int, lease time.Duration, storeFlag ...string) *killProc {
+	t.Helper()
+	addr := "127.0.0.1:" + strconv.Itoa(jstest.FreePort(t))
+	return startKillProc(t, bin, addr, append([]string{"aggregator", "--nats-url", b.URL(), "--nats-replicas", "1",
+		"--listen", addr, "--log-format", "text", "--insecure", "--fetch-batch", strconv.Itoa(fetchBatch), "--fetch-wait", "20ms",
+		"--ack-wait", "2s", "--lease-duration", lease.String()}, storeFlag...)...)
 }
 
 // killStore is the store flag of a meterd aggregator and a way to open the
@@ -193,36 +129,10 @@ func TestAggregatorZombie(t *testing.T) {
 		t.Run(kind, func(t *testing.T) {
 			b := startKillBroker(t)
 			storeFlag, open := killStore(t, kind)
-			t0 := time.Date(2026, 11, 21, 8, 0, 0, 0, time.UTC)
-			var (
-				mu        sync.Mutex
-				want      = map[string]int64{}
-				seen      = map[string]bool{}
-				published int
-			)
+			o := newAggOracle(100, 30000, 7)
 			publish := func(i int) {
-				events := make([]schemas.Event, 100)
-				mu.Lock()
-				for j := range events {
-					n := i*100 + j
-					e := schemas.Event{ID: "e" + strconv.Itoa(n%30000), Tenant: "t" + strconv.Itoa(n%7), Meter: "api_calls",
-						Value: int64(n%5 + 1), Time: t0.Add(time.Duration(n%7200) * time.Second)}
-					if k := e.Tenant + "/" + e.ID; !seen[k] {
-						seen[k] = true
-						want[e.Tenant] += e.Value
-					}
-					events[j] = e
-				}
-				published++
-				mu.Unlock()
-				data, err := schemas.EncodeBatch(&schemas.Batch{ID: fmt.Sprintf("z%d", i), Collector: "test", SealedAt: t0, Events: events})
-				if err != nil {
-					t.Error(err)
-					return
-				}
-				msg := &nats.Msg{Subject: schemas.UsageSubject(i % 16), Data: data, Header: nats.Header{}}
-				msg.Header.Set(schemas.HeaderContentType, schemas.BatchContentType)
-				if _, err := b.js.PublishMsg(t.Context(), msg, jetstream.WithMsgID(fmt.Sprintf("z%d", i))); err != nil {
+				msg, id := o.batch(t, "z", i)
+				if _, err := b.js.PublishMsg(t.Context(), msg, jetstream.WithMsgID(id)); err != nil {
 					t.Error(err)
 				}
 			}
@@ -238,17 +148,14 @@ func TestAggregatorZombie(t *testing.T) {
 			defer func() { stopLoad(); <-loadDone }()
 
 			start := func() *killProc {
-				addr := "127.0.0.1:" + strconv.Itoa(jstest.FreePort(t))
-				args := append([]string{"aggregator", "--nats-url", b.URL(), "--nats-replicas", "1",
-					"--listen", addr, "--log-format", "text", "--insecure", "--fetch-batch", "5", "--fetch-wait", "20ms",
-					"--ack-wait", "2s", "--lease-duration", leaseDuration.String()}, storeFlag...)
+				flags := storeFlag
 				if kind == "clickhouse" {
 					// Each aggregator has a dedup index of its own, as on
 					// a machine (a pod) of its own: one that takes the lease
 					// over catches up with what the other wrote.
-					args = append(args, "--dedup-index-dir", t.TempDir())
+					flags = append(slices.Clip(flags), "--dedup-index-dir", t.TempDir())
 				}
-				return startKillProc(t, bin, addr, args...)
+				return startKillAggregator(t, bin, b, 5, leaseDuration, flags...)
 			}
 			waitFor := func(what string, within time.Duration, cond func() bool) time.Duration {
 				t.Helper()
@@ -312,14 +219,7 @@ func TestAggregatorZombie(t *testing.T) {
 			time.Sleep(2 * time.Second) // load goes on beside the zombie
 			stopLoad()
 			<-loadDone
-			cons, err := b.js.Consumer(t.Context(), schemas.UsageStream, aggregator.DefaultDurable)
-			if err != nil {
-				t.Fatal(err)
-			}
-			waitFor("the consumer drains", 60*time.Second, func() bool {
-				info, err := cons.Info(t.Context())
-				return err == nil && info.NumPending == 0 && info.NumAckPending == 0
-			})
+			waitDrained(t, b.js, 60*time.Second)
 			if a.metric(t, leases) != 0 || s.metric(t, leases) != 1 {
 				t.Errorf("leases at the end: zombie %v, new holder %v", a.metric(t, leases), s.metric(t, leases))
 			}
@@ -331,30 +231,112 @@ func TestAggregatorZombie(t *testing.T) {
 					t.Errorf("SIGTERM: %v", err)
 				}
 			}
-			store := open()
-			defer store.Close()
-			ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
-			defer cancel()
-			mu.Lock()
-			defer mu.Unlock()
-			for tenant, v := range want {
-				got, err := store.Total(ctx, tenant, "api_calls", t0, t0.Add(3*time.Hour))
-				if err != nil {
-					t.Fatal(err)
-				}
-				if got != v {
-					t.Errorf("%s: total %d, want %d", tenant, got, v)
-				}
-			}
-			// Reconcile compares every rollup row of the hours with the raw
-			// events: on a loaded CI machine with -race that alone took
-			// more than the totals' 30 s.
-			rctx, rcancel := context.WithTimeout(t.Context(), 2*time.Minute)
-			defer rcancel()
-			if n, err := store.Reconcile(rctx, t0, t0.Add(3*time.Hour)); err != nil || n != 0 {
-				t.Errorf("rollups differ from raw events: %d rows (%v)", n, err)
-			}
-			t.Logf("%d batches; standby took over %s after SIGSTOP", published, takeover.Round(10*time.Millisecond))
+			o.check(t, open())
+			t.Logf("%d batches; standby took over %s after SIGSTOP", o.batches(), takeover.Round(10*time.Millisecond))
 		})
+	}
+}
+
+// aggOracle makes batches of events whose ids repeat across batches, as
+// client retries do, and keeps what each tenant's total must be: every
+// distinct event counted once. It is safe for concurrent use.
+type aggOracle struct {
+	t0                     time.Time
+	perBatch, ids, tenants int
+
+	mu      sync.Mutex
+	want    map[string]int64
+	seen    map[string]bool
+	batched int
+}
+
+// newAggOracle makes batches of perBatch events, of ids distinct ids per
+// tenant at most, spread over tenants tenants and two hours.
+func newAggOracle(perBatch, ids, tenants int) *aggOracle {
+	return &aggOracle{t0: time.Date(2026, 11, 21, 8, 0, 0, 0, time.UTC), perBatch: perBatch, ids: ids, tenants: tenants,
+		want: map[string]int64{}, seen: map[string]bool{}}
+}
+
+// batch returns batch i as the collector publishes it, and its id
+// (prefix and i).
+func (o *aggOracle) batch(t *testing.T, prefix string, i int) (*nats.Msg, string) {
+	events := make([]schemas.Event, o.perBatch)
+	o.mu.Lock()
+	for j := range events {
+		n := i*o.perBatch + j
+		e := schemas.Event{ID: "e" + strconv.Itoa(n%o.ids), Tenant: "t" + strconv.Itoa(n%o.tenants), Meter: "api_calls",
+			Value: int64(n%5 + 1), Time: o.t0.Add(time.Duration(n%7200) * time.Second)}
+		if k := e.Tenant + "/" + e.ID; !o.seen[k] {
+			o.seen[k] = true
+			o.want[e.Tenant] += e.Value
+		}
+		events[j] = e
+	}
+	o.batched++
+	o.mu.Unlock()
+	id := prefix + strconv.Itoa(i)
+	data, err := schemas.EncodeBatch(&schemas.Batch{ID: id, Collector: "test", SealedAt: o.t0, Events: events})
+	if err != nil {
+		t.Error(err)
+	}
+	msg := &nats.Msg{Subject: schemas.UsageSubject(i % 16), Data: data, Header: nats.Header{}}
+	msg.Header.Set(schemas.HeaderContentType, schemas.BatchContentType)
+	return msg, id
+}
+
+// batches is how many batches were made.
+func (o *aggOracle) batches() int {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.batched
+}
+
+// check closes store after checking that it holds each tenant's total
+// exactly, and rollups that agree with the raw events.
+func (o *aggOracle) check(t *testing.T, store aggregator.Store) {
+	t.Helper()
+	defer store.Close()
+	from, to := o.t0, o.t0.Add(3*time.Hour)
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	for tenant, v := range o.want {
+		got, err := store.Total(ctx, tenant, "api_calls", from, to)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got != v {
+			t.Errorf("%s: total %d, want %d", tenant, got, v)
+		}
+	}
+	// Reconcile compares every rollup row of the hours with the raw
+	// events: on a loaded CI machine with -race that alone took more than
+	// the totals' 30 s.
+	rctx, rcancel := context.WithTimeout(t.Context(), 2*time.Minute)
+	defer rcancel()
+	if n, err := store.Reconcile(rctx, from, to); err != nil || n != 0 {
+		t.Errorf("rollups differ from raw events: %d rows (%v)", n, err)
+	}
+}
+
+// waitDrained waits until the aggregator's consumer has nothing pending
+// or unacknowledged.
+func waitDrained(t *testing.T, js jetstream.JetStream, within time.Duration) {
+	t.Helper()
+	cons, err := js.Consumer(t.Context(), schemas.UsageStream, aggregator.DefaultDurable)
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(within)
+	for {
+		info, err := cons.Info(t.Context())
+		if err == nil && info.NumPending == 0 && info.NumAckPending == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("consumer not drained within %s: %+v %v", within, info, err)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }

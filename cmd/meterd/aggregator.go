@@ -48,8 +48,7 @@ func aggregatorComponents(ctx context.Context, a *app, nc *nats.Conn) error {
 	}
 	// Billing periods of the reports: the config file's catalog with the
 	// enforcer's admin API changes merged, as the enforcer decides by.
-	watch := catalog.NewWatcher(nc, f.Catalog, a.log)
-	a.workers = append(a.workers, watch)
+	watch := a.addCatalogWatcher(nc)
 	return a.addReports(store, watch.Catalog)
 }
 

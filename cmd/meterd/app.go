@@ -349,6 +349,20 @@ func (a *app) connect(n config.NATS, opts ...nats.Option) (*nats.Conn, error) {
 	return nc, nil
 }
 
+// addCatalogWatcher adds the catalog every component reads: the config
+// file's, with the admin API's changes (the enforcer's meterd-tenants
+// bucket) merged, both followed live: the file is read again when it
+// changes and on SIGHUP, as the enforcer reads it.
+func (a *app) addCatalogWatcher(nc *nats.Conn) *catalog.Watcher {
+	watch := catalog.NewWatcher(nc, a.s.file.Catalog, a.log)
+	watch.Path = a.s.configPath
+	a.workers = append(a.workers, watch)
+	if watch.Path != "" {
+		a.workers = append(a.workers, sighupReloader{watch})
+	}
+	return watch
+}
+
 // addCollector builds the collector, with the gate its /v1/check answers
 // from, on nc and adds both to the app. The tenants of the current catalog
 // have a plan: it must be the merged one (file and admin API, followed

@@ -17,7 +17,8 @@ import (
 // `meterd collector` under --unknown-tenant-policy deny lets it pass within
 // seconds, a collector started afterwards lets it pass at once (it is not
 // ready before it read the admin API's changes), and once the tenant is
-// deleted both refuse it as unknown again.
+// deleted both refuse it as unknown again. A tenant added to the config
+// file passes at both as well.
 func TestAdminTenantAtTheGates(t *testing.T) {
 	b := startKillBroker(t)
 	dir := t.TempDir()
@@ -45,6 +46,15 @@ func TestAdminTenantAtTheGates(t *testing.T) {
 	}
 	// The file's tenants stay known throughout.
 	wantCheck(t, second, "globex", http.StatusOK)
+
+	// A tenant added to the config file passes at every gate too, within
+	// the file's poll: each collector follows the file, as the enforcer
+	// does.
+	wantCheck(t, first, "fileco", http.StatusForbidden)
+	writeFile(t, cfg, strings.Replace(gatewayConfig, "tenants:\n", "tenants:\n  fileco: {plan: pro}\n", 1))
+	for _, c := range []string{first, second} {
+		eventuallyCheck(t, c, "fileco", http.StatusOK, 10*time.Second)
+	}
 }
 
 // Through `meterd dev` the gate asks the enforcer's own catalog.

@@ -5,8 +5,6 @@ import (
 	"flag"
 
 	"github.com/nats-io/nats.go"
-
-	"github.com/meterd/meterd/catalog"
 )
 
 // collectorCmdFlags defines the flags of `meterd collector` beyond the shared ones.
@@ -23,8 +21,7 @@ func collectorComponents(_ context.Context, a *app, nc *nats.Conn) error {
 	// Denying unknown tenants, the collector is not ready before it read
 	// the bucket, so a restart never refuses a tenant the admin API
 	// created; allowing them, it has nothing to wait for.
-	watch := catalog.NewWatcher(nc, f.Catalog, a.log)
-	a.workers = append(a.workers, watch)
+	watch := a.addCatalogWatcher(nc)
 	if f.Collector.UnknownTenantPolicy == "deny" {
 		a.checks["catalog"] = watch.Ready
 	}

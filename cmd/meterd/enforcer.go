@@ -97,8 +97,9 @@ func (a *app) addEnforcer(ctx context.Context, nc *nats.Conn, store aggregator.S
 	return enf, nil
 }
 
-// sighupReloader reloads the enforcer's catalog on every SIGHUP.
-type sighupReloader struct{ enf *enforcer.Enforcer }
+// sighupReloader reloads a catalog from the config file on every SIGHUP:
+// the enforcer's, or a catalog.Watcher's.
+type sighupReloader struct{ cat interface{ Reload() error } }
 
 func (r sighupReloader) Run(ctx context.Context) error {
 	ch := make(chan os.Signal, 1)
@@ -109,7 +110,7 @@ func (r sighupReloader) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case <-ch:
-			r.enf.Reload()
+			r.cat.Reload() // the outcome is logged by the catalog
 		}
 	}
 }

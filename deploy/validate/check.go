@@ -3,6 +3,7 @@ package validate
 import (
 	"cmp"
 	"fmt"
+	"iter"
 	"maps"
 	"net"
 	"net/url"
@@ -100,6 +101,24 @@ func meterdCommand(c *corev1.Container) string {
 	return ""
 }
 
+// meterdContainers yields each running container (see running) of a workload that
+// runs meterd's subcommand cmd, or any of meterd's subcommands when cmd is
+// "", with its workload.
+func (s *Set) meterdContainers(cmd string) iter.Seq2[workload, *corev1.Container] {
+	return func(yield func(workload, *corev1.Container) bool) {
+		for _, w := range s.workloads() {
+			for _, ct := range running(&w.pod.Spec) {
+				if c := meterdCommand(ct); c == "" || cmd != "" && c != cmd {
+					continue
+				}
+				if !yield(w, ct) {
+					return
+				}
+			}
+		}
+	}
+}
+
 // Check lists every way the render s breaks the rules of meterd's
 // deployment; none means it passes.
 func Check(s *Set, o Options) []error {
@@ -177,31 +196,26 @@ func (c *checker) workloads() {
 func (c *checker) meterd() {
 	images := map[string][]string{}
 	seen := map[string]bool{}
-	for _, w := range c.s.workloads() {
-		for _, ct := range running(&w.pod.Spec) {
-			cmd := meterdCommand(ct)
-			if cmd == "" {
-				continue
+	for w, ct := range c.s.meterdContainers("") {
+		cmd := meterdCommand(ct)
+		seen[cmd] = true
+		id := w.id + " container " + ct.Name
+		images[ct.Image] = append(images[ct.Image], id)
+		if c.o.Complete {
+			if tag := imageTag(ct.Image); tag == "" || tag == "latest" || tag == "main" {
+				c.errorf("%s: image %s is not pinned to a release", id, ct.Image)
 			}
-			seen[cmd] = true
-			id := w.id + " container " + ct.Name
-			images[ct.Image] = append(images[ct.Image], id)
-			if c.o.Complete {
-				if tag := imageTag(ct.Image); tag == "" || tag == "latest" || tag == "main" {
-					c.errorf("%s: image %s is not pinned to a release", id, ct.Image)
-				}
-			}
-			c.flags(id, cmd, ct)
-			env := envValues(ct)
-			c.probes(id, cmd, ct, env)
-			c.grace(w, id, ct, env)
-			c.configFile(w, id, ct, env)
-			if cmd == "collector" {
-				c.spool(w, id, ct, env)
-			}
-			if cmd == "aggregator" && (w.sts == nil || w.replicas != 1) {
-				c.errorf("%s: the aggregator must be a StatefulSet of 1 replica: one writer per database (docs/design-notes.md), never two at once", w.id)
-			}
+		}
+		c.flags(id, cmd, ct)
+		env := envValues(ct)
+		c.probes(id, cmd, ct, env)
+		c.grace(w, id, ct, env)
+		c.configFile(w, id, ct, env)
+		if cmd == "collector" {
+			c.spool(w, id, ct, env)
+		}
+		if cmd == "aggregator" && (w.sts == nil || w.replicas != 1) {
+			c.errorf("%s: the aggregator must be a StatefulSet of 1 replica: one writer per database (docs/design-notes.md), never two at once", w.id)
 		}
 	}
 	if len(images) > 1 {
@@ -650,27 +664,22 @@ func secretRef(ct *corev1.Container, name string) (secret, key string) {
 // meterdURL returns the value of a meterd component's variable (nats-url,
 // clickhouse-dsn) parsed as a URL, when its Secret is in the render.
 func (c *checker) meterdURL(variable string) (*url.URL, string) {
-	for _, w := range c.s.workloads() {
-		for _, ct := range running(&w.pod.Spec) {
-			if meterdCommand(ct) == "" {
-				continue
-			}
-			name, key := secretRef(ct, variable)
-			sec := c.s.secret(name)
-			if sec == nil {
-				continue
-			}
-			v, ok := secretValue(sec, key)
-			if !ok {
-				continue
-			}
-			u, err := url.Parse(strings.SplitN(v, ",", 2)[0])
-			if err != nil {
-				c.errorf("Secret %s key %s: %v", name, key, err)
-				return nil, ""
-			}
-			return u, fmt.Sprintf("Secret %s key %s", name, key)
+	for _, ct := range c.s.meterdContainers("") {
+		name, key := secretRef(ct, variable)
+		sec := c.s.secret(name)
+		if sec == nil {
+			continue
 		}
+		v, ok := secretValue(sec, key)
+		if !ok {
+			continue
+		}
+		u, err := url.Parse(strings.SplitN(v, ",", 2)[0])
+		if err != nil {
+			c.errorf("Secret %s key %s: %v", name, key, err)
+			return nil, ""
+		}
+		return u, fmt.Sprintf("Secret %s key %s", name, key)
 	}
 	return nil, ""
 }

@@ -21,33 +21,23 @@ func (c *checker) failover() {
 		gap     time.Duration
 		gapFrom string
 	)
-	for _, w := range c.s.workloads() {
-		for _, ct := range running(&w.pod.Spec) {
-			if meterdCommand(ct) != "enforcer" {
-				continue
-			}
-			env, file := envValues(ct), c.fileOf(ct)
-			lease := c.duration(w.id, ct, env, "lease-duration", cmp.Or(file.Enforcer.LeaseDuration, enforcer.DefaultLeaseDuration))
-			beat := c.duration(w.id, ct, env, "heartbeat-every", cmp.Or(file.Enforcer.HeartbeatEvery, enforcer.DefaultHeartbeatEvery))
-			if g := lease + 2*(lease/10) + beat; g > gap {
-				gap, gapFrom = g, w.id
-			}
+	for w, ct := range c.s.meterdContainers("enforcer") {
+		env, file := envValues(ct), c.fileOf(ct)
+		lease := c.duration(w.id, ct, env, "lease-duration", cmp.Or(file.Enforcer.LeaseDuration, enforcer.DefaultLeaseDuration))
+		beat := c.duration(w.id, ct, env, "heartbeat-every", cmp.Or(file.Enforcer.HeartbeatEvery, enforcer.DefaultHeartbeatEvery))
+		if g := lease + 2*(lease/10) + beat; g > gap {
+			gap, gapFrom = g, w.id
 		}
 	}
 	if gap == 0 {
 		return
 	}
-	for _, w := range c.s.workloads() {
-		for _, ct := range running(&w.pod.Spec) {
-			if meterdCommand(ct) != "collector" {
-				continue
-			}
-			env, file := envValues(ct), c.fileOf(ct)
-			stale := c.duration(w.id, ct, env, "stale-after", cmp.Or(file.Collector.StaleAfter, gate.DefaultStaleAfter))
-			if gap >= stale {
-				c.errorf("%s container %s: --stale-after %s, but a takeover of the enforcer (%s: lease, two polls and a heartbeat period) leaves the gates without a heartbeat for up to %s",
-					w.id, ct.Name, stale, gapFrom, gap)
-			}
+	for w, ct := range c.s.meterdContainers("collector") {
+		env, file := envValues(ct), c.fileOf(ct)
+		stale := c.duration(w.id, ct, env, "stale-after", cmp.Or(file.Collector.StaleAfter, gate.DefaultStaleAfter))
+		if gap >= stale {
+			c.errorf("%s container %s: --stale-after %s, but a takeover of the enforcer (%s: lease, two polls and a heartbeat period) leaves the gates without a heartbeat for up to %s",
+				w.id, ct.Name, stale, gapFrom, gap)
 		}
 	}
 }

@@ -1,94 +1,37 @@
-package broker
+package broker_test
 
 import (
 	"context"
 	"errors"
-	"fmt"
-	"net"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/meterd/meterd/internal/broker"
+	"github.com/meterd/meterd/internal/jstest"
 	"github.com/meterd/meterd/schemas"
 )
-
-// startCluster starts a JetStream cluster of n real servers in this process,
-// each syncing every write like the production servers (sync_interval:
-// always), and returns their client URLs.
-func startCluster(t *testing.T, n int) string {
-	t.Helper()
-	ports := make([]int, n)
-	routes := make([]string, n)
-	for i := range ports {
-		ports[i] = freePort(t)
-		routes[i] = fmt.Sprintf("nats://127.0.0.1:%d", ports[i])
-	}
-	urls := make([]string, n)
-	for i := range n {
-		s, err := server.NewServer(&server.Options{
-			ServerName: fmt.Sprintf("meterd-%d", i),
-			Host:       "127.0.0.1",
-			Port:       -1,
-			JetStream:  true,
-			StoreDir:   filepath.Join(t.TempDir(), "js"),
-			SyncAlways: true,
-			Cluster:    server.ClusterOpts{Name: "meterd", Host: "127.0.0.1", Port: ports[i]},
-			Routes:     server.RoutesFromStr(strings.Join(routes, ",")),
-			NoSigs:     true,
-			NoLog:      true,
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
-		go s.Start()
-		t.Cleanup(func() {
-			s.Shutdown()
-			s.WaitForShutdown()
-		})
-		if !s.ReadyForConnections(10 * time.Second) {
-			t.Fatalf("server %d not ready", i)
-		}
-		urls[i] = s.ClientURL()
-	}
-	return strings.Join(urls, ",")
-}
-
-func freePort(t *testing.T) int {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
-}
 
 // EnsureStreams gives both streams the replicas asked for (3 in production,
 // docs/architecture.md#exactly-once) on a real 3-server cluster, also when the streams already exist
 // with one replica (a deployment that started unreplicated is scaled up), and
 // a cluster too small for the replicas is an error, never a silent R1.
 func TestEnsureStreamsReplicas(t *testing.T) {
-	nc, err := nats.Connect(startCluster(t, 3))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
+	js := jstest.StartCluster(t, 3).JetStream()
 	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
 	defer cancel()
+	// Streams within the test servers' max_file_store.
+	sized := func(replicas int) broker.StreamsConfig {
+		return broker.StreamsConfig{Replicas: replicas, UsageMaxBytes: 256 << 20, DLQMaxBytes: 64 << 20}
+	}
 	ensure := func(replicas int) error {
 		// The cluster elects its meta leader a few seconds after it formed.
 		for {
 			actx, cancel := context.WithTimeout(ctx, 2*time.Second)
-			err := EnsureStreams(actx, js, StreamsConfig{Replicas: replicas})
+			err := broker.EnsureStreams(actx, js, sized(replicas))
 			cancel()
 			if err == nil || !isNotReady(err) || ctx.Err() != nil {
 				return err
@@ -125,7 +68,7 @@ func TestEnsureStreamsReplicas(t *testing.T) {
 	}
 	// Straight to EnsureStreams: the retries of ensure would wait out
 	// "insufficient resources" as a cluster still forming.
-	if err := EnsureStreams(ctx, js, StreamsConfig{Replicas: 5}); err == nil || !strings.Contains(err.Error(), "placement") {
+	if err := broker.EnsureStreams(ctx, js, sized(5)); err == nil || !strings.Contains(err.Error(), "placement") {
 		t.Errorf("5 replicas on 3 servers: %v, want an error about placement", err)
 	}
 }
@@ -144,21 +87,7 @@ func isNotReady(err error) bool {
 // and keeps every batch it holds; a stream created by an earlier release
 // with MaxAge 7 days is updated in place. METERD_DLQ is bounded the same way.
 func TestEnsureStreamsNeverAgeOut(t *testing.T) {
-	ns, err := StartEmbedded(EmbeddedConfig{Dir: t.TempDir(), Port: -1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	// Shutdown returns before the file store's goroutines end: wait for them.
-	t.Cleanup(func() { ns.Shutdown(); ns.WaitForShutdown() })
-	nc, err := nats.Connect(ns.ClientURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
+	js := jstest.Start(t, jstest.Config{}).JetStream()
 	ctx := t.Context()
 	// The previous release's METERD_USAGE, with a batch in it.
 	if _, err := js.CreateStream(ctx, jetstream.StreamConfig{
@@ -170,10 +99,10 @@ func TestEnsureStreamsNeverAgeOut(t *testing.T) {
 	if _, err := js.Publish(ctx, schemas.UsageSubject(0), []byte("old")); err != nil {
 		t.Fatal(err)
 	}
-	if err := EnsureStreams(ctx, js, StreamsConfig{Replicas: 1}); err != nil {
+	if err := broker.EnsureStreams(ctx, js, broker.StreamsConfig{Replicas: 1}); err != nil {
 		t.Fatal(err)
 	}
-	for name, want := range map[string]int64{schemas.UsageStream: DefaultUsageMaxBytes, schemas.DLQStream: DefaultDLQMaxBytes} {
+	for name, want := range map[string]int64{schemas.UsageStream: broker.DefaultUsageMaxBytes, schemas.DLQStream: broker.DefaultDLQMaxBytes} {
 		s, err := js.Stream(ctx, name)
 		if err != nil {
 			t.Fatal(err)
@@ -189,7 +118,7 @@ func TestEnsureStreamsNeverAgeOut(t *testing.T) {
 
 	// A full stream refuses the next batch and keeps the ones it holds.
 	const bound = 64 << 10
-	if err := EnsureStreams(ctx, js, StreamsConfig{Replicas: 1, UsageMaxBytes: bound}); err != nil {
+	if err := broker.EnsureStreams(ctx, js, broker.StreamsConfig{Replicas: 1, UsageMaxBytes: bound}); err != nil {
 		t.Fatal(err)
 	}
 	payload := make([]byte, 4<<10)

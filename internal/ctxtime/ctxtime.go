@@ -1,11 +1,25 @@
 // Package ctxtime holds the waits every long-running component shares:
-// a sleep that a cancelled context cuts short, and a periodic round.
+// a sleep that a cancelled context cuts short, a periodic round, and the
+// backoff between retries of NATS and the store.
 package ctxtime
 
 import (
 	"context"
 	"time"
+
+	"github.com/cenkalti/backoff/v4"
 )
+
+// Backoff returns the backoff every component waits by between retries of
+// NATS or the store that go on until they succeed or the context ends:
+// from 100 ms, growing to at most 5 s, never giving up by itself.
+func Backoff() *backoff.ExponentialBackOff {
+	return backoff.NewExponentialBackOff(
+		backoff.WithInitialInterval(100*time.Millisecond),
+		backoff.WithMaxInterval(5*time.Second),
+		backoff.WithMaxElapsedTime(0),
+	)
+}
 
 // Sleep waits d or until ctx ends, whichever comes first, and reports
 // whether d passed.

@@ -43,3 +43,18 @@ func TestEvery(t *testing.T) {
 		t.Errorf("3 calls took %s, want at least 2 periods (40ms)", d)
 	}
 }
+
+// Backoff starts near 100 ms, grows to 5 s at most and never stops by
+// itself: a retry of NATS or the store ends only with its context.
+func TestBackoff(t *testing.T) {
+	bo := Backoff()
+	first := bo.NextBackOff()
+	if first < 50*time.Millisecond || first > 150*time.Millisecond {
+		t.Errorf("first wait %s, want 100ms ± the randomization", first)
+	}
+	for range 100 {
+		if d := bo.NextBackOff(); d < 0 || d > 5*time.Second*3/2 {
+			t.Fatalf("wait %s: want at most 5s ± the randomization, and never the end", d)
+		}
+	}
+}

@@ -154,6 +154,49 @@ func connect(t testing.TB, url, name string, opts []nats.Option) *nats.Conn {
 	return nc
 }
 
+// Messages calls fn with every message stream holds when it is called, in
+// stream order, read with an ordered consumer of js. It fails the test when
+// it cannot read them all within a minute.
+func Messages(t testing.TB, js jetstream.JetStream, stream string, fn func(jetstream.Msg)) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	defer cancel()
+	s, err := js.Stream(ctx, stream)
+	if err != nil {
+		t.Fatalf("jstest: stream %s: %v", stream, err)
+	}
+	info, err := s.Info(ctx)
+	if err != nil {
+		t.Fatalf("jstest: stream %s info: %v", stream, err)
+	}
+	want := int(info.State.Msgs)
+	if want == 0 {
+		return
+	}
+	cons, err := s.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{})
+	if err != nil {
+		t.Fatalf("jstest: ordered consumer of %s: %v", stream, err)
+	}
+	for read := 0; read < want; {
+		msgs, err := cons.Fetch(min(want-read, 500), jetstream.FetchMaxWait(5*time.Second))
+		if err != nil {
+			t.Fatalf("jstest: fetch from %s: %v", stream, err)
+		}
+		n := 0
+		for m := range msgs.Messages() {
+			n++
+			fn(m)
+		}
+		if err := msgs.Error(); err != nil {
+			t.Fatalf("jstest: fetch from %s: %v", stream, err)
+		}
+		if n == 0 {
+			t.Fatalf("jstest: read %d of the %d messages of %s; the stream gave no more", read, want, stream)
+		}
+		read += n
+	}
+}
+
 // FreePort returns a loopback TCP port that was free a moment ago. It is
 // below Linux's ephemeral range (32768-60999): a port taken from that range
 // and closed again may become the source port of an outgoing connection

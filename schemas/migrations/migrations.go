@@ -94,6 +94,51 @@ func Load(fsys fs.FS, dir string) ([]Migration, error) {
 	return ms, nil
 }
 
+// Rows is the result of a store's query of the versions recorded in its
+// schema_migrations, as both stores' drivers give it.
+type Rows interface {
+	Next() bool
+	Scan(dest ...any) error
+	Err() error
+	Close() error
+}
+
+// Pending returns the migrations of ms whose version the rows of query
+// (the store's query of the versions in its schema_migrations) do not
+// hold, in the order of ms.
+func Pending(ms []Migration, query func() (Rows, error)) ([]Migration, error) {
+	rows, err := query()
+	if err != nil {
+		return nil, err
+	}
+	applied, err := versions(rows)
+	if cerr := rows.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return nil, err
+	}
+	var pending []Migration
+	for _, m := range ms {
+		if !applied[m.Version] {
+			pending = append(pending, m)
+		}
+	}
+	return pending, nil
+}
+
+func versions(rows Rows) (map[int]bool, error) {
+	applied := map[int]bool{}
+	for rows.Next() {
+		var v uint32 // ClickHouse's column is a UInt32
+		if err := rows.Scan(&v); err != nil {
+			return nil, err
+		}
+		applied[int(v)] = true
+	}
+	return applied, rows.Err()
+}
+
 // stripCommentLines removes the lines that hold only a comment.
 func stripCommentLines(sql string) string {
 	var b strings.Builder

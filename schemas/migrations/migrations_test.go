@@ -85,3 +85,34 @@ func TestEmbedded(t *testing.T) {
 		}
 	}
 }
+
+// versionRows is a result of versions, as a store's driver gives it.
+type versionRows struct {
+	vs     []uint32
+	next   int
+	closed bool
+}
+
+func (r *versionRows) Next() bool { r.next++; return r.next <= len(r.vs) }
+func (r *versionRows) Scan(dest ...any) error {
+	*dest[0].(*uint32) = r.vs[r.next-1]
+	return nil
+}
+func (r *versionRows) Err() error   { return nil }
+func (r *versionRows) Close() error { r.closed = true; return nil }
+
+func TestPending(t *testing.T) {
+	ms := []Migration{{Version: 1, Name: "0001_a"}, {Version: 2, Name: "0002_b"}, {Version: 3, Name: "0003_c"}, {Version: 4, Name: "0004_d"}}
+	rows := &versionRows{vs: []uint32{3, 1, 1}} // ClickHouse may hold a version twice
+	pending, err := Pending(ms, func() (Rows, error) { return rows, nil })
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, m := range pending {
+		names = append(names, m.Name)
+	}
+	if !slices.Equal(names, []string{"0002_b", "0004_d"}) || !rows.closed {
+		t.Errorf("Pending = %q (rows closed: %v), want [0002_b 0004_d] and the rows closed", names, rows.closed)
+	}
+}
