@@ -242,7 +242,7 @@ func checkCounted(b *testing.B, store aggregator.Store, mode string, n int64) {
 // Publishing runs in this process too, so its CPU is in the client's.
 func benchmarkSustained(b *testing.B, env *aggEnv, mode, prefix string, d time.Duration) {
 	const perBatch, ahead = 500, 400
-	committed := func() int { return int(metric(b, env.reg, "meterd_aggregator_batches_committed_total")) }
+	committed := func() int { return int(metrictest.Value(b, env.reg, "meterd_aggregator_batches_committed_total")) }
 	client := processCPU(b)
 	server, serverOK := chtest.ServerCPU()
 	b.ResetTimer()
