@@ -74,6 +74,15 @@ type Config struct {
 	Store Store
 	// Durable names the pull consumer on METERD_USAGE (default meterd-aggregator).
 	Durable string
+	// Subject is the consumer's filter: the usage partitions this
+	// aggregator writes (default meterd.usage.>, all of them; one
+	// partition's schemas.UsageSubject when aggregators share them).
+	Subject string
+	// StartAfter names a durable consumer whose acknowledgement floor a new
+	// consumer starts after, if it exists: the consumer of one aggregator
+	// of every partition, when aggregators start sharing them. What it
+	// acknowledged past its floor is delivered again and counted once.
+	StartAfter string
 	// Partitions is P of meterd.committed.<partition> (default 16).
 	Partitions int
 	// FetchBatch messages at most are written per store flush (default 20
@@ -115,6 +124,7 @@ func (c *Config) Validate() error {
 		return errors.New("aggregator: store is required")
 	}
 	c.Durable = cmp.Or(c.Durable, DefaultDurable)
+	c.Subject = cmp.Or(c.Subject, schemas.UsageSubjects)
 	orDefault(&c.Partitions, schemas.DefaultPartitions)
 	orDefault(&c.FetchBatch, DefaultFetchBatch)
 	if c.CatchUpBatch == 0 {
@@ -218,7 +228,7 @@ func (a *Aggregator) ConsumerConfig() jetstream.ConsumerConfig {
 	return jetstream.ConsumerConfig{
 		Durable:       a.cfg.Durable,
 		Description:   "meterd aggregator: usage batches into the store",
-		FilterSubject: schemas.UsageSubjects,
+		FilterSubject: a.cfg.Subject,
 		AckPolicy:     jetstream.AckExplicitPolicy,
 		DeliverPolicy: jetstream.DeliverAllPolicy,
 		AckWait:       a.cfg.AckWait,
@@ -417,6 +427,10 @@ func (a *Aggregator) ensureConsumer(ctx context.Context) (jetstream.Consumer, er
 		} else if floor := a.ackFloor.Load(); floor > 0 && errors.Is(err, jetstream.ErrConsumerNotFound) {
 			cc.DeliverPolicy, cc.OptStartSeq = jetstream.DeliverByStartSequencePolicy, floor+1
 			recreated = true
+		} else if floor := a.startAfter(ctx); floor > 0 && errors.Is(err, jetstream.ErrConsumerNotFound) {
+			cc.DeliverPolicy, cc.OptStartSeq = jetstream.DeliverByStartSequencePolicy, floor+1
+			a.log.Info("new consumer starts after the ack floor of the aggregator of every partition",
+				"durable", cc.Durable, "after", a.cfg.StartAfter, "start_seq", cc.OptStartSeq)
 		}
 		c, err := a.js.CreateOrUpdateConsumer(ctx, schemas.UsageStream, cc)
 		if err != nil {
@@ -438,6 +452,20 @@ func (a *Aggregator) ensureConsumer(ctx context.Context) (jetstream.Consumer, er
 	a.consumer.Store(&cons)
 	a.noteAckFloor(cons.CachedInfo())
 	return cons, nil
+}
+
+// startAfter returns the ack floor of the StartAfter consumer, 0 if there
+// is none (then the new consumer delivers all the stream holds: the trimmer
+// keeps it to what was not acknowledged, and the store counts the rest once).
+func (a *Aggregator) startAfter(ctx context.Context) uint64 {
+	if a.cfg.StartAfter == "" {
+		return 0
+	}
+	c, err := a.js.Consumer(ctx, schemas.UsageStream, a.cfg.StartAfter)
+	if err != nil {
+		return 0
+	}
+	return c.CachedInfo().AckFloor.Stream
 }
 
 // noteAckFloor records the consumer's ack floor from info.

@@ -218,7 +218,6 @@ func New(ctx context.Context, cfg Config) (*Group, error) {
 // nil.
 func (g *Group) Run(ctx context.Context) error {
 	g.heartbeat.Store(time.Now().UnixNano())
-	g.round(ctx)
 	ctxtime.Every(ctx, g.cfg.Poll, func() { g.round(ctx) })
 	// Leave first, so the other members start waiting for the leases that
 	// the workers release next.
