@@ -22,6 +22,39 @@
 // waits for the lease again. Its unacknowledged messages are redelivered to
 // the new holder, whose store counts each event once.
 //
+// # Aggregators that share the partitions
+//
+// N aggregators started with --share-partitions divide the usage partitions
+// between them (aggregator/share) and run, for each partition p they own, an
+// Aggregator of p alone: Subject meterd.usage.<p>, its own durable consumer
+// (<durable>-p<p>), its own lease (key aggregator.<durable>.p<p>) and a store
+// scoped to p's tenants (aggregator/clickhouse, Config.Partition). Each is
+// exactly the Aggregator above, with p in place of "everything", so the
+// arguments hold per partition unchanged:
+//
+//   - Exactly once: p's batches reach only p's consumer, acknowledged after
+//     p's store made them durable; p's store is the only writer of p's
+//     tenants (tenants are hashed to partitions, and the store refuses any
+//     other tenant), and deduplicates as a single writer does.
+//   - Fencing: p is written only under p's lease, renew-then-write with a
+//     deadline before the lease can be taken over, as above. Two members
+//     that both believe they own p (their views of the membership differ
+//     for a moment, or one was frozen) are one holder and one standby of
+//     p's lease; a zombie's renewal of p fails and it stops writing p. The
+//     store's recovery when the writer changes (waiting for the previous
+//     holder's inserts, repairing its open intents, catching the dedup index
+//     up) runs per partition, over p's intents and tenants only: another
+//     partition's open intent may be a write in progress, never p's.
+//
+// The membership only decides which member tries to take which lease; the
+// leases decide who writes. A replica started without --share-partitions
+// holds the lease of every partition (aggregator.<durable>.all): a shared
+// member waits until it is free before it starts (the upgrade: stop the one
+// aggregator, start N shared ones), and a single aggregator refuses to start
+// while shared members are alive. A new partition consumer starts after the
+// old consumer's ack floor (Config.StartAfter), so nothing it acknowledged
+// is lost, and what it acknowledged past its floor is counted once.
+//
 // # A consumer that vanishes
 //
 // If the durable consumer is deleted (by an operator, or lost with a
