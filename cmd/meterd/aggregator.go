@@ -310,6 +310,11 @@ func (a *app) partitionWorker(ctx context.Context, nc *nats.Conn, js jetstream.J
 	partitions, p int, durable, pdurable string, replicas int) (share.Worker, error) {
 	log := a.log.With("partition", p)
 	reg := prometheus.WrapRegistererWith(prometheus.Labels{"partition": strconv.Itoa(p)}, a.reg)
+	l, err := lease.New(ctx, lease.Config{JS: js, Replicas: replicas, Key: "aggregator." + durable + ".p" + strconv.Itoa(p),
+		Duration: c.LeaseDuration, Logger: log.With("component", "aggregator")})
+	if err != nil {
+		return nil, err
+	}
 	cfg := clickhouse.Config{DSN: c.ClickHouse, Logger: log, Partitions: partitions, Partition: p,
 		Horizon: c.DedupHorizon, IndexCacheBytes: max(c.DedupIndexCacheBytes/int64(partitions), 8<<20)}
 	if c.DedupIndexDir != "" {
@@ -319,24 +324,21 @@ func (a *app) partitionWorker(ctx context.Context, nc *nats.Conn, js jetstream.J
 	if err != nil {
 		return nil, err
 	}
-	a.onClose(store.Close)
-	l, err := lease.New(ctx, lease.Config{JS: js, Replicas: replicas, Key: "aggregator." + durable + ".p" + strconv.Itoa(p),
-		Duration: c.LeaseDuration, Logger: log.With("component", "aggregator")})
-	if err != nil {
-		return nil, err
-	}
 	agg, err := aggregator.New(aggregator.Config{
 		NATS: nc, Store: store, Durable: pdurable, Subject: schemas.UsageSubject(p), StartAfter: durable, Partitions: partitions,
 		FetchBatch: c.FetchBatch, CatchUpBatch: c.CatchUpBatch, FetchWait: c.FetchWait, AckWait: c.AckWait,
 		Lease: l, Logger: log, Registerer: reg,
 	})
+	var rec *aggregator.Reconciler
+	if err == nil {
+		rec, err = aggregator.NewReconciler(aggregator.ReconcilerConfig{Store: agg.Writer(), Logger: log, Registerer: reg})
+	}
 	if err != nil {
+		// Closed, the store frees its index's directory for the next try.
+		store.Close()
 		return nil, err
 	}
-	rec, err := aggregator.NewReconciler(aggregator.ReconcilerConfig{Store: agg.Writer(), Logger: log, Registerer: reg})
-	if err != nil {
-		return nil, err
-	}
+	a.onClose(store.Close)
 	return partitionWorker{agg: agg, rec: rec}, nil
 }
 

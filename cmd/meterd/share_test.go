@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"maps"
 	"net/http"
 	"os"
@@ -297,4 +298,85 @@ func TestSharedAggregators(t *testing.T) {
 	wsMu.Unlock()
 	t.Logf("%d batches, %d tenants; failover after SIGKILL %s (lease %s, member TTL %s)",
 		load.published, len(load.want), failover.Round(10*time.Millisecond), leaseDuration, memberTTL)
+}
+
+// The CPU each aggregator spends per event, with 1, 2 and 3 aggregators
+// sharing the partitions: the same backlog of events (16 partitions) is
+// drained by k processes and each one's process_cpu_seconds_total divided
+// by the events it received (its batches committed × 100; ids repeat, as
+// retries do). Opt-in (it measures, asserting only that
+// every event was committed): METERD_SHARE_CPU=1 go test -count=1 -run
+// TestSharedAggregatorsCPU -v ./cmd/meterd/ (README, "Several aggregators").
+func TestSharedAggregatorsCPU(t *testing.T) {
+	if os.Getenv("METERD_SHARE_CPU") == "" {
+		t.Skip("a measurement: set METERD_SHARE_CPU=1")
+	}
+	bin := buildMeterd(t)
+	const batches = 4000 // of 100 events: 400 000 events
+	for k := 1; k <= 3; k++ {
+		t.Run(fmt.Sprint(k), func(t *testing.T) {
+			b := startKillBroker(t)
+			dsn := chtest.DSN(t)
+			load := &sharedLoad{js: b.js, t0: time.Date(2026, 11, 21, 8, 0, 0, 0, time.UTC), want: map[string]int64{}, seen: map[string]bool{}}
+			for i := range batches {
+				// Distinct ids: every event is new.
+				load.publish(t, i+1_000_000*k)
+			}
+			var procs []*killProc
+			for m := range k {
+				addr := "127.0.0.1:" + strconv.Itoa(jstest.FreePort(t))
+				procs = append(procs, startKillProc(t, bin, addr, "aggregator", "--share-partitions", "--member", fmt.Sprint("m", m),
+					"--nats-url", b.URL(), "--nats-replicas", "1", "--listen", addr, "--log-format", "text", "--insecure",
+					"--clickhouse", dsn, "--dedup-index-dir", t.TempDir()))
+			}
+			sum := func(series map[string]float64, name string) float64 {
+				v := 0.0
+				for p := range schemas.DefaultPartitions {
+					v += series[fmt.Sprintf(`%s{partition="%d"}`, name, p)]
+				}
+				return v
+			}
+			begin := time.Now()
+			deadline := begin.Add(5 * time.Minute)
+			for {
+				total := 0.0
+				for _, p := range procs {
+					s, err := seriesAt("http://" + p.addr)
+					if err != nil {
+						t.Fatal(err)
+					}
+					total += sum(s, "meterd_aggregator_batches_committed_total")
+				}
+				if total >= batches {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("%v of %d batches committed", total, batches)
+				}
+				time.Sleep(100 * time.Millisecond)
+			}
+			took := time.Since(begin)
+			for i, p := range procs {
+				s, err := seriesAt("http://" + p.addr)
+				if err != nil {
+					t.Fatal(err)
+				}
+				events := 100 * sum(s, "meterd_aggregator_batches_committed_total")
+				cpu := s["process_cpu_seconds_total"]
+				t.Logf("%d aggregators, m%d: %.0f events, %.2f s CPU, %.2f µs CPU per event", k, i, events, cpu, cpu/events*1e6)
+			}
+			t.Logf("%d aggregators drained %d events in %s", k, batches*100, took.Round(10*time.Millisecond))
+		})
+	}
+}
+
+// The embedded store is one file written by one process: sharing its
+// partitions is refused at the command line, before anything starts.
+func TestSharePartitionsNeedsClickHouse(t *testing.T) {
+	var stderr strings.Builder
+	code := run(t.Context(), []string{"aggregator", "--insecure", "--share-partitions", "--sqlite-path", t.TempDir() + "/m.db",
+		"--nats-url", "nats://127.0.0.1:1"}, io.Discard, &stderr)
+	if code != 2 || !strings.Contains(stderr.String(), "--share-partitions needs ClickHouse") {
+		t.Errorf("exit %d, stderr %q; want 2 and why", code, stderr.String())
+	}
 }
