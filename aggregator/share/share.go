@@ -34,7 +34,7 @@
 // after its key expired (at most TTL after its last heartbeat), the new
 // owner's next Poll, and a whole lease duration of the new owner watching
 // the lease stand still (internal/lease): at most TTL + Poll + lease
-// duration + the lease's poll, 10 s + 1 s + 15 s + 1.5 s ≈ 28 s by default
+// duration + the lease's poll, 6 s + 1 s + 15 s + 1.5 s ≈ 24 s by default
 // (README, "Several aggregators" has the measured figure). A clean stop or a
 // join moves partitions within a Poll and a lease poll.
 package share
@@ -62,7 +62,7 @@ import (
 // Defaults of Config.
 const (
 	DefaultBucket = "meterd-aggregators"
-	DefaultTTL    = 10 * time.Second
+	DefaultTTL    = 6 * time.Second
 )
 
 // Worker runs one partition while this member owns it.

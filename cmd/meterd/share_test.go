@@ -21,8 +21,10 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/meterd/meterd/aggregator/clickhouse"
+	"github.com/meterd/meterd/aggregator/share"
 	"github.com/meterd/meterd/internal/chtest"
 	"github.com/meterd/meterd/internal/jstest"
+	"github.com/meterd/meterd/internal/lease"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -100,14 +102,14 @@ func (l *sharedLoad) publish(t *testing.T, i int) {
 // distinct event published counted exactly once, nothing lost, nothing
 // doubled by the zombie; rollups equal the raw events. The failover time
 // after the SIGKILL is measured. METERD_SHARE_LONG=1 runs it with the
-// default lease and member TTL (15 s, 10 s) to measure the default failover.
+// default lease and member TTL (15 s, 6 s) to measure the default failover.
 func TestSharedAggregators(t *testing.T) {
 	if testing.Short() {
 		t.Skip("four aggregator processes, a kill and a freeze")
 	}
 	leaseDuration, memberTTL := 3*time.Second, 2*time.Second
 	if os.Getenv("METERD_SHARE_LONG") != "" {
-		leaseDuration, memberTTL = 15*time.Second, 10*time.Second
+		leaseDuration, memberTTL = lease.DefaultDuration, share.DefaultTTL
 	}
 	bin := buildMeterd(t)
 	b := startKillBroker(t)
