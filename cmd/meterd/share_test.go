@@ -139,7 +139,7 @@ func TestSharedAggregators(t *testing.T) {
 		defer close(loadDone)
 		for i := 0; loadCtx.Err() == nil; i++ {
 			load.publish(t, i)
-			time.Sleep(5 * time.Millisecond)
+			time.Sleep(20 * time.Millisecond)
 		}
 	}()
 	defer func() { stopLoad(); <-loadDone }()
