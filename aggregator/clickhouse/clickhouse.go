@@ -753,7 +753,7 @@ type intentRow struct {
 
 // insertIntents inserts rows into applies in one block.
 func (s *Store) insertIntents(ctx context.Context, rows ...intentRow) error {
-	b, err := s.conn.PrepareBatch(ctx, `INSERT INTO applies (apply_id, sign, started_at, tenants, first_hour, end_hour, partition)`)
+	b, err := s.conn.PrepareBatch(ctx, `INSERT INTO applies (apply_id, sign, started_at, tenants, first_hour, end_hour, usage_partition)`)
 	if err != nil {
 		return fmt.Errorf("record intent: %w", err)
 	}
@@ -846,10 +846,10 @@ func (s *Store) recoverIntents(ctx context.Context) error {
 	}
 	where := ""
 	if s.scope.partitions > 0 {
-		where = " WHERE partition IN (-1, " + strconv.Itoa(s.scope.partition) + ")"
+		where = " WHERE usage_partition IN (-1, " + strconv.Itoa(s.scope.partition) + ")"
 	}
 	rows, err := s.conn.Query(ctx, `SELECT apply_id, anyIf(started_at, sign = 1), anyIf(tenants, sign = 1),
-			toUInt32(minIf(first_hour, sign = 1)), toUInt32(maxIf(end_hour, sign = 1)), any(partition)
+			toUInt32(minIf(first_hour, sign = 1)), toUInt32(maxIf(end_hour, sign = 1)), any(usage_partition)
 		FROM applies`+where+` GROUP BY apply_id HAVING sum(sign) > 0`)
 	if err != nil {
 		return fmt.Errorf("read intents: %w", err)

@@ -326,11 +326,14 @@ func (g *Group) apply(ctx context.Context, owned []int) {
 		go func() {
 			defer close(done)
 			<-prev // a run stopped a moment ago releases its lease first
-			if wctx.Err() != nil {
-				return
-			}
-			if err := r.w.Run(wctx); err != nil && wctx.Err() == nil {
-				g.log.Error("partition worker stopped", "partition", p, "err", err)
+			// A worker that stops by itself while the partition is still
+			// assigned is started again.
+			for wctx.Err() == nil {
+				err := r.w.Run(wctx)
+				if wctx.Err() == nil {
+					g.log.Error("partition worker stopped; starting it again", "partition", p, "err", err)
+					ctxtime.Sleep(wctx, g.cfg.Poll)
+				}
 			}
 		}()
 	}
