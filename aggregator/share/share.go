@@ -96,7 +96,9 @@ type Config struct {
 	TTL  time.Duration
 	Poll time.Duration
 	// Worker returns the worker of partition p; it is called once per
-	// partition, the first time p is assigned to this member. Required.
+	// partition, the first time p is assigned to this member, on a
+	// goroutine of that partition (so it may take a while), concurrently
+	// with other partitions' calls. Required.
 	Worker     func(p int) (Worker, error)
 	Logger     *slog.Logger
 	Registerer prometheus.Registerer
@@ -169,7 +171,7 @@ type Group struct {
 
 // running is the worker of a partition and its current run, if any.
 type running struct {
-	w    Worker
+	w    Worker             // nil until the first run built it
 	stop context.CancelFunc // nil when not running
 	done chan struct{}      // closed when the last run returned
 }
@@ -303,17 +305,9 @@ func (g *Group) apply(ctx context.Context, owned []int) {
 	for _, p := range owned {
 		r := g.workers[p]
 		if r == nil {
-			w, err := g.cfg.Worker(p)
-			if err != nil {
-				g.log.Error("start the worker of a partition; retrying at the next round", "partition", p, "err", err)
-				continue
-			}
-			r = &running{w: w, done: make(chan struct{})}
+			r = &running{done: make(chan struct{})}
 			close(r.done)
 			g.workers[p] = r
-			g.mu.Lock()
-			g.built[p] = w
-			g.mu.Unlock()
 		}
 		if r.stop != nil {
 			continue
@@ -326,9 +320,24 @@ func (g *Group) apply(ctx context.Context, owned []int) {
 		go func() {
 			defer close(done)
 			<-prev // a run stopped a moment ago releases its lease first
-			// A worker that stops by itself while the partition is still
-			// assigned is started again.
+			// The runs of a partition follow each other (prev), so r.w
+			// is theirs. Building a worker (a store, its index) takes
+			// a while: here, not in the round, whose heartbeats must go on.
 			for wctx.Err() == nil {
+				if r.w == nil {
+					w, err := g.cfg.Worker(p)
+					if err != nil {
+						g.log.Error("build the worker of a partition; retrying", "partition", p, "err", err)
+						ctxtime.Sleep(wctx, g.cfg.Poll)
+						continue
+					}
+					r.w = w
+					g.mu.Lock()
+					g.built[p] = w
+					g.mu.Unlock()
+				}
+				// A worker that stops by itself while the partition is
+				// still assigned is started again.
 				err := r.w.Run(wctx)
 				if wctx.Err() == nil {
 					g.log.Error("partition worker stopped; starting it again", "partition", p, "err", err)

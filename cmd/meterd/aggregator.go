@@ -266,8 +266,29 @@ func (a *app) addSharedAggregators(ctx context.Context, nc *nats.Conn, c config.
 	if err != nil {
 		return err
 	}
+	// The partitions' stores, built concurrently as partitions are
+	// assigned, close at shutdown after the workers stopped.
+	var (
+		storesMu sync.Mutex
+		stores   []*clickhouse.Store
+	)
+	a.onClose(func() error {
+		storesMu.Lock()
+		defer storesMu.Unlock()
+		var errs []error
+		for _, st := range stores {
+			errs = append(errs, st.Close())
+		}
+		return errors.Join(errs...)
+	})
 	newWorker := func(p int) (share.Worker, error) {
-		return a.partitionWorker(ctx, nc, js, c, partitions, p, durable, durables[p], replicas)
+		w, st, err := a.partitionWorker(ctx, nc, js, c, partitions, p, durable, durables[p], replicas)
+		if err == nil {
+			storesMu.Lock()
+			stores = append(stores, st)
+			storesMu.Unlock()
+		}
+		return w, err
 	}
 	g, err := share.New(ctx, share.Config{JS: js, Replicas: replicas, Member: member, Partitions: partitions, TTL: c.MemberTTL,
 		Worker: newWorker, Logger: a.log, Registerer: a.reg})
@@ -305,15 +326,16 @@ func (m sharedMember) Run(ctx context.Context) error {
 	return m.g.Run(ctx)
 }
 
-// partitionWorker builds the aggregator of partition p of partitions.
+// partitionWorker builds the aggregator of partition p of partitions and
+// returns it with its store, which the caller closes.
 func (a *app) partitionWorker(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, c config.Aggregator,
-	partitions, p int, durable, pdurable string, replicas int) (share.Worker, error) {
+	partitions, p int, durable, pdurable string, replicas int) (share.Worker, *clickhouse.Store, error) {
 	log := a.log.With("partition", p)
 	reg := prometheus.WrapRegistererWith(prometheus.Labels{"partition": strconv.Itoa(p)}, a.reg)
 	l, err := lease.New(ctx, lease.Config{JS: js, Replicas: replicas, Key: "aggregator." + durable + ".p" + strconv.Itoa(p),
 		Duration: c.LeaseDuration, Logger: log.With("component", "aggregator")})
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	cfg := clickhouse.Config{DSN: c.ClickHouse, Logger: log, Partitions: partitions, Partition: p,
 		Horizon: c.DedupHorizon, IndexCacheBytes: max(c.DedupIndexCacheBytes/int64(partitions), 8<<20)}
@@ -322,7 +344,7 @@ func (a *app) partitionWorker(ctx context.Context, nc *nats.Conn, js jetstream.J
 	}
 	store, err := clickhouse.New(ctx, cfg)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	agg, err := aggregator.New(aggregator.Config{
 		NATS: nc, Store: store, Durable: pdurable, Subject: schemas.UsageSubject(p), StartAfter: durable, Partitions: partitions,
@@ -336,10 +358,9 @@ func (a *app) partitionWorker(ctx context.Context, nc *nats.Conn, js jetstream.J
 	if err != nil {
 		// Closed, the store frees its index's directory for the next try.
 		store.Close()
-		return nil, err
+		return nil, nil, err
 	}
-	a.onClose(store.Close)
-	return partitionWorker{agg: agg, rec: rec}, nil
+	return partitionWorker{agg: agg, rec: rec}, store, nil
 }
 
 // partitionWorker consumes and reconciles one partition while its member
