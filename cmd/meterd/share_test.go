@@ -105,8 +105,9 @@ func (l *sharedLoad) publish(t *testing.T, i int) {
 }
 
 // Three aggregator processes started with identical flags share the 16
-// usage partitions: balanced, each partition written by exactly one of
-// them; a fourth joins and leaves; one is killed (SIGKILL) and one frozen
+// usage partitions, taking over from one aggregator of every partition
+// once it stops: balanced, each partition written by exactly one of them;
+// a fourth joins and leaves; one is killed (SIGKILL) and one frozen
 // past its lease (SIGSTOP, then SIGCONT) under load. The oracle: every
 // distinct event published counted exactly once, nothing lost, nothing
 // doubled by the zombie; rollups equal the raw events. The failover time
@@ -209,10 +210,37 @@ func TestSharedAggregators(t *testing.T) {
 	}
 	rebalance := 2*memberTTL + leaseDuration + 10*time.Second
 
+	// The upgrade: one aggregator of every partition consumes first; the
+	// shared members started beside it wait until it stops, then take the
+	// partitions over from its consumer's ack floor.
+	oldAddr := "127.0.0.1:" + strconv.Itoa(jstest.FreePort(t))
+	old := startKillProc(t, bin, oldAddr, "aggregator", "--nats-url", b.URL(), "--nats-replicas", "1", "--listen", oldAddr,
+		"--log-format", "text", "--insecure", "--fetch-batch", "5", "--fetch-wait", "20ms", "--ack-wait", "2s",
+		"--lease-duration", leaseDuration.String(), "--clickhouse", dsn, "--dedup-index-dir", t.TempDir())
+	for deadline := time.Now().Add(30 * time.Second); old.metric(t, "meterd_aggregator_batches_committed_total") < 20; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the aggregator of every partition commits nothing")
+		}
+	}
 	for _, m := range []string{"a", "b", "c"} {
 		start(m)
 	}
-	settled("3 aggregators", []string{"a", "b", "c"}, rebalance)
+	time.Sleep(memberTTL)
+	for _, m := range []string{"a", "b", "c"} {
+		series, err := seriesAt("http://" + procs[m].addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for p := range partitions {
+			if series[fmt.Sprintf(`meterd_aggregator_writer_leases{partition="%d"}`, p)] != 0 {
+				t.Fatalf("%s writes partition %d beside the aggregator of every partition", m, p)
+			}
+		}
+	}
+	if err := old.terminate(); err != nil {
+		t.Errorf("SIGTERM the aggregator of every partition: %v", err)
+	}
+	settled("3 aggregators after the one of every partition", []string{"a", "b", "c"}, rebalance)
 	start("d")
 	settled("a 4th joins", []string{"a", "b", "c", "d"}, rebalance)
 	if err := procs["d"].terminate(); err != nil {
