@@ -451,3 +451,22 @@ func TestSharePartitionsNeedsClickHouse(t *testing.T) {
 		t.Errorf("exit %d, stderr %q; want 2 and why", code, stderr.String())
 	}
 }
+
+// An aggregator of every partition refuses to start while aggregators
+// share the partitions: it would write their tenants under another lease.
+func TestSingleAggregatorRefusedBesideShared(t *testing.T) {
+	ns := jstest.Start(t, jstest.Config{NoSync: true, Streams: true})
+	kv, err := ns.JetStream().CreateKeyValue(t.Context(), jetstream.KeyValueConfig{Bucket: share.DefaultBucket})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kv.Put(t.Context(), "agg-0", []byte(`{}`)); err != nil {
+		t.Fatal(err)
+	}
+	var stderr strings.Builder
+	code := run(t.Context(), []string{"aggregator", "--insecure", "--sqlite-path", t.TempDir() + "/m.db", "--listen", "127.0.0.1:0",
+		"--nats-url", ns.URL(), "--nats-replicas", "1"}, io.Discard, &stderr)
+	if code != 2 || !strings.Contains(stderr.String(), "1 aggregators share the partitions (agg-0)") {
+		t.Errorf("exit %d, stderr %q; want 2 and why", code, stderr.String())
+	}
+}
