@@ -22,6 +22,39 @@
 // waits for the lease again. Its unacknowledged messages are redelivered to
 // the new holder, whose store counts each event once.
 //
+// # Aggregators that share the partitions
+//
+// N aggregators started with --share-partitions divide the usage partitions
+// between them (aggregator/share) and run, for each partition p they own, an
+// Aggregator of p alone: Subject meterd.usage.<p>, its own durable consumer
+// (<durable>-p<p>), its own lease (key aggregator.<durable>.p<p>) and a store
+// scoped to p's tenants (aggregator/clickhouse, Config.Partition). Each is
+// exactly the Aggregator above, with p in place of "everything", so the
+// arguments hold per partition unchanged:
+//
+//   - Exactly once: p's batches reach only p's consumer, acknowledged after
+//     p's store made them durable; p's store is the only writer of p's
+//     tenants (tenants are hashed to partitions, and the store refuses any
+//     other tenant), and deduplicates as a single writer does.
+//   - Fencing: p is written only under p's lease, renew-then-write with a
+//     deadline before the lease can be taken over, as above. Two members
+//     that both believe they own p (their views of the membership differ
+//     for a moment, or one was frozen) are one holder and one standby of
+//     p's lease; a zombie's renewal of p fails and it stops writing p. The
+//     store's recovery when the writer changes (waiting for the previous
+//     holder's inserts, repairing its open intents, catching the dedup index
+//     up) runs per partition, over p's intents and tenants only: another
+//     partition's open intent may be a write in progress, never p's.
+//
+// The membership only decides which member tries to take which lease; the
+// leases decide who writes. A replica started without --share-partitions
+// holds the lease of every partition (aggregator.<durable>.all): a shared
+// member waits until it is free before it starts (the upgrade: stop the one
+// aggregator, start N shared ones), and a single aggregator refuses to start
+// while shared members are alive. A new partition consumer starts after the
+// old consumer's ack floor (Config.StartAfter), so nothing it acknowledged
+// is lost, and what it acknowledged past its floor is counted once.
+//
 // # A consumer that vanishes
 //
 // If the durable consumer is deleted (by an operator, or lost with a
@@ -74,6 +107,15 @@ type Config struct {
 	Store Store
 	// Durable names the pull consumer on METERD_USAGE (default meterd-aggregator).
 	Durable string
+	// Subject is the consumer's filter: the usage partitions this
+	// aggregator writes (default meterd.usage.>, all of them; one
+	// partition's schemas.UsageSubject when aggregators share them).
+	Subject string
+	// StartAfter names a durable consumer whose acknowledgement floor a new
+	// consumer starts after, if it exists: the consumer of one aggregator
+	// of every partition, when aggregators start sharing them. What it
+	// acknowledged past its floor is delivered again and counted once.
+	StartAfter string
 	// Partitions is P of meterd.committed.<partition> (default 16).
 	Partitions int
 	// FetchBatch messages at most are written per store flush (default 20
@@ -115,6 +157,7 @@ func (c *Config) Validate() error {
 		return errors.New("aggregator: store is required")
 	}
 	c.Durable = cmp.Or(c.Durable, DefaultDurable)
+	c.Subject = cmp.Or(c.Subject, schemas.UsageSubjects)
 	orDefault(&c.Partitions, schemas.DefaultPartitions)
 	orDefault(&c.FetchBatch, DefaultFetchBatch)
 	if c.CatchUpBatch == 0 {
@@ -218,7 +261,7 @@ func (a *Aggregator) ConsumerConfig() jetstream.ConsumerConfig {
 	return jetstream.ConsumerConfig{
 		Durable:       a.cfg.Durable,
 		Description:   "meterd aggregator: usage batches into the store",
-		FilterSubject: schemas.UsageSubjects,
+		FilterSubject: a.cfg.Subject,
 		AckPolicy:     jetstream.AckExplicitPolicy,
 		DeliverPolicy: jetstream.DeliverAllPolicy,
 		AckWait:       a.cfg.AckWait,
@@ -417,6 +460,10 @@ func (a *Aggregator) ensureConsumer(ctx context.Context) (jetstream.Consumer, er
 		} else if floor := a.ackFloor.Load(); floor > 0 && errors.Is(err, jetstream.ErrConsumerNotFound) {
 			cc.DeliverPolicy, cc.OptStartSeq = jetstream.DeliverByStartSequencePolicy, floor+1
 			recreated = true
+		} else if floor := a.startAfter(ctx); floor > 0 && errors.Is(err, jetstream.ErrConsumerNotFound) {
+			cc.DeliverPolicy, cc.OptStartSeq = jetstream.DeliverByStartSequencePolicy, floor+1
+			a.log.Info("new consumer starts after the ack floor of the aggregator of every partition",
+				"durable", cc.Durable, "after", a.cfg.StartAfter, "start_seq", cc.OptStartSeq)
 		}
 		c, err := a.js.CreateOrUpdateConsumer(ctx, schemas.UsageStream, cc)
 		if err != nil {
@@ -438,6 +485,20 @@ func (a *Aggregator) ensureConsumer(ctx context.Context) (jetstream.Consumer, er
 	a.consumer.Store(&cons)
 	a.noteAckFloor(cons.CachedInfo())
 	return cons, nil
+}
+
+// startAfter returns the ack floor of the StartAfter consumer, 0 if there
+// is none (then the new consumer delivers all the stream holds: the trimmer
+// keeps it to what was not acknowledged, and the store counts the rest once).
+func (a *Aggregator) startAfter(ctx context.Context) uint64 {
+	if a.cfg.StartAfter == "" {
+		return 0
+	}
+	c, err := a.js.Consumer(ctx, schemas.UsageStream, a.cfg.StartAfter)
+	if err != nil {
+		return 0
+	}
+	return c.CachedInfo().AckFloor.Stream
 }
 
 // noteAckFloor records the consumer's ack floor from info.

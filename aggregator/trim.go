@@ -1,7 +1,6 @@
 package aggregator
 
 import (
-	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -23,9 +22,10 @@ const DefaultTrimEvery = 30 * time.Second
 type TrimmerConfig struct {
 	// NATS is the connection to JetStream. Required.
 	NATS *nats.Conn
-	// Durable is the aggregator's consumer whose acknowledged batches are
-	// trimmed (default DefaultDurable).
-	Durable string
+	// Durables are the aggregators' consumers whose acknowledged batches
+	// are trimmed, each on its own subjects (default DefaultDurable alone;
+	// one per partition when aggregators share them).
+	Durables []string
 	// Every is how often the stream is trimmed and measured (default 30s).
 	Every      time.Duration
 	Logger     *slog.Logger
@@ -56,7 +56,9 @@ func NewTrimmer(cfg TrimmerConfig) (*Trimmer, error) {
 	if cfg.NATS == nil {
 		return nil, errors.New("aggregator: trimmer needs a NATS connection")
 	}
-	cfg.Durable = cmp.Or(cfg.Durable, DefaultDurable)
+	if len(cfg.Durables) == 0 {
+		cfg.Durables = []string{DefaultDurable}
+	}
 	orDefault(&cfg.Every, DefaultTrimEvery)
 	quietDefaults(&cfg.Logger, &cfg.Registerer)
 	js, err := jetstream.New(cfg.NATS)
@@ -134,12 +136,21 @@ func (t *Trimmer) purge(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("stream %s: %w", schemas.UsageStream, err)
 	}
-	cons, err := s.Consumer(ctx, t.cfg.Durable)
+	var errs []error
+	for _, d := range t.cfg.Durables {
+		errs = append(errs, t.purgeBelow(ctx, s, d))
+	}
+	return errors.Join(errs...)
+}
+
+// purgeBelow purges the subjects of durable's consumer below its ack floor.
+func (t *Trimmer) purgeBelow(ctx context.Context, s jetstream.Stream, durable string) error {
+	cons, err := s.Consumer(ctx, durable)
 	if errors.Is(err, jetstream.ErrConsumerNotFound) {
 		return nil // not created yet: nothing is committed through it
 	}
 	if err != nil {
-		return fmt.Errorf("consumer %s: %w", t.cfg.Durable, err)
+		return fmt.Errorf("consumer %s: %w", durable, err)
 	}
 	info := cons.CachedInfo()
 	floor := info.AckFloor.Stream

@@ -103,11 +103,33 @@
 // # One writer
 //
 // The lookups, the intents and the corrections assume a single writer per
-// database (per usage partition, if partitions get their own databases): one
-// aggregator consumes its usage stream sequentially, and Apply and Reconcile
-// of a Store are serialised. Two processes writing the same database could
-// both find an event missing and count it twice. Total, Totals and Ping may
-// run anywhere, concurrently.
+// tenant: one aggregator consumes its usage stream sequentially, and Apply
+// and Reconcile of a Store are serialised. Two processes writing the same
+// tenants could both find an event missing and count it twice. Total,
+// Totals and Ping may run anywhere, concurrently.
+//
+// By default a store writes every tenant, so one process writes the
+// database. Aggregators that share the usage partitions (aggregator/share)
+// run one store per partition (Config.Partitions, Config.Partition), all on
+// one database: tenants are hashed to partitions (schemas.Partition), so the
+// stores' tenants are disjoint, and every write of a scoped store stays
+// within its tenants. Apply refuses an event of another partition
+// (aggregator.ErrInvalidEvent: the batch is dead-lettered, never written
+// beside the other partition's writer); an intent records its partition and
+// a store repairs only its own partition's open intents, since another
+// partition's may be a write in progress (an intent of an unscoped writer,
+// from before the partitions were shared, is repaired by each partition for
+// its own tenants and stays open); Reconcile and the dedup index's
+// catch-up and rebuild read only the partition's tenants, and the index's
+// mark names the partition, so an index of another scope is rebuilt. The
+// single-writer argument below therefore holds per partition: "one writer"
+// reads "one writer per partition", each with its own lease.
+//
+// Selecting a partition's tenants costs a read of the tenant column of the
+// rows concerned, filtered in Go (18.16 cannot compute the partition's
+// hash), then a read through the primary key (ORDER BY tenant, id) of the
+// partition's rows only: a rebuild of every partition's index reads the
+// events once in all, plus the tenant column once per partition.
 //
 // The aggregator enforces the single writer with a lease (internal/lease,
 // aggregator's package documentation): it writes only while it holds the
@@ -204,6 +226,13 @@ type Config struct {
 	// IndexCacheBytes is the index's block cache, which must hold its Bloom
 	// filters: 1.2 GiB per billion keys (keyindex.DefaultCacheBytes if 0).
 	IndexCacheBytes int64
+	// Partitions, if positive, scopes the store's writes to the tenants of
+	// usage partition Partition of Partitions (schemas.Partition), for
+	// aggregators that share the partitions: stores of different partitions
+	// write one database at once, each the only writer of its tenants (see
+	// "One writer" in the package documentation). 0 writes every tenant.
+	// Reads (Total, Totals, Usage) are never scoped.
+	Partitions, Partition int
 }
 
 var databaseName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
@@ -228,6 +257,9 @@ func (c Config) options() (*clickhouse.Options, error) {
 	if !databaseName.MatchString(opts.Auth.Database) {
 		return nil, fmt.Errorf("clickhouse: DSN must name a database matching %s, got %q", databaseName, opts.Auth.Database)
 	}
+	if c.Partitions < 0 || c.Partitions > 0 && (c.Partition < 0 || c.Partition >= c.Partitions) {
+		return nil, fmt.Errorf("clickhouse: partition %d of %d is out of range", c.Partition, c.Partitions)
+	}
 	return opts, nil
 }
 
@@ -237,6 +269,9 @@ type Store struct {
 
 	conn driver.Conn
 	log  *slog.Logger
+	// scope is the partition whose tenants this store writes, or the
+	// zero scope (all tenants).
+	scope scope
 
 	mu sync.Mutex // serialises the writers: Apply and Reconcile
 	// pending is set when an apply may have been interrupted (at start, and
@@ -280,8 +315,12 @@ func New(ctx context.Context, cfg Config) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("clickhouse: open: %w", err)
 	}
-	s := &Store{conn: conn, log: log.With("component", "store", "store", "clickhouse"), pending: true, carry: rollup.Rows{}}
+	s := &Store{conn: conn, log: log.With("component", "store", "store", "clickhouse"), pending: true, carry: rollup.Rows{},
+		scope: scope{partitions: cfg.Partitions, partition: cfg.Partition}}
 	s.Totaler = rollup.NewTotaler("clickhouse", s.sumsOf)
+	if s.scope.partitions > 0 {
+		s.log = s.log.With("partition", cfg.Partition)
+	}
 	if err := s.migrate(ctx); err != nil {
 		conn.Close()
 		return nil, fmt.Errorf("clickhouse: %w", err)
@@ -303,6 +342,7 @@ func (s *Store) openIndex(ctx context.Context, cfg Config) error {
 	if s.id, err = s.storeID(ctx); err != nil {
 		return fmt.Errorf("store identity: %w", err)
 	}
+	s.id = s.scope.indexScope(s.id)
 	if err := s.measureClock(ctx); err != nil {
 		return fmt.Errorf("server clock: %w", err)
 	}
@@ -414,7 +454,11 @@ func (s *Store) Apply(ctx context.Context, batches []*schemas.Batch) ([]aggregat
 	if err := rollup.Check(batches); err != nil {
 		return nil, err
 	}
+	if err := s.scope.check(batches); err != nil {
+		return nil, err
+	}
 	cands, index, in := candidates(batches, s.index != nil)
+	in.partition = s.scope.intentPartition()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err := s.recoverIntents(ctx); err != nil {
@@ -444,7 +488,7 @@ func candidates(batches []*schemas.Batch, withKeys bool) ([]candidate, map[rollu
 	cands := make([]candidate, 0, n)
 	index := make(map[rollup.EventID]int, n)
 	tenants := map[string]struct{}{}
-	in := intent{id: randomID(16), startedAt: time.Now().UTC(), hours: rollup.Range{From: 1<<63 - 1}}
+	in := intent{id: randomID(16), startedAt: time.Now().UTC(), hours: rollup.Range{From: 1<<63 - 1}, partition: -1}
 	for _, b := range batches {
 		for i := range b.Events {
 			e := &b.Events[i]
@@ -555,6 +599,9 @@ type intent struct {
 	startedAt time.Time
 	tenants   []string
 	hours     rollup.Range
+	// partition is the scope of the writer that opened it, -1 for a
+	// writer of every partition.
+	partition int32
 }
 
 // write opens the intent in, looks up which candidates events holds, and
@@ -695,14 +742,14 @@ type intentRow struct {
 
 // insertIntents inserts rows into applies in one block.
 func (s *Store) insertIntents(ctx context.Context, rows ...intentRow) error {
-	b, err := s.conn.PrepareBatch(ctx, `INSERT INTO applies (apply_id, sign, started_at, tenants, first_hour, end_hour)`)
+	b, err := s.conn.PrepareBatch(ctx, `INSERT INTO applies (apply_id, sign, started_at, tenants, first_hour, end_hour, usage_partition)`)
 	if err != nil {
 		return fmt.Errorf("record intent: %w", err)
 	}
 	defer b.Close()
 	for _, r := range rows {
 		in := r.in
-		if err := b.Append(in.id, r.sign, in.startedAt, in.tenants, rollup.Time(in.hours.From), rollup.Time(in.hours.To)); err != nil {
+		if err := b.Append(in.id, r.sign, in.startedAt, in.tenants, rollup.Time(in.hours.From), rollup.Time(in.hours.To), in.partition); err != nil {
 			return fmt.Errorf("record intent: %w", err)
 		}
 	}
@@ -778,14 +825,21 @@ func (s *Store) insertRollups(ctx context.Context, queryID string, rows rollup.R
 }
 
 // recoverIntents repairs the rollups of every open intent, if an apply may
-// have been interrupted, and adds the repairs to carry.
+// have been interrupted, and adds the repairs to carry. A store scoped to a
+// partition repairs its own partition's intents, and its own tenants' part
+// of the intents of a writer of every partition (an aggregator before the
+// partitions were shared), which it leaves open for the other partitions.
 func (s *Store) recoverIntents(ctx context.Context) error {
 	if !s.pending {
 		return nil
 	}
+	where := ""
+	if s.scope.partitions > 0 {
+		where = " WHERE usage_partition IN (-1, " + strconv.Itoa(s.scope.partition) + ")"
+	}
 	rows, err := s.conn.Query(ctx, `SELECT apply_id, anyIf(started_at, sign = 1), anyIf(tenants, sign = 1),
-			toUInt32(minIf(first_hour, sign = 1)), toUInt32(maxIf(end_hour, sign = 1))
-		FROM applies GROUP BY apply_id HAVING sum(sign) > 0`)
+			toUInt32(minIf(first_hour, sign = 1)), toUInt32(maxIf(end_hour, sign = 1)), any(usage_partition)
+		FROM applies`+where+` GROUP BY apply_id HAVING sum(sign) > 0`)
 	if err != nil {
 		return fmt.Errorf("read intents: %w", err)
 	}
@@ -793,7 +847,7 @@ func (s *Store) recoverIntents(ctx context.Context) error {
 	for rows.Next() {
 		var in intent
 		var from, to uint32
-		if err := rows.Scan(&in.id, &in.startedAt, &in.tenants, &from, &to); err != nil {
+		if err := rows.Scan(&in.id, &in.startedAt, &in.tenants, &from, &to, &in.partition); err != nil {
 			rows.Close()
 			return fmt.Errorf("read intents: %w", err)
 		}
@@ -808,16 +862,24 @@ func (s *Store) recoverIntents(ctx context.Context) error {
 		if err := s.waitQueries(ctx, in.id); err != nil {
 			return err
 		}
-		deltas, err := s.diff(ctx, in.hours, in.tenants)
-		if err != nil {
-			return fmt.Errorf("repair apply %s: %w", in.id, err)
+		shared := s.scope.partitions > 0 && in.partition < 0
+		if shared {
+			in.tenants = s.scope.own(in.tenants)
 		}
-		if err := s.insertRollups(ctx, in.id+"-repair-"+randomID(4), deltas); err != nil {
-			return fmt.Errorf("repair apply %s: %w", in.id, err)
+		var deltas rollup.Rows
+		if len(in.tenants) > 0 {
+			if deltas, err = s.diff(ctx, in.hours, in.tenants); err != nil {
+				return fmt.Errorf("repair apply %s: %w", in.id, err)
+			}
+			if err := s.insertRollups(ctx, in.id+"-repair-"+randomID(4), deltas); err != nil {
+				return fmt.Errorf("repair apply %s: %w", in.id, err)
+			}
+			s.carry.Merge(deltas)
 		}
-		s.carry.Merge(deltas)
-		if err := s.insertIntents(ctx, intentRow{in, -1}); err != nil {
-			return err
+		if !shared {
+			if err := s.insertIntents(ctx, intentRow{in, -1}); err != nil {
+				return err
+			}
 		}
 		// The intent of the last write before a crash is open whether or
 		// not that write finished; only a difference tells.
@@ -825,7 +887,8 @@ func (s *Store) recoverIntents(ctx context.Context) error {
 		if len(deltas) > 0 {
 			log = s.log.Warn
 		}
-		log("repaired the rollups of an open intent", "apply_id", in.id, "started_at", in.startedAt, "rows", len(deltas))
+		log("repaired the rollups of an open intent", "apply_id", in.id, "started_at", in.startedAt, "rows", len(deltas),
+			"intent_partition", in.partition)
 	}
 	if s.index != nil {
 		if err := s.syncIndex(ctx); err != nil {
@@ -862,14 +925,10 @@ func (s *Store) waitQueries(ctx context.Context, applyID string) error {
 func (s *Store) diff(ctx context.Context, h rollup.Range, tenants []string) (rollup.Rows, error) {
 	scope := ""
 	if tenants != nil {
-		tbl, err := ext.NewTable("scope", ext.Column("tenant", "String"))
-		if err != nil {
+		var err error
+		if ctx, err = withTenants(ctx, tenants); err != nil {
 			return nil, err
 		}
-		if _, err := tbl.Block().Columns[0].Append(tenants); err != nil {
-			return nil, err
-		}
-		ctx = clickhouse.Context(ctx, clickhouse.WithExternalTable(tbl))
 		scope = " AND tenant IN scope"
 	}
 	// The rollups' parts are negated rather than their values: the parts
@@ -916,7 +975,19 @@ func (s *Store) Reconcile(ctx context.Context, from, to time.Time) (int, error) 
 	if err := s.recoverIntents(ctx); err != nil {
 		return 0, fmt.Errorf("clickhouse: reconcile: %w", err)
 	}
-	deltas, err := s.diff(ctx, hours, nil)
+	var tenants []string // nil: all
+	if s.scope.partitions > 0 {
+		var err error
+		if tenants, err = s.scopeTenants(ctx, `SELECT DISTINCT tenant FROM events WHERE time >= toDateTime(`+strconv.FormatInt(hours.From, 10)+
+			`) AND time < toDateTime(`+strconv.FormatInt(hours.To, 10)+`) UNION ALL SELECT DISTINCT tenant FROM rollups_hourly WHERE hour >= toDateTime(`+
+			strconv.FormatInt(hours.From, 10)+`) AND hour < toDateTime(`+strconv.FormatInt(hours.To, 10)+`)`); err != nil {
+			return 0, fmt.Errorf("clickhouse: reconcile: %w", err)
+		}
+		if len(tenants) == 0 {
+			return 0, nil
+		}
+	}
+	deltas, err := s.diff(ctx, hours, tenants)
 	if err != nil {
 		return 0, fmt.Errorf("clickhouse: reconcile: %w", err)
 	}

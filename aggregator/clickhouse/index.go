@@ -105,10 +105,24 @@ func (s *Store) loadIndex(ctx context.Context, since time.Time, m keyindex.Mark)
 		return 0, err
 	}
 	defer l.Abort()
+	inserted := `inserted_at >= toDateTime(` + strconv.FormatInt(max(since.Unix(), 0), 10) + `)`
+	scope := ""
+	if s.scope.partitions > 0 {
+		// The partition's tenants select its events through the primary
+		// key: each partition's index reads its share of events.
+		tenants, err := s.scopeTenants(ctx, `SELECT tenant FROM events WHERE `+inserted)
+		if err != nil {
+			return 0, err
+		}
+		if ctx, err = withTenants(ctx, tenants); err != nil {
+			return 0, err
+		}
+		scope = " AND tenant IN scope"
+	}
 	// The server computes the keys (keyindex.KeyOf, which
 	// TestServerComputesIndexKeys holds it to), on all its cores.
 	rows, err := s.conn.Query(ctx, `SELECT substring(SHA256(concat(tenant, '\0', id)), 1, 16), inserted_at
-		FROM events WHERE inserted_at >= toDateTime(`+strconv.FormatInt(max(since.Unix(), 0), 10)+`)`)
+		FROM events WHERE `+inserted+scope)
 	if err != nil {
 		return 0, fmt.Errorf("read events: %w", err)
 	}

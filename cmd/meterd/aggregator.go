@@ -6,17 +6,23 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
+	"sync"
+	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/meterd/meterd/aggregator"
 	"github.com/meterd/meterd/aggregator/clickhouse"
 	"github.com/meterd/meterd/aggregator/keyindex"
 	"github.com/meterd/meterd/aggregator/report"
+	"github.com/meterd/meterd/aggregator/share"
 	"github.com/meterd/meterd/aggregator/sqlite"
 	"github.com/meterd/meterd/catalog"
 	"github.com/meterd/meterd/cmd/meterd/internal/cli"
@@ -24,6 +30,7 @@ import (
 	"github.com/meterd/meterd/internal/config"
 	"github.com/meterd/meterd/internal/lease"
 	"github.com/meterd/meterd/internal/redact"
+	"github.com/meterd/meterd/schemas"
 )
 
 // aggregatorCmdFlags defines the flags of `meterd aggregator` beyond the shared ones.
@@ -31,6 +38,7 @@ func aggregatorCmdFlags(fs *flag.FlagSet, s *settings) {
 	streamFlags(fs, &s.file.NATS)
 	storeFlags(fs, s)
 	aggregatorFlags(fs, &s.file.Aggregator)
+	s.checks = append(s.checks, func() error { return checkShared(s.file.Aggregator) })
 }
 
 // aggregatorComponents adds the components of `meterd aggregator` to a.
@@ -39,11 +47,17 @@ func aggregatorComponents(ctx context.Context, a *app, nc *nats.Conn) error {
 	if err := ensureStreams(ctx, nc, f.NATS, f.NATS.Replicas); err != nil {
 		return err
 	}
-	store, err := a.openStore(ctx, f.Aggregator, true)
+	// Shared, each partition's aggregator opens a store of its own, and
+	// this one only reads.
+	store, err := a.openStore(ctx, f.Aggregator, !f.Aggregator.SharePartitions)
 	if err != nil {
 		return err
 	}
-	if err := a.addAggregator(ctx, nc, store, f.Aggregator, f.Collector.Partitions, max(f.NATS.Replicas, 1)); err != nil {
+	if f.Aggregator.SharePartitions {
+		if err := a.addSharedAggregators(ctx, nc, f.Aggregator, f.Collector.Partitions, max(f.NATS.Replicas, 1)); err != nil {
+			return err
+		}
+	} else if err := a.addAggregator(ctx, nc, store, f.Aggregator, f.Collector.Partitions, max(f.NATS.Replicas, 1)); err != nil {
 		return err
 	}
 	// Billing periods of the reports: the config file's catalog with the
@@ -83,7 +97,22 @@ func aggregatorFlags(fs *flag.FlagSet, c *config.Aggregator) {
 	fs.DurationVar(&c.DedupHorizon, "dedup-horizon", cmp.Or(c.DedupHorizon, keyindex.DefaultHorizon),
 		"how long after its first copy the dedup index drops a copy of an event (events that carry their own time can arrive no later than the late-event bound)")
 	fs.Int64Var(&c.DedupIndexCacheBytes, "dedup-index-cache-bytes", cmp.Or(c.DedupIndexCacheBytes, keyindex.DefaultCacheBytes),
-		"block cache of the dedup index: it must hold the index's Bloom filters, 1.2 GiB per billion events within the horizon")
+		"block cache of the dedup index: it must hold the index's Bloom filters, 1.2 GiB per billion events within the horizon "+
+			"(with --share-partitions, of all partitions: each partition's index gets 1/partitions of it)")
+	fs.BoolVar(&c.SharePartitions, "share-partitions", c.SharePartitions,
+		"share the usage partitions with the other aggregators started with this flag (ClickHouse only): each writes the partitions assigned to it, one writer per partition")
+	fs.StringVar(&c.Member, "member", c.Member, "name of this aggregator among those sharing the partitions, unique (default: the host name, a StatefulSet's pod name)")
+	fs.DurationVar(&c.MemberTTL, "member-ttl", cmp.Or(c.MemberTTL, share.DefaultTTL),
+		"with --share-partitions: a member that stops heartbeating loses its partitions after this; failover takes at most this + --lease-duration + 3s")
+}
+
+// checkShared refuses --share-partitions on the embedded store: its one
+// file has one writing process.
+func checkShared(c config.Aggregator) error {
+	if c.SharePartitions && c.ClickHouse == "" {
+		return cli.Mistake(errors.New("--share-partitions needs ClickHouse (--clickhouse DSN): the embedded store is one file written by one process, so its partitions cannot be shared"))
+	}
+	return nil
 }
 
 // ensureStreams declares METERD_USAGE and METERD_DLQ.
@@ -159,14 +188,196 @@ func (a *app) addAggregator(ctx context.Context, nc *nats.Conn, store aggregator
 	if err != nil {
 		return err
 	}
-	trim, err := aggregator.NewTrimmer(aggregator.TrimmerConfig{NATS: nc, Durable: c.Durable, Logger: a.log, Registerer: a.reg})
+	trim, err := aggregator.NewTrimmer(aggregator.TrimmerConfig{NATS: nc, Durables: []string{cfg.Durable}, Logger: a.log, Registerer: a.reg})
 	if err != nil {
 		return err
+	}
+	if leaseReplicas > 0 {
+		if err := refuseBesideShared(ctx, nc); err != nil {
+			return err
+		}
 	}
 	a.checks["aggregator"] = agg.Ready
 	a.workers = append(a.workers, agg, rec, trim)
 	return nil
 }
+
+// refuseBesideShared fails if aggregators share the partitions: an
+// aggregator of every partition would write beside their writers, under
+// another lease.
+func refuseBesideShared(ctx context.Context, nc *nats.Conn) error {
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return err
+	}
+	kv, err := js.KeyValue(ctx, share.DefaultBucket)
+	if errors.Is(err, jetstream.ErrBucketNotFound) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("membership bucket %s: %w", share.DefaultBucket, err)
+	}
+	members, err := kv.Keys(ctx)
+	if errors.Is(err, jetstream.ErrNoKeysFound) || len(members) == 0 {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("membership bucket %s: %w", share.DefaultBucket, err)
+	}
+	return cli.Mistakef("%d aggregators share the partitions (%s): start this one with --share-partitions too, or stop them first", len(members), strings.Join(members, ", "))
+}
+
+// addSharedAggregators adds the member that shares the usage partitions
+// with the other aggregators (aggregator/share): for each partition assigned
+// to it, an aggregator of that partition alone, with its own durable
+// consumer (<durable>-p<p>), writer lease (aggregator.<durable>.p<p>),
+// ClickHouse store scoped to the partition, dedup index and reconciler.
+func (a *app) addSharedAggregators(ctx context.Context, nc *nats.Conn, c config.Aggregator, partitions, replicas int) error {
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return err
+	}
+	partitions = cmp.Or(partitions, schemas.DefaultPartitions)
+	durable := cmp.Or(c.Durable, aggregator.DefaultDurable)
+	member := c.Member
+	if member == "" {
+		host, err := os.Hostname()
+		if err != nil {
+			return fmt.Errorf("--member: %w", err)
+		}
+		// A key of the membership bucket: an FQDN's dots become '_'.
+		member = strings.Map(func(r rune) rune {
+			if r == '-' || r == '_' || r >= '0' && r <= '9' || r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' {
+				return r
+			}
+			return '_'
+		}, host)
+	}
+	durables := make([]string, partitions)
+	for p := range durables {
+		durables[p] = durable + "-p" + strconv.Itoa(p)
+	}
+	// The lease of one aggregator of every partition: a shared member
+	// starts once no such aggregator writes (an upgrade from one
+	// aggregator), and never holds it for longer than that check.
+	all, err := lease.New(ctx, lease.Config{JS: js, Replicas: replicas, Key: "aggregator." + durable + ".all",
+		Duration: c.LeaseDuration, Logger: a.log.With("component", "aggregator")})
+	if err != nil {
+		return err
+	}
+	// The partitions' stores, built concurrently as partitions are
+	// assigned, close at shutdown after the workers stopped.
+	var (
+		storesMu sync.Mutex
+		stores   []*clickhouse.Store
+	)
+	a.onClose(func() error {
+		storesMu.Lock()
+		defer storesMu.Unlock()
+		var errs []error
+		for _, st := range stores {
+			errs = append(errs, st.Close())
+		}
+		return errors.Join(errs...)
+	})
+	newWorker := func(p int) (share.Worker, error) {
+		w, st, err := a.partitionWorker(ctx, nc, js, c, partitions, p, durable, durables[p], replicas)
+		if err == nil {
+			storesMu.Lock()
+			stores = append(stores, st)
+			storesMu.Unlock()
+		}
+		return w, err
+	}
+	g, err := share.New(ctx, share.Config{JS: js, Replicas: replicas, Member: member, Partitions: partitions, TTL: c.MemberTTL,
+		Worker: newWorker, Logger: a.log, Registerer: a.reg})
+	if err != nil {
+		return cli.Mistake(err)
+	}
+	trim, err := aggregator.NewTrimmer(aggregator.TrimmerConfig{NATS: nc, Durables: durables, Logger: a.log, Registerer: a.reg})
+	if err != nil {
+		return err
+	}
+	a.checks["aggregator"] = g.Ready
+	a.workers = append(a.workers, sharedMember{g: g, all: all, log: a.log}, trim)
+	return nil
+}
+
+// sharedMember waits until no aggregator of every partition holds its
+// lease, then runs the member.
+type sharedMember struct {
+	g   *share.Group
+	all *lease.Lease
+	log *slog.Logger
+}
+
+func (m sharedMember) Run(ctx context.Context) error {
+	m.log.Info("waiting until no aggregator of every partition writes (its lease is free)")
+	if _, err := m.all.Acquire(ctx); err != nil {
+		return nil // ctx ended
+	}
+	rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	err := m.all.Release(rctx)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("release the lease of the aggregator of every partition: %w", err)
+	}
+	return m.g.Run(ctx)
+}
+
+// partitionWorker builds the aggregator of partition p of partitions and
+// returns it with its store, which the caller closes.
+func (a *app) partitionWorker(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, c config.Aggregator,
+	partitions, p int, durable, pdurable string, replicas int) (share.Worker, *clickhouse.Store, error) {
+	log := a.log.With("partition", p)
+	reg := prometheus.WrapRegistererWith(prometheus.Labels{"partition": strconv.Itoa(p)}, a.reg)
+	l, err := lease.New(ctx, lease.Config{JS: js, Replicas: replicas, Key: "aggregator." + durable + ".p" + strconv.Itoa(p),
+		Duration: c.LeaseDuration, Logger: log.With("component", "aggregator")})
+	if err != nil {
+		return nil, nil, err
+	}
+	cfg := clickhouse.Config{DSN: c.ClickHouse, Logger: log, Partitions: partitions, Partition: p,
+		Horizon: c.DedupHorizon, IndexCacheBytes: max(c.DedupIndexCacheBytes/int64(partitions), 8<<20)}
+	if c.DedupIndexDir != "" {
+		cfg.IndexDir = filepath.Join(c.DedupIndexDir, "p"+strconv.Itoa(p))
+	}
+	store, err := clickhouse.New(ctx, cfg)
+	if err != nil {
+		return nil, nil, err
+	}
+	agg, err := aggregator.New(aggregator.Config{
+		NATS: nc, Store: store, Durable: pdurable, Subject: schemas.UsageSubject(p), StartAfter: durable, Partitions: partitions,
+		FetchBatch: c.FetchBatch, CatchUpBatch: c.CatchUpBatch, FetchWait: c.FetchWait, AckWait: c.AckWait,
+		Lease: l, Logger: log, Registerer: reg,
+	})
+	var rec *aggregator.Reconciler
+	if err == nil {
+		rec, err = aggregator.NewReconciler(aggregator.ReconcilerConfig{Store: agg.Writer(), Logger: log, Registerer: reg})
+	}
+	if err != nil {
+		// Closed, the store frees its index's directory for the next try.
+		store.Close()
+		return nil, nil, err
+	}
+	return partitionWorker{agg: agg, rec: rec}, store, nil
+}
+
+// partitionWorker consumes and reconciles one partition while its member
+// owns it.
+type partitionWorker struct {
+	agg *aggregator.Aggregator
+	rec *aggregator.Reconciler
+}
+
+func (w partitionWorker) Run(ctx context.Context) error {
+	var wg sync.WaitGroup
+	wg.Go(func() { w.rec.Run(ctx) })
+	err := w.agg.Run(ctx)
+	wg.Wait()
+	return err
+}
+
+func (w partitionWorker) Ready(ctx context.Context) error { return w.agg.Ready(ctx) }
 
 // addReports serves GET /v1/usage from store.
 func (a *app) addReports(store aggregator.Store, cat func() *catalog.Catalog) error {

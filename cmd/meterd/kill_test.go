@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -196,24 +195,15 @@ func (p *killProc) metric(t *testing.T, series string) float64 {
 // value of series, as killProc.metric.
 func metricAt(t *testing.T, base, series string) float64 {
 	t.Helper()
-	resp, err := http.Get(base + "/metrics")
+	all, err := seriesAt(base)
 	if err != nil {
 		t.Fatalf("scrape: %v", err)
 	}
-	defer resp.Body.Close()
-	sc := bufio.NewScanner(resp.Body)
-	for sc.Scan() {
-		name, value, ok := strings.Cut(sc.Text(), " ")
-		if ok && name == series {
-			v, err := strconv.ParseFloat(value, 64)
-			if err != nil {
-				t.Fatalf("metric %s: %v", series, err)
-			}
-			return v
-		}
+	v, ok := all[series]
+	if !ok {
+		t.Fatalf("no series %s in /metrics", series)
 	}
-	t.Fatalf("no series %s in /metrics (err %v)", series, sc.Err())
-	return 0
+	return v
 }
 
 // kill sends SIGKILL and waits until the process is gone.

@@ -214,8 +214,8 @@ func (c *checker) meterd() {
 		if cmd == "collector" {
 			c.spool(w, id, ct, env)
 		}
-		if cmd == "aggregator" && (w.sts == nil || w.replicas != 1) {
-			c.errorf("%s: the aggregator must be a StatefulSet of 1 replica: one writer per database (docs/design-notes.md), never two at once", w.id)
+		if cmd == "aggregator" {
+			c.aggregator(w, id, ct, env)
 		}
 	}
 	if len(images) > 1 {
@@ -226,6 +226,47 @@ func (c *checker) meterd() {
 			c.errorf("no container runs meterd %s", cmd)
 		}
 	}
+}
+
+// aggregator: a StatefulSet (stable pod names are the members' names, and
+// a replacement starts once the old pod is gone); more than one replica
+// only with --share-partitions, which needs ClickHouse: one writer per
+// partition, never two aggregators of every partition beside each other.
+func (c *checker) aggregator(w workload, id string, ct *corev1.Container, env map[string]string) {
+	if w.sts == nil {
+		c.errorf("%s: the aggregator must be a StatefulSet: one writer per partition (README, \"Several aggregators\"), never two at once", w.id)
+		return
+	}
+	shared := boolSetting(ct, env, "share-partitions")
+	if w.replicas > 1 && !shared {
+		c.errorf("%s: %d replicas of the aggregator without --share-partitions: one would write and the others only wait; set --share-partitions to divide the partitions between them", w.id, w.replicas)
+	}
+	if shared && setting(ct, env, "clickhouse", "") == "" && !hasEnv(ct, "METERD_CLICKHOUSE") {
+		c.errorf("%s: --share-partitions needs ClickHouse (METERD_CLICKHOUSE or --clickhouse): the embedded store has one writing process", id)
+	}
+}
+
+// boolSetting reads the boolean flag name of ct: --name, --name=true or
+// its METERD_ variable.
+func boolSetting(ct *corev1.Container, env map[string]string, name string) bool {
+	for _, a := range ct.Args {
+		if n, v, hasV := strings.Cut(strings.TrimLeft(a, "-"), "="); strings.HasPrefix(a, "-") && n == name {
+			return !hasV || v == "true" || v == "1"
+		}
+	}
+	v := env[config.EnvName(name)]
+	return v == "true" || v == "1"
+}
+
+// hasEnv reports whether ct sets the variable name, by value or from a
+// reference.
+func hasEnv(ct *corev1.Container, name string) bool {
+	for _, e := range ct.Env {
+		if e.Name == name {
+			return true
+		}
+	}
+	return false
 }
 
 // imageTag returns the tag of an image reference, or "" when it has none.

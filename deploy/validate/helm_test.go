@@ -193,8 +193,8 @@ func TestHelmChart(t *testing.T) {
 		complete bool
 		kinds    map[string]int
 	}{
-		{"defaults", nil, false, map[string]int{"ConfigMap": 2, "Deployment": 2, "StatefulSet": 1, "Service": 4, "PodDisruptionBudget": 2}},
-		{"complete", completeValues, true, map[string]int{"ConfigMap": 2, "Secret": 1, "Deployment": 2, "StatefulSet": 1, "Service": 4, "PodDisruptionBudget": 2}},
+		{"defaults", nil, false, map[string]int{"ConfigMap": 2, "Deployment": 2, "StatefulSet": 1, "Service": 4, "PodDisruptionBudget": 3}},
+		{"complete", completeValues, true, map[string]int{"ConfigMap": 2, "Secret": 1, "Deployment": 2, "StatefulSet": 1, "Service": 4, "PodDisruptionBudget": 3}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s := renderHelm(t, tc.args...)

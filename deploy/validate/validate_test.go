@@ -95,10 +95,10 @@ func TestTrees(t *testing.T) {
 		// objects by kind, so a tree that renders nothing cannot pass
 		kinds map[string]int
 	}{
-		{"../base", false, map[string]int{"ConfigMap": 2, "Deployment": 2, "StatefulSet": 1, "Service": 4, "PodDisruptionBudget": 2}},
+		{"../base", false, map[string]int{"ConfigMap": 2, "Deployment": 2, "StatefulSet": 1, "Service": 4, "PodDisruptionBudget": 3}},
 		{"../nats", false, map[string]int{"ConfigMap": 1, "StatefulSet": 1, "Service": 2, "PodDisruptionBudget": 1}},
 		{"../clickhouse", false, map[string]int{"ConfigMap": 1, "StatefulSet": 1, "Service": 1}},
-		{"../overlays/example", true, map[string]int{"Namespace": 1, "ConfigMap": 4, "Secret": 3, "Deployment": 2, "StatefulSet": 3, "Service": 7, "PodDisruptionBudget": 3}},
+		{"../overlays/example", true, map[string]int{"Namespace": 1, "ConfigMap": 4, "Secret": 3, "Deployment": 2, "StatefulSet": 3, "Service": 7, "PodDisruptionBudget": 4}},
 	} {
 		t.Run(strings.TrimPrefix(tc.dir, "../"), func(t *testing.T) {
 			s := render(t, tc.dir)
@@ -164,8 +164,8 @@ func TestBroken(t *testing.T) {
 		{"no-probe", "Deployment/enforcer container enforcer: no readinessProbe"},
 		{"env-typo", "METERD_CLICKHOUSE_DSN is not a flag of meterd enforcer"},
 		{"flag-typo", "--listen-addr=:8082 is not a flag of meterd enforcer"},
-		{"two-aggregators", "the aggregator must be a StatefulSet of 1 replica"},
-		{"aggregator-deployment", "Deployment/aggregator: the aggregator must be a StatefulSet of 1 replica"},
+		{"two-aggregators", "StatefulSet/aggregator: 2 replicas of the aggregator without --share-partitions"},
+		{"aggregator-deployment", "Deployment/aggregator: the aggregator must be a StatefulSet"},
 		{"caddy-remote", "forward_auth upstream collector.meterd.svc:8080; want the collector sidecar on localhost:8080"},
 		{"missing-secret-key", "env METERD_CLICKHOUSE: Secret meterd-secrets-"},
 		{"root-user", "violates PodSecurity restricted"},

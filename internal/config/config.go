@@ -94,6 +94,15 @@ type Aggregator struct {
 	DedupHorizon time.Duration `yaml:"dedup_horizon"`
 	// DedupIndexCacheBytes is the index's block cache.
 	DedupIndexCacheBytes int64 `yaml:"dedup_index_cache_bytes"`
+	// SharePartitions makes aggregators started with identical settings
+	// share the usage partitions (aggregator/share), each written by one
+	// of them at a time.
+	SharePartitions bool `yaml:"share_partitions"`
+	// Member names this aggregator among those sharing the partitions
+	// (default: the host name); MemberTTL is how long a member that stopped
+	// heartbeating keeps its partitions.
+	Member    string        `yaml:"member"`
+	MemberTTL time.Duration `yaml:"member_ttl"`
 }
 
 // Enforcer holds the enforcer's settings; its store is the aggregator's.

@@ -1,0 +1,472 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"maps"
+	"net/http"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/meterd/meterd/aggregator/clickhouse"
+	"github.com/meterd/meterd/aggregator/share"
+	"github.com/meterd/meterd/internal/chtest"
+	"github.com/meterd/meterd/internal/jstest"
+	"github.com/meterd/meterd/internal/lease"
+	"github.com/meterd/meterd/schemas"
+)
+
+// seriesAt scrapes base/metrics (base is http://host:port) and returns
+// every series by its exposition name (name or name{label="value",…}).
+func seriesAt(base string) (map[string]float64, error) {
+	resp, err := http.Get(base + "/metrics")
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	out := map[string]float64{}
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		if name, value, ok := strings.Cut(sc.Text(), " "); ok && !strings.HasPrefix(name, "#") {
+			if v, err := strconv.ParseFloat(value, 64); err == nil {
+				out[name] = v
+			}
+		}
+	}
+	return out, sc.Err()
+}
+
+// sharedLoad publishes batches of one partition's tenants each, whose ids
+// repeat across batches, and records the distinct events' totals per
+// tenant: the oracle.
+type sharedLoad struct {
+	js jetstream.JetStream
+	// async publishes without waiting for each acknowledgement (the
+	// caller waits for PublishAsyncComplete).
+	async     bool
+	t0        time.Time
+	mu        sync.Mutex
+	want      map[string]int64
+	seen      map[string]bool
+	published int
+}
+
+// publish sends batch i, of partition i%16.
+func (l *sharedLoad) publish(t *testing.T, i int) {
+	p := i % schemas.DefaultPartitions
+	events := make([]schemas.Event, 0, 100)
+	l.mu.Lock()
+	for j := 0; len(events) < 100; j++ {
+		n := i*100 + j
+		tenant := "t" + strconv.Itoa(n%64)
+		if schemas.Partition(tenant, schemas.DefaultPartitions) != p {
+			continue
+		}
+		e := schemas.Event{ID: "e" + strconv.Itoa(n%40000), Tenant: tenant, Meter: "api_calls",
+			Value: int64(n%5 + 1), Time: l.t0.Add(time.Duration(n%7200) * time.Second)}
+		if k := e.Tenant + "/" + e.ID; !l.seen[k] {
+			l.seen[k] = true
+			l.want[e.Tenant] += e.Value
+		}
+		events = append(events, e)
+	}
+	l.published++
+	l.mu.Unlock()
+	data, err := schemas.EncodeBatch(&schemas.Batch{ID: fmt.Sprintf("s%d", i), Collector: "test", SealedAt: l.t0, Events: events})
+	if err != nil {
+		t.Error(err)
+		return
+	}
+	msg := &nats.Msg{Subject: schemas.UsageSubject(p), Data: data, Header: nats.Header{}}
+	msg.Header.Set(schemas.HeaderContentType, schemas.BatchContentType)
+	if l.async {
+		if _, err := l.js.PublishMsgAsync(msg, jetstream.WithMsgID(fmt.Sprintf("s%d", i))); err != nil {
+			t.Error(err)
+		}
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := l.js.PublishMsg(ctx, msg, jetstream.WithMsgID(fmt.Sprintf("s%d", i))); err != nil {
+		t.Error(err)
+	}
+}
+
+// Three aggregator processes started with identical flags share the 16
+// usage partitions, taking over from one aggregator of every partition
+// once it stops: balanced, each partition written by exactly one of them;
+// a fourth joins and leaves; one is killed (SIGKILL) and one frozen
+// past its lease (SIGSTOP, then SIGCONT) under load. The oracle: every
+// distinct event published counted exactly once, nothing lost, nothing
+// doubled by the zombie; rollups equal the raw events. The failover time
+// after the SIGKILL is measured. METERD_SHARE_LONG=1 runs it with the
+// default lease and member TTL (15 s, 6 s) to measure the default failover.
+func TestSharedAggregators(t *testing.T) {
+	if testing.Short() {
+		t.Skip("four aggregator processes, a kill and a freeze")
+	}
+	leaseDuration, memberTTL := 3*time.Second, 2*time.Second
+	if os.Getenv("METERD_SHARE_LONG") != "" {
+		leaseDuration, memberTTL = lease.DefaultDuration, share.DefaultTTL
+	}
+	bin := buildMeterd(t)
+	b := startKillBroker(t)
+	dsn := chtest.DSN(t)
+	const partitions = schemas.DefaultPartitions
+
+	// Committed increments still go out on their tenant's partition.
+	var wrongSubject []string
+	var wsMu sync.Mutex
+	sub, err := b.Conn().Subscribe(schemas.CommittedSubjectPrefix+"*", func(m *nats.Msg) {
+		var c schemas.Committed
+		if json.Unmarshal(m.Data, &c) == nil && m.Subject != schemas.CommittedSubject(schemas.Partition(c.Tenant, partitions)) {
+			wsMu.Lock()
+			wrongSubject = append(wrongSubject, m.Subject+" "+c.Tenant)
+			wsMu.Unlock()
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+
+	load := &sharedLoad{js: b.js, t0: time.Date(2026, 11, 21, 8, 0, 0, 0, time.UTC), want: map[string]int64{}, seen: map[string]bool{}}
+	loadCtx, stopLoad := context.WithCancel(t.Context())
+	loadDone := make(chan struct{})
+	go func() {
+		defer close(loadDone)
+		for i := 0; loadCtx.Err() == nil; i++ {
+			load.publish(t, i)
+			time.Sleep(20 * time.Millisecond)
+		}
+	}()
+	defer func() { stopLoad(); <-loadDone }()
+
+	dirs := map[string]string{}
+	procs := map[string]*killProc{}
+	start := func(member string) {
+		if dirs[member] == "" {
+			dirs[member] = t.TempDir() // the member's dedup index survives its restarts
+		}
+		addr := "127.0.0.1:" + strconv.Itoa(jstest.FreePort(t))
+		procs[member] = startKillProc(t, bin, addr, "aggregator", "--share-partitions", "--member", member,
+			"--nats-url", b.URL(), "--nats-replicas", "1", "--listen", addr, "--log-format", "text", "--insecure",
+			"--fetch-batch", "5", "--fetch-wait", "20ms", "--ack-wait", "2s",
+			"--lease-duration", leaseDuration.String(), "--member-ttl", memberTTL.String(),
+			"--clickhouse", dsn, "--dedup-index-dir", dirs[member])
+	}
+	// settled waits until the live members (names) hold every partition's
+	// lease exactly once, each member within ⌊16/N⌋..⌈16/N⌉, and returns
+	// how long that took and each member's count.
+	settled := func(what string, names []string, within time.Duration) (time.Duration, map[string]int) {
+		t.Helper()
+		begin := time.Now()
+		var last string
+		for time.Since(begin) < within {
+			holders := make([][]string, partitions)
+			per := map[string]int{}
+			ok := true
+			for _, m := range names {
+				series, err := seriesAt("http://" + procs[m].addr)
+				if err != nil {
+					ok = false
+					break
+				}
+				for p := range partitions {
+					if series[fmt.Sprintf(`meterd_aggregator_writer_leases{partition="%d"}`, p)] == 1 {
+						holders[p] = append(holders[p], m)
+						per[m]++
+					}
+				}
+			}
+			lo, hi := partitions/len(names), (partitions+len(names)-1)/len(names)
+			for p := range partitions {
+				ok = ok && len(holders[p]) == 1
+			}
+			for _, m := range names {
+				ok = ok && per[m] >= lo && per[m] <= hi
+			}
+			if ok {
+				t.Logf("%s: settled in %s: %v", what, time.Since(begin).Round(10*time.Millisecond), per)
+				return time.Since(begin), per
+			}
+			last = fmt.Sprint(holders)
+			time.Sleep(50 * time.Millisecond)
+		}
+		t.Fatalf("%s: partitions not settled within %s; lease holders by partition: %s", what, within, last)
+		return 0, nil
+	}
+	rebalance := 2*memberTTL + leaseDuration + 10*time.Second
+
+	// The upgrade: one aggregator of every partition consumes first; the
+	// shared members started beside it wait until it stops, then take the
+	// partitions over from its consumer's ack floor.
+	oldAddr := "127.0.0.1:" + strconv.Itoa(jstest.FreePort(t))
+	old := startKillProc(t, bin, oldAddr, "aggregator", "--nats-url", b.URL(), "--nats-replicas", "1", "--listen", oldAddr,
+		"--log-format", "text", "--insecure", "--fetch-batch", "5", "--fetch-wait", "20ms", "--ack-wait", "2s",
+		"--lease-duration", leaseDuration.String(), "--clickhouse", dsn, "--dedup-index-dir", t.TempDir())
+	for deadline := time.Now().Add(30 * time.Second); old.metric(t, "meterd_aggregator_batches_committed_total") < 20; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the aggregator of every partition commits nothing")
+		}
+	}
+	for _, m := range []string{"a", "b", "c"} {
+		start(m)
+	}
+	time.Sleep(memberTTL)
+	for _, m := range []string{"a", "b", "c"} {
+		series, err := seriesAt("http://" + procs[m].addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for p := range partitions {
+			if series[fmt.Sprintf(`meterd_aggregator_writer_leases{partition="%d"}`, p)] != 0 {
+				t.Fatalf("%s writes partition %d beside the aggregator of every partition", m, p)
+			}
+		}
+	}
+	if err := old.terminate(); err != nil {
+		t.Errorf("SIGTERM the aggregator of every partition: %v", err)
+	}
+	settled("3 aggregators after the one of every partition", []string{"a", "b", "c"}, rebalance)
+	start("d")
+	settled("a 4th joins", []string{"a", "b", "c", "d"}, rebalance)
+	if err := procs["d"].terminate(); err != nil {
+		t.Errorf("SIGTERM d: %v", err)
+	}
+	settled("the 4th leaves", []string{"a", "b", "c"}, rebalance)
+
+	procs["c"].kill(t)
+	failover, _ := settled("c killed", []string{"a", "b"}, rebalance)
+	if limit := memberTTL + leaseDuration + 3*time.Second; failover > limit {
+		t.Errorf("failover after SIGKILL took %s, want within member TTL + lease + 3s = %s", failover, limit)
+	}
+	start("c")
+	settled("c back", []string{"a", "b", "c"}, rebalance)
+
+	// b frozen past its lease: a and c take its partitions over (once any
+	// insert b froze inside ends, which the new owner's recovery waits
+	// for: on SIGCONT at the latest).
+	if err := procs["b"].cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(memberTTL + leaseDuration + 2*time.Second)
+	if err := procs["b"].cmd.Process.Signal(syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	settled("b woke as a zombie and rejoined", []string{"a", "b", "c"}, rebalance+20*time.Second)
+	series, err := seriesAt("http://" + procs["b"].addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lost := 0.0
+	for p := range partitions {
+		lost += series[fmt.Sprintf(`meterd_aggregator_lease_lost_total{partition="%d"}`, p)]
+	}
+	if lost == 0 {
+		t.Error("the zombie lost no lease: it was not frozen past its lease")
+	}
+	time.Sleep(time.Second) // load goes on beside the woken zombie
+	stopLoad()
+	<-loadDone
+
+	// Drain every partition's consumer.
+	deadline := time.Now().Add(90 * time.Second)
+	for p := range partitions {
+		durable := "meterd-aggregator-p" + strconv.Itoa(p)
+		for {
+			cons, err := b.js.Consumer(t.Context(), schemas.UsageStream, durable)
+			if err == nil {
+				if info, err := cons.Info(t.Context()); err == nil && info.NumPending == 0 && info.NumAckPending == 0 {
+					break
+				}
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("consumer %s not drained: %v", durable, err)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	for _, m := range []string{"a", "b", "c"} {
+		for p := range partitions {
+			if d := series[fmt.Sprintf(`meterd_aggregator_dead_lettered_total{partition="%d"}`, p)]; d != 0 {
+				t.Errorf("%s partition %d: %v batches dead-lettered", m, p, d)
+			}
+		}
+		if err := procs[m].terminate(); err != nil {
+			t.Errorf("SIGTERM %s: %v", m, err)
+		}
+	}
+	store, err := clickhouse.New(t.Context(), clickhouse.Config{DSN: dsn})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+	defer cancel()
+	load.mu.Lock()
+	defer load.mu.Unlock()
+	for _, tenant := range slices.Sorted(maps.Keys(load.want)) {
+		got, err := store.Total(ctx, tenant, "api_calls", load.t0, load.t0.Add(3*time.Hour))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got != load.want[tenant] {
+			t.Errorf("%s: total %d, want %d", tenant, got, load.want[tenant])
+		}
+	}
+	if n, err := store.Reconcile(ctx, load.t0, load.t0.Add(3*time.Hour)); err != nil || n != 0 {
+		t.Errorf("rollups differ from raw events: %d rows (%v)", n, err)
+	}
+	wsMu.Lock()
+	if len(wrongSubject) > 0 {
+		t.Errorf("%d increments on another partition's subject: %v", len(wrongSubject), wrongSubject[:min(5, len(wrongSubject))])
+	}
+	wsMu.Unlock()
+	t.Logf("%d batches, %d tenants; failover after SIGKILL %s (lease %s, member TTL %s)",
+		load.published, len(load.want), failover.Round(10*time.Millisecond), leaseDuration, memberTTL)
+}
+
+// The CPU each aggregator spends per event, with 1, 2 and 3 aggregators
+// sharing the partitions: once the k processes hold every partition's
+// lease, their idle CPU is measured for 3 s, then 400 000 events over the
+// 16 partitions are published (without waiting for each acknowledgement)
+// and drained, and each process's process_cpu_seconds_total over the
+// drain, less its idle rate, is divided by the events it received (its
+// batches committed × 100; ids repeat, as retries do). Opt-in (a measurement; it asserts only that every
+// batch was committed): METERD_SHARE_CPU=1 go test -count=1 -run
+// TestSharedAggregatorsCPU -v ./cmd/meterd/ (README, "Several aggregators").
+func TestSharedAggregatorsCPU(t *testing.T) {
+	if os.Getenv("METERD_SHARE_CPU") == "" {
+		t.Skip("a measurement: set METERD_SHARE_CPU=1")
+	}
+	bin := buildMeterd(t)
+	const batches = 4000 // of 100 events
+	for k := 1; k <= 3; k++ {
+		t.Run(fmt.Sprint(k), func(t *testing.T) {
+			b := startKillBroker(t)
+			dsn := chtest.DSN(t)
+			var procs []*killProc
+			for m := range k {
+				addr := "127.0.0.1:" + strconv.Itoa(jstest.FreePort(t))
+				procs = append(procs, startKillProc(t, bin, addr, "aggregator", "--share-partitions", "--member", fmt.Sprint("m", m),
+					"--nats-url", b.URL(), "--nats-replicas", "1", "--listen", addr, "--log-format", "text", "--insecure",
+					"--clickhouse", dsn, "--dedup-index-dir", t.TempDir()))
+			}
+			// sums returns, per process, the sum over partitions of each
+			// name, and its CPU seconds.
+			sums := func(names ...string) [][]float64 {
+				out := make([][]float64, len(procs))
+				for i, p := range procs {
+					s, err := seriesAt("http://" + p.addr)
+					if err != nil {
+						t.Fatal(err)
+					}
+					for _, name := range names {
+						v := 0.0
+						for q := range schemas.DefaultPartitions {
+							v += s[fmt.Sprintf(`%s{partition="%d"}`, name, q)]
+						}
+						out[i] = append(out[i], v)
+					}
+					out[i] = append(out[i], s["process_cpu_seconds_total"])
+				}
+				return out
+			}
+			const leases, committed = "meterd_aggregator_writer_leases", "meterd_aggregator_batches_committed_total"
+			for deadline := time.Now().Add(time.Minute); ; time.Sleep(100 * time.Millisecond) {
+				held := 0.0
+				for _, s := range sums(leases) {
+					held += s[0]
+				}
+				if held == schemas.DefaultPartitions {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("%v of 16 partitions held", held)
+				}
+			}
+			time.Sleep(time.Second) // every partition's first (empty) fetch
+			const idleFor = 3 * time.Second
+			idle := sums(committed)
+			time.Sleep(idleFor)
+			before := sums(committed)
+			begin := time.Now()
+			load := &sharedLoad{js: b.js, async: true, t0: time.Date(2026, 11, 21, 8, 0, 0, 0, time.UTC), want: map[string]int64{}, seen: map[string]bool{}}
+			for i := range batches {
+				load.publish(t, i)
+			}
+			select {
+			case <-b.js.PublishAsyncComplete():
+			case <-time.After(time.Minute):
+				t.Fatal("publishes not acknowledged within a minute")
+			}
+			var after [][]float64
+			for deadline := time.Now().Add(5 * time.Minute); ; time.Sleep(100 * time.Millisecond) {
+				after = sums(committed)
+				total := 0.0
+				for i := range after {
+					total += after[i][0] - before[i][0]
+				}
+				if total >= batches {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("%v of %d batches committed", total, batches)
+				}
+			}
+			took := time.Since(begin)
+			for i := range procs {
+				events := 100 * (after[i][0] - before[i][0])
+				cpu := after[i][1] - before[i][1]
+				idleRate := (before[i][1] - idle[i][1]) / idleFor.Seconds()
+				net := cpu - idleRate*took.Seconds()
+				t.Logf("%d aggregators, m%d: %.0f events, %.2f s CPU (idle %.0f ms/s), %.2f µs CPU per event, %.2f µs less idle",
+					k, i, events, cpu, idleRate*1000, cpu/events*1e6, net/events*1e6)
+			}
+			t.Logf("%d aggregators: %d events published and drained in %s", k, batches*100, took.Round(10*time.Millisecond))
+		})
+	}
+}
+
+// The embedded store is one file written by one process: sharing its
+// partitions is refused at the command line, before anything starts.
+func TestSharePartitionsNeedsClickHouse(t *testing.T) {
+	var stderr strings.Builder
+	code := run(t.Context(), []string{"aggregator", "--insecure", "--share-partitions", "--sqlite-path", t.TempDir() + "/m.db",
+		"--nats-url", "nats://127.0.0.1:1"}, io.Discard, &stderr)
+	if code != 2 || !strings.Contains(stderr.String(), "--share-partitions needs ClickHouse") {
+		t.Errorf("exit %d, stderr %q; want 2 and why", code, stderr.String())
+	}
+}
+
+// An aggregator of every partition refuses to start while aggregators
+// share the partitions: it would write their tenants under another lease.
+func TestSingleAggregatorRefusedBesideShared(t *testing.T) {
+	ns := jstest.Start(t, jstest.Config{NoSync: true, Streams: true})
+	kv, err := ns.JetStream().CreateKeyValue(t.Context(), jetstream.KeyValueConfig{Bucket: share.DefaultBucket})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kv.Put(t.Context(), "agg-0", []byte(`{}`)); err != nil {
+		t.Fatal(err)
+	}
+	var stderr strings.Builder
+	code := run(t.Context(), []string{"aggregator", "--insecure", "--sqlite-path", t.TempDir() + "/m.db", "--listen", "127.0.0.1:0",
+		"--nats-url", ns.URL(), "--nats-replicas", "1"}, io.Discard, &stderr)
+	if code != 2 || !strings.Contains(stderr.String(), "1 aggregators share the partitions (agg-0)") {
+		t.Errorf("exit %d, stderr %q; want 2 and why", code, stderr.String())
+	}
+}
