@@ -141,6 +141,61 @@
 // Apply returns nil once ClickHouse acknowledged every insert. ClickHouse
 // writes parts without fsync by default; production runs it replicated.
 //
+// # On a cluster
+//
+// With Config.Cluster the store runs on a ClickHouse cluster (ZooKeeper or
+// ClickHouse Keeper, remote_servers, and the macros shard and replica on
+// every server), with ClickHouse's own replication and no other machinery:
+//
+//   - The migrations run ON CLUSTER (distributed DDL, which 18.16 has):
+//     every statement is rewritten by cluster.statement to name the
+//     database and run on every server, and each MergeTree engine becomes
+//     its Replicated form at /clickhouse/tables/{shard}/<database>/<table>
+//     with the replica {replica}. A form it does not know is an error,
+//     never a statement run on one server. schema_migrations is one
+//     replicated table over all the servers, so a migration is recorded
+//     once for the cluster. Distributed tables events_all and
+//     rollups_hourly_all, over the local ones, are created after the
+//     migrations (again if a migration changed a local table's columns).
+//   - Usage partitions are the unit of sharding: partition p lives on
+//     shard ShardOf(p, shards), so a tenant's events, rollups and intents
+//     are on one shard and its writer writes that shard's local tables
+//     (Config.Shard): the lookups, the intent log, the repairs, the dedup
+//     index and Reconcile are those of one shard, and the single-server
+//     argument above holds per shard. Total, Totals, TenantTotals and Usage
+//     read the Distributed tables, which ask one replica of every shard; a
+//     replica that lags shows the usage it has fetched so far.
+//   - The writer finds its shard's replicas in system.clusters and writes
+//     one of them at a time. Replicas fetch each other's parts
+//     asynchronously, so a write that moved to another replica could look
+//     up events that replica has not fetched yet and write them again.
+//     The writer therefore moves only where recoverIntents runs anyway
+//     (after a failed write, at start and after WriterChanged), and first
+//     settles the shard: it waits until no query of an intent open on any
+//     replica that answers still runs on any of them, then SYSTEM SYNC
+//     REPLICA on the replica it chose, which returns once that replica has
+//     fetched every part any replica committed to ZooKeeper. A part only a
+//     dead replica holds makes the sync, and so the writer, wait until that
+//     replica is back (the write fails and the aggregator retries it): a
+//     replica's crash loses nothing and counts nothing twice, at the price
+//     of the shard's writes waiting while a part committed on the dead
+//     replica alone is unreachable. A part a crashed replica wrote and did
+//     not commit to ZooKeeper is moved aside by that replica at its restart
+//     and never lands. What the settling cannot see is a replica that is
+//     alive but unreachable from the writer, whose insert of an open intent
+//     may still commit after the sync; the window is that insert's commit
+//     (the server received the whole block and writes the part), as on one
+//     server after its client gave up.
+//   - Config.InsertQuorum sets insert_quorum on every write: an insert is
+//     acknowledged once that many replicas hold it, so the permanent loss
+//     of one replica's disk loses no acknowledged usage. It is off by
+//     default: with two replicas a quorum of two stops the shard's writes
+//     while either is down (they fail and are retried), which suits three
+//     replicas per shard; and before 20.10 (insert_quorum_parallel) a
+//     table takes one quorum insert at a time, so it needs one writer per
+//     shard. A crash and restart, which the tests run, loses nothing
+//     without it: the settling above waits for the restarted replica.
+//
 // # Cost
 //
 // Without an index, the lookup of a call of K new events reads, per
@@ -204,6 +259,20 @@ type Config struct {
 	// IndexCacheBytes is the index's block cache, which must hold its Bloom
 	// filters: 1.2 GiB per billion keys (keyindex.DefaultCacheBytes if 0).
 	IndexCacheBytes int64
+
+	// Cluster, if set, runs the store on the ClickHouse cluster of that
+	// name (remote_servers of the DSN's server; see "On a cluster" in the
+	// package documentation): replicated tables created ON CLUSTER, reads
+	// through Distributed tables, writes to the local tables of Shard.
+	Cluster string
+	// Shard is the cluster's shard (shard_num, from 1; ShardOf of the
+	// writer's partition) whose local tables the store writes, through
+	// whichever of its replicas answers. Required with Cluster.
+	Shard int
+	// InsertQuorum, with Cluster, is the insert_quorum of every write: an
+	// insert is acknowledged once that many replicas of the shard hold it
+	// (0: once one does, ClickHouse's default).
+	InsertQuorum int
 }
 
 var databaseName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
@@ -228,13 +297,31 @@ func (c Config) options() (*clickhouse.Options, error) {
 	if !databaseName.MatchString(opts.Auth.Database) {
 		return nil, fmt.Errorf("clickhouse: DSN must name a database matching %s, got %q", databaseName, opts.Auth.Database)
 	}
+	switch {
+	case c.Cluster == "" && (c.Shard != 0 || c.InsertQuorum != 0):
+		return nil, fmt.Errorf("clickhouse: a shard and an insert quorum need a cluster")
+	case c.Cluster == "":
+	case !clusterName.MatchString(c.Cluster):
+		return nil, fmt.Errorf("clickhouse: cluster name must match %s, got %q", clusterName, c.Cluster)
+	case c.Shard < 1:
+		return nil, fmt.Errorf("clickhouse: on cluster %s the shard (from 1) is required, got %d", c.Cluster, c.Shard)
+	case c.InsertQuorum < 0:
+		return nil, fmt.Errorf("clickhouse: insert quorum must be 0 or more, got %d", c.InsertQuorum)
+	}
 	return opts, nil
 }
 
 // Store is the ClickHouse store. Its methods are safe for concurrent use.
 type Store struct {
-	conn driver.Conn
-	log  *slog.Logger
+	// conn is the writer's server: the DSN's, or on a cluster the replica
+	// of the shard that settle chose (it changes only under mu). read is
+	// the server of the reads and the migrations, the DSN's; tables names
+	// the tables the reads query there.
+	conn    driver.Conn
+	read    driver.Conn
+	tables  readTables
+	cluster *cluster // nil on one server
+	log     *slog.Logger
 
 	mu sync.Mutex // serialises the writers: Apply and Reconcile
 	// pending is set when an apply may have been interrupted (at start, and
@@ -271,22 +358,45 @@ func New(ctx context.Context, cfg Config) (*Store, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	if err := createDatabase(ctx, opts); err != nil {
+	if err := createDatabase(ctx, opts, cfg.Cluster); err != nil {
 		return nil, err
 	}
 	conn, err := clickhouse.Open(opts)
 	if err != nil {
 		return nil, fmt.Errorf("clickhouse: open: %w", err)
 	}
-	s := &Store{conn: conn, log: log.With("component", "store", "store", "clickhouse"), pending: true, carry: rollup.Rows{}}
-	if err := s.migrate(ctx); err != nil {
-		conn.Close()
+	s := &Store{conn: conn, read: conn, tables: localTables, log: log.With("component", "store", "store", "clickhouse"), pending: true, carry: rollup.Rows{}}
+	if cfg.Cluster != "" {
+		if s.cluster, err = openCluster(ctx, conn, opts, cfg.Cluster, cfg.Shard, cfg.InsertQuorum); err != nil {
+			conn.Close()
+			return nil, fmt.Errorf("clickhouse: %w", err)
+		}
+		s.tables = readTables{events: "events" + distributedSuffix, rollups: "rollups_hourly" + distributedSuffix}
+		s.log = s.log.With("cluster", cfg.Cluster, "shard", cfg.Shard)
+	}
+	fail := func(err error) (*Store, error) {
+		s.closeConns()
 		return nil, fmt.Errorf("clickhouse: %w", err)
+	}
+	if err := s.migrate(ctx); err != nil {
+		return fail(err)
+	}
+	if s.cluster != nil {
+		if err := s.createDistributed(ctx); err != nil {
+			return fail(err)
+		}
+		// The writer's replica: the first that answers (settle chooses
+		// again before every write that follows a failure).
+		up := s.cluster.live(ctx)
+		if len(up) == 0 {
+			return fail(fmt.Errorf("no replica of shard %d answers (%s)", cfg.Shard, strings.Join(s.cluster.addrs, ", ")))
+		}
+		s.cluster.at = up[0]
+		s.conn = s.cluster.replicas[up[0]]
 	}
 	if cfg.IndexDir != "" {
 		if err := s.openIndex(ctx, cfg); err != nil {
-			conn.Close()
-			return nil, fmt.Errorf("clickhouse: %w", err)
+			return fail(err)
 		}
 	}
 	return s, nil
@@ -315,8 +425,9 @@ func (s *Store) openIndex(ctx context.Context, cfg Config) error {
 }
 
 // createDatabase creates the DSN's database from a connection to the
-// server's default database: a connection to a missing one fails.
-func createDatabase(ctx context.Context, opts *clickhouse.Options) error {
+// server's default database (a connection to a missing one fails), on every
+// server of the cluster if one is named.
+func createDatabase(ctx context.Context, opts *clickhouse.Options, cluster string) error {
 	boot := *opts
 	boot.Auth.Database = ""
 	conn, err := clickhouse.Open(&boot)
@@ -324,7 +435,11 @@ func createDatabase(ctx context.Context, opts *clickhouse.Options) error {
 		return fmt.Errorf("clickhouse: open: %w", err)
 	}
 	defer conn.Close()
-	if err := conn.Exec(ctx, "CREATE DATABASE IF NOT EXISTS `"+opts.Auth.Database+"`"); err != nil {
+	on := ""
+	if cluster != "" {
+		on = " ON CLUSTER `" + cluster + "`"
+	}
+	if err := conn.Exec(ctx, "CREATE DATABASE IF NOT EXISTS `"+opts.Auth.Database+"`"+on); err != nil {
 		return fmt.Errorf("clickhouse: create database %s: %w", opts.Auth.Database, err)
 	}
 	return nil
@@ -337,12 +452,18 @@ func (s *Store) migrate(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if err := s.conn.Exec(ctx, `CREATE TABLE IF NOT EXISTS schema_migrations (
+	create := `CREATE TABLE IF NOT EXISTS schema_migrations (
 		version UInt32, name String, applied_at DateTime('UTC') DEFAULT now()
-	) ENGINE = MergeTree ORDER BY version`); err != nil {
+	) ENGINE = MergeTree ORDER BY version`
+	if s.cluster != nil {
+		if create, err = s.cluster.migrationsTable(create); err != nil {
+			return err
+		}
+	}
+	if err := s.read.Exec(ctx, create); err != nil {
 		return fmt.Errorf("create schema_migrations: %w", err)
 	}
-	rows, err := s.conn.Query(ctx, `SELECT DISTINCT version FROM schema_migrations`)
+	rows, err := s.read.Query(ctx, `SELECT DISTINCT version FROM schema_migrations`)
 	if err != nil {
 		return fmt.Errorf("read schema_migrations: %w", err)
 	}
@@ -371,7 +492,12 @@ func (s *Store) migrate(ctx context.Context) error {
 			if done {
 				break
 			}
-			if err := s.conn.Exec(ctx, stmt); err != nil {
+			if s.cluster != nil {
+				if stmt, err = s.cluster.statement(stmt); err != nil {
+					return fmt.Errorf("migration %s: %w", m.Name, err)
+				}
+			}
+			if err := s.read.Exec(ctx, stmt); err != nil {
 				return fmt.Errorf("migration %s: %w", m.Name, err)
 			}
 		}
@@ -390,7 +516,7 @@ func (s *Store) migrationDone(ctx context.Context, m migrations.Migration) (bool
 		return false, nil
 	}
 	var done uint8
-	if err := s.conn.QueryRow(ctx, m.DoneWhen).Scan(&done); err != nil {
+	if err := s.read.QueryRow(ctx, m.DoneWhen).Scan(&done); err != nil {
 		return false, err
 	}
 	return done != 0, nil
@@ -400,7 +526,7 @@ func (s *Store) migrationDone(ctx context.Context, m migrations.Migration) (bool
 // through PrepareBatch: 18.16 waits for data blocks after an INSERT even when
 // the query holds VALUES, so Exec of an INSERT never returns there.
 func (s *Store) recordMigration(ctx context.Context, m migrations.Migration) error {
-	b, err := s.conn.PrepareBatch(ctx, `INSERT INTO schema_migrations (version, name)`)
+	b, err := s.read.PrepareBatch(ctx, `INSERT INTO schema_migrations (version, name)`)
 	if err != nil {
 		return err
 	}
@@ -641,6 +767,15 @@ func sumAll(cands []candidate) ([]string, rollup.Rows) {
 	return dims, rows
 }
 
+// closeConns closes the connections to the servers.
+func (s *Store) closeConns() error {
+	err := s.read.Close()
+	if s.cluster != nil {
+		err = errors.Join(err, s.cluster.close())
+	}
+	return err
+}
+
 // WriterChanged tells the store that another process may have written
 // since its last write: the next write checks the intent log first, as after
 // a crash (see the package documentation).
@@ -794,6 +929,11 @@ func (s *Store) recoverIntents(ctx context.Context) error {
 	if !s.pending {
 		return nil
 	}
+	if s.cluster != nil {
+		if err := s.settle(ctx); err != nil {
+			return err
+		}
+	}
 	rows, err := s.conn.Query(ctx, `SELECT apply_id, anyIf(started_at, sign = 1), anyIf(tenants, sign = 1),
 			toUInt32(minIf(first_hour, sign = 1)), toUInt32(maxIf(end_hour, sign = 1))
 		FROM applies GROUP BY apply_id HAVING sum(sign) > 0`)
@@ -816,7 +956,7 @@ func (s *Store) recoverIntents(ctx context.Context) error {
 		return fmt.Errorf("read intents: %w", err)
 	}
 	for _, in := range open {
-		if err := s.waitQueries(ctx, in.id); err != nil {
+		if err := waitQueries(ctx, s.conn, in.id); err != nil {
 			return err
 		}
 		deltas, err := s.diff(ctx, in.hours, in.tenants)
@@ -848,12 +988,12 @@ func (s *Store) recoverIntents(ctx context.Context) error {
 	return nil
 }
 
-// waitQueries waits until no query of the apply runs on the server: an
+// waitQueries waits until no query of the apply runs on conn's server: an
 // insert whose client gave up may still be writing.
-func (s *Store) waitQueries(ctx context.Context, applyID string) error {
+func waitQueries(ctx context.Context, conn driver.Conn, applyID string) error {
 	for {
 		var n uint64
-		if err := s.conn.QueryRow(ctx, `SELECT count() FROM system.processes WHERE query_id LIKE ?`, applyID+"-%").Scan(&n); err != nil {
+		if err := conn.QueryRow(ctx, `SELECT count() FROM system.processes WHERE query_id LIKE ?`, applyID+"-%").Scan(&n); err != nil {
 			return fmt.Errorf("wait for the queries of apply %s: %w", applyID, err)
 		}
 		if n == 0 {
@@ -940,12 +1080,12 @@ func (s *Store) Reconcile(ctx context.Context, from, to time.Time) (int, error) 
 // sums selects tenant, meter and the Parts of the sum of values and of the
 // number of events in [from, to): rollups for the whole hours, raw events for the edges, each
 // narrowed by filter. It returns the query and how many times it holds
-// filter; "" for an empty range.
-func sums(from, to time.Time, filter string) (string, int) {
+// filter; "" for an empty range. tables names the tables it reads.
+func sums(tables readTables, from, to time.Time, filter string) (string, int) {
 	sp := rollup.Split(from, to)
 	var parts []string
 	if !sp.Hours.Empty() {
-		parts = append(parts, `SELECT tenant, meter, value AS v, events AS n FROM rollups_hourly WHERE hour >= toDateTime(`+
+		parts = append(parts, `SELECT tenant, meter, value AS v, events AS n FROM `+tables.rollups+` WHERE hour >= toDateTime(`+
 			strconv.FormatInt(sp.Hours.From, 10)+`) AND hour < toDateTime(`+strconv.FormatInt(sp.Hours.To, 10)+`)`+filter)
 	}
 	if len(sp.Edges) > 0 {
@@ -953,7 +1093,7 @@ func sums(from, to time.Time, filter string) (string, int) {
 		for _, e := range sp.Edges {
 			conds = append(conds, `time >= toDateTime(`+strconv.FormatInt(e.From, 10)+`) AND time < toDateTime(`+strconv.FormatInt(e.To, 10)+`)`)
 		}
-		parts = append(parts, `SELECT tenant, meter, value AS v, toInt64(1) AS n FROM events WHERE (`+
+		parts = append(parts, `SELECT tenant, meter, value AS v, toInt64(1) AS n FROM `+tables.events+` WHERE (`+
 			strings.Join(conds, " OR ")+`)`+filter)
 	}
 	if len(parts) == 0 {
@@ -985,7 +1125,7 @@ const partsNonZero = "(vh != 0 OR vl != 0 OR nh != 0 OR nl != 0)"
 
 // Total implements aggregator.Store.
 func (s *Store) Total(ctx context.Context, tenant, meter string, from, to time.Time) (int64, error) {
-	q, n := sums(from, to, " AND tenant = ? AND meter = ?")
+	q, n := sums(s.tables, from, to, " AND tenant = ? AND meter = ?")
 	if n == 0 {
 		return 0, nil
 	}
@@ -1005,7 +1145,7 @@ func (s *Store) Total(ctx context.Context, tenant, meter string, from, to time.T
 
 // Totals implements aggregator.Store.
 func (s *Store) Totals(ctx context.Context, from, to time.Time) ([]aggregator.Increment, error) {
-	q, n := sums(from, to, "")
+	q, n := sums(s.tables, from, to, "")
 	if n == 0 {
 		return nil, nil
 	}
@@ -1018,7 +1158,7 @@ func (s *Store) Totals(ctx context.Context, from, to time.Time) ([]aggregator.In
 
 // TenantTotals implements aggregator.Store.
 func (s *Store) TenantTotals(ctx context.Context, tenant string, from, to time.Time) ([]aggregator.Increment, error) {
-	q, n := sums(from, to, " AND tenant = ?")
+	q, n := sums(s.tables, from, to, " AND tenant = ?")
 	if n == 0 {
 		return nil, nil
 	}
@@ -1034,7 +1174,7 @@ func (s *Store) TenantTotals(ctx context.Context, tenant string, from, to time.T
 }
 
 func (s *Store) query(ctx context.Context, q string, from time.Time, args ...any) ([]aggregator.Increment, error) {
-	rows, err := s.conn.Query(ctx, q, args...)
+	rows, err := s.read.Query(ctx, q, args...)
 	if err != nil {
 		return nil, err
 	}
@@ -1044,7 +1184,7 @@ func (s *Store) query(ctx context.Context, q string, from time.Time, args ...any
 
 // Ping implements aggregator.Store.
 func (s *Store) Ping(ctx context.Context) error {
-	if err := s.conn.Ping(ctx); err != nil {
+	if err := s.read.Ping(ctx); err != nil {
 		return fmt.Errorf("clickhouse: ping: %w", err)
 	}
 	return nil
@@ -1065,7 +1205,7 @@ func (s *Store) Close() error {
 			cancel()
 			s.open = nil
 		}
-		s.closeErr = s.conn.Close()
+		s.closeErr = s.closeConns()
 		if s.index != nil {
 			s.stopExpiry()
 			<-s.expired
