@@ -391,7 +391,7 @@ func New(ctx context.Context, cfg Config) (*Store, error) {
 		if len(up) == 0 {
 			return fail(fmt.Errorf("no replica of shard %d answers (%s)", cfg.Shard, strings.Join(s.cluster.addrs, ", ")))
 		}
-		s.cluster.at = up[0]
+		s.cluster.at.Store(int32(up[0]))
 		s.conn = s.cluster.replicas[up[0]]
 	}
 	if cfg.IndexDir != "" {
@@ -437,6 +437,11 @@ func createDatabase(ctx context.Context, opts *clickhouse.Options, cluster strin
 	defer conn.Close()
 	on := ""
 	if cluster != "" {
+		// A statement ON CLUSTER waits for every server: one that is down
+		// must not keep a writer from starting when there is nothing to do.
+		if ok, err := exists(ctx, conn, "databases", "name = ?", opts.Auth.Database); err != nil || ok {
+			return err
+		}
 		on = " ON CLUSTER `" + cluster + "`"
 	}
 	if err := conn.Exec(ctx, "CREATE DATABASE IF NOT EXISTS `"+opts.Auth.Database+"`"+on); err != nil {
@@ -455,13 +460,19 @@ func (s *Store) migrate(ctx context.Context) error {
 	create := `CREATE TABLE IF NOT EXISTS schema_migrations (
 		version UInt32, name String, applied_at DateTime('UTC') DEFAULT now()
 	) ENGINE = MergeTree ORDER BY version`
+	made := false // on a cluster, if it exists: ON CLUSTER waits for every server
 	if s.cluster != nil {
+		if made, err = exists(ctx, s.read, "tables", "database = ? AND name = 'schema_migrations'", s.cluster.db); err != nil {
+			return err
+		}
 		if create, err = s.cluster.migrationsTable(create); err != nil {
 			return err
 		}
 	}
-	if err := s.read.Exec(ctx, create); err != nil {
-		return fmt.Errorf("create schema_migrations: %w", err)
+	if !made {
+		if err := s.read.Exec(ctx, create); err != nil {
+			return fmt.Errorf("create schema_migrations: %w", err)
+		}
 	}
 	rows, err := s.read.Query(ctx, `SELECT DISTINCT version FROM schema_migrations`)
 	if err != nil {

@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/ClickHouse/clickhouse-go/v2"
@@ -56,10 +57,11 @@ type cluster struct {
 	shard int
 	// addrs and replicas are the shard's replicas (system.clusters), one
 	// connection pool each; at is the replica the writer writes, which
-	// changes only in settle.
+	// changes only in settle, under the store's mu (atomic so that a test
+	// can read it while a write waits).
 	addrs    []string
 	replicas []driver.Conn
-	at       int
+	at       atomic.Int32
 }
 
 // on is the ON CLUSTER clause of a distributed DDL statement.
@@ -257,7 +259,7 @@ const replicaPing = 5 * time.Second
 func (c *cluster) live(ctx context.Context) []int {
 	var up []int
 	for k := range c.replicas {
-		i := (c.at + k) % len(c.replicas)
+		i := (int(c.at.Load()) + k) % len(c.replicas)
 		pctx, cancel := context.WithTimeout(ctx, replicaPing)
 		err := c.replicas[i].Ping(pctx)
 		cancel()
@@ -281,11 +283,11 @@ func (s *Store) settle(ctx context.Context) error {
 	if len(up) == 0 {
 		return fmt.Errorf("no replica of shard %d answers (%s)", c.shard, strings.Join(c.addrs, ", "))
 	}
-	if c.at != up[0] {
-		s.log.Warn("the writer moves to another replica of its shard", "shard", c.shard, "from", c.addrs[c.at], "to", c.addrs[up[0]])
+	if at := int(c.at.Load()); at != up[0] {
+		s.log.Warn("the writer moves to another replica of its shard", "shard", c.shard, "from", c.addrs[at], "to", c.addrs[up[0]])
 	}
-	c.at = up[0]
-	s.conn = c.replicas[c.at]
+	c.at.Store(int32(up[0]))
+	s.conn = c.replicas[up[0]]
 	open := map[string]bool{}
 	for _, i := range up {
 		ids, err := openIntentIDs(ctx, c.replicas[i])
@@ -303,12 +305,104 @@ func (s *Store) settle(ctx context.Context) error {
 			}
 		}
 	}
-	for _, table := range []string{"applies", "events", "rollups_hourly"} {
-		if err := s.conn.Exec(ctx, "SYSTEM SYNC REPLICA "+table); err != nil {
-			return fmt.Errorf("replica %s: sync %s with the other replicas: %w", c.addrs[c.at], table, err)
-		}
+	if err := syncReplica(ctx, s.conn); err != nil {
+		return fmt.Errorf("replica %s: %w", c.addrs[up[0]], err)
 	}
 	return nil
+}
+
+// syncedTables are the tables the writer reads before it writes, and
+// syncedIn the same as the list of an IN.
+var (
+	syncedTables = []string{"applies", "events", "rollups_hourly"}
+	syncedIn     = "('" + strings.Join(syncedTables, "', '") + "')"
+)
+
+// syncReplica returns once conn's replica holds every part committed to
+// the shard's tables before it was called. SYSTEM SYNC REPLICA waits for
+// the replica's queue only, and the replica copies new entries of the
+// shared log to its queue a moment after they are written (a watch), so
+// it runs once every table's queue holds the whole log; and since the
+// tables are synced one after the other, it runs again until one round
+// finds every queue empty and the whole log copied, lest the rollups of a
+// write be fetched without its events.
+func syncReplica(ctx context.Context, conn driver.Conn) error {
+	for {
+		pulled, err := logPulled(ctx, conn)
+		if err != nil {
+			return err
+		}
+		if pulled {
+			for _, table := range syncedTables {
+				if err := conn.Exec(ctx, "SYSTEM SYNC REPLICA "+table); err != nil {
+					return fmt.Errorf("sync %s with the other replicas: %w", table, err)
+				}
+			}
+			var busy uint64
+			if err := conn.QueryRow(ctx, `SELECT count() FROM system.replicas WHERE database = currentDatabase() AND table IN `+syncedIn+` AND queue_size > 0`).Scan(&busy); err != nil {
+				return fmt.Errorf("read system.replicas: %w", err)
+			}
+			if pulled, err = logPulled(ctx, conn); err != nil {
+				return err
+			}
+			if busy == 0 && pulled {
+				return nil
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// logPulled reports whether conn's replica has copied every entry of the
+// shared log of each synced table to its queue: its log_pointer is past
+// the log's last index, or the log is empty.
+func logPulled(ctx context.Context, conn driver.Conn) (bool, error) {
+	rows, err := conn.Query(ctx, `SELECT zookeeper_path, log_pointer, log_max_index FROM system.replicas
+		WHERE database = currentDatabase() AND table IN `+syncedIn)
+	if err != nil {
+		return false, fmt.Errorf("read system.replicas: %w", err)
+	}
+	type state struct {
+		path          string
+		pointer, last uint64
+	}
+	var tables []state
+	for rows.Next() {
+		var st state
+		if err := rows.Scan(&st.path, &st.pointer, &st.last); err != nil {
+			rows.Close()
+			return false, fmt.Errorf("read system.replicas: %w", err)
+		}
+		tables = append(tables, st)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return false, fmt.Errorf("read system.replicas: %w", err)
+	}
+	if len(tables) != len(syncedTables) {
+		return false, fmt.Errorf("system.replicas has %d of the tables %v", len(tables), syncedTables)
+	}
+	for _, st := range tables {
+		if st.pointer > st.last {
+			continue
+		}
+		// 0 and 0: an empty log, or one entry not copied yet.
+		if st.pointer == 0 && st.last == 0 {
+			var n uint64
+			if err := conn.QueryRow(ctx, `SELECT count() FROM system.zookeeper WHERE path = ?`, st.path+"/log").Scan(&n); err != nil {
+				return false, fmt.Errorf("read the log of %s: %w", st.path, err)
+			}
+			if n == 0 {
+				continue
+			}
+		}
+		return false, nil
+	}
+	return true, nil
 }
 
 // openIntentIDs returns the ids of the intents open in the applies of conn's
@@ -331,8 +425,14 @@ func openIntentIDs(ctx context.Context, conn driver.Conn) ([]string, error) {
 }
 
 // writerReplica returns the position of the replica the writer writes.
-func (s *Store) writerReplica() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.cluster.at
+func (s *Store) writerReplica() int { return int(s.cluster.at.Load()) }
+
+// exists reports whether system.<table> of conn's server has a row where
+// cond holds.
+func exists(ctx context.Context, conn driver.Conn, table, cond string, args ...any) (bool, error) {
+	var n uint64
+	if err := conn.QueryRow(ctx, `SELECT count() FROM system.`+table+` WHERE `+cond, args...).Scan(&n); err != nil {
+		return false, fmt.Errorf("read system.%s: %w", table, err)
+	}
+	return n > 0, nil
 }

@@ -4,7 +4,11 @@
 // starts on first use and stops in Main. Each DSN names a new database,
 // dropped when the test ends.
 //
-// A package using DSN runs its tests through Main:
+// SharedCluster gives tests a private ClickHouse cluster instead: Debian's
+// zookeeper and three clickhouse-server processes, two shards of which the
+// first has two replicas (cluster.go).
+//
+// A package using DSN or SharedCluster runs its tests through Main:
 //
 //	func TestMain(m *testing.M) { chtest.Main(m) }
 package chtest

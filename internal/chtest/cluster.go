@@ -221,14 +221,22 @@ func (nd *node) configure(remoteServers string, zkPort, shard, replica int) erro
 		}
 	}
 	// <yandex> is the root 18.16 requires; current releases accept it.
+	// The ports are in the file as well as on the command line: 18.16
+	// decides which replicas of remote_servers are this server (is_local,
+	// so that a Distributed table reads its own replica of its shard) from
+	// the file alone.
 	cfg := fmt.Sprintf(`<yandex>
+  <tcp_port>%d</tcp_port>
+  <http_port>%d</http_port>
+  <interserver_http_port>%d</interserver_http_port>
   <interserver_http_host>127.0.0.1</interserver_http_host>
+  <logger><level>information</level></logger>
   <remote_servers>
     %s
   </remote_servers>
   <zookeeper>
     <node><host>127.0.0.1</host><port>%d</port></node>
-    <session_timeout_ms>6000</session_timeout_ms>
+    <session_timeout_ms>4000</session_timeout_ms>
   </zookeeper>
   <macros>
     <shard>%d</shard>
@@ -238,7 +246,7 @@ func (nd *node) configure(remoteServers string, zkPort, shard, replica int) erro
     <path>/clickhouse/task_queue/ddl</path>
   </distributed_ddl>
 </yandex>
-`, remoteServers, zkPort, shard, replica)
+`, nd.ports[0], nd.ports[1], nd.ports[2], remoteServers, zkPort, shard, replica)
 	return os.WriteFile(filepath.Join(nd.dir, "config.d", "cluster.xml"), []byte(cfg), 0o644)
 }
 
@@ -293,6 +301,9 @@ func (c *Cluster) DSN(t testing.TB) string {
 	t.Helper()
 	name := databaseName(t.Name())
 	t.Cleanup(func() {
+		if t.Failed() {
+			c.logErrors(t)
+		}
 		// Every replica must answer, or the drop waits for it.
 		ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 		defer cancel()
@@ -302,6 +313,16 @@ func (c *Cluster) DSN(t testing.TB) string {
 		}
 	})
 	return "clickhouse://" + c.Addr(1, 1) + "/" + name
+}
+
+// logErrors logs the end of every server's error log and ZooKeeper's log.
+func (c *Cluster) logErrors(t testing.TB) {
+	for s, shard := range c.nodes {
+		for r, nd := range shard {
+			t.Logf("clickhouse-server shard %d replica %d, error log (end):\n%s", s+1, r+1, tailFile(filepath.Join(nd.dir, "err"), 4<<10))
+		}
+	}
+	t.Logf("zookeeper log (end):\n%s", tailFile(filepath.Join(c.dir, "zk", "log"), 4<<10))
 }
 
 // Kill SIGKILLs a replica: a crash, its data left as it was on disk.
@@ -325,6 +346,16 @@ func (c *Cluster) Start(t testing.TB, shard, replica int) {
 	if err := c.waitZooKeeper(shard, replica); err != nil {
 		t.Fatalf("chtest: %v", err)
 	}
+}
+
+// Exec runs query on one replica.
+func (c *Cluster) Exec(ctx context.Context, shard, replica int, query string) error {
+	conn, err := clickhouse.Open(&clickhouse.Options{Addr: []string{c.Addr(shard, replica)}, DialTimeout: 5 * time.Second})
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	return conn.Exec(ctx, query)
 }
 
 // Sync waits until every replica of the database's replicated tables has
@@ -395,11 +426,15 @@ func (c *Cluster) Stop() {
 	if c.zk != nil {
 		c.zk.Stop()
 	}
+	if os.Getenv("METERD_TEST_KEEP_CLUSTER") != "" {
+		fmt.Fprintf(os.Stderr, "chtest: the cluster's files are kept in %s\n", c.dir)
+		return
+	}
 	os.RemoveAll(c.dir)
 }
 
 // startZooKeeper runs a standalone ZooKeeper from Debian's package with its
-// data and configuration in dir, on port, and waits until it answers ruok.
+// data and configuration in dir, on port, and waits until it serves.
 func startZooKeeper(java, dir string, port int) (*proctest.Process, error) {
 	if err := os.MkdirAll(filepath.Join(dir, "data"), 0o755); err != nil {
 		return nil, err
@@ -410,7 +445,7 @@ clientPort=%d
 clientPortAddress=127.0.0.1
 maxClientCnxns=0
 admin.enableServer=false
-4lw.commands.whitelist=ruok
+4lw.commands.whitelist=srvr
 `, dir, port)
 	if err := os.WriteFile(filepath.Join(dir, "zoo.cfg"), []byte(cfg), 0o644); err != nil {
 		return nil, err
@@ -425,30 +460,32 @@ admin.enableServer=false
 		"org.apache.zookeeper.server.ZooKeeperServerMain", filepath.Join(dir, "zoo.cfg"))
 	cmd.Dir = dir
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	p, err := proctest.Launch(cmd, filepath.Join(dir, "log"), func() error { return ruok(addr) }, startTimeout)
+	p, err := proctest.Launch(cmd, filepath.Join(dir, "log"), func() error { return serving(addr) }, startTimeout)
 	if err != nil {
 		return nil, fmt.Errorf("zookeeper: %w", err)
 	}
 	return p, nil
 }
 
-// ruok returns nil once the ZooKeeper at addr answers "imok".
-func ruok(addr string) error {
+// serving returns nil once the ZooKeeper at addr serves requests. Its
+// answer to ruok ("imok") comes before that, and a clickhouse-server 18.16
+// whose first session fails its handshake may crash.
+func serving(addr string) error {
 	c, err := net.DialTimeout("tcp", addr, time.Second)
 	if err != nil {
 		return err
 	}
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(time.Second))
-	if _, err := c.Write([]byte("ruok")); err != nil {
+	if _, err := c.Write([]byte("srvr")); err != nil {
 		return err
 	}
-	b, err := io.ReadAll(io.LimitReader(c, 16))
+	b, err := io.ReadAll(io.LimitReader(c, 4<<10))
 	if err != nil {
 		return err
 	}
-	if string(b) != "imok" {
-		return fmt.Errorf("zookeeper answers %q to ruok", b)
+	if !strings.Contains(string(b), "Mode: standalone") {
+		return fmt.Errorf("zookeeper answers srvr with %q", b)
 	}
 	return nil
 }
