@@ -172,9 +172,13 @@
 //     The writer therefore moves only where recoverIntents runs anyway
 //     (after a failed write, at start and after WriterChanged), and first
 //     settles the shard: it waits until no query of an intent open on any
-//     replica that answers still runs on any of them, then SYSTEM SYNC
-//     REPLICA on the replica it chose, which returns once that replica has
-//     fetched every part any replica committed to ZooKeeper. A part only a
+//     replica that answers still runs on any of them, then until the
+//     replica it chose has copied the shared log of applies, events and
+//     rollups_hourly to its queue and emptied the queues (SYSTEM SYNC
+//     REPLICA, again until one round finds nothing left): it then holds
+//     every part any replica committed to ZooKeeper, a write's events with
+//     its rollups (a replica that had fetched the rollups of a write and
+//     not yet its events would have the repair subtract them). A part only a
 //     dead replica holds makes the sync, and so the writer, wait until that
 //     replica is back (the write fails and the aggregator retries it): a
 //     replica's crash loses nothing and counts nothing twice, at the price
@@ -186,6 +190,11 @@
 //     may still commit after the sync; the window is that insert's commit
 //     (the server received the whole block and writes the part), as on one
 //     server after its client gave up.
+//   - The writes turn off insert_deduplicate. A replicated table drops
+//     a block whose part equals one of the last it took, so a write that
+//     failed after its rollups landed (taken back by the repair) and was
+//     retried would have its rollups dropped and its usage lost (the
+//     replica-kill test found it). Exactly-once never needed it.
 //   - Config.InsertQuorum sets insert_quorum on every write: an insert is
 //     acknowledged once that many replicas hold it, so the permanent loss
 //     of one replica's disk loses no acknowledged usage. It is off by

@@ -189,7 +189,7 @@ func (s *Store) columns(ctx context.Context, table string) ([]string, error) {
 
 // openCluster finds the replicas of the writer's shard in system.clusters
 // and opens a connection pool to each, with opts' credentials, database
-// and settings; insert_quorum is set on them if quorum > 0.
+// and settings, insert deduplication off, and insert_quorum if quorum > 0.
 func openCluster(ctx context.Context, read driver.Conn, opts *clickhouse.Options, name string, shard, quorum int) (*cluster, error) {
 	c := &cluster{name: name, db: opts.Auth.Database, shard: shard}
 	var shards uint64
@@ -224,10 +224,15 @@ func openCluster(ctx context.Context, read driver.Conn, opts *clickhouse.Options
 		o := *opts
 		o.Addr = []string{addr}
 		o.Settings = maps.Clone(opts.Settings)
+		if o.Settings == nil {
+			o.Settings = clickhouse.Settings{}
+		}
+		// A replicated table drops an inserted block whose part equals one
+		// of its last 100 (insert_deduplicate), which the store must never
+		// have: a retried write's rollups are the same rows as those of
+		// the failed write that the repair took back, and were dropped.
+		o.Settings["insert_deduplicate"] = 0
 		if quorum > 0 {
-			if o.Settings == nil {
-				o.Settings = clickhouse.Settings{}
-			}
 			o.Settings["insert_quorum"] = quorum
 		}
 		conn, err := clickhouse.Open(&o)
