@@ -52,9 +52,10 @@ var clusterName = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.-]*$`)
 
 // cluster is what a Store on a cluster keeps beyond a single server's.
 type cluster struct {
-	name  string
-	db    string
-	shard int
+	name   string
+	db     string
+	shard  int
+	shards int // in remote_servers
 	// addrs and replicas are the shard's replicas (system.clusters), one
 	// connection pool each; at is the replica the writer writes, which
 	// changes only in settle, under the store's mu (atomic so that a test
@@ -199,6 +200,7 @@ func openCluster(ctx context.Context, read driver.Conn, opts *clickhouse.Options
 	if shards == 0 {
 		return nil, fmt.Errorf("the server has no cluster %q in its remote_servers", name)
 	}
+	c.shards = int(shards)
 	rows, err := read.Query(ctx, `SELECT host_name, port FROM system.clusters WHERE cluster = ? AND shard_num = ? ORDER BY replica_num`,
 		name, uint32(shard))
 	if err != nil {
@@ -427,6 +429,15 @@ func openIntentIDs(ctx context.Context, conn driver.Conn) ([]string, error) {
 		ids = append(ids, id)
 	}
 	return ids, rows.Err()
+}
+
+// Shards is the number of shards of the store's cluster (0 on one server):
+// the writer of usage partition p writes shard ShardOf(p, Shards()).
+func (s *Store) Shards() int {
+	if s.cluster == nil {
+		return 0
+	}
+	return s.cluster.shards
 }
 
 // writerReplica returns the position of the replica the writer writes.

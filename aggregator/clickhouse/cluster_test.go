@@ -139,6 +139,25 @@ func TestClusterSchema(t *testing.T) {
 	dsn := c.DSN(t)
 	s := clusterStore(t, dsn, 2, false)
 	clusterStore(t, dsn, 1, false)
+	if s.Shards() != c.Shards() {
+		t.Errorf("Shards() = %d, want %d", s.Shards(), c.Shards())
+	}
+	for _, tc := range []struct {
+		cluster string
+		shard   int
+		want    string
+	}{
+		{chtest.ClusterName, c.Shards() + 1, fmt.Sprintf("cluster %q has %d shards, no shard %d", chtest.ClusterName, c.Shards(), c.Shards()+1)},
+		{"nosuch", 1, "nosuch"},
+	} {
+		st, err := New(t.Context(), Config{DSN: dsn, Cluster: tc.cluster, Shard: tc.shard})
+		if err == nil {
+			st.Close()
+		}
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("New(cluster %s, shard %d): %v, want an error mentioning %q", tc.cluster, tc.shard, err, tc.want)
+		}
+	}
 	db := s.cluster.db
 	if err := c.Sync(t.Context(), db); err != nil {
 		t.Fatal(err)
