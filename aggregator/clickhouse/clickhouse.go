@@ -163,6 +163,70 @@
 // Apply returns nil once ClickHouse acknowledged every insert. ClickHouse
 // writes parts without fsync by default; production runs it replicated.
 //
+// # On a cluster
+//
+// With Config.Cluster the store runs on a ClickHouse cluster (ZooKeeper or
+// ClickHouse Keeper, remote_servers, and the macros shard and replica on
+// every server), with ClickHouse's own replication and no other machinery:
+//
+//   - The migrations run ON CLUSTER (distributed DDL, which 18.16 has):
+//     every statement is rewritten by cluster.statement to name the
+//     database and run on every server, and each MergeTree engine becomes
+//     its Replicated form at /clickhouse/tables/{shard}/<database>/<table>
+//     with the replica {replica}. A form it does not know is an error,
+//     never a statement run on one server. schema_migrations is one
+//     replicated table over all the servers, so a migration is recorded
+//     once for the cluster. Distributed tables events_all and
+//     rollups_hourly_all, over the local ones, are created after the
+//     migrations (again if a migration changed a local table's columns).
+//   - Usage partitions are the unit of sharding: partition p lives on
+//     shard ShardOf(p, shards), so a tenant's events, rollups and intents
+//     are on one shard and its writer writes that shard's local tables
+//     (Config.Shard): the lookups, the intent log, the repairs, the dedup
+//     index and Reconcile are those of one shard, and the single-server
+//     argument above holds per shard. Total, Totals, TenantTotals and Usage
+//     read the Distributed tables, which ask one replica of every shard; a
+//     replica that lags shows the usage it has fetched so far.
+//   - The writer finds its shard's replicas in system.clusters and writes
+//     one of them at a time. Replicas fetch each other's parts
+//     asynchronously, so a write that moved to another replica could look
+//     up events that replica has not fetched yet and write them again.
+//     The writer therefore moves only where recoverIntents runs anyway
+//     (after a failed write, at start and after WriterChanged), and first
+//     settles the shard: it waits until no query of an intent open on any
+//     replica that answers still runs on any of them, then until the
+//     replica it chose has copied the shared log of applies, events and
+//     rollups_hourly to its queue and emptied the queues (SYSTEM SYNC
+//     REPLICA, again until one round finds nothing left): it then holds
+//     every part any replica committed to ZooKeeper, a write's events with
+//     its rollups (a replica that had fetched the rollups of a write and
+//     not yet its events would have the repair subtract them). A part only a
+//     dead replica holds makes the sync, and so the writer, wait until that
+//     replica is back (the write fails and the aggregator retries it): a
+//     replica's crash loses nothing and counts nothing twice, at the price
+//     of the shard's writes waiting while a part committed on the dead
+//     replica alone is unreachable. A part a crashed replica wrote and did
+//     not commit to ZooKeeper is moved aside by that replica at its restart
+//     and never lands. What the settling cannot see is a replica that is
+//     alive but unreachable from the writer, whose insert of an open intent
+//     may still commit after the sync; the window is that insert's commit
+//     (the server received the whole block and writes the part), as on one
+//     server after its client gave up.
+//   - The writes turn off insert_deduplicate. A replicated table drops
+//     a block whose part equals one of the last it took, so a write that
+//     failed after its rollups landed (taken back by the repair) and was
+//     retried would have its rollups dropped and its usage lost (the
+//     replica-kill test found it). Exactly-once never needed it.
+//   - Config.InsertQuorum sets insert_quorum on every write: an insert is
+//     acknowledged once that many replicas hold it, so the permanent loss
+//     of one replica's disk loses no acknowledged usage. It is off by
+//     default: with two replicas a quorum of two stops the shard's writes
+//     while either is down (they fail and are retried), which suits three
+//     replicas per shard; and before 20.10 (insert_quorum_parallel) a
+//     table takes one quorum insert at a time, so it needs one writer per
+//     shard. A crash and restart, which the tests run, loses nothing
+//     without it: the settling above waits for the restarted replica.
+//
 // # Cost
 //
 // Without an index, the lookup of a call of K new events reads, per
@@ -233,6 +297,20 @@ type Config struct {
 	// "One writer" in the package documentation). 0 writes every tenant.
 	// Reads (Total, Totals, Usage) are never scoped.
 	Partitions, Partition int
+
+	// Cluster, if set, runs the store on the ClickHouse cluster of that
+	// name (remote_servers of the DSN's server; see "On a cluster" in the
+	// package documentation): replicated tables created ON CLUSTER, reads
+	// through Distributed tables, writes to the local tables of Shard.
+	Cluster string
+	// Shard is the cluster's shard (shard_num, from 1; ShardOf of the
+	// writer's partition) whose local tables the store writes, through
+	// whichever of its replicas answers. Required with Cluster.
+	Shard int
+	// InsertQuorum, with Cluster, is the insert_quorum of every write: an
+	// insert is acknowledged once that many replicas of the shard hold it
+	// (0: once one does, ClickHouse's default).
+	InsertQuorum int
 }
 
 var databaseName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
@@ -260,15 +338,33 @@ func (c Config) options() (*clickhouse.Options, error) {
 	if c.Partitions < 0 || c.Partitions > 0 && (c.Partition < 0 || c.Partition >= c.Partitions) {
 		return nil, fmt.Errorf("clickhouse: partition %d of %d is out of range", c.Partition, c.Partitions)
 	}
+	switch {
+	case c.Cluster == "" && (c.Shard != 0 || c.InsertQuorum != 0):
+		return nil, fmt.Errorf("clickhouse: a shard and an insert quorum need a cluster")
+	case c.Cluster == "":
+	case !clusterName.MatchString(c.Cluster):
+		return nil, fmt.Errorf("clickhouse: cluster name must match %s, got %q", clusterName, c.Cluster)
+	case c.Shard < 1 && c.Partitions == 0, c.Shard < 0:
+		return nil, fmt.Errorf("clickhouse: on cluster %s the shard (from 1) is required, got %d", c.Cluster, c.Shard)
+	case c.InsertQuorum < 0:
+		return nil, fmt.Errorf("clickhouse: insert quorum must be 0 or more, got %d", c.InsertQuorum)
+	}
 	return opts, nil
 }
 
 // Store is the ClickHouse store. Its methods are safe for concurrent use.
 type Store struct {
-	rollup.Totaler // Total, Totals and TenantTotals
+	rollup.Totaler // Total, Totals and TenantTotals, over sumsOf
 
-	conn driver.Conn
-	log  *slog.Logger
+	// conn is the writer's server: the DSN's, or on a cluster the replica
+	// of the shard that settle chose (it changes only under mu). read is
+	// the server of the reads and the migrations, the DSN's; tables names
+	// the tables the reads query there.
+	conn    driver.Conn
+	read    driver.Conn
+	tables  readTables
+	cluster *cluster // nil on one server
+	log     *slog.Logger
 	// scope is the partition whose tenants this store writes, or the
 	// zero scope (all tenants).
 	scope scope
@@ -308,27 +404,52 @@ func New(ctx context.Context, cfg Config) (*Store, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	if err := createDatabase(ctx, opts); err != nil {
+	if err := createDatabase(ctx, opts, cfg.Cluster); err != nil {
 		return nil, err
 	}
 	conn, err := clickhouse.Open(opts)
 	if err != nil {
 		return nil, fmt.Errorf("clickhouse: open: %w", err)
 	}
-	s := &Store{conn: conn, log: log.With("component", "store", "store", "clickhouse"), pending: true, carry: rollup.Rows{},
+	s := &Store{conn: conn, read: conn, tables: localTables, log: log.With("component", "store", "store", "clickhouse"), pending: true, carry: rollup.Rows{},
 		scope: scope{partitions: cfg.Partitions, partition: cfg.Partition}}
 	s.Totaler = rollup.NewTotaler("clickhouse", s.sumsOf)
 	if s.scope.partitions > 0 {
 		s.log = s.log.With("partition", cfg.Partition)
 	}
-	if err := s.migrate(ctx); err != nil {
-		conn.Close()
+	if cfg.Cluster != "" {
+		// A store of one partition without a shard writes its partition's
+		// shard, ShardOf(partition, shards).
+		if s.cluster, err = openCluster(ctx, conn, opts, cfg.Cluster, cfg.Shard, cfg.Partition, cfg.InsertQuorum); err != nil {
+			conn.Close()
+			return nil, fmt.Errorf("clickhouse: %w", err)
+		}
+		s.tables = readTables{events: "events" + distributedSuffix, rollups: "rollups_hourly" + distributedSuffix}
+		s.log = s.log.With("cluster", cfg.Cluster, "shard", s.cluster.shard)
+	}
+	fail := func(err error) (*Store, error) {
+		s.closeConns()
 		return nil, fmt.Errorf("clickhouse: %w", err)
+	}
+	if err := s.migrate(ctx); err != nil {
+		return fail(err)
+	}
+	if s.cluster != nil {
+		if err := s.createDistributed(ctx); err != nil {
+			return fail(err)
+		}
+		// The writer's replica: the first that answers (settle chooses
+		// again before every write that follows a failure).
+		up := s.cluster.live(ctx)
+		if len(up) == 0 {
+			return fail(fmt.Errorf("no replica of shard %d answers (%s)", s.cluster.shard, strings.Join(s.cluster.addrs, ", ")))
+		}
+		s.cluster.at.Store(int32(up[0]))
+		s.conn = s.cluster.replicas[up[0]]
 	}
 	if cfg.IndexDir != "" {
 		if err := s.openIndex(ctx, cfg); err != nil {
-			conn.Close()
-			return nil, fmt.Errorf("clickhouse: %w", err)
+			return fail(err)
 		}
 	}
 	return s, nil
@@ -358,8 +479,9 @@ func (s *Store) openIndex(ctx context.Context, cfg Config) error {
 }
 
 // createDatabase creates the DSN's database from a connection to the
-// server's default database: a connection to a missing one fails.
-func createDatabase(ctx context.Context, opts *clickhouse.Options) error {
+// server's default database (a connection to a missing one fails), on every
+// server of the cluster if one is named.
+func createDatabase(ctx context.Context, opts *clickhouse.Options, cluster string) error {
 	boot := *opts
 	boot.Auth.Database = ""
 	conn, err := clickhouse.Open(&boot)
@@ -367,7 +489,16 @@ func createDatabase(ctx context.Context, opts *clickhouse.Options) error {
 		return fmt.Errorf("clickhouse: open: %w", err)
 	}
 	defer conn.Close()
-	if err := conn.Exec(ctx, "CREATE DATABASE IF NOT EXISTS `"+opts.Auth.Database+"`"); err != nil {
+	on := ""
+	if cluster != "" {
+		// A statement ON CLUSTER waits for every server: one that is down
+		// must not keep a writer from starting when there is nothing to do.
+		if ok, err := exists(ctx, conn, "databases", "name = ?", opts.Auth.Database); err != nil || ok {
+			return err
+		}
+		on = " ON CLUSTER `" + cluster + "`"
+	}
+	if err := conn.Exec(ctx, "CREATE DATABASE IF NOT EXISTS `"+opts.Auth.Database+"`"+on); err != nil {
 		return fmt.Errorf("clickhouse: create database %s: %w", opts.Auth.Database, err)
 	}
 	return nil
@@ -380,13 +511,25 @@ func (s *Store) migrate(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if err := s.conn.Exec(ctx, `CREATE TABLE IF NOT EXISTS schema_migrations (
+	create := `CREATE TABLE IF NOT EXISTS schema_migrations (
 		version UInt32, name String, applied_at DateTime('UTC') DEFAULT now()
-	) ENGINE = MergeTree ORDER BY version`); err != nil {
-		return fmt.Errorf("create schema_migrations: %w", err)
+	) ENGINE = MergeTree ORDER BY version`
+	made := false // on a cluster, if it exists: ON CLUSTER waits for every server
+	if s.cluster != nil {
+		if made, err = exists(ctx, s.read, "tables", "database = ? AND name = 'schema_migrations'", s.cluster.db); err != nil {
+			return err
+		}
+		if create, err = s.cluster.migrationsTable(create); err != nil {
+			return err
+		}
+	}
+	if !made {
+		if err := s.read.Exec(ctx, create); err != nil {
+			return fmt.Errorf("create schema_migrations: %w", err)
+		}
 	}
 	pending, err := migrations.Pending(ms, func() (migrations.Rows, error) {
-		return s.conn.Query(ctx, `SELECT DISTINCT version FROM schema_migrations`)
+		return s.read.Query(ctx, `SELECT DISTINCT version FROM schema_migrations`)
 	})
 	if err != nil {
 		return fmt.Errorf("read schema_migrations: %w", err)
@@ -400,7 +543,12 @@ func (s *Store) migrate(ctx context.Context) error {
 			if done {
 				break
 			}
-			if err := s.conn.Exec(ctx, stmt); err != nil {
+			if s.cluster != nil {
+				if stmt, err = s.cluster.statement(stmt); err != nil {
+					return fmt.Errorf("migration %s: %w", m.Name, err)
+				}
+			}
+			if err := s.read.Exec(ctx, stmt); err != nil {
 				return fmt.Errorf("migration %s: %w", m.Name, err)
 			}
 		}
@@ -419,7 +567,7 @@ func (s *Store) migrationDone(ctx context.Context, m migrations.Migration) (bool
 		return false, nil
 	}
 	var done uint8
-	if err := s.conn.QueryRow(ctx, m.DoneWhen).Scan(&done); err != nil {
+	if err := s.read.QueryRow(ctx, m.DoneWhen).Scan(&done); err != nil {
 		return false, err
 	}
 	return done != 0, nil
@@ -429,7 +577,7 @@ func (s *Store) migrationDone(ctx context.Context, m migrations.Migration) (bool
 // through PrepareBatch: 18.16 waits for data blocks after an INSERT even when
 // the query holds VALUES, so Exec of an INSERT never returns there.
 func (s *Store) recordMigration(ctx context.Context, m migrations.Migration) error {
-	b, err := s.conn.PrepareBatch(ctx, `INSERT INTO schema_migrations (version, name)`)
+	b, err := s.read.PrepareBatch(ctx, `INSERT INTO schema_migrations (version, name)`)
 	if err != nil {
 		return err
 	}
@@ -677,6 +825,15 @@ func sumAll(cands []candidate) ([]string, rollup.Rows) {
 	return dims, rows
 }
 
+// closeConns closes the connections to the servers.
+func (s *Store) closeConns() error {
+	err := s.read.Close()
+	if s.cluster != nil {
+		err = errors.Join(err, s.cluster.close())
+	}
+	return err
+}
+
 // WriterChanged tells the store that another process may have written
 // since its last write: the next write checks the intent log first, as after
 // a crash (see the package documentation).
@@ -833,6 +990,11 @@ func (s *Store) recoverIntents(ctx context.Context) error {
 	if !s.pending {
 		return nil
 	}
+	if s.cluster != nil {
+		if err := s.settle(ctx); err != nil {
+			return err
+		}
+	}
 	where := ""
 	if s.scope.partitions > 0 {
 		where = " WHERE usage_partition IN (-1, " + strconv.Itoa(s.scope.partition) + ")"
@@ -859,7 +1021,7 @@ func (s *Store) recoverIntents(ctx context.Context) error {
 		return fmt.Errorf("read intents: %w", err)
 	}
 	for _, in := range open {
-		if err := s.waitQueries(ctx, in.id); err != nil {
+		if err := waitQueries(ctx, s.conn, in.id); err != nil {
 			return err
 		}
 		shared := s.scope.partitions > 0 && in.partition < 0
@@ -900,12 +1062,12 @@ func (s *Store) recoverIntents(ctx context.Context) error {
 	return nil
 }
 
-// waitQueries waits until no query of the apply runs on the server: an
+// waitQueries waits until no query of the apply runs on conn's server: an
 // insert whose client gave up may still be writing.
-func (s *Store) waitQueries(ctx context.Context, applyID string) error {
+func waitQueries(ctx context.Context, conn driver.Conn, applyID string) error {
 	for {
 		var n uint64
-		if err := s.conn.QueryRow(ctx, `SELECT count() FROM system.processes WHERE query_id LIKE ?`, applyID+"-%").Scan(&n); err != nil {
+		if err := conn.QueryRow(ctx, `SELECT count() FROM system.processes WHERE query_id LIKE ?`, applyID+"-%").Scan(&n); err != nil {
 			return fmt.Errorf("wait for the queries of apply %s: %w", applyID, err)
 		}
 		if n == 0 {
@@ -1000,12 +1162,12 @@ func (s *Store) Reconcile(ctx context.Context, from, to time.Time) (int, error) 
 // sums selects tenant, meter and the Parts of the sum of values and of the
 // number of events in [from, to): rollups for the whole hours, raw events for the edges, each
 // narrowed by filter. It returns the query and how many times it holds
-// filter; "" for an empty range.
-func sums(from, to time.Time, filter string) (string, int) {
+// filter; "" for an empty range. tables names the tables it reads.
+func sums(tables readTables, from, to time.Time, filter string) (string, int) {
 	sp := rollup.Split(from, to)
 	var parts []string
 	if !sp.Hours.Empty() {
-		parts = append(parts, `SELECT tenant, meter, value AS v, events AS n FROM rollups_hourly WHERE hour >= toDateTime(`+
+		parts = append(parts, `SELECT tenant, meter, value AS v, events AS n FROM `+tables.rollups+` WHERE hour >= toDateTime(`+
 			strconv.FormatInt(sp.Hours.From, 10)+`) AND hour < toDateTime(`+strconv.FormatInt(sp.Hours.To, 10)+`)`+filter)
 	}
 	if len(sp.Edges) > 0 {
@@ -1013,7 +1175,7 @@ func sums(from, to time.Time, filter string) (string, int) {
 		for _, e := range sp.Edges {
 			conds = append(conds, `time >= toDateTime(`+strconv.FormatInt(e.From, 10)+`) AND time < toDateTime(`+strconv.FormatInt(e.To, 10)+`)`)
 		}
-		parts = append(parts, `SELECT tenant, meter, value AS v, toInt64(1) AS n FROM events WHERE (`+
+		parts = append(parts, `SELECT tenant, meter, value AS v, toInt64(1) AS n FROM `+tables.events+` WHERE (`+
 			strings.Join(conds, " OR ")+`)`+filter)
 	}
 	if len(parts) == 0 {
@@ -1055,12 +1217,12 @@ func (s *Store) sumsOf(ctx context.Context, from, to time.Time, tenant, meter st
 		filter += " AND meter = ?"
 		args = append(args, meter)
 	}
-	q, n := sums(from, to, filter)
+	q, n := sums(s.tables, from, to, filter)
 	if n == 0 {
 		return nil, nil
 	}
 	// Each part of the query holds the filter's placeholders.
-	rows, err := s.conn.Query(ctx, q, slices.Repeat(args, n)...)
+	rows, err := s.read.Query(ctx, q, slices.Repeat(args, n)...)
 	if err != nil {
 		return nil, err
 	}
@@ -1070,7 +1232,7 @@ func (s *Store) sumsOf(ctx context.Context, from, to time.Time, tenant, meter st
 
 // Ping implements aggregator.Store.
 func (s *Store) Ping(ctx context.Context) error {
-	if err := s.conn.Ping(ctx); err != nil {
+	if err := s.read.Ping(ctx); err != nil {
 		return fmt.Errorf("clickhouse: ping: %w", err)
 	}
 	return nil
@@ -1091,7 +1253,7 @@ func (s *Store) Close() error {
 			cancel()
 			s.open = nil
 		}
-		s.closeErr = s.conn.Close()
+		s.closeErr = s.closeConns()
 		if s.index != nil {
 			s.stopExpiry()
 			<-s.expired

@@ -20,9 +20,9 @@ var _ aggregator.Reporter = (*Store)(nil)
 // server, whose blocks reach fn row by row as they arrive.
 func (s *Store) Usage(ctx context.Context, q aggregator.UsageQuery, fn func(*aggregator.UsageRow) error) error {
 	return rollup.Usage("clickhouse", q, fn, func(sp rollup.Span) (rollup.UsageRows, error) {
-		query, args := usageQuery(q, sp)
+		query, args := usageQuery(s.tables, q, sp)
 		ctx, cancel := context.WithCancel(ctx)
-		rows, err := s.conn.Query(ctx, query, args...)
+		rows, err := s.read.Query(ctx, query, args...)
 		if err != nil {
 			cancel()
 			return nil, err
@@ -55,7 +55,7 @@ func (r cancelRows) Close() error {
 // name matches, never text inside a value or a longer key; a missing one
 // reads as "". rollup.CheckUsage has made sure the name holds no quote or
 // backslash, which the search would take literally.
-func usageQuery(q aggregator.UsageQuery, sp rollup.Span) (string, []any) {
+func usageQuery(tables readTables, q aggregator.UsageQuery, sp rollup.Span) (string, []any) {
 	var args []any
 	var sb strings.Builder
 	sb.WriteString(`SELECT tenant, meter, bucket`)
@@ -80,8 +80,8 @@ func usageQuery(q aggregator.UsageQuery, sp rollup.Span) (string, []any) {
 	}
 	if !sp.Hours.Empty() {
 		fmt.Fprintf(&sb, `
-		SELECT tenant, meter, %s AS bucket, dims_key, value AS v, events AS n FROM rollups_hourly
-		WHERE hour >= toDateTime(?) AND hour < toDateTime(?)`, bucket(q.Granularity, "hour"))
+		SELECT tenant, meter, %s AS bucket, dims_key, value AS v, events AS n FROM %s
+		WHERE hour >= toDateTime(?) AND hour < toDateTime(?)`, bucket(q.Granularity, "hour"), tables.rollups)
 		args = append(args, sp.Hours.From, sp.Hours.To)
 		sb.WriteString(filter())
 	}
@@ -96,8 +96,8 @@ func usageQuery(q aggregator.UsageQuery, sp rollup.Span) (string, []any) {
 			args = append(args, e.From, e.To)
 		}
 		fmt.Fprintf(&sb, `
-		SELECT tenant, meter, %s AS bucket, dims_key, value AS v, toInt64(1) AS n FROM events
-		WHERE (%s)`, bucket(q.Granularity, "time"), strings.Join(conds, " OR "))
+		SELECT tenant, meter, %s AS bucket, dims_key, value AS v, toInt64(1) AS n FROM %s
+		WHERE (%s)`, bucket(q.Granularity, "time"), tables.events, strings.Join(conds, " OR "))
 		sb.WriteString(filter())
 	}
 	fmt.Fprintf(&sb, `

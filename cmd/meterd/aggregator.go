@@ -73,12 +73,26 @@ func storeFlags(fs *flag.FlagSet, s *settings) {
 	s.checks = append(s.checks, func() error { return needStore(*c) })
 	cli.SecretVar(fs, &c.ClickHouse, "clickhouse", c.ClickHouse, "ClickHouse `DSN` of the store, clickhouse://user:pass@host:9000/meterd", redact.Userinfo)
 	fs.StringVar(&c.SQLitePath, "sqlite-path", c.SQLitePath, "file of the embedded store, used when no ClickHouse DSN is set")
+	fs.StringVar(&c.ClickHouseCluster, "clickhouse-cluster", c.ClickHouseCluster,
+		"ClickHouse cluster `NAME` (remote_servers of the DSN's server): replicated tables created ON CLUSTER, reports through Distributed tables (empty: one server)")
+	fs.IntVar(&c.ClickHouseShard, "clickhouse-shard", cmp.Or(c.ClickHouseShard, 1),
+		"with --clickhouse-cluster, the shard (shard_num, from 1) whose local tables the aggregator writes, through whichever of its replicas answers (with --share-partitions each partition's store writes its own shard, partition mod shards + 1)")
+	fs.IntVar(&c.ClickHouseInsertQuorum, "clickhouse-insert-quorum", c.ClickHouseInsertQuorum,
+		"with --clickhouse-cluster, the replicas of the shard that must hold a write before it is acknowledged (0: one; on ClickHouse before 20.10 only with one writer per shard)")
 }
 
 // needStore fails when no store is configured.
 func needStore(c config.Aggregator) error {
 	if c.ClickHouse == "" && c.SQLitePath == "" {
 		return cli.Mistake(errors.New("set --clickhouse DSN (or --sqlite-path FILE for the embedded store)"))
+	}
+	if c.ClickHouseCluster != "" {
+		if c.ClickHouse == "" {
+			return cli.Mistake(errors.New("--clickhouse-cluster needs --clickhouse DSN"))
+		}
+		if err := clickhouseConfig(c).Validate(); err != nil {
+			return cli.Mistake(err)
+		}
 	}
 	return nil
 }
@@ -130,7 +144,8 @@ func ensureStreams(ctx context.Context, nc *nats.Conn, n config.NATS, replicas i
 func (a *app) openStore(ctx context.Context, c config.Aggregator, writer bool) (aggregator.Store, error) {
 	var store aggregator.Store
 	if c.ClickHouse != "" {
-		cfg := clickhouse.Config{DSN: c.ClickHouse, Logger: a.log}
+		cfg := clickhouseConfig(c)
+		cfg.Logger = a.log
 		if writer {
 			cfg.IndexDir, cfg.Horizon, cfg.IndexCacheBytes = c.DedupIndexDir, c.DedupHorizon, c.DedupIndexCacheBytes
 			if c.DedupIndexDir == "" {
@@ -154,6 +169,16 @@ func (a *app) openStore(ctx context.Context, c config.Aggregator, writer bool) (
 	}
 	a.onClose(store.Close)
 	return store, nil
+}
+
+// clickhouseConfig is the ClickHouse store of c, without its logger and
+// dedup index.
+func clickhouseConfig(c config.Aggregator) clickhouse.Config {
+	cfg := clickhouse.Config{DSN: c.ClickHouse}
+	if c.ClickHouseCluster != "" {
+		cfg.Cluster, cfg.Shard, cfg.InsertQuorum = c.ClickHouseCluster, c.ClickHouseShard, c.ClickHouseInsertQuorum
+	}
+	return cfg
 }
 
 // addAggregator adds the consumer writing into store. With leaseReplicas > 0
@@ -338,6 +363,11 @@ func (a *app) partitionWorker(ctx context.Context, nc *nats.Conn, js jetstream.J
 	}
 	cfg := clickhouse.Config{DSN: c.ClickHouse, Logger: log, Partitions: partitions, Partition: p,
 		Horizon: c.DedupHorizon, IndexCacheBytes: max(c.DedupIndexCacheBytes/int64(partitions), 8<<20)}
+	if c.ClickHouseCluster != "" {
+		// Sharded by usage partition: the store of p writes shard
+		// ShardOf(p, shards) (Shard 0), whatever --clickhouse-shard says.
+		cfg.Cluster, cfg.InsertQuorum = c.ClickHouseCluster, c.ClickHouseInsertQuorum
+	}
 	if c.DedupIndexDir != "" {
 		cfg.IndexDir = filepath.Join(c.DedupIndexDir, "p"+strconv.Itoa(p))
 	}

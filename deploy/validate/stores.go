@@ -169,6 +169,7 @@ type xmlNode struct {
 	XMLName xml.Name
 	Attrs   []xml.Attr `xml:",any,attr"`
 	Nodes   []xmlNode  `xml:",any"`
+	Text    string     `xml:",chardata"`
 }
 
 func (n *xmlNode) child(name string) *xmlNode {
@@ -202,22 +203,8 @@ func (c *checker) clickhouse() {
 			w := workload{id: id, pod: &st.Spec.Template, sts: st}
 			env := c.podEnv(st, &ct)
 			passwords := map[string]string{} // user → password
-			for _, m := range ct.VolumeMounts {
-				if !strings.HasPrefix(m.MountPath, "/etc/clickhouse-server/") || !strings.HasSuffix(m.MountPath, ".xml") {
-					continue
-				}
-				data, ok := c.fileData(w, id, &ct, m.MountPath)
-				if !ok {
-					continue
-				}
-				var root xmlNode
-				if err := xml.Unmarshal(data, &root); err != nil {
-					c.errorf("%s: %s: %v", id, m.MountPath, err)
-					continue
-				}
-				if root.XMLName.Local != "clickhouse" {
-					c.errorf("%s: %s: root element <%s>, want <clickhouse>", id, m.MountPath, root.XMLName.Local)
-				}
+			roots := c.clickhouseFiles(w, id, &ct)
+			for _, root := range roots {
 				users := root.child("users")
 				if users == nil {
 					continue
@@ -239,8 +226,35 @@ func (c *checker) clickhouse() {
 				c.serviceFor(u, where, w, "native")
 				c.clickhouseUser(id, where, u, passwords)
 			}
+			c.clickhouseCluster(st, id, &ct, env, roots)
 		}
 	}
+}
+
+// clickhouseFiles returns the parsed configuration files ct mounts under
+// /etc/clickhouse-server/, reporting those that are not XML with a root
+// <clickhouse>.
+func (c *checker) clickhouseFiles(w workload, id string, ct *corev1.Container) []*xmlNode {
+	var roots []*xmlNode
+	for _, m := range ct.VolumeMounts {
+		if !strings.HasPrefix(m.MountPath, "/etc/clickhouse-server/") || !strings.HasSuffix(m.MountPath, ".xml") {
+			continue
+		}
+		data, ok := c.fileData(w, id, ct, m.MountPath)
+		if !ok {
+			continue
+		}
+		var root xmlNode
+		if err := xml.Unmarshal(data, &root); err != nil {
+			c.errorf("%s: %s: %v", id, m.MountPath, err)
+			continue
+		}
+		if root.XMLName.Local != "clickhouse" {
+			c.errorf("%s: %s: root element <%s>, want <clickhouse>", id, m.MountPath, root.XMLName.Local)
+		}
+		roots = append(roots, &root)
+	}
+	return roots
 }
 
 func (c *checker) clickhouseUser(id, where string, u *url.URL, passwords map[string]string) {

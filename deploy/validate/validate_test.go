@@ -99,6 +99,7 @@ func TestTrees(t *testing.T) {
 		{"../nats", false, map[string]int{"ConfigMap": 1, "StatefulSet": 1, "Service": 2, "PodDisruptionBudget": 1}},
 		{"../clickhouse", false, map[string]int{"ConfigMap": 1, "StatefulSet": 1, "Service": 1}},
 		{"../overlays/example", true, map[string]int{"Namespace": 1, "ConfigMap": 4, "Secret": 3, "Deployment": 2, "StatefulSet": 3, "Service": 7, "PodDisruptionBudget": 4}},
+		{"../overlays/cluster", true, map[string]int{"Namespace": 1, "ConfigMap": 5, "Secret": 3, "Deployment": 2, "StatefulSet": 4, "Service": 8, "PodDisruptionBudget": 6}},
 	} {
 		t.Run(strings.TrimPrefix(tc.dir, "../"), func(t *testing.T) {
 			s := render(t, tc.dir)
@@ -177,6 +178,12 @@ func TestBroken(t *testing.T) {
 		{"short-grace", "terminationGracePeriodSeconds 30s < shutdown grace 20s + 10s to flush + 5s preStop"},
 		{"unpinned", "is not pinned to a release"},
 		{"two-images", "meterd containers use 2 images, want one"},
+		// the ClickHouse cluster (overlays/cluster with one mistake)
+		{"clickhouse-one-replica", "has 1 replica(s); each shard needs at least 2"},
+		{"keeper-two", "StatefulSet/clickhouse-keeper: 2 Keeper servers; a quorum that survives the loss of one needs 3"},
+		{"cluster-name-typo", "--clickhouse-cluster meterdx names no cluster of StatefulSet/clickhouse's remote_servers"},
+		{"cluster-not-set", "no --clickhouse-cluster, but StatefulSet/clickhouse is cluster meterd"},
+		{"cluster-hosts", "cluster meterd lists replicas"},
 		{"lease-too-long", "--stale-after 15s, but a takeover of the enforcer (Deployment/enforcer: lease, two polls and a heartbeat period) leaves the gates without a heartbeat for up to 17s"},
 		// caddy's own parser (skipped where caddy is not installed, outside CI)
 		{"caddy-syntax", "caddy adapt: "},

@@ -4,7 +4,11 @@
 // starts on first use and stops in Main. Each DSN names a new database,
 // dropped when the test ends.
 //
-// A package using DSN runs its tests through Main:
+// SharedCluster gives tests a private ClickHouse cluster instead: Debian's
+// zookeeper and three clickhouse-server processes, two shards of which the
+// first has two replicas (cluster.go).
+//
+// A package using DSN or SharedCluster runs its tests through Main:
 //
 //	func TestMain(m *testing.M) { chtest.Main(m) }
 package chtest
@@ -102,6 +106,9 @@ func (t teardown) Run() int {
 	code := t.m.Run()
 	if shared.admin != nil {
 		shared.admin.Close()
+	}
+	if sharedCluster.c != nil {
+		sharedCluster.c.Stop()
 	}
 	if shared.srv != nil {
 		if err := shared.srv.stop(); err != nil {
@@ -219,20 +226,21 @@ func tryStart(bin string) (*server, error) {
 	if err != nil {
 		return nil, err
 	}
-	s, err := launch(bin, ports, dir)
+	s, err := launch(bin, ConfigFile, ports, dir)
 	if err != nil {
 		os.RemoveAll(dir)
 	}
 	return s, err
 }
 
-// launch runs clickhouse-server on ports with its files in dir and waits
-// until it answers; on failure the process is gone and dir is left.
-func launch(bin string, ports []int, dir string) (*server, error) {
+// launch runs clickhouse-server with the configuration file config on
+// ports with its files in dir and waits until it answers; on failure the
+// process is gone and dir is left.
+func launch(bin, config string, ports []int, dir string) (*server, error) {
 	// Options after "--" override the configuration file. As root, 18.16
 	// runs as is; newer releases refuse only data owned by another user,
 	// and this directory is the process's own.
-	cmd := exec.Command(bin, "--config-file="+ConfigFile, "--",
+	cmd := exec.Command(bin, "--config-file="+config, "--",
 		fmt.Sprintf("--tcp_port=%d", ports[0]),
 		fmt.Sprintf("--http_port=%d", ports[1]),
 		fmt.Sprintf("--interserver_http_port=%d", ports[2]),
@@ -332,7 +340,7 @@ func (s *Server) Start() {
 	if s.cur != nil {
 		return
 	}
-	cur, err := launch(s.bin, s.ports, s.dir)
+	cur, err := launch(s.bin, ConfigFile, s.ports, s.dir)
 	if err != nil {
 		s.t.Fatalf("chtest: start clickhouse-server: %v", err)
 	}

@@ -103,6 +103,13 @@ type Aggregator struct {
 	// heartbeating keeps its partitions.
 	Member    string        `yaml:"member"`
 	MemberTTL time.Duration `yaml:"member_ttl"`
+	// ClickHouseCluster, if set, runs the ClickHouse store on the cluster
+	// of that name (aggregator/clickhouse, "On a cluster"); the aggregator
+	// writes the local tables of ClickHouseShard, with an insert quorum of
+	// ClickHouseInsertQuorum replicas (0: ClickHouse's default, one).
+	ClickHouseCluster      string `yaml:"clickhouse_cluster"`
+	ClickHouseShard        int    `yaml:"clickhouse_shard"`
+	ClickHouseInsertQuorum int    `yaml:"clickhouse_insert_quorum"`
 }
 
 // Enforcer holds the enforcer's settings; its store is the aggregator's.
