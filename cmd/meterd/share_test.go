@@ -97,11 +97,82 @@ func (l *sharedLoad) publish(t *testing.T, i int) {
 		}
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if _, err := l.js.PublishMsg(ctx, msg, jetstream.WithMsgID(fmt.Sprintf("s%d", i))); err != nil {
-		t.Error(err)
+	// Again until acknowledged (the message id makes a repeat count once):
+	// a NATS server killed under the load may fail a publish for a moment.
+	for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		_, err = l.js.PublishMsg(ctx, msg, jetstream.WithMsgID(fmt.Sprintf("s%d", i)))
+		cancel()
+		if err == nil {
+			return
+		}
 	}
+	t.Errorf("batch %d not acknowledged within a minute: %v", i, err)
+}
+
+// drainPartitions waits until every partition's consumer has nothing
+// pending or unacknowledged.
+func drainPartitions(t *testing.T, js jetstream.JetStream, within time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for p := range schemas.DefaultPartitions {
+		durable := "meterd-aggregator-p" + strconv.Itoa(p)
+		for {
+			cons, err := js.Consumer(t.Context(), schemas.UsageStream, durable)
+			if err == nil {
+				if info, err := cons.Info(t.Context()); err == nil && info.NumPending == 0 && info.NumAckPending == 0 {
+					break
+				}
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("consumer %s not drained: %v", durable, err)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+}
+
+// settledPartitions waits until the live members (names, in procs) hold
+// every partition's lease exactly once, each member within ⌊16/N⌋..⌈16/N⌉,
+// and returns how long that took and each member's count.
+func settledPartitions(t *testing.T, procs map[string]*killProc, what string, names []string, within time.Duration) (time.Duration, map[string]int) {
+	t.Helper()
+	const partitions = schemas.DefaultPartitions
+	begin := time.Now()
+	var last string
+	for time.Since(begin) < within {
+		holders := make([][]string, partitions)
+		per := map[string]int{}
+		ok := true
+		for _, m := range names {
+			series, err := seriesAt("http://" + procs[m].addr)
+			if err != nil {
+				ok = false
+				break
+			}
+			for p := range partitions {
+				if series[fmt.Sprintf(`meterd_aggregator_writer_leases{partition="%d"}`, p)] == 1 {
+					holders[p] = append(holders[p], m)
+					per[m]++
+				}
+			}
+		}
+		lo, hi := partitions/len(names), (partitions+len(names)-1)/len(names)
+		for p := range partitions {
+			ok = ok && len(holders[p]) == 1
+		}
+		for _, m := range names {
+			ok = ok && per[m] >= lo && per[m] <= hi
+		}
+		if ok {
+			t.Logf("%s: settled in %s: %v", what, time.Since(begin).Round(10*time.Millisecond), per)
+			return time.Since(begin), per
+		}
+		last = fmt.Sprint(holders)
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatalf("%s: partitions not settled within %s; lease holders by partition: %s", what, within, last)
+	return 0, nil
 }
 
 // Three aggregator processes started with identical flags share the 16
@@ -167,46 +238,9 @@ func TestSharedAggregators(t *testing.T) {
 			"--lease-duration", leaseDuration.String(), "--member-ttl", memberTTL.String(),
 			"--clickhouse", dsn, "--dedup-index-dir", dirs[member])
 	}
-	// settled waits until the live members (names) hold every partition's
-	// lease exactly once, each member within ⌊16/N⌋..⌈16/N⌉, and returns
-	// how long that took and each member's count.
 	settled := func(what string, names []string, within time.Duration) (time.Duration, map[string]int) {
 		t.Helper()
-		begin := time.Now()
-		var last string
-		for time.Since(begin) < within {
-			holders := make([][]string, partitions)
-			per := map[string]int{}
-			ok := true
-			for _, m := range names {
-				series, err := seriesAt("http://" + procs[m].addr)
-				if err != nil {
-					ok = false
-					break
-				}
-				for p := range partitions {
-					if series[fmt.Sprintf(`meterd_aggregator_writer_leases{partition="%d"}`, p)] == 1 {
-						holders[p] = append(holders[p], m)
-						per[m]++
-					}
-				}
-			}
-			lo, hi := partitions/len(names), (partitions+len(names)-1)/len(names)
-			for p := range partitions {
-				ok = ok && len(holders[p]) == 1
-			}
-			for _, m := range names {
-				ok = ok && per[m] >= lo && per[m] <= hi
-			}
-			if ok {
-				t.Logf("%s: settled in %s: %v", what, time.Since(begin).Round(10*time.Millisecond), per)
-				return time.Since(begin), per
-			}
-			last = fmt.Sprint(holders)
-			time.Sleep(50 * time.Millisecond)
-		}
-		t.Fatalf("%s: partitions not settled within %s; lease holders by partition: %s", what, within, last)
-		return 0, nil
+		return settledPartitions(t, procs, what, names, within)
 	}
 	rebalance := 2*memberTTL + leaseDuration + 10*time.Second
 
@@ -282,23 +316,7 @@ func TestSharedAggregators(t *testing.T) {
 	stopLoad()
 	<-loadDone
 
-	// Drain every partition's consumer.
-	deadline := time.Now().Add(90 * time.Second)
-	for p := range partitions {
-		durable := "meterd-aggregator-p" + strconv.Itoa(p)
-		for {
-			cons, err := b.js.Consumer(t.Context(), schemas.UsageStream, durable)
-			if err == nil {
-				if info, err := cons.Info(t.Context()); err == nil && info.NumPending == 0 && info.NumAckPending == 0 {
-					break
-				}
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("consumer %s not drained: %v", durable, err)
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
-	}
+	drainPartitions(t, b.js, 90*time.Second)
 	for _, m := range []string{"a", "b", "c"} {
 		for p := range partitions {
 			if d := series[fmt.Sprintf(`meterd_aggregator_dead_lettered_total{partition="%d"}`, p)]; d != 0 {
