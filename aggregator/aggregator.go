@@ -199,6 +199,19 @@ type Lease = lease.Holder
 // may have written in between.
 type writerChange interface{ WriterChanged() }
 
+// Preparer is implemented by a store that has read-only work to do before
+// a new writer's first write which may take longer than a lease (the
+// ClickHouse store: loading its dedup index from the events, a rebuild of
+// minutes at a billion events). The aggregator calls Prepare once it holds
+// the lease and before it consumes, with no write deadline, while the lease
+// is renewed; a write's deadline bounded it before, so a load longer than
+// the lease could never finish and the partition never started. Prepare
+// must write nothing the store's exactly-once argument depends on: what it
+// does is only a head start on the work the first write does again, fenced.
+type Preparer interface {
+	Prepare(ctx context.Context) error
+}
+
 // Aggregator moves batches from JetStream into a Store.
 type Aggregator struct {
 	cfg     Config
@@ -326,6 +339,15 @@ func (a *Aggregator) term(ctx context.Context, token uint64) error {
 			}
 		}
 	})
+	if p, ok := a.cfg.Store.(fencedStore).Store.(Preparer); ok {
+		start := time.Now()
+		if err := p.Prepare(tctx); err != nil && tctx.Err() == nil {
+			// The first write does the same work again, fenced.
+			a.log.Warn("preparing the store for writing failed; the first write does it", "err", err)
+		} else if err == nil {
+			a.log.Info("store prepared for writing", "took", time.Since(start).Round(time.Millisecond))
+		}
+	}
 	err := a.consume(tctx)
 	stop(nil)
 	renewer.Wait()

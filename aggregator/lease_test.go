@@ -567,3 +567,60 @@ func TestAggregatorLagWhileFetchFails(t *testing.T) {
 		t.Errorf("fetch errors %v, want at least 1", n)
 	}
 }
+
+// slowPrepare is a store whose preparation takes longer than the lease (a
+// dedup index rebuilt at a billion events takes minutes).
+type slowPrepare struct {
+	aggregator.Store
+	took        time.Duration
+	calls       atomic.Int32
+	hadDeadline atomic.Bool
+}
+
+func (s *slowPrepare) Prepare(ctx context.Context) error {
+	s.calls.Add(1)
+	if _, ok := ctx.Deadline(); ok {
+		s.hadDeadline.Store(true)
+	}
+	select {
+	case <-time.After(s.took):
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// A store's preparation that outlasts the lease (three lease durations)
+// runs once, without a write's deadline, while the lease is renewed; the
+// aggregator then writes and counts every event once. Bounded by a write's
+// deadline, the same work could never finish: the writer lost its lease at
+// each try and started over.
+func TestPreparationLongerThanTheLease(t *testing.T) {
+	store := &slowPrepare{Store: openStore(t, "sqlite"), took: 3 * testLeaseDuration}
+	env := newIdleAggEnv(t, store.Store, nil)
+	o := newOracleLoad(env)
+	for b := range 20 {
+		o.publish(t, b)
+	}
+	p := env.startPeer(t, "slow", store, nil)
+	waitWriter(t, p, 10*time.Second)
+	start := time.Now()
+	for metrictest.Value(t, p.reg, "meterd_aggregator_batches_committed_total") < 20 {
+		if time.Since(start) > 30*time.Second {
+			t.Fatalf("%v of 20 batches committed 30 s after the lease was taken (preparation: %d calls)",
+				metrictest.Value(t, p.reg, "meterd_aggregator_batches_committed_total"), store.calls.Load())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := store.calls.Load(); n != 1 {
+		t.Errorf("Prepare called %d times, want once (the lease was kept while it ran)", n)
+	}
+	if store.hadDeadline.Load() {
+		t.Error("Prepare ran with a deadline")
+	}
+	if n := metrictest.Value(t, p.reg, "meterd_aggregator_lease_lost_total"); n != 0 {
+		t.Errorf("the lease was lost %v times during the preparation", n)
+	}
+	p.stop()
+	o.check(t, store.Store)
+}

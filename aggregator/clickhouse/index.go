@@ -62,6 +62,30 @@ func (s *Store) measureClock(ctx context.Context) error {
 	return nil
 }
 
+// Prepare implements aggregator.Preparer: it brings the dedup index up to
+// date with the store (a catch-up from its mark, or the rebuild of a lost
+// or foreign index) before a writer's first write, without that write's
+// deadline. It is only a head start: recoverIntents, at the first write,
+// still waits for open intents' queries and catches up again from the mark
+// Prepare left, less the margin (which covers an insert in flight during
+// Prepare: its inserted_at is set when the server processes its block), so
+// the invariant holds as before. On a cluster it settles the shard first
+// (as recoverIntents does), so the replica it reads holds every part the
+// others committed. It writes nothing to ClickHouse.
+func (s *Store) Prepare(ctx context.Context) error {
+	if s.index == nil {
+		return nil
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.cluster != nil {
+		if err := s.settle(ctx); err != nil {
+			return err
+		}
+	}
+	return s.syncIndex(ctx)
+}
+
 // syncIndex makes the index hold every event the store wrote within the
 // horizon before any lookup: after a start, a failed write or a change of
 // writer (the index may lack what the store holds, never the reverse). An

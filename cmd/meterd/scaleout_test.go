@@ -23,8 +23,10 @@ import (
 // (shard 1 with two replicas, ZooKeeper) and two aggregator processes that
 // share the usage partitions, each partition's store writing its shard.
 // Under load, a NATS server is SIGKILLed (and stays down), the replica shard
-// 1's writers write is SIGKILLed and restarted, an aggregator is SIGKILLed
-// and restarted, and one is frozen past its leases (SIGSTOP, SIGCONT). The
+// 1's writers write is SIGKILLed and restarted, the active one of two
+// enforcers is SIGKILLed (the other takes over within 10 s), an aggregator
+// is SIGKILLed and restarted, and one is frozen past its leases (SIGSTOP,
+// SIGCONT). The
 // oracle, read through the Distributed tables: every distinct event
 // published counted exactly once; on each shard the rollups equal the raw
 // events.
@@ -42,8 +44,12 @@ func TestScaleOutOnClusters(t *testing.T) {
 		t.Fatal(err)
 	}
 	db := strings.TrimPrefix(u.Path, "/")
-	const leaseDuration, memberTTL = 3 * time.Second, 2 * time.Second
-	rebalance := 2*memberTTL + leaseDuration + 20*time.Second
+	// A longer lease than the single-server share test's: a new writer's
+	// first write on a cluster settles the shard (ZooKeeper's replication
+	// log of each table) and catches its index up, fenced by the lease,
+	// which a loaded 2-core machine running all of this needs seconds for.
+	const leaseDuration, memberTTL = 8 * time.Second, 3 * time.Second
+	rebalance := 2*memberTTL + leaseDuration + 30*time.Second
 
 	procs := map[string]*killProc{}
 	dirs := map[string]string{}
@@ -61,6 +67,16 @@ func TestScaleOutOnClusters(t *testing.T) {
 	start("a")
 	start("b")
 	settledPartitions(t, procs, "2 aggregators on the clusters", []string{"a", "b"}, rebalance)
+	// Two enforcers, one active by lease, reading usage through the
+	// Distributed tables.
+	startEnforcer := func() *killProc {
+		addr := "127.0.0.1:" + strconv.Itoa(jstest.FreePort(t))
+		return startKillProc(t, bin, addr, "enforcer", "--listen", addr, "--nats-url", nc.URL(), "--nats-replicas", "3",
+			"--insecure", "--log-format", "text", "--clickhouse", dsn, "--clickhouse-cluster", chtest.ClusterName)
+	}
+	const active = "meterd_enforcer_active_leases"
+	enf := []*killProc{startEnforcer(), startEnforcer()}
+	pollUntil(t, "one enforcer is active", 30*time.Second, func() bool { return enf[0].metric(t, active)+enf[1].metric(t, active) == 1 })
 
 	load := &sharedLoad{js: nc.JetStream(), t0: time.Date(2026, 11, 22, 8, 0, 0, 0, time.UTC), want: map[string]int64{}, seen: map[string]bool{}}
 	loadCtx, stopLoad := context.WithCancel(t.Context())
@@ -86,6 +102,17 @@ func TestScaleOutOnClusters(t *testing.T) {
 	time.Sleep(5 * time.Second)
 	cc.Start(t, 1, 1)
 	t.Log("shard 1 replica 1 back")
+
+	// The active enforcer dies; the standby takes over within 10 s.
+	act, standby := enf[0], enf[1]
+	if act.metric(t, active) != 1 {
+		act, standby = standby, act
+	}
+	act.kill(t)
+	takeover := pollUntil(t, "the standby enforcer takes over", 15*time.Second, func() bool { return standby.metric(t, active) == 1 })
+	if takeover > 10*time.Second {
+		t.Errorf("the standby enforcer took over %s after the kill, want within 10 s", takeover)
+	}
 
 	procs["a"].kill(t)
 	failover, _ := settledPartitions(t, procs, "a killed", []string{"b"}, rebalance)
@@ -152,6 +179,6 @@ func TestScaleOutOnClusters(t *testing.T) {
 			t.Errorf("shard %d: rollups differ from raw events: %d rows (%v)", i+1, n, err)
 		}
 	}
-	t.Logf("%d batches, %d tenants over %d shards; failover after an aggregator's SIGKILL %s", load.published, len(load.want),
-		cc.Shards(), failover.Round(10*time.Millisecond))
+	t.Logf("%d batches, %d tenants over %d shards; failover after an aggregator's SIGKILL %s, enforcer takeover %s", load.published, len(load.want),
+		cc.Shards(), failover.Round(10*time.Millisecond), takeover.Round(10*time.Millisecond))
 }
