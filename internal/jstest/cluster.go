@@ -219,6 +219,16 @@ func (c *Cluster) Start(i int, timeout time.Duration) {
 	c.WaitCurrent(i, time.Until(deadline))
 }
 
+// Restart starts server i again, on its ports and store directory, and
+// waits until it is healthy, not until it is current: a follower catching up
+// while a heavy load goes on may take minutes on a loaded machine (call
+// WaitCurrent once the load stops).
+func (c *Cluster) Restart(i int, timeout time.Duration) {
+	c.t.Helper()
+	c.launch(i)
+	c.WaitHealthy(i, timeout)
+}
+
 // WaitCurrent waits until server i leads, or is a current follower of,
 // every replicated stream: /healthz may answer 200 before a restarted
 // server has learnt how far behind it is.
