@@ -378,6 +378,11 @@ type Store struct {
 	// open is the intent of the last write, which the next write (or Close)
 	// closes; nil when none is open or pending is set.
 	open *intent
+	// prepared is set by Prepare once it synced the index after every open
+	// intent's queries ended, under this writer's lease: recoverIntents
+	// need not sync it again. Cleared with every change of writer and
+	// failed write, and when recoverIntents consumed it.
+	prepared bool
 
 	// index is the local dedup index, nil without Config.IndexDir; id is
 	// the store's identity and clockOffset how far the server's clock is
@@ -616,7 +621,7 @@ func (s *Store) Apply(ctx context.Context, batches []*schemas.Batch) ([]aggregat
 	if len(cands) > 0 {
 		var err error
 		if rows, err = s.write(ctx, cands, index, in); err != nil {
-			s.pending = true // some of the writes may have reached the server
+			s.pending, s.prepared = true, false // some of the writes may have reached the server
 			return nil, fmt.Errorf("clickhouse: apply: %w", err)
 		}
 	}
@@ -840,7 +845,7 @@ func (s *Store) closeConns() error {
 func (s *Store) WriterChanged() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.pending = true
+	s.pending, s.prepared = true, false
 	s.open = nil // our last intent is open in the log, or the other writer closed it
 }
 
@@ -990,40 +995,11 @@ func (s *Store) recoverIntents(ctx context.Context) error {
 	if !s.pending {
 		return nil
 	}
-	if s.cluster != nil {
-		if err := s.settle(ctx); err != nil {
-			return err
-		}
-	}
-	where := ""
-	if s.scope.partitions > 0 {
-		where = " WHERE usage_partition IN (-1, " + strconv.Itoa(s.scope.partition) + ")"
-	}
-	rows, err := s.conn.Query(ctx, `SELECT apply_id, anyIf(started_at, sign = 1), anyIf(tenants, sign = 1),
-			toUInt32(minIf(first_hour, sign = 1)), toUInt32(maxIf(end_hour, sign = 1)), any(usage_partition)
-		FROM applies`+where+` GROUP BY apply_id HAVING sum(sign) > 0`)
+	open, err := s.settledIntents(ctx)
 	if err != nil {
-		return fmt.Errorf("read intents: %w", err)
-	}
-	var open []intent
-	for rows.Next() {
-		var in intent
-		var from, to uint32
-		if err := rows.Scan(&in.id, &in.startedAt, &in.tenants, &from, &to, &in.partition); err != nil {
-			rows.Close()
-			return fmt.Errorf("read intents: %w", err)
-		}
-		in.hours = rollup.Range{From: int64(from), To: int64(to)}
-		open = append(open, in)
-	}
-	rows.Close()
-	if err := rows.Err(); err != nil {
-		return fmt.Errorf("read intents: %w", err)
+		return err
 	}
 	for _, in := range open {
-		if err := waitQueries(ctx, s.conn, in.id); err != nil {
-			return err
-		}
 		shared := s.scope.partitions > 0 && in.partition < 0
 		if shared {
 			in.tenants = s.scope.own(in.tenants)
@@ -1052,14 +1028,57 @@ func (s *Store) recoverIntents(ctx context.Context) error {
 		log("repaired the rollups of an open intent", "apply_id", in.id, "started_at", in.startedAt, "rows", len(deltas),
 			"intent_partition", in.partition)
 	}
-	if s.index != nil {
+	if s.index != nil && !s.prepared {
 		if err := s.syncIndex(ctx); err != nil {
 			return err
 		}
 	}
-	s.pending = false
+	s.pending, s.prepared = false, false
 	s.open = nil
 	return nil
+}
+
+// settledIntents returns the open intents of the store's scope once no
+// query of any of them still runs, on a cluster after settling the shard:
+// every insert of this or an earlier writer has then landed or never will.
+// It writes nothing.
+func (s *Store) settledIntents(ctx context.Context) ([]intent, error) {
+	if s.cluster != nil {
+		if err := s.settle(ctx); err != nil {
+			return nil, err
+		}
+	}
+	where := ""
+	if s.scope.partitions > 0 {
+		where = " WHERE usage_partition IN (-1, " + strconv.Itoa(s.scope.partition) + ")"
+	}
+	rows, err := s.conn.Query(ctx, `SELECT apply_id, anyIf(started_at, sign = 1), anyIf(tenants, sign = 1),
+			toUInt32(minIf(first_hour, sign = 1)), toUInt32(maxIf(end_hour, sign = 1)), any(usage_partition)
+		FROM applies`+where+` GROUP BY apply_id HAVING sum(sign) > 0`)
+	if err != nil {
+		return nil, fmt.Errorf("read intents: %w", err)
+	}
+	var open []intent
+	for rows.Next() {
+		var in intent
+		var from, to uint32
+		if err := rows.Scan(&in.id, &in.startedAt, &in.tenants, &from, &to, &in.partition); err != nil {
+			rows.Close()
+			return nil, fmt.Errorf("read intents: %w", err)
+		}
+		in.hours = rollup.Range{From: int64(from), To: int64(to)}
+		open = append(open, in)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("read intents: %w", err)
+	}
+	for _, in := range open {
+		if err := waitQueries(ctx, s.conn, in.id); err != nil {
+			return nil, err
+		}
+	}
+	return open, nil
 }
 
 // waitQueries waits until no query of the apply runs on conn's server: an

@@ -62,28 +62,34 @@ func (s *Store) measureClock(ctx context.Context) error {
 	return nil
 }
 
-// Prepare implements aggregator.Preparer: it brings the dedup index up to
-// date with the store (a catch-up from its mark, or the rebuild of a lost
-// or foreign index) before a writer's first write, without that write's
-// deadline. It is only a head start: recoverIntents, at the first write,
-// still waits for open intents' queries and catches up again from the mark
-// Prepare left, less the margin (which covers an insert in flight during
-// Prepare: its inserted_at is set when the server processes its block), so
-// the invariant holds as before. On a cluster it settles the shard first
-// (as recoverIntents does), so the replica it reads holds every part the
-// others committed. It writes nothing to ClickHouse.
+// Prepare implements aggregator.Preparer: the read-only part of the
+// recovery a new writer's first write runs, without that write's deadline:
+// it settles the shard (on a cluster), waits until no query of an open
+// intent still runs, so every insert of an earlier writer has landed or
+// never will, and syncs the index (a catch-up from its mark, or the
+// rebuild of a lost or foreign index: minutes at a billion events, longer
+// than a lease). The aggregator calls it holding the lease, after
+// WriterChanged, so no other writer writes until this one's first write,
+// whose recoverIntents then repairs the open intents and skips the index's
+// second sync (its catch-up reads the margin's 10 minutes of events, too
+// long to run fenced at a high rate). It writes nothing to ClickHouse.
 func (s *Store) Prepare(ctx context.Context) error {
 	if s.index == nil {
 		return nil
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.cluster != nil {
-		if err := s.settle(ctx); err != nil {
-			return err
-		}
+	if !s.pending {
+		return nil // nothing to recover: this writer's index is current
 	}
-	return s.syncIndex(ctx)
+	if _, err := s.settledIntents(ctx); err != nil {
+		return err
+	}
+	if err := s.syncIndex(ctx); err != nil {
+		return err
+	}
+	s.prepared = true
+	return nil
 }
 
 // syncIndex makes the index hold every event the store wrote within the
@@ -91,9 +97,9 @@ func (s *Store) Prepare(ctx context.Context) error {
 // writer (the index may lack what the store holds, never the reverse). An
 // index of another store, or of none, is emptied and loaded from all the
 // events inserted within the horizon; otherwise the events inserted since
-// its mark (less catchUpMargin) are added. It runs after recoverIntents
-// waited for the queries of open intents, so every insert of an earlier
-// writer has landed.
+// its mark (less catchUpMargin) are added. It runs after the queries of
+// open intents ended (recoverIntents, Prepare), so every insert of an
+// earlier writer has landed.
 func (s *Store) syncIndex(ctx context.Context) error {
 	start := s.serverNow()
 	m, ok, err := s.index.Mark()

@@ -80,6 +80,49 @@ func TestIndexCatchesUpAfterWriterChanged(t *testing.T) {
 	}
 }
 
+// A new writer's Prepare (outside the write's deadline) catches its index
+// up with the other writer's events, and its first write then skips the
+// second sync without counting any of them again; a write after a later
+// change of writer syncs again.
+func TestPrepareCatchesUpBeforeTheFirstWrite(t *testing.T) {
+	dsn := chtest.DSN(t)
+	a := newStore(t, dsn)
+	b := newStore(t, dsn)
+	if err := b.Prepare(t.Context()); err != nil { // b's first start: the index is loaded
+		t.Fatal(err)
+	}
+	if n := applied(t, b, eventBatch("b0", 0, 10, indexT0)); n != 10 {
+		t.Fatalf("b counted %d of 10", n)
+	}
+	if n := applied(t, a, eventBatch("a1", 0, 50, indexT0)); n != 40 {
+		t.Fatalf("a counted %d, want the 40 that b had not written", n)
+	}
+	b.WriterChanged()
+	if err := b.Prepare(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	if !b.prepared {
+		t.Fatal("Prepare after a change of writer did not sync the index")
+	}
+	if n := applied(t, b, eventBatch("b1", 0, 120, indexT0)); n != 70 {
+		t.Fatalf("b counted %d after Prepare, want the 70 that a had not written", n)
+	}
+	if b.prepared {
+		t.Fatal("the first write after Prepare left it set")
+	}
+	if err := b.Prepare(t.Context()); err != nil || b.prepared {
+		t.Fatalf("Prepare with nothing to recover: %v, prepared %v; want a no-op", err, b.prepared)
+	}
+	a.WriterChanged()
+	if n := applied(t, a, eventBatch("a2", 0, 150, indexT0)); n != 30 {
+		t.Fatalf("a counted %d after the writer changed, want the 30 new", n)
+	}
+	total, err := a.Total(t.Context(), "acme", "api_calls", indexT0, indexT0.Add(time.Hour))
+	if err != nil || total != 150 {
+		t.Fatalf("total %d, %v; want 150", total, err)
+	}
+}
+
 // Events written before the store had an index (by a version without one,
 // or with the index turned off) are found by the index's first load.
 func TestIndexLoadsEventsWrittenWithoutIt(t *testing.T) {

@@ -79,16 +79,8 @@ func TestScaleOutOnClusters(t *testing.T) {
 	pollUntil(t, "one enforcer is active", 30*time.Second, func() bool { return enf[0].metric(t, active)+enf[1].metric(t, active) == 1 })
 
 	load := &sharedLoad{js: nc.JetStream(), t0: time.Date(2026, 11, 22, 8, 0, 0, 0, time.UTC), want: map[string]int64{}, seen: map[string]bool{}}
-	loadCtx, stopLoad := context.WithCancel(t.Context())
-	loadDone := make(chan struct{})
-	go func() {
-		defer close(loadDone)
-		for i := 0; loadCtx.Err() == nil; i++ {
-			load.publish(t, i)
-			time.Sleep(20 * time.Millisecond)
-		}
-	}()
-	defer func() { stopLoad(); <-loadDone }()
+	stopLoad := load.run(t)
+	defer stopLoad()
 
 	// One of the three nats-server processes dies and stays dead: the R3
 	// streams and buckets go on with two (TestNATSClusterServerKilled
@@ -140,7 +132,6 @@ func TestScaleOutOnClusters(t *testing.T) {
 	}
 	time.Sleep(time.Second)
 	stopLoad()
-	<-loadDone
 
 	drainPartitions(t, nc.JetStream(), 2*time.Minute)
 	for _, m := range []string{"a", "b"} {

@@ -63,6 +63,21 @@ type sharedLoad struct {
 	published int
 }
 
+// run publishes a batch every 20 ms from batch 0 until the returned stop
+// is called; stop waits for the last publish and may be called again.
+func (l *sharedLoad) run(t *testing.T) (stop func()) {
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; ctx.Err() == nil; i++ {
+			l.publish(t, i)
+			time.Sleep(20 * time.Millisecond)
+		}
+	}()
+	return sync.OnceFunc(func() { cancel(); <-done })
+}
+
 // publish sends batch i, of partition i%16.
 func (l *sharedLoad) publish(t *testing.T, i int) {
 	p := i % schemas.DefaultPartitions
@@ -214,16 +229,8 @@ func TestSharedAggregators(t *testing.T) {
 	defer sub.Unsubscribe()
 
 	load := &sharedLoad{js: b.js, t0: time.Date(2026, 11, 21, 8, 0, 0, 0, time.UTC), want: map[string]int64{}, seen: map[string]bool{}}
-	loadCtx, stopLoad := context.WithCancel(t.Context())
-	loadDone := make(chan struct{})
-	go func() {
-		defer close(loadDone)
-		for i := 0; loadCtx.Err() == nil; i++ {
-			load.publish(t, i)
-			time.Sleep(20 * time.Millisecond)
-		}
-	}()
-	defer func() { stopLoad(); <-loadDone }()
+	stopLoad := load.run(t)
+	defer stopLoad()
 
 	dirs := map[string]string{}
 	procs := map[string]*killProc{}
@@ -323,7 +330,6 @@ func TestSharedAggregators(t *testing.T) {
 	}
 	time.Sleep(time.Second) // load goes on beside the woken zombie
 	stopLoad()
-	<-loadDone
 
 	drainPartitions(t, b.js, 90*time.Second)
 	for _, m := range []string{"a", "b", "c"} {
