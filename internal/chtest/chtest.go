@@ -267,11 +267,7 @@ func launch(bin, config string, ports []int, dir string) (*server, error) {
 	p, err := proctest.Launch(cmd, filepath.Join(dir, "stdout"), ping, startTimeout)
 	if err != nil {
 		// The server writes why it failed to its error log, not stdout.
-		data, _ := os.ReadFile(filepath.Join(dir, "err"))
-		if len(data) > 2000 {
-			data = data[len(data)-2000:]
-		}
-		return nil, fmt.Errorf("clickhouse-server: %w; err: %s", err, data)
+		return nil, fmt.Errorf("clickhouse-server: %w; err: %s", err, tailFile(filepath.Join(dir, "err"), 2000))
 	}
 	return &server{Process: p, addr: addr, dir: dir}, nil
 }

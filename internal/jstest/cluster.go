@@ -214,8 +214,7 @@ func (c *Cluster) Kill(i int) {
 func (c *Cluster) Start(i int, timeout time.Duration) {
 	c.t.Helper()
 	deadline := time.Now().Add(timeout)
-	c.launch(i)
-	c.WaitHealthy(i, timeout)
+	c.Restart(i, timeout)
 	c.WaitCurrent(i, time.Until(deadline))
 }
 

@@ -178,14 +178,21 @@ func Messages(t testing.TB, js jetstream.JetStream, stream string, fn func(jetst
 		t.Fatalf("jstest: ordered consumer of %s: %v", stream, err)
 	}
 	for read := 0; read < want; {
-		msgs, err := cons.Fetch(min(want-read, 500), jetstream.FetchMaxWait(5*time.Second))
+		if ctx.Err() != nil {
+			t.Fatalf("jstest: read %d of the %d messages of %s within a minute", read, want, stream)
+		}
+		// Bounded by bytes, as messages may be of megabytes: a fetch
+		// of 500 of them would not fit the client's pending buffer.
+		msgs, err := cons.FetchBytes(8<<20, jetstream.FetchMaxWait(5*time.Second))
 		if err != nil {
 			t.Fatalf("jstest: fetch from %s: %v", stream, err)
 		}
 		n := 0
 		for m := range msgs.Messages() {
+			if read+n < want { // not those published since it was called
+				fn(m)
+			}
 			n++
-			fn(m)
 		}
 		if err := msgs.Error(); err != nil {
 			t.Fatalf("jstest: fetch from %s: %v", stream, err)
