@@ -344,7 +344,11 @@ func (c Config) options() (*clickhouse.Options, error) {
 	case c.Cluster == "":
 	case !clusterName.MatchString(c.Cluster):
 		return nil, fmt.Errorf("clickhouse: cluster name must match %s, got %q", clusterName, c.Cluster)
-	case c.Shard < 1 && c.Partitions == 0, c.Shard < 0:
+	case c.Partitions > 0 && c.Shard != 0:
+		// A partition's tenants live on its shard; another would look up
+		// their retries where they are not, and count them again.
+		return nil, fmt.Errorf("clickhouse: the store of partition %d writes shard ShardOf(%d, shards); leave the shard (%d) unset", c.Partition, c.Partition, c.Shard)
+	case c.Shard < 1 && c.Partitions == 0:
 		return nil, fmt.Errorf("clickhouse: on cluster %s the shard (from 1) is required, got %d", c.Cluster, c.Shard)
 	case c.InsertQuorum < 0:
 		return nil, fmt.Errorf("clickhouse: insert quorum must be 0 or more, got %d", c.InsertQuorum)
@@ -380,8 +384,8 @@ type Store struct {
 	open *intent
 	// prepared is set by Prepare once it synced the index after every open
 	// intent's queries ended, under this writer's lease: recoverIntents
-	// need not sync it again. Cleared with every change of writer and
-	// failed write, and when recoverIntents consumed it.
+	// catches up from its mark less preparedMargin only. Cleared with every
+	// change of writer and failed write, and when recoverIntents consumed it.
 	prepared bool
 
 	// index is the local dedup index, nil without Config.IndexDir; id is
@@ -602,15 +606,22 @@ type candidate struct {
 	dims  string       // DimsKey of e.Dimensions, once the lookup is done
 }
 
+// all reports whether f holds for every element of xs.
+func all[T any](xs []T, f func(T) bool) bool {
+	return !slices.ContainsFunc(xs, func(x T) bool { return !f(x) })
+}
+
 // Apply implements aggregator.Store; see the package documentation.
 func (s *Store) Apply(ctx context.Context, batches []*schemas.Batch) ([]aggregator.Increment, error) {
 	if err := rollup.Check(batches); err != nil {
 		return nil, err
 	}
-	if err := s.scope.check(batches); err != nil {
-		return nil, err
-	}
 	cands, index, in := candidates(batches, s.index != nil)
+	// The scope is checked on the distinct tenants candidates collected,
+	// and the batch to name is looked for only when one is not the scope's.
+	if !all(in.tenants, s.scope.owns) {
+		return nil, s.scope.check(batches)
+	}
 	in.partition = s.scope.intentPartition()
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -1028,8 +1039,12 @@ func (s *Store) recoverIntents(ctx context.Context) error {
 		log("repaired the rollups of an open intent", "apply_id", in.id, "started_at", in.startedAt, "rows", len(deltas),
 			"intent_partition", in.partition)
 	}
-	if s.index != nil && !s.prepared {
-		if err := s.syncIndex(ctx); err != nil {
+	if s.index != nil {
+		margin := catchUpMargin
+		if s.prepared {
+			margin = preparedMargin
+		}
+		if err := s.syncIndex(ctx, margin); err != nil {
 			return err
 		}
 	}
@@ -1048,13 +1063,9 @@ func (s *Store) settledIntents(ctx context.Context) ([]intent, error) {
 			return nil, err
 		}
 	}
-	where := ""
-	if s.scope.partitions > 0 {
-		where = " WHERE usage_partition IN (-1, " + strconv.Itoa(s.scope.partition) + ")"
-	}
 	rows, err := s.conn.Query(ctx, `SELECT apply_id, anyIf(started_at, sign = 1), anyIf(tenants, sign = 1),
 			toUInt32(minIf(first_hour, sign = 1)), toUInt32(maxIf(end_hour, sign = 1)), any(usage_partition)
-		FROM applies`+where+` GROUP BY apply_id HAVING sum(sign) > 0`)
+		FROM applies`+s.scope.intentsWhere()+` GROUP BY apply_id HAVING sum(sign) > 0`)
 	if err != nil {
 		return nil, fmt.Errorf("read intents: %w", err)
 	}

@@ -299,7 +299,7 @@ func (s *Store) settle(ctx context.Context) error {
 	s.conn = c.replicas[up[0]]
 	open := map[string]bool{}
 	for _, i := range up {
-		ids, err := openIntentIDs(ctx, c.replicas[i])
+		ids, err := openIntentIDs(ctx, c.replicas[i], s.scope.intentsWhere())
 		if err != nil {
 			return fmt.Errorf("replica %s: %w", c.addrs[i], err)
 		}
@@ -415,9 +415,9 @@ func logPulled(ctx context.Context, conn driver.Conn) (bool, error) {
 }
 
 // openIntentIDs returns the ids of the intents open in the applies of conn's
-// server.
-func openIntentIDs(ctx context.Context, conn driver.Conn) ([]string, error) {
-	rows, err := conn.Query(ctx, `SELECT apply_id FROM applies GROUP BY apply_id HAVING sum(sign) > 0`)
+// server that where selects (scope.intentsWhere).
+func openIntentIDs(ctx context.Context, conn driver.Conn, where string) ([]string, error) {
+	rows, err := conn.Query(ctx, `SELECT apply_id FROM applies`+where+` GROUP BY apply_id HAVING sum(sign) > 0`)
 	if err != nil {
 		return nil, fmt.Errorf("read intents: %w", err)
 	}

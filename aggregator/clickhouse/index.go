@@ -16,6 +16,17 @@ import (
 // taken. Reading more only adds keys the index holds already.
 const catchUpMargin = 10 * time.Minute
 
+// preparedMargin replaces catchUpMargin at the first write after Prepare,
+// whose mark was taken after every open intent's queries had ended: an
+// insert that lands after it began after that wait, and the server sets its
+// inserted_at when it processes the block, so only the clocks' measured
+// skew needs a margin, not an insert's flight.
+const preparedMargin = time.Minute
+
+// prepareWaitMax bounds Prepare's wait for the open intents' queries (and
+// on a cluster the shard's settling).
+const prepareWaitMax = 5 * time.Minute
+
 // expireEvery is how often the index deletes its expired keys.
 const expireEvery = time.Hour
 
@@ -70,9 +81,11 @@ func (s *Store) measureClock(ctx context.Context) error {
 // rebuild of a lost or foreign index: minutes at a billion events, longer
 // than a lease). The aggregator calls it holding the lease, after
 // WriterChanged, so no other writer writes until this one's first write,
-// whose recoverIntents then repairs the open intents and skips the index's
-// second sync (its catch-up reads the margin's 10 minutes of events, too
-// long to run fenced at a high rate). It writes nothing to ClickHouse.
+// whose recoverIntents then repairs the open intents and catches the index
+// up again, fenced, from Prepare's mark less only preparedMargin: a
+// zombie's insert that landed after Prepare read is found, and the catch-up
+// does not read catchUpMargin's 10 minutes of events again, too many to
+// read within a lease at a high rate. It writes nothing to ClickHouse.
 func (s *Store) Prepare(ctx context.Context) error {
 	if s.index == nil {
 		return nil
@@ -82,10 +95,16 @@ func (s *Store) Prepare(ctx context.Context) error {
 	if !s.pending {
 		return nil // nothing to recover: this writer's index is current
 	}
-	if _, err := s.settledIntents(ctx); err != nil {
-		return err
+	// Bounded, unlike the load that follows: an insert that never ends
+	// must not hold the store (and its Reconcile) without a word. The first
+	// write then waits again, within its deadline, and fails visibly.
+	sctx, cancel := context.WithTimeout(ctx, prepareWaitMax)
+	_, err := s.settledIntents(sctx)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("wait for the open intents: %w", err)
 	}
-	if err := s.syncIndex(ctx); err != nil {
+	if err := s.syncIndex(ctx, catchUpMargin); err != nil {
 		return err
 	}
 	s.prepared = true
@@ -97,16 +116,16 @@ func (s *Store) Prepare(ctx context.Context) error {
 // writer (the index may lack what the store holds, never the reverse). An
 // index of another store, or of none, is emptied and loaded from all the
 // events inserted within the horizon; otherwise the events inserted since
-// its mark (less catchUpMargin) are added. It runs after the queries of
+// its mark (less margin) are added. It runs after the queries of
 // open intents ended (recoverIntents, Prepare), so every insert of an
 // earlier writer has landed.
-func (s *Store) syncIndex(ctx context.Context) error {
+func (s *Store) syncIndex(ctx context.Context, margin time.Duration) error {
 	start := s.serverNow()
 	m, ok, err := s.index.Mark()
 	if err != nil {
 		return err
 	}
-	since := m.Through.Add(-catchUpMargin)
+	since := m.Through.Add(-margin)
 	full := !ok || m.Store != s.id
 	if full {
 		if err := s.index.Reset(); err != nil {

@@ -24,6 +24,17 @@ func (sc scope) intentPartition() int32 {
 	return int32(sc.partition)
 }
 
+// intentsWhere is the WHERE clause of the scope's intents in applies: its
+// partition's, and those of a writer of every partition (the zero scope's:
+// all of them). Another partition's open intent may be a write in progress,
+// which this writer must neither repair nor wait for.
+func (sc scope) intentsWhere() string {
+	if sc.partitions == 0 {
+		return ""
+	}
+	return " WHERE usage_partition IN (-1, " + strconv.Itoa(sc.partition) + ")"
+}
+
 // owns reports whether tenant is the scope's.
 func (sc scope) owns(tenant string) bool {
 	return sc.partitions == 0 || schemas.Partition(tenant, sc.partitions) == sc.partition
