@@ -316,11 +316,11 @@ func (a *Aggregator) Run(ctx context.Context) error {
 // term consumes as the lease holder with fencing token token until ctx ends
 // or the lease is lost; on ctx's end it releases the lease.
 func (a *Aggregator) term(ctx context.Context, token uint64) error {
-	if w, ok := a.cfg.Store.(fencedStore).Store.(writerChange); ok {
+	store := a.cfg.Store.(fencedStore).Store // term runs only with a lease
+	if w, ok := store.(writerChange); ok {
 		w.WriterChanged()
 	}
 	tctx, stop := context.WithCancelCause(ctx)
-	a.stepDown.Store(&stop)
 	a.standby.Store(false)
 	a.metrics.leaseHeld.Set(1)
 	a.log.Info("writer lease held; consuming", "token", token)
@@ -339,7 +339,7 @@ func (a *Aggregator) term(ctx context.Context, token uint64) error {
 			}
 		}
 	})
-	if p, ok := a.cfg.Store.(fencedStore).Store.(Preparer); ok {
+	if p, ok := store.(Preparer); ok {
 		start := time.Now()
 		if err := p.Prepare(tctx); err != nil && tctx.Err() == nil {
 			// The first write does the same work again, fenced.
@@ -348,6 +348,10 @@ func (a *Aggregator) term(ctx context.Context, token uint64) error {
 			a.log.Info("store prepared for writing", "took", time.Since(start).Round(time.Millisecond))
 		}
 	}
+	// Writers (the reconciler's too) are let through only now: one that
+	// waited for the store through a long Prepare would outlive its
+	// renewed lease and end the term it waited in.
+	a.stepDown.Store(&stop)
 	err := a.consume(tctx)
 	stop(nil)
 	renewer.Wait()
@@ -476,13 +480,28 @@ func (a *Aggregator) ensureConsumer(ctx context.Context) (jetstream.Consumer, er
 	err := backoff.Retry(func() error {
 		cc := a.ConsumerConfig()
 		recreated := false
-		if old, err := a.js.Consumer(ctx, schemas.UsageStream, cc.Durable); err == nil {
+		// A consumer's start cannot be changed once it exists: it is
+		// chosen only when the lookup says for sure that there is none.
+		old, err := a.js.Consumer(ctx, schemas.UsageStream, cc.Durable)
+		if err == nil {
 			oc := old.CachedInfo().Config
 			cc.DeliverPolicy, cc.OptStartSeq, cc.OptStartTime = oc.DeliverPolicy, oc.OptStartSeq, oc.OptStartTime
-		} else if floor := a.ackFloor.Load(); floor > 0 && errors.Is(err, jetstream.ErrConsumerNotFound) {
+		} else if !errors.Is(err, jetstream.ErrConsumerNotFound) {
+			if ctx.Err() != nil {
+				return backoff.Permanent(ctx.Err())
+			}
+			a.log.Warn("look up consumer; retrying", "durable", cc.Durable, "err", err)
+			return err
+		} else if floor := a.ackFloor.Load(); floor > 0 {
 			cc.DeliverPolicy, cc.OptStartSeq = jetstream.DeliverByStartSequencePolicy, floor+1
 			recreated = true
-		} else if floor := a.startAfter(ctx); floor > 0 && errors.Is(err, jetstream.ErrConsumerNotFound) {
+		} else if floor, err := a.startAfter(ctx); err != nil {
+			if ctx.Err() != nil {
+				return backoff.Permanent(ctx.Err())
+			}
+			a.log.Warn("look up the consumer to start after; retrying", "after", a.cfg.StartAfter, "err", err)
+			return err
+		} else if floor > 0 {
 			cc.DeliverPolicy, cc.OptStartSeq = jetstream.DeliverByStartSequencePolicy, floor+1
 			a.log.Info("new consumer starts after the ack floor of the aggregator of every partition",
 				"durable", cc.Durable, "after", a.cfg.StartAfter, "start_seq", cc.OptStartSeq)
@@ -511,16 +530,21 @@ func (a *Aggregator) ensureConsumer(ctx context.Context) (jetstream.Consumer, er
 
 // startAfter returns the ack floor of the StartAfter consumer, 0 if there
 // is none (then the new consumer delivers all the stream holds: the trimmer
-// keeps it to what was not acknowledged, and the store counts the rest once).
-func (a *Aggregator) startAfter(ctx context.Context) uint64 {
+// keeps it to what was not acknowledged, and the store counts the rest
+// once), and an error if the lookup failed otherwise: a new consumer's
+// start is for good, so a timeout must not make it the stream's beginning.
+func (a *Aggregator) startAfter(ctx context.Context) (uint64, error) {
 	if a.cfg.StartAfter == "" {
-		return 0
+		return 0, nil
 	}
 	c, err := a.js.Consumer(ctx, schemas.UsageStream, a.cfg.StartAfter)
-	if err != nil {
-		return 0
+	if errors.Is(err, jetstream.ErrConsumerNotFound) {
+		return 0, nil
 	}
-	return c.CachedInfo().AckFloor.Stream
+	if err != nil {
+		return 0, err
+	}
+	return c.CachedInfo().AckFloor.Stream, nil
 }
 
 // noteAckFloor records the consumer's ack floor from info.
