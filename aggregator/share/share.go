@@ -90,7 +90,7 @@ type Config struct {
 	// Partitions is P, the number of usage partitions (default 16).
 	Partitions int
 	// TTL is how long a member's key lives without a heartbeat: the time
-	// to notice a member that stopped responding (default 10s, at least
+	// to notice a member that stopped responding (default 6s, at least
 	// 1s). Poll is how often a member heartbeats and reads the membership
 	// (default min(TTL/4, 1s)).
 	TTL  time.Duration
@@ -237,6 +237,32 @@ func (g *Group) Run(ctx context.Context) error {
 		<-r.done
 	}
 	return nil
+}
+
+// Announce heartbeats this member's key, owning nothing, until the returned
+// stop is called: a member waiting to start (for an aggregator of every
+// partition to stop) is already seen by one, which checks the membership
+// each time it takes its lease and steps down (the command's
+// refuseBesideShared). Run's heartbeats take over from it.
+func (g *Group) Announce(ctx context.Context) (stop func()) {
+	entry, _ := json.Marshal(MemberEntry{Member: g.cfg.Member})
+	put := func() {
+		pctx, cancel := context.WithTimeout(ctx, g.cfg.TTL/2)
+		defer cancel()
+		if _, err := g.kv.Put(pctx, g.cfg.Member, entry); err != nil && ctx.Err() == nil {
+			g.log.Warn("membership heartbeat failed while waiting to start", "err", err)
+		}
+	}
+	put()
+	actx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if ctxtime.Sleep(actx, g.cfg.Poll) {
+			ctxtime.Every(actx, g.cfg.Poll, put)
+		}
+	}()
+	return sync.OnceFunc(func() { cancel(); <-done })
 }
 
 // round heartbeats, reads the membership and applies the assignment.

@@ -198,12 +198,14 @@ func (a *app) addAggregator(ctx context.Context, nc *nats.Conn, store aggregator
 		}
 		// One lease for all partitions of the durable's consumer; sharing
 		// partitions between aggregators will take one per partition.
-		l, err := lease.New(ctx, lease.Config{JS: js, Replicas: leaseReplicas, Key: "aggregator." + cmp.Or(c.Durable, aggregator.DefaultDurable) + ".all",
+		l, err := lease.New(ctx, lease.Config{JS: js, Replicas: leaseReplicas, Key: allLeaseKey(cmp.Or(c.Durable, aggregator.DefaultDurable)),
 			Duration: c.LeaseDuration, Logger: a.log.With("component", "aggregator")})
 		if err != nil {
 			return err
 		}
-		cfg.Lease = l
+		// Checked again each time the lease is taken: members that started
+		// meanwhile wait for this lease with their keys already written.
+		cfg.Lease = besideShared{Holder: l, nc: nc}
 	}
 	agg, err := aggregator.New(cfg)
 	if err != nil {
@@ -225,6 +227,37 @@ func (a *app) addAggregator(ctx context.Context, nc *nats.Conn, store aggregator
 	a.checks["aggregator"] = agg.Ready
 	a.workers = append(a.workers, agg, rec, trim)
 	return nil
+}
+
+// allLeaseKey is the writer lease of the aggregator of every partition of
+// durable's consumer, which shared members also wait for (an upgrade).
+func allLeaseKey(durable string) string { return "aggregator." + durable + ".all" }
+
+// besideShared is the lease of an aggregator of every partition, which it
+// gives up, failing, if it finds aggregators sharing the partitions once it
+// holds it (refuseBesideShared): a member writes its key before it waits
+// for this lease, so whichever of the two comes second sees the other, and
+// an aggregator of every partition never writes beside the partitions'
+// writers, under another lease.
+type besideShared struct {
+	lease.Holder
+	nc *nats.Conn
+}
+
+func (b besideShared) Acquire(ctx context.Context) (uint64, error) {
+	token, err := b.Holder.Acquire(ctx)
+	if err != nil {
+		return 0, err
+	}
+	if err := refuseBesideShared(ctx, b.nc); err != nil {
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		defer cancel()
+		if rerr := b.Holder.Release(rctx); rerr != nil {
+			err = errors.Join(err, rerr)
+		}
+		return 0, err
+	}
+	return token, nil
 }
 
 // refuseBesideShared fails if aggregators share the partitions: an
@@ -285,7 +318,7 @@ func (a *app) addSharedAggregators(ctx context.Context, nc *nats.Conn, c config.
 	// The lease of one aggregator of every partition: a shared member
 	// starts once no such aggregator writes (an upgrade from one
 	// aggregator), and never holds it for longer than that check.
-	all, err := lease.New(ctx, lease.Config{JS: js, Replicas: replicas, Key: "aggregator." + durable + ".all",
+	all, err := lease.New(ctx, lease.Config{JS: js, Replicas: replicas, Key: allLeaseKey(durable),
 		Duration: c.LeaseDuration, Logger: a.log.With("component", "aggregator")})
 	if err != nil {
 		return err
@@ -337,12 +370,17 @@ type sharedMember struct {
 }
 
 func (m sharedMember) Run(ctx context.Context) error {
+	// The key first: an aggregator of every partition that takes its lease
+	// from now on sees this member and steps down (besideShared).
+	stop := m.g.Announce(ctx)
 	m.log.Info("waiting until no aggregator of every partition writes (its lease is free)")
-	if _, err := m.all.Acquire(ctx); err != nil {
+	_, err := m.all.Acquire(ctx)
+	stop()
+	if err != nil {
 		return nil // ctx ended
 	}
 	rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	err := m.all.Release(rctx)
+	err = m.all.Release(rctx)
 	cancel()
 	if err != nil {
 		return fmt.Errorf("release the lease of the aggregator of every partition: %w", err)
@@ -361,13 +399,12 @@ func (a *app) partitionWorker(ctx context.Context, nc *nats.Conn, js jetstream.J
 	if err != nil {
 		return nil, nil, err
 	}
-	cfg := clickhouse.Config{DSN: c.ClickHouse, Logger: log, Partitions: partitions, Partition: p,
-		Horizon: c.DedupHorizon, IndexCacheBytes: max(c.DedupIndexCacheBytes/int64(partitions), 8<<20)}
-	if c.ClickHouseCluster != "" {
-		// Sharded by usage partition: the store of p writes shard
-		// ShardOf(p, shards) (Shard 0), whatever --clickhouse-shard says.
-		cfg.Cluster, cfg.InsertQuorum = c.ClickHouseCluster, c.ClickHouseInsertQuorum
-	}
+	cfg := clickhouseConfig(c)
+	// Sharded by usage partition: on a cluster the store of p writes shard
+	// ShardOf(p, shards) (Shard 0), whatever --clickhouse-shard says.
+	cfg.Shard = 0
+	cfg.Logger, cfg.Partitions, cfg.Partition = log, partitions, p
+	cfg.Horizon, cfg.IndexCacheBytes = c.DedupHorizon, max(c.DedupIndexCacheBytes/int64(partitions), 8<<20)
 	if c.DedupIndexDir != "" {
 		cfg.IndexDir = filepath.Join(c.DedupIndexDir, "p"+strconv.Itoa(p))
 	}

@@ -2,13 +2,11 @@ package main
 
 import (
 	"context"
-	"fmt"
 	"maps"
 	"net/url"
 	"slices"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -78,7 +76,7 @@ func TestScaleOutOnClusters(t *testing.T) {
 	enf := []*killProc{startEnforcer(), startEnforcer()}
 	pollUntil(t, "one enforcer is active", 30*time.Second, func() bool { return enf[0].metric(t, active)+enf[1].metric(t, active) == 1 })
 
-	load := &sharedLoad{js: nc.JetStream(), t0: time.Date(2026, 11, 22, 8, 0, 0, 0, time.UTC), want: map[string]int64{}, seen: map[string]bool{}}
+	load := newSharedLoad(nc.JetStream(), time.Date(2026, 11, 22, 8, 0, 0, 0, time.UTC))
 	stopLoad := load.run(t)
 	defer stopLoad()
 
@@ -111,25 +109,7 @@ func TestScaleOutOnClusters(t *testing.T) {
 	start("a")
 	settledPartitions(t, procs, "a back", []string{"a", "b"}, rebalance)
 
-	if err := procs["b"].cmd.Process.Signal(syscall.SIGSTOP); err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(memberTTL + leaseDuration + 2*time.Second)
-	if err := procs["b"].cmd.Process.Signal(syscall.SIGCONT); err != nil {
-		t.Fatal(err)
-	}
-	settledPartitions(t, procs, "b woke as a zombie and rejoined", []string{"a", "b"}, rebalance+20*time.Second)
-	series, err := seriesAt("http://" + procs["b"].addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	lost := 0.0
-	for p := range schemas.DefaultPartitions {
-		lost += series[fmt.Sprintf(`meterd_aggregator_lease_lost_total{partition="%d"}`, p)]
-	}
-	if lost == 0 {
-		t.Error("the zombie lost no lease: it was not frozen past its leases")
-	}
+	freezePastLeases(t, procs, "b", []string{"a", "b"}, memberTTL+leaseDuration+2*time.Second, rebalance+20*time.Second)
 	time.Sleep(time.Second)
 	stopLoad()
 
