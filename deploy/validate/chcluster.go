@@ -1,6 +1,7 @@
 package validate
 
 import (
+	"cmp"
 	"slices"
 	"strconv"
 	"strings"
@@ -36,8 +37,8 @@ func (c *checker) clickhouseCluster(st *appsv1.StatefulSet, id string, ct *corev
 				clusters = append(clusters, &rs.Nodes[i])
 			}
 		}
-		keeper = cmpOr(root.child("zookeeper"), keeper)
-		macros = cmpOr(root.child("macros"), macros)
+		keeper = cmp.Or(root.child("zookeeper"), keeper)
+		macros = cmp.Or(root.child("macros"), macros)
 	}
 	n := int(replicas(st.Spec.Replicas))
 	if len(clusters) == 0 {
@@ -82,23 +83,12 @@ func (c *checker) clickhouseCluster(st *appsv1.StatefulSet, id string, ct *corev
 			}
 			hosts = append(hosts, reps...)
 		}
-		var want []string
-		for i := range n {
-			want = append(want, st.Name+"-"+strconv.Itoa(i)+"."+st.Spec.ServiceName+":"+strconv.Itoa(containerPort(ct, intstrPort(9000))))
-		}
-		if !slices.Equal(hosts, want) {
+		if want := podAddrs(st, containerPort(ct, intstrPort(9000))); !slices.Equal(hosts, want) {
 			c.errorf("%s: cluster %s lists replicas %v; want the StatefulSet's %d pods in ordinal order, %d per shard: %v", id, name, hosts, n, perShard, want)
 		}
 	}
 	c.keeper(id, keeper)
 	c.meterdCluster(id, names)
-}
-
-func cmpOr(a, b *xmlNode) *xmlNode {
-	if a != nil {
-		return a
-	}
-	return b
 }
 
 // keeper: the servers' <zookeeper> lists every server of a Keeper or
@@ -130,11 +120,7 @@ func (c *checker) keeper(id string, zk *xmlNode) {
 			c.errorf("%s: %d Keeper servers; a quorum that survives the loss of one needs 3 (or 5, an odd number)", kid, k)
 			return
 		}
-		var want []string
-		for i := range k {
-			want = append(want, st.Name+"-"+strconv.Itoa(i)+"."+st.Spec.ServiceName+":"+strconv.Itoa(port))
-		}
-		if !slices.Equal(nodes, want) {
+		if want := podAddrs(st, port); !slices.Equal(nodes, want) {
 			c.errorf("%s: <zookeeper> lists %v; want every server of %s: %v", id, nodes, kid, want)
 		}
 		c.headless(kid, st)
@@ -145,28 +131,35 @@ func (c *checker) keeper(id string, zk *xmlNode) {
 	}
 }
 
+// podAddrs returns host:port of each pod of the StatefulSet st, in ordinal
+// order, by its stable name under the governing Service.
+func podAddrs(st *appsv1.StatefulSet, port int) []string {
+	var out []string
+	for i := range int(replicas(st.Spec.Replicas)) {
+		out = append(out, st.Name+"-"+strconv.Itoa(i)+"."+st.Spec.ServiceName+":"+strconv.Itoa(port))
+	}
+	return out
+}
+
 // meterdCluster: every meterd component with a ClickHouse DSN names one of
 // the clusters (--clickhouse-cluster), or none if there is none.
 func (c *checker) meterdCluster(id string, clusters []string) {
-	for _, w := range c.s.workloads() {
-		for _, ct := range running(&w.pod.Spec) {
-			cmd := meterdCommand(ct)
-			if cmd == "" || !hasEnv(ct, "METERD_CLICKHOUSE") {
-				continue
-			}
-			env := envValues(ct)
-			name := setting(ct, env, "clickhouse-cluster", "")
-			where := w.id + " container " + ct.Name
-			switch {
-			case name == "" && len(clusters) > 0:
-				c.errorf("%s: no --clickhouse-cluster, but %s is cluster %s: its tables would not be replicated", where, id, strings.Join(clusters, ", "))
-			case name != "" && !slices.Contains(clusters, name):
-				c.errorf("%s: --clickhouse-cluster %s names no cluster of %s's remote_servers (%s)", where, name, id, strings.Join(clusters, ", "))
-			}
-			if cmd == "aggregator" && name != "" {
-				if s, err := strconv.Atoi(setting(ct, env, "clickhouse-shard", "1")); err != nil || s < 1 {
-					c.errorf("%s: --clickhouse-shard %q: a shard number from 1", where, setting(ct, env, "clickhouse-shard", "1"))
-				}
+	for w, ct := range c.s.meterdContainers("") {
+		if !hasEnv(ct, "METERD_CLICKHOUSE") {
+			continue
+		}
+		env := envValues(ct)
+		name := setting(ct, env, "clickhouse-cluster", "")
+		where := w.id + " container " + ct.Name
+		switch {
+		case name == "" && len(clusters) > 0:
+			c.errorf("%s: no --clickhouse-cluster, but %s is cluster %s: its tables would not be replicated", where, id, strings.Join(clusters, ", "))
+		case name != "" && !slices.Contains(clusters, name):
+			c.errorf("%s: --clickhouse-cluster %s names no cluster of %s's remote_servers (%s)", where, name, id, strings.Join(clusters, ", "))
+		}
+		if meterdCommand(ct) == "aggregator" && name != "" {
+			if s, err := strconv.Atoi(setting(ct, env, "clickhouse-shard", "1")); err != nil || s < 1 {
+				c.errorf("%s: --clickhouse-shard %q: a shard number from 1", where, setting(ct, env, "clickhouse-shard", "1"))
 			}
 		}
 	}
