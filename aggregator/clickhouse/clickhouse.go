@@ -290,6 +290,9 @@ type Config struct {
 	// IndexCacheBytes is the index's block cache, which must hold its Bloom
 	// filters: 1.2 GiB per billion keys (keyindex.DefaultCacheBytes if 0).
 	IndexCacheBytes int64
+	// IndexBufferBytes bounds the memory of the keys the index added since
+	// its last spill (keyindex.DefaultBufferBytes if 0).
+	IndexBufferBytes int64
 	// Partitions, if positive, scopes the store's writes to the tenants of
 	// usage partition Partition of Partitions (schemas.Partition), for
 	// aggregators that share the partitions: stores of different partitions
@@ -477,7 +480,7 @@ func (s *Store) openIndex(ctx context.Context, cfg Config) error {
 		return fmt.Errorf("server clock: %w", err)
 	}
 	s.index, err = keyindex.Open(keyindex.Options{Dir: cfg.IndexDir, Horizon: cfg.Horizon,
-		CacheBytes: cfg.IndexCacheBytes, Logger: s.log})
+		CacheBytes: cfg.IndexCacheBytes, BufferBytes: cfg.IndexBufferBytes, Logger: s.log})
 	if err != nil {
 		return err
 	}

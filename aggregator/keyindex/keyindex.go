@@ -31,6 +31,18 @@
 // the answer never depends on when a sweep ran. Expire deletes expired keys
 // to bound the disk.
 //
+// # Recent keys
+//
+// The keys added since the last spill are held in memory, in a hash map:
+// a lookup or an add there costs one probe, where the LSM's memtable (a
+// skiplist of a million keys) costs two microseconds a key to search and to
+// insert into. When they reach BufferBytes they are written, sorted, as one
+// table with the Mark of the last Add, and ingested into the LSM (a spill);
+// Flush, Expire and Close spill too. A crash loses the keys added since the
+// last spill together with their Mark, so the Mark read back still
+// describes exactly what the index holds, and the store's catch-up adds
+// them again (aggregator/BENCHMARKS.md, "The index's steady state").
+//
 // # Cost
 //
 // Per billion keys: about 21 GiB of disk (16-byte keys and 4-byte values,
@@ -40,7 +52,9 @@
 package keyindex
 
 import (
+	"bytes"
 	"cmp"
+	"context"
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/json"
@@ -48,12 +62,16 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"slices"
 	"sync"
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
 	"github.com/cockroachdb/pebble/v2/bloom"
+	"github.com/cockroachdb/pebble/v2/objstorage/objstorageprovider"
+	"github.com/cockroachdb/pebble/v2/sstable"
+	"github.com/cockroachdb/pebble/v2/vfs"
 
 	"github.com/meterd/meterd/schemas"
 )
@@ -79,6 +97,15 @@ const DefaultHorizon = schemas.DefaultMaxAge + 5*time.Minute
 // 200 million keys.
 const DefaultCacheBytes = 256 << 20
 
+// DefaultBufferBytes is the default memory of the recent keys: about
+// 500 000 keys, three seconds at 150 000 events a second.
+const DefaultBufferBytes = 32 << 20
+
+// bufferBytesPerKey is what a recent key costs at most: 20 bytes in the map's
+// slot with its control byte and load factor, doubled while the map grows,
+// and the 20-byte record a spill sorts.
+const bufferBytesPerKey = 64
+
 // Options configures an Index.
 type Options struct {
 	// Dir is the index's directory; it is created if missing.
@@ -88,8 +115,14 @@ type Options struct {
 	Horizon time.Duration
 	// CacheBytes is the block cache (DefaultCacheBytes if 0).
 	CacheBytes int64
+	// BufferBytes bounds the memory of the keys added since the last spill
+	// (DefaultBufferBytes if 0).
+	BufferBytes int64
 	// Logger receives the LSM's log lines; nil discards them.
 	Logger *slog.Logger
+
+	// tune, if set, adjusts the LSM's options last (the benchmarks' A/B).
+	tune func(*pebble.Options)
 }
 
 // Index is the key index. Its methods are safe for concurrent use.
@@ -98,11 +131,17 @@ type Index struct {
 	opts    *pebble.Options
 	horizon time.Duration
 	dir     string
+	// spillKeys is how many recent keys start a spill.
+	spillKeys int
 
 	// mu orders Add against Expire's deletions (a key re-added while a sweep
-	// found it expired must not be deleted) and every use of db against
-	// Reset, which replaces it.
+	// found it expired must not be deleted), every use of db against Reset,
+	// which replaces it, and guards recent and pending.
 	mu sync.Mutex
+	// recent holds the keys added since the last spill, with their minute.
+	recent map[Key]uint32
+	// pending is the Mark of the last Add, not yet spilled (nil if none).
+	pending *Mark
 }
 
 // metaKey holds the Mark. Keys are 16 bytes, so a key of another length can
@@ -131,6 +170,9 @@ func Open(o Options) (*Index, error) {
 	if o.CacheBytes <= 0 {
 		o.CacheBytes = DefaultCacheBytes
 	}
+	if o.BufferBytes <= 0 {
+		o.BufferBytes = DefaultBufferBytes
+	}
 	log := o.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -139,8 +181,10 @@ func Open(o Options) (*Index, error) {
 		return nil, fmt.Errorf("keyindex: %w", err)
 	}
 	popts := &pebble.Options{
-		Cache:        pebble.NewCache(o.CacheBytes),
-		MemTableSize: 32 << 20,
+		Cache: pebble.NewCache(o.CacheBytes),
+		// Only Expire's deletions go through the memtable; keys are
+		// spilled as tables.
+		MemTableSize: 4 << 20,
 		Logger:       logger{log.With("component", "keyindex")},
 		// Lookups are of whole keys; every level filters them.
 		Comparer: pebble.DefaultComparer,
@@ -148,6 +192,12 @@ func Open(o Options) (*Index, error) {
 	for i := range popts.Levels {
 		popts.Levels[i].FilterPolicy = bloom.FilterPolicy(10)
 		popts.Levels[i].FilterType = pebble.TableFilter
+		// Keys are uniform random bytes: compressing them costs CPU at
+		// every compaction and saves nothing (BenchmarkSteady).
+		popts.Levels[i].Compression = func() *sstable.CompressionProfile { return sstable.NoCompression }
+	}
+	if o.tune != nil {
+		o.tune(popts)
 	}
 	popts.EnsureDefaults()
 	db, err := pebble.Open(o.Dir, popts)
@@ -155,13 +205,18 @@ func Open(o Options) (*Index, error) {
 		popts.Cache.Unref()
 		return nil, fmt.Errorf("keyindex: open %s: %w", o.Dir, err)
 	}
-	return &Index{db: db, opts: popts, horizon: o.Horizon, dir: o.Dir}, nil
+	removeSpills(o.Dir)
+	spillKeys := int(max(o.BufferBytes/bufferBytesPerKey, 1))
+	return &Index{db: db, opts: popts, horizon: o.Horizon, dir: o.Dir, spillKeys: spillKeys,
+		recent: make(map[Key]uint32)}, nil
 }
 
 // Reset empties the index: every key and the mark are gone.
 func (ix *Index) Reset() error {
 	ix.mu.Lock()
 	defer ix.mu.Unlock()
+	clear(ix.recent)
+	ix.pending = nil
 	if err := ix.db.Close(); err != nil {
 		return fmt.Errorf("keyindex: reset: %w", err)
 	}
@@ -194,14 +249,23 @@ func (ix *Index) Held(keys []Key, now time.Time) ([]bool, error) {
 	if len(keys) == 0 {
 		return held, nil
 	}
-	// Seeking in key order lets each seek continue from the last.
-	order := make([]int32, len(keys))
-	for i := range order {
-		order[i] = int32(i)
-	}
-	slices.SortFunc(order, func(a, b int32) int { return compareKeys(&keys[a], &keys[b]) })
 	ix.mu.Lock()
 	defer ix.mu.Unlock()
+	// A recent key's minute is its latest: the LSM's, if any, is older,
+	// so the answer is final.
+	order := make([]int32, 0, len(keys))
+	for i := range keys {
+		if m, ok := ix.recent[keys[i]]; ok {
+			held[i] = ix.live(m, now)
+		} else {
+			order = append(order, int32(i))
+		}
+	}
+	if len(order) == 0 {
+		return held, nil
+	}
+	// Seeking in key order lets each seek continue from the last.
+	slices.SortFunc(order, func(a, b int32) int { return compareKeys(&keys[a], &keys[b]) })
 	// Pebble skips the filters of the last level unless asked: there most
 	// lookups of its users find their key. Here most keys are absent.
 	it, err := ix.db.NewIter(&pebble.IterOptions{UseL6Filters: true})
@@ -234,43 +298,33 @@ func compareKeys(a, b *Key) int {
 	return cmp.Or(cmp.Compare(be.Uint64(a[:8]), be.Uint64(b[:8])), cmp.Compare(be.Uint64(a[8:]), be.Uint64(b[8:])))
 }
 
-// Add records keys as added at at, and the mark m, in one atomic write. The
-// write is not synced: a process crash keeps it (it is in the OS's cache),
-// and after a machine crash the index holds a prefix of its writes whose
-// Mark describes it.
+// Add records keys as added at at, and the mark m: in memory until the
+// next spill, which writes them with m (the Mark of the last Add before it)
+// in one table, so whatever survives a crash, the Mark read back describes
+// it. A key added again keeps the latest minute. An error of the spill
+// leaves the keys in memory, held, and the spill is tried again at the next
+// Add.
 func (ix *Index) Add(keys []Key, at time.Time, m Mark) error {
-	mark, err := json.Marshal(m)
-	if err != nil {
-		return err
-	}
-	// In key order, the memtable inserts each key next to the one before
-	// instead of searching its skiplist from the top: a third of the cost.
-	sorted := slices.Clone(keys)
-	slices.SortFunc(sorted, func(a, b Key) int { return compareKeys(&a, &b) })
-	b := ix.db.NewBatchWithSize(len(keys)*30 + 64)
-	defer b.Close()
-	var v [4]byte
-	binary.BigEndian.PutUint32(v[:], minuteOf(at))
-	for i := range sorted {
-		if err := b.Set(sorted[i][:], v[:], nil); err != nil {
-			return fmt.Errorf("keyindex: add: %w", err)
-		}
-	}
-	if err := b.Set(metaKey, mark, nil); err != nil {
-		return fmt.Errorf("keyindex: add: %w", err)
-	}
+	minute := minuteOf(at)
 	ix.mu.Lock()
 	defer ix.mu.Unlock()
-	if err := b.Commit(pebble.NoSync); err != nil {
-		return fmt.Errorf("keyindex: add: %w", err)
+	for _, k := range keys {
+		ix.recent[k] = minute
 	}
-	return nil
+	ix.pending = &m
+	if len(ix.recent) < ix.spillKeys {
+		return nil
+	}
+	return ix.spill()
 }
 
 // Mark returns the mark of the last Add; ok is false when there is none.
 func (ix *Index) Mark() (m Mark, ok bool, err error) {
 	ix.mu.Lock()
 	defer ix.mu.Unlock()
+	if ix.pending != nil {
+		return *ix.pending, true, nil
+	}
 	v, closer, err := ix.db.Get(metaKey)
 	if errors.Is(err, pebble.ErrNotFound) {
 		return Mark{}, false, nil
@@ -285,10 +339,13 @@ func (ix *Index) Mark() (m Mark, ok bool, err error) {
 	return m, true, nil
 }
 
-// Flush writes the memtable to disk and syncs it.
+// Flush spills the recent keys and writes the memtable to disk.
 func (ix *Index) Flush() error {
 	ix.mu.Lock()
 	defer ix.mu.Unlock()
+	if err := ix.spill(); err != nil {
+		return err
+	}
 	if err := ix.db.Flush(); err != nil {
 		return fmt.Errorf("keyindex: flush: %w", err)
 	}
@@ -302,13 +359,91 @@ func (ix *Index) Close() error {
 	if ix.db == nil {
 		return nil
 	}
-	err := ix.db.Close()
+	err := errors.Join(ix.spill(), ix.db.Close())
 	ix.db = nil
 	ix.opts.Cache.Unref()
 	if err != nil {
 		return fmt.Errorf("keyindex: close: %w", err)
 	}
 	return nil
+}
+
+// spill writes the recent keys and the pending Mark, sorted, as one table,
+// ingests it and empties the recent keys; ix.mu is held. It does nothing
+// when there is nothing to write. On an error the recent keys stay.
+func (ix *Index) spill() error {
+	if len(ix.recent) == 0 && ix.pending == nil {
+		return nil
+	}
+	recs := make([][recordSize]byte, 0, len(ix.recent))
+	for k, m := range ix.recent {
+		var r [recordSize]byte
+		copy(r[:], k[:])
+		binary.BigEndian.PutUint32(r[len(k):], m)
+		recs = append(recs, r)
+	}
+	slices.SortFunc(recs, func(a, b [recordSize]byte) int {
+		return compareKeys((*Key)(a[:16]), (*Key)(b[:16]))
+	})
+	// One spill at a time (ix.mu): one name.
+	path := filepath.Join(ix.dir, spillPrefix+"table.sst")
+	f, err := vfs.Default.Create(path, vfs.WriteCategoryUnspecified)
+	if err != nil {
+		return fmt.Errorf("keyindex: spill: %w", err)
+	}
+	defer os.Remove(path) // ingesting links it into the LSM's directory
+	w := sstable.NewWriter(objstorageprovider.NewFileWritable(f), ix.opts.MakeWriterOptions(0, ix.db.TableFormat()))
+	if err := ix.writeSpill(w, recs); err != nil {
+		w.Close()
+		return fmt.Errorf("keyindex: spill: %w", err)
+	}
+	if err := w.Close(); err != nil {
+		return fmt.Errorf("keyindex: spill: %w", err)
+	}
+	if err := ix.db.Ingest(context.Background(), []string{path}); err != nil {
+		return fmt.Errorf("keyindex: spill: ingest: %w", err)
+	}
+	clear(ix.recent)
+	ix.pending = nil
+	return nil
+}
+
+// writeSpill writes recs, in key order, and the pending Mark where its key
+// sorts among them.
+func (ix *Index) writeSpill(w *sstable.Writer, recs [][recordSize]byte) error {
+	var mark []byte
+	if ix.pending != nil {
+		var err error
+		if mark, err = json.Marshal(*ix.pending); err != nil {
+			return err
+		}
+	}
+	at, _ := slices.BinarySearchFunc(recs, metaKey, func(r [recordSize]byte, k []byte) int { return bytes.Compare(r[:16], k) })
+	for i := 0; i <= len(recs); i++ {
+		if i == at && mark != nil {
+			if err := w.Set(metaKey, mark); err != nil {
+				return err
+			}
+		}
+		if i == len(recs) {
+			break
+		}
+		if err := w.Set(recs[i][:16], recs[i][16:]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// spillPrefix names a spill's table before it is ingested.
+const spillPrefix = "spill-"
+
+// removeSpills removes the tables of spills a crash interrupted.
+func removeSpills(dir string) {
+	names, _ := filepath.Glob(filepath.Join(dir, spillPrefix+"*"))
+	for _, n := range names {
+		os.Remove(n)
+	}
 }
 
 // logger sends pebble's log lines to slog.

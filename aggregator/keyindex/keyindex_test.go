@@ -5,9 +5,18 @@ import (
 	"encoding/binary"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
 	"testing"
 	"time"
+
+	"github.com/cockroachdb/pebble/v2"
+	"github.com/cockroachdb/pebble/v2/bloom"
+	"github.com/cockroachdb/pebble/v2/sstable"
 )
 
 func open(t testing.TB, dir string, horizon time.Duration) *Index {
@@ -253,5 +262,151 @@ func BenchmarkHeld(b *testing.B) {
 				b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*len(c.ks)), "ns/key")
 			})
 		}
+	}
+}
+
+// BenchmarkSteady runs the aggregator's use of the index at a steady state:
+// an index bulk-loaded with METERD_BENCH_KEYS keys (default 10 million)
+// takes rounds of 10 000 new events, each keyed (KeyOf), looked up (Held,
+// all absent) and added (Add), as a write of a catch-up flush does. Flushes
+// and compactions run in the background, so besides wall time per key it
+// reports the process's CPU time per key (user and system, every goroutine).
+// Variants of the LSM's options run in the same process, for A/B.
+func BenchmarkSteady(b *testing.B) {
+	size := 10_000_000
+	if v := os.Getenv("METERD_BENCH_KEYS"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil {
+			b.Fatal(err)
+		}
+		size = n
+	}
+	const round = 10_000
+	variants := []struct {
+		name string
+		tune func(*pebble.Options)
+	}{
+		{"current", nil},
+		// Before: tables compressed with Snappy.
+		{"snappy", func(o *pebble.Options) {
+			for i := range o.Levels {
+				o.Levels[i].Compression = func() *sstable.CompressionProfile { return sstable.SnappyCompression }
+			}
+		}},
+		// Bloom filters of 16 bits a key (1.6 times the memory).
+		{"bloom16", func(o *pebble.Options) {
+			for i := range o.Levels {
+				o.Levels[i].FilterPolicy = bloom.FilterPolicy(16)
+			}
+		}},
+	}
+	if only := os.Getenv("METERD_BENCH_VARIANTS"); only != "" {
+		variants = slices.DeleteFunc(variants, func(v struct {
+			name string
+			tune func(*pebble.Options)
+		}) bool {
+			return !slices.Contains(strings.Split(only, ","), v.name)
+		})
+	}
+	for _, v := range variants {
+		b.Run(fmt.Sprintf("%s/keys=%d", v.name, size), func(b *testing.B) {
+			ix, err := Open(Options{Dir: b.TempDir(), Horizon: time.Hour, tune: v.tune})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer ix.Close()
+			now := time.Now()
+			loadRandom(b, ix, size, now)
+			ks := make([]Key, round)
+			var id [8]byte
+			next := uint64(1) << 40
+			cpu0 := cpuTime(b)
+			b.ResetTimer()
+			for b.Loop() {
+				for i := range ks {
+					binary.BigEndian.PutUint64(id[:], next)
+					next++
+					ks[i] = KeyOf("bench", string(id[:]))
+				}
+				if n := countHeld(b, ix, ks, now); n != 0 {
+					b.Fatalf("held %d new keys", n)
+				}
+				if err := ix.Add(ks, now, Mark{Store: "bench", Through: now}); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.StopTimer()
+			keys := float64(b.N * round)
+			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/keys, "ns/key")
+			b.ReportMetric(float64((cpuTime(b)-cpu0).Nanoseconds())/keys, "cpu-ns/key")
+		})
+	}
+}
+
+// cpuTime is the process's CPU time so far, user and system.
+func cpuTime(b testing.TB) time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		b.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// The recent keys are spilled when they reach BufferBytes, with the Mark of
+// the Add that made them reach it; a crash (here: a copy of the directory
+// taken while the index is open) keeps exactly the spilled keys and their
+// Mark, never keys beyond what the Mark read back says.
+func TestSpillKeepsTheMarkWithItsKeys(t *testing.T) {
+	dir := t.TempDir()
+	ix, err := Open(Options{Dir: dir, Horizon: time.Hour, BufferBytes: 100 * bufferBytesPerKey})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ix.Close()
+	now := time.Date(2026, 12, 6, 10, 0, 0, 0, time.UTC)
+	a, b, c := keys("a", 60), keys("b", 60), keys("c", 30)
+	for i, ks := range [][]Key{a, b, c} { // a: 60 kept; b: 120 spilled; c: 30 kept
+		if err := ix.Add(ks, now, Mark{Store: "s", Through: now.Add(time.Duration(i) * time.Minute)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if m, ok, err := ix.Mark(); err != nil || !ok || !m.Through.Equal(now.Add(2*time.Minute)) {
+		t.Fatalf("mark while open: %+v ok=%v err=%v", m, ok, err)
+	}
+	if n := countHeld(t, ix, append(append(append([]Key{}, a...), b...), c...), now); n != 150 {
+		t.Fatalf("held %d of 150 while open", n)
+	}
+	crashed := t.TempDir()
+	if out, err := exec.Command("cp", "-a", dir+"/.", crashed).CombinedOutput(); err != nil {
+		t.Fatalf("copy: %v: %s", err, out)
+	}
+	after := open(t, crashed, time.Hour)
+	m, ok, err := after.Mark()
+	if err != nil || !ok || !m.Through.Equal(now.Add(time.Minute)) {
+		t.Fatalf("mark after the crash: %+v ok=%v err=%v, want the second Add's", m, ok, err)
+	}
+	if n := countHeld(t, after, append(append([]Key{}, a...), b...), now); n != 120 {
+		t.Fatalf("after the crash: held %d of the 120 spilled", n)
+	}
+	if n := countHeld(t, after, c, now); n != 0 {
+		t.Fatalf("after the crash: held %d of the 30 never spilled", n)
+	}
+	// A key added again keeps its latest minute, in memory and spilled.
+	later := now.Add(50 * time.Minute)
+	if err := ix.Add(a[:1], later, Mark{Store: "s", Through: later}); err != nil {
+		t.Fatal(err)
+	}
+	past := now.Add(61 * time.Minute) // past a's first minute's horizon, inside its second's
+	if n := countHeld(t, ix, a[:2], past); n != 1 {
+		t.Fatalf("in memory: held %d of [re-added, not re-added], want 1", n)
+	}
+	if err := ix.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if n := countHeld(t, ix, a[:2], past); n != 1 {
+		t.Fatalf("spilled: held %d of [re-added, not re-added], want 1", n)
+	}
+	if names, _ := filepath.Glob(filepath.Join(dir, spillPrefix+"*")); len(names) != 0 {
+		t.Fatalf("spill tables left: %v", names)
 	}
 }

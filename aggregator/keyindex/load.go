@@ -118,7 +118,12 @@ func (l *Loader) Finish(ctx context.Context, m Mark) error {
 			return fmt.Errorf("keyindex: load: ingest: %w", err)
 		}
 	}
-	return l.ix.Add(nil, time.Time{}, m)
+	// The mark is written at once: a crash must not make a rebuild's keys
+	// look foreign.
+	l.ix.mu.Lock()
+	defer l.ix.mu.Unlock()
+	l.ix.pending = &m
+	return l.ix.spill()
 }
 
 // writeBucket sorts bucket i and writes it as tables.
@@ -221,6 +226,13 @@ func (ix *Index) Expire(ctx context.Context, now time.Time, chunk int) (int, err
 		from    []byte
 		deleted int
 	)
+	// Every key is in the LSM for the sweep.
+	ix.mu.Lock()
+	err := ix.spill()
+	ix.mu.Unlock()
+	if err != nil {
+		return 0, fmt.Errorf("keyindex: expire: %w", err)
+	}
 	for {
 		if err := ctx.Err(); err != nil {
 			return deleted, err

@@ -405,6 +405,8 @@ func (a *app) partitionWorker(ctx context.Context, nc *nats.Conn, js jetstream.J
 	cfg.Shard = 0
 	cfg.Logger, cfg.Partitions, cfg.Partition = log, partitions, p
 	cfg.Horizon, cfg.IndexCacheBytes = c.DedupHorizon, max(c.DedupIndexCacheBytes/int64(partitions), 8<<20)
+	// Each partition's index takes a share of the traffic, and of memory.
+	cfg.IndexBufferBytes = max(keyindex.DefaultBufferBytes/int64(partitions), 4<<20)
 	if c.DedupIndexDir != "" {
 		cfg.IndexDir = filepath.Join(c.DedupIndexDir, "p"+strconv.Itoa(p))
 	}
