@@ -86,6 +86,7 @@ import (
 
 	"github.com/meterd/meterd/internal/ctxtime"
 	"github.com/meterd/meterd/internal/lease"
+	"github.com/meterd/meterd/internal/quiet"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -167,7 +168,7 @@ func (c *Config) Validate() error {
 	orDefault(&c.FetchWait, DefaultFetchWait)
 	orDefault(&c.AckWait, DefaultAckWait)
 	orDefault(&c.StallAfter, DefaultStallAfter)
-	quietDefaults(&c.Logger, &c.Registerer)
+	quiet.Defaults(&c.Logger, &c.Registerer)
 	return nil
 }
 
@@ -176,17 +177,6 @@ func (c *Config) Validate() error {
 func orDefault[T int | int64 | time.Duration](v *T, def T) {
 	if *v <= 0 {
 		*v = def
-	}
-}
-
-// quietDefaults gives a component configured without a logger one that
-// discards, and without a registerer a registry of its own.
-func quietDefaults(log **slog.Logger, reg *prometheus.Registerer) {
-	if *log == nil {
-		*log = slog.New(slog.DiscardHandler)
-	}
-	if *reg == nil {
-		*reg = prometheus.NewRegistry()
 	}
 }
 

@@ -9,6 +9,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/meterd/meterd/internal/ctxtime"
+	"github.com/meterd/meterd/internal/quiet"
 )
 
 // ReconcilerConfig configures a Reconciler.
@@ -50,7 +51,7 @@ func NewReconciler(cfg ReconcilerConfig) (*Reconciler, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	quietDefaults(&cfg.Logger, &cfg.Registerer)
+	quiet.Defaults(&cfg.Logger, &cfg.Registerer)
 	r := &Reconciler{cfg: cfg, log: cfg.Logger.With("component", "reconciler")}
 	r.repairs = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "meterd_aggregator_rollup_repairs_total",

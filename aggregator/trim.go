@@ -12,6 +12,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/meterd/meterd/internal/ctxtime"
+	"github.com/meterd/meterd/internal/quiet"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -60,7 +61,7 @@ func NewTrimmer(cfg TrimmerConfig) (*Trimmer, error) {
 		cfg.Durables = []string{DefaultDurable}
 	}
 	orDefault(&cfg.Every, DefaultTrimEvery)
-	quietDefaults(&cfg.Logger, &cfg.Registerer)
+	quiet.Defaults(&cfg.Logger, &cfg.Registerer)
 	js, err := jetstream.New(cfg.NATS)
 	if err != nil {
 		return nil, fmt.Errorf("aggregator: jetstream: %w", err)

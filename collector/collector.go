@@ -30,6 +30,7 @@ import (
 	"github.com/meterd/meterd/collector/spool"
 	"github.com/meterd/meterd/gate"
 	"github.com/meterd/meterd/internal/auth"
+	"github.com/meterd/meterd/internal/quiet"
 	"github.com/meterd/meterd/internal/serve"
 	"github.com/meterd/meterd/schemas"
 )
@@ -171,12 +172,7 @@ func (c *Config) Validate() error {
 	if c.KnownTenant == nil {
 		c.KnownTenant = func(string) bool { return true }
 	}
-	if c.Logger == nil {
-		c.Logger = slog.New(slog.DiscardHandler)
-	}
-	if c.Registerer == nil {
-		c.Registerer = prometheus.NewRegistry()
-	}
+	quiet.Defaults(&c.Logger, &c.Registerer)
 	return nil
 }
 

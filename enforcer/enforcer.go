@@ -20,6 +20,7 @@ import (
 	"github.com/meterd/meterd/catalog"
 	"github.com/meterd/meterd/internal/auth"
 	"github.com/meterd/meterd/internal/ctxtime"
+	"github.com/meterd/meterd/internal/quiet"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -147,12 +148,7 @@ func (c *Config) Validate() error {
 	if c.Now == nil {
 		c.Now = time.Now
 	}
-	if c.Logger == nil {
-		c.Logger = slog.New(slog.DiscardHandler)
-	}
-	if c.Registerer == nil {
-		c.Registerer = prometheus.NewRegistry()
-	}
+	quiet.Defaults(&c.Logger, &c.Registerer)
 	return nil
 }
 

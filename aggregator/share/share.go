@@ -56,6 +56,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/meterd/meterd/internal/ctxtime"
+	"github.com/meterd/meterd/internal/quiet"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -132,12 +133,7 @@ func (c *Config) Validate() error {
 	if c.Poll >= c.TTL/2 {
 		return fmt.Errorf("share: poll %s must be below half the member TTL %s", c.Poll, c.TTL)
 	}
-	if c.Logger == nil {
-		c.Logger = slog.New(slog.DiscardHandler)
-	}
-	if c.Registerer == nil {
-		c.Registerer = prometheus.NewRegistry()
-	}
+	quiet.Defaults(&c.Logger, &c.Registerer)
 	return nil
 }
 
