@@ -69,7 +69,6 @@ package aggregator
 import (
 	"cmp"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -790,10 +789,19 @@ func (a *Aggregator) committed(incs []Increment, batches []*schemas.Batch) {
 			sealed = b.SealedAt
 		}
 	}
-	var events int64
+	var (
+		events int64
+		data   []byte // Publish copies it out before it returns
+	)
 	for _, inc := range incs {
 		events += inc.Events
-		data, _ := json.Marshal(schemas.Committed{Tenant: inc.Tenant, Meter: inc.Meter, Hour: inc.Hour, Value: inc.Value, Events: inc.Events, SealedAt: sealed})
+		var err error
+		data, err = schemas.AppendCommitted(data[:0], &schemas.Committed{Tenant: inc.Tenant, Meter: inc.Meter, Hour: inc.Hour,
+			Value: inc.Value, Events: inc.Events, SealedAt: sealed})
+		if err != nil {
+			a.log.Warn("encode committed increment", "err", err, "tenant", inc.Tenant)
+			continue
+		}
 		subject := schemas.CommittedSubject(schemas.Partition(inc.Tenant, a.cfg.Partitions))
 		// Core NATS, at most once: the enforcer reconciles from the store.
 		if err := a.cfg.NATS.Publish(subject, data); err != nil {

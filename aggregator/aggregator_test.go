@@ -2,7 +2,6 @@ package aggregator_test
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"path/filepath"
 	"slices"
@@ -85,8 +84,8 @@ func newIdleAggEnv(t testing.TB, store aggregator.Store, mutate func(*aggregator
 	nc, js := ns.Conn(), ns.JetStream()
 	env := &aggEnv{nc: nc, js: js, reg: prometheus.NewRegistry(), store: store, committed: map[string]int64{}}
 	sub, err := nc.Subscribe(schemas.CommittedSubjectPrefix+"*", func(m *nats.Msg) {
-		var c schemas.Committed
-		if err := json.Unmarshal(m.Data, &c); err != nil {
+		c, err := schemas.DecodeCommitted(m.Data) // as the enforcer reads it
+		if err != nil {
 			t.Errorf("committed message: %v", err)
 			return
 		}

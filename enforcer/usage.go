@@ -2,7 +2,6 @@ package enforcer
 
 import (
 	"context"
-	"encoding/json"
 	"log/slog"
 	"maps"
 	"slices"
@@ -117,8 +116,8 @@ func newTracker(cat *catalog.Catalog, now func() time.Time, log *slog.Logger, b 
 // onCommitted counts a committed increment of the aggregator.
 func (t *tracker) onCommitted(msg *nats.Msg) {
 	arrived := time.Now()
-	var c schemas.Committed
-	if err := json.Unmarshal(msg.Data, &c); err != nil || c.Tenant == "" || c.Meter == "" {
+	c, err := schemas.DecodeCommitted(msg.Data)
+	if err != nil || c.Tenant == "" || c.Meter == "" {
 		t.log.Warn("malformed committed increment ignored", "subject", msg.Subject, "err", err)
 		return
 	}
