@@ -192,9 +192,9 @@ func Open(o Options) (*Index, error) {
 	for i := range popts.Levels {
 		popts.Levels[i].FilterPolicy = bloom.FilterPolicy(10)
 		popts.Levels[i].FilterType = pebble.TableFilter
-		// Keys are uniform random bytes: compressing them costs CPU at
-		// every compaction and saves nothing (BenchmarkSteady).
-		popts.Levels[i].Compression = func() *sstable.CompressionProfile { return sstable.NoCompression }
+		// Snappy, pebble's default, is kept: the keys are random, but the
+		// values (minutes) repeat, and without it the index took 45 % more
+		// disk for a few per cent less CPU (aggregator/BENCHMARKS.md).
 	}
 	if o.tune != nil {
 		o.tune(popts)

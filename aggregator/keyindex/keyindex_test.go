@@ -287,10 +287,10 @@ func BenchmarkSteady(b *testing.B) {
 		tune func(*pebble.Options)
 	}{
 		{"current", nil},
-		// Before: tables compressed with Snappy.
-		{"snappy", func(o *pebble.Options) {
+		// Tables not compressed.
+		{"nocompress", func(o *pebble.Options) {
 			for i := range o.Levels {
-				o.Levels[i].Compression = func() *sstable.CompressionProfile { return sstable.SnappyCompression }
+				o.Levels[i].Compression = func() *sstable.CompressionProfile { return sstable.NoCompression }
 			}
 		}},
 		// Bloom filters of 16 bits a key (1.6 times the memory).
