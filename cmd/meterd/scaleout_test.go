@@ -98,6 +98,11 @@ func TestScaleOutOnClusters(t *testing.T) {
 	if act.metric(t, active) != 1 {
 		act, standby = standby, act
 	}
+	// The takeover bound is of a standby standing by. After the NATS
+	// server's kill one took 11 s to open its buckets again (JetStream
+	// requests timed out while the cluster moved its leaders), and a
+	// standby that starts following the lease waits a whole lease for it.
+	pollUntil(t, "the standby enforcer stands by", 60*time.Second, func() bool { return getReadyz(t, standby.addr).status == 200 })
 	act.kill(t)
 	takeover := pollUntil(t, "the standby enforcer takes over", 15*time.Second, func() bool { return standby.metric(t, active) == 1 })
 	if takeover > 10*time.Second {
