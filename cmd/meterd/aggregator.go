@@ -196,8 +196,8 @@ func (a *app) addAggregator(ctx context.Context, nc *nats.Conn, store aggregator
 		if err != nil {
 			return err
 		}
-		// One lease for all partitions of the durable's consumer; sharing
-		// partitions between aggregators will take one per partition.
+		// One lease for all partitions of the durable's consumer
+		// (aggregators sharing the partitions take one per partition).
 		l, err := lease.New(ctx, lease.Config{JS: js, Replicas: leaseReplicas, Key: allLeaseKey(cmp.Or(c.Durable, aggregator.DefaultDurable)),
 			Duration: c.LeaseDuration, Logger: a.log.With("component", "aggregator")})
 		if err != nil {
