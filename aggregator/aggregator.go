@@ -315,18 +315,11 @@ func (a *Aggregator) term(ctx context.Context, token uint64) error {
 	a.log.Info("writer lease held; consuming", "token", token)
 	var renewer sync.WaitGroup
 	renewer.Go(func() {
-		t := time.NewTicker(a.cfg.Lease.Duration() / 3)
-		defer t.Stop()
-		for {
-			select {
-			case <-tctx.Done():
-				return
-			case <-t.C:
-				if _, err := a.cfg.Lease.Renew(tctx); err != nil && tctx.Err() == nil {
-					stop(err)
-				}
+		ctxtime.Tick(tctx, a.cfg.Lease.Duration()/3, func() {
+			if _, err := a.cfg.Lease.Renew(tctx); err != nil && tctx.Err() == nil {
+				stop(err)
 			}
-		}
+		})
 	})
 	if p, ok := store.(Preparer); ok {
 		start := time.Now()

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/meterd/meterd/aggregator/keyindex"
+	"github.com/meterd/meterd/internal/ctxtime"
 )
 
 // catchUpMargin is how far before an index's mark the catch-up reads
@@ -232,19 +233,12 @@ func (s *Store) indexWritten(news []candidate, m keyindex.Mark) error {
 // ends.
 func (s *Store) expireIndex(ctx context.Context) {
 	defer close(s.expired)
-	tick := time.NewTicker(expireEvery)
-	defer tick.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-tick.C:
-		}
+	ctxtime.Tick(ctx, expireEvery, func() {
 		n, err := s.index.Expire(ctx, s.serverNow(), 0)
 		if err != nil && ctx.Err() == nil {
 			s.log.Error("dedup index: deleting expired keys failed", "err", err)
-			continue
+			return
 		}
 		s.log.Info("dedup index: deleted expired keys", "keys", n)
-	}
+	})
 }

@@ -1,6 +1,7 @@
 // Package ctxtime holds the waits every long-running component shares:
-// a sleep that a cancelled context cuts short, a periodic round, and the
-// backoff between retries of NATS and the store.
+// a sleep that a cancelled context cuts short, a periodic round (from now or
+// from the next tick), and the backoff between retries of NATS and the
+// store.
 package ctxtime
 
 import (
@@ -37,11 +38,21 @@ func Sleep(ctx context.Context, d time.Duration) bool {
 // Every calls fn at once and then every d until ctx ends; it returns when
 // ctx ends, never while fn runs. A call that overruns d delays the next one
 // rather than piling them up.
-func Every(ctx context.Context, d time.Duration, fn func()) {
+func Every(ctx context.Context, d time.Duration, fn func()) { every(ctx, d, true, fn) }
+
+// Tick is Every without the call at once: fn is first called d from now,
+// for a round whose first turn would be wasted, such as renewing what was
+// just taken.
+func Tick(ctx context.Context, d time.Duration, fn func()) { every(ctx, d, false, fn) }
+
+// every is Every, or Tick when now is false.
+func every(ctx context.Context, d time.Duration, now bool, fn func()) {
 	t := time.NewTicker(d)
 	defer t.Stop()
-	for {
-		fn()
+	for ; ; now = true {
+		if now {
+			fn()
+		}
 		select {
 		case <-ctx.Done():
 			return

@@ -21,26 +21,44 @@ func TestSleep(t *testing.T) {
 	}
 }
 
-// Every calls at once, then once per period, and returns once the context
-// ends.
-func TestEvery(t *testing.T) {
-	ctx, cancel := context.WithCancel(t.Context())
-	calls := 0
-	start := time.Now()
-	Every(ctx, 20*time.Millisecond, func() {
-		calls++
-		if calls == 1 && time.Since(start) > 10*time.Millisecond {
-			t.Errorf("first call after %s, want at once", time.Since(start))
-		}
-		if calls == 3 {
-			cancel()
-		}
-	})
-	if calls != 3 {
-		t.Errorf("fn called %d times, want 3: Every must return once the context ended", calls)
-	}
-	if d := time.Since(start); d < 40*time.Millisecond {
-		t.Errorf("3 calls took %s, want at least 2 periods (40ms)", d)
+// Every calls at once and Tick a period from now, then both once per
+// period, and both return once the context ends.
+func TestEveryAndTick(t *testing.T) {
+	const period = 20 * time.Millisecond
+	for _, tc := range []struct {
+		name   string
+		round  func(context.Context, time.Duration, func())
+		atOnce bool
+	}{
+		{"Every", Every, true},
+		{"Tick", Tick, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithCancel(t.Context())
+			calls := 0
+			start := time.Now()
+			tc.round(ctx, period, func() {
+				calls++
+				if d := time.Since(start); calls == 1 && tc.atOnce && d > period/2 {
+					t.Errorf("first call after %s, want at once", d)
+				} else if calls == 1 && !tc.atOnce && d < period*3/4 {
+					t.Errorf("first call after %s, want a period (%s)", d, period)
+				}
+				if calls == 3 {
+					cancel()
+				}
+			})
+			if calls != 3 {
+				t.Errorf("fn called %d times, want 3: %s must return once the context ended", calls, tc.name)
+			}
+			periods := 3
+			if tc.atOnce {
+				periods = 2
+			}
+			if d := time.Since(start); d < time.Duration(periods)*period {
+				t.Errorf("3 calls took %s, want at least %d periods (%s)", d, periods, time.Duration(periods)*period)
+			}
+		})
 	}
 }
 
