@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"testing"
@@ -45,6 +46,8 @@ import (
 //	                       events are published for that long, as fast as
 //	                       the aggregator commits them (at most 200 000
 //	                       ahead), and it reports events/s minute by minute
+//	METERD_BENCH_PROFILE   with SUSTAIN, a path prefix: each minute's CPU
+//	                       profile of this process goes to <prefix>-m<N>.pprof
 //
 // Run it with -benchtime 1x: b.N does not scale anything.
 func BenchmarkHistory(b *testing.B) {
@@ -267,16 +270,25 @@ func benchmarkSustained(b *testing.B, env *aggEnv, mode, prefix string, d time.D
 	events := make([]schemas.Event, perBatch)
 	published, minute := 0, 0
 	var perMinute []float64
+	profile := minuteProfiles(b)
+	defer profile(-1)
+	profile(0)
+	lastClient, lastServer := client, server
 	for time.Since(start) < d {
 		if m := int(time.Since(start) / time.Minute); m > minute {
 			minute = m
+			profile(m)
 			perMinute = append(perMinute, float64(committed()*perBatch))
 			n := len(perMinute)
-			rate := perMinute[n-1]
+			done := perMinute[n-1]
 			if n > 1 {
-				rate -= perMinute[n-2]
+				done -= perMinute[n-2]
 			}
-			b.Logf("%s: minute %d: %.0f events/s", mode, n, rate/60)
+			nowClient := processCPU(b)
+			nowServer, _ := chtest.ServerCPU()
+			b.Logf("%s: minute %d: %.0f events/s, CPU per 50 000 events %.3f s client, %.3f s server", mode, n, done/60,
+				(nowClient-lastClient).Seconds()*50_000/done, (nowServer-lastServer).Seconds()*50_000/done)
+			lastClient, lastServer = nowClient, nowServer
 		}
 		if published-committed() >= ahead {
 			time.Sleep(2 * time.Millisecond)
@@ -308,6 +320,37 @@ func benchmarkSustained(b *testing.B, env *aggEnv, mode, prefix string, d time.D
 		b.ReportMetric((now-server).Seconds()*50_000/n, "server-cpu-s/50k")
 	}
 	checkCounted(b, env.store, mode, int64(n))
+}
+
+// minuteProfiles returns a function that, given minute m, ends the CPU
+// profile of the minute before and starts m's, in
+// $METERD_BENCH_PROFILE-m<m>.pprof (m < 0 only ends it); without that
+// variable it does nothing.
+func minuteProfiles(b *testing.B) func(m int) {
+	prefix := os.Getenv("METERD_BENCH_PROFILE")
+	var f *os.File
+	return func(m int) {
+		if prefix == "" {
+			return
+		}
+		if f != nil {
+			pprof.StopCPUProfile()
+			if err := f.Close(); err != nil {
+				b.Error(err)
+			}
+			f = nil
+		}
+		if m < 0 {
+			return
+		}
+		var err error
+		if f, err = os.Create(fmt.Sprintf("%s-m%d.pprof", prefix, m)); err != nil {
+			b.Fatal(err)
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			b.Fatal(err)
+		}
+	}
 }
 
 // publishBacklog publishes batches of new events whose ids start with

@@ -97,9 +97,13 @@ const DefaultHorizon = schemas.DefaultMaxAge + 5*time.Minute
 // 200 million keys.
 const DefaultCacheBytes = 256 << 20
 
-// DefaultBufferBytes is the default memory of the recent keys: about
-// 500 000 keys, three seconds at 150 000 events a second.
-const DefaultBufferBytes = 32 << 20
+// DefaultBufferBytes is the default memory of the recent keys: about four
+// million keys, 27 seconds at 150 000 events a second. Each spill's table
+// spans the whole key range (keys are uniform), so each is merged with the
+// level below it: the larger the spills, the fewer the merges. Spills of
+// 256 MiB instead of 32 cost 40 % less CPU per key (aggregator/BENCHMARKS.md,
+// "The index's steady state").
+const DefaultBufferBytes = 256 << 20
 
 // bufferBytesPerKey is what a recent key costs at most: 20 bytes in the map's
 // slot with its control byte and load factor, doubled while the map grows,
@@ -265,7 +269,7 @@ func (ix *Index) Held(keys []Key, now time.Time) ([]bool, error) {
 		return held, nil
 	}
 	// Seeking in key order lets each seek continue from the last.
-	slices.SortFunc(order, func(a, b int32) int { return compareKeys(&keys[a], &keys[b]) })
+	order = sortedByKey(order, keys)
 	// Pebble skips the filters of the last level unless asked: there most
 	// lookups of its users find their key. Here most keys are absent.
 	it, err := ix.db.NewIter(&pebble.IterOptions{UseL6Filters: true})
@@ -290,6 +294,23 @@ func (ix *Index) Held(keys []Key, now time.Time) ([]bool, error) {
 		return nil, fmt.Errorf("keyindex: %w", err)
 	}
 	return held, nil
+}
+
+// sortedByKey returns the positions order of keys ordered by their keys.
+func sortedByKey(order []int32, keys []Key) []int32 {
+	bs := newBucketSort(len(order))
+	for _, i := range order {
+		bs.count(&keys[i])
+	}
+	bs.start()
+	sorted := make([]int32, len(order))
+	for _, i := range order {
+		sorted[bs.place(&keys[i])] = i
+	}
+	bs.buckets(func(lo, hi int) {
+		slices.SortFunc(sorted[lo:hi], func(a, b int32) int { return compareKeys(&keys[a], &keys[b]) })
+	})
+	return sorted
 }
 
 // compareKeys orders keys as bytes, compared as two big-endian integers.
@@ -375,15 +396,23 @@ func (ix *Index) spill() error {
 	if len(ix.recent) == 0 && ix.pending == nil {
 		return nil
 	}
-	recs := make([][recordSize]byte, 0, len(ix.recent))
+	// The records are placed by the top bits of their keys straight from
+	// the map, then each bucket is ordered (bucketSort).
+	bs := newBucketSort(len(ix.recent))
+	for k := range ix.recent {
+		bs.count(&k)
+	}
+	bs.start()
+	recs := make([][recordSize]byte, len(ix.recent))
 	for k, m := range ix.recent {
-		var r [recordSize]byte
+		r := &recs[bs.place(&k)]
 		copy(r[:], k[:])
 		binary.BigEndian.PutUint32(r[len(k):], m)
-		recs = append(recs, r)
 	}
-	slices.SortFunc(recs, func(a, b [recordSize]byte) int {
-		return compareKeys((*Key)(a[:16]), (*Key)(b[:16]))
+	bs.buckets(func(lo, hi int) {
+		slices.SortFunc(recs[lo:hi], func(a, b [recordSize]byte) int {
+			return compareKeys((*Key)(a[:16]), (*Key)(b[:16]))
+		})
 	})
 	// One spill at a time (ix.mu): one name.
 	path := filepath.Join(ix.dir, spillPrefix+"table.sst")

@@ -282,35 +282,48 @@ func BenchmarkSteady(b *testing.B) {
 		size = n
 	}
 	const round = 10_000
-	variants := []struct {
-		name string
-		tune func(*pebble.Options)
-	}{
-		{"current", nil},
+	type variant struct {
+		name   string
+		tune   func(*pebble.Options)
+		buffer int64 // BufferBytes; 0 for the default
+	}
+	variants := []variant{
+		{name: "current"},
 		// Tables not compressed.
-		{"nocompress", func(o *pebble.Options) {
+		{name: "nocompress", tune: func(o *pebble.Options) {
 			for i := range o.Levels {
 				o.Levels[i].Compression = func() *sstable.CompressionProfile { return sstable.NoCompression }
 			}
 		}},
 		// Bloom filters of 16 bits a key (1.6 times the memory).
-		{"bloom16", func(o *pebble.Options) {
+		{name: "bloom16", tune: func(o *pebble.Options) {
 			for i := range o.Levels {
 				o.Levels[i].FilterPolicy = bloom.FilterPolicy(16)
 			}
 		}},
+		// Spills of 128 MiB: a quarter as many tables into L0.
+		{name: "buffer128", buffer: 128 << 20},
+		// Spills of 256 MiB.
+		{name: "buffer256", buffer: 256 << 20},
+		// Spills of 128 MiB, and L0 compacted after 8 of them.
+		{name: "buffer128-l0x8", buffer: 128 << 20, tune: func(o *pebble.Options) {
+			o.L0CompactionThreshold, o.L0StopWritesThreshold = 8, 32
+		}},
+		// L0 compacted into the base level after 8 spills, not 4.
+		{name: "l0x8", tune: func(o *pebble.Options) {
+			o.L0CompactionThreshold, o.L0StopWritesThreshold = 8, 32
+		}},
+		// Levels 4 times (not 10 times) the one above.
+		{name: "mult4", tune: func(o *pebble.Options) { o.Experimental.LevelMultiplier = 4 }},
 	}
 	if only := os.Getenv("METERD_BENCH_VARIANTS"); only != "" {
-		variants = slices.DeleteFunc(variants, func(v struct {
-			name string
-			tune func(*pebble.Options)
-		}) bool {
+		variants = slices.DeleteFunc(variants, func(v variant) bool {
 			return !slices.Contains(strings.Split(only, ","), v.name)
 		})
 	}
 	for _, v := range variants {
 		b.Run(fmt.Sprintf("%s/keys=%d", v.name, size), func(b *testing.B) {
-			ix, err := Open(Options{Dir: b.TempDir(), Horizon: time.Hour, tune: v.tune})
+			ix, err := Open(Options{Dir: b.TempDir(), Horizon: time.Hour, BufferBytes: v.buffer, tune: v.tune})
 			if err != nil {
 				b.Fatal(err)
 			}
@@ -333,6 +346,14 @@ func BenchmarkSteady(b *testing.B) {
 				}
 				if err := ix.Add(ks, now, Mark{Store: "bench", Through: now}); err != nil {
 					b.Fatal(err)
+				}
+			}
+			// The compactions the rounds started are part of their cost.
+			for quiet := 0; quiet < 2; time.Sleep(100 * time.Millisecond) {
+				if ix.db.Metrics().Compact.NumInProgress == 0 {
+					quiet++
+				} else {
+					quiet = 0
 				}
 			}
 			b.StopTimer()

@@ -113,6 +113,9 @@ func aggregatorFlags(fs *flag.FlagSet, c *config.Aggregator) {
 	fs.Int64Var(&c.DedupIndexCacheBytes, "dedup-index-cache-bytes", cmp.Or(c.DedupIndexCacheBytes, keyindex.DefaultCacheBytes),
 		"block cache of the dedup index: it must hold the index's Bloom filters, 1.2 GiB per billion events within the horizon "+
 			"(with --share-partitions, of all partitions: each partition's index gets 1/partitions of it)")
+	fs.Int64Var(&c.DedupIndexBufferBytes, "dedup-index-buffer-bytes", cmp.Or(c.DedupIndexBufferBytes, keyindex.DefaultBufferBytes),
+		"memory of the keys the dedup index added since it last wrote them to disk as one table: larger tables, less compaction "+
+			"(with --share-partitions, of all partitions: each partition's index gets 1/partitions of it, at least 4 MiB)")
 	fs.BoolVar(&c.SharePartitions, "share-partitions", c.SharePartitions,
 		"share the usage partitions with the other aggregators started with this flag (ClickHouse only): each writes the partitions assigned to it, one writer per partition")
 	fs.StringVar(&c.Member, "member", c.Member, "name of this aggregator among those sharing the partitions, unique (default: the host name, a StatefulSet's pod name)")
@@ -148,6 +151,7 @@ func (a *app) openStore(ctx context.Context, c config.Aggregator, writer bool) (
 		cfg.Logger = a.log
 		if writer {
 			cfg.IndexDir, cfg.Horizon, cfg.IndexCacheBytes = c.DedupIndexDir, c.DedupHorizon, c.DedupIndexCacheBytes
+			cfg.IndexBufferBytes = c.DedupIndexBufferBytes
 			if c.DedupIndexDir == "" {
 				a.log.Warn("no --dedup-index-dir: every write looks its events up in ClickHouse, which slows down as history grows")
 			}
@@ -406,7 +410,7 @@ func (a *app) partitionWorker(ctx context.Context, nc *nats.Conn, js jetstream.J
 	cfg.Logger, cfg.Partitions, cfg.Partition = log, partitions, p
 	cfg.Horizon, cfg.IndexCacheBytes = c.DedupHorizon, max(c.DedupIndexCacheBytes/int64(partitions), 8<<20)
 	// Each partition's index takes a share of the traffic, and of memory.
-	cfg.IndexBufferBytes = max(keyindex.DefaultBufferBytes/int64(partitions), 4<<20)
+	cfg.IndexBufferBytes = max(cmp.Or(c.DedupIndexBufferBytes, keyindex.DefaultBufferBytes)/int64(partitions), 4<<20)
 	if c.DedupIndexDir != "" {
 		cfg.IndexDir = filepath.Join(c.DedupIndexDir, "p"+strconv.Itoa(p))
 	}

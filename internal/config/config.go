@@ -94,6 +94,8 @@ type Aggregator struct {
 	DedupHorizon time.Duration `yaml:"dedup_horizon"`
 	// DedupIndexCacheBytes is the index's block cache.
 	DedupIndexCacheBytes int64 `yaml:"dedup_index_cache_bytes"`
+	// DedupIndexBufferBytes bounds the memory of the index's recent keys.
+	DedupIndexBufferBytes int64 `yaml:"dedup_index_buffer_bytes"`
 	// SharePartitions makes aggregators started with identical settings
 	// share the usage partitions (aggregator/share), each written by one
 	// of them at a time.

@@ -1,0 +1,58 @@
+package keyindex
+
+import (
+	"encoding/binary"
+	"fmt"
+	"math/rand/v2"
+	"slices"
+	"testing"
+)
+
+// sortedByKey orders any keys, of any count: uniform ones, ones that share
+// their top bits (one crowded bucket) and repeated ones, and returns each
+// position once.
+func TestSortedByKey(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	random := func(k *Key) {
+		binary.BigEndian.PutUint64(k[:8], rng.Uint64())
+		binary.BigEndian.PutUint64(k[8:], rng.Uint64())
+	}
+	kinds := map[string]func(k *Key){
+		"uniform": random,
+		"one bucket": func(k *Key) {
+			random(k)
+			binary.BigEndian.PutUint32(k[:4], 0xdeadbeef)
+		},
+		"repeated": func(k *Key) {
+			*k = Key{}
+			k[0], k[15] = byte(rng.IntN(3)), byte(rng.IntN(2))
+		},
+	}
+	for name, fill := range kinds {
+		for _, n := range []int{0, 1, 2, 3, 7, 100, 10_000, 300_000} {
+			t.Run(fmt.Sprintf("%s/%d", name, n), func(t *testing.T) {
+				keys := make([]Key, n+5)
+				for i := range keys {
+					fill(&keys[i])
+				}
+				// Every position but a few, as Held passes those not recent.
+				order := make([]int32, 0, n)
+				for i := range n {
+					order = append(order, int32(i+5))
+				}
+				got := sortedByKey(order, keys)
+				if len(got) != n {
+					t.Fatalf("%d positions, want %d", len(got), n)
+				}
+				if !slices.IsSortedFunc(got, func(a, b int32) int { return compareKeys(&keys[a], &keys[b]) }) {
+					t.Fatal("not in key order")
+				}
+				seen := slices.Clone(got)
+				slices.Sort(seen)
+				if !slices.Equal(seen, order) {
+					t.Fatal("not each position once")
+				}
+			})
+		}
+	}
+}
