@@ -290,8 +290,9 @@ type Config struct {
 	// IndexCacheBytes is the index's block cache, which must hold its Bloom
 	// filters: 1.2 GiB per billion keys (keyindex.DefaultCacheBytes if 0).
 	IndexCacheBytes int64
-	// IndexBufferBytes bounds the memory of the keys the index added since
-	// its last spill (keyindex.DefaultBufferBytes if 0).
+	// IndexBufferBytes bounds the memory of the keys the index holds in
+	// memory: those added since its last spill and those the spill writes
+	// (keyindex.DefaultBufferBytes if 0).
 	IndexBufferBytes int64
 	// Partitions, if positive, scopes the store's writes to the tenants of
 	// usage partition Partition of Partitions (schemas.Partition), for

@@ -36,9 +36,11 @@
 // The keys added since the last spill are held in memory, in a hash map:
 // a lookup or an add there costs one probe, where the LSM's memtable (a
 // skiplist of a million keys) costs two microseconds a key to search and to
-// insert into. When they reach BufferBytes they are written, sorted, as one
-// table with the Mark of the last Add, and ingested into the LSM (a spill);
-// Flush, Expire and Close spill too. A crash loses the keys added since the
+// insert into. When they reach half of BufferBytes they are written,
+// sorted, as one table with the Mark of the last Add, and ingested into the
+// LSM (a spill). The table is written in the background while the next
+// keys fill a new map, and both maps answer lookups until it is ingested;
+// Flush, Expire and Close spill everything before they return. A crash loses the keys added since the
 // last spill together with their Mark, so the Mark read back still
 // describes exactly what the index holds, and the store's catch-up adds
 // them again (aggregator/BENCHMARKS.md, "The index's steady state").
@@ -97,17 +99,20 @@ const DefaultHorizon = schemas.DefaultMaxAge + 5*time.Minute
 // 200 million keys.
 const DefaultCacheBytes = 256 << 20
 
-// DefaultBufferBytes is the default memory of the recent keys: about four
-// million keys, 27 seconds at 150 000 events a second. Each spill's table
-// spans the whole key range (keys are uniform), so each is merged with the
-// level below it: the larger the spills, the fewer the merges. Spills of
-// 256 MiB instead of 32 cost 40 % less CPU per key (aggregator/BENCHMARKS.md,
-// "The index's steady state").
-const DefaultBufferBytes = 256 << 20
+// DefaultBufferBytes is the default memory of the recent keys: two
+// generations of about four million keys each, one being written while the
+// other takes the Adds (27 seconds each at 150 000 events a second). Each
+// spill's table spans the whole key range (keys are uniform), so each is
+// merged with the level below it: the larger the spills, the fewer the
+// merges. Spills of four million keys instead of half a million cost 40 %
+// less CPU per key (aggregator/BENCHMARKS.md, "The index's steady state").
+const DefaultBufferBytes = 512 << 20
 
 // bufferBytesPerKey is what a recent key costs at most: 20 bytes in the map's
 // slot with its control byte and load factor, doubled while the map grows,
-// and the 20-byte record a spill sorts.
+// and the 20-byte record a spill sorts. Two generations of keys are held
+// while a spill writes one (the other takes the Adds meanwhile), so a spill
+// starts at BufferBytes / (2 × bufferBytesPerKey) keys.
 const bufferBytesPerKey = 64
 
 // Options configures an Index.
@@ -119,8 +124,9 @@ type Options struct {
 	Horizon time.Duration
 	// CacheBytes is the block cache (DefaultCacheBytes if 0).
 	CacheBytes int64
-	// BufferBytes bounds the memory of the keys added since the last spill
-	// (DefaultBufferBytes if 0).
+	// BufferBytes bounds the memory of the keys in memory: those added
+	// since the last spill began and those it writes (DefaultBufferBytes if
+	// 0).
 	BufferBytes int64
 	// Logger receives the LSM's log lines; nil discards them.
 	Logger *slog.Logger
@@ -139,13 +145,24 @@ type Index struct {
 	spillKeys int
 
 	// mu orders Add against Expire's deletions (a key re-added while a sweep
-	// found it expired must not be deleted), every use of db against Reset,
-	// which replaces it, and guards recent and pending.
+	// found it expired must not be deleted), every ingest against both,
+	// every use of db against Reset, which replaces it, and guards the
+	// fields below.
 	mu sync.Mutex
-	// recent holds the keys added since the last spill, with their minute.
+	// recent holds the keys added since the last spill began, with their
+	// minute.
 	recent map[Key]uint32
 	// pending is the Mark of the last Add, not yet spilled (nil if none).
 	pending *Mark
+	// frozen holds the keys a spill writes (or, after it failed, will
+	// write again), recent when it began, and frozenMark their Mark; nil
+	// when no spill is under way.
+	frozen     map[Key]uint32
+	frozenMark *Mark
+	// writing is true while a goroutine writes frozen's table, outside mu;
+	// nothing changes frozen meanwhile. written is signalled when it ends.
+	writing bool
+	written *sync.Cond
 }
 
 // metaKey holds the Mark. Keys are 16 bytes, so a key of another length can
@@ -210,17 +227,22 @@ func Open(o Options) (*Index, error) {
 		return nil, fmt.Errorf("keyindex: open %s: %w", o.Dir, err)
 	}
 	removeSpills(o.Dir)
-	spillKeys := int(max(o.BufferBytes/bufferBytesPerKey, 1))
-	return &Index{db: db, opts: popts, horizon: o.Horizon, dir: o.Dir, spillKeys: spillKeys,
-		recent: make(map[Key]uint32)}, nil
+	spillKeys := int(max(o.BufferBytes/(2*bufferBytesPerKey), 1))
+	ix := &Index{db: db, opts: popts, horizon: o.Horizon, dir: o.Dir, spillKeys: spillKeys,
+		recent: make(map[Key]uint32)}
+	ix.written = sync.NewCond(&ix.mu)
+	return ix, nil
 }
 
 // Reset empties the index: every key and the mark are gone.
 func (ix *Index) Reset() error {
 	ix.mu.Lock()
 	defer ix.mu.Unlock()
+	for ix.writing {
+		ix.written.Wait()
+	}
 	clear(ix.recent)
-	ix.pending = nil
+	ix.pending, ix.frozen, ix.frozenMark = nil, nil, nil
 	if err := ix.db.Close(); err != nil {
 		return fmt.Errorf("keyindex: reset: %w", err)
 	}
@@ -255,11 +277,13 @@ func (ix *Index) Held(keys []Key, now time.Time) ([]bool, error) {
 	}
 	ix.mu.Lock()
 	defer ix.mu.Unlock()
-	// A recent key's minute is its latest: the LSM's, if any, is older,
-	// so the answer is final.
+	// A recent key's minute is its latest, and a frozen one's is later
+	// than the LSM's, if any, so the answer is final.
 	order := make([]int32, 0, len(keys))
 	for i := range keys {
 		if m, ok := ix.recent[keys[i]]; ok {
+			held[i] = ix.live(m, now)
+		} else if m, ok := ix.frozen[keys[i]]; ok {
 			held[i] = ix.live(m, now)
 		} else {
 			order = append(order, int32(i))
@@ -322,9 +346,11 @@ func compareKeys(a, b *Key) int {
 // Add records keys as added at at, and the mark m: in memory until the
 // next spill, which writes them with m (the Mark of the last Add before it)
 // in one table, so whatever survives a crash, the Mark read back describes
-// it. A key added again keeps the latest minute. An error of the spill
-// leaves the keys in memory, held, and the spill is tried again at the next
-// Add.
+// it. A key added again keeps the latest minute. A spill that the keys
+// start runs in the background, while later Adds fill the next generation;
+// an Add waits for it only when that one is full too. A spill that failed
+// is tried again then, its keys held meanwhile; an error then is returned
+// and the keys stay, held.
 func (ix *Index) Add(keys []Key, at time.Time, m Mark) error {
 	minute := minuteOf(at)
 	ix.mu.Lock()
@@ -336,15 +362,63 @@ func (ix *Index) Add(keys []Key, at time.Time, m Mark) error {
 	if len(ix.recent) < ix.spillKeys {
 		return nil
 	}
-	return ix.spill()
+	if err := ix.settle(); err != nil {
+		return err
+	}
+	ix.freeze()
+	ix.writing = true
+	go ix.writeFrozen(ix.db)
+	return nil
+}
+
+// freeze makes the recent keys and their Mark the ones a spill writes; ix.mu
+// is held and nothing is frozen.
+func (ix *Index) freeze() {
+	ix.frozen, ix.frozenMark = ix.recent, ix.pending
+	ix.recent, ix.pending = make(map[Key]uint32, len(ix.frozen)), nil
+}
+
+// writeFrozen writes the frozen keys' table outside ix.mu, then ingests it
+// under ix.mu (so that no Expire round or lookup sees half of it), and
+// signals the end. On an error the frozen keys stay, held, for settle to
+// write again.
+func (ix *Index) writeFrozen(db *pebble.DB) {
+	path, err := ix.writeTable(db, ix.frozen, ix.frozenMark)
+	ix.mu.Lock()
+	defer ix.mu.Unlock()
+	if err == nil {
+		err = ix.ingest(path)
+	}
+	if err != nil {
+		ix.opts.Logger.Errorf("keyindex: spill failed, to be tried again: %v", err)
+	}
+	ix.writing = false
+	ix.written.Broadcast()
+}
+
+// settle waits for the spill under way, and writes again, at once, the keys
+// of one that failed; ix.mu is held. After it nothing is frozen, or it
+// returns the error.
+func (ix *Index) settle() error {
+	for ix.writing {
+		ix.written.Wait()
+	}
+	if ix.frozen == nil {
+		return nil
+	}
+	path, err := ix.writeTable(ix.db, ix.frozen, ix.frozenMark)
+	if err == nil {
+		err = ix.ingest(path)
+	}
+	return err
 }
 
 // Mark returns the mark of the last Add; ok is false when there is none.
 func (ix *Index) Mark() (m Mark, ok bool, err error) {
 	ix.mu.Lock()
 	defer ix.mu.Unlock()
-	if ix.pending != nil {
-		return *ix.pending, true, nil
+	if m := cmp.Or(ix.pending, ix.frozenMark); m != nil {
+		return *m, true, nil
 	}
 	v, closer, err := ix.db.Get(metaKey)
 	if errors.Is(err, pebble.ErrNotFound) {
@@ -389,22 +463,35 @@ func (ix *Index) Close() error {
 	return nil
 }
 
-// spill writes the recent keys and the pending Mark, sorted, as one table,
-// ingests it and empties the recent keys; ix.mu is held. It does nothing
-// when there is nothing to write. On an error the recent keys stay.
+// spill writes every key in memory, with the Mark of the last Add, to the
+// LSM before it returns (ix.mu is held): the spill under way, one that
+// failed, and the recent keys. It does nothing when there is nothing to
+// write. On an error the keys stay in memory, held.
 func (ix *Index) spill() error {
+	if err := ix.settle(); err != nil {
+		return err
+	}
 	if len(ix.recent) == 0 && ix.pending == nil {
 		return nil
 	}
+	ix.freeze()
+	return ix.settle()
+}
+
+// writeTable writes keys and the Mark mark (if not nil), sorted, as one
+// table for db to ingest, and returns its path. It does not change keys,
+// and needs no lock: one table is written at a time (ix.writing, or ix.mu
+// held and nothing being written), so it has one name.
+func (ix *Index) writeTable(db *pebble.DB, keys map[Key]uint32, mark *Mark) (string, error) {
 	// The records are placed by the top bits of their keys straight from
 	// the map, then each bucket is ordered (bucketSort).
-	bs := newBucketSort(len(ix.recent))
-	for k := range ix.recent {
+	bs := newBucketSort(len(keys))
+	for k := range keys {
 		bs.count(&k)
 	}
 	bs.start()
-	recs := make([][recordSize]byte, len(ix.recent))
-	for k, m := range ix.recent {
+	recs := make([][recordSize]byte, len(keys))
+	for k, m := range keys {
 		r := &recs[bs.place(&k)]
 		copy(r[:], k[:])
 		binary.BigEndian.PutUint32(r[len(k):], m)
@@ -414,36 +501,43 @@ func (ix *Index) spill() error {
 			return compareKeys((*Key)(a[:16]), (*Key)(b[:16]))
 		})
 	})
-	// One spill at a time (ix.mu): one name.
 	path := filepath.Join(ix.dir, spillPrefix+"table.sst")
 	f, err := vfs.Default.Create(path, vfs.WriteCategoryUnspecified)
 	if err != nil {
-		return fmt.Errorf("keyindex: spill: %w", err)
+		return "", fmt.Errorf("keyindex: spill: %w", err)
 	}
-	defer os.Remove(path) // ingesting links it into the LSM's directory
-	w := sstable.NewWriter(objstorageprovider.NewFileWritable(f), ix.opts.MakeWriterOptions(0, ix.db.TableFormat()))
-	if err := ix.writeSpill(w, recs); err != nil {
+	w := sstable.NewWriter(objstorageprovider.NewFileWritable(f), ix.opts.MakeWriterOptions(0, db.TableFormat()))
+	if err := writeSpill(w, recs, mark); err != nil {
 		w.Close()
-		return fmt.Errorf("keyindex: spill: %w", err)
+		os.Remove(path)
+		return "", fmt.Errorf("keyindex: spill: %w", err)
 	}
 	if err := w.Close(); err != nil {
-		return fmt.Errorf("keyindex: spill: %w", err)
+		os.Remove(path)
+		return "", fmt.Errorf("keyindex: spill: %w", err)
 	}
+	return path, nil
+}
+
+// ingest ingests the frozen keys' table at path and forgets them; ix.mu is
+// held. The table's file is removed either way (ingesting links it into
+// the LSM's directory).
+func (ix *Index) ingest(path string) error {
+	defer os.Remove(path)
 	if err := ix.db.Ingest(context.Background(), []string{path}); err != nil {
 		return fmt.Errorf("keyindex: spill: ingest: %w", err)
 	}
-	clear(ix.recent)
-	ix.pending = nil
+	ix.frozen, ix.frozenMark = nil, nil
 	return nil
 }
 
-// writeSpill writes recs, in key order, and the pending Mark where its key
+// writeSpill writes recs, in key order, and m (if not nil) where its key
 // sorts among them.
-func (ix *Index) writeSpill(w *sstable.Writer, recs [][recordSize]byte) error {
+func writeSpill(w *sstable.Writer, recs [][recordSize]byte, m *Mark) error {
 	var mark []byte
-	if ix.pending != nil {
+	if m != nil {
 		var err error
-		if mark, err = json.Marshal(*ix.pending); err != nil {
+		if mark, err = json.Marshal(*m); err != nil {
 			return err
 		}
 	}

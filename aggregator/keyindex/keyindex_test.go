@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -301,11 +302,12 @@ func BenchmarkSteady(b *testing.B) {
 				o.Levels[i].FilterPolicy = bloom.FilterPolicy(16)
 			}
 		}},
-		// Spills of 128 MiB: a quarter as many tables into L0.
+		// A buffer of 128 MiB.
 		{name: "buffer128", buffer: 128 << 20},
-		// Spills of 256 MiB.
+		// Buffers of 256 and 512 MiB.
 		{name: "buffer256", buffer: 256 << 20},
-		// Spills of 128 MiB, and L0 compacted after 8 of them.
+		{name: "buffer512", buffer: 512 << 20},
+		// A buffer of 128 MiB, and L0 compacted after 8 spills.
 		{name: "buffer128-l0x8", buffer: 128 << 20, tune: func(o *pebble.Options) {
 			o.L0CompactionThreshold, o.L0StopWritesThreshold = 8, 32
 		}},
@@ -377,9 +379,71 @@ func cpuTime(b testing.TB) time.Duration {
 // the Add that made them reach it; a crash (here: a copy of the directory
 // taken while the index is open) keeps exactly the spilled keys and their
 // Mark, never keys beyond what the Mark read back says.
+// waitSpill waits for the spill under way, if any.
+func waitSpill(ix *Index) {
+	ix.mu.Lock()
+	defer ix.mu.Unlock()
+	for ix.writing {
+		ix.written.Wait()
+	}
+}
+
+// Keys stay held while spills write them in the background, and Adds go on
+// meanwhile: every key added is held at every moment after its Add, and
+// all of them, with the last Mark, after a reopening.
+func TestHeldWhileSpilling(t *testing.T) {
+	dir := t.TempDir()
+	ix, err := Open(Options{Dir: dir, Horizon: time.Hour, BufferBytes: 2 * 1000 * bufferBytesPerKey})
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Date(2026, 12, 6, 10, 0, 0, 0, time.UTC)
+	var (
+		mu    sync.Mutex
+		added []Key
+	)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := range 200 {
+			ks := keys(fmt.Sprintf("g%d-", i), 250)
+			if err := ix.Add(ks, now, Mark{Store: "s", Through: now.Add(time.Duration(i) * time.Second)}); err != nil {
+				t.Error(err)
+				return
+			}
+			mu.Lock()
+			added = append(added, ks...)
+			mu.Unlock()
+		}
+	}()
+	for checking := true; checking; {
+		select {
+		case <-done:
+			checking = false
+		default:
+		}
+		mu.Lock()
+		ks := slices.Clone(added)
+		mu.Unlock()
+		if n := countHeld(t, ix, ks, now); n != len(ks) {
+			t.Fatalf("held %d of the %d keys added", n, len(ks))
+		}
+	}
+	if err := ix.Close(); err != nil {
+		t.Fatal(err)
+	}
+	again := open(t, dir, time.Hour)
+	if n := countHeld(t, again, added, now); n != 200*250 {
+		t.Fatalf("after reopening: held %d of %d", n, 200*250)
+	}
+	if m, ok, err := again.Mark(); err != nil || !ok || !m.Through.Equal(now.Add(199*time.Second)) {
+		t.Fatalf("mark after reopening: %+v ok=%v err=%v, want the last Add's", m, ok, err)
+	}
+}
+
 func TestSpillKeepsTheMarkWithItsKeys(t *testing.T) {
 	dir := t.TempDir()
-	ix, err := Open(Options{Dir: dir, Horizon: time.Hour, BufferBytes: 100 * bufferBytesPerKey})
+	ix, err := Open(Options{Dir: dir, Horizon: time.Hour, BufferBytes: 2 * 100 * bufferBytesPerKey})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -391,6 +455,8 @@ func TestSpillKeepsTheMarkWithItsKeys(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// The spill b started runs in the background; the crash comes after it.
+	waitSpill(ix)
 	if m, ok, err := ix.Mark(); err != nil || !ok || !m.Through.Equal(now.Add(2*time.Minute)) {
 		t.Fatalf("mark while open: %+v ok=%v err=%v", m, ok, err)
 	}
