@@ -39,8 +39,10 @@
 // insert into. When they reach half of BufferBytes they are written,
 // sorted, as one table with the Mark of the last Add, and ingested into the
 // LSM (a spill). The table is written in the background while the next
-// keys fill a new map, and both maps answer lookups until it is ingested;
-// Flush, Expire and Close spill everything before they return. A crash loses the keys added since the
+// keys fill a new map, and both maps answer lookups until it is ingested.
+// Flush and Close spill every key in memory before they return, Expire
+// before its sweep, a Loader's Finish its Mark; lookups and Adds go on
+// while they wait. A crash loses the keys added since the
 // last spill together with their Mark, so the Mark read back still
 // describes exactly what the index holds, and the store's catch-up adds
 // them again (aggregator/BENCHMARKS.md, "The index's steady state").
@@ -365,10 +367,19 @@ func (ix *Index) Add(keys []Key, at time.Time, m Mark) error {
 	if err := ix.settle(); err != nil {
 		return err
 	}
+	if len(ix.recent) < ix.spillKeys {
+		return nil // spilled meanwhile (Flush, Expire)
+	}
+	ix.startSpill()
+	return nil
+}
+
+// startSpill freezes the recent keys and starts writing them in the
+// background; ix.mu is held and nothing is frozen.
+func (ix *Index) startSpill() {
 	ix.freeze()
 	ix.writing = true
-	go ix.writeFrozen(ix.db)
-	return nil
+	go ix.writeFrozen(ix.db, ix.frozen, ix.frozenMark)
 }
 
 // freeze makes the recent keys and their Mark the ones a spill writes; ix.mu
@@ -382,8 +393,8 @@ func (ix *Index) freeze() {
 // under ix.mu (so that no Expire round or lookup sees half of it), and
 // signals the end. On an error the frozen keys stay, held, for settle to
 // write again.
-func (ix *Index) writeFrozen(db *pebble.DB) {
-	path, err := ix.writeTable(db, ix.frozen, ix.frozenMark)
+func (ix *Index) writeFrozen(db *pebble.DB, keys map[Key]uint32, mark *Mark) {
+	path, err := ix.writeTable(db, keys, mark)
 	ix.mu.Lock()
 	defer ix.mu.Unlock()
 	if err == nil {
@@ -396,9 +407,10 @@ func (ix *Index) writeFrozen(db *pebble.DB) {
 	ix.written.Broadcast()
 }
 
-// settle waits for the spill under way, and writes again, at once, the keys
-// of one that failed; ix.mu is held. After it nothing is frozen, or it
-// returns the error.
+// settle waits for the spill under way, and writes again, at once and
+// under ix.mu (which is held), the keys of one that failed: then an Add
+// waits for the disk, and returns its error, rather than hold more keys in
+// memory. After it nothing is frozen, or it returns the error.
 func (ix *Index) settle() error {
 	for ix.writing {
 		ix.written.Wait()
@@ -474,7 +486,8 @@ func (ix *Index) spill() error {
 	if len(ix.recent) == 0 && ix.pending == nil {
 		return nil
 	}
-	ix.freeze()
+	// Written in the background too: lookups and Adds go on meanwhile.
+	ix.startSpill()
 	return ix.settle()
 }
 

@@ -375,10 +375,6 @@ func cpuTime(b testing.TB) time.Duration {
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
-// The recent keys are spilled when they reach BufferBytes, with the Mark of
-// the Add that made them reach it; a crash (here: a copy of the directory
-// taken while the index is open) keeps exactly the spilled keys and their
-// Mark, never keys beyond what the Mark read back says.
 // waitSpill waits for the spill under way, if any.
 func waitSpill(ix *Index) {
 	ix.mu.Lock()
@@ -441,6 +437,10 @@ func TestHeldWhileSpilling(t *testing.T) {
 	}
 }
 
+// The recent keys are spilled when they reach half of BufferBytes, with the
+// Mark of the Add that made them reach it; a crash (here: a copy of the
+// directory taken while the index is open) keeps exactly the spilled keys
+// and their Mark, never keys beyond what the Mark read back says.
 func TestSpillKeepsTheMarkWithItsKeys(t *testing.T) {
 	dir := t.TempDir()
 	ix, err := Open(Options{Dir: dir, Horizon: time.Hour, BufferBytes: 2 * 100 * bufferBytesPerKey})
