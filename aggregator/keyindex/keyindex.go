@@ -47,12 +47,23 @@
 // describes exactly what the index holds, and the store's catch-up adds
 // them again (aggregator/BENCHMARKS.md, "The index's steady state").
 //
+// # In-memory filter
+//
+// In front of the LSM, a Bloom filter in memory holds every key the LSM
+// holds (filter.go): a key it has not seen, which is most keys looked up,
+// costs one cache miss instead of a probe of each level's filter. It is
+// built by a scan of the LSM in the background when the index opens, after
+// a Loader's ingest and when it fills up; until one is built, lookups go to
+// the LSM.
+//
 // # Cost
 //
 // Per billion keys: about 21 GiB of disk (16-byte keys and 4-byte values,
-// compressed by prefix sharing within blocks), and 1.2 GiB of Bloom filters
-// (10 bits a key), which must fit in the block cache (CacheBytes) for absent
-// keys to stay free of reads. aggregator/BENCHMARKS.md has the measurements.
+// compressed by prefix sharing within blocks), 1.2 GiB of the LSM's Bloom
+// filters (10 bits a key), which must fit in the block cache (CacheBytes)
+// for the keys the in-memory filter lets through to stay free of reads, and
+// about 1.5 GiB for the in-memory filter. aggregator/BENCHMARKS.md has the
+// measurements.
 package keyindex
 
 import (
@@ -135,6 +146,11 @@ type Options struct {
 
 	// tune, if set, adjusts the LSM's options last (the benchmarks' A/B).
 	tune func(*pebble.Options)
+	// filterKeys, if set, is the least capacity of the in-memory filter
+	// (minFilterKeys if 0; the tests' small filters fill up).
+	filterKeys int64
+	// noFilter leaves the in-memory filter out (the benchmarks' A/B).
+	noFilter bool
 }
 
 // Index is the key index. Its methods are safe for concurrent use.
@@ -165,6 +181,18 @@ type Index struct {
 	// nothing changes frozen meanwhile. written is signalled when it ends.
 	writing bool
 	written *sync.Cond
+
+	// filter, if not nil, holds every key in the LSM (filter.go); building
+	// is the one a build's scan fills, and filterKeys the least capacity
+	// of the next. Builds run in builds until buildCtx ends.
+	filter     *filter
+	building   *filter
+	filterKeys int64
+	minFilter  int64
+	noFilter   bool
+	builds     sync.WaitGroup
+	buildCtx   context.Context
+	stop       context.CancelFunc
 }
 
 // metaKey holds the Mark. Keys are 16 bytes, so a key of another length can
@@ -231,13 +259,18 @@ func Open(o Options) (*Index, error) {
 	removeSpills(o.Dir)
 	spillKeys := int(max(o.BufferBytes/(2*bufferBytesPerKey), 1))
 	ix := &Index{db: db, opts: popts, horizon: o.Horizon, dir: o.Dir, spillKeys: spillKeys,
-		recent: make(map[Key]uint32)}
+		recent: make(map[Key]uint32), minFilter: cmp.Or(o.filterKeys, minFilterKeys), noFilter: o.noFilter}
 	ix.written = sync.NewCond(&ix.mu)
+	ix.mu.Lock()
+	ix.restartBuilds()
+	ix.startBuild()
+	ix.mu.Unlock()
 	return ix, nil
 }
 
 // Reset empties the index: every key and the mark are gone.
 func (ix *Index) Reset() error {
+	ix.stopBuilds()
 	ix.mu.Lock()
 	defer ix.mu.Unlock()
 	for ix.writing {
@@ -245,6 +278,7 @@ func (ix *Index) Reset() error {
 	}
 	clear(ix.recent)
 	ix.pending, ix.frozen, ix.frozenMark = nil, nil, nil
+	ix.filter, ix.building, ix.filterKeys = nil, nil, 0
 	if err := ix.db.Close(); err != nil {
 		return fmt.Errorf("keyindex: reset: %w", err)
 	}
@@ -256,6 +290,8 @@ func (ix *Index) Reset() error {
 		return fmt.Errorf("keyindex: reset: %w", err)
 	}
 	ix.db = db
+	ix.restartBuilds()
+	ix.startBuild()
 	return nil
 }
 
@@ -280,14 +316,15 @@ func (ix *Index) Held(keys []Key, now time.Time) ([]bool, error) {
 	ix.mu.Lock()
 	defer ix.mu.Unlock()
 	// A recent key's minute is its latest, and a frozen one's is later
-	// than the LSM's, if any, so the answer is final.
+	// than the LSM's, if any, so the answer is final. A key the filter
+	// has not seen is not in the LSM.
 	order := make([]int32, 0, len(keys))
 	for i := range keys {
 		if m, ok := ix.recent[keys[i]]; ok {
 			held[i] = ix.live(m, now)
 		} else if m, ok := ix.frozen[keys[i]]; ok {
 			held[i] = ix.live(m, now)
-		} else {
+		} else if ix.filter == nil || ix.filter.mayContain(&keys[i]) {
 			order = append(order, int32(i))
 		}
 	}
@@ -395,10 +432,16 @@ func (ix *Index) freeze() {
 // write again.
 func (ix *Index) writeFrozen(db *pebble.DB, keys map[Key]uint32, mark *Mark) {
 	path, err := ix.writeTable(db, keys, mark)
+	// The filters get the keys outside ix.mu too; ingest adds them to any
+	// filter a build started meanwhile.
+	ix.mu.Lock()
+	done := ix.filters()
+	ix.mu.Unlock()
+	addToFilters(done, nil, keys)
 	ix.mu.Lock()
 	defer ix.mu.Unlock()
 	if err == nil {
-		err = ix.ingest(path)
+		err = ix.ingest(path, done)
 	}
 	if err != nil {
 		ix.opts.Logger.Errorf("keyindex: spill failed, to be tried again: %v", err)
@@ -420,7 +463,7 @@ func (ix *Index) settle() error {
 	}
 	path, err := ix.writeTable(ix.db, ix.frozen, ix.frozenMark)
 	if err == nil {
-		err = ix.ingest(path)
+		err = ix.ingest(path, nil)
 	}
 	return err
 }
@@ -461,6 +504,7 @@ func (ix *Index) Flush() error {
 
 // Close closes the index; it is idempotent.
 func (ix *Index) Close() error {
+	ix.stopBuilds()
 	ix.mu.Lock()
 	defer ix.mu.Unlock()
 	if ix.db == nil {
@@ -532,15 +576,18 @@ func (ix *Index) writeTable(db *pebble.DB, keys map[Key]uint32, mark *Mark) (str
 	return path, nil
 }
 
-// ingest ingests the frozen keys' table at path and forgets them; ix.mu is
-// held. The table's file is removed either way (ingesting links it into
-// the LSM's directory).
-func (ix *Index) ingest(path string) error {
+// ingest adds the frozen keys to the filters but those of done (which have
+// them), ingests their table at path and forgets them; ix.mu is held. The
+// table's file is removed either way (ingesting links it into the LSM's
+// directory).
+func (ix *Index) ingest(path string, done []*filter) error {
 	defer os.Remove(path)
+	addToFilters(ix.filters(), done, ix.frozen)
 	if err := ix.db.Ingest(context.Background(), []string{path}); err != nil {
 		return fmt.Errorf("keyindex: spill: ingest: %w", err)
 	}
 	ix.frozen, ix.frozenMark = nil, nil
+	ix.rebuildFull()
 	return nil
 }
 

@@ -389,7 +389,8 @@ func waitSpill(ix *Index) {
 // all of them, with the last Mark, after a reopening.
 func TestHeldWhileSpilling(t *testing.T) {
 	dir := t.TempDir()
-	ix, err := Open(Options{Dir: dir, Horizon: time.Hour, BufferBytes: 2 * 1000 * bufferBytesPerKey})
+	// A small filter first: it fills up, and new ones are built meanwhile.
+	ix, err := Open(Options{Dir: dir, Horizon: time.Hour, BufferBytes: 2 * 1000 * bufferBytesPerKey, filterKeys: 1000})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -424,6 +425,12 @@ func TestHeldWhileSpilling(t *testing.T) {
 		if n := countHeld(t, ix, ks, now); n != len(ks) {
 			t.Fatalf("held %d of the %d keys added", n, len(ks))
 		}
+	}
+	if f := waitFilter(t, ix); f.capacity < 200*250 {
+		t.Fatalf("filter of capacity %d: never rebuilt as it filled up", f.capacity)
+	}
+	if n := countHeld(t, ix, keys("absent", 10_000), now); n != 0 {
+		t.Fatalf("held %d keys never added", n)
 	}
 	if err := ix.Close(); err != nil {
 		t.Fatal(err)

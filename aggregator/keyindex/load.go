@@ -111,7 +111,10 @@ func (l *Loader) Finish(ctx context.Context, m Mark) error {
 		all = append(all, ts...)
 	}
 	if len(all) > 0 {
+		// Keys the filters never saw: lookups go to the LSM until a new
+		// filter is built, from a scan that starts after the ingest.
 		l.ix.mu.Lock()
+		l.ix.filter, l.ix.building = nil, nil
 		err := l.ix.db.Ingest(ctx, all)
 		l.ix.mu.Unlock()
 		if err != nil {
@@ -123,7 +126,9 @@ func (l *Loader) Finish(ctx context.Context, m Mark) error {
 	l.ix.mu.Lock()
 	defer l.ix.mu.Unlock()
 	l.ix.pending = &m
-	return l.ix.spill()
+	err := l.ix.spill()
+	l.ix.startBuild()
+	return err
 }
 
 // writeBucket sorts bucket i and writes it as tables.
