@@ -78,27 +78,40 @@ func (f *filter) full() bool { return f.added.Load() > f.capacity }
 // filter in use and to the one being built before it ingests them, and a
 // build's scan starts, under ix.mu, from a view of the LSM taken with it:
 // so a key in the LSM is in the filter in use, always. A Loader's ingest
-// drops the filter and a new build starts when it ends; one that reaches
-// its capacity (keys added, expired ones included: an Expire does not
-// remove them) is replaced by a build sized for the keys the LSM holds.
+// drops the filter (and stops its build) and a new build starts when it
+// ends; one that reaches its capacity (keys added, expired ones included:
+// an Expire does not remove them) is replaced by a build with a quarter more
+// room than it was given keys. A filter is sized from the tables' bytes (19
+// to 20 a key), with room for a fifth more keys than the LSM holds.
 
-// startBuild starts building a filter for the keys in the LSM, unless one is
-// being built; ix.mu is held. The new filter replaces the one in use when
-// its scan ends, unless another build or a Loader's ingest came after.
-func (ix *Index) startBuild() {
-	ctx := ix.buildCtx
-	if ix.building != nil || ctx.Err() != nil || ix.noFilter {
+// startBuild starts building a filter of at least least keys for the keys
+// in the LSM, unless one is being built; ix.mu is held. The new filter
+// replaces the one in use when its scan ends, unless a Loader's ingest or
+// Reset dropped it.
+func (ix *Index) startBuild(least int64) {
+	if ix.building != nil || ix.buildCtx.Err() != nil || ix.noFilter {
 		return
 	}
-	// The disk holds 19 to 20 bytes a key: room for a fifth more keys.
-	f := newFilter(max(ix.db.Metrics().Total().TablesSize/16, ix.minFilter, ix.filterKeys))
+	f := newFilter(max(ix.db.Metrics().Total().TablesSize/16, ix.minFilter, least))
 	it, err := ix.db.NewIter(nil)
 	if err != nil {
 		ix.opts.Logger.Errorf("keyindex: filter: %v", err)
 		return
 	}
-	ix.building = f
-	ix.builds.Go(func() { ix.build(ctx, f, it) })
+	ctx, stop := context.WithCancel(ix.buildCtx)
+	ix.building, ix.stopBuild = f, stop
+	ix.builds.Go(func() {
+		defer stop()
+		ix.build(ctx, f, it)
+	})
+}
+
+// dropBuild stops the build under way, if any; ix.mu is held.
+func (ix *Index) dropBuild() {
+	if ix.building != nil {
+		ix.stopBuild()
+		ix.building = nil
+	}
 }
 
 // build adds every key it iterates to f, then makes f the filter in use.
@@ -133,30 +146,34 @@ func (ix *Index) build(ctx context.Context, f *filter, it *pebble.Iterator) {
 	ix.rebuildFull()
 }
 
-// rebuildFull starts a build when the filter in use is full; ix.mu is held.
-// One that filled up during its own scan gets twice the room.
+// rebuildFull starts a build when the filter in use is full, with a
+// quarter more room than it was given keys, or when there is none (a build
+// failed to start); ix.mu is held.
 func (ix *Index) rebuildFull() {
-	if ix.filter == nil || !ix.filter.full() {
-		return
+	switch {
+	case ix.filter == nil:
+		ix.startBuild(0)
+	case ix.filter.full():
+		ix.startBuild(ix.filter.added.Load() * 5 / 4)
 	}
-	if ix.filter.added.Load() > 2*ix.filter.capacity {
-		ix.filterKeys = 2 * ix.filter.capacity
-	}
-	ix.startBuild()
 }
 
 // stopBuilds ends the builds under way and waits for them; ix.mu is not
-// held. Until restartBuilds, none starts.
-func (ix *Index) stopBuilds() {
+// held. Until restartBuilds, none starts; after closing, none again.
+func (ix *Index) stopBuilds(closing bool) {
 	ix.mu.Lock()
+	ix.closing = ix.closing || closing
 	ix.stop()
 	ix.mu.Unlock()
 	ix.builds.Wait()
 }
 
-// restartBuilds lets builds start again after stopBuilds; ix.mu is held.
+// restartBuilds lets builds start again after stopBuilds, unless the
+// index is closing; ix.mu is held.
 func (ix *Index) restartBuilds() {
-	ix.buildCtx, ix.stop = context.WithCancel(context.Background())
+	if !ix.closing {
+		ix.buildCtx, ix.stop = context.WithCancel(context.Background())
+	}
 }
 
 // filters returns the filters a spill adds its keys to; ix.mu is held.

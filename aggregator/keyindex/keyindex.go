@@ -1,11 +1,12 @@
 // Package keyindex is a writer's local index of the events its store holds:
 // a 128-bit key of each event's (tenant, id) and the minute it was first
 // written, in an embedded LSM tree (github.com/cockroachdb/pebble) with a
-// Bloom filter on every table. It answers "which of these K events are
-// held?" at a cost that does not grow with the number of keys held: a key
-// that is absent is rejected by one in-memory filter probe per level of the
-// tree (about 1 % of the probes then read one 4 KiB block), and a key that is
-// present costs one block read per level at most.
+// Bloom filter on every table and one in memory over all of them. It
+// answers "which of these K events are held?" at a cost that does not grow
+// with the number of keys held: a key that is absent is rejected by one
+// probe of the in-memory filter (about 1 % of them then probe each level's
+// filter, and 1 % of those read one 4 KiB block), and a key that is present
+// costs one block read per level at most.
 //
 // The index is never the source of truth. A store keeps its events, and the
 // index can always be rebuilt from them (Load) or brought up to date with
@@ -62,7 +63,8 @@
 // compressed by prefix sharing within blocks), 1.2 GiB of the LSM's Bloom
 // filters (10 bits a key), which must fit in the block cache (CacheBytes)
 // for the keys the in-memory filter lets through to stay free of reads, and
-// about 1.5 GiB for the in-memory filter. aggregator/BENCHMARKS.md has the
+// about 1.6 GiB for the in-memory filter (twice that while a new one is
+// built). aggregator/BENCHMARKS.md has the
 // measurements.
 package keyindex
 
@@ -183,16 +185,17 @@ type Index struct {
 	written *sync.Cond
 
 	// filter, if not nil, holds every key in the LSM (filter.go); building
-	// is the one a build's scan fills, and filterKeys the least capacity
-	// of the next. Builds run in builds until buildCtx ends.
-	filter     *filter
-	building   *filter
-	filterKeys int64
-	minFilter  int64
-	noFilter   bool
-	builds     sync.WaitGroup
-	buildCtx   context.Context
-	stop       context.CancelFunc
+	// is the one a build's scan fills, stopped by stopBuild. Builds run in
+	// builds until buildCtx ends (stop), and start no more once closing.
+	filter    *filter
+	building  *filter
+	stopBuild context.CancelFunc
+	minFilter int64
+	noFilter  bool
+	builds    sync.WaitGroup
+	buildCtx  context.Context
+	stop      context.CancelFunc
+	closing   bool
 }
 
 // metaKey holds the Mark. Keys are 16 bytes, so a key of another length can
@@ -263,22 +266,25 @@ func Open(o Options) (*Index, error) {
 	ix.written = sync.NewCond(&ix.mu)
 	ix.mu.Lock()
 	ix.restartBuilds()
-	ix.startBuild()
+	ix.startBuild(0)
 	ix.mu.Unlock()
 	return ix, nil
 }
 
 // Reset empties the index: every key and the mark are gone.
 func (ix *Index) Reset() error {
-	ix.stopBuilds()
+	ix.stopBuilds(false)
 	ix.mu.Lock()
 	defer ix.mu.Unlock()
+	if ix.closing {
+		return errors.New("keyindex: reset: the index is closed")
+	}
 	for ix.writing {
 		ix.written.Wait()
 	}
 	clear(ix.recent)
 	ix.pending, ix.frozen, ix.frozenMark = nil, nil, nil
-	ix.filter, ix.building, ix.filterKeys = nil, nil, 0
+	ix.filter, ix.building = nil, nil
 	if err := ix.db.Close(); err != nil {
 		return fmt.Errorf("keyindex: reset: %w", err)
 	}
@@ -291,7 +297,7 @@ func (ix *Index) Reset() error {
 	}
 	ix.db = db
 	ix.restartBuilds()
-	ix.startBuild()
+	ix.startBuild(0)
 	return nil
 }
 
@@ -504,7 +510,7 @@ func (ix *Index) Flush() error {
 
 // Close closes the index; it is idempotent.
 func (ix *Index) Close() error {
-	ix.stopBuilds()
+	ix.stopBuilds(true)
 	ix.mu.Lock()
 	defer ix.mu.Unlock()
 	if ix.db == nil {

@@ -114,8 +114,12 @@ func (l *Loader) Finish(ctx context.Context, m Mark) error {
 		// Keys the filters never saw: lookups go to the LSM until a new
 		// filter is built, from a scan that starts after the ingest.
 		l.ix.mu.Lock()
-		l.ix.filter, l.ix.building = nil, nil
+		l.ix.filter = nil
+		l.ix.dropBuild()
 		err := l.ix.db.Ingest(ctx, all)
+		if err != nil {
+			l.ix.startBuild(0)
+		}
 		l.ix.mu.Unlock()
 		if err != nil {
 			return fmt.Errorf("keyindex: load: ingest: %w", err)
@@ -127,7 +131,9 @@ func (l *Loader) Finish(ctx context.Context, m Mark) error {
 	defer l.ix.mu.Unlock()
 	l.ix.pending = &m
 	err := l.ix.spill()
-	l.ix.startBuild()
+	if l.ix.filter == nil {
+		l.ix.startBuild(0)
+	}
 	return err
 }
 
