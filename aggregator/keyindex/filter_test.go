@@ -7,7 +7,7 @@ import (
 )
 
 // waitFilter waits until ix has a filter in use and none being built.
-func waitFilter(t *testing.T, ix *Index) *filter {
+func waitFilter(t testing.TB, ix *Index) *filter {
 	t.Helper()
 	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(5 * time.Millisecond) {
 		ix.mu.Lock()

@@ -284,9 +284,10 @@ func BenchmarkSteady(b *testing.B) {
 	}
 	const round = 10_000
 	type variant struct {
-		name   string
-		tune   func(*pebble.Options)
-		buffer int64 // BufferBytes; 0 for the default
+		name     string
+		tune     func(*pebble.Options)
+		buffer   int64 // BufferBytes; 0 for the default
+		nofilter bool
 	}
 	variants := []variant{
 		{name: "current"},
@@ -315,6 +316,8 @@ func BenchmarkSteady(b *testing.B) {
 		{name: "l0x8", tune: func(o *pebble.Options) {
 			o.L0CompactionThreshold, o.L0StopWritesThreshold = 8, 32
 		}},
+		// Without the in-memory filter: every lookup probes the LSM.
+		{name: "nofilter", nofilter: true},
 		// Levels 4 times (not 10 times) the one above.
 		{name: "mult4", tune: func(o *pebble.Options) { o.Experimental.LevelMultiplier = 4 }},
 	}
@@ -325,13 +328,16 @@ func BenchmarkSteady(b *testing.B) {
 	}
 	for _, v := range variants {
 		b.Run(fmt.Sprintf("%s/keys=%d", v.name, size), func(b *testing.B) {
-			ix, err := Open(Options{Dir: b.TempDir(), Horizon: time.Hour, BufferBytes: v.buffer, tune: v.tune})
+			ix, err := Open(Options{Dir: b.TempDir(), Horizon: time.Hour, BufferBytes: v.buffer, tune: v.tune, noFilter: v.nofilter})
 			if err != nil {
 				b.Fatal(err)
 			}
 			defer ix.Close()
 			now := time.Now()
 			loadRandom(b, ix, size, now)
+			if !v.nofilter {
+				waitFilter(b, ix) // the steady state has one
+			}
 			ks := make([]Key, round)
 			var id [8]byte
 			next := uint64(1) << 40
