@@ -365,23 +365,6 @@ func (ix *Index) Held(keys []Key, now time.Time) ([]bool, error) {
 	return held, nil
 }
 
-// sortedByKey returns the positions order of keys ordered by their keys.
-func sortedByKey(order []int32, keys []Key) []int32 {
-	bs := newBucketSort(len(order))
-	for _, i := range order {
-		bs.count(&keys[i])
-	}
-	bs.start()
-	sorted := make([]int32, len(order))
-	for _, i := range order {
-		sorted[bs.place(&keys[i])] = i
-	}
-	bs.buckets(func(lo, hi int) {
-		slices.SortFunc(sorted[lo:hi], func(a, b int32) int { return compareKeys(&keys[a], &keys[b]) })
-	})
-	return sorted
-}
-
 // compareKeys orders keys as bytes, compared as two big-endian integers.
 func compareKeys(a, b *Key) int {
 	be := binary.BigEndian
@@ -546,24 +529,17 @@ func (ix *Index) spill() error {
 // and needs no lock: one table is written at a time (ix.writing, or ix.mu
 // held and nothing being written), so it has one name.
 func (ix *Index) writeTable(db *pebble.DB, keys map[Key]uint32, mark *Mark) (string, error) {
-	// The records are placed by the top bits of their keys straight from
-	// the map, then each bucket is ordered (bucketSort).
-	bs := newBucketSort(len(keys))
-	for k := range keys {
-		bs.count(&k)
-	}
-	bs.start()
-	recs := make([][recordSize]byte, len(keys))
-	for k, m := range keys {
-		r := &recs[bs.place(&k)]
-		copy(r[:], k[:])
-		binary.BigEndian.PutUint32(r[len(k):], m)
-	}
-	bs.buckets(func(lo, hi int) {
-		slices.SortFunc(recs[lo:hi], func(a, b [recordSize]byte) int {
-			return compareKeys((*Key)(a[:16]), (*Key)(b[:16]))
-		})
-	})
+	// The records are placed in key order straight from the map.
+	recs := sortByKey(len(keys), func(yield func(Key, [recordSize]byte) bool) {
+		for k, m := range keys {
+			var r [recordSize]byte
+			copy(r[:], k[:])
+			binary.BigEndian.PutUint32(r[len(k):], m)
+			if !yield(k, r) {
+				return
+			}
+		}
+	}, func(r *[recordSize]byte) *Key { return (*Key)(r[:len(Key{})]) })
 	path := filepath.Join(ix.dir, spillPrefix+"table.sst")
 	f, err := vfs.Default.Create(path, vfs.WriteCategoryUnspecified)
 	if err != nil {
