@@ -235,8 +235,11 @@ func (s *Store) expireIndex(ctx context.Context) {
 	defer close(s.expired)
 	ctxtime.Tick(ctx, expireEvery, func() {
 		n, err := s.index.Expire(ctx, s.serverNow(), 0)
-		if err != nil && ctx.Err() == nil {
-			s.log.Error("dedup index: deleting expired keys failed", "err", err)
+		if err != nil {
+			// A sweep cut short by the store's close is not a failure.
+			if ctx.Err() == nil {
+				s.log.Error("dedup index: deleting expired keys failed", "err", err)
+			}
 			return
 		}
 		s.log.Info("dedup index: deleted expired keys", "keys", n)
