@@ -34,14 +34,16 @@ func serve(addr string) {
 		fmt.Println("listen: bind: address already in use")
 		os.Exit(1)
 	}
+	// Catch SIGTERM before listening: a signal that came between the
+	// listen and the Notify would kill the process without "terminated".
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGTERM)
 	l, err := net.Listen("tcp", addr)
 	if err != nil {
 		fmt.Println(err)
 		os.Exit(1)
 	}
 	fmt.Println("serving on", addr)
-	sig := make(chan os.Signal, 1)
-	signal.Notify(sig, syscall.SIGTERM)
 	go func() {
 		for {
 			c, err := l.Accept()
