@@ -77,17 +77,20 @@ func (f *filter) full() bool { return f.added.Load() > f.capacity }
 // until one ends, lookups go to the LSM. Every spill adds its keys to the
 // filter in use and to the one being built before it ingests them, and a
 // build's scan starts, under ix.mu, from a view of the LSM taken with it:
-// so a key in the LSM is in the filter in use, always. A Loader's ingest
-// drops the filter (and stops its build) and a new build starts when it
-// ends; one that reaches its capacity (keys added, expired ones included:
-// an Expire does not remove them) is replaced by a build with a quarter more
-// room than it was given keys. A filter is sized from the tables' bytes (19
-// to 20 a key), with room for a fifth more keys than the LSM holds.
+// so a key in the LSM is in the filter in use, always. A Loader adds its
+// keys to the filters as it writes them, before its ingest, like a spill
+// (loadFilters); a filter without room for them is dropped, and one whose
+// build started after that misses them and is dropped at the ingest, a new
+// build starting after it. A filter that reaches its capacity (keys added,
+// expired ones included: an Expire does not remove them) is replaced by a
+// build with a quarter more room than it was given keys. A filter is sized
+// from the tables' bytes (19 to 20 a key), with room for a fifth more keys
+// than the LSM holds.
 
 // startBuild starts building a filter of at least least keys for the keys
 // in the LSM, unless one is being built; ix.mu is held. The new filter
-// replaces the one in use when its scan ends, unless a Loader's ingest or
-// Reset dropped it.
+// replaces the one in use when its scan ends, unless a Loader or Reset
+// dropped it.
 func (ix *Index) startBuild(least int64) {
 	if ix.building != nil || ix.buildCtx.Err() != nil || ix.noFilter {
 		return
@@ -132,7 +135,7 @@ func (ix *Index) build(ctx context.Context, f *filter, it *pebble.Iterator) {
 	ix.mu.Lock()
 	defer ix.mu.Unlock()
 	if ix.building != f {
-		return // dropped by a Loader's ingest or by Reset
+		return // dropped by a Loader or by Reset
 	}
 	ix.building = nil
 	if err != nil {
@@ -142,6 +145,7 @@ func (ix *Index) build(ctx context.Context, f *filter, it *pebble.Iterator) {
 		return
 	}
 	ix.filter = f
+	ix.scanned.Add(n)
 	ix.opts.Logger.Infof("keyindex: filter of %d keys built in %s", n, time.Since(start).Round(time.Millisecond))
 	ix.rebuildFull()
 }
@@ -156,6 +160,25 @@ func (ix *Index) rebuildFull() {
 	case ix.filter.full():
 		ix.startBuild(ix.filter.added.Load() * 5 / 4)
 	}
+}
+
+// loadFilters returns the filters a Loader's n keys are to be added to
+// before their ingest (ix.mu is held): the filter in use and the one being
+// built, each if it has room for them. One that has not is dropped, and if
+// none is left, a build with room for them and the LSM's keys starts (at
+// once, when the LSM is empty: the rebuild of a lost index).
+func (ix *Index) loadFilters(n int64) []*filter {
+	room := func(f *filter) bool { return f.added.Load()+n <= f.capacity }
+	if ix.filter != nil && !room(ix.filter) {
+		ix.filter = nil
+	}
+	if ix.building != nil && !room(ix.building) {
+		ix.dropBuild()
+	}
+	if ix.filter == nil && ix.building == nil {
+		ix.startBuild(ix.db.Metrics().Total().TablesSize/16 + n*5/4)
+	}
+	return ix.filters()
 }
 
 // stopBuilds ends the builds under way and waits for them; ix.mu is not

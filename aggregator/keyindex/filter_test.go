@@ -2,6 +2,7 @@ package keyindex
 
 import (
 	"context"
+	"slices"
 	"testing"
 	"time"
 )
@@ -51,8 +52,9 @@ func TestFilter(t *testing.T) {
 }
 
 // Keys the index holds are held whether or not a filter is in use: after
-// a Loader's ingest (which drops the filter until a new one is built) and
-// after reopening (a filter built from a scan); keys never added are not.
+// a Loader's ingest (which, here, finds no room in the filter and starts a
+// new build) and after reopening (a filter built from a scan); keys never
+// added are not.
 func TestFilterAfterLoadAndReopen(t *testing.T) {
 	dir := t.TempDir()
 	now := time.Date(2026, 12, 6, 10, 0, 0, 0, time.UTC)
@@ -109,4 +111,73 @@ func TestFilterAfterLoadAndReopen(t *testing.T) {
 	if n := countHeld(t, again, append(added, loaded...), now); n != 0 {
 		t.Fatalf("after Reset: held %d", n)
 	}
+}
+
+// A Loader adds its keys to the filter as it writes them: a load into an
+// empty index (a lost index rebuilt) and a small one into a filter with
+// room for it (a catch-up) need no scan of the LSM; a load the filter has
+// no room for gets a new filter, from a scan.
+func TestLoaderFillsTheFilter(t *testing.T) {
+	now := time.Date(2026, 12, 6, 10, 0, 0, 0, time.UTC)
+	ix, err := Open(Options{Dir: t.TempDir(), Horizon: time.Hour, filterKeys: 1000})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ix.Close()
+	waitFilter(t, ix)
+	load := func(ks []Key) {
+		t.Helper()
+		l, err := ix.NewLoader()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, k := range ks {
+			l.Add(k, now)
+		}
+		if err := l.Finish(context.Background(), Mark{Store: "s", Through: now}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	rebuilt, added, caught, big := keys("rebuilt", 20_000), keys("added", 3000), keys("caught", 500), keys("big", 10_000)
+	all := slices.Concat(rebuilt, added, caught, big)
+	check := func(when string, n int) {
+		t.Helper()
+		if h := countHeld(t, ix, all[:n], now); h != n {
+			t.Fatalf("%s: held %d of %d", when, h, n)
+		}
+		if h := countHeld(t, ix, keys("absent", 20_000), now); h != 0 {
+			t.Fatalf("%s: held %d never added", when, h)
+		}
+	}
+
+	load(rebuilt)
+	f := waitFilter(t, ix)
+	if got := ix.scanned.Load(); got != 0 {
+		t.Fatalf("a load into an empty index scanned %d keys for its filter, want none", got)
+	}
+	if f.added.Load() != int64(len(rebuilt)) || f.capacity < int64(len(rebuilt)) {
+		t.Fatalf("the filter after the load: %d keys added, capacity %d; want %d and room", f.added.Load(), f.capacity, len(rebuilt))
+	}
+	check("after the rebuild", len(rebuilt))
+
+	if err := ix.Add(added, now, Mark{Store: "s", Through: now}); err != nil {
+		t.Fatal(err)
+	}
+	if err := ix.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	load(caught)
+	if g := waitFilter(t, ix); g != f || ix.scanned.Load() != 0 {
+		t.Fatalf("a catch-up with room in the filter replaced it (%v) or scanned %d keys", g != f, ix.scanned.Load())
+	}
+	check("after the catch-up", len(rebuilt)+len(added)+len(caught))
+
+	// The new filter's scan reads the keys held before the load, and the
+	// loaded ones are added as they are written.
+	load(big)
+	before := len(all) - len(big)
+	if g := waitFilter(t, ix); g == f || ix.scanned.Load() != int64(before) {
+		t.Fatalf("a load too big for the filter: replaced %v, %d keys scanned, want a new filter from a scan of %d", g != f, ix.scanned.Load(), before)
+	}
+	check("after a load too big for the filter", len(all))
 }

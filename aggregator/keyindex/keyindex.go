@@ -53,9 +53,9 @@
 // In front of the LSM, a Bloom filter in memory holds every key the LSM
 // holds (filter.go): a key it has not seen, which is most keys looked up,
 // costs one cache miss instead of a probe of each level's filter. It is
-// built by a scan of the LSM in the background when the index opens, after
-// a Loader's ingest and when it fills up; until one is built, lookups go to
-// the LSM.
+// built by a scan of the LSM in the background when the index opens and
+// when it fills up, and gets each spill's and each Loader's keys as they
+// are written; until one is built, lookups go to the LSM.
 //
 // # Cost
 //
@@ -82,6 +82,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
@@ -196,6 +197,8 @@ type Index struct {
 	buildCtx  context.Context
 	stop      context.CancelFunc
 	closing   bool
+	// scanned counts the keys the builds that ended scanned.
+	scanned atomic.Int64
 }
 
 // metaKey holds the Mark. Keys are 16 bytes, so a key of another length can

@@ -87,6 +87,15 @@ func (l *Loader) Finish(ctx context.Context, m Mark) error {
 	if l.err != nil {
 		return l.err
 	}
+	// The loaded keys go into the filters as the buckets are written,
+	// like a spill's, rather than into a scan of the whole LSM after the
+	// ingest: one with room for them, if need be a new one.
+	var fs []*filter
+	if l.n > 0 {
+		l.ix.mu.Lock()
+		fs = l.ix.loadFilters(l.n)
+		l.ix.mu.Unlock()
+	}
 	// Two buckets at a time: sorting and writing tables is most of a
 	// load's CPU.
 	var (
@@ -98,7 +107,7 @@ func (l *Loader) Finish(ctx context.Context, m Mark) error {
 	for range 2 {
 		wg.Go(func() {
 			for i := int(next.Add(1) - 1); i < len(l.files) && ctx.Err() == nil; i = int(next.Add(1) - 1) {
-				tables[i], errs[i] = l.writeBucket(i)
+				tables[i], errs[i] = l.writeBucket(i, fs)
 			}
 		})
 	}
@@ -111,13 +120,18 @@ func (l *Loader) Finish(ctx context.Context, m Mark) error {
 		all = append(all, ts...)
 	}
 	if len(all) > 0 {
-		// Keys the filters never saw: lookups go to the LSM until a new
-		// filter is built, from a scan that starts after the ingest.
+		// A filter that did not get the keys (a build started meanwhile)
+		// must not be used after the ingest: a new build's scan, started
+		// after it, will see them.
 		l.ix.mu.Lock()
-		l.ix.filter = nil
-		l.ix.dropBuild()
+		if l.ix.filter != nil && !slices.Contains(fs, l.ix.filter) {
+			l.ix.filter = nil
+		}
+		if l.ix.building != nil && !slices.Contains(fs, l.ix.building) {
+			l.ix.dropBuild()
+		}
 		err := l.ix.db.Ingest(ctx, all)
-		if err != nil {
+		if l.ix.filter == nil {
 			l.ix.startBuild(0)
 		}
 		l.ix.mu.Unlock()
@@ -137,8 +151,9 @@ func (l *Loader) Finish(ctx context.Context, m Mark) error {
 	return err
 }
 
-// writeBucket sorts bucket i and writes it as tables.
-func (l *Loader) writeBucket(i int) ([]string, error) {
+// writeBucket sorts bucket i and writes it as tables, and adds its keys to
+// the filters fs.
+func (l *Loader) writeBucket(i int, fs []*filter) ([]string, error) {
 	if err := l.writers[i].Flush(); err != nil {
 		return nil, err
 	}
@@ -177,6 +192,9 @@ func (l *Loader) writeBucket(i int) ([]string, error) {
 			continue
 		}
 		last = r[:16]
+		for _, f := range fs {
+			f.add((*Key)(last))
+		}
 		if w == nil {
 			path := filepath.Join(l.dir, fmt.Sprintf("table-%03d-%06d.sst", i, len(tables)))
 			if w, err = l.newTable(path); err != nil {
