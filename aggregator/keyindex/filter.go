@@ -84,8 +84,7 @@ func (f *filter) full() bool { return f.added.Load() > f.capacity }
 // build starting after it. A filter that reaches its capacity (keys added,
 // expired ones included: an Expire does not remove them) is replaced by a
 // build with a quarter more room than it was given keys. A filter is sized
-// from the tables' bytes (19 to 20 a key), with room for a fifth more keys
-// than the LSM holds.
+// with room for a quarter more keys than the generations hold.
 
 // startBuild starts building a filter of at least least keys for the keys
 // in the LSM, unless one is being built; ix.mu is held. The new filter
@@ -95,7 +94,7 @@ func (ix *Index) startBuild(least int64) {
 	if ix.building != nil || ix.buildCtx.Err() != nil || ix.noFilter {
 		return
 	}
-	f := newFilter(max(ix.db.Metrics().Total().TablesSize/16, ix.minFilter, least))
+	f := newFilter(max(ix.keysHeld()*5/4, ix.minFilter, least))
 	it, err := ix.db.NewIter(nil)
 	if err != nil {
 		ix.opts.Logger.Errorf("keyindex: filter: %v", err)
@@ -122,8 +121,8 @@ func (ix *Index) build(ctx context.Context, f *filter, it *pebble.Iterator) {
 	start := time.Now()
 	n, err := int64(0), error(nil)
 	for valid := it.First(); valid; valid = it.Next() {
-		if k := it.Key(); len(k) == len(Key{}) {
-			f.add((*Key)(k))
+		if k := it.Key(); len(k) == genKeyLen {
+			f.add((*Key)(k[8:]))
 			n++
 		}
 		if n%(1<<16) == 0 && ctx.Err() != nil {
@@ -176,7 +175,7 @@ func (ix *Index) loadFilters(n int64) []*filter {
 		ix.dropBuild()
 	}
 	if ix.filter == nil && ix.building == nil {
-		ix.startBuild(ix.db.Metrics().Total().TablesSize/16 + n*5/4)
+		ix.startBuild((ix.keysHeld() + n) * 5 / 4)
 	}
 	return ix.filters()
 }

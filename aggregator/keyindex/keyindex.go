@@ -4,9 +4,9 @@
 // Bloom filter on every table and one in memory over all of them. It
 // answers "which of these K events are held?" at a cost that does not grow
 // with the number of keys held: a key that is absent is rejected by one
-// probe of the in-memory filter (about 1 % of them then probe each level's
-// filter, and 1 % of those read one 4 KiB block), and a key that is present
-// costs one block read per level at most.
+// probe of the in-memory filter (about 1 % of them then probe the table
+// filter of each generation, and 1 % of those read one 4 KiB block), and a
+// key that is present costs one block read per generation at most.
 //
 // The index is never the source of truth. A store keeps its events, and the
 // index can always be rebuilt from them (Load) or brought up to date with
@@ -38,8 +38,8 @@
 // a lookup or an add there costs one probe, where the LSM's memtable (a
 // skiplist of a million keys) costs two microseconds a key to search and to
 // insert into. When they reach half of BufferBytes they are written,
-// sorted, as one table with the Mark of the last Add, and ingested into the
-// LSM (a spill). The table is written in the background while the next
+// sorted, as a generation of their own with the Mark of the last Add, and
+// ingested into the LSM (a spill; gens.go). The table is written in the background while the next
 // keys fill a new map, and both maps answer lookups until it is ingested.
 // Flush and Close spill every key in memory before they return, Expire
 // before its sweep, a Loader's Finish its Mark; lookups and Adds go on
@@ -57,10 +57,20 @@
 // when it fills up, and gets each spill's and each Loader's keys as they
 // are written; until one is built, lookups go to the LSM.
 //
+// # Generations
+//
+// Each spill is a generation, a key range of its own, so it is ingested
+// into the LSM's last level without overlapping anything: keys are never
+// compacted with the rest of the tree. Generations of about one size are
+// merged in the background, eight at a time, up to about 256 million keys;
+// a Loader writes one per eighth of the horizon. Expire deletes a
+// generation whose keys have all expired with one range deletion (gens.go).
+//
 // # Cost
 //
 // Per billion keys: about 21 GiB of disk (16-byte keys and 4-byte values,
-// compressed by prefix sharing within blocks), 1.2 GiB of the LSM's Bloom
+// compressed by prefix sharing within blocks; up to a quarter more while a
+// merge of the largest generations runs), 1.2 GiB of the LSM's Bloom
 // filters (10 bits a key), which must fit in the block cache (CacheBytes)
 // for the keys the in-memory filter lets through to stay free of reads, and
 // about 1.6 GiB for the in-memory filter (twice that while a new one is
@@ -69,27 +79,21 @@
 package keyindex
 
 import (
-	"bytes"
 	"cmp"
 	"context"
 	"crypto/sha256"
 	"encoding/binary"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
-	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
 	"github.com/cockroachdb/pebble/v2/bloom"
-	"github.com/cockroachdb/pebble/v2/objstorage/objstorageprovider"
-	"github.com/cockroachdb/pebble/v2/sstable"
-	"github.com/cockroachdb/pebble/v2/vfs"
 
 	"github.com/meterd/meterd/schemas"
 )
@@ -176,10 +180,11 @@ type Index struct {
 	// pending is the Mark of the last Add, not yet spilled (nil if none).
 	pending *Mark
 	// frozen holds the keys a spill writes (or, after it failed, will
-	// write again), recent when it began, and frozenMark their Mark; nil
-	// when no spill is under way.
+	// write again) as generation frozenGen, recent when it began, and
+	// frozenMark their Mark; nil when no spill is under way.
 	frozen     map[Key]uint32
 	frozenMark *Mark
+	frozenGen  uint64
 	// writing is true while a goroutine writes frozen's table, outside mu;
 	// nothing changes frozen meanwhile. written is signalled when it ends.
 	writing bool
@@ -199,11 +204,17 @@ type Index struct {
 	closing   bool
 	// scanned counts the keys the builds that ended scanned.
 	scanned atomic.Int64
-}
 
-// metaKey holds the Mark. Keys are 16 bytes, so a key of another length can
-// never be an event's.
-var metaKey = []byte("\x00meterd-keyindex-mark")
+	// gens are the generations in the LSM, in id order (gens.go), and
+	// nextGen the next one's id; merging is true while one is merged.
+	// mark is the Mark of the latest spill in the LSM, written with
+	// generation markSeq.
+	gens    []gen
+	nextGen uint64
+	merging bool
+	mark    *Mark
+	markSeq uint64
+}
 
 // Mark says what an index holds: the events of Store written before Through.
 // It is written with every Add, atomically with the keys, so whatever prefix
@@ -257,7 +268,7 @@ func Open(o Options) (*Index, error) {
 		o.tune(popts)
 	}
 	popts.EnsureDefaults()
-	db, err := pebble.Open(o.Dir, popts)
+	db, gens, err := openDB(o.Dir, popts)
 	if err != nil {
 		popts.Cache.Unref()
 		return nil, fmt.Errorf("keyindex: open %s: %w", o.Dir, err)
@@ -268,10 +279,53 @@ func Open(o Options) (*Index, error) {
 		recent: make(map[Key]uint32), minFilter: cmp.Or(o.filterKeys, minFilterKeys), noFilter: o.noFilter}
 	ix.written = sync.NewCond(&ix.mu)
 	ix.mu.Lock()
+	ix.setGens(gens)
 	ix.restartBuilds()
 	ix.startBuild(0)
+	ix.maybeMerge()
 	ix.mu.Unlock()
 	return ix, nil
+}
+
+// openDB opens the LSM in dir and reads its generations. An index of an
+// earlier format is emptied: the store's catch-up finds no Mark and loads
+// it again.
+func openDB(dir string, opts *pebble.Options) (*pebble.DB, []gen, error) {
+	db, err := pebble.Open(dir, opts)
+	if err != nil {
+		return nil, nil, err
+	}
+	ok, err := currentFormat(db)
+	if err == nil && !ok {
+		opts.Logger.Infof("keyindex: %s holds an index of an earlier format: emptied, to be loaded again", dir)
+		if err = db.Close(); err != nil {
+			return nil, nil, err
+		}
+		if err := os.RemoveAll(dir); err != nil {
+			return nil, nil, err
+		}
+		if db, err = pebble.Open(dir, opts); err != nil {
+			return nil, nil, err
+		}
+	}
+	var gens []gen
+	if err == nil {
+		gens, err = readGens(db)
+	}
+	if err != nil {
+		db.Close()
+		return nil, nil, err
+	}
+	return db, gens, nil
+}
+
+// setGens makes gens the index's generations; ix.mu is held.
+func (ix *Index) setGens(gens []gen) {
+	ix.gens, ix.nextGen, ix.mark, ix.markSeq = nil, 1, nil, 0
+	for _, g := range gens {
+		ix.addGen(g)
+		ix.nextGen = max(ix.nextGen, g.id+1)
+	}
 }
 
 // Reset empties the index: every key and the mark are gone.
@@ -288,6 +342,7 @@ func (ix *Index) Reset() error {
 	clear(ix.recent)
 	ix.pending, ix.frozen, ix.frozenMark = nil, nil, nil
 	ix.filter, ix.building = nil, nil
+	ix.setGens(nil)
 	if err := ix.db.Close(); err != nil {
 		return fmt.Errorf("keyindex: reset: %w", err)
 	}
@@ -313,7 +368,7 @@ func minuteOf(t time.Time) uint32 { return uint32(max(t.Unix(), 0) / 60) }
 // live reports whether a key added in minute m is held at now: until the
 // horizon after the end of that minute.
 func (ix *Index) live(m uint32, now time.Time) bool {
-	return time.Unix(int64(m+1)*60, 0).Add(ix.horizon).After(now)
+	return time.Unix((int64(m)+1)*60, 0).Add(ix.horizon).After(now)
 }
 
 // Held reports, for each key, whether the index holds it at now.
@@ -349,17 +404,29 @@ func (ix *Index) Held(keys []Key, now time.Time) ([]bool, error) {
 		return nil, fmt.Errorf("keyindex: %w", err)
 	}
 	defer it.Close()
-	for _, i := range order {
-		k := keys[i][:]
-		if !it.SeekPrefixGE(k) || string(it.Key()) != string(k) {
+	// A key is held if any generation holds it with a live minute; one
+	// whose latest minute has expired holds none.
+	var k [genKeyLen]byte
+	for _, g := range ix.gens {
+		if !ix.live(g.Max, now) {
 			continue
 		}
-		v, err := it.ValueAndErr()
-		if err != nil {
-			return nil, fmt.Errorf("keyindex: %w", err)
-		}
-		if len(v) == 4 && ix.live(binary.BigEndian.Uint32(v), now) {
-			held[i] = true
+		binary.BigEndian.PutUint64(k[:8], g.id)
+		for _, i := range order {
+			if held[i] {
+				continue
+			}
+			copy(k[8:], keys[i][:])
+			if !it.SeekPrefixGE(k[:]) || string(it.Key()) != string(k[:]) {
+				continue
+			}
+			v, err := it.ValueAndErr()
+			if err != nil {
+				return nil, fmt.Errorf("keyindex: %w", err)
+			}
+			if len(v) == 4 && ix.live(binary.BigEndian.Uint32(v), now) {
+				held[i] = true
+			}
 		}
 	}
 	if err := it.Error(); err != nil {
@@ -408,22 +475,23 @@ func (ix *Index) Add(keys []Key, at time.Time, m Mark) error {
 func (ix *Index) startSpill() {
 	ix.freeze()
 	ix.writing = true
-	go ix.writeFrozen(ix.db, ix.frozen, ix.frozenMark)
+	go ix.writeFrozen(ix.db, ix.frozen, ix.frozenMark, ix.frozenGen)
 }
 
 // freeze makes the recent keys and their Mark the ones a spill writes; ix.mu
 // is held and nothing is frozen.
 func (ix *Index) freeze() {
-	ix.frozen, ix.frozenMark = ix.recent, ix.pending
+	ix.frozen, ix.frozenMark, ix.frozenGen = ix.recent, ix.pending, ix.nextGen
 	ix.recent, ix.pending = make(map[Key]uint32, len(ix.frozen)), nil
+	ix.nextGen++
 }
 
 // writeFrozen writes the frozen keys' table outside ix.mu, then ingests it
 // under ix.mu (so that no Expire round or lookup sees half of it), and
 // signals the end. On an error the frozen keys stay, held, for settle to
 // write again.
-func (ix *Index) writeFrozen(db *pebble.DB, keys map[Key]uint32, mark *Mark) {
-	path, err := ix.writeTable(db, keys, mark)
+func (ix *Index) writeFrozen(db *pebble.DB, keys map[Key]uint32, mark *Mark, id uint64) {
+	paths, g, err := ix.writeTable(db, keys, mark, id)
 	// The filters get the keys outside ix.mu too; ingest adds them to any
 	// filter a build started meanwhile.
 	ix.mu.Lock()
@@ -433,7 +501,7 @@ func (ix *Index) writeFrozen(db *pebble.DB, keys map[Key]uint32, mark *Mark) {
 	ix.mu.Lock()
 	defer ix.mu.Unlock()
 	if err == nil {
-		err = ix.ingest(path, done)
+		err = ix.ingest(paths, g, done)
 	}
 	if err != nil {
 		ix.opts.Logger.Errorf("keyindex: spill failed, to be tried again: %v", err)
@@ -453,9 +521,9 @@ func (ix *Index) settle() error {
 	if ix.frozen == nil {
 		return nil
 	}
-	path, err := ix.writeTable(ix.db, ix.frozen, ix.frozenMark)
+	paths, g, err := ix.writeTable(ix.db, ix.frozen, ix.frozenMark, ix.frozenGen)
 	if err == nil {
-		err = ix.ingest(path, nil)
+		err = ix.ingest(paths, g, nil)
 	}
 	return err
 }
@@ -464,21 +532,10 @@ func (ix *Index) settle() error {
 func (ix *Index) Mark() (m Mark, ok bool, err error) {
 	ix.mu.Lock()
 	defer ix.mu.Unlock()
-	if m := cmp.Or(ix.pending, ix.frozenMark); m != nil {
+	if m := cmp.Or(ix.pending, ix.frozenMark, ix.mark); m != nil {
 		return *m, true, nil
 	}
-	v, closer, err := ix.db.Get(metaKey)
-	if errors.Is(err, pebble.ErrNotFound) {
-		return Mark{}, false, nil
-	}
-	if err != nil {
-		return Mark{}, false, fmt.Errorf("keyindex: read mark: %w", err)
-	}
-	defer closer.Close()
-	if err := json.Unmarshal(v, &m); err != nil {
-		return Mark{}, false, fmt.Errorf("keyindex: read mark: %w", err)
-	}
-	return m, true, nil
+	return Mark{}, false, nil
 }
 
 // Flush spills the recent keys and writes the memtable to disk.
@@ -527,11 +584,12 @@ func (ix *Index) spill() error {
 	return ix.settle()
 }
 
-// writeTable writes keys and the Mark mark (if not nil), sorted, as one
-// table for db to ingest, and returns its path. It does not change keys,
-// and needs no lock: one table is written at a time (ix.writing, or ix.mu
-// held and nothing being written), so it has one name.
-func (ix *Index) writeTable(db *pebble.DB, keys map[Key]uint32, mark *Mark) (string, error) {
+// writeTable writes keys as generation id, sorted, with the Mark mark
+// (if not nil) in its meta, as tables for db to ingest, and returns their
+// paths and the generation. It does not change keys, and needs no lock:
+// one spill is written at a time (ix.writing, or ix.mu held and nothing
+// being written), and its tables are named by its generation.
+func (ix *Index) writeTable(db *pebble.DB, keys map[Key]uint32, mark *Mark, id uint64) ([]string, gen, error) {
 	// The records are placed in key order straight from the map.
 	recs := sortByKey(len(keys), func(yield func(Key, [recordSize]byte) bool) {
 		for k, m := range keys {
@@ -543,63 +601,44 @@ func (ix *Index) writeTable(db *pebble.DB, keys map[Key]uint32, mark *Mark) (str
 			}
 		}
 	}, func(r *[recordSize]byte) *Key { return (*Key)(r[:len(Key{})]) })
-	path := filepath.Join(ix.dir, spillPrefix+"table.sst")
-	f, err := vfs.Default.Create(path, vfs.WriteCategoryUnspecified)
+	t := ix.newTableWriter(db, id, func(n int) string {
+		return filepath.Join(ix.dir, fmt.Sprintf("%s%d-%d.sst", spillPrefix, id, n))
+	})
+	for i := range recs {
+		if err := t.add(recs[i][:16], binary.BigEndian.Uint32(recs[i][16:])); err != nil {
+			t.abort()
+			return nil, gen{}, fmt.Errorf("keyindex: spill: %w", err)
+		}
+	}
+	g := t.written()
+	if mark != nil {
+		g.Mark, g.MarkSeq = mark, id
+	}
+	paths, err := t.finish(g)
 	if err != nil {
-		return "", fmt.Errorf("keyindex: spill: %w", err)
+		return nil, gen{}, fmt.Errorf("keyindex: spill: %w", err)
 	}
-	w := sstable.NewWriter(objstorageprovider.NewFileWritable(f), ix.opts.MakeWriterOptions(0, db.TableFormat()))
-	if err := writeSpill(w, recs, mark); err != nil {
-		w.Close()
-		os.Remove(path)
-		return "", fmt.Errorf("keyindex: spill: %w", err)
-	}
-	if err := w.Close(); err != nil {
-		os.Remove(path)
-		return "", fmt.Errorf("keyindex: spill: %w", err)
-	}
-	return path, nil
+	return paths, g, nil
 }
 
 // ingest adds the frozen keys to the filters but those of done (which have
-// them), ingests their table at path and forgets them; ix.mu is held. The
-// table's file is removed either way (ingesting links it into the LSM's
-// directory).
-func (ix *Index) ingest(path string, done []*filter) error {
-	defer os.Remove(path)
+// them), ingests their generation g's tables at paths and forgets them;
+// ix.mu is held. The tables' files are removed either way (ingesting links
+// them into the LSM's directory).
+func (ix *Index) ingest(paths []string, g gen, done []*filter) error {
+	defer func() {
+		for _, p := range paths {
+			os.Remove(p)
+		}
+	}()
 	addToFilters(ix.filters(), done, ix.frozen)
-	if err := ix.db.Ingest(context.Background(), []string{path}); err != nil {
+	if err := ix.db.Ingest(context.Background(), paths); err != nil {
 		return fmt.Errorf("keyindex: spill: ingest: %w", err)
 	}
+	ix.addGen(g)
 	ix.frozen, ix.frozenMark = nil, nil
 	ix.rebuildFull()
-	return nil
-}
-
-// writeSpill writes recs, in key order, and m (if not nil) where its key
-// sorts among them.
-func writeSpill(w *sstable.Writer, recs [][recordSize]byte, m *Mark) error {
-	var mark []byte
-	if m != nil {
-		var err error
-		if mark, err = json.Marshal(*m); err != nil {
-			return err
-		}
-	}
-	at, _ := slices.BinarySearchFunc(recs, metaKey, func(r [recordSize]byte, k []byte) int { return bytes.Compare(r[:16], k) })
-	for i := 0; i <= len(recs); i++ {
-		if i == at && mark != nil {
-			if err := w.Set(metaKey, mark); err != nil {
-				return err
-			}
-		}
-		if i == len(recs) {
-			break
-		}
-		if err := w.Set(recs[i][:16], recs[i][16:]); err != nil {
-			return err
-		}
-	}
+	ix.maybeMerge()
 	return nil
 }
 

@@ -356,9 +356,13 @@ func BenchmarkSteady(b *testing.B) {
 					b.Fatal(err)
 				}
 			}
-			// The compactions the rounds started are part of their cost.
+			// The compactions and merges the rounds started are part of
+			// their cost.
 			for quiet := 0; quiet < 2; time.Sleep(100 * time.Millisecond) {
-				if ix.db.Metrics().Compact.NumInProgress == 0 {
+				ix.mu.Lock()
+				merging := ix.merging
+				ix.mu.Unlock()
+				if ix.db.Metrics().Compact.NumInProgress == 0 && !merging {
 					quiet++
 				} else {
 					quiet = 0

@@ -8,6 +8,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
+	"math"
 	"os"
 	"path/filepath"
 	"slices"
@@ -17,9 +19,6 @@ import (
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
-	"github.com/cockroachdb/pebble/v2/objstorage/objstorageprovider"
-	"github.com/cockroachdb/pebble/v2/sstable"
-	"github.com/cockroachdb/pebble/v2/vfs"
 )
 
 // recordSize is a key and its minute in a Loader's bucket files.
@@ -43,6 +42,12 @@ type Loader struct {
 	writers [256]*bufio.Writer
 	n       int64
 	err     error
+
+	// While Finish writes: db and the horizon's slices' generations,
+	// under mu.
+	db   *pebble.DB
+	mu   sync.Mutex
+	gens map[uint32]*gen
 }
 
 // NewLoader starts a bulk load.
@@ -96,6 +101,9 @@ func (l *Loader) Finish(ctx context.Context, m Mark) error {
 		fs = l.ix.loadFilters(l.n)
 		l.ix.mu.Unlock()
 	}
+	l.ix.mu.Lock()
+	l.db, l.gens = l.ix.db, make(map[uint32]*gen)
+	l.ix.mu.Unlock()
 	// Two buckets at a time: sorting and writing tables is most of a
 	// load's CPU.
 	var (
@@ -119,6 +127,17 @@ func (l *Loader) Finish(ctx context.Context, m Mark) error {
 	for _, ts := range tables {
 		all = append(all, ts...)
 	}
+	// Each generation's meta, in a table of its own after its keys.
+	gens := slices.SortedFunc(maps.Values(l.gens), func(a, b *gen) int { return cmp.Compare(a.id, b.id) })
+	for _, g := range gens {
+		g.Sealed = true
+		t := l.ix.newTableWriter(l.db, g.id, func(int) string { return filepath.Join(l.dir, fmt.Sprintf("meta-%d.sst", g.id)) })
+		paths, err := t.finish(*g)
+		if err != nil {
+			return fmt.Errorf("keyindex: load: %w", err)
+		}
+		all = append(all, paths...)
+	}
 	if len(all) > 0 {
 		// A filter that did not get the keys (a build started meanwhile)
 		// must not be used after the ingest: a new build's scan, started
@@ -130,7 +149,15 @@ func (l *Loader) Finish(ctx context.Context, m Mark) error {
 		if l.ix.building != nil && !slices.Contains(fs, l.ix.building) {
 			l.ix.dropBuild()
 		}
-		err := l.ix.db.Ingest(ctx, all)
+		err := errors.New("the index was reset")
+		if l.ix.db == l.db {
+			err = l.ix.db.Ingest(ctx, all)
+		}
+		if err == nil {
+			for _, g := range gens {
+				l.ix.addGen(*g)
+			}
+		}
 		if l.ix.filter == nil {
 			l.ix.startBuild(0)
 		}
@@ -151,8 +178,9 @@ func (l *Loader) Finish(ctx context.Context, m Mark) error {
 	return err
 }
 
-// writeBucket sorts bucket i and writes it as tables, and adds its keys to
-// the filters fs.
+// writeBucket sorts bucket i and writes it as tables, one set per slice of
+// the horizon its keys' minutes fall in, and adds its keys to the filters
+// fs.
 func (l *Loader) writeBucket(i int, fs []*filter) ([]string, error) {
 	if err := l.writers[i].Flush(); err != nil {
 		return nil, err
@@ -181,11 +209,13 @@ func (l *Loader) writeBucket(i int, fs []*filter) ([]string, error) {
 		return cmp.Or(cmp.Compare(be.Uint64(a[:8]), be.Uint64(b[:8])), cmp.Compare(be.Uint64(a[8:16]), be.Uint64(b[8:16])),
 			cmp.Compare(be.Uint32(b[16:]), be.Uint32(a[16:])))
 	})
-	var (
-		tables []string
-		w      *sstable.Writer
-		last   []byte
-	)
+	writers := make(map[uint32]*tableWriter)
+	defer func() {
+		for _, t := range writers {
+			t.abort()
+		}
+	}()
+	var last []byte
 	for j := range recs {
 		r := recs[j][:]
 		if last != nil && string(last) == string(r[:16]) {
@@ -195,42 +225,58 @@ func (l *Loader) writeBucket(i int, fs []*filter) ([]string, error) {
 		for _, f := range fs {
 			f.add((*Key)(last))
 		}
-		if w == nil {
-			path := filepath.Join(l.dir, fmt.Sprintf("table-%03d-%06d.sst", i, len(tables)))
-			if w, err = l.newTable(path); err != nil {
-				return nil, err
-			}
-			tables = append(tables, path)
+		minute := binary.BigEndian.Uint32(r[16:])
+		slice := minute / l.ix.sliceMinutes()
+		t := writers[slice]
+		if t == nil {
+			id := l.genOf(slice)
+			t = l.ix.newTableWriter(l.db, id, func(n int) string {
+				return filepath.Join(l.dir, fmt.Sprintf("table-%d-%03d-%06d.sst", id, i, n))
+			})
+			writers[slice] = t
 		}
-		if err := w.Set(r[:16], r[16:]); err != nil {
+		if err := t.add(last, minute); err != nil {
 			return nil, err
-		}
-		if w.Raw().EstimatedSize() >= loadTableBytes {
-			if err := w.Close(); err != nil {
-				return nil, err
-			}
-			w = nil
 		}
 	}
-	if w != nil {
-		if err := w.Close(); err != nil {
+	var tables []string
+	for slice, t := range writers {
+		paths, err := t.close(nil)
+		if err != nil {
 			return nil, err
 		}
+		tables = append(tables, paths...)
+		delete(writers, slice)
+		l.mu.Lock()
+		g, w := l.gens[slice], t.written()
+		g.Keys += w.Keys
+		g.Min, g.Max = min(g.Min, w.Min), max(g.Max, w.Max)
+		l.mu.Unlock()
 	}
 	return tables, nil
 }
 
-// newTable creates a table the index can ingest into its last level.
-func (l *Loader) newTable(path string) (*sstable.Writer, error) {
-	f, err := vfs.Default.Create(path, vfs.WriteCategoryUnspecified)
-	if err != nil {
-		return nil, err
+// genOf returns the generation of the loaded keys of a slice of the
+// horizon.
+func (l *Loader) genOf(slice uint32) uint64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if g, ok := l.gens[slice]; ok {
+		return g.id
 	}
 	l.ix.mu.Lock()
-	format := l.ix.db.TableFormat()
+	id := l.ix.nextGen
+	l.ix.nextGen++
 	l.ix.mu.Unlock()
-	o := l.ix.opts.MakeWriterOptions(len(l.ix.opts.Levels)-1, format)
-	return sstable.NewWriter(objstorageprovider.NewFileWritable(f), o), nil
+	l.gens[slice] = &gen{id: id, Min: math.MaxUint32}
+	return id
+}
+
+// sliceMinutes is the span of the minutes of a Loader's generation: an
+// eighth of the horizon, so that each is deleted whole (Expire) at most an
+// eighth of the horizon after its first keys expired.
+func (ix *Index) sliceMinutes() uint32 {
+	return uint32(max(ix.horizon/8/time.Minute, 1))
 }
 
 // Abort removes the loader's files; after Finish it does nothing.
@@ -244,43 +290,61 @@ func (l *Loader) Abort() {
 	os.RemoveAll(l.dir)
 }
 
-// Expire deletes the keys that are no longer held at now, in rounds of at
-// most chunk keys during which Add waits, and returns how many it deleted.
-// It reads every key once.
+// Expire deletes the keys that are no longer held at now and returns how
+// many it deleted: a generation whose keys have all expired at once (but
+// the one with the latest Mark, which a reopened index needs), and, in one
+// whose keys span more than a Loader's slice of the horizon, the expired
+// keys, in rounds of at most chunk keys during which Add waits.
 func (ix *Index) Expire(ctx context.Context, now time.Time, chunk int) (int, error) {
 	if chunk <= 0 {
 		chunk = 100_000
 	}
-	var (
-		from    []byte
-		deleted int
-	)
-	// Every key is in the LSM for the sweep.
+	deleted := 0
+	var sweep []gen
 	ix.mu.Lock()
+	// Every key is in the LSM for the sweep.
 	err := ix.spill()
+	if err == nil {
+		var drop []gen
+		for _, g := range ix.gens {
+			switch {
+			case !ix.live(g.Max, now) && (g.MarkSeq == 0 || g.MarkSeq != ix.markSeq):
+				drop = append(drop, g)
+				deleted += int(g.Keys)
+			case !ix.live(g.Min, now) && g.Max-g.Min > ix.sliceMinutes():
+				sweep = append(sweep, g)
+			}
+		}
+		if len(drop) > 0 {
+			err = ix.dropGens(drop)
+		}
+	}
 	ix.mu.Unlock()
 	if err != nil {
 		return 0, fmt.Errorf("keyindex: expire: %w", err)
 	}
-	for {
-		if err := ctx.Err(); err != nil {
-			return deleted, err
+	for _, g := range sweep {
+		for from := genPrefix(g.id); from != nil; {
+			if err := ctx.Err(); err != nil {
+				return deleted, err
+			}
+			next, n, err := ix.expireChunk(g.id, from, now, chunk)
+			deleted += n
+			if err != nil {
+				return deleted, err
+			}
+			from = next
 		}
-		next, n, err := ix.expireChunk(from, now, chunk)
-		deleted += n
-		if err != nil || next == nil {
-			return deleted, err
-		}
-		from = next
 	}
+	return deleted, nil
 }
 
-// expireChunk deletes the expired keys among the chunk keys from from on
-// and returns the key to continue from (nil at the end).
-func (ix *Index) expireChunk(from []byte, now time.Time, chunk int) (next []byte, deleted int, err error) {
+// expireChunk deletes the expired keys among the chunk keys of generation
+// id from from on and returns the key to continue from (nil at its end).
+func (ix *Index) expireChunk(id uint64, from []byte, now time.Time, chunk int) (next []byte, deleted int, err error) {
 	ix.mu.Lock()
 	defer ix.mu.Unlock()
-	it, err := ix.db.NewIter(&pebble.IterOptions{LowerBound: from})
+	it, err := ix.db.NewIter(&pebble.IterOptions{LowerBound: from, UpperBound: genPrefix(id + 1)})
 	if err != nil {
 		return nil, 0, fmt.Errorf("keyindex: expire: %w", err)
 	}
@@ -295,7 +359,7 @@ func (ix *Index) expireChunk(from []byte, now time.Time, chunk int) (next []byte
 		}
 		seen++
 		k := it.Key()
-		if len(k) != len(Key{}) {
+		if len(k) != genKeyLen {
 			continue
 		}
 		v, err := it.ValueAndErr()
@@ -315,6 +379,9 @@ func (ix *Index) expireChunk(from []byte, now time.Time, chunk int) (next []byte
 	}
 	if err := b.Commit(pebble.NoSync); err != nil {
 		return nil, 0, fmt.Errorf("keyindex: expire: %w", err)
+	}
+	if i := slices.IndexFunc(ix.gens, func(g gen) bool { return g.id == id }); i >= 0 {
+		ix.gens[i].Keys -= int64(deleted)
 	}
 	return next, deleted, nil
 }
