@@ -47,7 +47,8 @@ import (
 //	                       the aggregator commits them (at most 200 000
 //	                       ahead), and it reports events/s minute by minute
 //	METERD_BENCH_PROFILE   with SUSTAIN, a path prefix: each minute's CPU
-//	                       profile of this process goes to <prefix>-m<N>.pprof
+//	                       profile of this process goes to
+//	                       <prefix>-h<size>-<run>-m<N>.pprof
 //
 // Run it with -benchtime 1x: b.N does not scale anything.
 func BenchmarkHistory(b *testing.B) {
@@ -270,7 +271,7 @@ func benchmarkSustained(b *testing.B, env *aggEnv, mode, prefix string, d time.D
 	events := make([]schemas.Event, perBatch)
 	published, minute := 0, 0
 	var perMinute []float64
-	profile := minuteProfiles(b)
+	profile := minuteProfiles(b, prefix)
 	defer profile(-1)
 	profile(0)
 	lastClient, lastServer := client, server
@@ -324,9 +325,9 @@ func benchmarkSustained(b *testing.B, env *aggEnv, mode, prefix string, d time.D
 
 // minuteProfiles returns a function that, given minute m, ends the CPU
 // profile of the minute before and starts m's, in
-// $METERD_BENCH_PROFILE-m<m>.pprof (m < 0 only ends it); without that
+// $METERD_BENCH_PROFILE-<run>m<m>.pprof (m < 0 only ends it); without that
 // variable it does nothing.
-func minuteProfiles(b *testing.B) func(m int) {
+func minuteProfiles(b *testing.B, run string) func(m int) {
 	prefix := os.Getenv("METERD_BENCH_PROFILE")
 	var f *os.File
 	return func(m int) {
@@ -344,7 +345,7 @@ func minuteProfiles(b *testing.B) func(m int) {
 			return
 		}
 		var err error
-		if f, err = os.Create(fmt.Sprintf("%s-m%d.pprof", prefix, m)); err != nil {
+		if f, err = os.Create(fmt.Sprintf("%s-%sm%d.pprof", prefix, run, m)); err != nil {
 			b.Fatal(err)
 		}
 		if err := pprof.StartCPUProfile(f); err != nil {
