@@ -234,7 +234,7 @@ func (s *Store) indexWritten(news []candidate, m keyindex.Mark) error {
 func (s *Store) expireIndex(ctx context.Context) {
 	defer close(s.expired)
 	ctxtime.Tick(ctx, expireEvery, func() {
-		n, err := s.index.Expire(ctx, s.serverNow(), 0)
+		n, err := s.index.Expire(ctx, s.serverNow())
 		if err != nil {
 			// A sweep cut short by the store's close is not a failure.
 			if ctx.Err() == nil {

@@ -83,7 +83,7 @@ func (f *filter) full() bool { return f.added.Load() > f.capacity }
 // build started after that misses them and is dropped at the ingest, a new
 // build starting after it. A filter that reaches its capacity (keys added,
 // expired ones included: an Expire does not remove them) is replaced by a
-// build with a quarter more room than it was given keys. A filter is sized
+// build with more room (rebuildFull). A filter is sized
 // with room for a quarter more keys than the generations hold.
 
 // startBuild starts building a filter of at least least keys for the keys
@@ -149,17 +149,23 @@ func (ix *Index) build(ctx context.Context, f *filter, it *pebble.Iterator) {
 	ix.rebuildFull()
 }
 
-// rebuildFull starts a build when the filter in use is full, with a
-// quarter more room than it was given keys, or when there is none (a build
-// failed to start); ix.mu is held.
+// rebuildFull starts a build when the filter in use is full, or when there
+// is none (a build failed to start); ix.mu is held. The new one has room
+// for twice the keys the full one was given, up to doubleFilterKeys, and a
+// quarter more beyond: a filter grown from nothing is scanned for about
+// twice its final keys in all, not five times, for at most 80 MiB more.
 func (ix *Index) rebuildFull() {
 	switch {
 	case ix.filter == nil:
 		ix.startBuild(0)
 	case ix.filter.full():
-		ix.startBuild(ix.filter.added.Load() * 5 / 4)
+		n := ix.filter.added.Load()
+		ix.startBuild(n + max(min(n, doubleFilterKeys), n/4))
 	}
 }
+
+// doubleFilterKeys bounds the growth of a filter that fills up to twice.
+const doubleFilterKeys = 64 << 20
 
 // loadFilters returns the filters a Loader's n keys are to be added to
 // before their ingest (ix.mu is held): the filter in use and the one being

@@ -44,8 +44,11 @@ import (
 //
 // Each generation's table ends with its meta (gen): how many keys it holds,
 // their minutes' range and the Mark of its last spill. Expire deletes a
-// generation whose keys have all expired with one range deletion, and
-// sweeps the keys of one only some of whose have.
+// generation whose keys have all expired, and rewrites without them one
+// only some of whose have (a merge of one), when its keys span more than a
+// Loader's slice of the horizon. Generations are deleted by excising their
+// key range: nothing is ever written into the LSM but whole tables, so the
+// LSM never compacts.
 
 // genKeyLen is the length of a key in the LSM: its generation and the key.
 const genKeyLen = 8 + len(Key{})
@@ -72,8 +75,9 @@ const (
 	mergeFanIn = 8
 	// maxMergeClass is the class of a sealed generation: with spills of
 	// four million keys, merges of 8 make 32 million, then 256 million,
-	// sealed. A lookup then probes at most 14 unsealed generations and
-	// one sealed per 256 million keys.
+	// sealed. A lookup then probes about 14 unsealed generations (more
+	// while a long merge runs, one at a time), one sealed per 256 million
+	// keys and, after a rebuild, a Loader's (sealed, one per slice).
 	maxMergeClass = 2
 )
 
@@ -286,7 +290,7 @@ func (ix *Index) maybeMerge() {
 		in := gs[:mergeFanIn]
 		id := ix.nextGen
 		ix.nextGen++
-		ix.merging = true
+		ix.merging, ix.mergeIn = true, in
 		ctx, db := ix.buildCtx, ix.db
 		ix.builds.Go(func() { ix.merge(ctx, db, id, in) })
 		return
@@ -297,15 +301,11 @@ func (ix *Index) maybeMerge() {
 // minute, outside ix.mu, then replaces in with it.
 func (ix *Index) merge(ctx context.Context, db *pebble.DB, id uint64, in []gen) {
 	start := time.Now()
-	paths, out, err := ix.writeMerge(ctx, db, id, in)
-	defer func() {
-		for _, p := range paths {
-			os.Remove(p)
-		}
-	}()
+	paths, out, err := ix.writeMerge(ctx, db, id, in, time.Time{})
+	defer removeAll(paths)
 	ix.mu.Lock()
 	defer ix.mu.Unlock()
-	ix.merging = false
+	ix.merging, ix.mergeIn = false, nil
 	if err == nil && ctx.Err() == nil && ix.db == db {
 		err = ix.replace(paths, out, in)
 	}
@@ -323,8 +323,9 @@ func (ix *Index) merge(ctx context.Context, db *pebble.DB, id uint64, in []gen) 
 	ix.maybeMerge()
 }
 
-// writeMerge writes the tables of generation id: the keys of in, merged.
-func (ix *Index) writeMerge(ctx context.Context, db *pebble.DB, id uint64, in []gen) ([]string, gen, error) {
+// writeMerge writes the tables of generation id: the keys of in, merged,
+// less those expired at now (none if now is zero).
+func (ix *Index) writeMerge(ctx context.Context, db *pebble.DB, id uint64, in []gen, now time.Time) ([]string, gen, error) {
 	its := make([]*pebble.Iterator, 0, len(in))
 	defer func() {
 		for _, it := range its {
@@ -381,7 +382,7 @@ func (ix *Index) writeMerge(ctx context.Context, db *pebble.DB, id uint64, in []
 			}
 			return !at(it, it.Next())
 		})
-		if err == nil {
+		if err == nil && (now.IsZero() || ix.live(minute, now)) {
 			err = t.add(k[:], minute)
 		}
 	}
@@ -394,7 +395,9 @@ func (ix *Index) writeMerge(ctx context.Context, db *pebble.DB, id uint64, in []
 	}
 	w := t.written()
 	out.Keys, out.Min, out.Max = w.Keys, w.Min, w.Max
-	out.Sealed = ix.class(out.Keys) >= maxMergeClass
+	// A sealed generation written again without its expired keys stays
+	// sealed.
+	out.Sealed = ix.class(out.Keys) >= maxMergeClass || !slices.ContainsFunc(in, func(g gen) bool { return !g.Sealed })
 	paths, err := t.finish(out)
 	return paths, out, err
 }
@@ -409,23 +412,23 @@ func (ix *Index) replace(paths []string, out gen, in []gen) error {
 	return ix.dropGens(in)
 }
 
-// dropGens deletes the generations gs, each with one range deletion, and
-// forgets them; ix.mu is held. Whole tables go without being rewritten
-// (pebble's delete-only compactions, once the deletions are flushed).
+// dropGens deletes the generations gs and forgets them; ix.mu is held.
+// Each is excised: its tables leave the LSM whole, with no tombstone to be
+// compacted later (a range deletion spanning two generations would have
+// its compaction rewrite every generation between them).
 func (ix *Index) dropGens(gs []gen) error {
-	b := ix.db.NewBatch()
-	defer b.Close()
-	for _, g := range gs {
-		if err := b.DeleteRange(genPrefix(g.id), genPrefix(g.id+1), nil); err != nil {
+	for _, d := range gs {
+		if err := ix.db.Excise(context.Background(), pebble.KeyRange{Start: genPrefix(d.id), End: genPrefix(d.id + 1)}); err != nil {
 			return err
 		}
+		ix.gens = slices.DeleteFunc(ix.gens, func(g gen) bool { return g.id == d.id })
 	}
-	if err := b.Commit(pebble.NoSync); err != nil {
-		return err
+	return nil
+}
+
+// removeAll removes the files at paths.
+func removeAll(paths []string) {
+	for _, p := range paths {
+		os.Remove(p)
 	}
-	ix.gens = slices.DeleteFunc(ix.gens, func(g gen) bool {
-		return slices.ContainsFunc(gs, func(d gen) bool { return d.id == g.id })
-	})
-	_, err := ix.db.AsyncFlush()
-	return err
 }

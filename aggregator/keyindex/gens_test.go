@@ -75,6 +75,10 @@ func TestGenerationsMerge(t *testing.T) {
 		}
 	}
 	check(ix, "merged")
+	// Nothing but whole tables was written, and none was compacted.
+	if m := ix.db.Metrics(); m.Compact.Count != 0 || m.Levels[6].TablesCount == 0 {
+		t.Fatalf("%d compactions, %d tables in the last level; want none, and the tables there", m.Compact.Count, m.Levels[6].TablesCount)
+	}
 	if err := ix.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -114,7 +118,7 @@ func TestGenerationsMergeInterrupted(t *testing.T) {
 	if len(in) != 7 {
 		t.Fatalf("%d generations, want 7", len(in))
 	}
-	paths, out, err := ix.writeMerge(context.Background(), db, id, in)
+	paths, out, err := ix.writeMerge(context.Background(), db, id, in, time.Time{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -175,7 +179,7 @@ func TestExpireDropsGenerations(t *testing.T) {
 		t.Fatal(err)
 	}
 	end := t0.Add(2*time.Hour + 2*time.Minute) // both expired
-	deleted, err := ix.Expire(context.Background(), end, 0)
+	deleted, err := ix.Expire(context.Background(), end)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -227,5 +231,57 @@ func TestOpenEarlierFormat(t *testing.T) {
 	}
 	if n := countHeld(t, ix, []Key{k}, time.Unix(60, 0)); n != 1 {
 		t.Fatal("the emptied index does not hold a key added to it")
+	}
+}
+
+// A Loader writes one generation per eighth of the horizon its keys' minutes
+// fall in: sealed when it rebuilds an empty index (merged, they would span
+// the horizon), merged with the spills when it catches up.
+func TestLoaderGenerations(t *testing.T) {
+	ix := open(t, t.TempDir(), 80*time.Minute) // slices of 10 minutes
+	now := time.Date(2026, 12, 6, 10, 0, 0, 0, time.UTC)
+	load := func(ks []Key, at func(i int) time.Time) {
+		t.Helper()
+		l, err := ix.NewLoader()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i, k := range ks {
+			l.Add(k, at(i))
+		}
+		if err := l.Finish(context.Background(), Mark{Store: "s", Through: now}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	rebuilt := keys("rebuilt", 3000)
+	load(rebuilt, func(i int) time.Time { return now.Add(-time.Duration(i%3) * 10 * time.Minute) })
+	gens := waitMerges(t, ix)
+	// Three slices, and the Mark's own (empty) generation.
+	var sealed []gen
+	for _, g := range gens {
+		if g.Sealed {
+			sealed = append(sealed, g)
+		}
+	}
+	if len(sealed) != 3 || sealed[0].Keys != 1000 || sealed[0].Max-sealed[0].Min != 0 {
+		t.Fatalf("generations after a rebuild: %+v, want 3 sealed of 1000 keys, one minute each", gens)
+	}
+	caught := keys("caught", 100)
+	load(caught, func(int) time.Time { return now })
+	gens = waitMerges(t, ix)
+	if g := gens[len(gens)-2]; g.Sealed || g.Keys != 100 {
+		t.Fatalf("generations after a catch-up: %+v, want the catch-up's unsealed, of 100 keys", gens)
+	}
+	if n := countHeld(t, ix, append(rebuilt, caught...), now); n != len(rebuilt)+len(caught) {
+		t.Fatalf("held %d of %d", n, len(rebuilt)+len(caught))
+	}
+	// Expire at 11:01, the horizon of 9:40's minute: the oldest slice
+	// goes whole.
+	deleted, err := ix.Expire(context.Background(), now.Add(61*time.Minute))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if deleted != 1000 {
+		t.Fatalf("Expire deleted %d, want the 1000 of the oldest slice", deleted)
 	}
 }

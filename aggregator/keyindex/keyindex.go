@@ -88,6 +88,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -120,12 +121,9 @@ const DefaultHorizon = schemas.DefaultMaxAge + 5*time.Minute
 const DefaultCacheBytes = 256 << 20
 
 // DefaultBufferBytes is the default memory of the recent keys: two
-// generations of about four million keys each, one being written while the
-// other takes the Adds (27 seconds each at 150 000 events a second). Each
-// spill's table spans the whole key range (keys are uniform), so each is
-// merged with the level below it: the larger the spills, the fewer the
-// merges. Spills of four million keys instead of half a million cost 40 %
-// less CPU per key (aggregator/BENCHMARKS.md, "The index's steady state").
+// sets of about four million keys each, one being written while the
+// other takes the Adds (27 seconds each at 150 000 events a second). The
+// larger the spills, the fewer the generations and their merges.
 const DefaultBufferBytes = 512 << 20
 
 // bufferBytesPerKey is what a recent key costs at most: 20 bytes in the map's
@@ -212,6 +210,7 @@ type Index struct {
 	gens    []gen
 	nextGen uint64
 	merging bool
+	mergeIn []gen
 	mark    *Mark
 	markSeq uint64
 }
@@ -267,6 +266,8 @@ func Open(o Options) (*Index, error) {
 	if o.tune != nil {
 		o.tune(popts)
 	}
+	// Excise (dropping a generation's tables whole) needs virtual tables.
+	popts.FormatMajorVersion = pebble.FormatVirtualSSTables
 	popts.EnsureDefaults()
 	db, gens, err := openDB(o.Dir, popts)
 	if err != nil {
@@ -405,9 +406,10 @@ func (ix *Index) Held(keys []Key, now time.Time) ([]bool, error) {
 	}
 	defer it.Close()
 	// A key is held if any generation holds it with a live minute; one
-	// whose latest minute has expired holds none.
+	// whose latest minute has expired holds none. Newest first: a key
+	// held is most often a copy of a recent event.
 	var k [genKeyLen]byte
-	for _, g := range ix.gens {
+	for _, g := range slices.Backward(ix.gens) {
 		if !ix.live(g.Max, now) {
 			continue
 		}
@@ -626,11 +628,7 @@ func (ix *Index) writeTable(db *pebble.DB, keys map[Key]uint32, mark *Mark, id u
 // ix.mu is held. The tables' files are removed either way (ingesting links
 // them into the LSM's directory).
 func (ix *Index) ingest(paths []string, g gen, done []*filter) error {
-	defer func() {
-		for _, p := range paths {
-			os.Remove(p)
-		}
-	}()
+	defer removeAll(paths)
 	addToFilters(ix.filters(), done, ix.frozen)
 	if err := ix.db.Ingest(context.Background(), paths); err != nil {
 		return fmt.Errorf("keyindex: spill: ingest: %w", err)
@@ -645,11 +643,14 @@ func (ix *Index) ingest(paths []string, g gen, done []*filter) error {
 // spillPrefix names a spill's table before it is ingested.
 const spillPrefix = "spill-"
 
-// removeSpills removes the tables of spills a crash interrupted.
+// removeSpills removes the tables of spills and merges, and the files of
+// loads, that a crash interrupted.
 func removeSpills(dir string) {
-	names, _ := filepath.Glob(filepath.Join(dir, spillPrefix+"*"))
-	for _, n := range names {
-		os.Remove(n)
+	for _, pattern := range []string{spillPrefix + "*", "load-*"} {
+		names, _ := filepath.Glob(filepath.Join(dir, pattern))
+		for _, n := range names {
+			os.RemoveAll(n)
+		}
 	}
 }
 

@@ -135,7 +135,7 @@ func TestHorizon(t *testing.T) {
 	if n := countHeld(t, ix, old, end); n != 0 {
 		t.Fatalf("at the horizon: held %d of 500", n)
 	}
-	deleted, err := ix.Expire(context.Background(), end, 77) // chunks that do not divide 1000
+	deleted, err := ix.Expire(context.Background(), end)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -101,8 +101,11 @@ func (l *Loader) Finish(ctx context.Context, m Mark) error {
 		fs = l.ix.loadFilters(l.n)
 		l.ix.mu.Unlock()
 	}
+	// A rebuild's generations (the index empty) are sealed: merged, they
+	// would span the horizon. A catch-up's merge with the spills.
 	l.ix.mu.Lock()
 	l.db, l.gens = l.ix.db, make(map[uint32]*gen)
+	rebuild := len(l.ix.gens) == 0
 	l.ix.mu.Unlock()
 	// Two buckets at a time: sorting and writing tables is most of a
 	// load's CPU.
@@ -130,7 +133,7 @@ func (l *Loader) Finish(ctx context.Context, m Mark) error {
 	// Each generation's meta, in a table of its own after its keys.
 	gens := slices.SortedFunc(maps.Values(l.gens), func(a, b *gen) int { return cmp.Compare(a.id, b.id) })
 	for _, g := range gens {
-		g.Sealed = true
+		g.Sealed = rebuild || l.ix.class(g.Keys) >= maxMergeClass
 		t := l.ix.newTableWriter(l.db, g.id, func(int) string { return filepath.Join(l.dir, fmt.Sprintf("meta-%d.sst", g.id)) })
 		paths, err := t.finish(*g)
 		if err != nil {
@@ -291,14 +294,12 @@ func (l *Loader) Abort() {
 }
 
 // Expire deletes the keys that are no longer held at now and returns how
-// many it deleted: a generation whose keys have all expired at once (but
-// the one with the latest Mark, which a reopened index needs), and, in one
-// whose keys span more than a Loader's slice of the horizon, the expired
-// keys, in rounds of at most chunk keys during which Add waits.
-func (ix *Index) Expire(ctx context.Context, now time.Time, chunk int) (int, error) {
-	if chunk <= 0 {
-		chunk = 100_000
-	}
+// many it deleted: a generation whose keys have all expired, at once (but
+// the one with the latest Mark, which a reopened index needs), and, from
+// one whose keys span more than a Loader's slice of the horizon, the
+// expired ones, by writing it again without them (a merge of one, outside
+// ix.mu).
+func (ix *Index) Expire(ctx context.Context, now time.Time) (int, error) {
 	deleted := 0
 	var sweep []gen
 	ix.mu.Lock()
@@ -307,81 +308,40 @@ func (ix *Index) Expire(ctx context.Context, now time.Time, chunk int) (int, err
 	if err == nil {
 		var drop []gen
 		for _, g := range ix.gens {
+			merging := slices.ContainsFunc(ix.mergeIn, func(m gen) bool { return m.id == g.id })
 			switch {
 			case !ix.live(g.Max, now) && (g.MarkSeq == 0 || g.MarkSeq != ix.markSeq):
 				drop = append(drop, g)
 				deleted += int(g.Keys)
-			case !ix.live(g.Min, now) && g.Max-g.Min > ix.sliceMinutes():
+			case !ix.live(g.Min, now) && g.Max-g.Min > ix.sliceMinutes() && !merging:
 				sweep = append(sweep, g)
 			}
 		}
-		if len(drop) > 0 {
-			err = ix.dropGens(drop)
-		}
+		err = ix.dropGens(drop)
 	}
+	db := ix.db
 	ix.mu.Unlock()
 	if err != nil {
 		return 0, fmt.Errorf("keyindex: expire: %w", err)
 	}
 	for _, g := range sweep {
-		for from := genPrefix(g.id); from != nil; {
-			if err := ctx.Err(); err != nil {
-				return deleted, err
+		ix.mu.Lock()
+		id := ix.nextGen
+		ix.nextGen++
+		ix.mu.Unlock()
+		paths, out, err := ix.writeMerge(ctx, db, id, []gen{g}, now)
+		if err == nil {
+			ix.mu.Lock()
+			if ix.db == db && slices.ContainsFunc(ix.gens, func(h gen) bool { return h.id == g.id }) {
+				err = ix.replace(paths, out, []gen{g})
+				deleted += int(g.Keys - out.Keys)
 			}
-			next, n, err := ix.expireChunk(g.id, from, now, chunk)
-			deleted += n
-			if err != nil {
-				return deleted, err
-			}
-			from = next
+			ix.mu.Unlock()
+		}
+		removeAll(paths)
+		if err != nil {
+			return deleted, fmt.Errorf("keyindex: expire: %w", err)
 		}
 	}
 	return deleted, nil
-}
-
-// expireChunk deletes the expired keys among the chunk keys of generation
-// id from from on and returns the key to continue from (nil at its end).
-func (ix *Index) expireChunk(id uint64, from []byte, now time.Time, chunk int) (next []byte, deleted int, err error) {
-	ix.mu.Lock()
-	defer ix.mu.Unlock()
-	it, err := ix.db.NewIter(&pebble.IterOptions{LowerBound: from, UpperBound: genPrefix(id + 1)})
-	if err != nil {
-		return nil, 0, fmt.Errorf("keyindex: expire: %w", err)
-	}
-	defer it.Close()
-	b := ix.db.NewBatch()
-	defer b.Close()
-	seen := 0
-	for valid := it.First(); valid; valid = it.Next() {
-		if seen == chunk {
-			next = slices.Clone(it.Key())
-			break
-		}
-		seen++
-		k := it.Key()
-		if len(k) != genKeyLen {
-			continue
-		}
-		v, err := it.ValueAndErr()
-		if err != nil {
-			return nil, deleted, fmt.Errorf("keyindex: expire: %w", err)
-		}
-		if len(v) == 4 && ix.live(binary.BigEndian.Uint32(v), now) {
-			continue
-		}
-		if err := b.Delete(k, nil); err != nil {
-			return nil, deleted, fmt.Errorf("keyindex: expire: %w", err)
-		}
-		deleted++
-	}
-	if err := it.Error(); err != nil {
-		return nil, 0, fmt.Errorf("keyindex: expire: %w", err)
-	}
-	if err := b.Commit(pebble.NoSync); err != nil {
-		return nil, 0, fmt.Errorf("keyindex: expire: %w", err)
-	}
-	if i := slices.IndexFunc(ix.gens, func(g gen) bool { return g.id == id }); i >= 0 {
-		ix.gens[i].Keys -= int64(deleted)
-	}
-	return next, deleted, nil
 }
