@@ -445,12 +445,12 @@ func compareKeys(a, b *Key) int {
 
 // Add records keys as added at at, and the mark m: in memory until the
 // next spill, which writes them with m (the Mark of the last Add before it)
-// in one table, so whatever survives a crash, the Mark read back describes
-// it. A key added again keeps the latest minute. A spill that the keys
-// start runs in the background, while later Adds fill the next generation;
-// an Add waits for it only when that one is full too. A spill that failed
-// is tried again then, its keys held meanwhile; an error then is returned
-// and the keys stay, held.
+// as one generation, ingested at once, so whatever survives a crash, the
+// Mark read back describes it. A key added again keeps the latest minute. A
+// spill that the keys start runs in the background, while later Adds fill
+// the next set; an Add waits for it only when that one is full too. A
+// spill that failed is tried again then, its keys held meanwhile; an error
+// then is returned and the keys stay, held.
 func (ix *Index) Add(keys []Key, at time.Time, m Mark) error {
 	minute := minuteOf(at)
 	ix.mu.Lock()

@@ -114,7 +114,7 @@ func aggregatorFlags(fs *flag.FlagSet, c *config.Aggregator) {
 		"block cache of the dedup index: it must hold the index's Bloom filters, 1.2 GiB per billion events within the horizon "+
 			"(with --share-partitions, of all partitions: each partition's index gets 1/partitions of it)")
 	fs.Int64Var(&c.DedupIndexBufferBytes, "dedup-index-buffer-bytes", cmp.Or(c.DedupIndexBufferBytes, keyindex.DefaultBufferBytes),
-		"memory of the keys the dedup index added since it last wrote them to disk as one table: larger tables, less compaction "+
+		"memory of the keys the dedup index added since it last wrote them to disk as a generation: larger generations, fewer to probe and merge "+
 			"(with --share-partitions, of all partitions: each partition's index gets 1/partitions of it, at least 4 MiB)")
 	fs.BoolVar(&c.SharePartitions, "share-partitions", c.SharePartitions,
 		"share the usage partitions with the other aggregators started with this flag (ClickHouse only): each writes the partitions assigned to it, one writer per partition")
