@@ -27,22 +27,33 @@ func waitMerges(t testing.TB, ix *Index) []gen {
 	}
 }
 
+// openSpilling opens an index in dir that spills every 100 keys, and adds
+// n keys to it in Adds of 100 (a spill each) at now, the i-th with the
+// Mark mark(i); it returns the keys.
+func openSpilling(t *testing.T, dir string, now time.Time, n int, mark func(i int) Mark) (*Index, []Key) {
+	t.Helper()
+	ix, err := Open(Options{Dir: dir, Horizon: time.Hour, BufferBytes: 2 * 100 * bufferBytesPerKey})
+	if err != nil {
+		t.Fatal(err)
+	}
+	all := keys("k", n)
+	for i := 0; i < len(all); i += 100 {
+		if err := ix.Add(all[i:i+100], now, mark(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return ix, all
+}
+
 // Spills become generations, merged 8 at a time in the background: every
 // key stays held, with its latest minute, their number stays small, and a
 // reopened index reads them and its Mark back from their meta.
 func TestGenerationsMerge(t *testing.T) {
 	dir := t.TempDir()
-	ix, err := Open(Options{Dir: dir, Horizon: time.Hour, BufferBytes: 2 * 100 * bufferBytesPerKey})
-	if err != nil {
-		t.Fatal(err)
-	}
 	now := time.Date(2026, 12, 6, 10, 0, 0, 0, time.UTC)
-	all := keys("k", 100*70)
-	for i := 0; i < len(all); i += 100 {
-		if err := ix.Add(all[i:i+100], now, Mark{Store: "s", Through: now.Add(time.Duration(i) * time.Millisecond)}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	ix, all := openSpilling(t, dir, now, 100*70, func(i int) Mark {
+		return Mark{Store: "s", Through: now.Add(time.Duration(i) * time.Millisecond)}
+	})
 	// The first key again, later, in another generation.
 	later := now.Add(50 * time.Minute)
 	if err := ix.Add(all[:1], later, Mark{Store: "s", Through: later}); err != nil {
@@ -93,17 +104,8 @@ func TestGenerationsMerge(t *testing.T) {
 // the keys twice: still held, once each, and merged again later.
 func TestGenerationsMergeInterrupted(t *testing.T) {
 	dir := t.TempDir()
-	ix, err := Open(Options{Dir: dir, Horizon: time.Hour, BufferBytes: 2 * 100 * bufferBytesPerKey})
-	if err != nil {
-		t.Fatal(err)
-	}
 	now := time.Date(2026, 12, 6, 10, 0, 0, 0, time.UTC)
-	all := keys("k", 100*7)
-	for i := 0; i < len(all); i += 100 {
-		if err := ix.Add(all[i:i+100], now, Mark{Store: "s", Through: now}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	ix, all := openSpilling(t, dir, now, 100*7, func(int) Mark { return Mark{Store: "s", Through: now} })
 	if err := ix.Flush(); err != nil {
 		t.Fatal(err)
 	}

@@ -592,17 +592,7 @@ func (ix *Index) spill() error {
 // one spill is written at a time (ix.writing, or ix.mu held and nothing
 // being written), and its tables are named by its generation.
 func (ix *Index) writeTable(db *pebble.DB, keys map[Key]uint32, mark *Mark, id uint64) ([]string, gen, error) {
-	// The records are placed in key order straight from the map.
-	recs := sortByKey(len(keys), func(yield func(Key, [recordSize]byte) bool) {
-		for k, m := range keys {
-			var r [recordSize]byte
-			copy(r[:], k[:])
-			binary.BigEndian.PutUint32(r[len(k):], m)
-			if !yield(k, r) {
-				return
-			}
-		}
-	}, func(r *[recordSize]byte) *Key { return (*Key)(r[:len(Key{})]) })
+	recs := sortedRecords(keys)
 	t := ix.newTableWriter(db, id, func(n int) string {
 		return filepath.Join(ix.dir, fmt.Sprintf("%s%d-%d.sst", spillPrefix, id, n))
 	})
@@ -621,6 +611,21 @@ func (ix *Index) writeTable(db *pebble.DB, keys map[Key]uint32, mark *Mark, id u
 		return nil, gen{}, fmt.Errorf("keyindex: spill: %w", err)
 	}
 	return paths, g, nil
+}
+
+// sortedRecords returns keys as records (a key and its minute), in key
+// order, placed straight from the map.
+func sortedRecords(keys map[Key]uint32) [][recordSize]byte {
+	return sortByKey(len(keys), func(yield func(Key, [recordSize]byte) bool) {
+		for k, m := range keys {
+			var r [recordSize]byte
+			copy(r[:], k[:])
+			binary.BigEndian.PutUint32(r[len(k):], m)
+			if !yield(k, r) {
+				return
+			}
+		}
+	}, func(r *[recordSize]byte) *Key { return (*Key)(r[:len(Key{})]) })
 }
 
 // ingest adds the frozen keys to the filters but those of done (which have

@@ -65,19 +65,8 @@ func BenchmarkSortByKey(b *testing.B) {
 	for _, k := range keys("sort", n) {
 		m[k] = 1
 	}
-	records := func(yield func(Key, [recordSize]byte) bool) {
-		for k, v := range m {
-			var r [recordSize]byte
-			copy(r[:], k[:])
-			binary.BigEndian.PutUint32(r[len(k):], v)
-			if !yield(k, r) {
-				return
-			}
-		}
-	}
 	for b.Loop() {
-		out := sortByKey(n, records, func(r *[recordSize]byte) *Key { return (*Key)(r[:len(Key{})]) })
-		if len(out) != n {
+		if out := sortedRecords(m); len(out) != n {
 			b.Fatal(len(out))
 		}
 	}
