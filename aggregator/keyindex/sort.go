@@ -38,17 +38,20 @@ func sortByKey[T any](n int, items iter.Seq2[Key, T], key func(*T) *Key) []T {
 		out[starts[k[0]]] = v
 		starts[k[0]]++
 	}
-	b := min(max(bits.Len(uint(longest/4)), 1), maxSortBits)
-	shift := 64 - uint(b)
-	// The bits after the top 8.
-	bucket := func(k *Key) int { return int(binary.BigEndian.Uint64(k[:8]) << 8 >> shift) }
-	ends := make([]int, 1<<b+1)
+	// Each run's buckets are sized by its own length: a crowded run (ids
+	// chosen for their keys' top byte) costs the others nothing.
+	ends := make([]int, 1<<min(max(bits.Len(uint(longest/4)), 1), maxSortBits)+1)
 	scratch := make([]T, longest)
 	for r := range 256 {
 		run := out[runs[r]:runs[r+1]]
 		if len(run) < 2 {
 			continue
 		}
+		b := min(max(bits.Len(uint(len(run)/4)), 1), maxSortBits)
+		shift := 64 - uint(b)
+		// The bits after the top 8.
+		bucket := func(k *Key) int { return int(binary.BigEndian.Uint64(k[:8]) << 8 >> shift) }
+		ends := ends[:1<<b+1]
 		clear(ends)
 		for i := range run {
 			ends[bucket(key(&run[i]))+1]++

@@ -23,6 +23,12 @@ func TestSortedByKey(t *testing.T) {
 			random(k)
 			binary.BigEndian.PutUint32(k[:4], 0xdeadbeef)
 		},
+		"half in one run": func(k *Key) {
+			random(k)
+			if rng.IntN(2) == 0 {
+				k[0] = 0
+			}
+		},
 		"repeated": func(k *Key) {
 			*k = Key{}
 			k[0], k[15] = byte(rng.IntN(3)), byte(rng.IntN(2))
