@@ -7,6 +7,22 @@ import (
 	"time"
 )
 
+// loadAt loads ks into ix with a Loader, each added at now, with the Mark
+// of store "s" through now.
+func loadAt(t testing.TB, ix *Index, ks []Key, now time.Time) {
+	t.Helper()
+	l, err := ix.NewLoader()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range ks {
+		l.Add(k, now)
+	}
+	if err := l.Finish(context.Background(), Mark{Store: "s", Through: now}); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // waitFilter waits until ix has a filter in use and none being built.
 func waitFilter(t testing.TB, ix *Index) *filter {
 	t.Helper()
@@ -81,16 +97,7 @@ func TestFilterAfterLoadAndReopen(t *testing.T) {
 	if err := ix.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	l, err := ix.NewLoader()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, k := range loaded {
-		l.Add(k, now)
-	}
-	if err := l.Finish(context.Background(), Mark{Store: "s", Through: now}); err != nil {
-		t.Fatal(err)
-	}
+	loadAt(t, ix, loaded, now)
 	check(ix, "after the load")
 	f := waitFilter(t, ix)
 	if f.added.Load() < int64(len(added)+len(loaded)) {
@@ -125,19 +132,7 @@ func TestLoaderFillsTheFilter(t *testing.T) {
 	}
 	defer ix.Close()
 	waitFilter(t, ix)
-	load := func(ks []Key) {
-		t.Helper()
-		l, err := ix.NewLoader()
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, k := range ks {
-			l.Add(k, now)
-		}
-		if err := l.Finish(context.Background(), Mark{Store: "s", Through: now}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	load := func(ks []Key) { t.Helper(); loadAt(t, ix, ks, now) }
 	rebuilt, added, caught, big := keys("rebuilt", 20_000), keys("added", 3000), keys("caught", 500), keys("big", 10_000)
 	all := slices.Concat(rebuilt, added, caught, big)
 	check := func(when string, n int) {

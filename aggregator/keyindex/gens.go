@@ -37,9 +37,9 @@ import (
 // number stays small, generations of about the same size are merged,
 // mergeFanIn at a time, in the background: each key is rewritten once per
 // class it passes (at most maxMergeClass times), and a generation that
-// reaches the last class (or a Loader's) is sealed, never merged again.
-// A merge's generation replaces its inputs at once (one ingest, then a
-// range deletion of each, under ix.mu); a crash between the two leaves
+// reaches the last class (or a Loader's that rebuilt the index) is sealed,
+// never merged again. A merge's generation replaces its inputs under ix.mu
+// (one ingest, then an excise of each); a crash between the two leaves
 // their keys twice, which costs only space.
 //
 // Each generation's table ends with its meta (gen): how many keys it holds,
@@ -61,8 +61,8 @@ type gen struct {
 	Keys int64  `json:"keys"`
 	Min  uint32 `json:"min"`
 	Max  uint32 `json:"max"`
-	// Sealed is true for a generation never to be merged: a Loader's,
-	// and a merge's of the last class.
+	// Sealed is true for a generation never to be merged: a Loader's
+	// that rebuilt the index, and a merge's of the last class.
 	Sealed bool `json:"sealed,omitempty"`
 	// Mark is the latest Mark among the spills it holds, and MarkSeq the
 	// generation that spill wrote (0 if none).
@@ -264,9 +264,7 @@ func (t *tableWriter) abort() {
 		t.w.Close()
 		t.w = nil
 	}
-	for _, p := range t.paths {
-		os.Remove(p)
-	}
+	removeAll(t.paths)
 	t.paths = nil
 }
 
@@ -274,7 +272,7 @@ func (t *tableWriter) abort() {
 // of the lowest class that has as many, if no merge is under way; ix.mu is
 // held. Merges run with the filter's builds (stopBuilds stops both).
 func (ix *Index) maybeMerge() {
-	if ix.merging || ix.buildCtx.Err() != nil {
+	if ix.mergeIn != nil || ix.buildCtx.Err() != nil {
 		return
 	}
 	var byClass [maxMergeClass][]gen
@@ -290,7 +288,7 @@ func (ix *Index) maybeMerge() {
 		in := gs[:mergeFanIn]
 		id := ix.nextGen
 		ix.nextGen++
-		ix.merging, ix.mergeIn = true, in
+		ix.mergeIn = in
 		ctx, db := ix.buildCtx, ix.db
 		ix.builds.Go(func() { ix.merge(ctx, db, id, in) })
 		return
@@ -305,7 +303,7 @@ func (ix *Index) merge(ctx context.Context, db *pebble.DB, id uint64, in []gen) 
 	defer removeAll(paths)
 	ix.mu.Lock()
 	defer ix.mu.Unlock()
-	ix.merging, ix.mergeIn = false, nil
+	ix.mergeIn = nil
 	if err == nil && ctx.Err() == nil && ix.db == db {
 		err = ix.replace(paths, out, in)
 	}

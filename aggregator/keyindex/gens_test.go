@@ -15,7 +15,7 @@ func waitMerges(t testing.TB, ix *Index) []gen {
 	t.Helper()
 	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(5 * time.Millisecond) {
 		ix.mu.Lock()
-		merging := ix.merging
+		merging := ix.mergeIn != nil
 		gens := append([]gen(nil), ix.gens...)
 		ix.mu.Unlock()
 		if !merging {

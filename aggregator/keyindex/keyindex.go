@@ -63,8 +63,8 @@
 // into the LSM's last level without overlapping anything: keys are never
 // compacted with the rest of the tree. Generations of about one size are
 // merged in the background, eight at a time, up to about 256 million keys;
-// a Loader writes one per eighth of the horizon. Expire deletes a
-// generation whose keys have all expired with one range deletion (gens.go).
+// a Loader writes one per eighth of the horizon. Expire excises a
+// generation whose keys have all expired, whole (gens.go).
 //
 // # Cost
 //
@@ -204,12 +204,12 @@ type Index struct {
 	scanned atomic.Int64
 
 	// gens are the generations in the LSM, in id order (gens.go), and
-	// nextGen the next one's id; merging is true while one is merged.
+	// nextGen the next one's id; mergeIn are the inputs of the merge
+	// under way (nil if none).
 	// mark is the Mark of the latest spill in the LSM, written with
 	// generation markSeq.
 	gens    []gen
 	nextGen uint64
-	merging bool
 	mergeIn []gen
 	mark    *Mark
 	markSeq uint64

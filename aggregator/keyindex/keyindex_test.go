@@ -360,7 +360,7 @@ func BenchmarkSteady(b *testing.B) {
 			// their cost.
 			for quiet := 0; quiet < 2; time.Sleep(100 * time.Millisecond) {
 				ix.mu.Lock()
-				merging := ix.merging
+				merging := ix.mergeIn != nil
 				ix.mu.Unlock()
 				if ix.db.Metrics().Compact.NumInProgress == 0 && !merging {
 					quiet++

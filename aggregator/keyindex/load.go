@@ -95,15 +95,13 @@ func (l *Loader) Finish(ctx context.Context, m Mark) error {
 	// The loaded keys go into the filters as the buckets are written,
 	// like a spill's, rather than into a scan of the whole LSM after the
 	// ingest: one with room for them, if need be a new one.
-	var fs []*filter
-	if l.n > 0 {
-		l.ix.mu.Lock()
-		fs = l.ix.loadFilters(l.n)
-		l.ix.mu.Unlock()
-	}
 	// A rebuild's generations (the index empty) are sealed: merged, they
 	// would span the horizon. A catch-up's merge with the spills.
+	var fs []*filter
 	l.ix.mu.Lock()
+	if l.n > 0 {
+		fs = l.ix.loadFilters(l.n)
+	}
 	l.db, l.gens = l.ix.db, make(map[uint32]*gen)
 	rebuild := len(l.ix.gens) == 0
 	l.ix.mu.Unlock()
