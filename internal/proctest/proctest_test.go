@@ -69,7 +69,8 @@ func TestStartAndStop(t *testing.T) {
 	if err := Dial(s.Addr); err != nil {
 		t.Fatalf("not serving on %s after Start: %v", s.Addr, err)
 	}
-	if out := s.Log(1 << 10); !strings.Contains(out, "serving on "+s.Addr) {
+	// The helper prints after it listens, so a Dial may succeed first.
+	if out := waitLog(s, "serving on "+s.Addr); !strings.Contains(out, "serving on "+s.Addr) {
 		t.Errorf("output %q does not say it serves on %s", out, s.Addr)
 	}
 	s.Stop()
@@ -79,6 +80,18 @@ func TestStartAndStop(t *testing.T) {
 	}
 	if out := s.Log(1 << 10); !strings.Contains(out, "terminated") {
 		t.Errorf("output %q: the server was not terminated by SIGTERM", out)
+	}
+}
+
+// waitLog returns the server's output once it contains want, or after 10 s.
+func waitLog(s *Server, want string) string {
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		out := s.Log(1 << 10)
+		if strings.Contains(out, want) || time.Now().After(deadline) {
+			return out
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
 
