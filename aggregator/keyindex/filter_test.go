@@ -1,7 +1,13 @@
 package keyindex
 
 import (
+	"bytes"
 	"context"
+	"errors"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"slices"
 	"testing"
 	"time"
@@ -175,4 +181,105 @@ func TestLoaderFillsTheFilter(t *testing.T) {
 		t.Fatalf("a load too big for the filter: replaced %v, %d keys scanned, want a new filter from a scan of %d", g != f, ix.scanned.Load(), before)
 	}
 	check("after a load too big for the filter", len(all))
+}
+
+// Close keeps the filter, and Open uses it instead of a scan when it was
+// written for the generations in the LSM. A filter of other generations
+// (here, one from before the last keys were added), a corrupted one and
+// none at all (a crash: Open removed the file) are not used: the index
+// scans, and every key stays held.
+func TestFilterKeptAcrossClose(t *testing.T) {
+	dir := t.TempDir()
+	now := time.Date(2026, 12, 6, 10, 0, 0, 0, time.UTC)
+	file := filepath.Join(dir, filterFile)
+	var all []Key
+	reopen := func(when string, wantScan bool) *Index {
+		t.Helper()
+		// Filters with room for every key: none fills up and is rebuilt.
+		ix, err := Open(Options{Dir: dir, Horizon: time.Hour, filterKeys: 100_000})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ix.Close() })
+		if _, err := os.Stat(file); !errors.Is(err, fs.ErrNotExist) {
+			t.Fatalf("%s: the filter's file is still there after Open (%v)", when, err)
+		}
+		waitFilter(t, ix)
+		// The filter in use came from a scan of every key, or from the file.
+		want := int64(0)
+		if wantScan {
+			want = int64(len(all))
+		}
+		if scanned := ix.scanned.Load(); scanned != want {
+			t.Fatalf("%s: %d keys scanned for the filter, want %d", when, scanned, want)
+		}
+		if n := countHeld(t, ix, all, now); n != len(all) {
+			t.Fatalf("%s: held %d of %d", when, n, len(all))
+		}
+		if n := countHeld(t, ix, keys("absent", 20_000), now); n != 0 {
+			t.Fatalf("%s: held %d never added", when, n)
+		}
+		return ix
+	}
+	add := func(ix *Index, ks []Key) {
+		t.Helper()
+		if err := ix.Add(ks, now, Mark{Store: "s", Through: now}); err != nil {
+			t.Fatal(err)
+		}
+		all = append(all, ks...)
+	}
+	closeIndex := func(ix *Index) []byte {
+		t.Helper()
+		if err := ix.Close(); err != nil {
+			t.Fatal(err)
+		}
+		saved, err := os.ReadFile(file)
+		if err != nil {
+			t.Fatalf("no filter saved at Close: %v", err)
+		}
+		return saved
+	}
+
+	ix := reopen("new", true) // a scan of nothing
+	add(ix, keys("a", 3000))
+	loadAt(t, ix, keys("loaded", 20_000), now)
+	all = append(all, keys("loaded", 20_000)...)
+	waitFilter(t, ix)
+	closeIndex(ix)
+
+	ix = reopen("reopened", false)
+	add(ix, keys("b", 3000))
+	stale := closeIndex(ix)
+
+	ix = reopen("reopened again", false)
+	add(ix, keys("c", 3000)) // not in the stale filter
+	saved := closeIndex(ix)
+	if err := os.WriteFile(file, stale, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ix = reopen("with the filter of other generations", true)
+	closeIndex(ix)
+
+	corrupt := bytes.Clone(saved)
+	corrupt[len(corrupt)/2] ^= 0x10
+	if err := os.WriteFile(file, corrupt, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ix = reopen("with a corrupted filter", true)
+	saved = closeIndex(ix)
+	if err := os.WriteFile(file, saved[:len(saved)-1], 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ix = reopen("with a torn filter", true)
+	closeIndex(ix)
+	ix = reopen("after a clean close", false)
+
+	// A crash: a copy of the open index's directory, with no filter.
+	crashed := t.TempDir()
+	if out, err := exec.Command("cp", "-a", dir+"/.", crashed).CombinedOutput(); err != nil {
+		t.Fatalf("cp: %v: %s", err, out)
+	}
+	closeIndex(ix)
+	dir, file = crashed, filepath.Join(crashed, filterFile)
+	reopen("after a crash", true)
 }

@@ -52,10 +52,12 @@
 //
 // In front of the LSM, a Bloom filter in memory holds every key the LSM
 // holds (filter.go): a key it has not seen, which is most keys looked up,
-// costs one cache miss instead of a probe of each level's filter. It is
-// built by a scan of the LSM in the background when the index opens and
-// when it fills up, and gets each spill's and each Loader's keys as they
-// are written; until one is built, lookups go to the LSM.
+// costs one cache miss instead of a probe of each level's filter. Close
+// saves it, and Open reads it back when it was saved for the generations
+// the LSM holds; else (a crash, a file lost or torn) Open builds it by a
+// scan of the LSM in the background, as a filter that fills up is rebuilt.
+// It gets each spill's and each Loader's keys as they are written; until
+// one is in use, lookups go to the LSM.
 //
 // # Generations
 //
@@ -282,7 +284,7 @@ func Open(o Options) (*Index, error) {
 	ix.mu.Lock()
 	ix.setGens(gens)
 	ix.restartBuilds()
-	ix.startBuild(0)
+	ix.readFilter()
 	ix.maybeMerge()
 	ix.mu.Unlock()
 	return ix, nil
@@ -553,7 +555,8 @@ func (ix *Index) Flush() error {
 	return nil
 }
 
-// Close closes the index; it is idempotent.
+// Close closes the index, after it spilled the keys in memory and saved the
+// in-memory filter (filter.go); it is idempotent.
 func (ix *Index) Close() error {
 	ix.stopBuilds(true)
 	ix.mu.Lock()
@@ -561,7 +564,17 @@ func (ix *Index) Close() error {
 	if ix.db == nil {
 		return nil
 	}
-	err := errors.Join(ix.spill(), ix.db.Close())
+	err := ix.spill()
+	if err == nil && ix.filter != nil {
+		start := time.Now()
+		if err := saveFilter(ix.dir, ix.filter, ix.gens); err != nil {
+			// The next Open scans instead.
+			ix.opts.Logger.Errorf("keyindex: filter: save: %v", err)
+		} else {
+			ix.opts.Logger.Infof("keyindex: filter of %d keys saved in %s", ix.filter.added.Load(), time.Since(start).Round(time.Millisecond))
+		}
+	}
+	err = errors.Join(err, ix.db.Close())
 	ix.db = nil
 	ix.opts.Cache.Unref()
 	if err != nil {

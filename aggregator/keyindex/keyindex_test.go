@@ -274,14 +274,7 @@ func BenchmarkHeld(b *testing.B) {
 // reports the process's CPU time per key (user and system, every goroutine).
 // Variants of the LSM's options run in the same process, for A/B.
 func BenchmarkSteady(b *testing.B) {
-	size := 10_000_000
-	if v := os.Getenv("METERD_BENCH_KEYS"); v != "" {
-		n, err := strconv.Atoi(v)
-		if err != nil {
-			b.Fatal(err)
-		}
-		size = n
-	}
+	size := benchKeys(b)
 	const round = 10_000
 	type variant struct {
 		name     string
@@ -372,6 +365,71 @@ func BenchmarkSteady(b *testing.B) {
 			keys := float64(b.N * round)
 			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/keys, "ns/key")
 			b.ReportMetric(float64((cpuTime(b)-cpu0).Nanoseconds())/keys, "cpu-ns/key")
+		})
+	}
+}
+
+// benchKeys returns METERD_BENCH_KEYS, or 10 million.
+func benchKeys(b *testing.B) int {
+	if v := os.Getenv("METERD_BENCH_KEYS"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil {
+			b.Fatal(err)
+		}
+		return n
+	}
+	return 10_000_000
+}
+
+// BenchmarkReopen reopens an index bulk-loaded with METERD_BENCH_KEYS keys
+// (default 10 million) and waits for its in-memory filter: read from the
+// file Close saved it in ("saved"), or built by a scan of every key
+// ("scan", the file removed first). It reports the wall and process CPU
+// time from Open until the filter is in use, and Close's time (which saves
+// the filter, both ways).
+func BenchmarkReopen(b *testing.B) {
+	size := benchKeys(b)
+	dir := b.TempDir()
+	ix := open(b, dir, time.Hour)
+	loadRandom(b, ix, size, time.Now())
+	waitFilter(b, ix)
+	if err := ix.Close(); err != nil {
+		b.Fatal(err)
+	}
+	for _, scan := range []bool{true, false} {
+		name := "saved"
+		if scan {
+			name = "scan"
+		}
+		b.Run(fmt.Sprintf("%s/keys=%d", name, size), func(b *testing.B) {
+			var ready, cpu, closing time.Duration
+			for b.Loop() {
+				if scan {
+					if err := os.Remove(filepath.Join(dir, filterFile)); err != nil {
+						b.Fatal(err)
+					}
+				}
+				start, cpu0 := time.Now(), cpuTime(b)
+				ix, err := Open(Options{Dir: dir, Horizon: time.Hour})
+				if err != nil {
+					b.Fatal(err)
+				}
+				waitFilter(b, ix)
+				ready += time.Since(start)
+				cpu += cpuTime(b) - cpu0
+				if !scan && ix.scanned.Load() != 0 {
+					b.Fatalf("scanned %d keys with the filter saved", ix.scanned.Load())
+				}
+				start = time.Now()
+				if err := ix.Close(); err != nil {
+					b.Fatal(err)
+				}
+				closing += time.Since(start)
+			}
+			n := float64(b.N)
+			b.ReportMetric(ready.Seconds()*1000/n, "ms-to-filter")
+			b.ReportMetric(cpu.Seconds()*1000/n, "cpu-ms-to-filter")
+			b.ReportMetric(closing.Seconds()*1000/n, "ms-close")
 		})
 	}
 }
