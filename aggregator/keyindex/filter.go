@@ -2,6 +2,7 @@ package keyindex
 
 import (
 	"bufio"
+	"bytes"
 	"cmp"
 	"context"
 	"encoding/binary"
@@ -10,7 +11,6 @@ import (
 	"hash/crc32"
 	"io"
 	"io/fs"
-	"math"
 	"math/bits"
 	"os"
 	"path/filepath"
@@ -52,7 +52,10 @@ func newFilter(capacity int64) *filter {
 	return &filter{words: make([]atomic.Uint64, blocks*8), blocks: blocks, capacity: capacity}
 }
 
-// at returns k's block's first word and the bits to probe.
+// at returns k's block's first word and the bits to probe. The mapping of
+// a key to its bits (here, in add and in filterProbes) is part of the saved
+// filter's format: a change to it must change filterMagic, or a filter
+// saved before it would miss every key (TestFilterLayout).
 func (f *filter) at(k *Key) (word uint64, h uint64) {
 	b, _ := bits.Mul64(binary.BigEndian.Uint64(k[:8]), f.blocks)
 	return b * 8, binary.BigEndian.Uint64(k[8:])
@@ -82,8 +85,9 @@ func (f *filter) mayContain(k *Key) bool {
 // full reports whether f holds more keys than it was sized for.
 func (f *filter) full() bool { return f.added.Load() > f.capacity }
 
-// The filter's life: Open starts a build (a scan of every key in the LSM);
-// until one ends, lookups go to the LSM. Every spill adds its keys to the
+// The filter's life: Open reads the filter Close saved, if it was saved
+// for the LSM's generations, or else starts a build (a scan of every key
+// in the LSM); until one ends, lookups go to the LSM. Every spill adds its keys to the
 // filter in use and to the one being built before it ingests them, and a
 // build's scan starts, under ix.mu, from a view of the LSM taken with it:
 // so a key in the LSM is in the filter in use, always. A Loader adds its
@@ -117,16 +121,19 @@ func (ix *Index) startBuild(least int64) {
 	})
 }
 
-// readFilter makes the filter Close saved the one in use, if it holds the
-// keys of every generation in the LSM, or else starts a build; ix.mu is
-// held.
+// readFilter makes the filter Close saved the one in use, if it was saved
+// for the generations in the LSM, or else starts a build; ix.mu is held.
 func (ix *Index) readFilter() {
+	if ix.noFilter {
+		dropFilterFile(ix.dir)
+		return
+	}
 	start := time.Now()
 	f, err := loadFilter(ix.dir, ix.gens)
 	switch {
 	case err != nil:
 		ix.opts.Logger.Errorf("keyindex: filter: %s not used: %v", filepath.Join(ix.dir, filterFile), err)
-	case f != nil && !ix.noFilter:
+	case f != nil:
 		ix.filter = f
 		ix.opts.Logger.Infof("keyindex: filter of %d keys read in %s", f.added.Load(), time.Since(start).Round(time.Millisecond))
 		ix.rebuildFull()
@@ -255,25 +262,54 @@ func addToFilters(fs, done []*filter, keys map[Key]uint32) {
 }
 
 // The filter kept across a restart: Close writes the filter in use to
-// filterFile, with the generations it holds the keys of, and Open reads it
-// back when they are the generations in the LSM, instead of scanning every
-// key (about 3 million a second: two minutes for 355 million, with the
-// lookups going to the LSM meanwhile). Open removes the file either way, so
-// one is only ever there while the index is closed, as Close left it: after
-// a crash, Open scans. A file that is torn, of another format, or for other
-// generations (an LSM restored without it) is not used: a filter missing a
-// key would let its event be counted twice.
+// filterFile, with the list of the generations whose keys it holds, and
+// Open reads it back when that list is the LSM's, instead of scanning
+// every key (about 7 million a second on one core, 3 beside the live load:
+// a minute or more per 100 million keys, with the lookups going to the LSM
+// meanwhile). A generation is written once and never changes, so the same
+// list (each one's id, keys, minutes, Mark's sequence and seal) means the
+// same keys. Open removes the file, and does not use it unless the removal
+// is on disk, so one is only there while the index is closed, as Close
+// left it: after a crash, Open scans. A file that is torn, of another
+// format, or for other generations (an LSM restored without it, or changed
+// by a meterd that did not know of it) is not used: a filter missing a key
+// would let its event be counted twice.
 
 // filterFile names the file, in the index's directory.
 const filterFile = "meterd-filter"
 
-// filterMagic begins the file, and names its format: little-endian words.
+// filterMagic begins the file, and names its format: little-endian words,
+// and the mapping of keys to bits of at and add.
 var filterMagic = [8]byte{'m', 'e', 't', 'e', 'r', 'd', 'f', '1'}
 
+// Sizes in the file: its header (the magic, blocks, probes, capacity,
+// added and how many generations), each generation (id, keys, minutes,
+// Mark's sequence, seal) and its trailer (a CRC-32C of all before it).
+const (
+	filterHeadSize  = 8 + 5*8
+	filterGenSize   = 8 + 8 + 4 + 4 + 8 + 8
+	filterTrailSize = 4
+)
+
 // filterFileSize is the size of the file of a filter of blocks blocks for
-// n generations: the magic, blocks, capacity, added, n and per generation
-// its id, keys and minutes; the words; a CRC-32C of all that.
-func filterFileSize(blocks, n uint64) uint64 { return 8 + 4*8 + n*24 + blocks*64 + 4 }
+// n generations.
+func filterFileSize(blocks, n uint64) uint64 {
+	return filterHeadSize + n*filterGenSize + blocks*64 + filterTrailSize
+}
+
+// appendGen appends g's record in the file to b.
+func appendGen(b []byte, g gen) []byte {
+	b = binary.LittleEndian.AppendUint64(b, g.id)
+	b = binary.LittleEndian.AppendUint64(b, uint64(g.Keys))
+	b = binary.LittleEndian.AppendUint32(b, g.Min)
+	b = binary.LittleEndian.AppendUint32(b, g.Max)
+	b = binary.LittleEndian.AppendUint64(b, g.MarkSeq)
+	sealed := uint64(0)
+	if g.Sealed {
+		sealed = 1
+	}
+	return binary.LittleEndian.AppendUint64(b, sealed)
+}
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
@@ -293,17 +329,12 @@ func saveFilter(dir string, f *filter, gens []gen) (err error) {
 	}()
 	sum := crc32.New(castagnoli)
 	w := bufio.NewWriterSize(io.MultiWriter(file, sum), 1<<20)
-	var b []byte
-	b = append(b, filterMagic[:]...)
-	b = binary.LittleEndian.AppendUint64(b, f.blocks)
-	b = binary.LittleEndian.AppendUint64(b, uint64(f.capacity))
-	b = binary.LittleEndian.AppendUint64(b, uint64(f.added.Load()))
-	b = binary.LittleEndian.AppendUint64(b, uint64(len(gens)))
+	b := append([]byte(nil), filterMagic[:]...)
+	for _, v := range []uint64{f.blocks, filterProbes, uint64(f.capacity), uint64(f.added.Load()), uint64(len(gens))} {
+		b = binary.LittleEndian.AppendUint64(b, v)
+	}
 	for _, g := range gens {
-		b = binary.LittleEndian.AppendUint64(b, g.id)
-		b = binary.LittleEndian.AppendUint64(b, uint64(g.Keys))
-		b = binary.LittleEndian.AppendUint32(b, g.Min)
-		b = binary.LittleEndian.AppendUint32(b, g.Max)
+		b = appendGen(b, g)
 	}
 	w.Write(b)
 	buf := make([]byte, 0, 1<<16)
@@ -326,23 +357,49 @@ func saveFilter(dir string, f *filter, gens []gen) (err error) {
 	if err := file.Close(); err != nil {
 		return err
 	}
-	return os.Rename(tmp, filepath.Join(dir, filterFile))
+	if err := os.Rename(tmp, filepath.Join(dir, filterFile)); err != nil {
+		return err
+	}
+	return syncDir(dir)
+}
+
+// syncDir makes the creations, renames and removals in dir durable.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	return errors.Join(d.Sync(), d.Close())
+}
+
+// dropFilterFile removes dir's filterFile, and its temporary file, and
+// makes that durable.
+func dropFilterFile(dir string) error {
+	path := filepath.Join(dir, filterFile)
+	os.Remove(path + ".tmp")
+	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	return syncDir(dir)
 }
 
 // loadFilter reads dir's filterFile, and removes it: the filter, if it was
-// written for gens exactly and is whole; nil, with the reason, if not (nil
-// and no error when there is no file).
-func loadFilter(dir string, gens []gen) (*filter, error) {
-	path := filepath.Join(dir, filterFile)
-	defer os.Remove(path)
-	os.Remove(path + ".tmp")
-	file, err := os.Open(path)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, nil
-	}
+// written for gens exactly and is whole and its removal durable; nil, with
+// the reason, if not (nil and no error when there is no file).
+func loadFilter(dir string, gens []gen) (f *filter, err error) {
+	file, err := os.Open(filepath.Join(dir, filterFile))
 	if err != nil {
-		return nil, err
+		if errors.Is(err, fs.ErrNotExist) {
+			err = nil
+		}
+		return nil, errors.Join(err, dropFilterFile(dir))
 	}
+	defer func() {
+		// Used only if it cannot be read again after a crash.
+		if err = errors.Join(err, dropFilterFile(dir)); err != nil {
+			f = nil
+		}
+	}()
 	defer file.Close()
 	fi, err := file.Stat()
 	if err != nil {
@@ -352,32 +409,35 @@ func loadFilter(dir string, gens []gen) (*filter, error) {
 	sum := crc32.New(castagnoli)
 	br := bufio.NewReaderSize(file, 1<<20)
 	r := io.TeeReader(br, sum)
-	head := make([]byte, 8+4*8)
+	head := make([]byte, filterHeadSize)
 	if _, err := io.ReadFull(r, head); err != nil {
 		return nil, fmt.Errorf("header: %w", err)
 	}
 	if [8]byte(head[:8]) != filterMagic {
 		return nil, errors.New("not a filter of this format")
 	}
-	blocks := binary.LittleEndian.Uint64(head[8:])
-	capacity, added := int64(binary.LittleEndian.Uint64(head[16:])), int64(binary.LittleEndian.Uint64(head[24:]))
-	n := binary.LittleEndian.Uint64(head[32:])
-	if n != uint64(len(gens)) || blocks == 0 || blocks > math.MaxInt64/64 ||
-		filterFileSize(blocks, n) != uint64(fi.Size()) || capacity < 0 || added < 0 {
-		return nil, fmt.Errorf("written for %d generations, %d blocks, in %d bytes: not for the %d generations here", n, blocks, fi.Size(), len(gens))
+	field := func(i int) uint64 { return binary.LittleEndian.Uint64(head[8+8*i:]) }
+	blocks, probes, capacity, added, n := field(0), field(1), int64(field(2)), int64(field(3)), field(4)
+	size := uint64(fi.Size())
+	switch {
+	case probes != filterProbes || blocks == 0 || capacity < 0 || added < 0:
+		return nil, fmt.Errorf("header of %d blocks, %d probes, capacity %d, %d keys added: not of this format", blocks, probes, capacity, added)
+	case blocks > size/64 || n > size/filterGenSize || filterFileSize(blocks, n) != size:
+		return nil, fmt.Errorf("%d bytes, not the size of %d blocks and %d generations: torn", size, blocks, n)
+	case n != uint64(len(gens)):
+		return nil, fmt.Errorf("saved for %d generations, not the %d here", n, len(gens))
 	}
-	g := make([]byte, 24)
-	for _, want := range gens {
-		if _, err := io.ReadFull(r, g); err != nil {
+	rec := make([]byte, filterGenSize)
+	for _, g := range gens {
+		if _, err := io.ReadFull(r, rec); err != nil {
 			return nil, err
 		}
-		if got := (gen{id: binary.LittleEndian.Uint64(g), Keys: int64(binary.LittleEndian.Uint64(g[8:])),
-			Min: binary.LittleEndian.Uint32(g[16:]), Max: binary.LittleEndian.Uint32(g[20:])}); got.id != want.id ||
-			got.Keys != want.Keys || got.Min != want.Min || got.Max != want.Max {
-			return nil, fmt.Errorf("written for generation %d of %d keys, not %d of %d", got.id, got.Keys, want.id, want.Keys)
+		if want := appendGen(nil, g); !bytes.Equal(rec, want) {
+			return nil, fmt.Errorf("saved for generation %d of %d keys, not %d of %d", binary.LittleEndian.Uint64(rec),
+				binary.LittleEndian.Uint64(rec[8:]), g.id, g.Keys)
 		}
 	}
-	f := &filter{words: make([]atomic.Uint64, blocks*8), blocks: blocks, capacity: capacity}
+	f = &filter{words: make([]atomic.Uint64, blocks*8), blocks: blocks, capacity: capacity}
 	f.added.Store(added)
 	buf := make([]byte, 1<<16)
 	for i := 0; i < len(f.words); {
@@ -391,12 +451,12 @@ func loadFilter(dir string, gens []gen) (*filter, error) {
 		}
 	}
 	want := sum.Sum32()
-	tail := make([]byte, 4)
+	tail := make([]byte, filterTrailSize)
 	if _, err := io.ReadFull(br, tail); err != nil {
 		return nil, err
 	}
 	if binary.LittleEndian.Uint32(tail) != want {
-		return nil, errors.New("checksum mismatch")
+		return nil, errors.New("checksum mismatch: corrupted")
 	}
 	return f, nil
 }

@@ -228,6 +228,8 @@ func TestFilterKeptAcrossClose(t *testing.T) {
 		}
 		all = append(all, ks...)
 	}
+	// What the last Close saved: the file, and its filter's counts.
+	var added, capacity int64
 	closeIndex := func(ix *Index) []byte {
 		t.Helper()
 		if err := ix.Close(); err != nil {
@@ -237,7 +239,18 @@ func TestFilterKeptAcrossClose(t *testing.T) {
 		if err != nil {
 			t.Fatalf("no filter saved at Close: %v", err)
 		}
+		added, capacity = ix.filter.added.Load(), ix.filter.capacity
 		return saved
+	}
+	// A filter read back has the counts it was saved with.
+	sameCounts := func(ix *Index, when string) {
+		t.Helper()
+		ix.mu.Lock()
+		defer ix.mu.Unlock()
+		if ix.filter.added.Load() != added || ix.filter.capacity != capacity {
+			t.Fatalf("%s: filter of %d keys added, capacity %d; saved with %d and %d", when,
+				ix.filter.added.Load(), ix.filter.capacity, added, capacity)
+		}
 	}
 
 	ix := reopen("new", true) // a scan of nothing
@@ -247,7 +260,15 @@ func TestFilterKeptAcrossClose(t *testing.T) {
 	waitFilter(t, ix)
 	closeIndex(ix)
 
+	// A temporary file left by a save cut short is removed too.
+	if err := os.WriteFile(file+".tmp", []byte("cut short"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	ix = reopen("reopened", false)
+	sameCounts(ix, "reopened")
+	if _, err := os.Stat(file + ".tmp"); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("the temporary file is still there after Open (%v)", err)
+	}
 	add(ix, keys("b", 3000))
 	stale := closeIndex(ix)
 
@@ -273,6 +294,7 @@ func TestFilterKeptAcrossClose(t *testing.T) {
 	ix = reopen("with a torn filter", true)
 	closeIndex(ix)
 	ix = reopen("after a clean close", false)
+	sameCounts(ix, "after a clean close")
 
 	// A crash: a copy of the open index's directory, with no filter.
 	crashed := t.TempDir()
@@ -281,5 +303,91 @@ func TestFilterKeptAcrossClose(t *testing.T) {
 	}
 	closeIndex(ix)
 	dir, file = crashed, filepath.Join(crashed, filterFile)
-	reopen("after a crash", true)
+	ix = reopen("after a crash", true)
+
+	// An index without a filter saves none.
+	if err := ix.Close(); err != nil {
+		t.Fatal(err)
+	}
+	none, err := Open(Options{Dir: dir, Horizon: time.Hour, noFilter: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := none.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(file); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("an index without a filter saved one (%v)", err)
+	}
+}
+
+// A filter saved for as many generations as the LSM holds, but not the
+// same ones, is not used: here Expire deleted one and a spill wrote
+// another with as many keys.
+func TestFilterOfOtherGenerations(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, filterFile)
+	now := time.Date(2026, 12, 6, 10, 0, 0, 0, time.UTC)
+	old := now.Add(-3 * time.Hour)
+	x, y, z := keys("x", 3000), keys("y", 3000), keys("z", 3000)
+	step := func(ix *Index, err error) *Index {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ix
+	}
+	reopen := func() *Index {
+		t.Helper()
+		ix := step(Open(Options{Dir: dir, Horizon: time.Hour, filterKeys: 100_000}))
+		t.Cleanup(func() { ix.Close() })
+		waitFilter(t, ix)
+		return ix
+	}
+	ix := reopen()
+	step(ix, ix.Add(x, old, Mark{Store: "s", Through: old}))
+	step(ix, ix.Flush())
+	step(ix, ix.Add(y, now, Mark{Store: "s", Through: now}))
+	step(ix, ix.Close())
+	saved, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	ix = reopen()
+	if n, err := ix.Expire(context.Background(), now); err != nil || n != len(x) {
+		t.Fatalf("Expire deleted %d keys (%v), want the %d of x", n, err, len(x))
+	}
+	step(ix, ix.Add(z, now, Mark{Store: "s", Through: now}))
+	step(ix, ix.Close())
+	if len(ix.gens) != 2 {
+		t.Fatalf("%d generations after Expire and a spill, want 2 as before", len(ix.gens))
+	}
+	if err := os.WriteFile(file, saved, 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	ix = reopen()
+	if ix.scanned.Load() != int64(len(y)+len(z)) {
+		t.Fatalf("scanned %d keys, want the %d of y and z: a filter of other generations was used", ix.scanned.Load(), len(y)+len(z))
+	}
+	if n := countHeld(t, ix, z, now); n != len(z) {
+		t.Fatalf("held %d of the %d keys of the newest generation", n, len(z))
+	}
+}
+
+// The mapping of keys to bits is part of the saved filter's format: a
+// change to it must change filterMagic, then these words.
+func TestFilterLayout(t *testing.T) {
+	f := newFilter(1)
+	k := KeyOf("acme", "evt-1")
+	f.add(&k)
+	var words [8]uint64
+	for i := range words {
+		words[i] = f.words[i].Load()
+	}
+	want := [8]uint64{0, 0x10000000000, 0x10, 0x8000002, 0x100000200000, 0x100000000000, 0, 0}
+	if words != want || filterMagic != [8]byte{'m', 'e', 't', 'e', 'r', 'd', 'f', '1'} {
+		t.Fatalf("a key's bits are %#x (format %q), want %#x: if the mapping changed, change filterMagic and this test", words, filterMagic[:], want)
+	}
 }

@@ -56,8 +56,9 @@ const genKeyLen = 8 + len(Key{})
 // gen describes a generation; it is its meta's value, but for id.
 type gen struct {
 	id uint64
-	// Keys is how many keys it holds (less those Expire deleted since it
-	// opened), and Min and Max the earliest and latest of their minutes.
+	// Keys is how many keys it holds, and Min and Max the earliest and
+	// latest of their minutes; none changes after it is written (a saved
+	// filter is matched to the generations by them: filter.go).
 	Keys int64  `json:"keys"`
 	Min  uint32 `json:"min"`
 	Max  uint32 `json:"max"`

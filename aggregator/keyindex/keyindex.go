@@ -555,8 +555,9 @@ func (ix *Index) Flush() error {
 	return nil
 }
 
-// Close closes the index, after it spilled the keys in memory and saved the
-// in-memory filter (filter.go); it is idempotent.
+// Close spills the keys in memory, saves the in-memory filter if the spill
+// succeeded and one is in use (a failed save is logged: the next Open
+// scans; filter.go) and closes the index; it is idempotent.
 func (ix *Index) Close() error {
 	ix.stopBuilds(true)
 	ix.mu.Lock()

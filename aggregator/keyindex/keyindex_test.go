@@ -391,7 +391,8 @@ func BenchmarkReopen(b *testing.B) {
 	size := benchKeys(b)
 	dir := b.TempDir()
 	ix := open(b, dir, time.Hour)
-	loadRandom(b, ix, size, time.Now())
+	now := time.Now()
+	loadRandom(b, ix, size, now)
 	waitFilter(b, ix)
 	if err := ix.Close(); err != nil {
 		b.Fatal(err)
@@ -419,6 +420,18 @@ func BenchmarkReopen(b *testing.B) {
 				cpu += cpuTime(b) - cpu0
 				if !scan && ix.scanned.Load() != 0 {
 					b.Fatalf("scanned %d keys with the filter saved", ix.scanned.Load())
+				}
+				// Keys loaded are held, through the filter; others are not.
+				ix.mu.Lock()
+				f := ix.filter
+				ix.mu.Unlock()
+				var k Key
+				for i := range 1000 {
+					binary.BigEndian.PutUint64(k[:], uint64(i*(size/1000)))
+					if present, absent := KeyOf("bench", string(k[:8])), KeyOf("absent", string(k[:8])); !f.mayContain(&present) ||
+						countHeld(b, ix, []Key{present, absent}, now) != 1 {
+						b.Fatalf("key %d of the index not held, or a key never added held", i*(size/1000))
+					}
 				}
 				start = time.Now()
 				if err := ix.Close(); err != nil {
