@@ -110,7 +110,7 @@ func (ix *Index) startBuild(least int64) {
 	f := newFilter(max(ix.keysHeld()*5/4, ix.minFilter, least))
 	it, err := ix.db.NewIter(nil)
 	if err != nil {
-		ix.opts.Logger.Errorf("keyindex: filter: %v", err)
+		ix.log.Error("filter: scan", "err", err)
 		return
 	}
 	ctx, stop := context.WithCancel(ix.buildCtx)
@@ -132,10 +132,10 @@ func (ix *Index) readFilter() {
 	f, err := loadFilter(ix.dir, ix.gens)
 	switch {
 	case err != nil:
-		ix.opts.Logger.Errorf("keyindex: filter: %s not used: %v", filepath.Join(ix.dir, filterFile), err)
+		ix.log.Error("filter: the saved filter is not used: keys are scanned instead", "path", filepath.Join(ix.dir, filterFile), "err", err)
 	case f != nil:
 		ix.filter = f
-		ix.opts.Logger.Infof("keyindex: filter of %d keys read in %s", f.added.Load(), time.Since(start).Round(time.Millisecond))
+		ix.log.Info("filter: read back", "keys", f.added.Load(), "duration", time.Since(start).Round(time.Millisecond))
 		ix.rebuildFull()
 		return
 	}
@@ -173,13 +173,13 @@ func (ix *Index) build(ctx context.Context, f *filter, it *pebble.Iterator) {
 	ix.building = nil
 	if err != nil {
 		if ctx.Err() == nil {
-			ix.opts.Logger.Errorf("keyindex: filter: %v", err)
+			ix.log.Error("filter: scan", "err", err)
 		}
 		return
 	}
 	ix.filter = f
 	ix.scanned.Add(n)
-	ix.opts.Logger.Infof("keyindex: filter of %d keys built in %s", n, time.Since(start).Round(time.Millisecond))
+	ix.log.Info("filter: built by a scan", "keys", n, "duration", time.Since(start).Round(time.Millisecond))
 	ix.rebuildFull()
 }
 

@@ -3,12 +3,16 @@ package keyindex
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"io/fs"
 	"os"
 	"os/exec"
+	"log/slog"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 )
@@ -389,5 +393,44 @@ func TestFilterLayout(t *testing.T) {
 	want := [8]uint64{0, 0x10000000000, 0x10, 0x8000002, 0x100000200000, 0x100000000000, 0, 0}
 	if words != want || filterMagic != [8]byte{'m', 'e', 't', 'e', 'r', 'd', 'f', '1'} {
 		t.Fatalf("a key's bits are %#x (format %q), want %#x: if the mapping changed, change filterMagic and this test", words, filterMagic[:], want)
+	}
+}
+
+// The index says at Info what its filter cost an operator: saved at
+// Close, read back at Open (or built by a scan), with keys and durations.
+func TestFilterLogs(t *testing.T) {
+	dir := t.TempDir()
+	var logs bytes.Buffer
+	log := slog.New(slog.NewJSONHandler(&logs, nil))
+	now := time.Date(2026, 12, 6, 10, 0, 0, 0, time.UTC)
+	for i := range 2 {
+		ix, err := Open(Options{Dir: dir, Horizon: time.Hour, Logger: log})
+		if err != nil {
+			t.Fatal(err)
+		}
+		waitFilter(t, ix)
+		if err := ix.Add(keys(fmt.Sprint("round", i), 500), now, Mark{Store: "s", Through: now}); err != nil {
+			t.Fatal(err)
+		}
+		if err := ix.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var lines []string
+	for l := range strings.Lines(logs.String()) {
+		var rec struct {
+			Level, Msg, Component string
+			Keys                  *int64
+		}
+		if err := json.Unmarshal([]byte(l), &rec); err != nil {
+			t.Fatalf("log line %q: %v", l, err)
+		}
+		if rec.Level == "INFO" && rec.Component == "keyindex" && rec.Keys != nil {
+			lines = append(lines, fmt.Sprintf("%s %d", rec.Msg, *rec.Keys))
+		}
+	}
+	want := []string{"filter: built by a scan 0", "filter: saved 500", "filter: read back 500", "filter: saved 1000"}
+	if !slices.Equal(lines, want) {
+		t.Fatalf("Info lines with keys:\n%s\nwant:\n%s\nall logs:\n%s", strings.Join(lines, "\n"), strings.Join(want, "\n"), logs.String())
 	}
 }

@@ -310,15 +310,14 @@ func (ix *Index) merge(ctx context.Context, db *pebble.DB, id uint64, in []gen) 
 	}
 	if err != nil {
 		if ctx.Err() == nil {
-			ix.opts.Logger.Errorf("keyindex: merge: %v", err)
+			ix.log.Error("merge", "err", err)
 		}
 		return
 	}
 	if ctx.Err() != nil || ix.db != db {
 		return
 	}
-	ix.opts.Logger.Infof("keyindex: merged %d generations into one of %d keys in %s", len(in), out.Keys,
-		time.Since(start).Round(time.Millisecond))
+	ix.log.Info("merged", "generations", len(in), "keys", out.Keys, "duration", time.Since(start).Round(time.Millisecond))
 	ix.maybeMerge()
 }
 

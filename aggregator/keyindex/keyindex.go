@@ -148,7 +148,10 @@ type Options struct {
 	// since the last spill began and those it writes (DefaultBufferBytes if
 	// 0).
 	BufferBytes int64
-	// Logger receives the LSM's log lines; nil discards them.
+	// Logger receives the index's log lines (at Info, the filter read
+	// back, built by a scan or saved, and each merge, with their keys and
+	// durations; at Error, what failed) and the LSM's (at Debug, its
+	// errors at Error); nil discards them.
 	Logger *slog.Logger
 
 	// tune, if set, adjusts the LSM's options last (the benchmarks' A/B).
@@ -164,6 +167,7 @@ type Options struct {
 type Index struct {
 	db      *pebble.DB
 	opts    *pebble.Options
+	log     *slog.Logger
 	horizon time.Duration
 	dir     string
 	// spillKeys is how many recent keys start a spill.
@@ -246,6 +250,7 @@ func Open(o Options) (*Index, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
+	log = log.With("component", "keyindex")
 	if err := os.MkdirAll(o.Dir, 0o755); err != nil {
 		return nil, fmt.Errorf("keyindex: %w", err)
 	}
@@ -254,7 +259,7 @@ func Open(o Options) (*Index, error) {
 		// Only Expire's deletions go through the memtable; keys are
 		// spilled as tables.
 		MemTableSize: 4 << 20,
-		Logger:       logger{log.With("component", "keyindex")},
+		Logger:       logger{log},
 		// Lookups are of whole keys; every level filters them.
 		Comparer: pebble.DefaultComparer,
 	}
@@ -271,14 +276,14 @@ func Open(o Options) (*Index, error) {
 	// Excise (dropping a generation's tables whole) needs virtual tables.
 	popts.FormatMajorVersion = pebble.FormatVirtualSSTables
 	popts.EnsureDefaults()
-	db, gens, err := openDB(o.Dir, popts)
+	db, gens, err := openDB(o.Dir, popts, log)
 	if err != nil {
 		popts.Cache.Unref()
 		return nil, fmt.Errorf("keyindex: open %s: %w", o.Dir, err)
 	}
 	removeSpills(o.Dir)
 	spillKeys := int(max(o.BufferBytes/(2*bufferBytesPerKey), 1))
-	ix := &Index{db: db, opts: popts, horizon: o.Horizon, dir: o.Dir, spillKeys: spillKeys,
+	ix := &Index{db: db, opts: popts, log: log, horizon: o.Horizon, dir: o.Dir, spillKeys: spillKeys,
 		recent: make(map[Key]uint32), minFilter: cmp.Or(o.filterKeys, minFilterKeys), noFilter: o.noFilter}
 	ix.written = sync.NewCond(&ix.mu)
 	ix.mu.Lock()
@@ -293,14 +298,14 @@ func Open(o Options) (*Index, error) {
 // openDB opens the LSM in dir and reads its generations. An index of an
 // earlier format is emptied: the store's catch-up finds no Mark and loads
 // it again.
-func openDB(dir string, opts *pebble.Options) (*pebble.DB, []gen, error) {
+func openDB(dir string, opts *pebble.Options, log *slog.Logger) (*pebble.DB, []gen, error) {
 	db, err := pebble.Open(dir, opts)
 	if err != nil {
 		return nil, nil, err
 	}
 	ok, err := currentFormat(db)
 	if err == nil && !ok {
-		opts.Logger.Infof("keyindex: %s holds an index of an earlier format: emptied, to be loaded again", dir)
+		log.Info("the index is of an earlier format: emptied, to be loaded again", "dir", dir)
 		if err = db.Close(); err != nil {
 			return nil, nil, err
 		}
@@ -508,7 +513,7 @@ func (ix *Index) writeFrozen(db *pebble.DB, keys map[Key]uint32, mark *Mark, id 
 		err = ix.ingest(paths, g, done)
 	}
 	if err != nil {
-		ix.opts.Logger.Errorf("keyindex: spill failed, to be tried again: %v", err)
+		ix.log.Error("spill failed, to be tried again", "err", err)
 	}
 	ix.writing = false
 	ix.written.Broadcast()
@@ -570,9 +575,9 @@ func (ix *Index) Close() error {
 		start := time.Now()
 		if err := saveFilter(ix.dir, ix.filter, ix.gens); err != nil {
 			// The next Open scans instead.
-			ix.opts.Logger.Errorf("keyindex: filter: save: %v", err)
+			ix.log.Error("filter: save", "err", err)
 		} else {
-			ix.opts.Logger.Infof("keyindex: filter of %d keys saved in %s", ix.filter.added.Load(), time.Since(start).Round(time.Millisecond))
+			ix.log.Info("filter: saved", "keys", ix.filter.added.Load(), "duration", time.Since(start).Round(time.Millisecond))
 		}
 	}
 	err = errors.Join(err, ix.db.Close())
