@@ -85,19 +85,19 @@ func (f *filter) mayContain(k *Key) bool {
 // full reports whether f holds more keys than it was sized for.
 func (f *filter) full() bool { return f.added.Load() > f.capacity }
 
-// The filter's life: Open reads the filter Close saved, if it was saved
-// for the LSM's generations, or else starts a build (a scan of every key
-// in the LSM); until one ends, lookups go to the LSM. Every spill adds its keys to the
-// filter in use and to the one being built before it ingests them, and a
-// build's scan starts, under ix.mu, from a view of the LSM taken with it:
-// so a key in the LSM is in the filter in use, always. A Loader adds its
-// keys to the filters as it writes them, before its ingest, like a spill
+// The filter's life: Open reads the filter Close saved, if it was saved for
+// the LSM's generations, or else starts a build (a scan of every key in the
+// LSM); until one ends, lookups go to the LSM. Every spill adds its keys to
+// the filter in use and to the one being built before it ingests them, and a
+// build's scan starts, under ix.mu, from a view of the LSM taken with it: so
+// a key in the LSM is in the filter in use, always. A Loader adds its keys
+// to the filters as it writes them, before its ingest, like a spill
 // (loadFilters); a filter without room for them is dropped, and one whose
 // build started after that misses them and is dropped at the ingest, a new
 // build starting after it. A filter that reaches its capacity (keys added,
 // expired ones included: an Expire does not remove them) is replaced by a
-// build with more room (rebuildFull). A filter is sized
-// with room for a quarter more keys than the generations hold.
+// build with more room (rebuildFull). A filter is sized with room for a
+// quarter more keys than the generations hold.
 
 // startBuild starts building a filter of at least least keys for the keys
 // in the LSM, unless one is being built; ix.mu is held. The new filter
