@@ -91,6 +91,12 @@ func metaKeyOf(id uint64) []byte {
 	return append(genPrefix(id), bytes.Repeat([]byte{0xff}, len(Key{})+1)...)
 }
 
+// newGen returns the id of a new generation; ix.mu is held.
+func (ix *Index) newGen() uint64 {
+	ix.nextGen++
+	return ix.nextGen - 1
+}
+
 // class returns g's merge class: how many times mergeFanIn spills it holds,
 // in powers (0 below mergeFanIn spills).
 func (ix *Index) class(keys int64) int {
@@ -287,8 +293,7 @@ func (ix *Index) maybeMerge() {
 			continue
 		}
 		in := gs[:mergeFanIn]
-		id := ix.nextGen
-		ix.nextGen++
+		id := ix.newGen()
 		ix.mergeIn = in
 		ctx, db := ix.buildCtx, ix.db
 		ix.builds.Go(func() { ix.merge(ctx, db, id, in) })

@@ -256,8 +256,8 @@ func Open(o Options) (*Index, error) {
 	}
 	popts := &pebble.Options{
 		Cache: pebble.NewCache(o.CacheBytes),
-		// Only Expire's deletions go through the memtable; keys are
-		// spilled as tables.
+		// Nothing goes through the memtable: keys come in as whole tables
+		// and generations leave by excise.
 		MemTableSize: 4 << 20,
 		Logger:       logger{log},
 		// Lookups are of whole keys; every level filters them.
@@ -490,9 +490,8 @@ func (ix *Index) startSpill() {
 // freeze makes the recent keys and their Mark the ones a spill writes; ix.mu
 // is held and nothing is frozen.
 func (ix *Index) freeze() {
-	ix.frozen, ix.frozenMark, ix.frozenGen = ix.recent, ix.pending, ix.nextGen
+	ix.frozen, ix.frozenMark, ix.frozenGen = ix.recent, ix.pending, ix.newGen()
 	ix.recent, ix.pending = make(map[Key]uint32, len(ix.frozen)), nil
-	ix.nextGen++
 }
 
 // writeFrozen writes the frozen keys' table outside ix.mu, then ingests it
@@ -547,17 +546,11 @@ func (ix *Index) Mark() (m Mark, ok bool, err error) {
 	return Mark{}, false, nil
 }
 
-// Flush spills the recent keys and writes the memtable to disk.
+// Flush spills the recent keys: when it returns, they are on disk.
 func (ix *Index) Flush() error {
 	ix.mu.Lock()
 	defer ix.mu.Unlock()
-	if err := ix.spill(); err != nil {
-		return err
-	}
-	if err := ix.db.Flush(); err != nil {
-		return fmt.Errorf("keyindex: flush: %w", err)
-	}
-	return nil
+	return ix.spill()
 }
 
 // Close spills the keys in memory, saves the in-memory filter if the spill

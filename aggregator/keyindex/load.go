@@ -266,8 +266,7 @@ func (l *Loader) genOf(slice uint32) uint64 {
 		return g.id
 	}
 	l.ix.mu.Lock()
-	id := l.ix.nextGen
-	l.ix.nextGen++
+	id := l.ix.newGen()
 	l.ix.mu.Unlock()
 	l.gens[slice] = &gen{id: id, Min: math.MaxUint32}
 	return id
@@ -324,8 +323,7 @@ func (ix *Index) Expire(ctx context.Context, now time.Time) (int, error) {
 	}
 	for _, g := range sweep {
 		ix.mu.Lock()
-		id := ix.nextGen
-		ix.nextGen++
+		id := ix.newGen()
 		ix.mu.Unlock()
 		paths, out, err := ix.writeMerge(ctx, db, id, []gen{g}, now)
 		if err == nil {
