@@ -19,6 +19,7 @@ import (
 
 	"github.com/meterd/meterd/catalog"
 	"github.com/meterd/meterd/internal/auth"
+	"github.com/meterd/meterd/internal/bucket"
 	"github.com/meterd/meterd/internal/ctxtime"
 	"github.com/meterd/meterd/internal/quiet"
 	"github.com/meterd/meterd/schemas"
@@ -349,18 +350,18 @@ func (e *Enforcer) prepare(ctx context.Context) (*buckets, jetstream.KeyWatcher,
 	var b buckets
 	var tenants jetstream.KeyValue
 	for _, kc := range []struct {
-		kv  *jetstream.KeyValue
-		cfg jetstream.KeyValueConfig
+		kv   *jetstream.KeyValue
+		spec bucket.Spec
 	}{
-		{&b.blocklist, jetstream.KeyValueConfig{Bucket: schemas.BlocklistBucket, Description: "meterd decisions: key = tenant, a delete unblocks", History: 1, Storage: jetstream.FileStorage}},
-		{&b.billing, jetstream.KeyValueConfig{Bucket: BillingBucket, Description: "meterd billing records from webhooks: key = tenant", History: 1, Storage: jetstream.FileStorage}},
-		{&tenants, jetstream.KeyValueConfig{Bucket: TenantsBucket, Description: "meterd tenant changes of the admin API: key = tenant", History: 1, Storage: jetstream.FileStorage}},
-		{&b.notify, jetstream.KeyValueConfig{Bucket: NotifyBucket, Description: "meterd notifications sent: key = notification id", History: 1, Storage: jetstream.FileStorage, TTL: notifyMarkerTTL}},
+		{&b.blocklist, bucket.Spec{Name: schemas.BlocklistBucket, Description: "meterd decisions: key = tenant, a delete unblocks"}},
+		{&b.billing, bucket.Spec{Name: BillingBucket, Description: "meterd billing records from webhooks: key = tenant"}},
+		{&tenants, bucket.Spec{Name: TenantsBucket, Description: "meterd tenant changes of the admin API: key = tenant"}},
+		{&b.notify, bucket.Spec{Name: NotifyBucket, Description: "meterd notifications sent: key = notification id", TTL: notifyMarkerTTL}},
 	} {
-		kc.cfg.Replicas = e.cfg.Replicas
-		kv, err := e.js.CreateOrUpdateKeyValue(ctx, kc.cfg)
+		kc.spec.Replicas = e.cfg.Replicas
+		kv, err := bucket.Ensure(ctx, e.js, kc.spec)
 		if err != nil {
-			return nil, nil, fmt.Errorf("bucket %s: %w", kc.cfg.Bucket, err)
+			return nil, nil, err
 		}
 		*kc.kv = kv
 	}

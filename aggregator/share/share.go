@@ -55,6 +55,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/meterd/meterd/internal/bucket"
 	"github.com/meterd/meterd/internal/ctxtime"
 	"github.com/meterd/meterd/internal/quiet"
 	"github.com/meterd/meterd/schemas"
@@ -177,16 +178,14 @@ func New(ctx context.Context, cfg Config) (*Group, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	kv, err := cfg.JS.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
-		Bucket:      cfg.Bucket,
+	kv, err := bucket.Ensure(ctx, cfg.JS, bucket.Spec{
+		Name:        cfg.Bucket,
 		Description: "meterd aggregators sharing the usage partitions: key = member, expires without heartbeats",
-		History:     1,
 		TTL:         cfg.TTL,
-		Storage:     jetstream.FileStorage,
-		Replicas:    max(cfg.Replicas, 1),
+		Replicas:    cfg.Replicas,
 	})
 	if err != nil {
-		return nil, fmt.Errorf("share: bucket %s: %w", cfg.Bucket, err)
+		return nil, fmt.Errorf("share: %w", err)
 	}
 	g := &Group{cfg: cfg, log: cfg.Logger.With("component", "share", "member", cfg.Member), kv: kv, workers: map[int]*running{}, built: map[int]Worker{},
 		ownedGauge: prometheus.NewGauge(prometheus.GaugeOpts{

@@ -71,6 +71,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/meterd/meterd/internal/bucket"
 	"github.com/meterd/meterd/internal/ctxtime"
 )
 
@@ -189,15 +190,13 @@ func New(ctx context.Context, cfg Config) (*Lease, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	kv, err := cfg.JS.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
-		Bucket:      cfg.Bucket,
+	kv, err := bucket.Ensure(ctx, cfg.JS, bucket.Spec{
+		Name:        cfg.Bucket,
 		Description: "meterd leases of single writers: key = writer scope, value = holder and fencing token",
-		History:     1,
-		Storage:     jetstream.FileStorage,
-		Replicas:    max(cfg.Replicas, 1),
+		Replicas:    cfg.Replicas,
 	})
 	if err != nil {
-		return nil, fmt.Errorf("lease: bucket %s: %w", cfg.Bucket, err)
+		return nil, fmt.Errorf("lease: %w", err)
 	}
 	l := &Lease{cfg: cfg, kv: kv, log: cfg.Logger.With("lease", cfg.Key)}
 	l.answered.Store(time.Now().UnixNano())
