@@ -464,7 +464,33 @@ type encoder interface {
 	end() error
 }
 
-// jsonEncoder writes
+// Document is the JSON form of a report, for clients to decode: the
+// encoder writes it by hand, row by row, and a test holds the two to the
+// same members.
+type Document struct {
+	Window  string        `json:"window"`
+	From    time.Time     `json:"from"`
+	To      time.Time     `json:"to"`
+	GroupBy []string      `json:"group_by"`
+	Rows    []DocumentRow `json:"rows"`
+}
+
+// DocumentRow is a row of a Document.
+type DocumentRow struct {
+	Tenant      string    `json:"tenant"`
+	Meter       string    `json:"meter"`
+	WindowStart time.Time `json:"window_start"`
+	WindowEnd   time.Time `json:"window_end"`
+	Value       int64     `json:"value"`
+	Events      int64     `json:"events"`
+	// Saturated is set when Value or Events sums beyond int64 and reads
+	// math.MaxInt64 (Row.Saturated): the usage is at least that.
+	Saturated bool `json:"saturated,omitempty"`
+	// Dimensions holds the values of GroupBy, "" for an event without one.
+	Dimensions map[string]string `json:"dimensions"`
+}
+
+// jsonEncoder writes a Document:
 //
 //	{"window":"day","from":…,"to":…,"group_by":[…],"rows":[{…},…]}
 //

@@ -218,16 +218,11 @@ func rows(t *testing.T, a answer) []string {
 	if ct := a.header.Get("Content-Type"); ct != report.MediaJSON {
 		t.Fatalf("Content-Type %q", ct)
 	}
-	var rep struct {
-		GroupBy []string `json:"group_by"`
-		Rows    []struct {
-			Tenant, Meter string
-			WindowStart   time.Time `json:"window_start"`
-			Value, Events int64
-			Dimensions    map[string]string
-		} `json:"rows"`
-	}
-	if err := json.Unmarshal([]byte(a.body), &rep); err != nil {
+	// Strictly: a member the encoder writes and Document lacks fails.
+	dec := json.NewDecoder(strings.NewReader(a.body))
+	dec.DisallowUnknownFields()
+	var rep report.Document
+	if err := dec.Decode(&rep); err != nil {
 		t.Fatalf("%v: %s", err, a.body)
 	}
 	var out []string

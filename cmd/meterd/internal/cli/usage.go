@@ -11,6 +11,7 @@ import (
 
 	"github.com/meterd/meterd/aggregator/report"
 	"github.com/meterd/meterd/enforcer"
+	"github.com/meterd/meterd/internal/saturating"
 )
 
 const usageHelp = `Usage:
@@ -83,30 +84,25 @@ func Usage(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		for _, d := range rep.GroupBy {
 			cells = append(cells, r.Dimensions[d])
 		}
-		t.Add(append(cells, r.Value, r.Events)...)
+		t.Add(append(cells, atLeast(r.Value, r.Saturated), atLeast(r.Events, r.Saturated))...)
 	}
 	return t.Print(stdout, c.format)
 }
 
-// Report is the JSON answer of GET /v1/usage.
-type Report struct {
-	GroupBy []string `json:"group_by"`
-	Rows    []struct {
-		Tenant      string            `json:"tenant"`
-		Meter       string            `json:"meter"`
-		WindowStart time.Time         `json:"window_start"`
-		WindowEnd   time.Time         `json:"window_end"`
-		Value       int64             `json:"value"`
-		Events      int64             `json:"events"`
-		Dimensions  map[string]string `json:"dimensions"`
-	} `json:"rows"`
-}
-
-// DecodeReport reads a Report from body.
-func DecodeReport(body io.Reader) (Report, error) {
-	var rep Report
+// DecodeReport reads the JSON answer of GET /v1/usage from body.
+func DecodeReport(body io.Reader) (report.Document, error) {
+	var rep report.Document
 	err := decodeAnswer(body, "the report", &rep)
 	return rep, err
+}
+
+// atLeast is the cell of a sum of a row: the number, or "≥ " and the
+// number where the row's sums went beyond int64 and read math.MaxInt64.
+func atLeast(v int64, saturated bool) any {
+	if saturated && saturating.Saturated(v) {
+		return "≥ " + Group(v)
+	}
+	return v
 }
 
 // givenEmpty refuses a filter flag set to the empty string: --tenant "$T"

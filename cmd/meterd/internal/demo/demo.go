@@ -23,6 +23,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/meterd/meterd/aggregator/report"
 	"github.com/meterd/meterd/cmd/meterd/internal/cli"
 	"github.com/meterd/meterd/enforcer"
 )
@@ -539,7 +540,7 @@ func (d *client) waitUsage(ctx context.Context, meter string, want map[string]in
 		got := map[string]int64{}
 		body, err := c.Get(ctx, "/v1/usage", url.Values{"window": {"period"}, "meter": {meter}})
 		if err == nil {
-			var rep cli.Report
+			var rep report.Document
 			rep, err = cli.DecodeReport(body)
 			body.Close()
 			for _, r := range rep.Rows {
