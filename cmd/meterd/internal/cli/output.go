@@ -41,6 +41,10 @@ type Long string
 // the table; nil is none.
 type Percent *float64
 
+// AtLeast is a sum that went beyond int64 and reads math.MaxInt64
+// (internal/saturating): CSV prints the number, the table "≥ " before it.
+type AtLeast int64
+
 // Repeat is a cell repeating the one above it, of the same record: CSV
 // prints its value, the table leaves it blank so that a record's lines read
 // as one.
@@ -51,7 +55,8 @@ type Table struct {
 	Columns []Column
 	// Rows hold one cell per column: a string, Long, int, int64, *int64
 	// (nil is none), uint64 (a sequence or version: never grouped, 0 is
-	// none), bool, time.Time (the zero time is none), Percent or Repeat.
+	// none), bool, time.Time (the zero time is none), Percent, AtLeast or
+	// Repeat.
 	Rows [][]any
 	// JSON is what --format json prints: the records as the API has them.
 	JSON any
@@ -138,6 +143,8 @@ func csvCell(v any) string {
 		return strconv.Itoa(v)
 	case int64:
 		return strconv.FormatInt(v, 10)
+	case AtLeast:
+		return strconv.FormatInt(int64(v), 10)
 	case *int64:
 		if v == nil {
 			return ""
@@ -177,6 +184,8 @@ func tableCell(v any) string {
 		s = Group(int64(v))
 	case int64:
 		s = Group(v)
+	case AtLeast:
+		s = "≥ " + Group(int64(v))
 	case *int64:
 		if v != nil {
 			s = Group(*v)

@@ -96,11 +96,11 @@ func DecodeReport(body io.Reader) (report.Document, error) {
 	return rep, err
 }
 
-// atLeast is the cell of a sum of a row: the number, or "≥ " and the
-// number where the row's sums went beyond int64 and read math.MaxInt64.
+// atLeast is the cell of a sum of a row or meter flagged saturated: AtLeast
+// for the sum that reads math.MaxInt64, the number as it is otherwise.
 func atLeast(v int64, saturated bool) any {
 	if saturated && saturating.Saturated(v) {
-		return "≥ " + Group(v)
+		return AtLeast(v)
 	}
 	return v
 }
@@ -167,7 +167,7 @@ func Summary(ctx context.Context, args []string, stdout, stderr io.Writer) error
 					rec[j] = Repeat{v}
 				}
 			}
-			t.Add(append(rec, m.Meter, m.Used, m.Limit, Percent(m.Percent), m.Status, ts.PeriodStart, ts.PeriodEnd,
+			t.Add(append(rec, m.Meter, atLeast(m.Used, m.Saturated), m.Limit, Percent(m.Percent), m.Status, ts.PeriodStart, ts.PeriodEnd,
 				firstOf(i, ts.PeriodEnd.Format(time.DateOnly)), ts.BillingStatus, firstOf(i, ts.Detail))...)
 		}
 	}
