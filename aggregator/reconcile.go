@@ -9,6 +9,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/meterd/meterd/internal/ctxtime"
+	"github.com/meterd/meterd/internal/promreg"
 	"github.com/meterd/meterd/internal/quiet"
 )
 
@@ -53,11 +54,10 @@ func NewReconciler(cfg ReconcilerConfig) (*Reconciler, error) {
 	}
 	quiet.Defaults(&cfg.Logger, &cfg.Registerer)
 	r := &Reconciler{cfg: cfg, log: cfg.Logger.With("component", "reconciler")}
-	r.repairs = prometheus.NewCounter(prometheus.CounterOpts{
-		Name: "meterd_aggregator_rollup_repairs_total",
-		Help: "Hourly rollup rows found different from the raw events and repaired.",
-	})
-	if err := cfg.Registerer.Register(r.repairs); err != nil {
+	s := promreg.On(cfg.Registerer)
+	r.repairs = s.Counter("meterd_aggregator_rollup_repairs_total",
+		"Hourly rollup rows found different from the raw events and repaired.")
+	if err := s.Err(); err != nil {
 		return nil, err
 	}
 	return r, nil

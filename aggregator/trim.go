@@ -12,6 +12,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/meterd/meterd/internal/ctxtime"
+	"github.com/meterd/meterd/internal/promreg"
 	"github.com/meterd/meterd/internal/quiet"
 	"github.com/meterd/meterd/schemas"
 )
@@ -66,28 +67,22 @@ func NewTrimmer(cfg TrimmerConfig) (*Trimmer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("aggregator: jetstream: %w", err)
 	}
+	s := promreg.On(cfg.Registerer)
 	t := &Trimmer{
 		cfg: cfg, log: cfg.Logger.With("component", "trimmer"), js: js,
-		usageBytes: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "meterd_aggregator_usage_stream_bytes", Help: "Bytes held by METERD_USAGE: batches not yet committed (committed ones are trimmed).",
-		}),
-		usageLimit: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "meterd_aggregator_usage_stream_limit_bytes", Help: "The byte bound of METERD_USAGE: past it, publishes fail and collectors spool, then answer 429.",
-		}),
-		dlqBytes: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "meterd_aggregator_dlq_bytes", Help: "Bytes held by METERD_DLQ.",
-		}),
-		dlqLimit: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "meterd_aggregator_dlq_limit_bytes", Help: "The byte bound of METERD_DLQ: past it, dead letters stay in METERD_USAGE.",
-		}),
-		dlqMsgs: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "meterd_aggregator_dlq_messages", Help: "Batches in METERD_DLQ: usage not counted until replayed (meterd dlq).",
-		}),
+		usageBytes: s.Gauge("meterd_aggregator_usage_stream_bytes",
+			"Bytes held by METERD_USAGE: batches not yet committed (committed ones are trimmed)."),
+		usageLimit: s.Gauge("meterd_aggregator_usage_stream_limit_bytes",
+			"The byte bound of METERD_USAGE: past it, publishes fail and collectors spool, then answer 429."),
+		dlqBytes: s.Gauge("meterd_aggregator_dlq_bytes",
+			"Bytes held by METERD_DLQ."),
+		dlqLimit: s.Gauge("meterd_aggregator_dlq_limit_bytes",
+			"The byte bound of METERD_DLQ: past it, dead letters stay in METERD_USAGE."),
+		dlqMsgs: s.Gauge("meterd_aggregator_dlq_messages",
+			"Batches in METERD_DLQ: usage not counted until replayed (meterd dlq)."),
 	}
-	for _, c := range []prometheus.Collector{t.usageBytes, t.usageLimit, t.dlqBytes, t.dlqLimit, t.dlqMsgs} {
-		if err := cfg.Registerer.Register(c); err != nil {
-			return nil, err
-		}
+	if err := s.Err(); err != nil {
+		return nil, err
 	}
 	return t, nil
 }

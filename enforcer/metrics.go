@@ -3,6 +3,7 @@ package enforcer
 import (
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/meterd/meterd/internal/promreg"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -37,62 +38,35 @@ type metrics struct {
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
+	s := promreg.On(reg)
 	m := &metrics{
-		decisions: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "meterd_enforcer_decisions_total",
-			Help: "Decisions written to the blocklist bucket, by reason (unblocked for a delete).",
-		}, []string{"reason"}),
-		blocked: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Name: "meterd_enforcer_blocked_tenants",
-			Help: "Tenants the blocklist bucket holds a block for, by reason.",
-		}, []string{"reason"}),
-		webhooks: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "meterd_enforcer_webhooks_total",
-			Help: "Billing webhook deliveries by outcome.",
-		}, []string{"outcome"}),
-		notifySent: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "meterd_enforcer_notifications_sent_total",
-			Help: "Notification deliveries by type, one per target (the NATS subject and each URL).",
-		}, []string{"type"}),
-		notifyFailed: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "meterd_enforcer_notifications_failed_total",
-			Help: "Notification deliveries to a URL given up after the retries, by type.",
-		}, []string{"type"}),
-		freshness: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name:    "meterd_enforcer_freshness_seconds",
-			Help:    "Time from the sealing of the usage that crossed a limit (its batch, at the collector) to the blocklist write of the block it caused.",
-			Buckets: schemas.FreshnessBuckets,
-		}),
-		reloads: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "meterd_enforcer_catalog_reloads_total",
-			Help: "Reloads of the catalog file by result (ok, error: the previous catalog stays).",
-		}, []string{"result"}),
-		reconciles: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "meterd_enforcer_reconciles_total",
-			Help: "Recomputations of usage totals from the store by result.",
-		}, []string{"result"}),
-		corrections: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "meterd_enforcer_reconcile_corrections_total",
-			Help: "Tenant meters whose in-memory usage a reconcile found different from the store's.",
-		}),
-		writeFailures: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "meterd_enforcer_blocklist_write_errors_total",
-			Help: "Failed writes to the blocklist bucket (retried).",
-		}),
-		active: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "meterd_enforcer_active_leases",
-			Help: "1 while this enforcer is the active replica (it holds the enforcer lease and writes the blocklist), 0 while it stands by.",
-		}),
-		leaseLost: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "meterd_enforcer_lease_lost_total",
-			Help: "Times this enforcer lost the enforcer lease while active (it was replaced, or a write of another replica fenced it) and stood by.",
-		}),
+		decisions: s.CounterVec("meterd_enforcer_decisions_total",
+			"Decisions written to the blocklist bucket, by reason (unblocked for a delete).", "reason"),
+		blocked: s.GaugeVec("meterd_enforcer_blocked_tenants",
+			"Tenants the blocklist bucket holds a block for, by reason.", "reason"),
+		webhooks: s.CounterVec("meterd_enforcer_webhooks_total",
+			"Billing webhook deliveries by outcome.", "outcome"),
+		notifySent: s.CounterVec("meterd_enforcer_notifications_sent_total",
+			"Notification deliveries by type, one per target (the NATS subject and each URL).", "type"),
+		notifyFailed: s.CounterVec("meterd_enforcer_notifications_failed_total",
+			"Notification deliveries to a URL given up after the retries, by type.", "type"),
+		freshness: s.Histogram("meterd_enforcer_freshness_seconds",
+			"Time from the sealing of the usage that crossed a limit (its batch, at the collector) to the blocklist write of the block it caused.", schemas.FreshnessBuckets),
+		reloads: s.CounterVec("meterd_enforcer_catalog_reloads_total",
+			"Reloads of the catalog file by result (ok, error: the previous catalog stays).", "result"),
+		reconciles: s.CounterVec("meterd_enforcer_reconciles_total",
+			"Recomputations of usage totals from the store by result.", "result"),
+		corrections: s.Counter("meterd_enforcer_reconcile_corrections_total",
+			"Tenant meters whose in-memory usage a reconcile found different from the store's."),
+		writeFailures: s.Counter("meterd_enforcer_blocklist_write_errors_total",
+			"Failed writes to the blocklist bucket (retried)."),
+		active: s.Gauge("meterd_enforcer_active_leases",
+			"1 while this enforcer is the active replica (it holds the enforcer lease and writes the blocklist), 0 while it stands by."),
+		leaseLost: s.Counter("meterd_enforcer_lease_lost_total",
+			"Times this enforcer lost the enforcer lease while active (it was replaced, or a write of another replica fenced it) and stood by."),
 	}
-	for _, c := range []prometheus.Collector{m.decisions, m.blocked, m.webhooks, m.notifySent, m.notifyFailed,
-		m.freshness, m.reloads, m.reconciles, m.corrections, m.writeFailures, m.active, m.leaseLost} {
-		if err := reg.Register(c); err != nil {
-			return nil, err
-		}
+	if err := s.Err(); err != nil {
+		return nil, err
 	}
 	// Every bounded label value exists from the start: rates and alerts see
 	// 0, not a missing series.

@@ -57,6 +57,7 @@ import (
 
 	"github.com/meterd/meterd/internal/bucket"
 	"github.com/meterd/meterd/internal/ctxtime"
+	"github.com/meterd/meterd/internal/promreg"
 	"github.com/meterd/meterd/internal/quiet"
 	"github.com/meterd/meterd/schemas"
 )
@@ -187,24 +188,17 @@ func New(ctx context.Context, cfg Config) (*Group, error) {
 	if err != nil {
 		return nil, fmt.Errorf("share: %w", err)
 	}
+	s := promreg.On(cfg.Registerer)
 	g := &Group{cfg: cfg, log: cfg.Logger.With("component", "share", "member", cfg.Member), kv: kv, workers: map[int]*running{}, built: map[int]Worker{},
-		ownedGauge: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "meterd_aggregator_partitions_assigned",
-			Help: "Usage partitions assigned to this aggregator by the shared membership (each written while its lease is held).",
-		}),
-		membersGauge: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "meterd_aggregator_members",
-			Help: "Aggregators sharing the usage partitions, as this one last read the membership.",
-		}),
-		moves: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "meterd_aggregator_partition_moves_total",
-			Help: "Usage partitions this aggregator started or stopped because the membership changed.",
-		}),
+		ownedGauge: s.Gauge("meterd_aggregator_partitions_assigned",
+			"Usage partitions assigned to this aggregator by the shared membership (each written while its lease is held)."),
+		membersGauge: s.Gauge("meterd_aggregator_members",
+			"Aggregators sharing the usage partitions, as this one last read the membership."),
+		moves: s.Counter("meterd_aggregator_partition_moves_total",
+			"Usage partitions this aggregator started or stopped because the membership changed."),
 	}
-	for _, c := range []prometheus.Collector{g.ownedGauge, g.membersGauge, g.moves} {
-		if err := cfg.Registerer.Register(c); err != nil {
-			return nil, err
-		}
+	if err := s.Err(); err != nil {
+		return nil, err
 	}
 	return g, nil
 }

@@ -12,6 +12,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/meterd/meterd/internal/promreg"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -29,46 +30,31 @@ type Observer struct {
 
 // New returns an Observer with its metrics registered on reg.
 func New(reg prometheus.Registerer) (*Observer, error) {
+	s := promreg.On(reg)
 	o := &Observer{
-		blocked: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "meterd_gate_blocked_tenants",
-			Help: "Tenants the gate holds a block for.",
-		}),
-		applied: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "meterd_gate_updates_applied_total",
-			Help: "Changes applied to the gate's snapshot: blocks added, replaced or removed.",
-		}),
-		ignored: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "meterd_gate_updates_ignored_total",
-			Help: "Decisions ignored because the gate held a newer version for the tenant.",
-		}),
-		malformed: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "meterd_gate_updates_malformed_total",
-			Help: "Blocklist values ignored because they are not a valid decision for their key.",
-		}),
-		snapshots: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "meterd_gate_snapshots_total",
-			Help: "Snapshots published; each applies a burst of updates at once.",
-		}),
-		freshness: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name:    "meterd_gate_freshness_seconds",
-			Help:    "Freshness: time from the sealing of the usage that crossed a limit (its batch, at the collector) to this gate answering with the block.",
-			Buckets: schemas.FreshnessBuckets,
-		}),
+		blocked: s.Gauge("meterd_gate_blocked_tenants",
+			"Tenants the gate holds a block for."),
+		applied: s.Counter("meterd_gate_updates_applied_total",
+			"Changes applied to the gate's snapshot: blocks added, replaced or removed."),
+		ignored: s.Counter("meterd_gate_updates_ignored_total",
+			"Decisions ignored because the gate held a newer version for the tenant."),
+		malformed: s.Counter("meterd_gate_updates_malformed_total",
+			"Blocklist values ignored because they are not a valid decision for their key."),
+		snapshots: s.Counter("meterd_gate_snapshots_total",
+			"Snapshots published; each applies a burst of updates at once."),
+		freshness: s.Histogram("meterd_gate_freshness_seconds",
+			"Freshness: time from the sealing of the usage that crossed a limit (its batch, at the collector) to this gate answering with the block.", schemas.FreshnessBuckets),
 	}
-	staleness := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-		Name: "meterd_gate_staleness_seconds",
-		Help: "Time since the gate last received a decision or the enforcer's heartbeat (since start before the first).",
-	}, func() float64 {
-		if f := o.staleness.Load(); f != nil {
-			return (*f)().Seconds()
-		}
-		return 0 // no gate yet
-	})
-	for _, c := range []prometheus.Collector{o.blocked, o.applied, o.ignored, o.malformed, o.snapshots, o.freshness, staleness} {
-		if err := reg.Register(c); err != nil {
-			return nil, err
-		}
+	s.GaugeFunc("meterd_gate_staleness_seconds",
+		"Time since the gate last received a decision or the enforcer's heartbeat (since start before the first).",
+		func() float64 {
+			if f := o.staleness.Load(); f != nil {
+				return (*f)().Seconds()
+			}
+			return 0 // no gate yet
+		})
+	if err := s.Err(); err != nil {
+		return nil, err
 	}
 	return o, nil
 }
