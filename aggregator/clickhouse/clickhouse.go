@@ -260,6 +260,7 @@ import (
 	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/ClickHouse/clickhouse-go/v2/ext"
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/meterd/meterd/aggregator"
 	"github.com/meterd/meterd/aggregator/keyindex"
@@ -294,6 +295,9 @@ type Config struct {
 	// memory: those added since its last spill and those the spill writes
 	// (keyindex.DefaultBufferBytes if 0).
 	IndexBufferBytes int64
+	// Registerer, with IndexDir, receives the index's metrics
+	// (meterd_aggregator_dedup_index_*); nil registers none.
+	Registerer prometheus.Registerer
 	// Partitions, if positive, scopes the store's writes to the tenants of
 	// usage partition Partition of Partitions (schemas.Partition), for
 	// aggregators that share the partitions: stores of different partitions
@@ -401,6 +405,8 @@ type Store struct {
 	// stopExpiry ends the index's expiry, which closes expired when done.
 	stopExpiry context.CancelFunc
 	expired    chan struct{}
+	// unregister removes the index's metrics (nil without a Registerer).
+	unregister func()
 
 	closeOnce sync.Once
 	closeErr  error
@@ -484,6 +490,14 @@ func (s *Store) openIndex(ctx context.Context, cfg Config) error {
 		CacheBytes: cfg.IndexCacheBytes, BufferBytes: cfg.IndexBufferBytes, Logger: s.log})
 	if err != nil {
 		return err
+	}
+	if reg := cfg.Registerer; reg != nil {
+		m := indexMetrics{s.index}
+		if err := reg.Register(m); err != nil {
+			s.index.Close()
+			return fmt.Errorf("dedup index metrics: %w", err)
+		}
+		s.unregister = func() { reg.Unregister(m) }
 	}
 	expiry, stop := context.WithCancel(context.Background())
 	s.stopExpiry, s.expired = stop, make(chan struct{})
@@ -1289,6 +1303,9 @@ func (s *Store) Close() error {
 		}
 		s.closeErr = s.closeConns()
 		if s.index != nil {
+			if s.unregister != nil {
+				s.unregister()
+			}
 			s.stopExpiry()
 			<-s.expired
 			s.closeErr = errors.Join(s.closeErr, s.index.Close())

@@ -8,9 +8,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/meterd/meterd/aggregator"
 	"github.com/meterd/meterd/aggregator/keyindex"
 	"github.com/meterd/meterd/internal/chtest"
+	"github.com/meterd/meterd/internal/metrictest"
 	"github.com/meterd/meterd/schemas"
 )
 
@@ -83,6 +86,50 @@ func TestIndexReopenedAfterACleanClose(t *testing.T) {
 		t.Fatalf("the same events again counted %d", n)
 	}
 	wantIndexTotal(t, second, 150)
+}
+
+// The index's metrics follow its keys: every key counted once, on disk or
+// in memory, a filter holding them, and a second store on the same
+// registry refused rather than reporting two indexes as one.
+func TestIndexMetrics(t *testing.T) {
+	dsn, reg := chtest.DSN(t), prometheus.NewRegistry()
+	s := openStore(t, Config{DSN: dsn, IndexDir: t.TempDir(), Registerer: reg})
+	if n := applied(t, s, eventBatch("b1", 0, 100, indexT0)); n != 100 {
+		t.Fatalf("counted %d of 100", n)
+	}
+	if n := applied(t, s, eventBatch("b2", 50, 120, indexT0)); n != 20 {
+		t.Fatalf("counted %d, want the 20 new", n)
+	}
+	metrictest.Check(t, reg, 8)
+	keys := func() float64 {
+		return metrictest.Value(t, reg, "meterd_aggregator_dedup_index_keys") + metrictest.Value(t, reg, "meterd_aggregator_dedup_index_recent_keys")
+	}
+	if n := keys(); n != 120 {
+		t.Errorf("index keys %g on disk and in memory, want the 120 written", n)
+	}
+	// The filter holds the keys on disk; a spill writes the recent ones.
+	if err := s.index.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if n, g := keys(), metrictest.Value(t, reg, "meterd_aggregator_dedup_index_generations"); n != 120 || g < 1 || metrictest.Value(t, reg, "meterd_aggregator_dedup_index_disk_bytes") <= 0 {
+		t.Errorf("after a spill: %g keys in %g generations, want 120 in at least 1, with bytes on disk", n, g)
+	}
+	if r := metrictest.Value(t, reg, "meterd_aggregator_dedup_index_recent_keys"); r != 0 {
+		t.Errorf("%g keys still in memory after a spill", r)
+	}
+	if f, c := metrictest.Value(t, reg, "meterd_aggregator_dedup_index_filter_keys"), metrictest.Value(t, reg, "meterd_aggregator_dedup_index_filter_capacity_keys"); f != 120 || c < f {
+		t.Errorf("filter of %g keys for %g, want the 120 on disk", f, c)
+	}
+	if _, err := New(t.Context(), Config{DSN: dsn, IndexDir: t.TempDir(), Registerer: reg}); err == nil || !strings.Contains(err.Error(), "dedup index metrics") {
+		t.Errorf("a second store's index on the same registry: %v, want refused", err)
+	}
+	// Close takes the metrics away, so the next store may register them.
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	metrictest.Check(t, reg, 0)
+	openStore(t, Config{DSN: dsn, IndexDir: t.TempDir(), Registerer: reg})
+	metrictest.Check(t, reg, 8)
 }
 
 // A writer whose index missed what another writer wrote while it stood by

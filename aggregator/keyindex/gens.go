@@ -322,6 +322,7 @@ func (ix *Index) merge(ctx context.Context, db *pebble.DB, id uint64, in []gen) 
 	if ctx.Err() != nil || ix.db != db {
 		return
 	}
+	ix.merges++
 	ix.log.Info("merged", "generations", len(in), "keys", out.Keys, "duration", time.Since(start).Round(time.Millisecond))
 	ix.maybeMerge()
 }

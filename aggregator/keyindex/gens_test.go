@@ -86,12 +86,20 @@ func TestGenerationsMerge(t *testing.T) {
 		}
 	}
 	check(ix, "merged")
+	waitFilter(t, ix)
+	if st := ix.Stats(); st.Generations != 8 || st.Keys != 7001 || st.Recent != 0 || st.Merges != 9 || st.FilterKeys != 7001 ||
+		st.FilterCapacity != minFilterKeys || st.Building || st.Scanned != 0 || st.DiskBytes == 0 {
+		t.Fatalf("stats %+v, want 8 generations of 7001 keys, none recent, 9 merges, a filter of 7001 keys for %d, no scan, bytes on disk", st, minFilterKeys)
+	}
 	// Nothing but whole tables was written, and none was compacted.
 	if m := ix.db.Metrics(); m.Compact.Count != 0 || m.Levels[6].TablesCount == 0 {
 		t.Fatalf("%d compactions, %d tables in the last level; want none, and the tables there", m.Compact.Count, m.Levels[6].TablesCount)
 	}
 	if err := ix.Close(); err != nil {
 		t.Fatal(err)
+	}
+	if st := ix.Stats(); st != (Stats{}) {
+		t.Fatalf("stats of a closed index %+v, want none", st)
 	}
 	again := open(t, dir, time.Hour)
 	check(again, "reopened")

@@ -206,8 +206,10 @@ type Index struct {
 	buildCtx  context.Context
 	stop      context.CancelFunc
 	closing   bool
-	// scanned counts the keys the builds that ended scanned.
+	// scanned counts the keys the builds that ended scanned, and merges
+	// the merges that ended (Stats).
 	scanned atomic.Int64
+	merges  int64
 
 	// gens are the generations in the LSM, in id order (gens.go), and
 	// nextGen the next one's id; mergeIn are the inputs of the merge

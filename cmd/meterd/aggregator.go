@@ -151,7 +151,7 @@ func (a *app) openStore(ctx context.Context, c config.Aggregator, writer bool) (
 		cfg.Logger = a.log
 		if writer {
 			cfg.IndexDir, cfg.Horizon, cfg.IndexCacheBytes = c.DedupIndexDir, c.DedupHorizon, c.DedupIndexCacheBytes
-			cfg.IndexBufferBytes = c.DedupIndexBufferBytes
+			cfg.IndexBufferBytes, cfg.Registerer = c.DedupIndexBufferBytes, a.reg
 			if c.DedupIndexDir == "" {
 				a.log.Warn("no --dedup-index-dir: every write looks its events up in ClickHouse, which slows down as history grows")
 			}
@@ -407,7 +407,7 @@ func (a *app) partitionWorker(ctx context.Context, nc *nats.Conn, js jetstream.J
 	// Sharded by usage partition: on a cluster the store of p writes shard
 	// ShardOf(p, shards) (Shard 0), whatever --clickhouse-shard says.
 	cfg.Shard = 0
-	cfg.Logger, cfg.Partitions, cfg.Partition = log, partitions, p
+	cfg.Logger, cfg.Registerer, cfg.Partitions, cfg.Partition = log, reg, partitions, p
 	cfg.Horizon, cfg.IndexCacheBytes = c.DedupHorizon, max(c.DedupIndexCacheBytes/int64(partitions), 8<<20)
 	// Each partition's index takes a share of the traffic, and of memory.
 	cfg.IndexBufferBytes = max(cmp.Or(c.DedupIndexBufferBytes, keyindex.DefaultBufferBytes)/int64(partitions), 4<<20)

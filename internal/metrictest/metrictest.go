@@ -34,7 +34,7 @@ var Components = []string{"collector", "aggregator", "enforcer", "gate"}
 
 // GaugeUnits are the suffixes a gauge may end in: base units and the
 // things it counts.
-var GaugeUnits = []string{"seconds", "bytes", "ratio", "messages", "batches", "events", "tenants", "leases"}
+var GaugeUnits = []string{"seconds", "bytes", "ratio", "messages", "batches", "events", "tenants", "leases", "keys", "generations"}
 
 // Labels are the label names a meterd metric may have. Each takes a small
 // fixed set of values from the code, never one from a request.
