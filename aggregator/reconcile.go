@@ -55,8 +55,7 @@ func NewReconciler(cfg ReconcilerConfig) (*Reconciler, error) {
 	quiet.Defaults(&cfg.Logger, &cfg.Registerer)
 	r := &Reconciler{cfg: cfg, log: cfg.Logger.With("component", "reconciler")}
 	s := promreg.On(cfg.Registerer)
-	r.repairs = s.Counter("meterd_aggregator_rollup_repairs_total",
-		"Hourly rollup rows found different from the raw events and repaired.")
+	r.repairs = s.Counter("meterd_aggregator_rollup_repairs_total", "Hourly rollup rows found different from the raw events and repaired.")
 	if err := s.Err(); err != nil {
 		return nil, err
 	}

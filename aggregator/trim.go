@@ -70,16 +70,11 @@ func NewTrimmer(cfg TrimmerConfig) (*Trimmer, error) {
 	s := promreg.On(cfg.Registerer)
 	t := &Trimmer{
 		cfg: cfg, log: cfg.Logger.With("component", "trimmer"), js: js,
-		usageBytes: s.Gauge("meterd_aggregator_usage_stream_bytes",
-			"Bytes held by METERD_USAGE: batches not yet committed (committed ones are trimmed)."),
-		usageLimit: s.Gauge("meterd_aggregator_usage_stream_limit_bytes",
-			"The byte bound of METERD_USAGE: past it, publishes fail and collectors spool, then answer 429."),
-		dlqBytes: s.Gauge("meterd_aggregator_dlq_bytes",
-			"Bytes held by METERD_DLQ."),
-		dlqLimit: s.Gauge("meterd_aggregator_dlq_limit_bytes",
-			"The byte bound of METERD_DLQ: past it, dead letters stay in METERD_USAGE."),
-		dlqMsgs: s.Gauge("meterd_aggregator_dlq_messages",
-			"Batches in METERD_DLQ: usage not counted until replayed (meterd dlq)."),
+		usageBytes: s.Gauge("meterd_aggregator_usage_stream_bytes", "Bytes held by METERD_USAGE: batches not yet committed (committed ones are trimmed)."),
+		usageLimit: s.Gauge("meterd_aggregator_usage_stream_limit_bytes", "The byte bound of METERD_USAGE: past it, publishes fail and collectors spool, then answer 429."),
+		dlqBytes:   s.Gauge("meterd_aggregator_dlq_bytes", "Bytes held by METERD_DLQ."),
+		dlqLimit:   s.Gauge("meterd_aggregator_dlq_limit_bytes", "The byte bound of METERD_DLQ: past it, dead letters stay in METERD_USAGE."),
+		dlqMsgs:    s.Gauge("meterd_aggregator_dlq_messages", "Batches in METERD_DLQ: usage not counted until replayed (meterd dlq)."),
 	}
 	if err := s.Err(); err != nil {
 		return nil, err

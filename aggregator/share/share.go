@@ -190,12 +190,9 @@ func New(ctx context.Context, cfg Config) (*Group, error) {
 	}
 	s := promreg.On(cfg.Registerer)
 	g := &Group{cfg: cfg, log: cfg.Logger.With("component", "share", "member", cfg.Member), kv: kv, workers: map[int]*running{}, built: map[int]Worker{},
-		ownedGauge: s.Gauge("meterd_aggregator_partitions_assigned",
-			"Usage partitions assigned to this aggregator by the shared membership (each written while its lease is held)."),
-		membersGauge: s.Gauge("meterd_aggregator_members",
-			"Aggregators sharing the usage partitions, as this one last read the membership."),
-		moves: s.Counter("meterd_aggregator_partition_moves_total",
-			"Usage partitions this aggregator started or stopped because the membership changed."),
+		ownedGauge:   s.Gauge("meterd_aggregator_partitions_assigned", "Usage partitions assigned to this aggregator by the shared membership (each written while its lease is held)."),
+		membersGauge: s.Gauge("meterd_aggregator_members", "Aggregators sharing the usage partitions, as this one last read the membership."),
+		moves:        s.Counter("meterd_aggregator_partition_moves_total", "Usage partitions this aggregator started or stopped because the membership changed."),
 	}
 	if err := s.Err(); err != nil {
 		return nil, err

@@ -32,27 +32,19 @@ type Observer struct {
 func New(reg prometheus.Registerer) (*Observer, error) {
 	s := promreg.On(reg)
 	o := &Observer{
-		blocked: s.Gauge("meterd_gate_blocked_tenants",
-			"Tenants the gate holds a block for."),
-		applied: s.Counter("meterd_gate_updates_applied_total",
-			"Changes applied to the gate's snapshot: blocks added, replaced or removed."),
-		ignored: s.Counter("meterd_gate_updates_ignored_total",
-			"Decisions ignored because the gate held a newer version for the tenant."),
-		malformed: s.Counter("meterd_gate_updates_malformed_total",
-			"Blocklist values ignored because they are not a valid decision for their key."),
-		snapshots: s.Counter("meterd_gate_snapshots_total",
-			"Snapshots published; each applies a burst of updates at once."),
-		freshness: s.Histogram("meterd_gate_freshness_seconds",
-			"Freshness: time from the sealing of the usage that crossed a limit (its batch, at the collector) to this gate answering with the block.", schemas.FreshnessBuckets),
+		blocked:   s.Gauge("meterd_gate_blocked_tenants", "Tenants the gate holds a block for."),
+		applied:   s.Counter("meterd_gate_updates_applied_total", "Changes applied to the gate's snapshot: blocks added, replaced or removed."),
+		ignored:   s.Counter("meterd_gate_updates_ignored_total", "Decisions ignored because the gate held a newer version for the tenant."),
+		malformed: s.Counter("meterd_gate_updates_malformed_total", "Blocklist values ignored because they are not a valid decision for their key."),
+		snapshots: s.Counter("meterd_gate_snapshots_total", "Snapshots published; each applies a burst of updates at once."),
+		freshness: s.Histogram("meterd_gate_freshness_seconds", "Freshness: time from the sealing of the usage that crossed a limit (its batch, at the collector) to this gate answering with the block.", schemas.FreshnessBuckets),
 	}
-	s.GaugeFunc("meterd_gate_staleness_seconds",
-		"Time since the gate last received a decision or the enforcer's heartbeat (since start before the first).",
-		func() float64 {
-			if f := o.staleness.Load(); f != nil {
-				return (*f)().Seconds()
-			}
-			return 0 // no gate yet
-		})
+	s.GaugeFunc("meterd_gate_staleness_seconds", "Time since the gate last received a decision or the enforcer's heartbeat (since start before the first).", func() float64 {
+		if f := o.staleness.Load(); f != nil {
+			return (*f)().Seconds()
+		}
+		return 0 // no gate yet
+	})
 	if err := s.Err(); err != nil {
 		return nil, err
 	}
