@@ -494,8 +494,9 @@ func (s *Store) openIndex(ctx context.Context, cfg Config) error {
 	if reg := cfg.Registerer; reg != nil {
 		m := indexMetrics{s.index}
 		if err := reg.Register(m); err != nil {
-			s.index.Close()
-			return fmt.Errorf("dedup index metrics: %w", err)
+			err = errors.Join(fmt.Errorf("dedup index metrics: %w", err), s.index.Close())
+			s.index = nil
+			return err
 		}
 		s.unregister = func() { reg.Unregister(m) }
 	}

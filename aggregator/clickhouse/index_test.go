@@ -120,9 +120,16 @@ func TestIndexMetrics(t *testing.T) {
 	if f, c := metrictest.Value(t, reg, "meterd_aggregator_dedup_index_filter_keys"), metrictest.Value(t, reg, "meterd_aggregator_dedup_index_filter_capacity_keys"); f != 120 || c < f {
 		t.Errorf("filter of %g keys for %g, want the 120 on disk", f, c)
 	}
-	if _, err := New(t.Context(), Config{DSN: dsn, IndexDir: t.TempDir(), Registerer: reg}); err == nil || !strings.Contains(err.Error(), "dedup index metrics") {
+	refused := t.TempDir()
+	if _, err := New(t.Context(), Config{DSN: dsn, IndexDir: refused, Registerer: reg}); err == nil || !strings.Contains(err.Error(), "dedup index metrics") {
 		t.Errorf("a second store's index on the same registry: %v, want refused", err)
 	}
+	// The refused store closed its index: another may open it.
+	ix, err := keyindex.Open(keyindex.Options{Dir: refused})
+	if err != nil {
+		t.Fatalf("the refused store's index is still open: %v", err)
+	}
+	ix.Close()
 	// Close takes the metrics away, so the next store may register them.
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
@@ -130,6 +137,25 @@ func TestIndexMetrics(t *testing.T) {
 	metrictest.Check(t, reg, 0)
 	openStore(t, Config{DSN: dsn, IndexDir: t.TempDir(), Registerer: reg})
 	metrictest.Check(t, reg, 8)
+
+	// So may a partition's next store, with the partition's label as
+	// meterd aggregator --share-partitions gives them (on a registry of
+	// their own: one keeps a name's label names for its lifetime).
+	reg = prometheus.NewRegistry()
+	p3 := prometheus.WrapRegistererWith(prometheus.Labels{"partition": "3"}, reg)
+	for i := range 2 {
+		s := openStore(t, Config{DSN: dsn, IndexDir: t.TempDir(), Registerer: p3})
+		if n := applied(t, s, eventBatch(fmt.Sprintf("p3-%d", i), 200+10*i, 207+10*i, indexT0)); n != 7 {
+			t.Fatalf("counted %d of 7", n)
+		}
+		if n := metrictest.Value(t, reg, "meterd_aggregator_dedup_index_recent_keys", "partition", "3"); n != 7 {
+			t.Errorf("partition 3's index holds %g recent keys, want 7", n)
+		}
+		if err := s.Close(); err != nil {
+			t.Fatal(err)
+		}
+		metrictest.Check(t, reg, 0)
+	}
 }
 
 // A writer whose index missed what another writer wrote while it stood by

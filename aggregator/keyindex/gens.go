@@ -311,7 +311,9 @@ func (ix *Index) merge(ctx context.Context, db *pebble.DB, id uint64, in []gen) 
 	defer ix.mu.Unlock()
 	ix.mergeIn = nil
 	if err == nil && ctx.Err() == nil && ix.db == db {
-		err = ix.replace(paths, out, in)
+		if err = ix.replace(paths, out, in); err == nil {
+			ix.merges++
+		}
 	}
 	if err != nil {
 		if ctx.Err() == nil {
@@ -322,7 +324,6 @@ func (ix *Index) merge(ctx context.Context, db *pebble.DB, id uint64, in []gen) 
 	if ctx.Err() != nil || ix.db != db {
 		return
 	}
-	ix.merges++
 	ix.log.Info("merged", "generations", len(in), "keys", out.Keys, "duration", time.Since(start).Round(time.Millisecond))
 	ix.maybeMerge()
 }

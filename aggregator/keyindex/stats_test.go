@@ -22,7 +22,9 @@ func TestStats(t *testing.T) {
 	if st := ix.Stats(); st.Recent != 0 || st.Keys != 10 || st.Generations != 1 {
 		t.Fatalf("after a spill: %+v, want 10 keys on disk in 1 generation", st)
 	}
-	// A filter dropped is built again by a scan of the keys on disk.
+	// A filter dropped is built again by a scan of the keys on disk (once
+	// the build of Open, which scanned nothing, is over).
+	waitFilter(t, ix)
 	ix.mu.Lock()
 	ix.filter = nil
 	ix.startBuild(0)

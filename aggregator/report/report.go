@@ -465,8 +465,9 @@ type encoder interface {
 }
 
 // Document is the JSON form of a report, for clients to decode: the
-// encoder writes it by hand, row by row, and a test holds the two to the
-// same members.
+// encoder writes it by hand, row by row, and the tests check that every
+// report they read decodes into a Document with no member left over and
+// encodes back to the same JSON.
 type Document struct {
 	Window  string        `json:"window"`
 	From    time.Time     `json:"from"`
