@@ -220,6 +220,8 @@ func (c *Collector) admit(principal auth.Principal, d schemas.Decoded) ([]schema
 	now := c.cfg.Now().UTC()
 	window := schemas.Window{Now: now, MaxAge: c.cfg.MaxEventAge}
 	errs := d.Errors
+	decoded := d.Errors // in the order of the events, which next walks
+	next := 0
 	for i := range d.Events {
 		e := &d.Events[i]
 		if !principal.Admin {
@@ -231,16 +233,22 @@ func (c *Collector) admit(principal auth.Principal, d schemas.Decoded) ([]schema
 					fmt.Sprintf("event %d is for tenant %q but the API key belongs to tenant %q", i, e.Tenant, principal.Tenant))
 			}
 		}
-		bad := decodeErrorFields(d.Errors, i)
-		if slices.Contains(bad, "") {
+		// The fields of event i that failed to decode.
+		first := next
+		for next < len(decoded) && decoded[next].Index == i {
+			next++
+		}
+		bad := decoded[first:next]
+		failed := func(field string) bool {
+			return slices.ContainsFunc(bad, func(fe schemas.FieldError) bool { return fe.Field == field })
+		}
+		if failed("") {
 			continue // not an object: nothing more to say about it
 		}
 		n := len(errs)
 		errs = e.Validate(i, window, errs)
 		// A field that failed to decode is reported once, by the decoder.
-		errs = append(errs[:n], slices.DeleteFunc(errs[n:], func(fe schemas.FieldError) bool {
-			return slices.Contains(bad, fe.Field)
-		})...)
+		errs = append(errs[:n], slices.DeleteFunc(errs[n:], func(fe schemas.FieldError) bool { return failed(fe.Field) })...)
 		if e.Time.IsZero() {
 			e.Time = now
 		}
@@ -248,8 +256,15 @@ func (c *Collector) admit(principal auth.Principal, d schemas.Decoded) ([]schema
 	if len(errs) > 0 {
 		c.metrics.rejected.WithLabelValues(rejectInvalid).Add(float64(len(d.Events)))
 		slices.SortStableFunc(errs, func(a, b schemas.FieldError) int { return a.Index - b.Index })
-		p := schemas.NewProblem(schemas.ProblemInvalidEvents,
-			strconv.Itoa(countIndexes(errs))+" of "+strconv.Itoa(len(d.Events))+" events are invalid; nothing of this request was accepted")
+		detail := strconv.Itoa(countIndexes(errs)) + " of " + strconv.Itoa(len(d.Events)) + " events are invalid"
+		if d.Cut {
+			detail = strconv.Itoa(countIndexes(errs)) + " of the first " + strconv.Itoa(len(d.Events)) + " events are invalid (the rest was not read)"
+		}
+		if len(errs) > schemas.MaxFieldErrors {
+			errs = errs[:schemas.MaxFieldErrors]
+			detail += "; the first " + strconv.Itoa(schemas.MaxFieldErrors) + " errors are listed"
+		}
+		p := schemas.NewProblem(schemas.ProblemInvalidEvents, detail+"; nothing of this request was accepted")
 		p.Errors = errs
 		return nil, 0, p
 	}
@@ -269,17 +284,6 @@ func (c *Collector) admit(principal auth.Principal, d schemas.Decoded) ([]schema
 		kept = append(kept, e)
 	}
 	return kept, len(events) - len(kept), nil
-}
-
-// decodeErrorFields lists the fields of event i that failed to decode.
-func decodeErrorFields(errs []schemas.FieldError, i int) []string {
-	var fields []string
-	for _, e := range errs {
-		if e.Index == i {
-			fields = append(fields, e.Field)
-		}
-	}
-	return fields
 }
 
 func countIndexes(sorted []schemas.FieldError) int {

@@ -58,7 +58,16 @@ func (e *SyntaxError) Error() string { return "schemas: malformed body: " + e.Ms
 type Decoded struct {
 	Events []Event
 	Errors []FieldError
+	// Cut is true when reading stopped at MaxFieldErrors errors: the
+	// events after those read are not in Events, and the body is refused
+	// anyway.
+	Cut bool
 }
+
+// MaxFieldErrors bounds the field errors a request gets back, and what a
+// body of many invalid events costs to read: DecodeEvents stops reading once
+// it found that many.
+const MaxFieldErrors = 1000
 
 // DecodeEvents reads the events of a POST /v1/events body of the given media
 // type (parameters such as charset are ignored). Events without a value get 1.
@@ -70,7 +79,8 @@ type Decoded struct {
 // take "ID" for "id"), and null is not a string: event.schema.json and
 // DecodeEvents+Validate accept the same documents, except for strings that are
 // not valid UTF-8: they are refused here, never replaced by U+FFFD as
-// encoding/json (and so a validator) would, since that made distinct ids one.
+// encoding/json (and so a validator) would, since that made distinct ids one,
+// and the time 0001-01-01T00:00:00Z (zeroTime).
 func DecodeEvents(mediaType string, body []byte) (Decoded, error) {
 	if i := strings.IndexByte(mediaType, ';'); i >= 0 {
 		mediaType = mediaType[:i]
@@ -134,7 +144,7 @@ func decodeArray(s *scanner, d *Decoded, el elementDecoder) error {
 	if s.peek() != '[' {
 		return &SyntaxError{Msg: "expected a JSON array"}
 	}
-	if err := s.elements(d, el); err != nil {
+	if err := s.elements(d, el); err != nil || d.Cut {
 		return err
 	}
 	return s.expectEnd()
@@ -162,6 +172,10 @@ func (s *scanner) elements(d *Decoded, el elementDecoder) error {
 			n := (len(s.data) - s.pos) / max(s.pos-start, minElementLen)
 			d.Events = slices.Grow(d.Events, n+n/8)
 		}
+		if len(d.Errors) >= MaxFieldErrors {
+			d.Cut = true
+			return nil
+		}
 		switch end, ok := s.afterElement(); {
 		case !ok:
 			return s.unexpected("after array element")
@@ -185,11 +199,17 @@ func (s *scanner) afterElement() (end, ok bool) {
 }
 
 // decodeStream reads newline-delimited (or any whitespace-separated) values.
+// Room is made for one event a line, but no more than the body could hold
+// of elements of minElementLen bytes: blank lines cost nothing.
 func decodeStream(s *scanner, d *Decoded, el elementDecoder) error {
-	d.Events = make([]Event, 0, bytes.Count(s.data, []byte{'\n'})+1)
+	d.Events = make([]Event, 0, min(bytes.Count(s.data, []byte{'\n'}), len(s.data)/minElementLen)+1)
 	for i := 0; s.peek() != eof; i++ {
 		if err := el(s, i, d); err != nil {
 			return err
+		}
+		if len(d.Errors) >= MaxFieldErrors {
+			d.Cut = true
+			return nil
 		}
 	}
 	return nil
@@ -218,9 +238,14 @@ type shape struct {
 	other bool // one of the others is in errs
 }
 
+// maxElementErrors bounds the errors of one element: each is checked
+// against those before it, and an element with none more to report is
+// refused all the same.
+const maxElementErrors = 64
+
 // fail records that the named member field failed with msg.
 func (sh *shape) fail(field, msg string) {
-	if !sh.failed(field) {
+	if len(sh.errs) < maxElementErrors && !sh.failed(field) {
 		sh.errs = append(sh.errs, FieldError{Index: sh.i, Field: field, Message: msg})
 	}
 }
@@ -243,6 +268,12 @@ func (sh *shape) failed(field string) bool {
 	}
 	return false
 }
+
+// zeroTime refuses a time given as 0001-01-01T00:00:00Z (in any offset), what
+// a Go client sends for an unset time.Time: an event without a time gets the
+// receive time, and this one must not pass for it (as the late-event bound
+// would refuse it, dedup would hold it only for the horizon).
+const zeroTime = "is 0001-01-01T00:00:00Z, an unset time: leave time out to use the receive time"
 
 // decodeEvent reads one event object of the native shape (docs/architecture.md#usage-event).
 func decodeEvent(s *scanner, i int, d *Decoded) error {
@@ -269,6 +300,8 @@ func decodeEvent(s *scanner, i int, d *Decoded) error {
 		var ok bool
 		if e.Time, ok = parseTime(m.time, &s.lastSecond); !ok {
 			d.Errors = append(d.Errors, FieldError{Index: i, Field: "time", Message: "must be an RFC 3339 timestamp"})
+		} else if e.Time.IsZero() {
+			d.Errors = append(d.Errors, FieldError{Index: i, Field: "time", Message: zeroTime})
 		}
 	}
 	d.Events = append(d.Events, e)
@@ -678,6 +711,8 @@ func (ce *cloudEvent) append(sh *shape, d *Decoded) {
 		var ok bool
 		if e.Time, ok = parseTime(ce.time, nil); !ok {
 			sh.fail("time", "must be an RFC 3339 timestamp")
+		} else if e.Time.IsZero() {
+			sh.fail("time", zeroTime)
 		}
 	}
 	if ce.hasDataBase64 {

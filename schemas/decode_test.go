@@ -6,6 +6,7 @@ import (
 	"math"
 	"net/http"
 	"reflect"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -612,5 +613,31 @@ func TestDecodeRequestOtherModes(t *testing.T) {
 	}
 	if _, err := DecodeRequest(http.Header{"Content-Type": {"text/plain"}}, []byte(`x`)); !errors.Is(err, ErrUnsupportedMediaType) {
 		t.Errorf("text/plain without ce- headers: %v", err)
+	}
+}
+
+// A CloudEvent's data members of the wrong shape are reported up to
+// maxElementErrors, and an NDJSON body of invalid lines stops being read at
+// MaxFieldErrors: what a body of bad members costs stays in proportion to
+// its size.
+func TestManyFailuresReportedBounded(t *testing.T) {
+	var data strings.Builder
+	for i := range 5000 {
+		if i > 0 {
+			data.WriteByte(',')
+		}
+		data.WriteString(`"k` + strconv.Itoa(i) + `":[]`)
+	}
+	d, err := DecodeEvents(MediaCloudEvent, []byte(`{"specversion":"1.0","id":"1","source":"s","type":"api_calls","data":{`+data.String()+`}}`))
+	if err != nil || len(d.Errors) != maxElementErrors || d.Errors[0].Field != "data.k0" || d.Errors[63].Field != "data.k63" {
+		t.Errorf("%d errors (%v), first %+v; want %d, from data.k0", len(d.Errors), err, d.Errors[0], maxElementErrors)
+	}
+	d, err = DecodeEvents(MediaNDJSON, []byte(strings.Repeat("1\n", 5000)))
+	if err != nil || !d.Cut || len(d.Errors) != MaxFieldErrors || len(d.Events) != MaxFieldErrors {
+		t.Errorf("NDJSON of 5000 non-objects: cut %v, %d errors, %d events, %v; want cut at %d", d.Cut, len(d.Errors), len(d.Events), err, MaxFieldErrors)
+	}
+	d, err = DecodeEvents(MediaNDJSON, []byte(strings.Repeat("1\n", MaxFieldErrors-1)))
+	if err != nil || d.Cut || len(d.Errors) != MaxFieldErrors-1 {
+		t.Errorf("NDJSON of %d non-objects: cut %v, %d errors, %v; want all read", MaxFieldErrors-1, d.Cut, len(d.Errors), err)
 	}
 }

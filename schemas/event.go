@@ -29,6 +29,10 @@ const (
 	DefaultMaxAge = 35 * 24 * time.Hour
 )
 
+// unixEpoch is the earliest time a store holds (seconds since 1970 as an
+// unsigned number: aggregator.MinEventTime).
+var unixEpoch = time.Unix(0, 0)
+
 // Event is one usage event: value units of meter used by tenant at time.
 // The pair (Tenant, ID) is the idempotency key: it counts once, however often
 // it is sent.
@@ -101,6 +105,9 @@ func (e *Event) Validate(index int, w Window, errs []FieldError) []FieldError {
 			bad("time", "is more than 5m in the future")
 		} else if e.Time.Before(w.Now.Add(-maxAge)) {
 			bad("time", "is older than the late-event bound of "+maxAge.String())
+		} else if e.Time.Before(unixEpoch) {
+			// Only a late-event bound of more than 56 years gets here.
+			bad("time", "must not be before 1970-01-01T00:00:00Z: stores hold times from then on")
 		}
 	}
 	if len(e.Dimensions) > MaxDimensions {

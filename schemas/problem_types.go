@@ -114,7 +114,7 @@ var problemTypes = [problemTypeEnd]problemInfo{
 	ProblemUnsupportedContentEncoding: {"unsupported-content-encoding", http.StatusUnsupportedMediaType, "Unsupported Media Type",
 		"an unsupported `Content-Encoding` (identity and gzip are)"},
 	ProblemInvalidEvents: {"invalid-events", http.StatusUnprocessableEntity, "Unprocessable Entity",
-		"some events break the rules; `errors: [{index, field, message}]` lists each and none is accepted"},
+		"some events break the rules; `errors: [{index, field, message}]` lists each (the first 1000) and none is accepted"},
 	ProblemInvalidTenantSettings: {"invalid-tenant-settings", http.StatusUnprocessableEntity, "Unprocessable Entity",
 		"a tenant change (`PUT /v1/tenants/{tenant}`) names an unknown plan or breaks a rule; `errors` lists each"},
 	ProblemSpoolFull: {"spool-full", http.StatusTooManyRequests, "Too Many Requests",
