@@ -245,3 +245,15 @@ func TestDecodeBatchStrings(t *testing.T) {
 		t.Errorf("batch changed with the message:\n got %+v\nwant %+v", got, want)
 	}
 }
+
+// A batch is read whole, however many of its events fail to decode: the
+// bound of DecodeEvents is for request bodies, and a batch with a bad
+// event is refused for its first one, as before, not for a syntax error.
+func TestDecodeBatchReadWhole(t *testing.T) {
+	body := `{"batch_id":"b1","events":[` + strings.TrimSuffix(strings.Repeat(`{"id":"a","tenant":"acme","meter":"m","x":1},`, MaxFieldErrors+5), ",") + `]}`
+	_, err := DecodeBatch(BatchContentType, []byte(body))
+	var fe FieldError
+	if !errors.As(err, &fe) || fe.Index != 0 || fe.Field != "x" {
+		t.Fatalf("DecodeBatch = %v, want the first event's unknown member x", err)
+	}
+}

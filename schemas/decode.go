@@ -62,6 +62,9 @@ type Decoded struct {
 	// events after those read are not in Events, and the body is refused
 	// anyway.
 	Cut bool
+	// bounded makes reading stop there (DecodeEvents; a batch, which a
+	// collector wrote, is read whole).
+	bounded bool
 }
 
 // MaxFieldErrors bounds the field errors a request gets back, and what a
@@ -100,15 +103,16 @@ func DecodeEvents(mediaType string, body []byte) (Decoded, error) {
 	default:
 		return Decoded{}, fmt.Errorf("%w %q", ErrUnsupportedMediaType, mediaType)
 	}
-	var d Decoded
+	d := Decoded{bounded: true}
 	s := &scanner{data: body}
 	if s.peek() == eof {
-		return d, ErrNoEvents
+		return Decoded{}, ErrNoEvents
 	}
 	err := layout(s, &d, el)
 	if err == nil && len(d.Events) == 0 {
 		err = ErrNoEvents
 	}
+	d.bounded = false
 	return d, err
 }
 
@@ -172,7 +176,7 @@ func (s *scanner) elements(d *Decoded, el elementDecoder) error {
 			n := (len(s.data) - s.pos) / max(s.pos-start, minElementLen)
 			d.Events = slices.Grow(d.Events, n+n/8)
 		}
-		if len(d.Errors) >= MaxFieldErrors {
+		if d.bounded && len(d.Errors) >= MaxFieldErrors {
 			d.Cut = true
 			return nil
 		}
@@ -207,7 +211,7 @@ func decodeStream(s *scanner, d *Decoded, el elementDecoder) error {
 		if err := el(s, i, d); err != nil {
 			return err
 		}
-		if len(d.Errors) >= MaxFieldErrors {
+		if d.bounded && len(d.Errors) >= MaxFieldErrors {
 			d.Cut = true
 			return nil
 		}
