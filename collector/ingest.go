@@ -222,7 +222,12 @@ func (c *Collector) admit(principal auth.Principal, d schemas.Decoded) ([]schema
 	errs := d.Errors
 	decoded := d.Errors // in the order of the events, which next walks
 	next := 0
+	checked := len(d.Events) // events validated: all, unless too many errors stop it
 	for i := range d.Events {
+		if len(errs)-len(decoded) >= schemas.MaxFieldErrors {
+			checked = i
+			break
+		}
 		e := &d.Events[i]
 		if !principal.Admin {
 			if e.Tenant == "" {
@@ -256,9 +261,13 @@ func (c *Collector) admit(principal auth.Principal, d schemas.Decoded) ([]schema
 	if len(errs) > 0 {
 		c.metrics.rejected.WithLabelValues(rejectInvalid).Add(float64(len(d.Events)))
 		slices.SortStableFunc(errs, func(a, b schemas.FieldError) int { return a.Index - b.Index })
+		if checked < len(d.Events) {
+			// Decode errors of the events not checked are not counted.
+			errs = slices.DeleteFunc(errs, func(fe schemas.FieldError) bool { return fe.Index >= checked })
+		}
 		detail := strconv.Itoa(countIndexes(errs)) + " of " + strconv.Itoa(len(d.Events)) + " events are invalid"
-		if d.Cut {
-			detail = strconv.Itoa(countIndexes(errs)) + " of the first " + strconv.Itoa(len(d.Events)) + " events are invalid (the rest was not read)"
+		if d.Cut || checked < len(d.Events) {
+			detail = strconv.Itoa(countIndexes(errs)) + " of the first " + strconv.Itoa(checked) + " events are invalid (the rest was not checked)"
 		}
 		if len(errs) > schemas.MaxFieldErrors {
 			errs = errs[:schemas.MaxFieldErrors]

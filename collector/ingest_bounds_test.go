@@ -22,11 +22,15 @@ func TestManyInvalidEventsBounded(t *testing.T) {
 	for _, c := range []struct {
 		name, body, detail string
 		firstField         string
+		lastIndex          int // of the last error listed
 	}{
 		{"non-objects", "[" + strings.TrimSuffix(strings.Repeat("1,", 200_000), ",") + "]",
-			"1000 of the first 1000 events are invalid (the rest was not read); nothing of this request was accepted", ""},
+			"1000 of the first 1000 events are invalid (the rest was not checked); nothing of this request was accepted", "", 999},
+		// Each without an id (found by the decoder), tenant and meter.
+		{"empty objects", "[" + strings.TrimSuffix(strings.Repeat(`{},`, 200_000), ",") + "]",
+			"500 of the first 500 events are invalid (the rest was not checked); the first 1000 errors are listed; nothing of this request was accepted", "id", 333},
 		{"invalid objects", "[" + strings.TrimSuffix(strings.Repeat(`{"id":"a","tenant":"acme","meter":"Bad Meter"},`, 20_000), ",") + "]",
-			"20000 of 20000 events are invalid; the first 1000 errors are listed; nothing of this request was accepted", "meter"},
+			"1000 of the first 1000 events are invalid (the rest was not checked); nothing of this request was accepted", "meter", 999},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			status, body := env.postRaw(t, h, c.body)
@@ -37,9 +41,9 @@ func TestManyInvalidEventsBounded(t *testing.T) {
 			if err := json.Unmarshal(body, &p); err != nil {
 				t.Fatal(err)
 			}
-			if len(p.Errors) != schemas.MaxFieldErrors || p.Detail != c.detail || p.Errors[0].Field != c.firstField || p.Errors[999].Index != 999 {
-				t.Errorf("%d errors, detail %q, first %+v, last %+v; want %d, %q, field %q, the last of event 999",
-					len(p.Errors), p.Detail, p.Errors[0], p.Errors[len(p.Errors)-1], schemas.MaxFieldErrors, c.detail, c.firstField)
+			if len(p.Errors) != schemas.MaxFieldErrors || p.Detail != c.detail || p.Errors[0].Field != c.firstField || p.Errors[999].Index != c.lastIndex {
+				t.Errorf("%d errors, detail %q, first %+v, last %+v; want %d, %q, field %q, the last of event %d",
+					len(p.Errors), p.Detail, p.Errors[0], p.Errors[len(p.Errors)-1], schemas.MaxFieldErrors, c.detail, c.firstField, c.lastIndex)
 			}
 		})
 	}

@@ -308,6 +308,15 @@ func decodeEvent(s *scanner, i int, d *Decoded) error {
 			d.Errors = append(d.Errors, FieldError{Index: i, Field: "time", Message: zeroTime})
 		}
 	}
+	// Validate says these too; said here, they count towards
+	// MaxFieldErrors, so a body of small objects without them stops being
+	// read.
+	if e.ID == "" && !sh.failed("id") {
+		d.Errors = append(d.Errors, FieldError{Index: i, Field: "id", Message: "is required"})
+	}
+	if e.Meter == "" && !sh.failed("meter") {
+		d.Errors = append(d.Errors, FieldError{Index: i, Field: "meter", Message: "is required"})
+	}
 	d.Events = append(d.Events, e)
 	return nil
 }
