@@ -164,6 +164,10 @@ func (s *scanner) elements(d *Decoded, el elementDecoder) error {
 		return nil
 	}
 	for i := 0; ; i++ {
+		if d.bounded && len(d.Errors) >= MaxFieldErrors {
+			d.Cut = true
+			return nil
+		}
 		start := s.pos
 		if err := el(s, i, d); err != nil {
 			return err
@@ -175,10 +179,6 @@ func (s *scanner) elements(d *Decoded, el elementDecoder) error {
 			// small one cannot make the slice much larger than the body.
 			n := (len(s.data) - s.pos) / max(s.pos-start, minElementLen)
 			d.Events = slices.Grow(d.Events, n+n/8)
-		}
-		if d.bounded && len(d.Errors) >= MaxFieldErrors {
-			d.Cut = true
-			return nil
 		}
 		switch end, ok := s.afterElement(); {
 		case !ok:
@@ -208,12 +208,12 @@ func (s *scanner) afterElement() (end, ok bool) {
 func decodeStream(s *scanner, d *Decoded, el elementDecoder) error {
 	d.Events = make([]Event, 0, min(bytes.Count(s.data, []byte{'\n'}), len(s.data)/minElementLen)+1)
 	for i := 0; s.peek() != eof; i++ {
-		if err := el(s, i, d); err != nil {
-			return err
-		}
 		if d.bounded && len(d.Errors) >= MaxFieldErrors {
 			d.Cut = true
 			return nil
+		}
+		if err := el(s, i, d); err != nil {
+			return err
 		}
 	}
 	return nil
